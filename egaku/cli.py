@@ -1,0 +1,98 @@
+"""The `egaku` command line: one parser, each subcommand a plain typed function.
+
+A command is ``def name(opts: SomeOptions) -> None`` living in the module that owns the concern; its
+options dataclass becomes the flags (see ``egaku.config``). Modules are imported only for the command
+that runs, so ``egaku --help`` and ``egaku info`` stay fast. No logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import typing
+
+from .config import add_arguments, build, load_preset
+from .errors import EgakuError
+
+# name -> (module, function, one-line description)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "generate": ("egaku.inference.commands", "generate_command", "generate images from a text prompt (and an init image)"),
+    "info": ("egaku.inference.commands", "info_command", "print the generation parameters stored in a PNG"),
+    "convert": ("egaku.models.commands", "convert_command", "convert a diffusers folder to a single-file checkpoint"),
+    "train-ldm": ("egaku.training.ldm", "train_ldm_command", "train a latent diffusion model (VAE + text encoder + UNet) from scratch"),
+    "train-lora": ("egaku.training.lora", "train_lora_command", "fine-tune a Stable Diffusion pipeline with LoRA on an image folder"),
+    "merge-lora": ("egaku.lora.commands", "merge_lora_command", "fuse a LoRA into a copy of its base model"),
+    "train-gan": ("egaku.training.gan", "train_gan_command", "train an MLP GAN or a DCGAN on handwritten digits or an image folder"),
+    "sample-gan": ("egaku.gan.commands", "sample_gan_command", "write samples and a grid from a trained GAN"),
+    "eval adherence": ("egaku.evaluation.adherence", "eval_adherence_command", "score prompt adherence of a diffusion model on the shapes world"),
+    "eval gan": ("egaku.evaluation.gan_eval", "eval_gan_command", "score a GAN's samples with the digit classifier"),
+    "serve": ("egaku.server.app", "serve_command", "serve models over an OpenAI-compatible images API and a web page"),
+}
+
+
+def _resolve(name: str):
+    module_name, func_name, _ = COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
+    hints = typing.get_type_hints(func)
+    opts_cls = next(v for k, v in hints.items() if k != "return")
+    return func, opts_cls
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {n:<12} {d}" for n, (_, _, d) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="egaku",
+        description="egaku: image generation, fine-tuning and training.",
+        epilog=f"commands:\n{lines}\n\nRun `egaku COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=sorted({c.split()[0] for c in COMMANDS}), metavar="COMMAND")
+    return parser
+
+
+def build_parser(name: str) -> tuple[argparse.ArgumentParser, typing.Callable, type]:
+    func, opts_cls = _resolve(name)
+    parser = argparse.ArgumentParser(prog=f"egaku {name}", description=COMMANDS[name][2])
+    parser.add_argument("--config", help="TOML preset whose values the flags below override")
+    add_arguments(parser, opts_cls)
+    return parser, func, opts_cls
+
+
+def parse(argv: list[str]) -> tuple[typing.Callable, object]:
+    """Turn argv (without the program name) into (function, options)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        raise SystemExit(0)
+    # two-word commands ("eval gan") take the first two words
+    words = 2 if len(argv) > 1 and " ".join(argv[:2]) in COMMANDS else 1
+    name = " ".join(argv[:words])
+    if name not in COMMANDS:
+        groups = sorted(c for c in COMMANDS if c.startswith(name + " "))
+        if groups:
+            raise EgakuError(f"`egaku {name}` needs one of: {', '.join(g.split()[1] for g in groups)}")
+        _top_parser().parse_args(argv[:1])  # prints the list of valid commands and exits 2
+    parser, func, opts_cls = build_parser(name)
+    ns = vars(parser.parse_args(argv[words:]))
+    preset_path = ns.pop("config", None)
+    preset = load_preset(preset_path) if preset_path else {}
+    return func, build(opts_cls, preset, ns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        func, opts = parse(argv)
+        func(opts)
+    except EgakuError as exc:
+        print(f"egaku: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("egaku: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

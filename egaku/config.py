@@ -1,0 +1,146 @@
+"""Typed option dataclasses: the single source of defaults for the CLI, the Python API and presets.
+
+Each concern has one dataclass. A field's ``metadata`` carries its help text (``help``), and optionally
+``positional=True``, ``short="-n"``, ``choices=[...]`` or ``repeat=True`` (a list field that can be given
+several times). The same dataclass is filled from, in increasing priority: its defaults, a TOML preset
+(``--config configs/x.toml``), then command-line flags. ``save_config`` writes the resolved values beside
+every checkpoint and output so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import EgakuError
+
+T = TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A dataclass field with help text; list/dict defaults are copied per instance."""
+    meta["help"] = help
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(scalar type, is_list) for annotations like ``int``, ``str | None``, ``list[str]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple):
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of dataclass ``cls``; defaults stay unset so presets can fill them."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True) is False:
+            continue
+        tp, is_list = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f.metadata.get("help", "")
+        if default not in (None, "", [], dataclasses.MISSING) and tp is not bool:
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if f.metadata.get("positional"):
+            kwargs.pop("dest")
+            parser.add_argument(f.name, type=tp, nargs="?" if default is not None else None, **kwargs)
+            continue
+        names = ["--" + f.name.replace("_", "-")]
+        if f.metadata.get("short"):
+            names.insert(0, f.metadata["short"])
+        names += f.metadata.get("aliases", [])
+        if tp is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+        elif is_list:
+            parser.add_argument(*names, type=tp, action="append", **kwargs)
+        else:
+            parser.add_argument(*names, type=tp, **kwargs)
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise EgakuError(f"config file {str(path)!r} does not exist; pass a TOML file such as configs/<name>.toml")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise EgakuError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    return data
+
+
+def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
+    """Instantiate ``cls`` from dicts applied in order (later wins); unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        if not layer:
+            continue
+        for key, value in layer.items():
+            key = key.replace("-", "_")
+            if key not in names:
+                close = [n for n in names if n.split("_")[0] == key.split("_")[0]]
+                hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+                raise EgakuError(f"unknown option {key!r} for {cls.__name__}{hint}")
+            values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise EgakuError(f"{cls.__name__}: {exc}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def save_config(obj: Any, path: str | Path) -> Path:
+    """Write the resolved options as JSON (readable by humans and by ``build``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def config_difference(saved: dict[str, Any], current: dict[str, Any], ignore: set[str] = frozenset()) -> list[str]:
+    """Human-readable list of fields whose values differ (used to refuse resuming a changed config)."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key in ignore:
+            continue
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}")
+    return diffs

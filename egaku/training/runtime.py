@@ -1,0 +1,202 @@
+"""What every training loop shares: atomic checkpoints, exact resume, RNG state, NaN guard, logging.
+
+Checkpoint layout (one folder per step, written atomically)::
+
+    OUT/checkpoints/step-000100/
+        <name>.safetensors   one per model (weights, fp32)
+        state.pt             optimizer, LR scheduler, RNG, step, data position (loaded weights_only=True)
+        config.json          the resolved options of the run
+    OUT/checkpoints/latest   text file naming the newest complete step folder
+
+A step folder is written under a temporary name and renamed into place, and ``latest`` is replaced
+atomically after that, so a crash or a full disk mid-write leaves the previous checkpoint valid.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import config_difference
+from ..errors import EgakuError
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_plain_to_numpy_state(state["numpy"]))
+    random.setstate(_plain_to_python_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# numpy and python RNG states hold arrays/tuples; weights_only loading accepts tensors, lists and ints.
+def _numpy_state_to_plain(st):
+    return [st[0], torch.from_numpy(np.asarray(st[1], dtype=np.int64)), int(st[2]), int(st[3]), float(st[4])]
+
+
+def _plain_to_numpy_state(st):
+    return (st[0], st[1].numpy().astype(np.uint32), st[2], st[3], st[4])
+
+
+def _python_state_to_plain(st):
+    return [st[0], list(st[1]), st[2]]
+
+
+def _plain_to_python_state(st):
+    return (st[0], tuple(st[1]), st[2])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Checkpoints:
+    """Save and find training checkpoints under ``out_dir/checkpoints``, keeping the newest ``keep``."""
+
+    def __init__(self, out_dir: str | Path, keep: int = 2):
+        self.root = Path(out_dir) / "checkpoints"
+        self.keep = keep
+
+    def save(self, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
+             config: dict[str, Any]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step-{step:06d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-step-{step:06d}-"))
+        try:
+            for name, sd in weights.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp / f"{name}.safetensors")
+            torch.save(state, tmp / "state.pt")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            atomic_write_text(self.root / "latest", final.name + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        for old in steps[: max(0, len(steps) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if (path / "state.pt").is_file():
+                return path
+        complete = sorted(p for p in self.root.glob("step-*") if (p / "state.pt").is_file())
+        return complete[-1] if complete else None
+
+    def resolve(self, resume: str) -> Path:
+        """``latest`` or a path to a step folder (or to a run folder holding checkpoints/)."""
+        if resume == "latest":
+            path = self.latest()
+            if path is None:
+                raise EgakuError(f"--resume latest: no checkpoint found under {self.root}; start without --resume")
+            return path
+        path = Path(resume)
+        if (path / "checkpoints").is_dir():
+            found = Checkpoints(path).latest()
+            if found is None:
+                raise EgakuError(f"--resume {resume}: no complete checkpoint under {path / 'checkpoints'}")
+            return found
+        if not (path / "state.pt").is_file():
+            raise EgakuError(f"--resume {resume}: not a checkpoint folder (expected {path / 'state.pt'})")
+        return path
+
+
+def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str] = frozenset()
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Load weights and state; refuse when the saved config differs from the current one."""
+    saved = json.loads((path / "config.json").read_text())
+    diffs = config_difference(saved, current_config, ignore=ignore)
+    if diffs:
+        raise EgakuError(f"cannot resume from {path}: the configuration changed ({'; '.join(diffs)}). "
+                         "Resume with the same options, or start a new run in another --out folder")
+    weights = {p.stem: load_file(p) for p in path.glob("*.safetensors")}
+    # Our own file, but a user may point --resume anywhere: never allow arbitrary unpickling.
+    state = torch.load(path / "state.pt", weights_only=True)
+    return weights, state
+
+
+def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints, hint: str = "lower the learning rate") -> None:
+    """Stop on NaN/inf loss, pointing at the last good checkpoint."""
+    if not math.isfinite(float(loss)):
+        last = checkpoints.latest()
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise EgakuError(f"loss became {float(loss)} at step {step}; training stopped, {where}. "
+                         f"Try: {hint}, then resume with --resume latest")
+
+
+class MetricsLog:
+    """Append-only CSV of scalars per step (opens in any spreadsheet or pandas; TensorBoard optional)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fields: list[str] | None = None
+        if self.path.exists():
+            with open(self.path) as fh:
+                header = fh.readline().strip()
+            self._fields = header.split(",") if header else None
+
+    def log(self, step: int, **values: float) -> None:
+        row = {"step": step, "time": round(time.time(), 3), **{k: float(v) for k, v in values.items()}}
+        if self._fields is None:
+            self._fields = list(row)
+            with open(self.path, "w", newline="") as fh:
+                csv.writer(fh).writerow(self._fields)
+        with open(self.path, "a", newline="") as fh:
+            csv.writer(fh).writerow([row.get(k, "") for k in self._fields])
