@@ -1,0 +1,33 @@
+"""egaku (描く, "to draw"): image generation with Stable Diffusion-class models, LoRA fine-tuning,
+latent diffusion and GAN training, and an OpenAI-compatible images server.
+
+The public Python API (imported lazily, so ``import egaku`` is instant)::
+
+    pipe = egaku.load_pipeline("builtin")            # or a folder, a .safetensors file, a hub id, "tiny"
+    images = egaku.generate(pipe, "a red circle", seed=1, num_images=4)
+    images[0].image.save("x.png")                    # images[i].params regenerate it
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load_pipeline": "egaku.models.loading",
+    "ModelInfo": "egaku.models.loading",
+    "generate": "egaku.inference.generate",
+    "GenerateOptions": "egaku.inference.generate",
+    "GeneratedImage": "egaku.inference.generate",
+    "sampler_names": "egaku.inference.samplers",
+    "read_params": "egaku.inference.metadata",
+    "save_png": "egaku.inference.metadata",
+    "EgakuError": "egaku.errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'egaku' has no attribute {name!r}")

@@ -1,0 +1,282 @@
+"""Text-to-image and image-to-image generation with any Stable Diffusion pipeline. Never trains.
+
+Reproducibility contract: image ``i`` of a run uses seed ``seed + i`` through its own CPU generator, so
+any image of a batch can be regenerated alone (``-n 1 --seed seed+i``) and comes out identical, on any
+batch size and any device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..config import build, option
+from ..errors import EgakuError
+from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, make_scheduler, sampler_names
+
+MAX_SIDE = 4096  # beyond this even an 80 GB GPU runs out of memory on SD-class UNets
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class GenerateOptions:
+    """Everything `egaku generate` takes; the Python API ``generate()`` reads the same fields."""
+
+    prompt: str = option("", help="what to draw (A1111 syntax: <lora:name:0.8> tags are applied)", positional=True)
+    negative_prompt: str = option("", help="what to steer away from")
+    model: str = option("builtin", help="builtin, tiny, a diffusers folder, a .safetensors checkpoint or a hub id")
+    model_config: str | None = option(None, help="local diffusers folder whose configs describe a single-file checkpoint")
+    allow_pickle: bool = option(False, help="allow .ckpt/.pt/.bin checkpoints (read with weights_only=True)")
+    steps: int = option(20, help="denoising steps")
+    guidance_scale: float = option(7.5, help="classifier-free guidance scale (1 = off)", aliases=["--cfg"])
+    seed: int | None = option(None, help="seed of the first image; image i uses seed+i (random if unset)")
+    num_images: int = option(1, help="how many images", short="-n")
+    batch_size: int = option(4, help="images denoised together (memory vs speed); results do not depend on it")
+    width: int | None = option(None, help="image width in pixels (default: the model's native size)")
+    height: int | None = option(None, help="image height in pixels (default: the model's native size)")
+    aspect_ratio: str | None = option(None, help="W:H such as 16:9, at the model's native pixel count", aliases=["--ar"])
+    sampler: str = option(DEFAULT_SAMPLER, help=f"one of {', '.join(SAMPLERS)}")
+    init_image: str | None = option(None, help="start from this image (img2img)")
+    strength: float = option(0.6, help="img2img: how much of the init image is re-noised (0..1]")
+    lora: list[str] = option([], help="PATH[:SCALE] of a LoRA to apply; repeatable")
+    lora_dir: str | None = option(None, help="folder where <lora:name:w> prompt tags are looked up")
+    out: str = option("outputs", help="output folder")
+    overwrite: bool = option(False, help="number files from 0 again, replacing what is there")
+    grid: bool = option(True, help="also write a contact sheet when more than one image is made")
+    prompt_file: str | None = option(None, help="text file with one prompt per line (each gets -n images)")
+    from_image: str | None = option(None, help="re-run the parameters stored in this PNG", aliases=["--from"])
+    device: str = option("auto", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = option("auto", help="auto (fp32 on CPU, fp16 on GPU), float32, float16 or bfloat16",
+                        choices=["auto", "float32", "float16", "bfloat16"])
+    progress: bool = option(True, help="show a progress bar")
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    params: dict[str, Any]  # everything needed to regenerate it; stored in the PNG
+
+    @property
+    def seed(self) -> int:
+        return self.params["seed"]
+
+
+def size_multiple(pipe) -> int:
+    """Pixel multiple the model needs: VAE downscale x 2 per UNet downsampling stage."""
+    return int(pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+
+
+def native_size(pipe) -> int:
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def resolve_size(pipe, width: int | None, height: int | None, aspect_ratio: str | None) -> tuple[int, int, str | None]:
+    """(width, height, note): fill defaults, apply W:H, round to the model's multiple."""
+    base = native_size(pipe)
+    multiple = size_multiple(pipe)
+    if aspect_ratio:
+        if width or height:
+            raise EgakuError("give either --aspect-ratio or --width/--height, not both", param="size")
+        try:
+            aw, ah = (float(x) for x in aspect_ratio.replace("x", ":").split(":"))
+            if aw <= 0 or ah <= 0:
+                raise ValueError
+        except ValueError:
+            raise EgakuError(f"aspect ratio {aspect_ratio!r} is not W:H with positive numbers (e.g. 16:9)",
+                             param="size") from None
+        width = int(round(base * math.sqrt(aw / ah)))
+        height = int(round(base * math.sqrt(ah / aw)))
+    width = base if width is None else width
+    height = base if height is None else height
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value < multiple or value > MAX_SIDE:
+            raise EgakuError(f"{name} {value} is outside what this model can take: use {multiple}..{MAX_SIDE} "
+                             f"pixels (a multiple of {multiple}; native size {base})", param="size")
+    rw = max(multiple, int(round(width / multiple)) * multiple)
+    rh = max(multiple, int(round(height / multiple)) * multiple)
+    note = None
+    if (rw, rh) != (width, height):
+        note = f"size {width}x{height} rounded to {rw}x{rh} (this model needs multiples of {multiple})"
+    return rw, rh, note
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode to [-1, 1] images; in half precision a NaN result is retried with the VAE in fp32
+    (SD 1.x/SDXL VAEs overflow in fp16 on some inputs, which otherwise gives black images)."""
+    vae = pipe.vae
+    scaled = latents / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        scaled = scaled + vae.config.shift_factor
+    with torch.no_grad():
+        images = vae.decode(scaled.to(vae.dtype)).sample
+        if vae.dtype != torch.float32 and torch.isnan(images).any():
+            print("egaku: the VAE produced NaNs in reduced precision; decoding again in float32")
+            vae.to(torch.float32)
+            images = vae.decode(scaled.to(torch.float32)).sample
+    return images
+
+
+def split_lora_arg(item: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (PATH, SCALE); a colon not followed by a number belongs to the path."""
+    path, sep, scale = item.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return item, 1.0
+
+
+def _validate(o: GenerateOptions) -> None:
+    if o.steps < 1:
+        raise EgakuError(f"--steps must be at least 1, got {o.steps}", param="steps")
+    if o.num_images < 1:
+        raise EgakuError(f"--num-images must be at least 1, got {o.num_images}", param="n")
+    if o.batch_size < 1:
+        raise EgakuError(f"--batch-size must be at least 1, got {o.batch_size}", param="batch_size")
+    if o.guidance_scale < 0 or not math.isfinite(o.guidance_scale):
+        raise EgakuError(f"--guidance-scale must be a finite number >= 0, got {o.guidance_scale}", param="guidance_scale")
+    if o.init_image is not None and not 0.0 < o.strength <= 1.0:
+        raise EgakuError(f"--strength must be in (0, 1], got {o.strength}", param="strength")
+    if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
+        raise EgakuError(f"--seed must be in 0..{MAX_SEED}, got {o.seed}", param="seed")
+
+
+def _load_init_image(source: str | Image.Image | None, width: int, height: int) -> Image.Image | None:
+    if source is None:
+        return None
+    if isinstance(source, Image.Image):
+        img = source.convert("RGB")
+    else:
+        from ..data.images import ImageError, open_image
+
+        try:
+            img = open_image(source)
+        except ImageError as exc:
+            raise EgakuError(f"--init-image {exc}", param="image") from None
+    return img.resize((width, height), Image.LANCZOS) if img.size != (width, height) else img
+
+
+def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = None,
+             init_image: Image.Image | None = None,
+             on_step: Callable[[int, int], None] | None = None, **overrides: Any) -> list[GeneratedImage]:
+    """Generate ``num_images`` images; returns each with the parameters that regenerate it.
+
+    ``opts`` (or keyword overrides of its fields) as for the CLI; ``init_image`` may be a PIL image.
+    ``on_step(done, total)`` is called after every denoising step (progress bars, servers).
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    if prompt is not None:
+        overrides["prompt"] = prompt
+    o = build(GenerateOptions, dataclasses.asdict(opts) if opts else {}, overrides)
+    # 1. Check inputs
+    _validate(o)
+    sampler = canonical_sampler(o.sampler)
+    width, height, note = resolve_size(pipe, o.width, o.height, o.aspect_ratio)
+    if note:
+        print(f"egaku: {note}")
+    init = _load_init_image(init_image if init_image is not None else o.init_image, width, height)
+    seed = random.randint(0, MAX_SEED - o.num_images) if o.seed is None else o.seed
+
+    # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
+    text, tag_loras = o.prompt, []
+    if "<lora:" in text or o.lora:
+        from ..lora.apply import apply_loras, parse_prompt_loras, remove_loras, resolve_lora
+
+        text, tag_loras = parse_prompt_loras(text)
+        specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
+        for item in o.lora:
+            name, scale = split_lora_arg(item)
+            specs.append((resolve_lora(name, o.lora_dir), scale))
+        apply_loras(pipe, specs)
+        lora_record = [(Path(p).stem if Path(p).is_file() else Path(p).name, w) for p, w in specs]
+    else:
+        remove_loras = None
+        lora_record = []
+
+    # 3. A fresh scheduler per call: concurrent calls never share scheduler state
+    base_config = getattr(pipe, "egaku_base_scheduler_config", None) or dict(pipe.scheduler.config)
+    components = {**pipe.components, "scheduler": make_scheduler(sampler, base_config)}
+    components.pop("requires_safety_checker", None)
+    runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
+    runner = runner_cls(**components, requires_safety_checker=False)
+    runner.set_progress_bar_config(disable=True)
+
+    info = getattr(pipe, "egaku_info", None)
+    base_params = {
+        "prompt": o.prompt, "negative_prompt": o.negative_prompt, "steps": o.steps, "sampler": sampler,
+        "sampler_label": SAMPLERS[sampler].label, "guidance_scale": o.guidance_scale, "width": width,
+        "height": height, "model_name": info.name if info else None, "model_hash": info.hash if info else None,
+        "loras": lora_record, "egaku_version": _version(),
+    }
+    if init is not None:
+        base_params.update(strength=o.strength, init_image=str(o.init_image) if o.init_image else "image")
+    # img2img runs only the last `strength` fraction of the schedule
+    steps_per_image = o.steps if init is None else max(1, int(o.steps * o.strength))
+    total_steps = steps_per_image * math.ceil(o.num_images / o.batch_size)
+    done = 0
+
+    def step_callback(_pipe, _i, _t, kwargs):
+        nonlocal done
+        done += 1
+        if on_step:
+            on_step(done, total_steps)
+        return kwargs
+
+    results: list[GeneratedImage] = []
+    try:
+        # 4. Denoise batch by batch; each image has its own generator seeded seed+i
+        for start in range(0, o.num_images, o.batch_size):
+            count = min(o.batch_size, o.num_images - start)
+            seeds = [seed + start + k for k in range(count)]
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            call: dict[str, Any] = dict(
+                prompt=[text] * count, negative_prompt=[o.negative_prompt] * count,
+                num_inference_steps=o.steps, guidance_scale=o.guidance_scale, generator=generators,
+                output_type="latent", callback_on_step_end=step_callback,
+            )
+            if init is not None:
+                call.update(image=[init] * count, strength=o.strength)
+            else:
+                call.update(width=width, height=height)
+            with torch.no_grad():
+                latents = runner(**call).images
+            # 5. Decode (with the fp32 fallback) and post-process
+            images = runner.image_processor.postprocess(decode_latents(runner, latents), output_type="pil")
+            for k, img in enumerate(images):
+                results.append(GeneratedImage(img, {**base_params, "seed": seeds[k], "index": start + k}))
+    finally:
+        if remove_loras is not None:
+            remove_loras(pipe)
+    return results
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("egaku")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
+    """Options that regenerate an image from its stored parameters."""
+    keys = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "strength")
+    out = {k: params[k] for k in keys if params.get(k) is not None}
+    if params.get("sampler"):
+        out["sampler"] = canonical_sampler(params["sampler"])
+    return out
+
+
+__all__ = ["GenerateOptions", "GeneratedImage", "generate", "resolve_size", "decode_latents", "sampler_names",
+           "reproduce_options"]

@@ -1,0 +1,246 @@
+"""Resolve ``--model`` to a loaded Stable Diffusion pipeline; the one place that reads model weights.
+
+A model is one of:
+- ``builtin`` (the default): the small LDM egaku trained and ships in ``egaku/models/builtin``;
+- ``tiny``: a seeded miniature SD pipeline built in code (tests, demos on a bare machine);
+- a diffusers pipeline folder (``model_index.json`` inside);
+- a single-file checkpoint (``.safetensors``, A1111/ComfyUI layout), with the component configs taken
+  from ``model_config`` (a local diffusers folder) so it loads offline;
+- a pickled checkpoint (``.ckpt``/``.pt``/``.bin``/``.pth``): refused unless ``allow_pickle``, then read
+  with ``torch.load(weights_only=True)`` (tensors only: no code can run) and converted;
+- a hub id (``org/name``): the real ``from_pretrained`` path, using the local cache first; with no network
+  it fails in seconds with a message instead of hanging in retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from ..errors import EgakuError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+SD_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+
+
+@dataclass
+class ModelInfo:
+    """Where a loaded pipeline came from; written into every image's metadata."""
+
+    name: str  # what the user passed (or "builtin")
+    kind: str  # builtin | tiny | folder | single-file | pickle | hub
+    path: Path | None  # the folder or file on disk, if any
+    _hash: str | None = None
+
+    @property
+    def hash(self) -> str | None:
+        """A1111's short model hash: first 10 hex digits of the sha256 of the weights file (for a
+        folder: of the UNet weights, the part that identifies a fine-tune)."""
+        if self._hash is None and self.path is not None:
+            target = self.path
+            if target.is_dir():
+                unet = sorted((target / "unet").glob("*.safetensors")) or sorted((target / "unet").glob("*.bin"))
+                target = unet[0] if unet else None
+            if target is not None and target.is_file():
+                digest = hashlib.sha256()
+                with open(target, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(chunk)
+                self._hash = digest.hexdigest()[:10]
+        return self._hash
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise EgakuError(f"unknown device {device!r}; use auto, cpu, cuda or mps", param="device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EgakuError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto", param="device")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise EgakuError("--device mps was asked for but MPS is not available; use --device cpu or auto", param="device")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp32 on CPU (fp16 matmuls there are slow or unsupported); fp16 on GPUs, SD's usual precision.
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in DTYPES:
+        raise EgakuError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16", param="dtype")
+    return DTYPES[dtype]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_pipeline_folder(folder: Path) -> None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise EgakuError(f"{folder} is a folder but not a diffusers pipeline (no model_index.json); "
+                         "pass a Stable Diffusion pipeline folder, a .safetensors checkpoint or a hub id", param="model")
+    try:
+        spec = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise EgakuError(f"{index} is not valid JSON ({exc})", param="model") from None
+    missing = [c for c in SD_COMPONENTS if c not in spec]
+    if missing or "XL" in spec.get("_class_name", ""):
+        raise EgakuError(f"{folder} holds a {spec.get('_class_name', 'unknown')} pipeline, not a Stable Diffusion "
+                         f"1.x/2.x one (missing: {', '.join(missing) or 'none'}); egaku needs vae, text_encoder, "
+                         "tokenizer, unet and scheduler", param="model")
+
+
+def _pickle_to_safetensors(path: Path) -> Path:
+    """Read a pickled checkpoint as tensors only, and write it as a temporary safetensors file."""
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the message is what matters to the user
+        raise EgakuError(f"{path} could not be read as a tensors-only checkpoint ({str(exc).splitlines()[0]}); "
+                         "convert it to .safetensors with the tool that made it") from None
+    while isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise EgakuError(f"{path} holds no tensors; it is not a model checkpoint")
+    out = Path(tempfile.mkdtemp(prefix="egaku-ckpt-")) / (path.stem + ".safetensors")
+    save_file(tensors, out)
+    return out
+
+
+def _from_single_file(path: Path, model_config: str | None, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    if model_config:
+        cfg = Path(model_config)
+        _check_pipeline_folder(cfg)
+        kwargs.update(config=str(cfg), local_files_only=True)
+    elif not _hub_reachable():
+        raise EgakuError(f"{path.name}: a single-file checkpoint needs the configs of its architecture; "
+                         "pass --model-config DIR (a local diffusers folder of the same architecture, e.g. "
+                         "one made by `egaku convert` or any SD 1.x/2.x pipeline folder), since the hub "
+                         "cannot be reached to fetch them", param="model")
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    except EgakuError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise EgakuError(f"{path} could not be loaded as a Stable Diffusion checkpoint: {str(exc).splitlines()[0]}",
+                         param="model") from None
+
+
+def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "auto", dtype: str = "auto",
+                  model_config: str | None = None, allow_pickle: bool = False, quiet: bool = True):
+    """Load a ``StableDiffusionPipeline`` from any source egaku accepts, on ``device`` in ``dtype``.
+
+    The returned pipeline carries ``egaku_info`` (a ``ModelInfo``) for image metadata.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    started = time.perf_counter()
+    if quiet:
+        from transformers.utils import logging as tlogging
+
+        dlogging.disable_progress_bar()
+        tlogging.disable_progress_bar()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    spec = "builtin" if model in (None, "") else str(model)
+    path = Path(spec).expanduser()
+    common = {"dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
+
+    if spec == "tiny":
+        from .tiny import tiny_pipeline
+
+        pipe, info = tiny_pipeline().to(dtype=torch_dtype), ModelInfo("tiny", "tiny", None)
+    elif spec == "builtin":
+        if not (BUILTIN_DIR / "model_index.json").is_file():
+            raise EgakuError("the built-in model is not installed in this copy of egaku "
+                             f"({BUILTIN_DIR} has no model_index.json); pass --model DIR|FILE|HUB_ID, or --model tiny "
+                             "for a small untrained model built in code", param="model")
+        pipe = StableDiffusionPipeline.from_pretrained(BUILTIN_DIR, local_files_only=True, **common)
+        info = ModelInfo("egaku-builtin", "builtin", BUILTIN_DIR)
+    elif path.is_dir():
+        _check_pipeline_folder(path)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common)
+        except Exception as exc:  # noqa: BLE001
+            raise EgakuError(f"{path} could not be loaded as a Stable Diffusion pipeline: {str(exc).splitlines()[0]}",
+                             param="model") from None
+        info = ModelInfo(path.resolve().name, "folder", path.resolve())
+    elif path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise EgakuError(f"{path.name} is a pickle ({suffix}), which can run arbitrary code when loaded; "
+                                 "convert it to .safetensors, or pass --allow-pickle to load its tensors only "
+                                 "(weights_only=True)", param="model")
+            converted = _pickle_to_safetensors(path)
+            pipe = _from_single_file(converted, model_config, torch_dtype)
+            info = ModelInfo(path.stem, "pickle", path.resolve())
+        elif suffix == ".safetensors":
+            pipe = _from_single_file(path, model_config, torch_dtype)
+            info = ModelInfo(path.stem, "single-file", path.resolve())
+        else:
+            raise EgakuError(f"{path}: unknown model file type {suffix!r}; use a .safetensors checkpoint or a "
+                             "diffusers folder", param="model")
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix:
+        pipe, info = _load_hub(spec, common)
+    else:
+        raise EgakuError(f"model {spec!r} not found: no such file or folder (and not a hub id like org/name)",
+                         param="model")
+
+    pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.egaku_info = info
+    pipe.egaku_load_seconds = time.perf_counter() - started
+    return pipe
+
+
+def _load_hub(repo_id: str, common: dict):
+    from diffusers import StableDiffusionPipeline
+
+    try:  # the cache first: works offline for anything downloaded before
+        pipe = StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **common)
+    except Exception:  # noqa: BLE001 - not cached (or incomplete): fall through to the network
+        if not _hub_reachable():
+            raise EgakuError(f"model {repo_id!r} is not a local path and is not in the hub cache, and the hub "
+                             "cannot be reached (no network); download it on a connected machine and pass its "
+                             "folder with --model DIR", param="model") from None
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(repo_id, **common)
+        except Exception as exc:  # noqa: BLE001
+            raise EgakuError(f"could not load {repo_id!r} from the hub: {str(exc).splitlines()[0]}", param="model") from None
+    snapshot = getattr(pipe, "name_or_path", None)
+    return pipe, ModelInfo(repo_id, "hub", Path(snapshot) if snapshot and Path(snapshot).is_dir() else None)
