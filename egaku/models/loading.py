@@ -173,6 +173,7 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         from transformers.utils import logging as tlogging
 
         dlogging.disable_progress_bar()
+        dlogging.set_verbosity_error()
         tlogging.disable_progress_bar()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
