@@ -14,6 +14,7 @@ from ..config import option, save_config
 from ..errors import EgakuError
 from .generate import GenerateOptions, generate, reproduce_options
 from .metadata import a1111_parameters, read_params, save_png
+from .prompts import apply_prompt_parameters
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 
@@ -57,6 +58,7 @@ def generate_command(opts: GenerateOptions) -> None:
     started = time.perf_counter()
     if opts.from_image:
         opts = _apply_from_image(opts)
+    opts = apply_prompt_parameters(opts)  # Midjourney-style "--ar 16:9 --seed 7 --no text" in the prompt
     prompts = _prompts(opts)
     out = Path(opts.out)
     try:
