@@ -1,0 +1,294 @@
+"""Generation on the tiny pipeline: every option, reproducibility, metadata, formats, bad input."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import egaku
+from egaku.cli import main
+from egaku.inference.generate import decode_latents, resolve_size
+from egaku.inference.samplers import SAMPLERS
+from egaku.models.single_file import save_single_file
+
+FAST = dict(steps=2)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return egaku.load_pipeline(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def px(result):
+    return np.asarray(result.image, dtype=np.int16)
+
+
+def test_same_seed_same_pixels_and_different_seed_differs(pipe):
+    a = egaku.generate(pipe, "a red cat", seed=3, **FAST)[0]
+    b = egaku.generate(pipe, "a red cat", seed=3, **FAST)[0]
+    c = egaku.generate(pipe, "a red cat", seed=4, **FAST)[0]
+    assert np.array_equal(px(a), px(b))
+    assert np.abs(px(a) - px(c)).mean() > 1.0
+    assert a.image.size == (64, 64)
+
+
+def test_image_i_of_a_batch_equals_it_generated_alone(pipe):
+    batch = egaku.generate(pipe, "a blue star", seed=10, num_images=3, batch_size=3, **FAST)
+    assert [r.seed for r in batch] == [10, 11, 12]
+    alone = egaku.generate(pipe, "a blue star", seed=12, num_images=1, **FAST)[0]
+    # batched and single convolutions may differ in the last float bit; after 8-bit rounding at most 1
+    assert np.abs(px(batch[2]) - px(alone)).max() <= 1
+    split = egaku.generate(pipe, "a blue star", seed=10, num_images=3, batch_size=2, **FAST)
+    assert np.abs(px(split[2]) - px(alone)).max() <= 1
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_and_is_deterministic(pipe, sampler):
+    a = egaku.generate(pipe, "a cat", seed=1, sampler=sampler, **FAST)[0]
+    b = egaku.generate(pipe, "a cat", seed=1, sampler=sampler, **FAST)[0]
+    assert np.array_equal(px(a), px(b))
+    assert a.params["sampler"] == sampler
+
+
+def test_samplers_are_built_from_the_model_scheduler_config(pipe):
+    from egaku.inference.samplers import make_scheduler
+
+    for name in SAMPLERS:
+        sched = make_scheduler(name, dict(pipe.scheduler.config))
+        assert sched.config.beta_schedule == "scaled_linear"
+        assert sched.config.beta_start == pipe.scheduler.config.beta_start
+    assert make_scheduler("dpmpp-2m-karras", dict(pipe.scheduler.config)).config.use_karras_sigmas is True
+
+
+def test_negative_prompt_guidance_and_steps_change_the_image(pipe):
+    base = px(egaku.generate(pipe, "a cat", seed=2, **FAST)[0])
+    assert np.abs(base - px(egaku.generate(pipe, "a cat", negative_prompt="red dog", seed=2, **FAST)[0])).max() > 0
+    assert np.abs(base - px(egaku.generate(pipe, "a cat", guidance_scale=1.0, seed=2, **FAST)[0])).max() > 0
+    assert np.abs(base - px(egaku.generate(pipe, "a cat", seed=2, steps=3)[0])).max() > 0
+
+
+def test_size_aspect_ratio_and_rounding(pipe, capsys):
+    r = egaku.generate(pipe, "a cat", seed=1, width=96, height=64, **FAST)[0]
+    assert r.image.size == (96, 64)
+    assert resolve_size(pipe, 100, 64, None)[:2] == (100 // 4 * 4, 64)
+    w, h, note = resolve_size(pipe, 70, 64, None)
+    assert (w, h) == (72, 64) and "rounded" in note
+    w, h, _ = resolve_size(pipe, None, None, "16:9")
+    assert w > h and abs(w / h - 16 / 9) < 0.15 and w % 4 == 0 and h % 4 == 0
+    r = egaku.generate(pipe, "a cat", seed=1, width=70, **FAST)[0]
+    assert r.image.size == (72, 64)
+    assert "rounded to 72x64" in capsys.readouterr().out
+
+
+def test_img2img_uses_the_init_image(pipe, tmp_path):
+    init = Image.new("RGB", (64, 64), (250, 20, 20))
+    init.save(tmp_path / "init.png")
+    # what the (untrained) VAE makes of the init image: the limit of img2img as strength -> 0
+    with torch.no_grad():
+        x = torch.from_numpy(np.asarray(init, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        roundtrip = px(egaku.GeneratedImage(pipe.image_processor.postprocess(decode_latents(pipe, z))[0], {}))
+    steps_seen = []
+    low = egaku.generate(pipe, "a cat", seed=1, init_image=str(tmp_path / "init.png"), strength=0.25, steps=8,
+                         on_step=lambda done, total: steps_seen.append(total))[0]
+    high = egaku.generate(pipe, "a cat", seed=1, init_image=str(tmp_path / "init.png"), strength=1.0, steps=8)[0]
+    assert steps_seen[-1] == 2  # only the last quarter of the schedule runs
+    assert np.abs(px(low) - roundtrip).mean() < np.abs(px(high) - roundtrip).mean()
+    assert low.params["strength"] == 0.25
+    other = egaku.generate(pipe, "a cat", seed=1, init_image=Image.new("RGB", (64, 64), (20, 20, 250)), strength=0.25, steps=8)[0]
+    assert np.abs(px(low) - px(other)).mean() > 1.0
+
+
+def test_vae_falls_back_to_fp32_when_half_precision_gives_nan(pipe, monkeypatch, capsys):
+    vae = pipe.vae
+    calls = []
+    real_decode = vae.decode
+
+    def flaky_decode(z, *a, **k):
+        calls.append(vae.dtype)
+        out = real_decode(z.to(vae.dtype), *a, **k)
+        if vae.dtype != torch.float32:
+            out.sample = torch.full_like(out.sample, float("nan"))
+        return out
+
+    monkeypatch.setattr(vae, "decode", flaky_decode)
+    vae.to(torch.bfloat16)
+    try:
+        images = decode_latents(pipe, torch.randn(1, 4, 16, 16))
+    finally:
+        vae.to(torch.float32)
+    assert calls == [torch.bfloat16, torch.float32]
+    assert not torch.isnan(images).any()
+    assert "float32" in capsys.readouterr().out
+
+
+def test_metadata_roundtrip_info_and_from(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["generate", "a red cat", "--model", str(tiny_model_dir), "--negative-prompt", "blurry", "--steps", "2",
+               "--seed", "42", "-n", "2", "--sampler", "euler", "--cfg", "5", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-42.png", "00001-43.png", "00002-grid.png"]
+    assert (out / "00000-options.json").is_file()
+    params = egaku.read_params(files[1])
+    assert params["prompt"] == "a red cat" and params["negative_prompt"] == "blurry"
+    assert (params["seed"], params["steps"], params["sampler"], params["guidance_scale"]) == (43, 2, "euler", 5.0)
+    text = Image.open(files[1]).text["parameters"]
+    assert text.startswith("a red cat\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 5.0, Seed: 43, Size: 64x64")
+    assert "Model hash: " in text
+    capsys.readouterr()
+    assert main(["info", str(files[1])]) == 0
+    assert "Seed: 43" in capsys.readouterr().out
+    # --from regenerates the same pixels into a fresh folder
+    again = tmp_path / "again"
+    assert main(["generate", "--from", str(files[1]), "--model", str(tiny_model_dir), "--out", str(again), "--no-progress"]) == 0
+    regenerated = sorted(again.glob("*.png"))[0]
+    assert regenerated.name == "00000-43.png"
+    assert np.abs(np.asarray(Image.open(regenerated), np.int16) - np.asarray(Image.open(files[1]), np.int16)).max() <= 1
+
+
+def test_a1111_text_is_parsed_when_no_json(tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a house\nNegative prompt: ugly\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 7, Size: 512x768, Model: sd15")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
+    p = egaku.read_params(tmp_path / "a.png")
+    assert p == {"prompt": "a house", "negative_prompt": "ugly", "steps": 30, "sampler": "DPM++ 2M Karras",
+                 "guidance_scale": 6.5, "seed": 7, "width": 512, "height": 768, "model_name": "sd15"}
+    from egaku.inference.generate import reproduce_options
+
+    assert reproduce_options(p)["sampler"] == "dpmpp-2m-karras"
+
+
+def test_existing_files_are_not_overwritten(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+
+    def run(seed, *extra):
+        return main(["generate", "a cat", "--model", str(tiny_model_dir), "--steps", "2", "--seed", str(seed),
+                     "--out", str(out), "--no-progress", *extra])
+
+    assert run(1) == 0
+    first = (out / "00000-1.png").read_bytes()
+    assert run(9) == 0
+    assert (out / "00000-1.png").read_bytes() == first
+    assert (out / "00001-9.png").is_file()
+    assert run(9, "--overwrite") == 0
+    assert (out / "00000-9.png").is_file()
+
+
+def test_prompt_file(tiny_model_dir, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\na dog\n")
+    assert main(["generate", "--prompt-file", str(tmp_path / "p.txt"), "--model", str(tiny_model_dir), "--steps", "2",
+                 "--seed", "1", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    prompts = [egaku.read_params(p)["prompt"] for p in sorted((tmp_path / "o").glob("*.png"))]
+    assert prompts == ["a cat", "a dog"]
+
+
+def test_single_file_checkpoint_generates_the_same_image(pipe, tiny_model_dir, tmp_path):
+    path = save_single_file(pipe, tmp_path / "tiny.safetensors")
+    keys = __import__("safetensors").safe_open(str(path), "pt").keys()
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
+    assert any(k.startswith("first_stage_model.encoder.down.") for k in keys)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
+    single = egaku.load_pipeline(str(path), model_config=str(tiny_model_dir), device="cpu")
+    assert single.egaku_info.kind == "single-file"
+    a = px(egaku.generate(pipe, "a red cat", seed=5, **FAST)[0])
+    b = px(egaku.generate(single, "a red cat", seed=5, **FAST)[0])
+    assert np.array_equal(a, b)
+
+
+def test_convert_command_writes_both_layouts(tiny_model_dir, tmp_path):
+    assert main(["convert", str(tiny_model_dir), "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["convert", str(tmp_path / "m.safetensors"), "--model-config", str(tiny_model_dir),
+                 "--out", str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / "model_index.json").is_file()
+    assert main(["convert", str(tiny_model_dir), "--out", str(tmp_path / "m.safetensors")]) == 2  # exists
+
+
+def test_pickles_are_refused_unless_allowed_then_loaded_weights_only(pipe, tiny_model_dir, tmp_path, capsys):
+    from egaku.models.single_file import pipeline_to_original
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": pipeline_to_original(pipe)}, ckpt)
+    assert main(["generate", "a cat", "--model", str(ckpt), "--model-config", str(tiny_model_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "pickle" in err and "--allow-pickle" in err and "Traceback" not in err
+    loaded = egaku.load_pipeline(str(ckpt), model_config=str(tiny_model_dir), allow_pickle=True, device="cpu")
+    assert np.array_equal(px(egaku.generate(pipe, "a cat", seed=1, **FAST)[0]), px(egaku.generate(loaded, "a cat", seed=1, **FAST)[0]))
+    # a pickle that would run code on load is rejected by weights_only, with a message
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.ckpt")
+    assert main(["generate", "a cat", "--model", str(tmp_path / "evil.ckpt"), "--allow-pickle", "--model-config",
+                 str(tiny_model_dir), "--out", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    assert "pwned" not in captured.out and "tensors-only" in captured.err
+
+
+def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    started = time.monotonic()
+    assert main(["generate", "a cat", "--model", "someone/some-model", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - started < 60  # generous: it must not sit in download retries
+    assert "hub cannot be reached" in err and "--model DIR" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "nope"], "unknown sampler 'nope'; choose one of: dpmpp-2m, dpmpp-2m-karras, euler"),
+    (["--width", "2"], "width 2 is outside what this model can take"),
+    (["--height", "100000"], "height 100000 is outside"),
+    (["--aspect-ratio", "wide"], "aspect ratio 'wide' is not W:H"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "-3"], "--steps must be at least 1"),
+    (["-n", "0"], "--num-images must be at least 1"),
+    (["--strength", "1.5", "--init-image", "x.png"], "--strength must be in (0, 1]"),
+    (["--prompt-file", "missing.txt"], "prompt file 'missing.txt' does not exist"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, args, message):
+    rc = main(["generate", "a cat", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_model_and_init_image(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "notimg.png").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--model", str(tmp_path / "nope")], "not found: no such file or folder"),
+        (["--model", str(tmp_path / "empty")], "not a diffusers pipeline (no model_index.json)"),
+        (["--model", str(tmp_path / "notimg.png")], "unknown model file type"),
+        (["--model", str(tiny_model_dir), "--init-image", str(tmp_path / "notimg.png")], "not an image file"),
+        (["--model", str(tiny_model_dir), "--init-image", str(tmp_path / "missing.png")], "file does not exist"),
+    ]
+    for args, message in cases:
+        rc = main(["generate", "a cat", "--out", str(tmp_path / "o"), "--steps", "1", "--no-progress", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (args, err)
+    assert main(["generate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")]) == 2
+    assert "no prompt given" in capsys.readouterr().err
+
+
+def test_cli_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("generate", "train-lora", "train-ldm", "train-gan", "serve"):
+        assert name in out
+
+
+def test_options_json_is_the_resolved_config(tiny_model_dir, tmp_path):
+    assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--steps", "2", "--seed", "1",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "00000-options.json").read_text())
+    assert saved["steps"] == 2 and saved["seed"] == 1 and saved["sampler"] == "dpmpp-2m"
