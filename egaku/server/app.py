@@ -1,0 +1,588 @@
+"""`egaku serve`: the OpenAI images API (generations, edits, variations) and a web page, over FastAPI.
+
+Request flow: parse and validate (``requests.py``; every 4xx happens here, before queueing) -> submit
+a job to the model's worker (``queue.py``; one thread per pipeline, bounded queue, 429 when full) ->
+wait for it while watching for the client going away (which cancels the job and frees its place) ->
+encode PNGs (with their generation parameters) as base64 or as short-lived URLs served from memory.
+
+Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; a 500 says only
+that something failed and where it is logged, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations here
+
+from ..config import option
+from ..errors import EgakuError, NotFoundError
+from .queue import Job, ModelWorker, QueueFull
+from .requests import ImageRequest, Limits, parse_image_request
+
+log = logging.getLogger("egaku.server")
+PAGE_DIR = Path(__file__).parent / "page"
+API_KEY_ENV = "EGAKU_API_KEY"
+# Names existing OpenAI client code sends; they mean "the server's default model".
+OPENAI_MODEL_ALIASES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class ServeOptions:
+    """Everything `egaku serve` takes."""
+
+    model: list[str] = option(["builtin"], help="model to serve (builtin, tiny, a folder, a .safetensors file, "
+                                                "a hub id); repeatable, the first is the default")
+    lora_dir: str | None = option(None, help="folder of LoRAs that requests may name (<lora:name:w> or 'loras')")
+    host: str = option("127.0.0.1", help="address to bind; loopback by default")
+    port: int = option(8000, help="TCP port")
+    device: str = option("auto", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = option("auto", help="auto, float32, float16 or bfloat16",
+                        choices=["auto", "float32", "float16", "bfloat16"])
+    model_config: str | None = option(None, help="local diffusers folder describing single-file checkpoints")
+    queue_size: int = option(8, help="requests that may wait per model; more get HTTP 429")
+    max_n: int = option(10, help="most images per request")
+    max_side: int = option(1024, help="largest width or height a request may ask for, in pixels")
+    max_steps: int = option(150, help="most denoising steps a request may ask for")
+    max_upload_mb: float = option(16.0, help="largest request body (uploads included), in MiB; more gets 413")
+    max_upload_pixels: int = option(4096 * 4096, help="uploaded images with more pixels are refused as bombs")
+    url_ttl: int = option(3600, help="seconds a response_format=url image stays downloadable")
+    url_cache_mb: float = option(256.0, help="memory kept for url images; the oldest go first")
+    log_level: str = option("info", help="uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type, param, code
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class UrlStore:
+    """PNG bytes behind unguessable, expiring URLs; bounded in bytes (oldest evicted first)."""
+
+    def __init__(self, ttl: float, max_bytes: int):
+        self.ttl, self.max_bytes = ttl, max_bytes
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes) -> str:
+        token = secrets.token_urlsafe(24)
+        now = time.monotonic()
+        with self._lock:
+            self._items[token] = (now + self.ttl, data)
+            self._bytes += len(data)
+            while self._items and (self._bytes > self.max_bytes or next(iter(self._items.values()))[0] < now):
+                _, (_, old) = self._items.popitem(last=False)
+                self._bytes -= len(old)
+        return token
+
+    def get(self, token: str) -> bytes | None:
+        with self._lock:
+            item = self._items.get(token)
+        if item is None or item[0] < time.monotonic():
+            return None
+        return item[1]
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``max_bytes`` (declared or streamed) before they are parsed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            body = json.dumps(error_body(f"request body of {int(declared):,} bytes is over this server's limit of "
+                                         f"{self.max_bytes:,} bytes; send a smaller image", "invalid_request_error",
+                                         None, "request_too_large")).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def png_bytes(image, params: dict[str, Any]) -> bytes:
+    from PIL import PngImagePlugin
+
+    from ..inference.metadata import a1111_parameters
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(params))
+    info.add_text("egaku", json.dumps(params, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _lora_catalog(lora_dir: str | None) -> list[str]:
+    if not lora_dir or not Path(lora_dir).is_dir():
+        return []
+    from ..lora.formats import LORA_WEIGHTS_NAME
+
+    root = Path(lora_dir)
+    return sorted({p.stem for p in root.glob("*.safetensors")}
+                  | {p.name for p in root.iterdir() if (p / LORA_WEIGHTS_NAME).is_file()})
+
+
+def _run_request(pipe, req: ImageRequest):
+    """The job body, on the model's worker thread: generate, then encode (off the event loop)."""
+    from ..inference import generate as generate_module
+    from ..inference import prompts
+
+    def run(on_step):
+        o = dict(req.options)
+        if req.kind == "generation":
+            results = generate_module.generate(pipe, on_step=on_step, **o)
+        elif req.kind == "edit" and req.mask is not None:
+            from ..inference.inpaint import inpaint
+
+            prompt = o.pop("prompt")
+            results = inpaint(pipe, prompt, req.init_image, req.mask, on_step=on_step, **o)
+        elif req.kind == "edit":
+            results = generate_module.generate(pipe, init_image=req.init_image, on_step=on_step, **o)
+        elif req.kind == "variation":
+            results = prompts.variations(pipe, req.init_image, o.pop("prompt"), o.pop("num_images"), o.pop("seed"),
+                                         o.pop("strength"), on_step=on_step, **o)
+        else:  # upscale
+            for key in ("num_images", "width", "height", "aspect_ratio"):
+                o.pop(key)
+            results = [prompts.upscale(pipe, req.init_image, o.pop("prompt"), 2, o.pop("strength"), o.pop("seed"),
+                                       on_step=on_step, **o)]
+        return [(png_bytes(r.image, r.params), r.params) for r in results]
+
+    return run
+
+
+def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_key: str | None = None):
+    """The FastAPI app serving ``pipelines`` (name -> loaded pipeline; the first is the default).
+
+    ``api_key`` defaults to ``$EGAKU_API_KEY``; when set, /v1 requests need ``Authorization: Bearer KEY``.
+    """
+    from fastapi import APIRouter, Depends, FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    opts = opts or ServeOptions()
+    if not pipelines:
+        raise EgakuError("no model to serve")
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV)
+    api_key = api_key or None
+    limits = Limits(max_n=opts.max_n, max_side=opts.max_side, max_steps=opts.max_steps, lora_dir=opts.lora_dir)
+    workers = {name: ModelWorker(name, opts.queue_size) for name in pipelines}
+    default_model = next(iter(pipelines))
+    aliases = {alias: default_model for alias in OPENAI_MODEL_ALIASES}
+    for name, pipe in pipelines.items():
+        info = getattr(pipe, "egaku_info", None)
+        if info is not None and info.name not in pipelines:
+            aliases[info.name] = name
+    urls = UrlStore(opts.url_ttl, int(opts.url_cache_mb * 2**20))
+    jobs: OrderedDict[str, tuple[str, Job]] = OrderedDict()  # recent jobs, for progress polling
+    created = int(time.time())
+
+    def shutdown() -> None:
+        for worker in workers.values():
+            worker.close()
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        shutdown()
+
+    app = FastAPI(title="egaku", summary="OpenAI-compatible images API", lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.workers = workers
+    app.state.pipelines = pipelines
+    app.state.shutdown = shutdown
+
+    # -- errors: always OpenAI's shape ---------------------------------------------------------------
+    def error_response(status: int, message: str, type: str, param=None, code=None) -> JSONResponse:
+        return JSONResponse(error_body(message, type, param, code), status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        response = error_response(exc.status, str(exc), exc.type, exc.param, exc.code)
+        if headers:
+            response.headers.update(headers)
+        return response
+
+    @app.exception_handler(EgakuError)
+    async def _egaku_error(_request, exc: EgakuError):
+        code = "not_found" if exc.status == 404 else "invalid_value"
+        return error_response(exc.status, str(exc), "invalid_request_error", exc.param, code)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_request, exc: QueueFull):
+        response = error_response(429, f"the queue of model {exc} is full ({opts.queue_size} waiting); retry shortly",
+                                  "rate_limit_error", None, "queue_full")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_request, _exc):
+        return error_response(413, f"request body is over this server's limit of {int(opts.max_upload_mb * 2**20):,} "
+                                   "bytes; send a smaller image", "invalid_request_error", None, "request_too_large")
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_request, _exc):
+        return Response(status_code=499)  # nobody reads it; the job was cancelled
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None,
+                              "not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        return error_response(400, f"invalid request: {first.get('msg', 'bad input')}", "invalid_request_error", param)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal server error; the details are in the server's log", "server_error",
+                              None, "internal_error")
+
+    # -- auth ----------------------------------------------------------------------------------------
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        # hmac.compare_digest: the time taken does not depend on how much of the key was right
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server "
+                                f"was started with (${API_KEY_ENV})", code="invalid_api_key")
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def pick_model(name: str | None) -> str:
+        if name is None or name == "":
+            return default_model
+        if name in workers:
+            return name
+        if name in aliases:
+            return aliases[name]
+        raise NotFoundError(f"model {name!r} is not served here; available: {', '.join(workers)}", param="model")
+
+    async def read_json(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON; send a JSON object such as "
+                                '{"prompt": "a red circle"}', code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}",
+                           code="invalid_json")
+        return body
+
+    async def read_form(request: Request) -> tuple[dict, dict[str, bytes]]:
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise ApiError(400, f"this endpoint takes multipart/form-data (as the OpenAI API), not "
+                                f"{content_type or 'an empty content type'!r}", code="invalid_content_type")
+        try:
+            form = await request.form(max_files=4, max_fields=64)
+        except (BodyTooLarge, ApiError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - malformed multipart: python-multipart's messages vary
+            raise ApiError(400, f"could not parse the multipart body ({exc})", code="invalid_multipart") from None
+        fields: dict[str, Any] = {}
+        files: dict[str, bytes] = {}
+        for key, value in form.multi_items():
+            key = "image" if key == "image[]" else key
+            if key in fields or key in files:
+                raise ApiError(400, f"field {key!r} is given more than once; send one", param=key)
+            if hasattr(value, "read"):
+                files[key] = await value.read()
+            else:
+                fields[key] = value
+        for key in set(fields) & {"image", "mask"}:
+            raise ApiError(400, f"{key!r} must be an uploaded file, not a text field", param=key)
+        return fields, files
+
+    def open_upload(files: dict[str, bytes], key: str):
+        from ..data.images import ImageError, open_image
+
+        if key not in files:
+            return None
+        try:
+            return open_image(files[key], max_pixels=opts.max_upload_pixels)
+        except ImageError as exc:
+            raise ApiError(400, f"'{key}': {str(exc).removeprefix('upload: ')}", param=key,
+                           code="invalid_image") from None
+
+    def open_mask(files: dict[str, bytes]):
+        """OpenAI masks: fully transparent pixels are the area to edit. Without alpha: white = edit."""
+        from PIL import Image
+
+        if open_upload(files, "mask") is None:  # validates it (format, bombs) like any upload
+            return None
+        with Image.open(io.BytesIO(files["mask"])) as raw:
+            if "A" in raw.getbands() or "transparency" in raw.info:
+                alpha = raw.convert("RGBA").getchannel("A")
+                return alpha.point(lambda a: 255 if a < 128 else 0)
+            return raw.convert("L").point(lambda v: 255 if v >= 128 else 0)
+
+    def stored_prompt(files: dict[str, bytes]) -> str:
+        """The prompt an egaku PNG was made with (so variations of it stay on topic)."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(files["image"])) as raw:
+                text = getattr(raw, "text", {}) or {}
+            return str(json.loads(text["egaku"]).get("prompt", "")) if "egaku" in text else ""
+        except Exception:  # noqa: BLE001 - metadata is a convenience; a foreign image just has none
+            return ""
+
+    async def run(request: Request, model: str, req: ImageRequest) -> dict:
+        worker = workers[model]
+        job_id = request.headers.get("x-egaku-job")
+        if job_id is not None and not _JOB_ID.match(job_id):
+            raise ApiError(400, "X-Egaku-Job must be 1-64 letters, digits, '-' or '_'", param="X-Egaku-Job")
+        job = worker.submit(_run_request(app.state.pipelines[model], req), job_id)
+        jobs[job.id] = (model, job)
+        while len(jobs) > 256:
+            jobs.popitem(last=False)
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        job.add_done_callback(lambda: loop.call_soon_threadsafe(
+            lambda: finished.done() or finished.set_result(None)))
+
+        async def client_left() -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        watcher = asyncio.ensure_future(client_left())
+        try:
+            await asyncio.wait({finished, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not job.finished.is_set():
+                worker.cancel(job)  # the client left (or the server is stopping): free the place
+        if not finished.done() or job.state == "cancelled":
+            raise ClientGone()
+        if job.error is not None:
+            raise job.error  # EgakuError -> its 4xx; anything else -> a logged 500
+        data = []
+        for png, params in job.result:
+            item: dict[str, Any] = {"revised_prompt": req.revised_prompt}
+            if req.response_format == "b64_json":
+                item["b64_json"] = base64.b64encode(png).decode()
+            else:
+                item["url"] = str(request.base_url) + f"v1/files/{urls.put(png)}.png"
+            item["egaku"] = params
+            data.append(item)
+        first = job.result[0][1]
+        return {"created": int(time.time()), "data": data, "output_format": "png",
+                "size": f"{first['width']}x{first['height']}"}
+
+    # -- endpoints -----------------------------------------------------------------------------------
+    @api.post("/images/generations")
+    async def generations(request: Request):
+        body = await read_json(request)
+        model = pick_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        req = parse_image_request("generation", body, pipelines[model], limits)
+        return await run(request, model, req)
+
+    async def image_endpoint(request: Request, kind: str):
+        fields, files = await read_form(request)
+        model = pick_model(fields.get("model"))
+        if kind == "edit" and "image" not in files:
+            raise ApiError(400, "an 'image' file is required", param="image")
+        image = open_upload(files, "image")
+        mask = open_mask(files) if kind == "edit" else None
+        if "mask" in files and kind != "edit":
+            raise ApiError(400, f"'mask' is only taken by /v1/images/edits", param="mask")
+        req = parse_image_request(kind, fields, pipelines[model], limits, form=True, image=image, mask=mask,
+                                  stored_prompt=stored_prompt(files) if image is not None else "")
+        if mask is not None and mask.size != image.size:
+            raise ApiError(400, f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
+                                f"{image.size[0]}x{image.size[1]}; they must match", param="mask")
+        return await run(request, model, req)
+
+    @api.post("/images/edits")
+    async def edits(request: Request):
+        return await image_endpoint(request, "edit")
+
+    @api.post("/images/variations")
+    async def variations(request: Request):
+        return await image_endpoint(request, "variation")
+
+    @api.post("/images/upscale")
+    async def upscale(request: Request):
+        """egaku extension: 2x resize + low-strength img2img ("hires fix"), multipart like variations."""
+        return await image_endpoint(request, "upscale")
+
+    @api.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "egaku"}
+                                           for name in workers]}
+
+    @api.get("/egaku/options")
+    async def server_options():
+        """What the web page offers: samplers, LoRAs, sizes and limits."""
+        from ..inference.generate import native_size, size_multiple
+        from ..inference.samplers import DEFAULT_SAMPLER, sampler_names
+
+        return {
+            "models": [{"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe)}
+                       for name, pipe in pipelines.items()],
+            "samplers": sampler_names(), "default_sampler": DEFAULT_SAMPLER, "loras": _lora_catalog(opts.lora_dir),
+            "max_n": opts.max_n, "max_side": opts.max_side, "max_steps": opts.max_steps,
+        }
+
+    @api.get("/egaku/jobs/{job_id}")
+    async def job_progress(job_id: str):
+        if job_id not in jobs:
+            raise ApiError(404, f"no recent job {job_id!r}", param="job_id", code="not_found")
+        model, job = jobs[job_id]
+        return {"id": job_id, "model": model, "state": job.state, "step": job.step, "total": job.total,
+                "position": workers[model].position(job)}
+
+    app.include_router(api)
+
+    @app.get("/v1/files/{name}")
+    async def file(name: str):
+        # capability URLs: the unguessable token is the permission, so <img src> works without a header
+        data = urls.get(name.removesuffix(".png"))
+        if data is None:
+            raise ApiError(404, "this image URL has expired or never existed; generate it again",
+                           code="not_found")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": {name: w.stats() for name, w in workers.items()},
+                "auth": api_key is not None}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(PAGE_DIR / "index.html")
+
+    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
+    app.add_middleware(BodyLimit, max_bytes=int(opts.max_upload_mb * 2**20))
+    return app
+
+
+def load_pipelines(opts: ServeOptions) -> dict[str, Any]:
+    from ..models.loading import load_pipeline
+
+    pipelines: dict[str, Any] = {}
+    for spec in opts.model:
+        pipe = load_pipeline(spec, opts.device, opts.dtype, opts.model_config)
+        name = pipe.egaku_info.name if spec not in ("tiny",) else "tiny"
+        if name in pipelines:
+            raise EgakuError(f"model {spec!r} is given twice", param="model")
+        pipelines[name] = pipe
+    return pipelines
+
+
+class LiveServer:
+    """uvicorn in a background thread on an already-bound socket (tests, benchmarks): no port races."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.socket.close()
+
+
+def serve_command(opts: ServeOptions) -> None:
+    import ipaddress
+
+    import uvicorn
+
+    if opts.queue_size < 1 or opts.max_n < 1 or opts.max_side < 8 or opts.max_steps < 1:
+        raise EgakuError("--queue-size, --max-n and --max-steps must be at least 1 and --max-side at least 8")
+    if opts.lora_dir is not None and not Path(opts.lora_dir).is_dir():
+        raise EgakuError(f"--lora-dir {opts.lora_dir!r} is not a folder", param="lora_dir")
+    api_key = os.environ.get(API_KEY_ENV) or None
+    try:
+        loopback = ipaddress.ip_address(opts.host).is_loopback
+    except ValueError:
+        loopback = opts.host == "localhost"
+    if not loopback and api_key is None:
+        print(f"egaku: warning: serving on {opts.host} without ${API_KEY_ENV}: anyone who can reach it can use it")
+    pipelines = load_pipelines(opts)
+    app = create_app(pipelines, opts, api_key)
+    print(f"egaku: serving {', '.join(pipelines)} at http://{opts.host}:{opts.port}/ "
+          f"(API at /v1, auth {'on' if api_key else 'off'})")
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level)
+
+
+__all__ = ["ServeOptions", "create_app", "serve_command", "LiveServer", "load_pipelines", "png_bytes"]

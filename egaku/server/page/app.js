@@ -1,0 +1,166 @@
+// The egaku web page: a thin client of the same OpenAI-compatible API that scripts use.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let options = null;
+
+function headers(extra = {}) {
+  const key = $("api-key").value.trim();
+  if (key) localStorage.setItem("egaku-api-key", key);
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+async function api(path, init = {}) {
+  const response = await fetch(path, { ...init, headers: headers(init.headers || {}) });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const err = body.error || {};
+    throw new Error(`${response.status}: ${err.message || response.statusText}${err.param ? ` (${err.param})` : ""}`);
+  }
+  return body;
+}
+
+function showError(message) {
+  $("error").hidden = !message;
+  $("error").textContent = message || "";
+}
+
+function fill(select, values, chosen) {
+  select.replaceChildren(...values.map((v) => new Option(v, v, false, v === chosen)));
+}
+
+async function loadOptions() {
+  try {
+    options = await api("/v1/egaku/options");
+  } catch (e) {
+    showError(`${e.message}\nIf the server needs a key, enter it above and reload.`);
+    return;
+  }
+  showError("");
+  fill($("model"), options.models.map((m) => m.id), options.models[0].id);
+  fill($("sampler"), options.samplers, options.default_sampler);
+  $("n").max = options.max_n;
+  $("steps").max = options.max_steps;
+  $("lora-none").hidden = options.loras.length > 0;
+  $("add-lora").hidden = options.loras.length === 0;
+}
+
+function addLoraRow() {
+  const row = document.createElement("div");
+  row.className = "lora-row";
+  const select = document.createElement("select");
+  fill(select, options.loras, options.loras[0]);
+  const weight = Object.assign(document.createElement("input"), { type: "number", step: "0.05", value: "0.8" });
+  const remove = Object.assign(document.createElement("button"), { type: "button", textContent: "×" });
+  remove.onclick = () => row.remove();
+  row.append(select, weight, remove);
+  $("lora-rows").append(row);
+}
+
+function chosenSize() {
+  const aspect = $("aspect").value;
+  if (aspect === "custom") return $("size").value.trim() || undefined;
+  const model = options.models.find((m) => m.id === $("model").value) || options.models[0];
+  const [w, h] = aspect.split(":").map(Number);
+  const round = (x) => Math.max(model.multiple, Math.round(x / model.multiple) * model.multiple);
+  return `${round(model.native_size * Math.sqrt(w / h))}x${round(model.native_size * Math.sqrt(h / w))}`;
+}
+
+function common() {
+  const body = { model: $("model").value, steps: Number($("steps").value), response_format: "b64_json",
+                 sampler: $("sampler").value, guidance_scale: Number($("guidance").value) };
+  if ($("negative").value.trim()) body.negative_prompt = $("negative").value.trim();
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  const loras = [...document.querySelectorAll(".lora-row")].map((row) => ({
+    name: row.querySelector("select").value, weight: Number(row.querySelector("input").value) }));
+  if (loras.length) body.loras = loras;
+  return body;
+}
+
+// Runs one API call while polling its job's progress; disables the buttons meanwhile.
+async function withProgress(label, call) {
+  const job = `page-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+  const bar = $("progress");
+  document.querySelectorAll("button").forEach((b) => (b.disabled = true));
+  bar.hidden = false; bar.removeAttribute("value");
+  $("status").textContent = `${label}…`;
+  showError("");
+  const timer = setInterval(async () => {
+    try {
+      const p = await api(`/v1/egaku/jobs/${job}`);
+      if (p.position > 0) $("status").textContent = `${label}: waiting, #${p.position} in the queue`;
+      else if (p.total) { bar.max = p.total; bar.value = p.step; $("status").textContent = `${label}: step ${p.step}/${p.total}`; }
+    } catch (e) { /* not queued yet */ }
+  }, 300);
+  try {
+    const result = await call({ "X-Egaku-Job": job });
+    $("status").textContent = `${label}: done, ${result.data.length} image${result.data.length > 1 ? "s" : ""}`;
+    return result;
+  } catch (e) {
+    showError(e.message);
+    $("status").textContent = "";
+    return null;
+  } finally {
+    clearInterval(timer);
+    bar.hidden = true;
+    document.querySelectorAll("button").forEach((b) => (b.disabled = false));
+  }
+}
+
+function describe(p) {
+  const lines = [p.prompt];
+  if (p.negative_prompt) lines.push(`Negative prompt: ${p.negative_prompt}`);
+  const pairs = [["Steps", p.steps], ["Sampler", p.sampler_label || p.sampler], ["CFG", p.guidance_scale],
+                 ["Seed", p.seed], ["Size", `${p.width}x${p.height}`], ["Strength", p.strength],
+                 ["Model", p.model_name], ["LoRAs", (p.loras || []).map(([n, w]) => `${n}:${w}`).join(" ")],
+                 ["Upscaled from", p.upscaled_from]];
+  lines.push(pairs.filter(([, v]) => v !== undefined && v !== null && v !== "").map(([k, v]) => `${k}: ${v}`).join(", "));
+  return lines.join("\n");
+}
+
+function show(result) {
+  if (!result) return;
+  const cards = result.data.map((item) => {
+    const card = $("card").content.firstElementChild.cloneNode(true);
+    const src = `data:image/png;base64,${item.b64_json}`;
+    const img = card.querySelector("img");
+    img.src = src;
+    img.alt = item.revised_prompt || "generated image";
+    card.querySelector(".params").textContent = describe(item.egaku || {});
+    card.querySelector(".download").href = src;
+    card.querySelector(".variations").onclick = () => fromImage("variations", item);
+    card.querySelector(".upscale").onclick = () => fromImage("upscale", item);
+    return card;
+  });
+  $("gallery").prepend(...cards);
+}
+
+async function fromImage(kind, item) {
+  const bytes = Uint8Array.from(atob(item.b64_json), (c) => c.charCodeAt(0));
+  const form = new FormData();
+  form.append("image", new Blob([bytes], { type: "image/png" }), "image.png");
+  const body = common();
+  delete body.seed;  // variations want new seeds
+  if (kind === "variations") body.n = Number($("n").value);
+  for (const [k, v] of Object.entries(body)) form.append(k, typeof v === "object" ? JSON.stringify(v) : String(v));
+  const label = kind === "variations" ? "Variations" : "Upscaling";
+  show(await withProgress(label, (extra) => api(`/v1/images/${kind === "variations" ? "variations" : "upscale"}`,
+                                                { method: "POST", body: form, headers: extra })));
+}
+
+$("controls").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (!options) await loadOptions();
+  if (!options) return;
+  const prompt = $("prompt").value;
+  if (!prompt.trim()) { showError("type a prompt first"); return; }
+  const body = { ...common(), prompt, n: Number($("n").value) };
+  // "--ar" in the prompt sets the shape itself; the size field would conflict with it
+  if (!/(^|\s)--(ar|aspect)\s/.test(prompt)) body.size = chosenSize();
+  show(await withProgress("Generating", (extra) => api("/v1/images/generations", {
+    method: "POST", body: JSON.stringify(body), headers: { ...extra, "Content-Type": "application/json" } })));
+});
+$("aspect").addEventListener("change", () => ($("size-box").hidden = $("aspect").value !== "custom"));
+$("add-lora").addEventListener("click", addLoraRow);
+$("api-key").value = localStorage.getItem("egaku-api-key") || "";
+loadOptions();

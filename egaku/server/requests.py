@@ -1,0 +1,263 @@
+"""Request bodies of the images API -> validated generation options, before anything is queued.
+
+Every check that can fail on a request happens here, on the event loop, so a bad request gets its 4xx
+at once and never takes a place in a model's queue. JSON bodies are typed strictly (``"n": "2"`` is an
+error, as with OpenAI); multipart form fields are text and are converted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..errors import EgakuError, NotFoundError
+from ..inference.generate import MAX_SEED, GenerateOptions, resolve_size, size_multiple
+from ..inference.prompts import UPSCALE_STRENGTH, VARIATION_STRENGTH, apply_prompt_parameters
+from ..inference.samplers import canonical_sampler
+
+# Fields of the OpenAI images API that describe DALL-E / gpt-image rendering choices with no Stable
+# Diffusion counterpart: accepted so existing client code runs unchanged, and otherwise ignored.
+OPENAI_IGNORED = {"quality", "style", "background", "moderation", "output_compression", "input_fidelity",
+                  "safety_identifier", "user"}
+COMMON = {"model", "n", "size", "response_format", "output_format", "negative_prompt", "seed", "steps",
+          "guidance_scale", "sampler", "loras"} | OPENAI_IGNORED
+ALLOWED = {
+    "generation": COMMON | {"prompt"},
+    "edit": COMMON | {"prompt", "strength"},
+    "variation": COMMON | {"prompt", "strength"},
+    "upscale": COMMON | {"prompt", "strength"},
+}
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
+
+
+@dataclass
+class Limits:
+    """What one request may ask of the server (bounds the work a single request can queue)."""
+
+    max_n: int = 10
+    max_side: int = 1024
+    max_steps: int = 150
+    lora_dir: str | None = None
+
+
+@dataclass
+class ImageRequest:
+    """A validated request: ``options`` are ``generate()`` keyword arguments."""
+
+    kind: str
+    model: str | None
+    options: dict[str, Any]
+    response_format: str = "url"
+    revised_prompt: str = ""
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _bad(message: str, param: str) -> EgakuError:
+    return EgakuError(message, param=param)
+
+
+def _as_int(body: Mapping[str, Any], key: str, low: int, high: int, form: bool) -> int | None:
+    value = body.get(key)
+    if value is None or (form and value == ""):
+        return None
+    if form and isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise _bad(f"'{key}' must be a whole number, got {value!r}", key) from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"'{key}' must be a whole number, got {value!r}", key)
+    if not low <= value <= high:
+        raise _bad(f"'{key}' must be between {low} and {high}, got {value}", key)
+    return value
+
+
+def _as_float(body: Mapping[str, Any], key: str, low: float, high: float, form: bool) -> float | None:
+    value = body.get(key)
+    if value is None or (form and value == ""):
+        return None
+    if form and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _bad(f"'{key}' must be a number, got {value!r}", key) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(f"'{key}' must be a finite number, got {value!r}", key)
+    if not low <= value <= high:
+        raise _bad(f"'{key}' must be between {low} and {high}, got {value}", key)
+    return float(value)
+
+
+def _as_str(body: Mapping[str, Any], key: str, max_len: int = 4000) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _bad(f"'{key}' must be a string, got {type(value).__name__}", key)
+    if len(value) > max_len:
+        raise _bad(f"'{key}' is {len(value)} characters long; the limit is {max_len}", key)
+    return value
+
+
+def parse_size(text: str | None, pipe, limits: Limits) -> tuple[int | None, int | None]:
+    """"WxH" -> (W, H) within the server's limits and the model's pixel multiple; "auto"/None -> model default."""
+    if text is None or text.strip().lower() in ("", "auto"):
+        return None, None
+    match = _SIZE.match(text)
+    if not match:
+        raise _bad(f"size {text!r} is not WIDTHxHEIGHT (e.g. \"512x512\")", "size")
+    width, height = int(match[1]), int(match[2])
+    multiple = size_multiple(pipe)
+    if not (multiple <= width <= limits.max_side and multiple <= height <= limits.max_side):
+        raise _bad(f"size {width}x{height} is outside {multiple}..{limits.max_side} pixels per side, "
+                   "the limit of this server", "size")
+    if width % multiple or height % multiple:
+        near = f"{round(width / multiple) * multiple or multiple}x{round(height / multiple) * multiple or multiple}"
+        raise _bad(f"size {width}x{height} is not a multiple of {multiple} pixels, which this model needs; "
+                   f"use e.g. {near}", "size")
+    return width, height
+
+
+def lora_names(names: list[str], limits: Limits) -> None:
+    """Each name must be a bare name of a LoRA in the server's folder (never a path)."""
+    if not names:
+        return
+    for name in names:
+        if "/" in name or "\\" in name or ".." in name or name.startswith("~"):
+            raise _bad(f"LoRA name {name!r} contains a path; give the bare name of a LoRA in the server's folder",
+                       "lora")
+    if limits.lora_dir is None:
+        raise NotFoundError(f"LoRA {names[0]!r} not found: this server has no LoRA folder (start it with "
+                            "`egaku serve --lora-dir DIR`)", param="lora")
+    from ..lora.apply import resolve_lora
+
+    for name in names:
+        resolve_lora(name, limits.lora_dir)
+
+
+def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
+    if value is None or (form and value == ""):
+        return []
+    if form and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise _bad("'loras' must be a JSON list such as [{\"name\": \"style\", \"weight\": 0.8}]", "loras") from None
+    if not isinstance(value, list) or len(value) > 8:
+        raise _bad("'loras' must be a list of at most 8 {\"name\", \"weight\"} objects", "loras")
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "weight"}:
+            raise _bad(f"each entry of 'loras' must be {{\"name\": str, \"weight\": number}}, got {item!r}", "loras")
+        weight = _as_float(item, "weight", -10.0, 10.0, form=False)
+        out.append((item["name"], 1.0 if weight is None else weight))
+    return out
+
+
+def default_size(image: Image.Image, pipe, limits: Limits) -> tuple[int, int]:
+    """An uploaded image's own size, scaled down to the server's limit and rounded to the model's multiple."""
+    multiple = size_multiple(pipe)
+    scale = min(1.0, limits.max_side / max(image.size))
+    return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in image.size)  # type: ignore[return-value]
+
+
+def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits, *, form: bool = False,
+                        image: Image.Image | None = None, mask: Image.Image | None = None,
+                        stored_prompt: str = "") -> ImageRequest:
+    """Validate ``body`` for endpoint ``kind`` (generation, edit, variation, upscale)."""
+    unknown = sorted(set(body) - ALLOWED[kind] - {"image", "image[]", "mask"})
+    if unknown:
+        raise _bad(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} for "
+                   f"{kind} requests; allowed: {', '.join(sorted(ALLOWED[kind] - OPENAI_IGNORED))}", unknown[0])
+    model = _as_str(body, "model", 200)
+    response_format = _as_str(body, "response_format") or "url"
+    if response_format not in ("url", "b64_json"):
+        raise _bad(f"response_format must be 'url' or 'b64_json', got {response_format!r}", "response_format")
+    output_format = _as_str(body, "output_format")
+    if output_format not in (None, "png"):
+        raise _bad(f"output_format {output_format!r} is not supported; egaku returns PNG (with its parameters)",
+                   "output_format")
+    prompt = _as_str(body, "prompt")
+    if kind in ("generation", "edit") and (prompt is None or not prompt.strip()):
+        raise _bad("'prompt' is required and must not be empty", "prompt")
+    prompt = stored_prompt if prompt is None else prompt
+    n = _as_int(body, "n", 1, limits.max_n, form)
+    if kind == "upscale" and n not in (None, 1):
+        raise _bad("upscale makes one image per request; leave 'n' out or set it to 1", "n")
+    steps = _as_int(body, "steps", 1, limits.max_steps, form)
+    seed = _as_int(body, "seed", 0, MAX_SEED, form)
+    guidance = _as_float(body, "guidance_scale", 0.0, 50.0, form)
+    strength = _as_float(body, "strength", 0.01, 1.0, form)
+    sampler = _as_str(body, "sampler", 100)
+    negative = _as_str(body, "negative_prompt") or ""
+    loras = _loras(body.get("loras"), form)
+    width, height = parse_size(_as_str(body, "size", 40), pipe, limits)
+    if kind == "upscale" and width is not None:
+        raise _bad("upscale always doubles the image's size; leave 'size' out", "size")
+
+    has_image = kind != "generation"
+    if has_image and image is None:
+        raise _bad("an 'image' file is required", "image")
+    opts = GenerateOptions(prompt=prompt or "", negative_prompt=negative, num_images=n or 1, seed=seed,
+                           width=width, height=height, progress=False)
+    if steps is not None:
+        opts.steps = steps
+    if guidance is not None:
+        opts.guidance_scale = guidance
+    if sampler is not None:
+        opts.sampler = canonical_sampler(sampler)
+    default_strength = {"variation": VARIATION_STRENGTH, "upscale": UPSCALE_STRENGTH}.get(kind, opts.strength)
+    opts.strength = default_strength if strength is None else strength
+    # Midjourney-style parameters in the prompt ("--ar 16:9 --seed 7 --no text")
+    try:
+        opts = apply_prompt_parameters(opts, has_init_image=has_image and mask is None)
+    except EgakuError as exc:
+        raise EgakuError(str(exc), param=exc.param if exc.param in ("prompt", "size") else "prompt") from None
+    if opts.steps > limits.max_steps:
+        raise _bad(f"steps {opts.steps} is over this server's limit of {limits.max_steps}", "steps")
+    if opts.aspect_ratio:
+        w, h, _ = resolve_size(pipe, None, None, opts.aspect_ratio)
+        if max(w, h) > limits.max_side:
+            raise _bad(f"--ar {opts.aspect_ratio} gives {w}x{h}, over this server's {limits.max_side}-pixel limit",
+                       "size")
+    if has_image and opts.width is None and opts.aspect_ratio is None:
+        opts.width, opts.height = default_size(image, pipe, limits)
+    if kind == "upscale":
+        opts.width, opts.height = image.width, image.height
+        if 2 * max(image.size) > limits.max_side:
+            raise _bad(f"upscaling {image.width}x{image.height} would give more than this server's "
+                       f"{limits.max_side}-pixel limit per side", "image")
+    if has_image and int(opts.steps * opts.strength) < 1:
+        raise _bad(f"{opts.steps} steps at strength {opts.strength} leave no denoising step (img2img runs "
+                   f"steps x strength steps); use at least {int(1 / opts.strength) + 1} steps", "steps")
+
+    # LoRAs: explicit list and <lora:name:w> prompt tags, all bare names inside the server's folder
+    tag_names: list[str] = []
+    if "<lora:" in opts.prompt:
+        from ..lora.apply import parse_prompt_loras
+
+        tag_names = [name for name, _ in parse_prompt_loras(opts.prompt)[1]]
+    lora_names(tag_names + [name for name, _ in loras], limits)
+
+    options = {k: getattr(opts, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "steps",
+                                              "guidance_scale", "sampler", "width", "height", "aspect_ratio")}
+    if has_image:
+        options["strength"] = opts.strength
+    if loras or tag_names:
+        options["lora"] = [f"{name}:{weight}" for name, weight in loras]
+        options["lora_dir"] = str(Path(limits.lora_dir))
+    revised = opts.prompt
+    if "<lora:" in revised:
+        from ..lora.apply import parse_prompt_loras
+
+        revised = parse_prompt_loras(revised)[0]
+    return ImageRequest(kind, model, options, response_format, revised, image, mask)
