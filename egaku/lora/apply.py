@@ -1,0 +1,125 @@
+"""Using LoRAs at generation time: prompt tags, name resolution, loading several adapters at once.
+
+Every file is checked against the model before diffusers sees it (``formats.check_coverage``): diffusers
+only logs a warning when no key matches, which turns a wrong file into a silent no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import EgakuError, NotFoundError
+from .formats import (LORA_WEIGHTS_NAME, adaptable_modules, bake_alpha, check_coverage, is_kohya, kohya_to_peft,
+                      peft_pairs, read_lora_file)
+
+# A1111 syntax: <lora:name> or <lora:name:0.8>
+_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Remove A1111-style <lora:name:weight> tags (weight optional, default 1.0) from a prompt; return (clean prompt, [(name, weight)])."""
+    loras: list[tuple[str, float]] = []
+    for match in _TAG.finditer(prompt):
+        name, weight = match[1].strip(), (match[2] or "").strip()
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise EgakuError(f"prompt tag {match[0]!r}: weight {weight!r} is not a number; write <lora:{name}:0.8>",
+                             param="prompt") from None
+        loras.append((name, value))
+    clean = _TAG.sub(" ", prompt)
+    clean = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", clean))
+    clean = re.sub(r",(\s*,)+", ",", clean).strip().strip(",").strip()
+    return clean, loras
+
+
+def _weights_in(folder: Path) -> Path | None:
+    path = folder / LORA_WEIGHTS_NAME
+    return path if path.is_file() else None
+
+
+def resolve_lora(name_or_path: str, lora_dir: str | None) -> Path:
+    """A path to a .safetensors file or a folder holding pytorch_lora_weights.safetensors; a bare name is looked up in lora_dir (name.safetensors or name/). Names with path separators or '..' are refused with EgakuError (param='lora'); a missing one raises egaku.errors.NotFoundError.
+
+    Without ``lora_dir`` (``--lora PATH`` on the command line) the argument is a path. With ``lora_dir``
+    (prompt tags, the server) only bare names inside that folder are accepted, so a request cannot read
+    files elsewhere on the machine.
+    """
+    text = str(name_or_path).strip()
+    if not text:
+        raise EgakuError("empty LoRA name", param="lora")
+    has_separator = "/" in text or "\\" in text or text.startswith("~") or Path(text).is_absolute()
+    if lora_dir is not None:
+        if has_separator or ".." in text:
+            raise EgakuError(f"LoRA name {text!r} contains a path separator or '..'; give a bare name of a file "
+                             f"in the LoRA folder {lora_dir}", param="lora")
+        root = Path(lora_dir)
+        stem = text[: -len(".safetensors")] if text.endswith(".safetensors") else text
+        for candidate in (root / f"{stem}.safetensors", root / stem):
+            if candidate.is_file():
+                return candidate
+            if candidate.is_dir() and _weights_in(candidate):
+                return _weights_in(candidate)
+        available = sorted({p.stem for p in root.glob("*.safetensors")} | {p.name for p in root.iterdir()
+                                                                           if p.is_dir() and _weights_in(p)}) \
+            if root.is_dir() else []
+        raise NotFoundError(f"LoRA {text!r} not found in {root}"
+                            + (f"; available: {', '.join(available)}" if available else " (the folder has no LoRAs)"),
+                            param="lora")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = _weights_in(path)
+        if found:
+            return found
+        raise NotFoundError(f"LoRA folder {path} has no {LORA_WEIGHTS_NAME}", param="lora")
+    hint = "" if has_separator else "; to use a name from a LoRA folder, also give the folder (--lora-dir)"
+    raise NotFoundError(f"LoRA {text!r} does not exist{hint}", param="lora")
+
+
+def _adapter_name(path: Path, index: int, taken: set[str]) -> str:
+    stem = path.parent.name if path.name == LORA_WEIGHTS_NAME else path.stem
+    base = re.sub(r"\W", "_", stem) or "lora"
+    name = base
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
+    """Load each LoRA (diffusers/PEFT or kohya layout, detected from keys) into pipe's UNet (and text encoder if present) as a named adapter and activate them all with their weights (pipe.set_adapters). A file whose keys match nothing in the model, or whose shapes do not fit (trained on another base: name the mismatching layer), raises EgakuError. Returns adapter names."""
+    if not loras:
+        return []
+    modules = adaptable_modules(pipe)
+    module_names: dict[str, list[str]] = {}
+    for full in modules:
+        component, name = full.split(".", 1)
+        module_names.setdefault(component, []).append(name)
+    taken = set(getattr(pipe, "get_list_adapters", lambda: {})().get("unet", []))
+    names, weights = [], []
+    for index, (path, weight) in enumerate(loras):
+        path = Path(path)
+        state_dict, _ = read_lora_file(path)
+        name = _adapter_name(path, index, taken)
+        taken.add(name)
+        if is_kohya(state_dict):
+            pairs, alphas, unmatched = kohya_to_peft(state_dict, module_names)
+            check_coverage(pairs, modules, str(path), unmatched)
+            # our own exact name resolution, alpha folded into the up weights: no heuristics, no metadata
+            pipe.load_lora_weights(bake_alpha(pairs, alphas), adapter_name=name)
+        else:
+            pairs, unknown = peft_pairs(state_dict)
+            check_coverage(pairs, modules, str(path), unknown)
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        names.append(name)
+        weights.append(float(weight))
+    pipe.set_adapters(names, adapter_weights=weights)
+    return names
+
+
+def remove_loras(pipe) -> None:
+    """Unload every adapter so the pipeline is back to its base weights."""
+    pipe.unload_lora_weights()

@@ -1,0 +1,228 @@
+"""LoRA file layouts: diffusers/PEFT keys <-> kohya (A1111, ComfyUI) keys, metadata, coverage check.
+
+Two layouts exist in the wild for a Stable Diffusion 1.x LoRA:
+
+- diffusers/PEFT (``pytorch_lora_weights.safetensors``): ``unet.<module>.lora_A.weight`` /
+  ``.lora_B.weight`` (and ``text_encoder.<module>...``), rank and alpha in the ``lora_adapter_metadata``
+  header that ``StableDiffusionPipeline.save_lora_weights`` writes;
+- kohya (sd-scripts, read by A1111 and ComfyUI): ``lora_unet_<module with _>.lora_down.weight`` /
+  ``.lora_up.weight`` / ``.alpha`` and ``lora_te_<module>...``, with ``ss_*`` training metadata.
+  The delta is ``up @ down * alpha / rank`` in both.
+
+kohya builds a name by replacing every ``.`` of the diffusers module path with ``_``; the mapping back is
+ambiguous as text (``to_q`` vs ``to.q``) but exact against a model's own module list, which is how
+``kohya_to_peft`` resolves it. ``check_coverage`` is the guard against files that load "successfully"
+and change nothing (diffusers #9291): every LoRA module must exist in the model with matching shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ..errors import EgakuError
+
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def kohya_name(component: str, module: str) -> str:
+    return KOHYA_PREFIXES[component] + module.replace(".", "_")
+
+
+def is_kohya(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in state_dict)
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and the safetensors header metadata of one LoRA file."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise EgakuError(f"{path}: LoRA files must be .safetensors (pickled .pt/.ckpt files are refused)",
+                         param="lora")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+        return load_file(str(path)), metadata
+    except Exception as exc:  # safetensors raises several private error types for a corrupt header
+        raise EgakuError(f"{path}: not a readable safetensors file ({exc})", param="lora") from None
+
+
+# ---- diffusers/PEFT layout -------------------------------------------------------------------------
+
+# Older diffusers spellings of the same modules, seen in files written by diffusers < 0.22.
+_OLD_SUFFIXES = [
+    (re.compile(r"\.processor\.to_(q|k|v)_lora\.(down|up)\.weight$"), lambda m: (f".to_{m[1]}", m[2])),
+    (re.compile(r"\.processor\.to_out_lora\.(down|up)\.weight$"), lambda m: (".to_out.0", m[1])),
+    (re.compile(r"\.to_(q|k|v)_lora\.(down|up)\.weight$"), lambda m: (f".{m[1]}_proj", m[2])),
+    (re.compile(r"\.to_out_lora\.(down|up)\.weight$"), lambda m: (".out_proj", m[1])),
+    (re.compile(r"\.lora_linear_layer\.(down|up)\.weight$"), lambda m: ("", m[1])),
+    (re.compile(r"\.lora\.(down|up)\.weight$"), lambda m: ("", m[1])),
+    (re.compile(r"\.lora_([AB])\.weight$"), lambda m: ("", "down" if m[1] == "A" else "up")),
+]
+
+
+def peft_pairs(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Group a diffusers-layout state dict into ``{"unet.<module>": {"down": A, "up": B}}``.
+
+    Returns (pairs, keys that are not LoRA weights of a known spelling).
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, tensor in state_dict.items():
+        if key.endswith(".alpha"):
+            continue
+        for pattern, repl in _OLD_SUFFIXES:
+            m = pattern.search(key)
+            if m:
+                suffix, which = repl(m)
+                module = key[: m.start()] + suffix
+                pairs.setdefault(module, {})[which] = tensor
+                break
+        else:
+            unknown.append(key)
+    return pairs, unknown
+
+
+def adapter_alphas(metadata: dict[str, str], component: str) -> tuple[float | None, dict[str, float]]:
+    """(default alpha, per-module alpha pattern) for one component from diffusers' adapter metadata."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None, {}
+    meta = json.loads(raw)
+    return meta.get(f"{component}.lora_alpha"), dict(meta.get(f"{component}.alpha_pattern") or {})
+
+
+# ---- kohya layout -----------------------------------------------------------------------------------
+
+def peft_to_kohya(pairs: dict[str, dict[str, torch.Tensor]], alpha_for: dict[str, float]) -> dict[str, torch.Tensor]:
+    """kohya tensors from ``peft_pairs`` output; ``alpha_for`` maps each ``component.module`` to its alpha."""
+    out: dict[str, torch.Tensor] = {}
+    for full, pair in sorted(pairs.items()):
+        component, module = full.split(".", 1)
+        if component not in KOHYA_PREFIXES:
+            raise EgakuError(f"cannot export {full!r} to kohya: only unet and text_encoder LoRAs have a kohya name")
+        name = kohya_name(component, module)
+        out[f"{name}.lora_down.weight"] = pair["down"].detach().float().contiguous()
+        out[f"{name}.lora_up.weight"] = pair["up"].detach().float().contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha_for[full]))
+    return out
+
+
+def kohya_to_peft(state_dict: dict[str, torch.Tensor], module_names: dict[str, list[str]]
+                  ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float], list[str]]:
+    """Resolve kohya keys against the model's own module names.
+
+    ``module_names`` maps a component (``unet``, ``text_encoder``) to its module paths. Returns
+    (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``, kohya names that match nothing).
+    """
+    lookup = {kohya_name(c, m): f"{c}.{m}" for c, names in module_names.items() for m in names}
+    lookup.update({n.replace("lora_te_", "lora_te1_", 1): full for n, full in lookup.items() if n.startswith("lora_te_")})
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    unmatched: list[str] = []
+    for key, tensor in state_dict.items():
+        name, _, kind = key.partition(".")
+        if name not in lookup:
+            if name not in unmatched:
+                unmatched.append(name)
+            continue
+        full = lookup[name]
+        if kind == "lora_down.weight":
+            pairs.setdefault(full, {})["down"] = tensor
+        elif kind == "lora_up.weight":
+            pairs.setdefault(full, {})["up"] = tensor
+        elif kind == "alpha":
+            alphas[full] = float(tensor.item())
+        elif name not in unmatched:  # dora_scale, hada_*, lokr_*: other adapter types
+            unmatched.append(f"{name}.{kind}")
+    for full, pair in pairs.items():
+        alphas.setdefault(full, float(pair["down"].shape[0]))  # kohya: a missing alpha means alpha = rank
+    return pairs, alphas, unmatched
+
+
+def bake_alpha(pairs: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+    """PEFT-keyed state dict whose alpha equals its rank: ``up`` is pre-scaled by alpha / rank.
+
+    Loading it needs no alpha metadata (diffusers assumes alpha = rank), and the delta is unchanged.
+    """
+    out = {}
+    for full, pair in pairs.items():
+        rank = pair["down"].shape[0]
+        out[f"{full}.lora_A.weight"] = pair["down"].float()
+        out[f"{full}.lora_B.weight"] = pair["up"].float() * (alphas[full] / rank)
+    return out
+
+
+# ---- coverage ----------------------------------------------------------------------------------------
+
+def check_coverage(pairs: dict[str, dict[str, torch.Tensor]], modules: dict[str, torch.nn.Module],
+                   source: str, unmatched: list[str] = ()) -> None:
+    """Refuse a LoRA that would change nothing or that was trained on another base model.
+
+    ``modules`` maps ``component.module`` names to the model's modules. Every LoRA pair must name an
+    existing Linear/Conv2d, have both halves, and fit its input and output sizes.
+    """
+    missing = list(unmatched) + [m for m in pairs if m not in modules]
+    if not any(m in modules for m in pairs):
+        example = f" (first key: {missing[0]})" if missing else ""
+        raise EgakuError(f"{source}: none of its LoRA keys match a layer of this model{example}; "
+                         "it is not a Stable Diffusion 1.x LoRA in diffusers or kohya layout, or it is for "
+                         "another architecture", param="lora")
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise EgakuError(f"{source}: {len(missing)} LoRA layers match nothing in this model ({shown}); "
+                         "it was trained on a different base model", param="lora")
+    for name, pair in pairs.items():
+        if "down" not in pair or "up" not in pair:
+            raise EgakuError(f"{source}: layer {name} has only its {'/'.join(pair)} half; the file is incomplete",
+                             param="lora")
+        module, down, up = modules[name], pair["down"], pair["up"]
+        if isinstance(module, torch.nn.Linear):
+            expect_in, expect_out, kind = module.in_features, module.out_features, "features"
+        elif isinstance(module, torch.nn.Conv2d):
+            expect_in, expect_out, kind = module.in_channels, module.out_channels, "channels"
+        else:
+            raise EgakuError(f"{source}: layer {name} is a {type(module).__name__}, which LoRA cannot adapt",
+                             param="lora")
+        got_in, got_out = down.shape[1], up.shape[0]
+        if (got_in, got_out) != (expect_in, expect_out) or up.shape[1] != down.shape[0]:
+            raise EgakuError(f"{source}: layer {name} does not fit this model: the LoRA maps {got_in} -> {got_out} "
+                             f"{kind}, the model's layer {expect_in} -> {expect_out}; the LoRA was trained on a "
+                             "different base model", param="lora")
+
+
+def adaptable_modules(pipe) -> dict[str, torch.nn.Module]:
+    """``component.module`` -> Linear/Conv2d base layer for the UNet and text encoder of ``pipe``.
+
+    A module already wrapped by peft is reported under its own name with its base layer, so a second
+    LoRA is checked against the same shapes as the first.
+    """
+    found: dict[str, torch.nn.Module] = {}
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            if ".lora_" in f".{name}" or ".base_layer" in f".{name}":
+                continue
+            base = getattr(module, "base_layer", module)
+            if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
+                found[f"{component}.{name}"] = base
+    return found
+
+
+def kohya_metadata(**values) -> dict[str, str]:
+    """``ss_*`` header entries (kohya writes every value as a string; A1111 reads ss_network_* from it)."""
+    out = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "ss_v2": "False",
+           "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.implementation": "diffusers",
+           "modelspec.sai_model_spec": "1.0.0"}
+    for key, value in values.items():
+        out[key if key.startswith(("ss_", "modelspec.")) else f"ss_{key}"] = (
+            json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    return out

@@ -1,0 +1,529 @@
+"""LoRA fine-tuning of a Stable Diffusion pipeline on a user's image folder.
+
+The loop (read top to bottom in ``train_lora``):
+  1. scan the folder (captions, skip report) and load the base pipeline; freeze all of it;
+  2. add peft LoRA adapters (UNet attention by default; text encoder and conv layers optional) and keep
+     their parameters in fp32 even when the frozen base runs in fp16/bf16 (fp16 trainable weights are
+     what makes GradScaler fail with "Attempting to unscale FP16 gradients");
+  3. bucket images by aspect ratio and, when the augmentations allow, encode every image with the VAE
+     and every caption with the text encoder ONCE (the latent distribution's mean and std are cached, so
+     each step still draws a fresh ``latent_dist.sample()``); a frozen, cached text encoder is dropped;
+  4. each step: noise and timesteps, ``noise_scheduler.add_noise``, target = epsilon or v as the model's
+     scheduler config says, MSE with optional min-SNR-gamma weighting and noise offset;
+  5. atomic checkpoints (LoRA weights, optimizer, LR scheduler, RNG, step, data position), validation
+     grids at fixed prompts and seeds, CSV loss log;
+  6. write ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys) and/or the kohya file.
+
+Every random draw of a step (noise, timesteps, flips, dropout) comes from a generator seeded by (seed,
+micro-batch, process), and the batch order of an epoch from (seed, epoch): a resumed run replays exactly
+what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import option, save_config, to_dict
+from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
+from ..data.folder import scan_image_folder
+from ..data.images import image_grid
+from ..errors import EgakuError
+from ..lora.formats import LORA_WEIGHTS_NAME, kohya_metadata, peft_pairs, peft_to_kohya
+from .runtime import Checkpoints, capture_rng, check_finite, load_checkpoint, restore_rng, MetricsLog
+
+LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_CONV = ["conv1", "conv2", "conv_shortcut"]
+
+
+@dataclass
+class TrainLoraOptions:
+    data: str = option("", help="image folder: class sub-folders, caption files (.txt/.caption) or metadata.jsonl/csv")
+    out: str = option("lora-out", help="output folder for the LoRA, checkpoints, samples and logs")
+    model: str = option("builtin", help="base pipeline: built-in name, diffusers folder, single .safetensors file or hub id")
+    # data
+    caption_template: str = option("{class}", help="caption for images in class folders, e.g. 'a photo of {class}'")
+    trigger: str = option("", help="trigger word added to every caption (and the caption of uncaptioned images)")
+    min_images: int = option(4, help="refuse to train on fewer usable images than this")
+    resolution: int = option(512, help="bucket area is at most resolution^2 (512 for SD 1.x)")
+    max_aspect: float = option(2.0, help="most elongated bucket, as long side / short side")
+    random_flip: bool = option(False, help="flip images horizontally at random (both orientations are cached)")
+    # LoRA
+    rank: int = option(8, help="LoRA rank (size of the low-rank update)")
+    alpha: float = option(0.0, help="LoRA alpha; the update is scaled by alpha/rank (0 means alpha = rank)")
+    dropout: float = option(0.0, help="dropout on the LoRA branch (0.1 helps on very small folders)")
+    target_modules: list[str] = option(UNET_ATTENTION, help="UNet modules to adapt (default: attention q/k/v/out)")
+    lora_conv: bool = option(False, help="also adapt the UNet ResNet convolutions (conv1/conv2/conv_shortcut)")
+    train_text_encoder: bool = option(False, help="also add LoRA to the text encoder attention (disables text caching)")
+    # optimisation
+    learning_rate: float = option(1e-4, help="AdamW learning rate (1e-4 is the diffusers LoRA default)")
+    text_encoder_lr: float = option(0.0, help="learning rate for text-encoder LoRA (0 = same as --learning-rate)")
+    lr_scheduler: str = option("constant", help="learning-rate schedule", choices=LR_SCHEDULES)
+    lr_warmup_steps: int = option(0, help="linear warmup steps")
+    weight_decay: float = option(1e-2, help="AdamW weight decay")
+    adam_8bit: bool = option(True, help="use bitsandbytes 8-bit AdamW on CUDA when it is installed")
+    max_grad_norm: float = option(1.0, help="gradient clipping norm (0 disables)")
+    batch_size: int = option(1, help="images per batch per process")
+    gradient_accumulation: int = option(1, help="micro-batches per optimizer step")
+    gradient_checkpointing: bool = option(False, help="recompute activations in backward: less memory, ~30% slower")
+    max_steps: int = option(0, help="optimizer steps to train (0: use --epochs)")
+    epochs: int = option(10, help="passes over the data when --max-steps is 0")
+    mixed_precision: str = option("no", help="run the frozen base in fp16/bf16 (LoRA weights stay fp32)",
+                                  choices=["no", "fp16", "bf16"])
+    # objective
+    min_snr_gamma: float = option(0.0, help="min-SNR-gamma loss weighting (5.0 is the paper's value; 0 = off)")
+    noise_offset: float = option(0.0, help="noise offset (0.05-0.1 helps very dark/bright images; 0 = off)")
+    # speed
+    cache_latents: bool = option(True, help="encode each image with the VAE once instead of every step")
+    cache_dir: str = option("", help="also keep the latent/text cache on disk here, reused by later runs")
+    # checkpoints, logs, validation
+    checkpoint_every: int = option(500, help="write a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = option(2, help="how many checkpoints to keep")
+    resume: str = option("", help="resume from 'latest' or a checkpoint folder")
+    stop_at: int = option(0, help="end this session after step N with a checkpoint (resume later); 0 = run to the end")
+    validation_prompts: list[str] = option([], help="prompts rendered at fixed seeds every --validation-every steps")
+    validation_every: int = option(0, help="render the validation grid every N steps (0: only at the end)")
+    validation_seeds: list[int] = option([0, 1], help="seeds of the validation images (one column each)")
+    validation_steps: int = option(20, help="sampling steps for validation images")
+    validation_guidance: float = option(7.5, help="classifier-free guidance scale for validation images")
+    format: str = option("both", help="LoRA file layout to write", choices=["diffusers", "kohya", "both"])
+    seed: int = option(0, help="seed for LoRA init, data order, noise and timesteps")
+    device: str = option("auto", help="auto, cpu or cuda (under accelerate launch, accelerate decides)")
+    progress: bool = option(True, help="show a progress bar")
+
+    def __post_init__(self):
+        checks = [
+            (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
+            (self.alpha >= 0, f"--alpha must be >= 0, got {self.alpha}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"),
+            (self.batch_size >= 1 and self.gradient_accumulation >= 1, "--batch-size and --gradient-accumulation must be >= 1"),
+            (self.max_steps > 0 or self.epochs > 0, "give --max-steps or --epochs (> 0)"),
+            (self.resolution >= 8, f"--resolution {self.resolution} is too small"),
+            (self.max_aspect >= 1, f"--max-aspect must be >= 1, got {self.max_aspect}"),
+            (self.min_images >= 1, "--min-images must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EgakuError(message)
+        if not self.target_modules:
+            raise EgakuError("--target-modules is empty; the default adapts UNet attention (to_q, to_k, to_v, to_out.0)")
+
+
+# Resuming is refused when any other option differs: these only change how this session runs.
+RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "device", "cache_dir", "validation_every", "out"}
+
+
+def _load_base(model: str):
+    """The base pipeline through the project's loader; anything that is not SD 1.x-shaped is refused."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        from ..models.loading import load_pipeline
+    except ImportError:  # the shared loader is not there yet: a diffusers folder is enough
+        load_pipeline = None
+    if load_pipeline is not None:
+        pipe = load_pipeline(model, device="cpu", dtype="float32")
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        if not (Path(model) / "model_index.json").is_file():
+            raise EgakuError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json)")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise EgakuError(f"--model {model!r} could not be loaded as a Stable Diffusion pipeline: {exc}") from None
+    parts = {name: getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    if not isinstance(parts["unet"], UNet2DConditionModel) or not isinstance(parts["vae"], AutoencoderKL) \
+            or any(v is None for v in parts.values()):
+        missing = [k for k, v in parts.items() if v is None]
+        raise EgakuError(f"--model {model!r} is a {type(pipe).__name__}, not a Stable Diffusion pipeline "
+                         f"(UNet2DConditionModel + AutoencoderKL + text encoder{'; missing ' + ', '.join(missing) if missing else ''}); "
+                         "LoRA training needs an SD 1.x-style pipeline")
+    return pipe
+
+
+def _step_seed(seed: int, micro: int, rank: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{micro}/{rank}".encode()).digest()[:7], "little")
+
+
+class _Cache:
+    """Latent distributions per (item, flip) and text embeddings per caption, optionally mirrored on disk."""
+
+    def __init__(self, folder: str, model_key: str):
+        self.folder = Path(folder) if folder else None
+        self.model_key = model_key
+        self.store: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, compute) -> torch.Tensor:
+        if key in self.store:
+            return self.store[key]
+        path = None
+        if self.folder is not None:
+            digest = hashlib.sha256(f"{self.model_key}|{key}".encode()).hexdigest()[:32]
+            path = self.folder / f"{digest}.safetensors"
+            if path.is_file():
+                from safetensors.torch import load_file
+                self.store[key] = load_file(path)["t"]
+                return self.store[key]
+        value = compute().detach().float().cpu().contiguous()
+        if path is not None:
+            from safetensors.torch import save_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"t": value}, tmp)
+            os.replace(tmp, path)
+        self.store[key] = value
+        return value
+
+
+def train_lora(opts: TrainLoraOptions) -> Path:
+    """Fine-tune ``opts.model`` with LoRA on ``opts.data``; returns the output folder."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from tqdm.auto import tqdm
+
+    if not opts.data:
+        raise EgakuError("--data is required: the folder of training images")
+    out = Path(opts.out)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # a second run in the same process (Python API, tests) may use another precision
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision=opts.mixed_precision, cpu=opts.device == "cpu")
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    say = accelerator.print
+    checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
+    config = to_dict(opts)
+    resume_from = None
+    if opts.resume:  # refuse a changed configuration before any slow work
+        resume_from = checkpoints.resolve(opts.resume)
+        load_checkpoint(resume_from, config, ignore=RESUME_MAY_CHANGE)
+
+    # 1. data and base model; everything in the base is frozen
+    scan = scan_image_folder(opts.data, caption_template=opts.caption_template, trigger=opts.trigger or None,
+                             min_images=opts.min_images)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "data_report.txt").write_text(scan.report() + "\n")
+    say(scan.report())
+    pipe = _load_base(opts.model)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    device = accelerator.device
+    unet.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=torch.float32)  # encoded once; fp32 avoids the SD VAE's fp16 overflow
+    text_encoder.to(device, dtype=weight_dtype)
+
+    # 2. LoRA adapters; their parameters are the only ones that train, in fp32
+    torch.manual_seed(opts.seed)
+    alpha = opts.alpha or opts.rank
+    targets = list(opts.target_modules) + (UNET_CONV if opts.lora_conv else [])
+    unet.add_adapter(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
+                                init_lora_weights="gaussian", target_modules=targets))
+    trained = [unet]
+    if opts.train_text_encoder:
+        text_encoder.add_adapter(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
+                                            init_lora_weights="gaussian", target_modules=TEXT_ENCODER_ATTENTION))
+        trained.append(text_encoder)
+    cast_training_params(trained, dtype=torch.float32)
+    if opts.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if opts.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    # 3. buckets and caches
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    step_px = max(8, vae_scale * 2 ** (len(unet.config.block_out_channels) - 1))
+    resolution = max(step_px, opts.resolution // step_px * step_px)
+    buckets = make_buckets(resolution, step=step_px, max_ratio=opts.max_aspect)
+    bucket_of = [nearest_bucket(item.size, buckets) for item in scan.items]
+    captions = [item.caption for item in scan.items]
+    cache = _Cache(opts.cache_dir, f"{opts.model}|{vae_scale}")
+    flips = (False, True) if opts.random_flip else (False,)
+
+    def pixels(index: int, flip: bool) -> torch.Tensor:
+        return to_tensor(fit_to_bucket(scan.load(scan.items[index]), bucket_of[index]), flip=flip)
+
+    def encode_latent_dist(batch: torch.Tensor) -> torch.Tensor:
+        dist = vae.encode(batch.to(device, torch.float32)).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1)
+
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        return text_encoder(ids)[0]
+
+    with torch.no_grad():
+        if opts.cache_latents:
+            for i, item in enumerate(tqdm(scan.items, desc="caching latents", disable=not (main and opts.progress))):
+                stat = item.path.stat()
+                for flip in flips:
+                    key = f"latent|{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{bucket_of[i]}|{flip}"
+                    cache.get(key, lambda: encode_latent_dist(pixels(i, flip)[None])[0])
+        cache_text = not opts.train_text_encoder
+        validation_texts = list(opts.validation_prompts) + ([""] if opts.validation_prompts else [])
+        if cache_text:
+            for text in sorted(set(captions) | set(validation_texts)):
+                with accelerator.autocast():
+                    cache.get(f"text|{text}", lambda: encode_text([text])[0])
+            text_encoder = None  # frozen and cached: never run again, memory given back
+            pipe.text_encoder = None
+
+    def latents_of(indices: list[int], flip_draws: list[bool]) -> torch.Tensor:
+        if opts.cache_latents:
+            keys = []
+            for i, flip in zip(indices, flip_draws):
+                stat = scan.items[i].path.stat()
+                keys.append(f"latent|{scan.items[i].path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{bucket_of[i]}|{flip}")
+            dist = torch.stack([cache.store[k] for k in keys]).to(device)
+        else:
+            with torch.no_grad():
+                dist = encode_latent_dist(torch.stack([pixels(i, f) for i, f in zip(indices, flip_draws)]))
+        mean, std = dist.chunk(2, dim=1)
+        return (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor
+
+    # 4. optimizer, schedule, data order
+    params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": opts.learning_rate}]
+    if opts.train_text_encoder:
+        params.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": opts.text_encoder_lr or opts.learning_rate})
+    optimizer_cls = torch.optim.AdamW
+    if opts.adam_8bit and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+            optimizer_cls = bnb.optim.AdamW8bit
+        except ImportError:
+            pass
+    optimizer = optimizer_cls(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+    order = BucketBatches(bucket_of, opts.batch_size, seed=opts.seed)
+    per_epoch = len(order.batches(0)) // world
+    if per_epoch == 0:
+        raise EgakuError(f"{len(scan.items)} images in {len(set(bucket_of))} aspect buckets give fewer batches of "
+                         f"{opts.batch_size} than there are processes ({world}); lower --batch-size or add images")
+    total_steps = opts.max_steps or math.ceil(opts.epochs * per_epoch / opts.gradient_accumulation)
+    lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
+                                 num_training_steps=total_steps)
+    if opts.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    lora_params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    # 5. resume
+    step, micro = 0, 0
+    if resume_from is not None:
+        path = resume_from
+        weights, state = load_checkpoint(path, config, ignore=RESUME_MAY_CHANGE)
+        set_peft_model_state_dict(accelerator.unwrap_model(unet), weights["unet_lora"])
+        if opts.train_text_encoder:
+            set_peft_model_state_dict(accelerator.unwrap_model(text_encoder), weights["text_encoder_lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        restore_rng(state["rng"])
+        step, micro = int(state["step"]), int(state["micro"])
+        say(f"resumed from {path} at step {step}")
+
+    def lora_state() -> dict[str, dict[str, torch.Tensor]]:
+        weights = {"unet_lora": get_peft_model_state_dict(accelerator.unwrap_model(unet))}
+        if opts.train_text_encoder:
+            weights["text_encoder_lora"] = get_peft_model_state_dict(accelerator.unwrap_model(text_encoder))
+        return weights
+
+    def save_checkpoint() -> None:
+        if main:
+            checkpoints.save(step, lora_state(), {"optimizer": optimizer.state_dict(),
+                                                  "lr_scheduler": lr_scheduler.state_dict(), "rng": capture_rng(),
+                                                  "step": step, "micro": micro}, config)
+        accelerator.wait_for_everyone()
+
+    def unwrapped(model):
+        return None if model is None else accelerator.unwrap_model(model)
+
+    def validate() -> None:
+        if not (main and opts.validation_prompts):
+            return
+        for model in trained:
+            unwrapped(model).eval()
+        run = StableDiffusionPipeline(vae=vae, text_encoder=unwrapped(text_encoder),
+                                      tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+                                      scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False)
+        run.set_progress_bar_config(disable=True)
+        images = []
+        for prompt in opts.validation_prompts:
+            for seed in opts.validation_seeds:
+                kwargs = ({"prompt_embeds": cache.store[f"text|{prompt}"][None].to(device, weight_dtype),
+                           "negative_prompt_embeds": cache.store["text|"][None].to(device, weight_dtype)}
+                          if cache_text else {"prompt": prompt})
+                with torch.no_grad(), accelerator.autocast():
+                    images.append(run(**kwargs, num_inference_steps=opts.validation_steps,
+                                      guidance_scale=opts.validation_guidance, height=resolution, width=resolution,
+                                      generator=torch.Generator().manual_seed(seed)).images[0])
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        image_grid(images, cols=len(opts.validation_seeds)).save(out / "samples" / f"step-{step:06d}.png")
+        for model in trained:
+            unwrapped(model).train()
+
+    if main:
+        save_config(opts, out / "training_config.json")
+    log = MetricsLog(out / "loss.csv") if main else None
+    say(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters for {total_steps} steps on {world} "
+        f"process(es), {len(buckets)} buckets, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation")
+    bar = tqdm(total=total_steps, initial=step, desc="train-lora", disable=not (main and opts.progress))
+    prediction_type = noise_scheduler.config.prediction_type
+    for model in trained:
+        accelerator.unwrap_model(model).train()
+    mean_loss = torch.tensor(float("nan"))
+
+    # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
+    while step < total_steps and not (opts.stop_at and step >= opts.stop_at):
+        step_loss = 0.0
+        for k in range(opts.gradient_accumulation):
+            epoch, index = divmod(micro, per_epoch)
+            indices = order.batches(epoch)[index * world + rank]
+            torch.manual_seed(_step_seed(opts.seed, micro, rank))
+            flip_draws = [bool(f) for f in (torch.rand(len(indices)) < 0.5)] if opts.random_flip else [False] * len(indices)
+            latents = latents_of(indices, flip_draws)
+            noise = torch.randn_like(latents)
+            if opts.noise_offset:
+                noise += opts.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            if cache_text:
+                states = torch.stack([cache.store[f"text|{captions[i]}"] for i in indices]).to(device)
+            else:
+                states = encode_text([captions[i] for i in indices])
+            if prediction_type == "epsilon":
+                target = noise
+            elif prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                raise EgakuError(f"the base model's scheduler predicts {prediction_type!r}; LoRA training supports "
+                                 "epsilon and v_prediction models")
+            sync = k == opts.gradient_accumulation - 1
+            with (accelerator.no_sync(unet) if not sync and world > 1 else torch.enable_grad()):
+                with accelerator.autocast():
+                    pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
+                if opts.min_snr_gamma:
+                    # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    weights = torch.clamp(snr, max=opts.min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = (per_sample * weights).mean()
+                else:
+                    loss = F.mse_loss(pred.float(), target.float())
+                accelerator.backward(loss / opts.gradient_accumulation)
+            step_loss += float(loss.detach()) / opts.gradient_accumulation
+            micro += 1
+        if opts.max_grad_norm:
+            accelerator.clip_grad_norm_(lora_params, opts.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        mean_loss = accelerator.gather(torch.tensor([step_loss], device=device)).mean()
+        finite_weights = all(bool(torch.isfinite(p).all()) for p in lora_params)
+        check_finite(mean_loss if finite_weights else torch.tensor(float("nan")), step, checkpoints,
+                     hint=f"lower --learning-rate (now {opts.learning_rate:g}), use --mixed-precision bf16 or no "
+                          "instead of fp16, or set --max-grad-norm 1.0")
+        if main:
+            log.log(step, loss=float(mean_loss), lr=lr_scheduler.get_last_lr()[0])
+            bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            bar.update(1)
+        if opts.checkpoint_every and step % opts.checkpoint_every == 0 or step == opts.stop_at:
+            save_checkpoint()
+        if opts.validation_every and step % opts.validation_every == 0:
+            validate()
+    bar.close()
+
+    if step < total_steps:
+        say(f"stopped at step {step} of {total_steps} (--stop-at); continue with --resume latest")
+        return out
+    # replicas must agree, or the saved adapter is one process's private version
+    checksum = torch.stack([p.detach().double().sum() for p in lora_params]).sum()[None]
+    sums = accelerator.gather(checksum)
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-6, atol=1e-9):
+        raise RuntimeError(f"LoRA weights differ between processes after training: {sums.tolist()}")
+    if not (opts.checkpoint_every and step % opts.checkpoint_every == 0):
+        save_checkpoint()
+    if not (opts.validation_every and step % opts.validation_every == 0):
+        validate()
+    if main:
+        save_lora(out, accelerator.unwrap_model(unet), unwrapped(text_encoder), opts, num_images=len(scan.items),
+                  tag_counts={c: captions.count(c) for c in set(captions)})
+        say(f"wrote {out} (step {step}, final loss {float(mean_loss):.4f})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images: int = 0,
+              tag_counts: dict[str, int] | None = None) -> list[Path]:
+    """Write the adapter (not the pipeline) in the requested layouts, each file atomically."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
+    meta = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+    if text_encoder is not None:
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder)
+        meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    written = []
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-lora-") as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, **layers, **meta, safe_serialization=True)
+        if opts.format in ("diffusers", "both"):
+            os.replace(Path(tmp) / LORA_WEIGHTS_NAME, out / LORA_WEIGHTS_NAME)
+            written.append(out / LORA_WEIGHTS_NAME)
+        if opts.format in ("kohya", "both"):
+            prefixed = {f"unet.{k}": v for k, v in layers["unet_lora_layers"].items()}
+            prefixed.update({f"text_encoder.{k}": v for k, v in layers.get("text_encoder_lora_layers", {}).items()})
+            pairs, _ = peft_pairs(prefixed)
+            alpha = float(opts.alpha or opts.rank)
+            tensors = peft_to_kohya(pairs, {name: alpha for name in pairs})
+            name = out.resolve().name
+            metadata = kohya_metadata(
+                ss_output_name=name, ss_network_dim=opts.rank, ss_network_alpha=alpha,
+                ss_network_args={"conv_dim": opts.rank, "conv_alpha": alpha} if opts.lora_conv else {},
+                ss_num_train_images=num_images, ss_resolution=f"({opts.resolution}, {opts.resolution})",
+                ss_learning_rate=opts.learning_rate, ss_max_train_steps=opts.max_steps,
+                ss_lr_scheduler=opts.lr_scheduler, ss_seed=opts.seed, ss_mixed_precision=opts.mixed_precision,
+                ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset,
+                ss_text_encoder_lr=opts.text_encoder_lr if opts.train_text_encoder else 0,
+                ss_network_train_unet_only=str(not opts.train_text_encoder),
+                ss_tag_frequency={"data": tag_counts or {}}, ss_sd_model_name=opts.model,
+                **{"modelspec.title": name})
+            save_file(tensors, Path(tmp) / "kohya.safetensors", metadata=metadata)
+            os.replace(Path(tmp) / "kohya.safetensors", out / f"{name}.safetensors")
+            written.append(out / f"{name}.safetensors")
+    save_config(opts, out / "training_config.json")
+    return written
+
+
+def train_lora_command(opts: TrainLoraOptions) -> None:
+    path = train_lora(opts)
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if files:
+        print(f"LoRA files in {path}: {', '.join(files)}")

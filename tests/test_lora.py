@@ -1,0 +1,333 @@
+"""LoRA training on the tiny pipeline: what trains, what is written, who can load it, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from egaku.config import build
+from egaku.errors import EgakuError
+from egaku.training import lora as lora_training
+from egaku.training.lora import TrainLoraOptions, train_lora
+
+RESOLUTION = 32  # 16x16 latents on the tiny VAE: a step takes well under a second
+
+
+def make_folder(root: Path, per_class: int = 3) -> Path:
+    """Two class folders of small images in three aspect ratios."""
+    rng = np.random.default_rng(0)
+    for cls, colour in (("red_star", (220, 30, 30)), ("blue_circle", (30, 30, 220))):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = [(48, 48), (64, 40), (40, 64)][i % 3]
+            img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 255, 3)))
+            ImageDraw.Draw(img).ellipse((6, 6, w - 6, h - 6), fill=colour)
+            img.save(root / cls / f"{i}.png")
+    return root
+
+
+def options(data: Path, model: Path, out: Path, **overrides) -> TrainLoraOptions:
+    base = dict(data=str(data), model=str(model), out=str(out), resolution=RESOLUTION, rank=4, alpha=2.0,
+                max_steps=3, batch_size=2, checkpoint_every=0, min_images=2, progress=False,
+                caption_template="a photo of {class}")
+    base.update(overrides)
+    return build(TrainLoraOptions, base)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("lora-data"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir, tiny_model_dir) -> Path:
+    """One fp32 run shared by the loading tests: alpha != rank, both layouts, validation, checkpoints."""
+    out = tmp_path_factory.mktemp("lora-run") / "starlora"
+    return train_lora(options(data_dir, tiny_model_dir, out, learning_rate=5e-2, checkpoint_every=2,
+                              validation_prompts=["a photo of red star"], validation_seeds=[0, 1],
+                              validation_steps=2, random_flip=True))
+
+
+def tiny_pipe(model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe) -> np.ndarray:
+    return pipe("a photo of red star", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+# ---- what training writes ----------------------------------------------------------------------------
+
+def test_run_writes_adapter_kohya_config_log_grid_and_checkpoints(trained):
+    files = sorted(p.name for p in trained.iterdir())
+    for name in ("pytorch_lora_weights.safetensors", "starlora.safetensors", "training_config.json", "loss.csv",
+                 "data_report.txt", "samples", "checkpoints"):
+        assert name in files
+    lines = (trained / "loss.csv").read_text().splitlines()
+    assert lines[0].startswith("step,time,loss,lr") and len(lines) == 4
+    assert all(np.isfinite(float(line.split(",")[2])) for line in lines[1:])
+    grid = Image.open(trained / "samples" / "step-000003.png")
+    assert grid.width > 2 * RESOLUTION  # two seeds side by side
+    assert (trained / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert json.loads((trained / "training_config.json").read_text())["rank"] == 4
+    # the adapter, not the pipeline: only LoRA tensors, about 10k numbers
+    weights = load_file(trained / "pytorch_lora_weights.safetensors")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    assert all(k.startswith("unet.") for k in weights)
+
+
+def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
+    path = trained / "starlora.safetensors"
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in tensors)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
+    assert alphas and set(alphas) == {2.0}
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_output_name"] == "starlora"
+
+
+def test_plain_diffusers_loads_the_adapter_and_it_changes_the_output(trained, tiny_model_dir):
+    pipe = tiny_pipe(tiny_model_dir)
+    base = render(pipe)
+    pipe.load_lora_weights(str(trained))  # the folder, as any diffusers user would
+    with_lora = render(pipe)
+    assert np.abs(with_lora - base).max() > 1e-3
+
+
+def test_kohya_export_through_diffusers_converter_matches_diffusers_export(trained, tiny_model_dir):
+    pipe = tiny_pipe(tiny_model_dir)
+    pipe.load_lora_weights(str(trained))
+    diffusers_image = render(pipe)
+    pipe = tiny_pipe(tiny_model_dir)
+    pipe.load_lora_weights(str(trained), weight_name="starlora.safetensors")  # diffusers' own kohya converter
+    kohya_image = render(pipe)
+    base = render(tiny_pipe(tiny_model_dir))
+    assert np.abs(diffusers_image - base).max() > 1e-3
+    np.testing.assert_allclose(kohya_image, diffusers_image, atol=1e-5)
+
+
+def test_apply_loras_both_layouts_match_diffusers_and_remove_restores_base(trained, tiny_model_dir):
+    from egaku.lora.apply import apply_loras, remove_loras
+
+    reference = tiny_pipe(tiny_model_dir)
+    base = render(reference)
+    reference.load_lora_weights(str(trained))
+    expected = render(reference)
+
+    pipe = tiny_pipe(tiny_model_dir)
+    for file in ("pytorch_lora_weights.safetensors", "starlora.safetensors"):
+        names = apply_loras(pipe, [(trained / file, 1.0)])
+        assert len(names) == 1
+        np.testing.assert_allclose(render(pipe), expected, atol=1e-5)
+        remove_loras(pipe)
+        np.testing.assert_allclose(render(pipe), base, atol=1e-6)
+    # two adapters at half weight each equal one at full weight
+    apply_loras(pipe, [(trained / "pytorch_lora_weights.safetensors", 0.5), (trained / "starlora.safetensors", 0.5)])
+    np.testing.assert_allclose(render(pipe), expected, atol=1e-4)
+    remove_loras(pipe)
+
+
+# ---- what trains -----------------------------------------------------------------------------------------
+
+def test_only_lora_trains_in_fp32_under_bf16_and_caches_skip_the_encoders(tmp_path, data_dir, tiny_model_dir,
+                                                                          monkeypatch):
+    held, calls = {}, {"vae": 0, "text": 0}
+    original_load = lora_training._load_base
+
+    def load_and_count(model):
+        pipe = original_load(model)
+        held["pipe"] = pipe
+        held["before"] = {f"{c}.{k}": v.detach().clone() for c in ("unet", "vae", "text_encoder")
+                          for k, v in getattr(pipe, c).state_dict().items()}
+        encode, text_forward = pipe.vae.encode, pipe.text_encoder.forward
+
+        def counted_encode(*a, **kw):
+            calls["vae"] += 1
+            return encode(*a, **kw)
+
+        def counted_text(*a, **kw):
+            calls["text"] += 1
+            return text_forward(*a, **kw)
+
+        monkeypatch.setattr(pipe.vae, "encode", counted_encode)
+        monkeypatch.setattr(pipe.text_encoder, "forward", counted_text)
+        return pipe
+
+    monkeypatch.setattr(lora_training, "_load_base", load_and_count)
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "out", mixed_precision="bf16", max_steps=4,
+                       learning_rate=1e-2))
+    pipe = held["pipe"]
+    # 6 images encoded once each; 2 captions encoded once each; 4 steps added no encoder call
+    assert calls == {"vae": 6, "text": 2}
+    lora = {k: v for k, v in pipe.unet.named_parameters() if "lora_" in k}
+    assert lora and all(v.dtype == torch.float32 and v.requires_grad for v in lora.values())
+    assert any(float(v.abs().sum()) > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero
+    frozen = {k: v for k, v in pipe.unet.named_parameters() if "lora_" not in k}
+    assert all(not v.requires_grad for v in frozen.values())
+    assert {v.dtype for v in frozen.values()} == {torch.bfloat16}
+    for name, value in pipe.unet.state_dict().items():
+        if "lora_" in name:
+            continue
+        key = "unet." + name.replace(".base_layer", "")
+        assert torch.equal(value, held["before"][key].to(value.dtype)), name
+    for name, value in pipe.vae.state_dict().items():
+        assert torch.equal(value, held["before"]["vae." + name]), name
+
+
+def test_without_latent_cache_the_vae_runs_every_step(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    calls = []
+    original_load = lora_training._load_base
+
+    def load_and_count(model):
+        pipe = original_load(model)
+        encode = pipe.vae.encode
+        monkeypatch.setattr(pipe.vae, "encode", lambda *a, **kw: calls.append(1) or encode(*a, **kw))
+        return pipe
+
+    monkeypatch.setattr(lora_training, "_load_base", load_and_count)
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "out", cache_latents=False, max_steps=3, format="diffusers"))
+    assert len(calls) == 3
+
+
+def test_resume_twice_equals_uninterrupted(tmp_path, data_dir, tiny_model_dir):
+    # flips, dropout, accumulation across epochs and a warmup+cosine schedule all have state to restore
+    common = dict(max_steps=4, gradient_accumulation=2, batch_size=2, random_flip=True, dropout=0.1,
+                  lr_scheduler="cosine", lr_warmup_steps=2, learning_rate=1e-2, format="diffusers")
+    whole = train_lora(options(data_dir, tiny_model_dir, tmp_path / "whole", **common))
+    split = tmp_path / "split"
+    train_lora(options(data_dir, tiny_model_dir, split, stop_at=1, **common))
+    assert not (split / "pytorch_lora_weights.safetensors").exists()
+    train_lora(options(data_dir, tiny_model_dir, split, stop_at=3, resume="latest", **common))
+    train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
+    a = load_file(whole / "pytorch_lora_weights.safetensors")
+    b = load_file(split / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # and the logged losses of steps 1-4 agree
+    assert [r.split(",")[2] for r in (whole / "loss.csv").read_text().splitlines()[1:]] == \
+           [r.split(",")[2] for r in (split / "loss.csv").read_text().splitlines()[1:]]
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+def test_resume_with_changed_config_is_refused_naming_the_difference(trained, data_dir, tiny_model_dir):
+    opts = options(data_dir, tiny_model_dir, trained, learning_rate=1e-3, checkpoint_every=2, resume="latest",
+                   validation_prompts=["a photo of red star"], validation_seeds=[0, 1], validation_steps=2,
+                   random_flip=True)
+    with pytest.raises(EgakuError, match=r"learning_rate: checkpoint has 0\.05, now 0\.001"):
+        train_lora(opts)
+
+
+def test_nan_loss_stops_at_the_step_keeping_the_last_good_checkpoint(tmp_path, data_dir, tiny_model_dir):
+    out = tmp_path / "nan"
+    with pytest.raises(EgakuError) as err:
+        train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e30, max_grad_norm=0.0,
+                           checkpoint_every=1, max_steps=6, format="diffusers"))
+    message = str(err.value)
+    assert "at step 2" in message and "step-000001" in message and "learning-rate" in message
+    saved = load_file(out / "checkpoints" / "step-000001" / "unet_lora.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_too_few_images_is_a_clear_error(tmp_path, tiny_model_dir):
+    data = tmp_path / "few"
+    data.mkdir()
+    Image.new("RGB", (40, 40), "red").save(data / "one.png")
+    (data / "broken.png").write_bytes(b"")
+    with pytest.raises(EgakuError, match=r"found 1 usable images, need at least 4(.|\n)*broken.png: empty file"):
+        train_lora(options(data, tiny_model_dir, tmp_path / "out", min_images=4))
+
+
+def test_a_model_that_is_not_stable_diffusion_is_refused_by_the_cli(tmp_path, data_dir, capsys):
+    from egaku.cli import main
+
+    not_sd = tmp_path / "not-sd"
+    not_sd.mkdir()
+    (not_sd / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]}))
+    code = main(["train-lora", "--data", str(data_dir), "--model", str(not_sd), "--out", str(tmp_path / "o"),
+                 "--min-images", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("egaku: error:") and "Stable Diffusion" in err and "Traceback" not in err
+
+
+def test_lora_from_another_base_names_the_mismatching_layer(trained, tiny_model_dir, tmp_path):
+    from egaku.lora.apply import apply_loras
+
+    weights = load_file(trained / "pytorch_lora_weights.safetensors")
+    key = next(k for k in sorted(weights) if "attn2.to_k.lora_A" in k)
+    weights[key] = torch.zeros(weights[key].shape[0], 768)  # a 768-wide text encoder: SD 1.x, not ours
+    bad = tmp_path / "other-base.safetensors"
+    save_file(weights, bad)
+    layer = key.removesuffix(".lora_A.weight")
+    with pytest.raises(EgakuError, match=re.escape(f"{layer} does not fit this model: the LoRA maps 768")):
+        apply_loras(tiny_pipe(tiny_model_dir), [(bad, 1.0)])
+
+
+def test_lora_whose_keys_match_nothing_is_an_error(tiny_model_dir, tmp_path):
+    from egaku.lora.apply import apply_loras
+
+    bad = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 640),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(640, 4)}, bad)
+    with pytest.raises(EgakuError, match="none of its LoRA keys match"):
+        apply_loras(tiny_pipe(tiny_model_dir), [(bad, 1.0)])
+    unprefixed = tmp_path / "bare.safetensors"
+    save_file({"down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 64)}, unprefixed)
+    with pytest.raises(EgakuError, match="none of its LoRA keys match"):
+        apply_loras(tiny_pipe(tiny_model_dir), [(unprefixed, 1.0)])
+
+
+def test_bad_option_values_are_errors():
+    with pytest.raises(EgakuError, match="--rank"):
+        build(TrainLoraOptions, {"rank": 0})
+    with pytest.raises(EgakuError, match="--data is required"):
+        train_lora(TrainLoraOptions())
+
+
+# ---- merge --------------------------------------------------------------------------------------------------
+
+def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained, tiny_model_dir, tmp_path):
+    from egaku.lora.commands import MergeLoraOptions, merge_lora_command
+
+    merged = tmp_path / "merged"
+    merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[f"{trained}:0.7"], out=str(merged)))
+    reference = tiny_pipe(tiny_model_dir)
+    reference.load_lora_weights(str(trained), adapter_name="x")
+    reference.set_adapters(["x"], [0.7])
+    fused = tiny_pipe(merged)
+    assert not any("lora" in k for k in fused.unet.state_dict())
+    np.testing.assert_allclose(render(fused), render(reference), atol=1e-4)
+    with pytest.raises(EgakuError, match="already exists"):
+        merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(trained)], out=str(merged)))
+
+
+# ---- presets --------------------------------------------------------------------------------------------
+
+def test_every_lora_preset_builds_the_options():
+    import tomllib
+
+    presets = sorted(Path(__file__).resolve().parents[1].glob("configs/lora-*.toml"))
+    assert presets
+    for preset in presets:
+        build(TrainLoraOptions, tomllib.loads(preset.read_text()))
