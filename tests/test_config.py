@@ -1,0 +1,65 @@
+"""Options, presets and the CLI plumbing every command shares."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from egaku.cli import COMMANDS, build_parser, parse
+from egaku.config import build, config_difference, load_preset, option, save_config
+from egaku.errors import EgakuError
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+PRESET_COMMAND = {"ldm": "train-ldm", "lora": "train-lora", "gan": "train-gan", "generate": "generate", "serve": "serve"}
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_preset_builds_its_command_options(preset):
+    command = PRESET_COMMAND[preset.stem.split("-")[0]]
+    _, _, opts_cls = build_parser(command)
+    opts = build(opts_cls, load_preset(preset))
+    assert dataclasses.is_dataclass(opts)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_a_parser(name):
+    parser, func, opts_cls = build_parser(name)
+    assert callable(func) and dataclasses.is_dataclass(opts_cls)
+    assert "--config" in parser.format_help()
+
+
+def test_flags_override_preset_which_overrides_defaults(tmp_path):
+    (tmp_path / "p.toml").write_text('steps = 33\nsampler = "euler"\nnegative_prompt = "blurry"\n')
+    _, opts = parse(["generate", "a cat", "--config", str(tmp_path / "p.toml"), "--steps", "5"])
+    assert (opts.steps, opts.sampler, opts.negative_prompt, opts.guidance_scale) == (5, "euler", "blurry", 7.5)
+
+
+def test_unknown_preset_key_and_missing_file_are_clear_errors(tmp_path):
+    (tmp_path / "p.toml").write_text("stepz = 3\n")
+    with pytest.raises(EgakuError, match="unknown option 'stepz'"):
+        parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])
+    with pytest.raises(EgakuError, match="does not exist"):
+        parse(["generate", "a cat", "--config", str(tmp_path / "nope.toml")])
+    (tmp_path / "bad.toml").write_text("steps = = 3\n")
+    with pytest.raises(EgakuError, match="not valid TOML"):
+        parse(["generate", "a cat", "--config", str(tmp_path / "bad.toml")])
+
+
+def test_save_config_and_difference(tmp_path):
+    @dataclasses.dataclass
+    class Opts:
+        lr: float = option(1e-4, help="learning rate")
+        names: list[str] = option(["a"], help="names")
+
+    a, b = Opts(), Opts(lr=2e-4)
+    assert a.names is not Opts().names  # list defaults are not shared between instances
+    import json
+
+    saved = json.loads(save_config(a, tmp_path / "c.json").read_text())
+    assert saved == {"lr": 1e-4, "names": ["a"]}
+    assert config_difference(saved, dataclasses.asdict(b)) == ["lr: checkpoint has 0.0001, now 0.0002"]
+
+
+def test_two_word_command_needs_its_second_word():
+    with pytest.raises(EgakuError, match="needs one of: adherence, gan"):
+        parse(["eval"])
