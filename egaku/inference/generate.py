@@ -204,7 +204,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         lora_record = []
 
     # 3. A fresh scheduler per call: concurrent calls never share scheduler state
-    base_config = getattr(pipe, "egaku_base_scheduler_config", None) or dict(pipe.scheduler.config)
+    base_config = dict(pipe.scheduler.config)
     components = {**pipe.components, "scheduler": make_scheduler(sampler, base_config)}
     components.pop("requires_safety_checker", None)
     runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
