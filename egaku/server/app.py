@@ -477,11 +477,12 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
     @api.get("/egaku/options")
     async def server_options():
         """What the web page offers: samplers, LoRAs, sizes and limits."""
-        from ..inference.generate import native_size, size_multiple
+        from ..inference.generate import native_size
+        from .requests import pixel_multiple
         from ..inference.samplers import DEFAULT_SAMPLER, sampler_names
 
         return {
-            "models": [{"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe)}
+            "models": [{"id": name, "native_size": native_size(pipe), "multiple": pixel_multiple(pipe)}
                        for name, pipe in pipelines.items()],
             "samplers": sampler_names(), "default_sampler": DEFAULT_SAMPLER, "loras": _lora_catalog(opts.lora_dir),
             "max_n": opts.max_n, "max_side": opts.max_side, "max_steps": opts.max_steps,

@@ -108,6 +108,12 @@ def _as_str(body: Mapping[str, Any], key: str, max_len: int = 4000) -> str | Non
     return value
 
 
+def pixel_multiple(pipe) -> int:
+    """Sizes this server accepts are multiples of this: the model's own multiple, and of 8, which
+    diffusers' pipelines require whatever the model."""
+    return math.lcm(8, size_multiple(pipe))
+
+
 def parse_size(text: str | None, pipe, limits: Limits) -> tuple[int | None, int | None]:
     """"WxH" -> (W, H) within the server's limits and the model's pixel multiple; "auto"/None -> model default."""
     if text is None or text.strip().lower() in ("", "auto"):
@@ -116,7 +122,7 @@ def parse_size(text: str | None, pipe, limits: Limits) -> tuple[int | None, int 
     if not match:
         raise _bad(f"size {text!r} is not WIDTHxHEIGHT (e.g. \"512x512\")", "size")
     width, height = int(match[1]), int(match[2])
-    multiple = size_multiple(pipe)
+    multiple = pixel_multiple(pipe)
     if not (multiple <= width <= limits.max_side and multiple <= height <= limits.max_side):
         raise _bad(f"size {width}x{height} is outside {multiple}..{limits.max_side} pixels per side, "
                    "the limit of this server", "size")
@@ -165,7 +171,7 @@ def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
 
 def default_size(image: Image.Image, pipe, limits: Limits) -> tuple[int, int]:
     """An uploaded image's own size, scaled down to the server's limit and rounded to the model's multiple."""
-    multiple = size_multiple(pipe)
+    multiple = pixel_multiple(pipe)
     scale = min(1.0, limits.max_side / max(image.size))
     return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in image.size)  # type: ignore[return-value]
 
@@ -225,10 +231,14 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     if opts.steps > limits.max_steps:
         raise _bad(f"steps {opts.steps} is over this server's limit of {limits.max_steps}", "steps")
     if opts.aspect_ratio:
+        # W:H at the model's native pixel count, on this server's pixel grid (the response's "size" says it)
         w, h, _ = resolve_size(pipe, None, None, opts.aspect_ratio)
+        m = pixel_multiple(pipe)
+        w, h = (max(m, round(side / m) * m) for side in (w, h))
         if max(w, h) > limits.max_side:
             raise _bad(f"--ar {opts.aspect_ratio} gives {w}x{h}, over this server's {limits.max_side}-pixel limit",
                        "size")
+        opts.width, opts.height, opts.aspect_ratio = w, h, None
     if has_image and opts.width is None and opts.aspect_ratio is None:
         opts.width, opts.height = default_size(image, pipe, limits)
     if kind == "upscale":
