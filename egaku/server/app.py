@@ -115,16 +115,32 @@ class UrlStore:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` (declared or streamed) before they are parsed."""
+    """ASGI middleware: refuse bodies over ``max_bytes`` (declared or streamed) before they are parsed.
+
+    The rest of a refused body is read and dropped (never stored) before answering: a server that
+    answers and closes while the client is still sending makes the client see a connection reset
+    instead of the 413.
+    """
+
+    DRAIN_LIMIT = 256 * 2**20  # past this much unread body, just close the connection
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
+
+    async def _drain(self, receive) -> None:
+        drained = 0
+        while drained < self.DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+            drained += len(message.get("body", b""))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._drain(receive)
             body = json.dumps(error_body(f"request body of {int(declared):,} bytes is over this server's limit of "
                                          f"{self.max_bytes:,} bytes; send a smaller image", "invalid_request_error",
                                          None, "request_too_large")).encode()
@@ -140,6 +156,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    if message.get("more_body"):
+                        await self._drain(receive)
                     raise BodyTooLarge()
             return message
 

@@ -1,0 +1,388 @@
+"""The images API against a live server on 127.0.0.1 with the tiny pipeline: the official `openai`
+client, every bad input, auth, the queue (429, cancellation), and 500s without tracebacks."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from egaku.server.app import LiveServer, ServeOptions, create_app
+from egaku.server.queue import JobCancelled, ModelWorker
+
+FAST = {"steps": 2}  # the tiny pipeline's images are noise anyway; 2 steps exercise every code path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """On a loaded 2-core machine two OpenMP threads per generation can be 10x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from egaku.models.loading import load_pipeline
+
+    return load_pipeline("tiny", "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("loras")  # empty: every name is unknown
+
+
+@pytest.fixture(scope="module")
+def server(pipe, lora_dir):
+    opts = ServeOptions(model=["tiny"], lora_dir=str(lora_dir), max_upload_mb=0.25, max_side=256,
+                        max_upload_pixels=1024 * 1024)
+    with LiveServer(create_app({"tiny": pipe}, opts, api_key="")) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def png(size=(64, 64), color=(200, 40, 40), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def assert_still_serving(http) -> None:
+    assert http.get("/health").json()["status"] == "ok"
+    r = http.post("/v1/images/generations", json={"prompt": "a cat", "response_format": "b64_json", **FAST})
+    assert r.status_code == 200 and decode(r.json()["data"][0]["b64_json"]).size == (64, 64)
+
+
+# -- the official client -----------------------------------------------------------------------------------
+
+def test_openai_generate_b64(openai_client):
+    result = openai_client.images.generate(prompt="a red circle", n=2, size="64x32", response_format="b64_json",
+                                           extra_body={**FAST, "seed": 4})
+    assert len(result.data) == 2
+    assert [decode(d.b64_json).size for d in result.data] == [(64, 32), (64, 32)]
+    assert result.data[0].revised_prompt == "a red circle"
+    # the parameters that regenerate each image travel with it (extension field) and inside the PNG
+    assert [d.model_extra["egaku"]["seed"] for d in result.data] == [4, 5]
+    assert json.loads(decode(result.data[1].b64_json).text["egaku"])["seed"] == 5
+
+
+def test_openai_generate_url_is_served_and_expires(openai_client, http):
+    result = openai_client.images.generate(prompt="a blue square", model="tiny", size="32x32", extra_body=FAST)
+    url = result.data[0].url
+    assert url.startswith(str(http.base_url).rstrip("/") + "/v1/files/")
+    image = Image.open(io.BytesIO(httpx.get(url).content))
+    assert image.size == (32, 32)
+    assert_openai_error(http.get("/v1/files/not-a-token.png"), 404)
+
+
+def test_openai_edit_and_inpaint(openai_client):
+    image = ("in.png", png((64, 64)), "image/png")
+    edited = openai_client.images.edit(image=image, prompt="a green tree", size="64x64",
+                                       response_format="b64_json", extra_body=FAST)
+    assert decode(edited.data[0].b64_json).size == (64, 64)
+    # OpenAI masks: fully transparent pixels are the part to repaint
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    inpainted = openai_client.images.edit(image=image, mask=("mask.png", buffer.getvalue(), "image/png"),
+                                          prompt="a star", n=2, response_format="b64_json", extra_body=FAST)
+    assert [decode(d.b64_json).size for d in inpainted.data] == [(64, 64), (64, 64)]
+    assert inpainted.data[0].model_extra["egaku"]["mask"] == "mask"
+
+
+def test_openai_variation_reuses_the_stored_prompt(openai_client):
+    source = openai_client.images.generate(prompt="a yellow bird", size="48x64", response_format="b64_json",
+                                           extra_body=FAST)
+    image = ("src.png", base64.b64decode(source.data[0].b64_json), "image/png")
+    result = openai_client.images.create_variation(image=image, n=2, response_format="b64_json",
+                                                   extra_body={"steps": 4})
+    assert [decode(d.b64_json).size for d in result.data] == [(48, 64), (48, 64)]
+    assert result.data[0].revised_prompt == "a yellow bird"
+    assert result.data[0].model_extra["egaku"]["strength"] == 0.6
+
+
+def test_upscale_extension_doubles_the_size(http):
+    r = http.post("/v1/images/upscale", files={"image": ("a.png", png((32, 48)), "image/png")},
+                  data={"steps": "4", "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    assert decode(r.json()["data"][0]["b64_json"]).size == (64, 96)
+
+
+def test_models_and_health(openai_client, http):
+    assert [m.id for m in openai_client.models.list().data] == ["tiny"]
+    health = http.get("/health").json()
+    assert health["models"]["tiny"]["max_waiting"] == 8 and health["auth"] is False
+
+
+def test_midjourney_parameters_in_a_request(http):
+    r = http.post("/v1/images/generations", json={"prompt": "a dog --ar 4:1 --seed 7 --no cat",
+                                                  "response_format": "b64_json", **FAST})
+    assert r.status_code == 200, r.text
+    item = r.json()["data"][0]
+    assert decode(item["b64_json"]).size == (128, 32)
+    assert (item["revised_prompt"], item["egaku"]["seed"], item["egaku"]["negative_prompt"]) == ("a dog", 7, "cat")
+
+
+# -- bad input: a 4xx in OpenAI's shape, and the server keeps serving ----------------------------------------
+
+BAD_JSON = [
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "   "}, 400, "prompt"),
+    ({"n": 2}, 400, "prompt"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": 11}, 400, "n"),
+    ({"prompt": "x", "n": "2"}, 400, "n"),
+    ({"prompt": "x", "size": "big"}, 400, "size"),
+    ({"prompt": "x", "size": "64x"}, 400, "size"),
+    ({"prompt": "x", "size": "4096x4096"}, 400, "size"),
+    ({"prompt": "x", "size": "60x60"}, 400, "size"),
+    ({"prompt": "x", "sampler": "warp-drive"}, 400, "sampler"),
+    ({"prompt": "x", "steps": 100000}, 400, "steps"),
+    ({"prompt": "x", "seed": -1}, 400, "seed"),
+    ({"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale"),
+    ({"prompt": "x", "response_format": "jpeg"}, 400, "response_format"),
+    ({"prompt": "x", "colour": "red"}, 400, "colour"),
+    ({"prompt": "x --v 6"}, 400, "prompt"),
+    ({"prompt": "x", "model": "dall-e-9"}, 404, "model"),
+    ({"prompt": "x", "loras": [{"name": "nope", "weight": 0.5}]}, 404, "lora"),
+    ({"prompt": "x <lora:nope:0.5>"}, 404, "lora"),
+    ({"prompt": "x <lora:../../etc/passwd:1>"}, 400, "lora"),
+    ({"prompt": "x", "loras": [{"name": "../secret", "weight": 1}]}, 400, "lora"),
+    ({"prompt": "x", "loras": [{"name": "/etc/passwd"}]}, 400, "lora"),
+    ({"prompt": "x", "loras": "style"}, 400, "loras"),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD_JSON, ids=[json.dumps(b)[:40] for b, _, _ in BAD_JSON])
+def test_bad_generation_requests(http, body, status, param):
+    assert_openai_error(http.post("/v1/images/generations", json=body), status, param)
+    assert http.get("/health").json()["models"]["tiny"]["waiting"] == 0  # nothing was queued
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"{\"prompt\": ", b"[\"a list\"]", b"\xff\xfe"])
+def test_a_body_that_is_not_a_json_object(http, raw):
+    r = http.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
+    assert assert_openai_error(r, 400)["code"] == "invalid_json"
+
+
+def test_uploads_that_are_not_images(http):
+    for data in (b"", b"hello, I am text", png()[:60]):
+        r = http.post("/v1/images/variations", files={"image": ("x.png", data, "image/png")})
+        assert_openai_error(r, 400, "image")
+    assert_openai_error(http.post("/v1/images/edits", data={"prompt": "x"},
+                                  files={"mask": ("m.png", png(), "image/png")}), 400, "image")
+    assert_openai_error(http.post("/v1/images/variations", json={"image": "x"}), 400)
+    mismatched = {"image": ("a.png", png((64, 64)), "image/png"), "mask": ("m.png", png((32, 32)), "image/png")}
+    assert_openai_error(http.post("/v1/images/edits", data={"prompt": "x"}, files=mismatched), 400, "mask")
+    assert_still_serving(http)
+
+
+def test_decompression_bomb_is_refused(http):
+    bomb = png((2048, 2048), 0, mode="L")  # a few KB of PNG, 4 Mpixels decoded: over this server's 1 Mpixel limit
+    assert len(bomb) < 64 * 1024
+    error = assert_openai_error(http.post("/v1/images/variations", files={"image": ("b.png", bomb, "image/png")}),
+                                400, "image")
+    assert "bomb" in error["message"]
+    assert_still_serving(http)
+
+
+def test_upload_too_large_gets_413(http):
+    big = bytes(300 * 1024)  # the test server takes 0.25 MiB
+    r = http.post("/v1/images/variations", files={"image": ("big.png", big, "image/png")})
+    assert_openai_error(r, 413)
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(40):
+            yield bytes(10 * 1024)
+
+    r = http.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+    assert_openai_error(r, 413)
+    assert_still_serving(http)
+
+
+def test_unknown_route_and_method_keep_the_error_shape(http):
+    assert_openai_error(http.get("/v1/nothing-here"), 404)
+    assert_openai_error(http.get("/v1/images/generations"), 405)
+
+
+def test_a_crash_is_a_500_without_traceback(http, monkeypatch):
+    import egaku.inference.generate as generate_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail at /home/somebody/model.py line 3")
+
+    monkeypatch.setattr(generate_module, "generate", broken)
+    r = http.post("/v1/images/generations", json={"prompt": "x", **FAST})
+    error = assert_openai_error(r, 500)
+    assert error["type"] == "server_error"
+    assert "secret" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
+    monkeypatch.undo()
+    assert_still_serving(http)
+
+
+# -- auth ----------------------------------------------------------------------------------------------------
+
+def test_api_key_is_required_when_set(pipe):
+    from openai import AuthenticationError, OpenAI
+
+    with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]), api_key="s3cret-key")) as live:
+        body = {"prompt": "x", "response_format": "b64_json", **FAST}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-key"},
+                        {"Authorization": "Bearer s3cret-ke"}):
+            r = httpx.post(live.url + "/v1/images/generations", json=body, headers=headers, timeout=60)
+            assert assert_openai_error(r, 401)["code"] == "invalid_api_key"
+            assert "s3cret" not in r.text
+        wrong = OpenAI(base_url=live.url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(AuthenticationError):
+            wrong.images.generate(prompt="x", extra_body=FAST)
+        right = OpenAI(base_url=live.url + "/v1", api_key="s3cret-key", max_retries=0, timeout=60)
+        assert decode(right.images.generate(prompt="x", response_format="b64_json", extra_body=FAST)
+                      .data[0].b64_json).size == (64, 64)
+        assert httpx.get(live.url + "/health").status_code == 200  # health checks need no key
+
+
+def test_api_key_comes_from_the_environment(pipe, monkeypatch):
+    monkeypatch.setenv("EGAKU_API_KEY", "from-env")
+    app = create_app({"tiny": pipe}, ServeOptions(model=["tiny"]))
+    with LiveServer(app) as live:
+        assert httpx.get(live.url + "/v1/models").status_code == 401
+        r = httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer from-env"})
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+
+
+# -- the queue -----------------------------------------------------------------------------------------------
+
+def wait_until(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def blocker(release: threading.Event):
+    def run(on_step):
+        release.wait(60)
+        return []
+    return run
+
+
+@pytest.fixture
+def small_queue(pipe):
+    """A server whose model may have one request waiting, with its worker held busy until released."""
+    app = create_app({"tiny": pipe}, ServeOptions(model=["tiny"], queue_size=1), api_key="")
+    worker = app.state.workers["tiny"]
+    release = threading.Event()
+    with LiveServer(app) as live:
+        busy = worker.submit(blocker(release))
+        wait_until(lambda: worker.running is busy, "the worker to start the blocking job")
+        yield live, worker, release
+        release.set()
+
+
+def test_queue_full_gives_429_and_recovers(small_queue):
+    live, worker, release = small_queue
+    waiting = worker.submit(blocker(release))  # takes the one waiting place
+    r = httpx.post(live.url + "/v1/images/generations", json={"prompt": "x", **FAST}, timeout=60)
+    error = assert_openai_error(r, 429)
+    assert error["code"] == "queue_full" and r.headers["retry-after"] == "1"
+    release.set()
+    wait_until(lambda: waiting.finished.is_set(), "the queue to drain")
+    r = httpx.post(live.url + "/v1/images/generations", json={"prompt": "x", **FAST}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_a_client_that_leaves_frees_its_place(small_queue):
+    live, worker, release = small_queue
+    body = json.dumps({"prompt": "x", **FAST}).encode()
+    request = (f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", live.port)) as sock:
+        sock.sendall(request)
+        wait_until(lambda: worker.stats()["waiting"] == 1, "the request to be queued")
+    # the socket is closed: the server notices, cancels the job, and the place is free again
+    wait_until(lambda: worker.stats()["waiting"] == 0, "the cancelled request to leave the queue")
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(r=httpx.post(
+        live.url + "/v1/images/generations", json={"prompt": "x", "response_format": "b64_json", **FAST},
+        timeout=120)))
+    thread.start()
+    wait_until(lambda: worker.stats()["waiting"] == 1, "the next request to take the freed place")
+    release.set()
+    thread.join(120)
+    assert results["r"].status_code == 200
+
+
+def test_a_running_job_stops_at_its_next_step_when_cancelled():
+    worker = ModelWorker("test", max_waiting=2)
+    steps = []
+
+    def run(on_step):
+        for i in range(10_000):
+            steps.append(i)
+            on_step(i + 1, 10_000)
+            time.sleep(0.001)
+        return "finished"
+
+    job = worker.submit(run)
+    wait_until(lambda: len(steps) > 3, "the job to start")
+    worker.cancel(job)
+    assert job.finished.wait(30) and job.state == "cancelled" and job.result is None
+    assert len(steps) < 10_000
+    after = worker.submit(lambda on_step: "next")
+    assert after.finished.wait(30) and after.result == "next"
+    worker.close()
+
+
+def test_progress_of_a_job_can_be_polled(http):
+    r = http.post("/v1/images/generations", json={"prompt": "x", **FAST}, headers={"X-Egaku-Job": "my-job-1"})
+    assert r.status_code == 200
+    progress = http.get("/v1/egaku/jobs/my-job-1").json()
+    assert progress["state"] == "done" and progress["step"] == progress["total"] == 2
+    assert_openai_error(http.post("/v1/images/generations", json={"prompt": "x"},
+                                  headers={"X-Egaku-Job": "../bad id"}), 400)
+
+
+def test_web_page_and_options_are_served(http):
+    page = http.get("/")
+    assert page.status_code == 200 and "<textarea id=\"prompt\"" in page.text
+    assert http.get("/page/app.js").status_code == 200
+    options = http.get("/v1/egaku/options").json()
+    assert options["models"][0] == {"id": "tiny", "native_size": 64, "multiple": 8}
+    assert "euler-a" in options["samplers"] and options["loras"] == []
