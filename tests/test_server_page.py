@@ -1,0 +1,85 @@
+"""The web page in headless Chromium (Debian's `chromium` + `chromium-driver`, driven by Selenium):
+type a prompt, click Generate, see the images, click Variations, see more. Skips where those are missing."""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from egaku.server.app import LiveServer, ServeOptions, create_app
+
+selenium = pytest.importorskip("selenium", reason="the page test needs the selenium package (pip install -e '.[dev]')")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="the page test needs Debian's chromium and chromium-driver "
+                                       "(apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def server():
+    import torch
+
+    from egaku.models.loading import load_pipeline
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a loaded 2-core machine can be 10x slower
+    app = create_app({"tiny": load_pipeline("tiny", "cpu", "float32")}, ServeOptions(model=["tiny"]), api_key="")
+    with LiveServer(app) as live:
+        yield live
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager must not phone home (no network here)
+    profile = tempfile.mkdtemp(prefix="egaku-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def loaded_images(driver) -> int:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#gallery .card img')].filter(i => i.complete && i.naturalWidth > 0).length")
+
+
+def test_prompt_generate_and_variations(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(server.url + "/")
+    # the page asks the server for its models and samplers first
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 3)
+    for field, value in (("steps", "2"), ("n", "2"), ("seed", "21")):
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element(By.ID, "prompt").send_keys("a red circle on a blue background")
+    browser.find_element(By.ID, "generate").click()
+
+    wait.until(lambda d: loaded_images(d) == 2)
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    params = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "#gallery .params")]
+    assert "a red circle on a blue background" in params[0] and "Seed: 21" in params[0] and "Seed: 22" in params[1]
+    assert browser.find_element(By.CSS_SELECTOR, "#gallery img").get_property("naturalWidth") == 64
+
+    browser.find_element(By.CSS_SELECTOR, "#gallery .card .variations").click()
+    wait.until(lambda d: loaded_images(d) == 4)
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    newest = browser.find_elements(By.CSS_SELECTOR, "#gallery .params")[0].text
+    assert "Strength: 0.6" in newest and "a red circle on a blue background" in newest
+    assert "done" in browser.find_element(By.ID, "status").text
