@@ -70,8 +70,10 @@ class GeneratedImage:
 
 
 def size_multiple(pipe) -> int:
-    """Pixel multiple the model needs: VAE downscale x 2 per UNet downsampling stage."""
-    return int(pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+    """Pixel multiple a size must have: the VAE's downscale factor, and 8, which diffusers' pipelines
+    check whatever the model. (The UNet itself takes latents of any size: diffusers forwards the
+    skip-connection sizes to its upsamplers.)"""
+    return math.lcm(8, int(pipe.vae_scale_factor))
 
 
 def native_size(pipe) -> int:
