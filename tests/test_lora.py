@@ -42,6 +42,15 @@ def options(data: Path, model: Path, out: Path, **overrides) -> TrainLoraOptions
     return build(TrainLoraOptions, base)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from a second thread, and a busy machine makes two threads spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("lora-data"))
@@ -225,6 +234,27 @@ def test_resume_twice_equals_uninterrupted(tmp_path, data_dir, tiny_model_dir):
     # and the logged losses of steps 1-4 agree
     assert [r.split(",")[2] for r in (whole / "loss.csv").read_text().splitlines()[1:]] == \
            [r.split(",")[2] for r in (split / "loss.csv").read_text().splitlines()[1:]]
+
+
+def test_two_process_run_under_torchrun_on_cpu(tmp_path, data_dir, tiny_model_dir):
+    """The trainer under a real 2-process launch (gloo on CPU); it checks itself that replicas agree."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "egaku", "train-lora", "--data", str(data_dir),
+         "--model", str(tiny_model_dir), "--out", str(out), "--resolution", str(RESOLUTION), "--max-steps", "2",
+         "--batch-size", "1", "--min-images", "2", "--no-progress", "--format", "diffusers"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on 2 process(es)" in result.stdout
+    assert result.stdout.count("LoRA files in") == 1  # only the main process writes and reports
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert len((out / "loss.csv").read_text().splitlines()) == 3
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------

@@ -206,7 +206,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         # a second run in the same process (Python API, tests) may use another precision
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=opts.mixed_precision, cpu=opts.device == "cpu")
+    # accelerate only sets up multi-process CPU training (gloo) when told cpu=True
+    on_cpu = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    accelerator = Accelerator(mixed_precision=opts.mixed_precision, cpu=on_cpu)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = accelerator.print
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
@@ -524,6 +527,8 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
 
 def train_lora_command(opts: TrainLoraOptions) -> None:
     path = train_lora(opts)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if files:
         print(f"LoRA files in {path}: {', '.join(files)}")
