@@ -1,0 +1,94 @@
+"""Prompt LoRA tags, LoRA name resolution and key layouts (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from egaku.errors import EgakuError, NotFoundError
+from egaku.lora.apply import parse_prompt_loras, resolve_lora
+from egaku.lora.commands import parse_lora_arg
+from egaku.lora.formats import bake_alpha, check_coverage, kohya_to_peft, peft_pairs, peft_to_kohya
+
+
+def test_prompt_tags_are_removed_with_their_weights():
+    clean, loras = parse_prompt_loras("a red star, <lora:star:0.8> on the sea <lora:style>")
+    assert clean == "a red star, on the sea"
+    assert loras == [("star", 0.8), ("style", 1.0)]
+    assert parse_prompt_loras("no tags here") == ("no tags here", [])
+    assert parse_prompt_loras("<lora:a:-0.5>, a cat") == ("a cat", [("a", -0.5)])
+    with pytest.raises(EgakuError, match="not a number"):
+        parse_prompt_loras("<lora:star:strong>")
+
+
+def test_resolve_bare_names_in_the_lora_folder(tmp_path):
+    (tmp_path / "star.safetensors").write_bytes(b"x")
+    (tmp_path / "style").mkdir()
+    (tmp_path / "style" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    assert resolve_lora("star", str(tmp_path)) == tmp_path / "star.safetensors"
+    assert resolve_lora("style", str(tmp_path)) == tmp_path / "style" / "pytorch_lora_weights.safetensors"
+    with pytest.raises(NotFoundError, match="available: star, style") as err:
+        resolve_lora("moon", str(tmp_path))
+    assert err.value.param == "lora" and err.value.status == 404
+
+
+@pytest.mark.parametrize("name", ["../secret", "a/b", "/etc/passwd", "..", "x\\y"])
+def test_names_with_separators_or_dotdot_are_refused_in_a_lora_folder(tmp_path, name):
+    with pytest.raises(EgakuError, match="path separator") as err:
+        resolve_lora(name, str(tmp_path))
+    assert err.value.param == "lora" and not isinstance(err.value, NotFoundError)
+
+
+def test_paths_without_a_lora_folder(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    assert resolve_lora(str(tmp_path / "run"), None) == tmp_path / "run" / "pytorch_lora_weights.safetensors"
+    with pytest.raises(NotFoundError):
+        resolve_lora(str(tmp_path / "missing.safetensors"), None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NotFoundError, match="has no pytorch_lora_weights"):
+        resolve_lora(str(tmp_path / "empty"), None)
+
+
+def test_lora_argument_scale():
+    assert parse_lora_arg("loras/star:0.7") == ("loras/star", 0.7)
+    assert parse_lora_arg("loras/star") == ("loras/star", 1.0)
+    assert parse_lora_arg("C:\\loras\\star") == ("C:\\loras\\star", 1.0)
+
+
+def test_kohya_round_trip_is_exact_against_module_names():
+    down, up = torch.randn(4, 32), torch.randn(64, 4)
+    pairs = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0": {"down": down, "up": up},
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": {"down": down, "up": up}}
+    kohya = peft_to_kohya(pairs, {k: 2.0 for k in pairs})
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in kohya
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in kohya
+    modules = {"unet": ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"],
+               "text_encoder": ["text_model.encoder.layers.0.self_attn.q_proj"]}
+    back, alphas, unmatched = kohya_to_peft(kohya, modules)
+    assert unmatched == [] and set(back) == set(pairs) and set(alphas.values()) == {2.0}
+    baked = bake_alpha(back, alphas)
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_B.weight"
+    assert torch.allclose(baked[key], up * 0.5)  # alpha/rank folded in
+
+
+def test_old_diffusers_spellings_are_understood():
+    sd = {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": torch.zeros(1),
+          "unet.mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": torch.zeros(1),
+          "text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.down.weight": torch.zeros(1),
+          "something.else": torch.zeros(1)}
+    pairs, unknown = peft_pairs(sd)
+    assert set(pairs) == {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+                          "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0",
+                          "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"}
+    assert unknown == ["something.else"]
+
+
+def test_coverage_refuses_partial_matches_and_half_pairs():
+    modules = {"unet.a": torch.nn.Linear(8, 16)}
+    good = {"down": torch.zeros(2, 8), "up": torch.zeros(16, 2)}
+    check_coverage({"unet.a": good}, modules, "f")
+    with pytest.raises(EgakuError, match="1 LoRA layers match nothing"):
+        check_coverage({"unet.a": good, "unet.b": good}, modules, "f")
+    with pytest.raises(EgakuError, match="only its down half"):
+        check_coverage({"unet.a": {"down": good["down"]}}, modules, "f")
