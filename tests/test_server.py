@@ -38,7 +38,23 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("loras")  # empty: every name is unknown
+    """A folder with one LoRA for the tiny model ("style"), made with peft with random (non-zero) weights."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from egaku.models.tiny import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("loras")
+    donor = tiny_pipeline()
+    torch.manual_seed(0)
+    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                      init_lora_weights=False))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, weight_name="style.safetensors")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +175,25 @@ def test_midjourney_parameters_in_a_request(http):
     assert (item["revised_prompt"], item["egaku"]["seed"], item["egaku"]["negative_prompt"]) == ("a dog", 7, "cat")
 
 
+def test_loras_by_field_and_by_prompt_tag(http):
+    import numpy as np
+
+    def image(body):
+        r = http.post("/v1/images/generations", json={"prompt": "a cat", "seed": 3, "response_format": "b64_json",
+                                                      **FAST, **body})
+        assert r.status_code == 200, r.text
+        item = r.json()["data"][0]
+        return np.asarray(decode(item["b64_json"]).convert("RGB"), dtype=np.int16), item
+
+    plain, _ = image({})
+    by_field, item = image({"loras": [{"name": "style", "weight": 1.0}]})
+    by_tag, tagged = image({"prompt": "a cat <lora:style:1>"})
+    assert np.abs(plain - by_field).mean() > 0.5  # the LoRA changes the picture
+    assert np.array_equal(by_field, by_tag)  # the two spellings are the same request
+    assert item["egaku"]["loras"] == [["style", 1.0]] and tagged["revised_prompt"] == "a cat"
+    assert np.array_equal(image({})[0], plain)  # and it is gone again for the next request
+
+
 # -- bad input: a 4xx in OpenAI's shape, and the server keeps serving ----------------------------------------
 
 BAD_JSON = [
@@ -179,6 +214,7 @@ BAD_JSON = [
     ({"prompt": "x", "response_format": "jpeg"}, 400, "response_format"),
     ({"prompt": "x", "colour": "red"}, 400, "colour"),
     ({"prompt": "x --v 6"}, 400, "prompt"),
+    ({"prompt": "--seed 3"}, 400, "prompt"),
     ({"prompt": "x", "model": "dall-e-9"}, 404, "model"),
     ({"prompt": "x", "loras": [{"name": "nope", "weight": 0.5}]}, 404, "lora"),
     ({"prompt": "x <lora:nope:0.5>"}, 404, "lora"),
@@ -385,4 +421,44 @@ def test_web_page_and_options_are_served(http):
     assert http.get("/page/app.js").status_code == 200
     options = http.get("/v1/egaku/options").json()
     assert options["models"][0] == {"id": "tiny", "native_size": 64, "multiple": 8}
-    assert "euler-a" in options["samplers"] and options["loras"] == []
+    assert "euler-a" in options["samplers"] and options["loras"] == ["style"]
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: 15-50 s on a shared 2-core machine
+def test_egaku_serve_command_serves_on_loopback(tmp_path):
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "EGAKU_API_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "egaku", "serve", "--model", "tiny", "--device", "cpu",
+                             "--port", str(port), "--log-level", "warning"], env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, "egaku serve to answer", seconds=180)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "serving tiny at http://127.0.0.1:" in proc.stdout.read()
+
+
+def test_egaku_serve_refuses_bad_options(capsys):
+    from egaku.cli import main
+
+    assert main(["serve", "--model", "tiny", "--lora-dir", "/no/such/folder"]) == 2
+    assert "--lora-dir '/no/such/folder' is not a folder" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny", "--queue-size", "0"]) == 2

@@ -241,6 +241,8 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         info = getattr(pipe, "egaku_info", None)
         if info is not None and info.name not in pipelines:
             aliases[info.name] = name
+        if info is not None and info.kind == "builtin":
+            aliases["builtin"] = name
     urls = UrlStore(opts.url_ttl, int(opts.url_cache_mb * 2**20))
     jobs: OrderedDict[str, tuple[str, Job]] = OrderedDict()  # recent jobs, for progress polling
     created = int(time.time())
@@ -308,7 +310,8 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        # the traceback goes to the server's log (Starlette re-raises after this response), never to the client
+        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return error_response(500, "internal server error; the details are in the server's log", "server_error",
                               None, "internal_error")
 
@@ -463,8 +466,9 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         model = pick_model(fields.get("model"))
         if kind == "edit" and "image" not in files:
             raise ApiError(400, "an 'image' file is required", param="image")
-        image = open_upload(files, "image")
-        mask = open_mask(files) if kind == "edit" else None
+        # decoding uploads is CPU work: off the event loop, so other requests keep being answered
+        image = await asyncio.to_thread(open_upload, files, "image")
+        mask = await asyncio.to_thread(open_mask, files) if kind == "edit" else None
         if "mask" in files and kind != "edit":
             raise ApiError(400, f"'mask' is only taken by /v1/images/edits", param="mask")
         req = parse_image_request(kind, fields, pipelines[model], limits, form=True, image=image, mask=mask,
@@ -545,7 +549,7 @@ def load_pipelines(opts: ServeOptions) -> dict[str, Any]:
     pipelines: dict[str, Any] = {}
     for spec in opts.model:
         pipe = load_pipeline(spec, opts.device, opts.dtype, opts.model_config)
-        name = pipe.egaku_info.name if spec not in ("tiny",) else "tiny"
+        name = pipe.egaku_info.name
         if name in pipelines:
             raise EgakuError(f"model {spec!r} is given twice", param="model")
         pipelines[name] = pipe

@@ -228,6 +228,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         opts = apply_prompt_parameters(opts, has_init_image=has_image and mask is None)
     except EgakuError as exc:
         raise EgakuError(str(exc), param=exc.param if exc.param in ("prompt", "size") else "prompt") from None
+    if kind in ("generation", "edit") and not opts.prompt.strip():
+        raise _bad("the prompt is empty once its --parameters are taken out; say what to draw", "prompt")
     if opts.steps > limits.max_steps:
         raise _bad(f"steps {opts.steps} is over this server's limit of {limits.max_steps}", "steps")
     if opts.aspect_ratio:
