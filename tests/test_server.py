@@ -462,3 +462,16 @@ def test_egaku_serve_refuses_bad_options(capsys):
     assert main(["serve", "--model", "tiny", "--lora-dir", "/no/such/folder"]) == 2
     assert "--lora-dir '/no/such/folder' is not a folder" in capsys.readouterr().err
     assert main(["serve", "--model", "tiny", "--queue-size", "0"]) == 2
+
+
+def test_url_images_expire_and_memory_is_bounded():
+    from egaku.server.app import UrlStore
+
+    store = UrlStore(ttl=3600, max_bytes=250)
+    first = store.put(b"a" * 100)
+    second = store.put(b"b" * 100)
+    assert store.get(first) == b"a" * 100 and len(first) >= 32
+    third = store.put(b"c" * 100)  # 300 bytes > 250: the oldest goes
+    assert store.get(first) is None and store.get(second) and store.get(third)
+    expired = UrlStore(ttl=-1, max_bytes=1000)
+    assert expired.get(expired.put(b"x")) is None
