@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from egaku.data import shapes
+
+
+def test_dataset_is_deterministic_by_seed():
+    a, specs_a = shapes.make_dataset(12, seed=3)
+    b, specs_b = shapes.make_dataset(12, seed=3)
+    c, _ = shapes.make_dataset(12, seed=4)
+    assert a.shape == (12, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and specs_a == specs_b
+    assert not np.array_equal(a, c)
+
+
+def _foreground(img: np.ndarray, background: str) -> np.ndarray:
+    return np.abs(img.astype(int) - np.array(shapes.BACKGROUNDS[background])).sum(-1) > 60
+
+
+@pytest.mark.parametrize("split", ["train", "held_out", "novel"])
+def test_captions_match_pixels(split):
+    images, specs = shapes.make_dataset(40, seed=11, split=split)
+    for img, spec in zip(images, specs):
+        cx, cy = shapes.POSITIONS[spec.position]
+        cx, cy = cx + spec.dx, cy + spec.dy
+        # the shape's own colour at its centre, the background colour in the farthest corner
+        assert np.abs(img[round(cy), round(cx)].astype(int) - shapes.COLOURS[spec.colour]).max() <= 3, spec
+        far = (0 if cy > 32 else 63, 0 if cx > 32 else 63)
+        assert np.abs(img[far].astype(int) - shapes.BACKGROUNDS[spec.background]).max() <= 3, spec
+        # the drawn pixels sit around the stated position and span the stated size
+        ys, xs = np.nonzero(_foreground(img, spec.background))
+        assert abs(xs.mean() - cx) < 4 and abs(ys.mean() - cy) < 4, spec
+        extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+        r = shapes.SIZES[spec.size]
+        assert 1.2 * r < extent <= 2.2 * r + 2, (spec, extent)  # a rotated cross reaches past r
+        # the caption states exactly these attributes
+        assert spec.caption == shapes.caption_for(spec.shape, spec.colour, spec.size, spec.position, spec.background)
+        assert shapes.parse_caption(spec.caption).labels() == spec.labels()
+
+
+def test_held_out_pairs_and_star_never_in_training():
+    train = shapes.sample_attributes(3000, seed=0, split="train")
+    pairs = {(s.colour, s.shape) for s in train}
+    assert not pairs & shapes.HELD_OUT_PAIRS
+    assert "star" not in {s.shape for s in train}
+    # every training colour, shape, size, position and background still appears
+    for name, values in shapes.ATTRIBUTES.items():
+        expected = set(values) - ({"star"} if name == "shape" else set())
+        assert {getattr(s, name) for s in train} == expected
+    held = shapes.sample_attributes(200, seed=0, split="held_out")
+    assert {(s.colour, s.shape) for s in held} == set(shapes.HELD_OUT_PAIRS)
+    assert {s.shape for s in shapes.sample_attributes(50, seed=0, split="novel")} == {"star"}
+
+
+def test_caption_grammar_and_vocabulary():
+    spec = shapes.ShapeSpec("triangle", "red", "small", "top left", "navy")
+    assert spec.caption == "a small red triangle at the top left on a navy background"
+    assert shapes.ShapeSpec("star", "blue", "large", "center", "white").caption == \
+        "a large blue star in the center on a white background"
+    assert shapes.parse_caption("a purple dog in a hat") is None
+    words = set(" ".join(shapes.vocabulary_captions()).split())
+    assert {"star", "navy", "center", "triangle"} <= words
+
+
+def test_shapes_are_distinct_renders():
+    base = dict(colour="red", size="large", position="center", background="white")
+    renders = {s: shapes.render(shapes.ShapeSpec(s, **base)) for s in shapes.SHAPES}
+    arrays = [np.asarray(r) for r in renders.values()]
+    for i in range(len(arrays)):
+        for j in range(i + 1, len(arrays)):
+            assert np.abs(arrays[i].astype(int) - arrays[j]).sum() > 0
+
+
+def test_unknown_attribute_is_refused():
+    with pytest.raises(ValueError, match="unknown colour"):
+        shapes.render(shapes.ShapeSpec("circle", "teal", "small", "center", "white"))
+    with pytest.raises(ValueError, match="unknown split"):
+        shapes.sample_attributes(2, seed=0, split="everything")
