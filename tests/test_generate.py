@@ -85,14 +85,18 @@ def test_size_aspect_ratio_and_rounding(pipe, capsys):
     assert egaku.generate(pipe, "a cat", seed=1, width=104, **FAST)[0].image.size == (104, 64)
 
 
+def vae_roundtrip(pipe, image):
+    """What the (untrained) VAE makes of an image: the limit of img2img as strength -> 0."""
+    with torch.no_grad():
+        x = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        return np.asarray(pipe.image_processor.postprocess(decode_latents(pipe, z))[0], dtype=np.int16)
+
+
 def test_img2img_uses_the_init_image(pipe, tmp_path):
     init = Image.new("RGB", (64, 64), (250, 20, 20))
     init.save(tmp_path / "init.png")
-    # what the (untrained) VAE makes of the init image: the limit of img2img as strength -> 0
-    with torch.no_grad():
-        x = torch.from_numpy(np.asarray(init, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-        z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-        roundtrip = px(egaku.GeneratedImage(pipe.image_processor.postprocess(decode_latents(pipe, z))[0], {}))
+    roundtrip = vae_roundtrip(pipe, init)
     steps_seen = []
     low = egaku.generate(pipe, "a cat", seed=1, init_image=str(tmp_path / "init.png"), strength=0.25, steps=8,
                          on_step=lambda done, total: steps_seen.append(total))[0]
@@ -295,3 +299,22 @@ def test_options_json_is_the_resolved_config(tiny_model_dir, tmp_path):
                  "--out", str(tmp_path), "--no-progress"]) == 0
     saved = json.loads((tmp_path / "00000-options.json").read_text())
     assert saved["steps"] == 2 and saved["seed"] == 1 and saved["sampler"] == "dpmpp-2m"
+
+
+def test_inpainting_repaints_only_under_the_mask(pipe):
+    init = Image.new("RGB", (64, 64), (250, 20, 20))
+    left = Image.new("L", (64, 64), 0)
+    left.paste(255, (0, 0, 32, 64))  # repaint the left half only
+    everything = Image.new("L", (64, 64), 255)
+    a = egaku.generate(pipe, "a cat", seed=1, init_image=init, mask_image=left, strength=1.0, steps=4)[0]
+    b = egaku.generate(pipe, "a cat", seed=1, init_image=init, mask_image=everything, strength=1.0, steps=4)[0]
+    assert a.image.size == (64, 64) and a.params["mask"] == "mask"
+    # the kept right half stays near the encoded init image; repainted everywhere, it does not
+    kept = vae_roundtrip(pipe, init)[:, 40:]
+    assert np.abs(px(a)[:, 40:] - kept).mean() < np.abs(px(b)[:, 40:] - kept).mean()
+    with pytest.raises(egaku.EgakuError, match="must be the same size"):
+        egaku.generate(pipe, "a cat", init_image=init, mask_image=Image.new("L", (32, 32)), **FAST)
+    with pytest.raises(egaku.EgakuError, match="needs an image"):
+        egaku.generate(pipe, "a cat", mask_image=left, **FAST)
+    with pytest.raises(egaku.EgakuError, match="leave no denoising step"):
+        egaku.generate(pipe, "a cat", init_image=init, strength=0.1, steps=2)

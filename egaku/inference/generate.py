@@ -148,6 +148,9 @@ def _validate(o: GenerateOptions) -> None:
         raise EgakuError(f"--guidance-scale must be a finite number >= 0, got {o.guidance_scale}", param="guidance_scale")
     if o.init_image is not None and not 0.0 < o.strength <= 1.0:
         raise EgakuError(f"--strength must be in (0, 1], got {o.strength}", param="strength")
+    if o.init_image is not None and int(o.steps * o.strength) < 1:
+        raise EgakuError(f"{o.steps} steps at strength {o.strength} leave no denoising step; use more --steps",
+                         param="steps")
     if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
         raise EgakuError(f"--seed must be in 0..{MAX_SEED}, got {o.seed}", param="seed")
 
@@ -168,18 +171,25 @@ def _load_init_image(source: str | Image.Image | None, width: int, height: int) 
 
 
 def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = None,
-             init_image: Image.Image | None = None,
+             init_image: Image.Image | None = None, mask_image: Image.Image | None = None,
              on_step: Callable[[int, int], None] | None = None, **overrides: Any) -> list[GeneratedImage]:
     """Generate ``num_images`` images; returns each with the parameters that regenerate it.
 
     ``opts`` (or keyword overrides of its fields) as for the CLI; ``init_image`` may be a PIL image.
+    ``mask_image`` (with an init image) repaints only where the mask is white: a 9-channel inpainting
+    UNet gets the masked image as input, an ordinary UNet uses diffusers' latent blending (the kept
+    region is re-noised to each step's level and pasted back).
     ``on_step(done, total)`` is called after every denoising step (progress bars, servers).
     """
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     if prompt is not None:
         overrides["prompt"] = prompt
+    if init_image is not None:
+        overrides.setdefault("init_image", (opts.init_image if opts else None) or "image")
     o = build(GenerateOptions, dataclasses.asdict(opts) if opts else {}, overrides)
+    if mask_image is not None and o.init_image is None:
+        raise EgakuError("a mask needs an image to repaint (init_image)", param="mask")
     # 1. Check inputs
     _validate(o)
     sampler = canonical_sampler(o.sampler)
@@ -187,6 +197,13 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     if note:
         print(f"egaku: {note}")
     init = _load_init_image(init_image if init_image is not None else o.init_image, width, height)
+    mask = None
+    if mask_image is not None:
+        source_size = (init_image or init).size
+        if mask_image.size != source_size:
+            raise EgakuError(f"the mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is "
+                             f"{source_size[0]}x{source_size[1]}; they must be the same size", param="mask")
+        mask = mask_image.convert("L").resize((width, height), Image.NEAREST)
     seed = random.randint(0, MAX_SEED - o.num_images) if o.seed is None else o.seed
 
     # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
@@ -209,7 +226,10 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     base_config = dict(pipe.scheduler.config)
     components = {**pipe.components, "scheduler": make_scheduler(sampler, base_config)}
     components.pop("requires_safety_checker", None)
-    runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
+    if mask is not None:
+        runner_cls = StableDiffusionInpaintPipeline
+    else:
+        runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
     runner = runner_cls(**components, requires_safety_checker=False)
     runner.set_progress_bar_config(disable=True)
 
@@ -221,7 +241,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         "loras": lora_record, "egaku_version": _version(),
     }
     if init is not None:
-        base_params.update(strength=o.strength, init_image=str(o.init_image) if o.init_image else "image")
+        base_params.update(strength=o.strength, init_image=str(o.init_image))
+    if mask is not None:
+        base_params["mask"] = "mask"
     # img2img runs only the last `strength` fraction of the schedule
     steps_per_image = o.steps if init is None else max(1, int(o.steps * o.strength))
     total_steps = steps_per_image * math.ceil(o.num_images / o.batch_size)
@@ -246,7 +268,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                 num_inference_steps=o.steps, guidance_scale=o.guidance_scale, generator=generators,
                 output_type="latent", callback_on_step_end=step_callback,
             )
-            if init is not None:
+            if mask is not None:
+                call.update(image=init, mask_image=mask, width=width, height=height, strength=o.strength)
+            elif init is not None:
                 call.update(image=[init] * count, strength=o.strength)
             else:
                 call.update(width=width, height=height)
