@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from egaku.server.app import LiveServer, ServeOptions, create_app
-from egaku.server.queue import JobCancelled, ModelWorker
+from egaku.server.queue import ModelWorker
 
 FAST = {"steps": 2}  # the tiny pipeline's images are noise anyway; 2 steps exercise every code path
 

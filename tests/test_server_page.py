@@ -9,7 +9,7 @@ import pytest
 
 from egaku.server.app import LiveServer, ServeOptions, create_app
 
-selenium = pytest.importorskip("selenium", reason="the page test needs the selenium package (pip install -e '.[dev]')")
+pytest.importorskip("selenium", reason="the page test needs the selenium package (pip install -e '.[dev]')")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
