@@ -1,0 +1,84 @@
+"""`egaku sample-gan`: images and a grid from a trained GAN generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..config import option, save_config
+from ..data.images import image_grid
+from ..errors import EgakuError
+from .models import ARCHITECTURES, load_generator
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """(N, C, H, W) in [-1, 1] → greyscale (C = 1) or RGB PIL images."""
+    arr = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    if arr.shape[1] == 1:
+        return [Image.fromarray(a[0], "L") for a in arr]
+    return [Image.fromarray(a.transpose(1, 2, 0), "RGB") for a in arr]
+
+
+def resolve_label(class_names: list[str] | None, digit: str | None, model: str) -> int | None:
+    """The class index for ``--digit`` (None: unconditional, or every class in turn)."""
+    if digit is None:
+        return None
+    if not class_names:
+        raise EgakuError(f"{model} is an unconditional GAN, so --digit {digit} cannot be honoured; "
+                         "drop --digit, or train with `egaku train-gan --conditional`")
+    if digit not in class_names:
+        raise EgakuError(f"--digit {digit} is not one of the labels this model was trained on "
+                         f"({', '.join(class_names)}); pick one of those")
+    return class_names.index(digit)
+
+
+@torch.no_grad()
+def sample_gan(gen: torch.nn.Module, n: int, seed: int = 0, label: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n images from seeded latent vectors; conditional models get ``label`` or every class in turn."""
+    z = torch.randn(n, gen.config.latent_dim, generator=torch.Generator().manual_seed(seed))
+    labels = None
+    if gen.num_classes:
+        labels = torch.full((n,), label) if label is not None else torch.arange(n) % gen.num_classes
+    device = next(gen.parameters()).device
+    return gen(z.to(device), None if labels is None else labels.to(device)).cpu(), labels
+
+
+@dataclass
+class SampleGanOptions:
+    model: str = option("", help="a train-gan output folder (or its generator/ folder)")
+    n: int = option(64, help="number of images", short="-n")
+    digit: str | None = option(None, help="class to draw (a conditional model's label, e.g. 7)",
+                               aliases=["--label"])
+    seed: int = option(0, help="seed for the latent vectors")
+    arch: str = option("auto", help="expected architecture; an error if the model is the other one",
+                       choices=["auto", *ARCHITECTURES])
+    out: str = option("", help="output folder (default: MODEL/samples-gan)")
+    cols: int = option(0, help="grid columns (0 = near-square; a conditional model without --digit: one per class)")
+
+
+def sample_gan_command(opts: SampleGanOptions) -> None:
+    # 1. Check inputs
+    if not opts.model:
+        raise EgakuError("sample-gan needs --model DIR, the --out folder of `egaku train-gan`")
+    if opts.n < 1:
+        raise EgakuError(f"-n {opts.n}: ask for at least one image")
+    gen = load_generator(opts.model, arch=opts.arch)
+    label = resolve_label(gen.config.class_names, opts.digit, opts.model)
+    # 2. Sample
+    images, labels = sample_gan(gen, opts.n, opts.seed, label)
+    # 3. Write images, grid and the options used
+    out = Path(opts.out) if opts.out else Path(opts.model) / "samples-gan"
+    out.mkdir(parents=True, exist_ok=True)
+    pil = to_pil_images(images)
+    names = gen.config.class_names
+    for i, im in enumerate(pil):
+        tag = f"-{names[int(labels[i])]}" if labels is not None else ""
+        im.save(out / f"{i:04d}{tag}.png")
+    cols = opts.cols or (gen.num_classes if labels is not None and label is None else None)
+    image_grid(pil, cols=cols).save(out / "grid.png")
+    save_config(opts, out / "config.json")
+    print(f"wrote {len(pil)} images and grid.png to {out}")

@@ -1,0 +1,234 @@
+"""`egaku train-gan`: adversarial training of the MLP GAN or the DCGAN (Goodfellow et al. 2014).
+
+The loop, per batch of real images x (and their labels y when conditional):
+  1. discriminator step: maximise log D(x) + log(1 - D(G(z)))  (BCE with targets 1 - smoothing and 0);
+  2. generator step, the non-saturating loss of the GAN paper: maximise log D(G(z)) (BCE with target 1),
+     which gives strong gradients early, when D rejects every fake and log(1 - D(G(z))) saturates.
+Adam(2e-4, β1 = 0.5) as in the DCGAN paper: the default β1 = 0.9 makes the two players oscillate.
+
+Every epoch a grid is drawn from the same fixed latent vectors (and, when conditional, one row per
+class), so the grids show the generator's progress rather than new noise. Checkpoints hold both
+networks, both optimizers, the RNG state and the data position, so ``--resume latest`` continues the
+same run step for step; the generator is also exported to OUT/generator for `sample-gan`/`eval gan`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..config import option, save_config, to_dict
+from ..data.digits import load_gan_data
+from ..data.images import image_grid
+from ..errors import EgakuError
+from ..gan.commands import to_pil_images
+from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
+from .runtime import Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint, restore_rng
+
+
+@dataclass
+class TrainGanOptions:
+    arch: str = option("mlp", help="mlp: the classic dense GAN; dcgan: convolutional with batch norm",
+                       choices=list(ARCHITECTURES))
+    conditional: bool = option(False, help="condition both networks on the class label, so sample-gan can ask "
+                                           "for a given digit")
+    data: str = option("digits", help="'digits' (scikit-learn's 1,797 real handwritten digits, training split) "
+                                      "or an image folder (class folders as labels)")
+    out: str = option("runs/gan", help="output folder: generator/, checkpoints/, samples/, metrics.csv")
+    image_size: int = option(28, help="side of the square images the models make")
+    channels: int = option(1, help="1 = greyscale, 3 = RGB (image folders only)", choices=[1, 3])
+    latent_dim: int = option(100, help="size of the generator's noise vector z")
+    base_channels: int = option(32, help="DCGAN width: the discriminator's first layer; the generator starts at 4x")
+    batch_size: int = option(64, help="real images per step (and as many fakes)")
+    epochs: int = option(50, help="passes over the data (stops earlier at --max-steps or --max-minutes)")
+    max_steps: int = option(0, help="stop after this many steps in total (0 = no limit)")
+    max_minutes: float = option(0.0, help="stop after this much wall time in this process (0 = no limit)")
+    max_cpu_minutes: float = option(0.0, help="stop after this much CPU time of this process, all threads "
+                                              "together (0 = no limit): a fair budget on a shared machine")
+    lr: float = option(2e-4, help="Adam learning rate of both networks (DCGAN paper)")
+    beta1: float = option(0.5, help="Adam β1; 0.5 rather than 0.9 damps the players' oscillation (DCGAN paper)")
+    label_smoothing: float = option(0.0, help="one-sided label smoothing: real target 1 - this (Salimans et "
+                                              "al. 2016 use 0.1); keeps D from becoming overconfident")
+    seed: int = option(0, help="seed for initialisation, batches and noise")
+    checkpoint_every: int = option(500, help="steps between checkpoints (one is also written at the end)")
+    keep_checkpoints: int = option(2, help="newest checkpoints to keep")
+    sample_grid: int = option(64, help="images in the per-epoch sample grid (fixed latent vectors)")
+    resume: str = option("", help="'latest' or a checkpoint folder: continue that run with the same options")
+    progress: bool = option(True, help="show a progress bar")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fixed_latents(n: int, latent_dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The grid's latent vectors, from their own seed; conditional: classes cycle along each row."""
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed + 1_000_003))
+    labels = torch.arange(n) % num_classes if num_classes else None
+    return z, labels
+
+
+def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """BCE on logits: real towards 1 - smoothing, fake towards 0."""
+    real = F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1.0 - smoothing))
+    fake = F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+    return real + fake
+
+
+def generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating: -log D(G(z))."""
+    return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+
+
+def _export(gen: torch.nn.Module, disc: torch.nn.Module, out: Path) -> None:
+    gen.save_pretrained(out / "generator")
+    disc.save_pretrained(out / "discriminator")
+
+
+def _batch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    # one permutation per (seed, epoch): a resumed run sees the same batches as an uninterrupted one
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def train_gan_command(opts: TrainGanOptions) -> None:
+    # 1. Check options and load the data
+    if opts.batch_size < 2:
+        raise EgakuError(f"--batch-size {opts.batch_size}: batch norm and the loss need at least 2 images per step")
+    if not 0.0 <= opts.label_smoothing < 0.5:
+        raise EgakuError(f"--label-smoothing {opts.label_smoothing} must be in [0, 0.5); 0.1 is usual")
+    if opts.arch == "mlp" and opts.base_channels != 32:
+        print("note: --base-channels only affects the DCGAN")
+    data = load_gan_data(opts.data, opts.image_size, opts.channels, opts.conditional)
+    class_names = data.label_names if opts.conditional else None
+    out = Path(opts.out)
+    print(f"{data.source}: {len(data)} images, {len(data.label_names)} classes, {opts.image_size}x{opts.image_size}")
+
+    # 2. Models, optimizers, the run's resolved config
+    torch.manual_seed(opts.seed)
+    device = _device()
+    gen, disc = build_gan(opts.arch, opts.image_size, opts.channels, opts.latent_dim, class_names, opts.base_channels)
+    gen.to(device)
+    disc.to(device)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=opts.lr, betas=(opts.beta1, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=opts.lr, betas=(opts.beta1, 0.999))
+    # what a resumed run must share with the checkpoint (stopping criteria and bookkeeping may change)
+    run_config = {**to_dict(opts), "class_names": class_names}
+    may_change = {"epochs", "max_steps", "max_minutes", "max_cpu_minutes", "resume", "progress", "checkpoint_every",
+                  "keep_checkpoints", "out"}
+    checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
+    step, epoch, position = 0, 0, 0
+
+    # 3. Resume
+    if opts.resume:
+        path = checkpoints.resolve(opts.resume)
+        saved_arch = _saved_arch(path)
+        if saved_arch != opts.arch:
+            raise EgakuError(f"{path} is a checkpoint of {ARCH_TITLES.get(saved_arch, saved_arch)}, but --arch {opts.arch} was "
+                             f"asked; resume with --arch {saved_arch}, or start a new run in another --out folder")
+        weights, state = load_checkpoint(path, run_config, ignore=may_change)
+        gen.load_state_dict(weights["generator"])
+        disc.load_state_dict(weights["discriminator"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        restore_rng(state["rng"])
+        step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
+        print(f"resumed from {path} at step {step} (epoch {epoch + 1}, batch {position})")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(opts, out / "config.json")
+    log = MetricsLog(out / "metrics.csv")
+    k = gen.num_classes
+    grid_n = -(-opts.sample_grid // k) * k if k else opts.sample_grid  # whole rows of classes
+    grid_z, grid_labels = fixed_latents(grid_n, opts.latent_dim, k, opts.seed)
+    (out / "samples").mkdir(exist_ok=True)
+
+    def save(step: int) -> Path:
+        state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": capture_rng(),
+                 "step": step, "epoch": epoch, "position": position}
+        weights = {"generator": gen.state_dict(), "discriminator": disc.state_dict()}
+        path = checkpoints.save(step, weights, state, run_config)
+        _export(gen, disc, out)
+        return path
+
+    # 4. Training loop
+    batches_per_epoch = len(data) // opts.batch_size or 1  # drop the last partial batch: batch norm needs pairs
+    total = opts.epochs * batches_per_epoch
+    if opts.max_steps:
+        total = min(total, opts.max_steps)
+    started, cpu_started = time.monotonic(), time.process_time()
+    bar = tqdm(total=total, initial=min(step, total), disable=not opts.progress, unit="step", dynamic_ncols=True)
+    stopped_by_time = False
+    last_saved = step if opts.resume else -1
+    while step < total and not stopped_by_time:
+        order = _batch_order(len(data), opts.seed, epoch)
+        while position < batches_per_epoch and step < total:
+            idx = order[position * opts.batch_size:(position + 1) * opts.batch_size]
+            real = data.images[idx].to(device)
+            labels = data.labels[idx].to(device) if gen.num_classes else None
+            gen.train()
+            disc.train()
+            z = torch.randn(len(idx), opts.latent_dim, device=device)
+            fake = gen(z, labels)
+
+            # discriminator: fakes detached, so this step does not move the generator
+            d_loss = discriminator_loss(disc(real, labels), disc(fake.detach(), labels), opts.label_smoothing)
+            check_finite(d_loss.detach(), step, checkpoints)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+
+            # generator: the same fakes, judged by the updated discriminator
+            d_fake = disc(fake, labels)
+            g_loss = generator_loss(d_fake)
+            check_finite(g_loss.detach(), step, checkpoints)
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+
+            step += 1
+            position += 1
+            d_fake_p = float(torch.sigmoid(d_fake.detach()).mean())
+            log.log(step, epoch=epoch + 1, d_loss=d_loss.item(), g_loss=g_loss.item(), d_of_fake=d_fake_p)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, d_loss=f"{d_loss.item():.3f}", g_loss=f"{g_loss.item():.3f}")
+            if step % opts.checkpoint_every == 0:
+                save(step)
+                last_saved = step
+            if (opts.max_minutes and time.monotonic() - started > opts.max_minutes * 60) or (
+                    opts.max_cpu_minutes and time.process_time() - cpu_started > opts.max_cpu_minutes * 60):
+                stopped_by_time = True
+                break
+        if position >= batches_per_epoch:
+            # end of an epoch: a grid from the fixed latent vectors
+            gen.eval()
+            with torch.no_grad():
+                images = gen(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
+            cols = gen.num_classes if gen.num_classes else None
+            image_grid(to_pil_images(images), cols=cols).save(out / "samples" / f"epoch-{epoch + 1:04d}.png")
+            epoch += 1
+            position = 0
+    bar.close()
+
+    # 5. Final checkpoint and export
+    if step != last_saved:
+        path = save(step)
+    else:
+        path = checkpoints.latest()
+        _export(gen, disc, out)
+    reason = "time limit" if stopped_by_time else "done"
+    print(f"{reason}: step {step} ({step / batches_per_epoch:.1f} epochs); checkpoint {path}; "
+          f"generator in {out / 'generator'}")
+
+
+def _saved_arch(path: Path) -> str:
+    try:
+        return json.loads((path / "config.json").read_text())["arch"]
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise EgakuError(f"{path} is not a train-gan checkpoint ({exc}); pass --resume latest or a step folder "
+                         "written by train-gan") from None
+
