@@ -258,8 +258,9 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         yield
         shutdown()
 
+    # no /docs: Swagger UI loads its scripts from a CDN, which a machine serving models offline cannot reach
     app = FastAPI(title="egaku", summary="OpenAI-compatible images API", lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)
     app.state.workers = workers
     app.state.pipelines = pipelines
     app.state.shutdown = shutdown
