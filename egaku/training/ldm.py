@@ -1,0 +1,506 @@
+"""Train a latent diffusion model from scratch: VAE, then CLIP text encoder + UNet in its latent space.
+
+Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models". One run has two
+stages sharing one step counter, one checkpoint folder and one ``--resume``:
+
+1. **VAE** (steps ``1..vae_steps``): a diffusers ``AutoencoderKL`` trained with a reconstruction (MSE)
+   loss and a small KL term. It is fully convolutional, so it trains on random crops (cheaper) and is
+   measured by PSNR on whole held-out images. Afterwards every training image is encoded once; the
+   latents' standard deviation gives ``scaling_factor`` (saved in the VAE config) so the diffusion
+   model sees unit-variance latents.
+2. **Diffusion** (the next ``steps`` steps): a small ``CLIPTextModel`` (tokenizer built from the
+   captions by ``build_clip_tokenizer``) and a ``UNet2DConditionModel`` with cross-attention, trained
+   jointly to predict the noise (or v) that a diffusers ``DDPMScheduler`` added. Captions are dropped
+   with probability ``caption_dropout`` so classifier-free guidance works; min-SNR weighting (Hang et al.
+   2023) is optional; EMA weights (diffusers ``EMAModel``) are what gets exported.
+
+The result, ``OUT/model``, is a standard ``StableDiffusionPipeline`` folder (no safety checker) whose
+scheduler is DPM-Solver++ built from the training noise schedule. Each step's batch, noise and
+timesteps come from a generator seeded by (seed, step), so ``--resume`` reproduces the uninterrupted
+run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..config import option, save_config, to_dict
+from ..data import shapes
+from ..data.images import image_grid
+from ..errors import EgakuError
+from ..training.runtime import Checkpoints, capture_rng, check_finite, load_checkpoint, restore_rng, MetricsLog
+
+DEFAULT_SAMPLE_PROMPTS = [
+    "a large red circle in the center on a white background",
+    "a small blue square at the top left on a black background",
+    "a large yellow triangle at the bottom right on a navy background",
+    "a small green cross at the top right on a gray background",
+    "a large purple diamond at the bottom left on a white background",
+    "a large orange circle at the top left on a gray background",
+    # held-out colour+shape pairs: never seen in training
+    "a large red square in the center on a navy background",
+    "a small green diamond at the bottom right on a black background",
+]
+
+
+@dataclasses.dataclass
+class TrainLdmOptions:
+    data: str = option("shapes", help="`shapes` (the built-in procedural world) or a folder of captioned images")
+    out: str = option("runs/ldm", help="output folder: checkpoints, samples, losses.csv, model/")
+    resolution: int = option(64, help="training image size in pixels (folder images are resized and centre-cropped)")
+    shapes_images: int = option(20000, help="--data shapes: number of rendered training images")
+    caption_template: str = option("{class}", help="folder data: caption for images without a caption file")
+    flip: bool = option(False, help="random horizontal flips (off by default: captions may say left/right)")
+    seed: int = option(0, help="seed for data, initialisation and noise")
+    # stage 1: VAE
+    vae_channels: list[int] = option([32, 64, 64], help="AutoencoderKL block widths; n blocks downsample by 2^(n-1)")
+    vae_layers_per_block: int = option(1, help="resnet layers per VAE block")
+    latent_channels: int = option(4, help="channels of the latent space")
+    vae_steps: int = option(1500, help="VAE optimizer steps (0: skip stage 1 only when resuming past it)")
+    vae_batch_size: int = option(16, help="VAE images per step")
+    vae_crop: int = option(32, help="VAE trains on random crops of this size (0 = whole images)")
+    vae_lr: float = option(1e-3, help="VAE peak learning rate (warmup then cosine)")
+    kl_weight: float = option(1e-6, help="weight of the KL term (small: we want a sharp autoencoder)")
+    # stage 2: text encoder + UNet
+    unet_channels: list[int] = option([32, 64, 128], help="UNet block widths")
+    unet_layers_per_block: int = option(1, help="resnet layers per UNet block")
+    unet_down_blocks: list[str] = option(["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                                         help="UNet down block types (up blocks mirror them)")
+    cross_attention_dim: int = option(64, help="text embedding width = UNet cross-attention width")
+    attention_head_dim: int = option(8, help="UNet attention head width")
+    text_layers: int = option(2, help="CLIP text encoder transformer layers")
+    text_heads: int = option(4, help="CLIP text encoder attention heads")
+    steps: int = option(6000, help="diffusion (UNet + text encoder) optimizer steps")
+    batch_size: int = option(32, help="diffusion images per step")
+    lr: float = option(6e-4, help="diffusion peak learning rate (warmup then cosine)")
+    warmup_steps: int = option(200, help="linear learning-rate warmup steps (both stages)")
+    lr_schedule: str = option("cosine", help="diffusion stage after warmup: cosine decay, or constant (with EMA, "
+                              "a run stopped early is then as good as its step count)", choices=["cosine", "constant"])
+    caption_dropout: float = option(0.1, help="probability of training on the empty caption (enables CFG)")
+    ema_decay: float = option(0.999, help="EMA decay cap (with warmup, so early EMA follows the model)")
+    prediction_type: str = option("epsilon", help="what the UNet predicts", choices=["epsilon", "v_prediction"])
+    snr_gamma: float = option(0.0, help="min-SNR loss weighting gamma (0 = off; 5 is the paper's value)")
+    num_train_timesteps: int = option(1000, help="diffusion timesteps")
+    # bookkeeping
+    checkpoint_every: int = option(500, help="save a checkpoint every N steps")
+    keep_checkpoints: int = option(2, help="how many recent checkpoints to keep")
+    sample_every: int = option(1000, help="write a sample grid every N diffusion steps (0 = only at the end)")
+    sample_prompts: list[str] = option([], help="prompts of the sample grids (default: shapes prompts)")
+    sample_steps: int = option(20, help="sampling steps for the grids")
+    sample_guidance: float = option(4.0, help="CFG scale for the grids")
+    resume: str | None = option(None, help="`latest` or a checkpoint folder to continue from")
+    export_only: bool = option(False, help="only write OUT/model from the latest checkpoint (e.g. of a cut-short run)")
+    threads: int = option(2, help="torch CPU threads")
+    progress: bool = option(True, help="show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.resolution % 8 or self.resolution < 16:
+            raise EgakuError(f"--resolution {self.resolution}: use a multiple of 8, at least 16")
+        if len(self.vae_channels) < 3:
+            raise EgakuError(f"--vae-channels {self.vae_channels}: give at least 3 blocks (downsampling factor 4)")
+        if self.vae_crop and (self.vae_crop > self.resolution or self.vae_crop % 8):
+            raise EgakuError(f"--vae-crop {self.vae_crop}: use 0 or a multiple of 8 up to --resolution")
+        if len(self.unet_down_blocks) != len(self.unet_channels):
+            raise EgakuError(f"--unet-down-blocks has {len(self.unet_down_blocks)} entries but --unet-channels "
+                             f"has {len(self.unet_channels)}; give one block type per width")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise EgakuError(f"--caption-dropout {self.caption_dropout}: use a probability in [0, 1)")
+        for name in ("steps", "batch_size", "vae_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise EgakuError(f"--{name.replace('_', '-')} must be at least 1")
+
+    @property
+    def total_steps(self) -> int:
+        return self.vae_steps + self.steps
+
+
+# Options that may change between a run and its resume without changing what is computed.
+RESUME_IGNORE = {"resume", "export_only", "threads", "progress", "out", "checkpoint_every", "keep_checkpoints",
+                 "sample_every"}
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class ImageSet:
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    captions: list[str]
+    heldout: np.ndarray  # uint8 [M, H, W, 3]: images never trained on (for VAE PSNR)
+    vocabulary: list[str]  # texts the tokenizer is built from
+    note: str = ""
+
+
+def load_training_images(opts: TrainLdmOptions) -> ImageSet:
+    if opts.data == "shapes":
+        images, specs = shapes.make_dataset(opts.shapes_images, opts.seed, "train", opts.resolution)
+        heldout, _ = shapes.make_dataset(256, opts.seed + 7919, "all", opts.resolution)
+        # The tokenizer knows every word of the world (the star included): a LoRA can then teach the
+        # untrained "star" token instead of spelling it out of byte tokens.
+        return ImageSet(images, [s.caption for s in specs], heldout, shapes.vocabulary_captions(),
+                        f"shapes: {len(specs)} rendered images, {len(shapes.training_specs())} combinations")
+    from ..data.folder import scan_image_folder
+
+    scan = scan_image_folder(opts.data, caption_template=opts.caption_template)
+    print(scan.report(), file=sys.stderr)
+    arrays = []
+    for item in scan.items:
+        with scan.load(item) as img:
+            arrays.append(np.asarray(_resize_crop(img, opts.resolution)))
+    images = np.stack(arrays)
+    captions = [i.caption for i in scan.items]
+    # Hold out up to 5% (at most 64) for PSNR; tiny folders are measured on training images, and say so.
+    n_hold = min(64, len(images) // 20)
+    order = np.random.default_rng(opts.seed).permutation(len(images))
+    if n_hold:
+        hold, keep = order[:n_hold], order[n_hold:]
+        return ImageSet(images[keep], [captions[i] for i in keep], images[hold], captions,
+                        f"{opts.data}: {len(keep)} training images, {n_hold} held out")
+    return ImageSet(images, captions, images[: min(len(images), 64)], captions,
+                    f"{opts.data}: {len(images)} images (too few to hold any out: PSNR is on training images)")
+
+
+def _resize_crop(img: Image.Image, size: int) -> Image.Image:
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Everything random in a step comes from here, so a resumed run draws the same numbers."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def build_vae(opts: TrainLdmOptions):
+    from diffusers import AutoencoderKL
+
+    n = len(opts.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=opts.latent_channels,
+        block_out_channels=tuple(opts.vae_channels), layers_per_block=opts.vae_layers_per_block,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        norm_num_groups=_groups(opts.vae_channels), sample_size=opts.resolution,
+    )
+
+
+def build_text_encoder(opts: TrainLdmOptions, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=opts.cross_attention_dim,
+        intermediate_size=4 * opts.cross_attention_dim, num_hidden_layers=opts.text_layers,
+        num_attention_heads=opts.text_heads, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def build_unet(opts: TrainLdmOptions):
+    from diffusers import UNet2DConditionModel
+
+    up = tuple(b.replace("Down", "Up") for b in reversed(opts.unet_down_blocks))
+    latent = opts.resolution // 2 ** (len(opts.vae_channels) - 1)
+    return UNet2DConditionModel(
+        sample_size=latent, in_channels=opts.latent_channels, out_channels=opts.latent_channels,
+        block_out_channels=tuple(opts.unet_channels), layers_per_block=opts.unet_layers_per_block,
+        down_block_types=tuple(opts.unet_down_blocks), up_block_types=up,
+        cross_attention_dim=opts.cross_attention_dim, attention_head_dim=opts.attention_head_dim,
+        norm_num_groups=_groups(opts.unet_channels),
+    )
+
+
+def build_noise_scheduler(opts: TrainLdmOptions):
+    from diffusers import DDPMScheduler
+
+    # SD 1.x's schedule (scaled-linear betas), so the exported model behaves like SD with every sampler.
+    return DDPMScheduler(num_train_timesteps=opts.num_train_timesteps, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type=opts.prediction_type, clip_sample=False,
+                         steps_offset=1)
+
+
+def _groups(channels: list[int]) -> int:
+    return math.gcd(32, *channels)
+
+
+def _lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean PSNR in dB of images in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+@torch.no_grad()
+def measure_vae(vae, images: np.ndarray, batch: int = 64) -> float:
+    vae.eval()
+    scores = []
+    for i in range(0, len(images), batch):
+        x = to_tensor(images[i:i + batch])
+        scores.append(psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample, x) * len(x))
+    return sum(scores) / len(images)
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (sampled per step during diffusion training)."""
+    vae.eval()
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(to_tensor(images[i:i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def make_pipeline(vae, text_encoder, tokenizer, unet, opts: TrainLdmOptions):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    # DPM-Solver++ (2M) from the training noise schedule: good samples in 20 steps, egaku's default.
+    scheduler = DPMSolverMultistepScheduler.from_config(build_noise_scheduler(opts).config,
+                                                        algorithm_type="dpmsolver++", solver_order=2)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_grid(pipe, prompts: list[str], steps: int, guidance: float, seed: int, size: int) -> Image.Image:
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                  height=size, width=size).images
+    return image_grid(images, cols=min(len(images), 4))
+
+
+# -------------------------------------------------------------------------------------------- training
+
+def _progress(opts: TrainLdmOptions, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not opts.progress, desc="train-ldm", dynamic_ncols=True)
+
+
+def train_ldm(opts: TrainLdmOptions) -> Path:
+    """Run (or resume) both stages and export the pipeline; returns ``OUT/model``."""
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    from ..models.tokenizer import build_clip_tokenizer
+
+    torch.set_num_threads(max(1, opts.threads))
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = to_dict(opts)
+    ckpts = Checkpoints(out, keep=opts.keep_checkpoints)
+    started = time.time()
+
+    # 1. Data and models (seeded), then the checkpoint to resume from, if any
+    data = load_training_images(opts)
+    print(data.note, file=sys.stderr)
+    tokenizer = build_clip_tokenizer(data.vocabulary)
+    torch.manual_seed(opts.seed)
+    vae = build_vae(opts)
+    text_encoder = build_text_encoder(opts, tokenizer)
+    unet = build_unet(opts)
+    noise_scheduler = build_noise_scheduler(opts)
+    step, state, weights = 0, None, {}
+    resume = "latest" if opts.export_only and not opts.resume else opts.resume
+    if resume:
+        ignore = RESUME_IGNORE | ({"steps"} if opts.export_only else set())
+        path = ckpts.resolve(resume)
+        weights, state = load_checkpoint(path, config, ignore=ignore)
+        step = int(state["step"])
+        vae.load_state_dict(weights["vae"])
+        print(f"resumed from {path} (step {step})", file=sys.stderr)
+    save_config(opts, out / "config.json")
+    log = MetricsLog(out / "losses.csv")
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
+    bar = _progress(opts, 0 if opts.export_only else step, opts.total_steps)
+
+    # 2. Stage 1: the VAE
+    if step < opts.vae_steps and not opts.export_only:
+        vae.train()
+        optim = torch.optim.AdamW(vae.parameters(), lr=opts.vae_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(opts.warmup_steps, opts.vae_steps))
+        if state is not None:
+            optim.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["lr_scheduler"])
+            restore_rng(state["rng"])
+        x_all = to_tensor(data.images)
+        crop = opts.vae_crop or opts.resolution
+        while step < opts.vae_steps:
+            gen = step_generator(opts.seed, step)
+            idx = torch.randint(0, len(x_all), (opts.vae_batch_size,), generator=gen)
+            top, left = torch.randint(0, opts.resolution - crop + 1, (2,), generator=gen).tolist()
+            x = x_all[idx, :, top:top + crop, left:left + crop]
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=gen)).sample
+            rec_loss = F.mse_loss(recon, x)
+            kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+            loss = rec_loss + opts.kl_weight * kl
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            step += 1
+            check_finite(loss.detach(), step, ckpts)
+            bar.update(1)
+            if step % 25 == 0 or step == opts.vae_steps:
+                bar.set_postfix(stage="vae", loss=f"{float(rec_loss):.5f}")
+                log.log(step, stage=1, loss=float(loss), recon=float(rec_loss), kl=float(kl),
+                        lr=sched.get_last_lr()[0])
+            if step % opts.checkpoint_every == 0 or step == opts.vae_steps:
+                ckpts.save(step, {"vae": vae.state_dict()},
+                           {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
+                            "rng": capture_rng()}, config)
+        del optim, sched, x_all
+        state = None  # the diffusion stage starts fresh from here
+
+    vae.eval().requires_grad_(False)
+    if "vae_psnr" not in summary and opts.vae_steps > 0:
+        summary["vae_psnr"] = round(measure_vae(vae, data.heldout), 3)
+        summary["vae_psnr_images"] = len(data.heldout)
+        summary["vae_seconds"] = round(time.time() - started, 1)
+        heldout = to_tensor(data.heldout[:8])
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(heldout).latent_dist.mode()).sample
+        (out / "samples").mkdir(exist_ok=True)
+        image_grid(to_pil(heldout) + to_pil(recon), cols=8).save(out / "samples" / "vae-reconstructions.png")
+        print(f"VAE: held-out PSNR {summary['vae_psnr']:.2f} dB", file=sys.stderr)
+
+    # 3. Latents of every training image, scaled to unit variance
+    bar.set_postfix(stage="encoding")
+    means, stds = encode_all(vae, data.images)
+    scaling = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling)
+    ids = tokenizer(data.captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+
+    # 4. Stage 2: text encoder + UNet
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = EMAModel(params, decay=opts.ema_decay, use_ema_warmup=True, power=2 / 3)
+    names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(opts.warmup_steps, opts.steps, opts.lr_schedule))
+    if state is not None and step > opts.vae_steps:
+        unet.load_state_dict(weights["unet"])
+        text_encoder.load_state_dict(weights["text_encoder"])
+        ema.shadow_params = [weights["ema"][n].clone() for n in names]
+        ema.optimization_step = int(state["ema_step"])
+        if not opts.export_only:
+            optim.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["lr_scheduler"])
+            restore_rng(state["rng"])
+    prompts = opts.sample_prompts or (DEFAULT_SAMPLE_PROMPTS if opts.data == "shapes" else sorted(set(data.captions))[:8])
+
+    def checkpoint() -> None:
+        ckpts.save(step, {"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                          "ema": dict(zip(names, ema.shadow_params))},
+                   {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
+                    "rng": capture_rng(), "ema_step": ema.optimization_step}, config)
+
+    def ema_pipeline():
+        """A pipeline holding copies of the EMA weights (the training weights stay untouched)."""
+        import copy
+
+        u, t = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+        ema.copy_to(list(u.parameters()) + list(t.parameters()))
+        return make_pipeline(vae, t.eval(), tokenizer, u.eval(), opts)
+
+    unet.train()
+    text_encoder.train()
+    alphas = noise_scheduler.alphas_cumprod
+    while step < opts.total_steps and not opts.export_only:
+        gen = step_generator(opts.seed, step)
+        idx = torch.randint(0, len(means), (opts.batch_size,), generator=gen)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
+        if opts.flip:
+            flip = torch.rand(opts.batch_size, generator=gen) < 0.5
+            latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+        drop = torch.rand(opts.batch_size, generator=gen) < opts.caption_dropout
+        input_ids = torch.where(drop[:, None], empty_ids, ids[idx])
+        noise = torch.randn(latents.shape, generator=gen)
+        timesteps = torch.randint(0, opts.num_train_timesteps, (opts.batch_size,), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if opts.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        hidden = text_encoder(input_ids)[0]
+        pred = unet(noisy, timesteps, hidden).sample
+        if opts.snr_gamma > 0:
+            snr = compute_snr(noise_scheduler, timesteps)
+            weight = torch.clamp(snr, max=opts.snr_gamma) / (snr if opts.prediction_type == "epsilon" else snr + 1)
+            loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean()
+        else:
+            loss = F.mse_loss(pred, target)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        sched.step()
+        ema.step(params)
+        step += 1
+        check_finite(loss.detach(), step, ckpts)
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(stage="unet", loss=f"{float(loss):.4f}")
+            log.log(step, stage=2, loss=float(loss), lr=sched.get_last_lr()[0])
+        if step % opts.checkpoint_every == 0 or step == opts.total_steps:
+            checkpoint()
+        done = step - opts.vae_steps
+        if opts.sample_every and done % opts.sample_every == 0 and step < opts.total_steps:
+            sample_grid(ema_pipeline(), prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
+                        opts.resolution).save(out / "samples" / f"step-{step:06d}.png")
+    bar.close()
+    del alphas
+
+    # 5. Export the EMA weights as a standard pipeline
+    pipe = ema_pipeline()
+    model_dir = out / "model"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    (out / "samples").mkdir(exist_ok=True)
+    sample_grid(pipe, prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
+                opts.resolution).save(out / "samples" / f"final-step-{step:06d}.png")
+    if not opts.export_only:
+        summary["train_seconds_this_run"] = round(time.time() - started, 1)
+    summary.update(step=step, scaling_factor=scaling, data=data.note, model=str(model_dir))
+    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {model_dir} (step {step}); VAE held-out PSNR {summary.get('vae_psnr', float('nan')):.2f} dB",
+          file=sys.stderr)
+    return model_dir
+
+
+def train_ldm_command(opts: TrainLdmOptions) -> None:
+    train_ldm(opts)

@@ -1,0 +1,190 @@
+"""train-ldm end to end on tiny models: what it writes, that diffusers loads it, exact resume, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from egaku.config import build, load_preset
+from egaku.errors import EgakuError
+from egaku.training import ldm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_opts(out, **overrides) -> ldm.TrainLdmOptions:
+    return build(ldm.TrainLdmOptions, load_preset(ROOT / "configs" / "ldm-tiny.toml"),
+                 {"out": str(out), "progress": False, "threads": 1, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ldm") / "run"
+    ldm.train_ldm(tiny_opts(out))
+    return out
+
+
+def _unet_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_whole_chain_writes_a_pipeline_that_plain_diffusers_loads(tiny_run):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    model = tiny_run / "model"
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((model / part).glob("*.safetensors")), part
+    assert (model / "tokenizer" / "tokenizer_config.json").is_file()
+    assert (tiny_run / "checkpoints" / "latest").read_text().strip() == "step-000010"
+    assert json.loads((tiny_run / "config.json").read_text())["steps"] == 6
+    rows = (tiny_run / "losses.csv").read_text().splitlines()
+    assert rows[0].startswith("step,time") and len(rows) > 1
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["step"] == 10 and np.isfinite(summary["vae_psnr"])
+    assert (tiny_run / "samples" / "vae-reconstructions.png").is_file()
+    assert (tiny_run / "samples" / "final-step-000010.png").is_file()
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    assert pipe.safety_checker is None
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    # latents were scaled to unit variance with a factor stored in the VAE config
+    assert pipe.vae.config.scaling_factor == pytest.approx(summary["scaling_factor"])
+    assert pipe.vae.config.scaling_factor != 0.18215
+    images = pipe("a large red circle in the center on a white background", num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    # the exported UNet holds the EMA weights, not the raw training weights
+    ckpt = load_file(tiny_run / "checkpoints" / "step-000010" / "ema.safetensors")
+    name = next(iter(_unet_weights(model)))
+    assert torch.equal(_unet_weights(model)[name], ckpt[f"unet.{name}"])
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "interrupted"
+    real_check = ldm.check_finite
+
+    def interrupt_at_8(loss, step, ckpts, *a, **k):
+        if step == 8:  # after the checkpoint of step 6, in the diffusion stage
+            raise KeyboardInterrupt
+        return real_check(loss, step, ckpts, *a, **k)
+
+    monkeypatch.setattr(ldm, "check_finite", interrupt_at_8)
+    with pytest.raises(KeyboardInterrupt):
+        ldm.train_ldm(tiny_opts(out))
+    monkeypatch.setattr(ldm, "check_finite", real_check)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000006"
+    assert not (out / "model").exists()
+
+    ldm.train_ldm(tiny_opts(out, resume="latest"))
+    full, resumed = _unet_weights(tiny_run / "model"), _unet_weights(out / "model")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_inside_the_vae_stage(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "vae-stage"
+    real_check = ldm.check_finite
+
+    def interrupt_at_4(loss, step, ckpts, *a, **k):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_check(loss, step, ckpts, *a, **k)
+
+    monkeypatch.setattr(ldm, "check_finite", interrupt_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        ldm.train_ldm(tiny_opts(out))
+    monkeypatch.setattr(ldm, "check_finite", real_check)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    ldm.train_ldm(tiny_opts(out, resume="latest"))
+    vae_full = load_file(tiny_run / "model" / "vae" / "diffusion_pytorch_model.safetensors")
+    vae_resumed = load_file(out / "model" / "vae" / "diffusion_pytorch_model.safetensors")
+    for key in vae_full:
+        torch.testing.assert_close(vae_resumed[key], vae_full[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_a_different_config_is_refused_naming_the_difference(tiny_run):
+    with pytest.raises(EgakuError, match=r"lr: checkpoint has 0.0006, now 0.001"):
+        ldm.train_ldm(tiny_opts(tiny_run, resume="latest", lr=1e-3))
+
+
+def test_export_only_writes_a_model_from_the_latest_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run / "checkpoints", copy / "checkpoints")
+    # a cut-short run is exported as it stands, even if --steps now says more
+    ldm.train_ldm(tiny_opts(copy, export_only=True, steps=100))
+    for key, value in _unet_weights(tiny_run / "model").items():
+        torch.testing.assert_close(_unet_weights(copy / "model")[key], value)
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one_valid(tmp_path, monkeypatch):
+    from egaku.training import runtime
+
+    out = tmp_path / "diskfull"
+    real_save = runtime.torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third checkpoint (step 6)
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(runtime.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ldm.train_ldm(tiny_opts(out))
+    monkeypatch.setattr(runtime.torch, "save", real_save)
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-000004"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
+    ldm.train_ldm(tiny_opts(out, resume="latest"))
+    assert (out / "model" / "model_index.json").is_file()
+
+
+def _write_folder(root: Path, n: int = 3) -> Path:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a noisy picture number {i}")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def test_image_folder_training_skips_and_lists_undecodable_images(tmp_path, capsys):
+    data = _write_folder(tmp_path / "data")
+    model = ldm.train_ldm(tiny_opts(tmp_path / "run", data=str(data), vae_steps=2, steps=2, checkpoint_every=10))
+    err = capsys.readouterr().err
+    assert "3 images used, 1 skipped" in err and "broken.png" in err
+    assert (model / "model_index.json").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "PSNR is on training images" in summary["data"]
+
+
+def test_empty_or_missing_dataset_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EgakuError, match="found 0 usable images"):
+        ldm.train_ldm(tiny_opts(tmp_path / "a", data=str(tmp_path / "empty")))
+    with pytest.raises(EgakuError, match="does not exist"):
+        ldm.train_ldm(tiny_opts(tmp_path / "b", data=str(tmp_path / "nowhere")))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(EgakuError, match="downsampling factor 4"):
+        ldm.TrainLdmOptions(vae_channels=[8, 8])
+    with pytest.raises(EgakuError, match="one block type per width"):
+        ldm.TrainLdmOptions(unet_channels=[8, 16, 32], unet_down_blocks=["DownBlock2D"])
+    with pytest.raises(EgakuError, match="caption-dropout"):
+        ldm.TrainLdmOptions(caption_dropout=1.5)
+
+
+def test_presets_load_against_the_options():
+    for name in ("ldm-tiny", "ldm-builtin"):
+        opts = build(ldm.TrainLdmOptions, load_preset(ROOT / "configs" / f"{name}.toml"))
+        assert opts.data == "shapes"
