@@ -149,8 +149,8 @@ def _validate(o: GenerateOptions) -> None:
     if o.init_image is not None and not 0.0 < o.strength <= 1.0:
         raise EgakuError(f"--strength must be in (0, 1], got {o.strength}", param="strength")
     if o.init_image is not None and int(o.steps * o.strength) < 1:
-        raise EgakuError(f"{o.steps} steps at strength {o.strength} leave no denoising step; use more --steps",
-                         param="steps")
+        raise EgakuError(f"{o.steps} steps at strength {o.strength} leave no denoising step (img2img runs "
+                         f"steps x strength steps); use at least {int(1 / o.strength) + 1} steps", param="steps")
     if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
         raise EgakuError(f"--seed must be in 0..{MAX_SEED}, got {o.seed}", param="seed")
 

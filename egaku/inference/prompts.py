@@ -127,20 +127,12 @@ def apply_prompt_parameters(opts: GenerateOptions, has_init_image: bool | None =
     return dataclasses.replace(opts, **changes)
 
 
-def _check_img2img_steps(steps: int, strength: float) -> None:
-    # img2img runs int(steps * strength) steps; zero would make diffusers fail deep inside
-    if int(steps * strength) < 1:
-        raise EgakuError(f"{steps} steps at strength {strength} leave no denoising step (steps x strength < 1); "
-                         f"use at least {int(1 / strength) + 1} steps", param="steps")
-
-
 def variations(pipe, image: Image.Image, prompt: str = "", num_images: int = 4, seed: int | None = None,
                strength: float = VARIATION_STRENGTH, on_step: Callable[[int, int], None] | None = None,
                **overrides: Any) -> list[GeneratedImage]:
     """Variations of a chosen image: img2img at moderate strength with new seeds, same size."""
     overrides.setdefault("width", image.width)
     overrides.setdefault("height", image.height)
-    _check_img2img_steps(overrides.get("steps", GenerateOptions.steps), strength)
     return generate(pipe, prompt, init_image=image, num_images=num_images, seed=seed, strength=strength,
                     on_step=on_step, **overrides)
 
@@ -151,8 +143,6 @@ def upscale(pipe, image: Image.Image, prompt: str = "", factor: int = 2, strengt
     """A "hires fix": resize ``factor``x (Lanczos), then a low-strength img2img pass that redraws detail."""
     if factor < 1:
         raise EgakuError(f"upscale factor must be at least 1, got {factor}", param="factor")
-    steps = overrides.get("steps", GenerateOptions.steps)
-    _check_img2img_steps(steps, strength)
     width, height = image.width * factor, image.height * factor
     big = image.convert("RGB").resize((width, height), Image.LANCZOS)
     result = generate(pipe, prompt, init_image=big, num_images=1, seed=seed, strength=strength, width=width,

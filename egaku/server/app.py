@@ -196,13 +196,9 @@ def _run_request(pipe, req: ImageRequest):
         o = dict(req.options)
         if req.kind == "generation":
             results = generate_module.generate(pipe, on_step=on_step, **o)
-        elif req.kind == "edit" and req.mask is not None:
-            from ..inference.inpaint import inpaint
-
-            prompt = o.pop("prompt")
-            results = inpaint(pipe, prompt, req.init_image, req.mask, on_step=on_step, **o)
-        elif req.kind == "edit":
-            results = generate_module.generate(pipe, init_image=req.init_image, on_step=on_step, **o)
+        elif req.kind == "edit":  # img2img, or inpainting when a mask came with the image
+            results = generate_module.generate(pipe, init_image=req.init_image, mask_image=req.mask,
+                                               on_step=on_step, **o)
         elif req.kind == "variation":
             results = prompts.variations(pipe, req.init_image, o.pop("prompt"), o.pop("num_images"), o.pop("seed"),
                                          o.pop("strength"), on_step=on_step, **o)
@@ -501,11 +497,11 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
     async def server_options():
         """What the web page offers: samplers, LoRAs, sizes and limits."""
         from ..inference.generate import native_size
-        from .requests import pixel_multiple
+        from ..inference.generate import size_multiple
         from ..inference.samplers import DEFAULT_SAMPLER, sampler_names
 
         return {
-            "models": [{"id": name, "native_size": native_size(pipe), "multiple": pixel_multiple(pipe)}
+            "models": [{"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe)}
                        for name, pipe in pipelines.items()],
             "samplers": sampler_names(), "default_sampler": DEFAULT_SAMPLER, "loras": _lora_catalog(opts.lora_dir),
             "max_n": opts.max_n, "max_side": opts.max_side, "max_steps": opts.max_steps,

@@ -108,12 +108,6 @@ def _as_str(body: Mapping[str, Any], key: str, max_len: int = 4000) -> str | Non
     return value
 
 
-def pixel_multiple(pipe) -> int:
-    """Sizes this server accepts are multiples of this: the model's own multiple, and of 8, which
-    diffusers' pipelines require whatever the model."""
-    return math.lcm(8, size_multiple(pipe))
-
-
 def parse_size(text: str | None, pipe, limits: Limits) -> tuple[int | None, int | None]:
     """"WxH" -> (W, H) within the server's limits and the model's pixel multiple; "auto"/None -> model default."""
     if text is None or text.strip().lower() in ("", "auto"):
@@ -122,7 +116,7 @@ def parse_size(text: str | None, pipe, limits: Limits) -> tuple[int | None, int 
     if not match:
         raise _bad(f"size {text!r} is not WIDTHxHEIGHT (e.g. \"512x512\")", "size")
     width, height = int(match[1]), int(match[2])
-    multiple = pixel_multiple(pipe)
+    multiple = size_multiple(pipe)
     if not (multiple <= width <= limits.max_side and multiple <= height <= limits.max_side):
         raise _bad(f"size {width}x{height} is outside {multiple}..{limits.max_side} pixels per side, "
                    "the limit of this server", "size")
@@ -171,7 +165,7 @@ def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
 
 def default_size(image: Image.Image, pipe, limits: Limits) -> tuple[int, int]:
     """An uploaded image's own size, scaled down to the server's limit and rounded to the model's multiple."""
-    multiple = pixel_multiple(pipe)
+    multiple = size_multiple(pipe)
     scale = min(1.0, limits.max_side / max(image.size))
     return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in image.size)  # type: ignore[return-value]
 
@@ -221,7 +215,9 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         opts.guidance_scale = guidance
     if sampler is not None:
         opts.sampler = canonical_sampler(sampler)
-    default_strength = {"variation": VARIATION_STRENGTH, "upscale": UPSCALE_STRENGTH}.get(kind, opts.strength)
+    # an edit with a mask repaints the masked area from noise, as OpenAI's edits do
+    default_strength = {"variation": VARIATION_STRENGTH, "upscale": UPSCALE_STRENGTH}.get(
+        kind, 1.0 if mask is not None else opts.strength)
     opts.strength = default_strength if strength is None else strength
     # Midjourney-style parameters in the prompt ("--ar 16:9 --seed 7 --no text")
     try:
@@ -235,7 +231,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     if opts.aspect_ratio:
         # W:H at the model's native pixel count, on this server's pixel grid (the response's "size" says it)
         w, h, _ = resolve_size(pipe, None, None, opts.aspect_ratio)
-        m = pixel_multiple(pipe)
+        m = size_multiple(pipe)
         w, h = (max(m, round(side / m) * m) for side in (w, h))
         if max(w, h) > limits.max_side:
             raise _bad(f"--ar {opts.aspect_ratio} gives {w}x{h}, over this server's {limits.max_side}-pixel limit",
