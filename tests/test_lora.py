@@ -58,11 +58,14 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir, tiny_model_dir) -> Path:
-    """One fp32 run shared by the loading tests: alpha != rank, both layouts, validation, checkpoints."""
+    """One fp32 run shared by the loading tests: alpha != rank, UNet attention + conv LoRA, both layouts,
+    validation, checkpoints."""
     out = tmp_path_factory.mktemp("lora-run") / "starlora"
-    return train_lora(options(data_dir, tiny_model_dir, out, learning_rate=5e-2, checkpoint_every=2,
-                              validation_prompts=["a photo of red star"], validation_seeds=[0, 1],
-                              validation_steps=2, random_flip=True))
+    return train_lora(options(data_dir, tiny_model_dir, out, **TRAINED))
+
+
+TRAINED = dict(learning_rate=5e-2, checkpoint_every=2, validation_prompts=["a photo of red star"],
+               validation_seeds=[0, 1], validation_steps=2, random_flip=True, lora_conv=True)
 
 
 def tiny_pipe(model_dir):
@@ -95,7 +98,8 @@ def test_run_writes_adapter_kohya_config_log_grid_and_checkpoints(trained):
     # the adapter, not the pipeline: only LoRA tensors, about 10k numbers
     weights = load_file(trained / "pytorch_lora_weights.safetensors")
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
-    assert all(k.startswith("unet.") for k in weights)
+    assert {k.split(".")[0] for k in weights} == {"unet"}
+    assert any(".resnets.0.conv1.lora_A" in k for k in weights)
 
 
 def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
@@ -103,9 +107,10 @@ def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
     tensors = load_file(path)
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
-    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+    assert all(k.startswith(("lora_unet_", "lora_te_")) and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in tensors)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    assert "lora_unet_down_blocks_0_resnets_1_conv2.lora_up.weight" in tensors
     alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
     assert alphas and set(alphas) == {2.0}
     assert meta["ss_network_module"] == "networks.lora"
@@ -152,6 +157,33 @@ def test_apply_loras_both_layouts_match_diffusers_and_remove_restores_base(train
     apply_loras(pipe, [(trained / "pytorch_lora_weights.safetensors", 0.5), (trained / "starlora.safetensors", 0.5)])
     np.testing.assert_allclose(render(pipe), expected, atol=1e-4)
     remove_loras(pipe)
+
+
+def test_text_encoder_lora_uses_the_names_other_tools_use_and_applies(tmp_path, data_dir, tiny_model_dir):
+    from egaku.lora.apply import apply_loras, remove_loras
+
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "telora", max_steps=2, learning_rate=5e-2,
+                             train_text_encoder=True))
+    diffusers_keys = load_file(out / "pytorch_lora_weights.safetensors")
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in diffusers_keys
+    assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj.alpha" in load_file(out / "telora.safetensors")
+
+    pipe = tiny_pipe(tiny_model_dir)
+    ids = pipe.tokenizer(["a photo of red star"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_text = pipe.text_encoder(ids)[0]
+    base = render(pipe)
+    images = []
+    for file in ("pytorch_lora_weights.safetensors", "telora.safetensors"):
+        apply_loras(pipe, [(out / file, 1.0)])
+        with torch.no_grad():
+            assert (pipe.text_encoder(ids)[0] - base_text).abs().max() > 1e-4  # the text-encoder half is active
+        images.append(render(pipe))
+        remove_loras(pipe)
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.text_encoder(ids)[0], base_text)
+    np.testing.assert_allclose(images[0], images[1], atol=1e-5)
+    assert np.abs(images[0] - base).max() > 1e-3
 
 
 # ---- what trains -----------------------------------------------------------------------------------------
@@ -216,6 +248,44 @@ def test_without_latent_cache_the_vae_runs_every_step(tmp_path, data_dir, tiny_m
     assert len(calls) == 3
 
 
+def test_v_prediction_min_snr_noise_offset_and_checkpointing_run(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    import shutil
+
+    from diffusers import DDPMScheduler
+
+    model = tmp_path / "v-model"
+    shutil.copytree(tiny_model_dir, model)
+    config_path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    velocity_calls = []
+    original = DDPMScheduler.get_velocity
+    monkeypatch.setattr(DDPMScheduler, "get_velocity",
+                        lambda self, *a: velocity_calls.append(1) or original(self, *a))
+    out = train_lora(options(data_dir, model, tmp_path / "out", max_steps=2, min_snr_gamma=5.0, noise_offset=0.1,
+                             gradient_checkpointing=True, format="diffusers"))
+    assert len(velocity_calls) == 2  # the target is v, as the model's scheduler says
+    losses = [float(r.split(",")[2]) for r in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_disk_cache_is_reused_by_the_next_run(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    calls = []
+    original_load = lora_training._load_base
+
+    def load_and_count(model):
+        pipe = original_load(model)
+        encode = pipe.vae.encode
+        monkeypatch.setattr(pipe.vae, "encode", lambda *a, **kw: calls.append(1) or encode(*a, **kw))
+        return pipe
+
+    monkeypatch.setattr(lora_training, "_load_base", load_and_count)
+    for run in ("a", "b"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / run, max_steps=1, format="diffusers",
+                           cache_dir=str(tmp_path / "cache")))
+    assert len(calls) == 6  # six images encoded by the first run only
+
+
 def test_resume_twice_equals_uninterrupted(tmp_path, data_dir, tiny_model_dir):
     # flips, dropout, accumulation across epochs and a warmup+cosine schedule all have state to restore
     common = dict(max_steps=4, gradient_accumulation=2, batch_size=2, random_flip=True, dropout=0.1,
@@ -260,9 +330,7 @@ def test_two_process_run_under_torchrun_on_cpu(tmp_path, data_dir, tiny_model_di
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 def test_resume_with_changed_config_is_refused_naming_the_difference(trained, data_dir, tiny_model_dir):
-    opts = options(data_dir, tiny_model_dir, trained, learning_rate=1e-3, checkpoint_every=2, resume="latest",
-                   validation_prompts=["a photo of red star"], validation_seeds=[0, 1], validation_steps=2,
-                   random_flip=True)
+    opts = options(data_dir, tiny_model_dir, trained, **{**TRAINED, "learning_rate": 1e-3}, resume="latest")
     with pytest.raises(EgakuError, match=r"learning_rate: checkpoint has 0\.05, now 0\.001"):
         train_lora(opts)
 

@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 
 from ..errors import EgakuError, NotFoundError
-from .formats import (LORA_WEIGHTS_NAME, adaptable_modules, bake_alpha, check_coverage, is_kohya, kohya_to_peft,
-                      peft_pairs, read_lora_file)
+from .formats import (LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha, check_coverage, is_kohya,
+                      kohya_to_peft, model_module_name, peft_pairs, read_lora_file)
 
 # A1111 syntax: <lora:name> or <lora:name:0.8>
 _TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
@@ -89,8 +89,51 @@ def _adapter_name(path: Path, index: int, taken: set[str]) -> str:
     return name
 
 
+def _alphas_of_diffusers_file(pairs, state_dict, metadata) -> dict[str, float]:
+    """Per-module alpha: old ``.alpha`` keys, else the adapter metadata diffusers writes, else alpha = rank."""
+    alphas = {}
+    for full, pair in pairs.items():
+        component, module = full.split(".", 1)
+        default, pattern = adapter_alphas(metadata, component)
+        alpha = state_dict.get(f"{full}.alpha")
+        if alpha is not None:
+            alphas[full] = float(alpha)
+            continue
+        alpha = next((float(v) for k, v in pattern.items() if module == k or module.endswith("." + k)), None)
+        alphas[full] = alpha if alpha is not None else float(default if default is not None else pair["down"].shape[0])
+    return alphas
+
+
+def _load_text_encoder_lora(text_encoder, pairs: dict, alphas: dict, name: str) -> None:
+    """Inject a LoRA into the CLIP text encoder with peft directly.
+
+    diffusers goes through transformers' ``load_adapter``, which transformers 5 gates on peft >= 0.22;
+    peft's own injection makes the same layers, and diffusers' ``set_adapters``/``unload_lora_weights``/
+    ``fuse_lora`` handle them like their own.
+    """
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    modules = {full.split(".", 1)[1]: pair for full, pair in pairs.items()}
+    ranks = {m: int(p["down"].shape[0]) for m, p in modules.items()}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    differing = {m: r for m, r in ranks.items() if r != rank}
+    config = LoraConfig(r=rank, lora_alpha=rank, rank_pattern=differing, alpha_pattern=differing,
+                        target_modules=sorted(modules), init_lora_weights=False)
+    inject_adapter_in_model(config, text_encoder, adapter_name=name)
+    baked = bake_alpha({f"x.{m}": p for m, p in modules.items()}, {f"x.{m}": alphas[f"text_encoder.{m}"] for m in modules})
+    state = {k[2:]: v.to(text_encoder.dtype) for k, v in baked.items()}
+    result = set_peft_model_state_dict(text_encoder, state, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise EgakuError(f"text-encoder LoRA keys not placed: {unexpected[:3]}", param="lora")
+
+
 def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
-    """Load each LoRA (diffusers/PEFT or kohya layout, detected from keys) into pipe's UNet (and text encoder if present) as a named adapter and activate them all with their weights (pipe.set_adapters). A file whose keys match nothing in the model, or whose shapes do not fit (trained on another base: name the mismatching layer), raises EgakuError. Returns adapter names."""
+    """Load each LoRA (diffusers/PEFT or kohya layout, detected from keys) into pipe's UNet (and text encoder if present) as a named adapter and activate them all with their weights (pipe.set_adapters). A file whose keys match nothing in the model, or whose shapes do not fit (trained on another base: name the mismatching layer), raises EgakuError. Returns adapter names.
+
+    Both layouts are resolved here against the model's own module names, with alpha folded into the up
+    weights, so the same numbers reach the model whichever layout a file uses.
+    """
     if not loras:
         return []
     modules = adaptable_modules(pipe)
@@ -98,22 +141,32 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
     for full in modules:
         component, name = full.split(".", 1)
         module_names.setdefault(component, []).append(name)
-    taken = set(getattr(pipe, "get_list_adapters", lambda: {})().get("unet", []))
+    listed = getattr(pipe, "get_list_adapters", lambda: {})()
+    taken = {n for names in listed.values() for n in names}
     names, weights = [], []
     for index, (path, weight) in enumerate(loras):
         path = Path(path)
-        state_dict, _ = read_lora_file(path)
+        state_dict, metadata = read_lora_file(path)
+        if is_kohya(state_dict):
+            pairs, alphas, unknown = kohya_to_peft(state_dict, module_names)
+        else:
+            raw_pairs, unknown = peft_pairs(state_dict)
+            raw_alphas = _alphas_of_diffusers_file(raw_pairs, state_dict, metadata)
+            pairs = {model_module_name(k, modules): v for k, v in raw_pairs.items()}
+            alphas = {model_module_name(k, modules): v for k, v in raw_alphas.items()}
+        check_coverage(pairs, modules, str(path), unknown)
         name = _adapter_name(path, index, taken)
         taken.add(name)
-        if is_kohya(state_dict):
-            pairs, alphas, unmatched = kohya_to_peft(state_dict, module_names)
-            check_coverage(pairs, modules, str(path), unmatched)
-            # our own exact name resolution, alpha folded into the up weights: no heuristics, no metadata
-            pipe.load_lora_weights(bake_alpha(pairs, alphas), adapter_name=name)
-        else:
-            pairs, unknown = peft_pairs(state_dict)
-            check_coverage(pairs, modules, str(path), unknown)
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        unet_pairs = {k: v for k, v in pairs.items() if k.startswith("unet.")}
+        te_pairs = {k: v for k, v in pairs.items() if k.startswith("text_encoder.")}
+        try:
+            if unet_pairs:
+                pipe.load_lora_weights(bake_alpha(unet_pairs, alphas), adapter_name=name)
+            if te_pairs:
+                _load_text_encoder_lora(pipe.text_encoder, te_pairs, alphas, name)
+        except (ValueError, RuntimeError) as exc:
+            raise EgakuError(f"{path}: could not be loaded into this model ({str(exc).splitlines()[0]})",
+                             param="lora") from None
         names.append(name)
         weights.append(float(weight))
     pipe.set_adapters(names, adapter_weights=weights)

@@ -35,6 +35,14 @@ def kohya_name(component: str, module: str) -> str:
     return KOHYA_PREFIXES[component] + module.replace(".", "_")
 
 
+def canonical_module(component: str, module: str) -> str:
+    """The name other tools use: CLIP's layers live under ``text_model.`` in every SD 1.x LoRA in the wild,
+    while transformers 5 flattens ``CLIPTextModel`` so that the same layer is ``encoder.layers...``."""
+    if component == "text_encoder" and not module.startswith("text_model."):
+        return "text_model." + module
+    return module
+
+
 def is_kohya(state_dict: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in state_dict)
 
@@ -107,7 +115,7 @@ def peft_to_kohya(pairs: dict[str, dict[str, torch.Tensor]], alpha_for: dict[str
         component, module = full.split(".", 1)
         if component not in KOHYA_PREFIXES:
             raise EgakuError(f"cannot export {full!r} to kohya: only unet and text_encoder LoRAs have a kohya name")
-        name = kohya_name(component, module)
+        name = kohya_name(component, canonical_module(component, module))
         out[f"{name}.lora_down.weight"] = pair["down"].detach().float().contiguous()
         out[f"{name}.lora_up.weight"] = pair["up"].detach().float().contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha_for[full]))
@@ -121,7 +129,7 @@ def kohya_to_peft(state_dict: dict[str, torch.Tensor], module_names: dict[str, l
     ``module_names`` maps a component (``unet``, ``text_encoder``) to its module paths. Returns
     (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``, kohya names that match nothing).
     """
-    lookup = {kohya_name(c, m): f"{c}.{m}" for c, names in module_names.items() for m in names}
+    lookup = {kohya_name(c, canonical_module(c, m)): f"{c}.{m}" for c, names in module_names.items() for m in names}
     lookup.update({n.replace("lora_te_", "lora_te1_", 1): full for n, full in lookup.items() if n.startswith("lora_te_")})
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
@@ -201,7 +209,8 @@ def adaptable_modules(pipe) -> dict[str, torch.nn.Module]:
     """``component.module`` -> Linear/Conv2d base layer for the UNet and text encoder of ``pipe``.
 
     A module already wrapped by peft is reported under its own name with its base layer, so a second
-    LoRA is checked against the same shapes as the first.
+    LoRA is checked against the same shapes as the first. Text-encoder layers are named as in the model
+    (see ``canonical_module`` for the name files use).
     """
     found: dict[str, torch.nn.Module] = {}
     for component in ("unet", "text_encoder"):
@@ -215,6 +224,14 @@ def adaptable_modules(pipe) -> dict[str, torch.nn.Module]:
             if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
                 found[f"{component}.{name}"] = base
     return found
+
+
+def model_module_name(full: str, modules: dict[str, torch.nn.Module]) -> str:
+    """Map a file's ``text_encoder.text_model.X`` to the model's ``text_encoder.X`` when the model is flat."""
+    if full in modules or not full.startswith("text_encoder.text_model."):
+        return full
+    flat = "text_encoder." + full[len("text_encoder.text_model."):]
+    return flat if flat in modules else full
 
 
 def kohya_metadata(**values) -> dict[str, str]:

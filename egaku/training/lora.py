@@ -39,7 +39,7 @@ from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_b
 from ..data.folder import scan_image_folder
 from ..data.images import image_grid
 from ..errors import EgakuError
-from ..lora.formats import LORA_WEIGHTS_NAME, kohya_metadata, peft_pairs, peft_to_kohya
+from ..lora.formats import LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs, peft_to_kohya
 from .runtime import Checkpoints, capture_rng, check_finite, load_checkpoint, restore_rng, MetricsLog
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -195,7 +195,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
 
@@ -245,8 +245,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                                 init_lora_weights="gaussian", target_modules=targets))
     trained = [unet]
     if opts.train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
-                                            init_lora_weights="gaussian", target_modules=TEXT_ENCODER_ATTENTION))
+        # transformers 5's add_adapter demands peft >= 0.22; peft's own injection makes the same layers
+        inject_adapter_in_model(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
+                                           init_lora_weights="gaussian", target_modules=TEXT_ENCODER_ATTENTION),
+                                text_encoder)
         trained.append(text_encoder)
     cast_training_params(trained, dtype=torch.float32)
     if opts.gradient_checkpointing:
@@ -491,8 +493,9 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
     out.mkdir(parents=True, exist_ok=True)
     layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
     meta = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
-    if text_encoder is not None:
-        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder)
+    if text_encoder is not None:  # under the names other tools use (text_model.encoder...)
+        layers["text_encoder_lora_layers"] = {canonical_module("text_encoder", k): v
+                                              for k, v in get_peft_model_state_dict(text_encoder).items()}
         meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
     written = []
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-lora-") as tmp:
