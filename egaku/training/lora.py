@@ -182,7 +182,7 @@ class _Cache:
         if path is not None:
             from safetensors.torch import save_file
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may fill the same cache
             save_file({"t": value}, tmp)
             os.replace(tmp, path)
         self.store[key] = value
@@ -201,6 +201,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     if not opts.data:
         raise EgakuError("--data is required: the folder of training images")
+    if opts.device != "auto":
+        from ..models.loading import resolve_device
+
+        resolve_device(opts.device)  # --device cuda without a GPU is an error, not a silent CPU run
     out = Path(opts.out)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # a second run in the same process (Python API, tests) may use another precision
@@ -263,7 +267,12 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     buckets = make_buckets(resolution, step=step_px, max_ratio=opts.max_aspect)
     bucket_of = [nearest_bucket(item.size, buckets) for item in scan.items]
     captions = [item.caption for item in scan.items]
-    cache = _Cache(opts.cache_dir, f"{opts.model}|{vae_scale}")
+    # the disk cache is keyed by the encoders' weights too, so a retrained model never reuses stale latents
+    model_key = ""
+    if opts.cache_dir:
+        fingerprint = [float(sum(p.double().sum() for p in m.parameters())) for m in (vae, text_encoder)]
+        model_key = json.dumps([vae.config, text_encoder.config.to_dict(), fingerprint], default=str)
+    cache = _Cache(opts.cache_dir, model_key)
     flips = (False, True) if opts.random_flip else (False,)
 
     def pixels(index: int, flip: bool) -> torch.Tensor:
@@ -344,6 +353,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             set_peft_model_state_dict(accelerator.unwrap_model(text_encoder), weights["text_encoder_lora"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if int(state["world"]) != world:
+            raise EgakuError(f"cannot resume from {path}: it was written by a run on {int(state['world'])} "
+                             f"process(es), this one has {world}; the data position depends on it. Resume with "
+                             f"{int(state['world'])} process(es)")
         restore_rng(state["rng"])
         step, micro = int(state["step"]), int(state["micro"])
         say(f"resumed from {path} at step {step}")
@@ -358,7 +371,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         if main:
             checkpoints.save(step, lora_state(), {"optimizer": optimizer.state_dict(),
                                                   "lr_scheduler": lr_scheduler.state_dict(), "rng": capture_rng(),
-                                                  "step": step, "micro": micro}, config)
+                                                  "step": step, "micro": micro, "world": world}, config)
         accelerator.wait_for_everyone()
 
     def unwrapped(model):
