@@ -86,6 +86,16 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise EgakuError(f"config file {str(path)!r} does not exist; pass a TOML file such as configs/<name>.toml")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise EgakuError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise EgakuError(f"config file {str(path)!r} must hold a mapping of option: value")
+        return data
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)

@@ -429,3 +429,12 @@ def test_every_lora_preset_builds_the_options():
     assert presets
     for preset in presets:
         build(TrainLoraOptions, tomllib.loads(preset.read_text()))
+
+
+def test_yaml_config_with_flags_overriding(tmp_path):
+    from egaku.cli import parse
+
+    preset = tmp_path / "lora.yaml"
+    preset.write_text("rank: 16\nlearning_rate: 0.0002\nvalidation_prompts: [a red star]\n")
+    _, opts = parse(["train-lora", "--config", str(preset), "--rank", "4", "--data", "d"])
+    assert (opts.rank, opts.learning_rate, opts.validation_prompts, opts.data) == (4, 2e-4, ["a red star"], "d")

@@ -68,6 +68,9 @@ class BucketBatches:
 
     def batches(self, epoch: int) -> list[list[int]]:
         """All batches of one epoch; the same (seed, epoch) always gives the same list (exact resume)."""
+        cached = getattr(self, "_cached", None)
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
         rng = random.Random(self.seed * 1_000_003 + epoch)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(self.bucket_of):
@@ -81,4 +84,5 @@ class BucketBatches:
                 if len(chunk) == self.batch_size or not self.drop_last:
                     out.append(chunk)
         rng.shuffle(out)
+        self._cached = (epoch, out)  # the loop asks once per micro-batch
         return out
