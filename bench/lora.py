@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -151,7 +152,9 @@ def run_egaku(model: str, data: str, steps: int, batch: int, resolution: int, ra
                                 random_flip=True, caption_template="a photo of {class}", format="diffusers",
                                 min_images=2, progress=False))
     total = time.perf_counter() - started
-    rows = list(csv.DictReader(open(out / "loss.csv")))
+    with open(out / "loss.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    shutil.rmtree(out, ignore_errors=True)
     # loss.csv stamps each step when it ends: the loop's own rate, without loading and caching
     loop_seconds = (float(rows[-1]["time"]) - float(rows[0]["time"])) * len(rows) / max(1, len(rows) - 1)
     return {"total_seconds": total, "loop_seconds": loop_seconds, "final_loss": float(rows[-1]["loss"])}
@@ -236,6 +239,7 @@ def main() -> None:
         "results": results,
         "targets": {"speedup": ">= 2x steps/s", "peak_rss_ratio": "<= 1.0"},
     }
+    shutil.rmtree(work, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({c: {k: r[k] for k in ("speedup_loop", "speedup_end_to_end", "peak_rss_ratio")}
