@@ -76,6 +76,7 @@ def run_diffusers_loop(model: str, data: str, steps: int, batch: int, resolution
     import numpy as np
     import torch
     import torch.nn.functional as F
+    from accelerate import Accelerator
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
@@ -84,6 +85,7 @@ def run_diffusers_loop(model: str, data: str, steps: int, batch: int, resolution
     from egaku.data.folder import scan_image_folder
 
     started = time.perf_counter()
+    accelerator = Accelerator(cpu=True)  # the script runs under accelerate too
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -95,6 +97,7 @@ def run_diffusers_loop(model: str, data: str, steps: int, batch: int, resolution
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     scan = scan_image_folder(data, caption_template="a photo of {class}")
     items = [(it.path, it.caption) for it in scan.items]
 
@@ -125,8 +128,8 @@ def run_diffusers_loop(model: str, data: str, steps: int, batch: int, resolution
         encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
         pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()

@@ -21,7 +21,7 @@ what an uninterrupted one would have done.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import json
 import math
@@ -189,6 +189,14 @@ class _Cache:
         return value
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+    path.write_text("".join(kept))
+
+
 def train_lora(opts: TrainLoraOptions) -> Path:
     """Fine-tune ``opts.model`` with LoRA on ``opts.data``; returns the output folder."""
     from accelerate import Accelerator
@@ -233,6 +241,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     pipe = _load_base(opts.model)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise EgakuError(f"the base model's scheduler predicts {prediction_type!r}; LoRA training supports "
+                         "epsilon and v_prediction models")
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -287,13 +299,17 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                         return_tensors="pt").input_ids.to(device)
         return text_encoder(ids)[0]
 
+    # a latent's key names the file's bytes (path, size, mtime), its bucket and its orientation
+    latent_key = {}
+    for i, item in enumerate(scan.items):
+        stat = item.path.stat()
+        for flip in flips:
+            latent_key[i, flip] = f"latent|{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{bucket_of[i]}|{flip}"
     with torch.no_grad():
         if opts.cache_latents:
-            for i, item in enumerate(tqdm(scan.items, desc="caching latents", disable=not (main and opts.progress))):
-                stat = item.path.stat()
+            for i, _ in enumerate(tqdm(scan.items, desc="caching latents", disable=not (main and opts.progress))):
                 for flip in flips:
-                    key = f"latent|{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{bucket_of[i]}|{flip}"
-                    cache.get(key, lambda: encode_latent_dist(pixels(i, flip)[None])[0])
+                    cache.get(latent_key[i, flip], lambda: encode_latent_dist(pixels(i, flip)[None])[0])
         cache_text = not opts.train_text_encoder
         validation_texts = list(opts.validation_prompts) + ([""] if opts.validation_prompts else [])
         if cache_text:
@@ -305,16 +321,13 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     def latents_of(indices: list[int], flip_draws: list[bool]) -> torch.Tensor:
         if opts.cache_latents:
-            keys = []
-            for i, flip in zip(indices, flip_draws):
-                stat = scan.items[i].path.stat()
-                keys.append(f"latent|{scan.items[i].path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{bucket_of[i]}|{flip}")
-            dist = torch.stack([cache.store[k] for k in keys]).to(device)
+            dist = torch.stack([cache.store[latent_key[i, f]] for i, f in zip(indices, flip_draws)]).to(device)
         else:
             with torch.no_grad():
                 dist = encode_latent_dist(torch.stack([pixels(i, f) for i, f in zip(indices, flip_draws)]))
         mean, std = dist.chunk(2, dim=1)
-        return (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (mean + std * torch.randn_like(mean) - shift) * vae.config.scaling_factor
 
     # 4. optimizer, schedule, data order
     params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": opts.learning_rate}]
@@ -339,8 +352,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                                  num_training_steps=total_steps)
     if opts.train_text_encoder:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        prepared = [unet, text_encoder]
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
+        prepared = [unet]
     lora_params = [p for group in optimizer.param_groups for p in group["params"]]
 
     # 5. resume
@@ -359,6 +374,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                              f"{int(state['world'])} process(es)")
         restore_rng(state["rng"])
         step, micro = int(state["step"]), int(state["micro"])
+        if main:
+            _truncate_log(out / "loss.csv", step)  # steps after the checkpoint are trained (and logged) again
         say(f"resumed from {path} at step {step}")
 
     def lora_state() -> dict[str, dict[str, torch.Tensor]]:
@@ -408,7 +425,6 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     say(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters for {total_steps} steps on {world} "
         f"process(es), {len(buckets)} buckets, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation")
     bar = tqdm(total=total_steps, initial=step, desc="train-lora", disable=not (main and opts.progress))
-    prediction_type = noise_scheduler.config.prediction_type
     for model in trained:
         accelerator.unwrap_model(model).train()
     mean_loss = torch.tensor(float("nan"))
@@ -431,15 +447,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 states = torch.stack([cache.store[f"text|{captions[i]}"] for i in indices]).to(device)
             else:
                 states = encode_text([captions[i] for i in indices])
-            if prediction_type == "epsilon":
-                target = noise
-            elif prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                raise EgakuError(f"the base model's scheduler predicts {prediction_type!r}; LoRA training supports "
-                                 "epsilon and v_prediction models")
-            sync = k == opts.gradient_accumulation - 1
-            with (accelerator.no_sync(unet) if not sync and world > 1 else torch.enable_grad()):
+            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+            with contextlib.ExitStack() as no_sync:
+                if k < opts.gradient_accumulation - 1 and world > 1:  # all-reduce once, on the last micro-batch
+                    for model in prepared:
+                        no_sync.enter_context(accelerator.no_sync(model))
                 with accelerator.autocast():
                     pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
                 if opts.min_snr_gamma:
