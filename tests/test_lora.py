@@ -184,6 +184,11 @@ def test_text_encoder_lora_uses_the_names_other_tools_use_and_applies(tmp_path, 
             torch.testing.assert_close(pipe.text_encoder(ids)[0], base_text)
     np.testing.assert_allclose(images[0], images[1], atol=1e-5)
     assert np.abs(images[0] - base).max() > 1e-3
+    # fusing the text-encoder half too: the merged copy renders like base + LoRA
+    from egaku.lora.commands import MergeLoraOptions, merge_lora_command
+
+    merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(out)], out=str(tmp_path / "merged")))
+    np.testing.assert_allclose(render(tiny_pipe(tmp_path / "merged")), images[0], atol=1e-4)
 
 
 # ---- what trains -----------------------------------------------------------------------------------------

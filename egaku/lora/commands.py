@@ -44,6 +44,12 @@ def _load(model: str):
     return _load_base(model)
 
 
+def _resolve(arg: str, lora_dir: str) -> Path:
+    """On the command line a path is trusted; a bare name that is not a path is looked up in --lora-dir."""
+    is_path = Path(arg).exists() or "/" in arg or "\\" in arg
+    return resolve_lora(arg, None if is_path or not lora_dir else lora_dir)
+
+
 def merge_lora_command(opts: MergeLoraOptions) -> None:
     if not opts.lora:
         raise EgakuError("give at least one --lora PATH[:SCALE] to merge")
@@ -52,7 +58,7 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     out = Path(opts.out)
     if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
         raise EgakuError(f"--out {out} already exists; merge into a new folder (the base model is never overwritten)")
-    loras = [(resolve_lora(path, opts.lora_dir or None), scale) for path, scale in map(parse_lora_arg, opts.lora)]
+    loras = [(_resolve(path, opts.lora_dir), scale) for path, scale in map(parse_lora_arg, opts.lora)]
     pipe = _load(opts.model)
     names = apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the per-adapter scales were set by apply_loras
