@@ -501,7 +501,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         validate()
     if main:
         save_lora(out, accelerator.unwrap_model(unet), unwrapped(text_encoder), opts, num_images=len(scan.items),
-                  tag_counts={c: captions.count(c) for c in set(captions)})
+                  tag_counts={c: captions.count(c) for c in set(captions)}, total_steps=total_steps)
         say(f"wrote {out} (step {step}, final loss {float(mean_loss):.4f})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -509,7 +509,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
 
 def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images: int = 0,
-              tag_counts: dict[str, int] | None = None) -> list[Path]:
+              tag_counts: dict[str, int] | None = None, total_steps: int = 0) -> list[Path]:
     """Write the adapter (not the pipeline) in the requested layouts, each file atomically."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
@@ -534,12 +534,13 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
             pairs, _ = peft_pairs(prefixed)
             alpha = float(opts.alpha or opts.rank)
             tensors = peft_to_kohya(pairs, {name: alpha for name in pairs})
-            name = out.resolve().name
+            # A1111 and ComfyUI list a LoRA by its file name
+            name = out.resolve().name if out.resolve().name != LORA_WEIGHTS_NAME.split(".")[0] else "lora"
             metadata = kohya_metadata(
                 ss_output_name=name, ss_network_dim=opts.rank, ss_network_alpha=alpha,
                 ss_network_args={"conv_dim": opts.rank, "conv_alpha": alpha} if opts.lora_conv else {},
                 ss_num_train_images=num_images, ss_resolution=f"({opts.resolution}, {opts.resolution})",
-                ss_learning_rate=opts.learning_rate, ss_max_train_steps=opts.max_steps,
+                ss_learning_rate=opts.learning_rate, ss_max_train_steps=total_steps or opts.max_steps,
                 ss_lr_scheduler=opts.lr_scheduler, ss_seed=opts.seed, ss_mixed_precision=opts.mixed_precision,
                 ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset,
                 ss_text_encoder_lr=opts.text_encoder_lr if opts.train_text_encoder else 0,
