@@ -253,7 +253,8 @@ def test_without_latent_cache_the_vae_runs_every_step(tmp_path, data_dir, tiny_m
     assert len(calls) == 3
 
 
-def test_v_prediction_min_snr_noise_offset_and_checkpointing_run(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+def test_v_prediction_min_snr_noise_offset_and_checkpointing_run(tmp_path, data_dir, tiny_model_dir, monkeypatch,
+                                                                capfd):
     import shutil
 
     from diffusers import DDPMScheduler
@@ -268,8 +269,10 @@ def test_v_prediction_min_snr_noise_offset_and_checkpointing_run(tmp_path, data_
     monkeypatch.setattr(DDPMScheduler, "get_velocity",
                         lambda self, *a: velocity_calls.append(1) or original(self, *a))
     out = train_lora(options(data_dir, model, tmp_path / "out", max_steps=2, min_snr_gamma=5.0, noise_offset=0.1,
-                             gradient_checkpointing=True, format="diffusers"))
+                             gradient_checkpointing=True, format="diffusers", progress=True))
     assert len(velocity_calls) == 2  # the target is v, as the model's scheduler says
+    progress = capfd.readouterr().err
+    assert "train-lora: 100%" in progress and "loss=" in progress  # the loss is shown in the progress bar
     losses = [float(r.split(",")[2]) for r in (out / "loss.csv").read_text().splitlines()[1:]]
     assert len(losses) == 2 and all(np.isfinite(losses))
 
