@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="score the runs already in --work")
     parser.add_argument("--out", default=str(ROOT / "bench/results/gan.json"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    # one thread: on a shared 2-core machine a second torch thread spins and runs ~10x slower
+    torch.set_num_threads(1)
     work = Path(args.work)
 
     # 1. Train each architecture in its own single-threaded process, side by side

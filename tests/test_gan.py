@@ -1,0 +1,294 @@
+"""GANs: architectures as defined in issue 5, the training loop, sampling and the bad-input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from egaku.cli import main as cli_main
+from egaku.config import build, load_preset
+from egaku.data.digits import load_digits_split
+from egaku.errors import EgakuError
+from egaku.gan.commands import SampleGanOptions, sample_gan_command
+from egaku.gan.models import (DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator, build_gan,
+                              load_generator)
+from egaku.training import gan as gan_training
+from egaku.training.gan import TrainGanOptions, train_gan_command
+from egaku.training.runtime import Checkpoints, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # these networks are tiny: on a shared 2-core machine a second torch thread only spins
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if not isinstance(m, nn.Sequential) and m is not model]
+
+
+# ---- architectures ------------------------------------------------------------------------------
+
+def test_mlp_generator_matches_the_classic_definition():
+    gen = MLPGenerator()
+    layers = _layers(gen)
+    kinds = [type(m) for m in layers]
+    assert kinds == [nn.Linear, nn.LeakyReLU, nn.Linear, nn.LeakyReLU, nn.Linear, nn.Tanh]
+    dense = [m for m in layers if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in dense] == [(100, 256), (256, 512), (512, 28 * 28)]
+    assert all(m.bias is None for m in dense)  # no biases in the generator's dense layers
+    out = gen(torch.randn(5, 100))
+    assert out.shape == (5, 1, 28, 28)
+    assert out.min() >= -1 and out.max() <= 1
+
+
+def test_mlp_discriminator_matches_the_classic_definition():
+    disc = MLPDiscriminator()
+    kinds = [type(m) for m in _layers(disc)]
+    assert kinds == [nn.Flatten, nn.Linear, nn.LeakyReLU, nn.Linear, nn.LeakyReLU, nn.Linear]
+    dense = [m for m in _layers(disc) if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in dense] == [(784, 512), (512, 256), (256, 1)]
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    assert disc(x).shape == (5,)
+    p = disc.probability(x)
+    assert ((p > 0) & (p < 1)).all()
+
+
+def test_dcgan_upsamples_with_transposed_convolutions_and_downsamples_with_strides():
+    gen, disc = DCGANGenerator(), DCGANDiscriminator()
+    sizes = []
+    for m in gen.modules():
+        if isinstance(m, nn.ConvTranspose2d):
+            m.register_forward_hook(lambda mod, inp, out: sizes.append(tuple(out.shape[1:])))
+    x = gen(torch.randn(3, 100))
+    assert x.shape == (3, 1, 28, 28)
+    assert sizes == [(128, 7, 7), (64, 14, 14), (1, 28, 28)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in gen.modules()) == 2
+    convs = [m for m in disc.features if isinstance(m, nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (2, 2)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in disc.modules()) == 1
+    assert disc(x).shape == (3,)
+    # other sizes divisible by 4 work; others are refused with a message
+    assert DCGANGenerator(image_size=32, base_channels=4)(torch.randn(2, 100)).shape == (2, 1, 32, 32)
+    with pytest.raises(EgakuError, match="divisible by 4"):
+        DCGANGenerator(image_size=30)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_conditional_variants_take_labels_and_round_trip_through_safetensors(arch, tmp_path):
+    torch.manual_seed(0)
+    gen, disc = build_gan(arch, class_names=["a", "b", "c"], base_channels=8)
+    z, y = torch.randn(4, 100), torch.tensor([0, 1, 2, 0])
+    gen.eval()
+    disc.eval()
+    x = gen(z, y)
+    assert x.shape == (4, 1, 28, 28) and disc(x, y).shape == (4,)
+    # the label changes the output
+    assert not torch.allclose(gen(z, torch.tensor([1, 1, 1, 1])), gen(z, torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(ValueError, match="pass labels"):
+        gen(z)
+    gen.save_pretrained(tmp_path / "generator")
+    assert (tmp_path / "generator" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = load_generator(tmp_path)
+    assert type(loaded) is type(gen) and loaded.config.class_names == ["a", "b", "c"]
+    torch.testing.assert_close(loaded(z, y), x)
+    other = "dcgan" if arch == "mlp" else "mlp"
+    with pytest.raises(EgakuError, match=f"--arch {arch}"):
+        load_generator(tmp_path, arch=other)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def test_digit_split_is_fixed_stratified_and_scaled():
+    train, test = load_digits_split("train", 28), load_digits_split("test", 28)
+    assert len(train) + len(test) == 1797 and len(test) == 359
+    assert train.images.shape[1:] == (1, 28, 28)
+    assert train.images.min() >= -1 and train.images.max() <= 1
+    assert sorted(set(test.labels.tolist())) == list(range(10))
+    again = load_digits_split("test", 8)
+    assert torch.equal(again.labels, test.labels)
+
+
+def _write_folder(root: Path, classes: dict[str, list[np.ndarray]]) -> Path:
+    for name, arrays in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, arr in enumerate(arrays):
+            Image.fromarray(arr.astype(np.uint8), "L").save(root / name / f"{i:03d}.png")
+    return root
+
+
+def _halves(n: int, size: int = 8, seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """An easy synthetic set: ink in the top half or in the bottom half, with a little noise."""
+    rng = np.random.default_rng(seed)
+    top, bottom = [], []
+    for _ in range(n):
+        a = rng.uniform(0, 40, (size, size))
+        b = a.copy()
+        a[: size // 2] = rng.uniform(215, 255, (size // 2, size))
+        b[size // 2:] = rng.uniform(215, 255, (size // 2, size))
+        top.append(a)
+        bottom.append(b)
+    return {"top": top, "bottom": bottom}
+
+
+def _opts(tmp_path: Path, **kw) -> TrainGanOptions:
+    base = dict(arch="mlp", data="digits", out=str(tmp_path / "run"), image_size=8, batch_size=32, max_steps=10,
+                checkpoint_every=5, progress=False, sample_grid=16, base_channels=8)
+    base.update(kw)
+    return build(TrainGanOptions, base)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def _losses(run: Path) -> tuple[list[int], list[float]]:
+    lines = (run / "metrics.csv").read_text().strip().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    return [int(r["step"]) for r in rows], [float(r["d_loss"]) for r in rows]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_training_reduces_discriminator_loss_and_writes_a_checkpoint_that_loads(arch, tmp_path):
+    opts = _opts(tmp_path, arch=arch, image_size=28, max_steps=30, checkpoint_every=10)
+    train_gan_command(opts)
+    run = Path(opts.out)
+    assert _losses(run)[0] == list(range(1, 31))
+    ckpt = Checkpoints(run).latest()
+    assert ckpt.name == "step-000030"
+    weights, state = load_checkpoint(ckpt, json.loads((ckpt / "config.json").read_text()))
+    assert state["step"] == 30
+    torch.manual_seed(opts.seed)  # the run's initial networks
+    gen0, disc0 = build_gan(arch, image_size=28, base_channels=8)
+    gen, disc = build_gan(arch, image_size=28, base_channels=8)
+    gen.load_state_dict(weights["generator"])
+    disc.load_state_dict(weights["discriminator"])
+    for m in (gen0, disc0, gen, disc):
+        m.eval()
+    # on held-out real digits and the trained generator's fakes, the trained D separates what the
+    # initial one cannot (its loss sits at chance, 2 ln 2 ≈ 1.39)
+    real = load_digits_split("test", 28).images[:64]
+    with torch.no_grad():
+        fake = gen(torch.randn(64, 100, generator=torch.Generator().manual_seed(1)))
+        before = float(gan_training.discriminator_loss(disc0(real), disc0(fake), 0.0))
+        after = float(gan_training.discriminator_loss(disc(real), disc(fake), 0.0))
+    assert before == pytest.approx(2 * np.log(2), abs=0.05)
+    assert after < before - 0.1
+    exported = load_generator(run, arch=arch)
+    z = torch.randn(4, 100)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(z), gen(z))
+
+
+def test_resume_continues_the_step_count_exactly(tmp_path):
+    straight = _opts(tmp_path, out=str(tmp_path / "straight"), max_steps=16, checkpoint_every=10)
+    train_gan_command(straight)
+    first = _opts(tmp_path, out=str(tmp_path / "resumed"), max_steps=10, checkpoint_every=10)
+    train_gan_command(first)
+    train_gan_command(_opts(tmp_path, out=str(tmp_path / "resumed"), max_steps=16, checkpoint_every=10,
+                            resume="latest"))
+    steps, losses = _losses(tmp_path / "resumed")
+    assert steps == list(range(1, 17))
+    assert Checkpoints(tmp_path / "resumed").latest().name == "step-000016"
+    # same batches, noise and optimizer state as the uninterrupted run
+    np.testing.assert_allclose(losses, _losses(tmp_path / "straight")[1], rtol=1e-5)
+    a = load_generator(tmp_path / "straight").state_dict()
+    b = load_generator(tmp_path / "resumed").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_conditional_sampling_honours_the_label(tmp_path):
+    data = _write_folder(tmp_path / "halves", _halves(48))
+    opts = _opts(tmp_path, data=str(data), conditional=True, max_steps=150, batch_size=32, checkpoint_every=1000,
+                 lr=1e-3)
+    train_gan_command(opts)
+    grids = sorted((Path(opts.out) / "samples").glob("epoch-*.png"))  # one per epoch, fixed latents
+    assert grids[0].name == "epoch-0001.png" and len(grids) == 50
+    for label, bright_top in (("top", True), ("bottom", False)):
+        out = tmp_path / f"samples-{label}"
+        sample_gan_command(build(SampleGanOptions, {"model": opts.out, "n": 16, "digit": label, "out": str(out)}))
+        files = sorted(out.glob(f"*-{label}.png"))
+        assert len(files) == 16 and (out / "grid.png").is_file()
+        ims = np.stack([np.asarray(Image.open(f), dtype=np.float64) for f in files])
+        top, bottom = ims[:, :4].mean(axis=(1, 2)), ims[:, 4:].mean(axis=(1, 2))
+        honoured = (top > bottom) if bright_top else (bottom > top)
+        assert honoured.mean() >= 0.9, (label, top, bottom)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_empty_folder_is_refused(tmp_path):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(EgakuError, match="no usable images"):
+        train_gan_command(_opts(tmp_path, data=str(tmp_path / "empty")))
+
+
+def test_conditional_needs_two_classes(tmp_path):
+    data = _write_folder(tmp_path / "one", {"only": _halves(4)["top"]})
+    with pytest.raises(EgakuError, match="at least two classes.*'only'"):
+        train_gan_command(_opts(tmp_path, data=str(data), conditional=True))
+    # unconditional training on the same folder is fine
+    train_gan_command(_opts(tmp_path, data=str(data), batch_size=2, max_steps=2))
+
+
+def test_resuming_from_the_other_architecture_is_refused(tmp_path):
+    train_gan_command(_opts(tmp_path, max_steps=2, checkpoint_every=2))
+    with pytest.raises(EgakuError, match="checkpoint of an MLP GAN, but --arch dcgan"):
+        train_gan_command(_opts(tmp_path, arch="dcgan", max_steps=4, resume="latest"))
+    with pytest.raises(EgakuError, match="configuration changed.*lr"):
+        train_gan_command(_opts(tmp_path, max_steps=4, resume="latest", lr=1e-3))
+
+
+def test_digit_outside_the_trained_labels_is_refused(tmp_path, capsys):
+    gen, _ = build_gan("mlp", image_size=8, class_names=["0", "1", "2"])
+    gen.save_pretrained(tmp_path / "cond" / "generator")
+    with pytest.raises(EgakuError, match="--digit 7 is not one of the labels.*0, 1, 2"):
+        sample_gan_command(build(SampleGanOptions, {"model": str(tmp_path / "cond"), "digit": "7"}))
+    # through the CLI: one line, exit 2
+    assert cli_main(["sample-gan", "--model", str(tmp_path / "cond"), "--digit", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("egaku: error:")
+    uncond, _ = build_gan("mlp", image_size=8)
+    uncond.save_pretrained(tmp_path / "uncond" / "generator")
+    with pytest.raises(EgakuError, match="unconditional"):
+        sample_gan_command(build(SampleGanOptions, {"model": str(tmp_path / "uncond"), "digit": "1"}))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = gan_training.discriminator_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 8 else loss
+
+    monkeypatch.setattr(gan_training, "discriminator_loss", poisoned)
+    opts = _opts(tmp_path, max_steps=20, checkpoint_every=5)
+    with pytest.raises(EgakuError, match=r"loss became nan at step 7.*step-000005"):
+        train_gan_command(opts)
+    run = Path(opts.out)
+    latest = Checkpoints(run).latest()
+    assert latest.name == "step-000005"
+    assert not any(p.name > "step-000005" for p in (run / "checkpoints").glob("step-*"))
+    weights, _ = load_checkpoint(latest, json.loads((latest / "config.json").read_text()))
+    assert all(torch.isfinite(t).all() for t in weights["generator"].values())
+
+
+# ---- presets ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gan-mlp", "gan-dcgan"])
+def test_presets_load(name):
+    opts = build(TrainGanOptions, load_preset(ROOT / "configs" / f"{name}.toml"))
+    assert opts.arch == name.split("-")[1] and opts.data == "digits"
