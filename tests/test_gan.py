@@ -184,6 +184,8 @@ def test_training_reduces_discriminator_loss_and_writes_a_checkpoint_that_loads(
         after = float(gan_training.discriminator_loss(disc(real), disc(fake), 0.0))
     assert before == pytest.approx(2 * np.log(2), abs=0.05)
     assert after < before - 0.1
+    # the exported generator is the weight average that the checkpoint also holds
+    gen.load_state_dict(weights["generator_ema"])
     exported = load_generator(run, arch=arch)
     z = torch.randn(4, 100)
     with torch.no_grad():
@@ -237,6 +239,10 @@ def test_empty_folder_is_refused(tmp_path):
 def test_conditional_needs_two_classes(tmp_path):
     data = _write_folder(tmp_path / "one", {"only": _halves(4)["top"]})
     with pytest.raises(EgakuError, match="at least two classes.*'only'"):
+        train_gan_command(_opts(tmp_path, data=str(data), conditional=True))
+    Image.fromarray(_halves(1)["top"][0].astype(np.uint8), "L").save(data / "loose.png")
+    _write_folder(data, {"other": _halves(4)["bottom"]})
+    with pytest.raises(EgakuError, match="every image in a class folder.*loose.png"):
         train_gan_command(_opts(tmp_path, data=str(data), conditional=True))
     # unconditional training on the same folder is fine
     train_gan_command(_opts(tmp_path, data=str(data), batch_size=2, max_steps=2))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,14 @@ def judge_outputs(judge: DigitClassifier, images: torch.Tensor, batch: int = 500
     return np.concatenate(probs), np.concatenate(feats).astype(np.float64)
 
 
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    # ReLU features include units that never fire on digits, so the covariances are singular and scipy's
+    # sqrtm warns; frechet_distance handles that case (eps offset), so the warning is only noise here
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Matrix is singular")
+        return frechet_distance(a, b)
+
+
 def score_samples(judge: DigitClassifier, images: torch.Tensor, reference_features: np.ndarray,
                   requested: torch.Tensor | None = None) -> dict:
     """The metrics above for one set of images; ``requested`` = the digit asked for each image."""
@@ -179,7 +188,7 @@ def score_samples(judge: DigitClassifier, images: torch.Tensor, reference_featur
         "confident_fraction": float((probs.max(1) > CONFIDENCE).mean()),
         "class_coverage": class_coverage(predicted, 10),
         "conditional_accuracy": None,
-        "frechet_distance": frechet_distance(feats, reference_features),
+        "frechet_distance": _frechet(feats, reference_features),
         "predicted_counts": np.bincount(predicted, minlength=10).tolist(),
     }
     if requested is not None:
@@ -199,7 +208,7 @@ def real_reference(judge: DigitClassifier, n: int, seed: int = 0) -> tuple[np.nd
     ceiling = score_samples(judge, test.images, reference, requested=test.labels)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     _, train_feats = judge_outputs(judge, train.images[pick])
-    ceiling["frechet_distance"] = frechet_distance(train_feats, reference)
+    ceiling["frechet_distance"] = _frechet(train_feats, reference)
     ceiling["frechet_n"] = int(len(pick))
     return reference, ceiling
 

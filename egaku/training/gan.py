@@ -14,6 +14,7 @@ same run step for step; the generator is also exported to OUT/generator for `sam
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class TrainGanOptions:
     beta1: float = option(0.5, help="Adam β1; 0.5 rather than 0.9 damps the players' oscillation (DCGAN paper)")
     label_smoothing: float = option(0.0, help="one-sided label smoothing: real target 1 - this (Salimans et "
                                               "al. 2016 use 0.1); keeps D from becoming overconfident")
+    ema_decay: float = option(0.999, help="exponential moving average of the generator's weights, which is "
+                                          "what is exported and sampled (Yazıcı et al. 2019); 0 = off")
     seed: int = option(0, help="seed for initialisation, batches and noise")
     checkpoint_every: int = option(500, help="steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = option(2, help="newest checkpoints to keep")
@@ -86,6 +89,21 @@ def generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema ← decay·ema + (1 - decay)·model, with the decay ramped up over the first steps.
+
+    The ramp (TensorFlow's ExponentialMovingAverage ``num_updates``) forgets the random initialisation:
+    a fixed 0.999 would still hold 0.999^2000 ≈ 14% of it after 2,000 steps. Batch-norm statistics are
+    copied, not averaged.
+    """
+    decay = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
 def _export(gen: torch.nn.Module, disc: torch.nn.Module, out: Path) -> None:
     gen.save_pretrained(out / "generator")
     disc.save_pretrained(out / "discriminator")
@@ -100,6 +118,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     # 1. Check options and load the data
     if opts.batch_size < 2:
         raise EgakuError(f"--batch-size {opts.batch_size}: batch norm and the loss need at least 2 images per step")
+    if not 0.0 <= opts.ema_decay < 1.0:
+        raise EgakuError(f"--ema-decay {opts.ema_decay} must be in [0, 1); 0.999 is usual, 0 turns it off")
     if not 0.0 <= opts.label_smoothing < 0.5:
         raise EgakuError(f"--label-smoothing {opts.label_smoothing} must be in [0, 0.5); 0.1 is usual")
     if opts.arch == "mlp" and opts.base_channels != 32:
@@ -115,6 +135,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     gen, disc = build_gan(opts.arch, opts.image_size, opts.channels, opts.latent_dim, class_names, opts.base_channels)
     gen.to(device)
     disc.to(device)
+    gen_ema = copy.deepcopy(gen).eval() if opts.ema_decay else None
     opt_g = torch.optim.Adam(gen.parameters(), lr=opts.lr, betas=(opts.beta1, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=opts.lr, betas=(opts.beta1, 0.999))
     # what a resumed run must share with the checkpoint (stopping criteria and bookkeeping may change)
@@ -134,6 +155,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         weights, state = load_checkpoint(path, run_config, ignore=may_change)
         gen.load_state_dict(weights["generator"])
         disc.load_state_dict(weights["discriminator"])
+        if gen_ema is not None:
+            gen_ema.load_state_dict(weights["generator_ema"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         restore_rng(state["rng"])
@@ -151,8 +174,10 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": capture_rng(),
                  "step": step, "epoch": epoch, "position": position}
         weights = {"generator": gen.state_dict(), "discriminator": disc.state_dict()}
+        if gen_ema is not None:
+            weights["generator_ema"] = gen_ema.state_dict()
         path = checkpoints.save(step, weights, state, run_config)
-        _export(gen, disc, out)
+        _export(gen_ema if gen_ema is not None else gen, disc, out)
         return path
 
     # 4. Training loop
@@ -189,6 +214,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()
+            if gen_ema is not None:
+                update_ema(gen_ema, gen, opts.ema_decay, step)
 
             step += 1
             position += 1
@@ -205,9 +232,9 @@ def train_gan_command(opts: TrainGanOptions) -> None:
                 break
         if position >= batches_per_epoch:
             # end of an epoch: a grid from the fixed latent vectors
-            gen.eval()
+            shown = gen_ema if gen_ema is not None else gen.eval()
             with torch.no_grad():
-                images = gen(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
+                images = shown(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
             cols = gen.num_classes if gen.num_classes else None
             image_grid(to_pil_images(images), cols=cols).save(out / "samples" / f"epoch-{epoch + 1:04d}.png")
             epoch += 1
@@ -219,7 +246,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         path = save(step)
     else:
         path = checkpoints.latest()
-        _export(gen, disc, out)
+        _export(gen_ema if gen_ema is not None else gen, disc, out)
     reason = "time limit" if stopped_by_time else "done"
     print(f"{reason}: step {step} ({step / batches_per_epoch:.1f} epochs); checkpoint {path}; "
           f"generator in {out / 'generator'}")
