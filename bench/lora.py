@@ -115,17 +115,22 @@ def run_diffusers_loop(model: str, data: str, steps: int, batch: int, resolution
 
     unet.train()
     loop_start = time.perf_counter()
+    encoder_seconds = 0.0  # VAE + text encoder: the work caching removes
     order = torch.randperm(len(items)).tolist()
     for step in range(steps):
         chosen = [items[order[(step * batch + j) % len(items)]] for j in range(batch)]
         pixel_values = torch.stack([transform(p) for p, _ in chosen])
         input_ids = tokenizer([c for _, c in chosen], max_length=tokenizer.model_max_length, padding="max_length",
                               truncation=True, return_tensors="pt").input_ids
+        encoder_start = time.perf_counter()
         latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+        encoder_seconds += time.perf_counter() - encoder_start
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_start = time.perf_counter()
         encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+        encoder_seconds += time.perf_counter() - encoder_start
         pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         accelerator.backward(loss)
@@ -134,7 +139,8 @@ def run_diffusers_loop(model: str, data: str, steps: int, batch: int, resolution
         lr_scheduler.step()
         optimizer.zero_grad()
     loop_seconds = time.perf_counter() - loop_start
-    return {"total_seconds": time.perf_counter() - started, "loop_seconds": loop_seconds, "final_loss": float(loss)}
+    return {"total_seconds": time.perf_counter() - started, "loop_seconds": loop_seconds,
+            "encoder_seconds": encoder_seconds, "final_loss": float(loss)}
 
 
 def run_egaku(model: str, data: str, steps: int, batch: int, resolution: int, rank: int) -> dict:
@@ -220,7 +226,10 @@ def main() -> None:
                     "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs), "runs": rs}
 
         ours, base = summary(runs["egaku"]), summary(runs["diffusers_loop"])
+        encoder_share = statistics.median(r["encoder_seconds"] / r["loop_seconds"] for r in runs["diffusers_loop"])
         results[config] = {
+            "baseline_encoder_share": encoder_share,
+            "speedup_if_only_encoders_removed": 1 / (1 - encoder_share),
             "resolution": resolution,
             "egaku": ours,
             "diffusers_loop": base,
