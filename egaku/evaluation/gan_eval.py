@@ -186,7 +186,7 @@ def score_samples(judge: DigitClassifier, images: torch.Tensor, reference_featur
     result = {
         "n": int(len(images)),
         "confident_fraction": float((probs.max(1) > CONFIDENCE).mean()),
-        "class_coverage": class_coverage(predicted, 10),
+        "class_coverage": class_coverage(predicted, 10) + 0.0,  # + 0.0: one class gives -0.0
         "conditional_accuracy": None,
         "frechet_distance": _frechet(feats, reference_features),
         "predicted_counts": np.bincount(predicted, minlength=10).tolist(),

@@ -248,6 +248,11 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         path = checkpoints.latest()
         _export(gen_ema if gen_ema is not None else gen, disc, out)
     reason = "time limit" if stopped_by_time else "done"
+    summary = {"step": step, "epochs": round(step / batches_per_epoch, 3), "stopped_by": reason,
+               "wall_seconds_this_process": round(time.monotonic() - started, 1),
+               "cpu_seconds_this_process": round(time.process_time() - cpu_started, 1),
+               "torch_threads": torch.get_num_threads()}
+    (out / "train-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{reason}: step {step} ({step / batches_per_epoch:.1f} epochs); checkpoint {path}; "
           f"generator in {out / 'generator'}")
 
