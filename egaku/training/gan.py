@@ -63,11 +63,16 @@ class TrainGanOptions:
     keep_checkpoints: int = option(2, help="newest checkpoints to keep")
     sample_grid: int = option(64, help="images in the per-epoch sample grid (fixed latent vectors)")
     resume: str = option("", help="'latest' or a checkpoint folder: continue that run with the same options")
+    device: str = option("auto", help="auto (CUDA when available), cpu or cuda", choices=["auto", "cpu", "cuda"])
     progress: bool = option(True, help="show a progress bar")
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EgakuError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+    return torch.device(name)
 
 
 def fixed_latents(n: int, latent_dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,13 +130,16 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     if opts.arch == "mlp" and opts.base_channels != 32:
         print("note: --base-channels only affects the DCGAN")
     data = load_gan_data(opts.data, opts.image_size, opts.channels, opts.conditional)
+    if len(data) < 2:
+        raise EgakuError(f"--data {opts.data}: found {len(data)} image; a GAN needs at least 2 (batch norm and the "
+                         "discriminator compare several per step)")
     class_names = data.label_names if opts.conditional else None
     out = Path(opts.out)
     print(f"{data.source}: {len(data)} images, {len(data.label_names)} classes, {opts.image_size}x{opts.image_size}")
 
     # 2. Models, optimizers, the run's resolved config
     torch.manual_seed(opts.seed)
-    device = _device()
+    device = _device(opts.device)
     gen, disc = build_gan(opts.arch, opts.image_size, opts.channels, opts.latent_dim, class_names, opts.base_channels)
     gen.to(device)
     disc.to(device)
@@ -141,7 +149,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     # what a resumed run must share with the checkpoint (stopping criteria and bookkeeping may change)
     run_config = {**to_dict(opts), "class_names": class_names}
     may_change = {"epochs", "max_steps", "max_minutes", "max_cpu_minutes", "resume", "progress", "checkpoint_every",
-                  "keep_checkpoints", "out"}
+                  "keep_checkpoints", "out", "device"}
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
     step, epoch, position = 0, 0, 0
 
@@ -150,8 +158,9 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         path = checkpoints.resolve(opts.resume)
         saved_arch = _saved_arch(path)
         if saved_arch != opts.arch:
-            raise EgakuError(f"{path} is a checkpoint of {ARCH_TITLES.get(saved_arch, saved_arch)}, but --arch {opts.arch} was "
-                             f"asked; resume with --arch {saved_arch}, or start a new run in another --out folder")
+            title = ARCH_TITLES.get(saved_arch, saved_arch)
+            raise EgakuError(f"{path} is a checkpoint of {title}, but --arch {opts.arch} was asked; resume with "
+                             f"--arch {saved_arch}, or start a new run in another --out folder")
         weights, state = load_checkpoint(path, run_config, ignore=may_change)
         gen.load_state_dict(weights["generator"])
         disc.load_state_dict(weights["discriminator"])
