@@ -298,3 +298,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def test_presets_load(name):
     opts = build(TrainGanOptions, load_preset(ROOT / "configs" / f"{name}.toml"))
     assert opts.arch == name.split("-")[1] and opts.data == "digits"
+
+
+def test_rgb_image_folder_trains_a_colour_dcgan(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (tmp_path / "colours" / name).mkdir(parents=True)
+        for i in range(3):
+            arr = np.clip(np.array(colour) + rng.normal(0, 10, (12, 10, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr, "RGB").save(tmp_path / "colours" / name / f"{i}.jpg")
+    opts = _opts(tmp_path, arch="dcgan", data=str(tmp_path / "colours"), channels=3, conditional=True,
+                 batch_size=4, max_steps=3)
+    train_gan_command(opts)
+    gen = load_generator(opts.out, arch="dcgan")
+    assert gen.config.class_names == ["blue", "red"] and gen.config.channels == 3
+    sample_gan_command(build(SampleGanOptions, {"model": opts.out, "n": 4, "digit": "red"}))
+    with Image.open(Path(opts.out) / "samples-gan" / "0000-red.png") as im:
+        assert im.mode == "RGB" and im.size == (8, 8)
+    with pytest.raises(EgakuError, match="greyscale"):
+        train_gan_command(_opts(tmp_path, data="digits", channels=3))
