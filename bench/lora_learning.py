@@ -74,7 +74,7 @@ def main() -> None:
     print("before", json.dumps(before), flush=True)
     train_start = time.perf_counter()
     out = train_lora(TrainLoraOptions(data=str(data), model=args.model, out=str(work / "lora"), resolution=size,
-                                      rank=args.rank, lora_conv=args.lora_conv, random_flip=True,
+                                      rank=args.rank, lora_conv=args.lora_conv,  # no flips: captions say left and right
                                       learning_rate=args.learning_rate, batch_size=args.batch_size,
                                       max_steps=args.train_steps, checkpoint_every=0, min_images=args.images,
                                       format="diffusers"))
