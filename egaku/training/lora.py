@@ -147,11 +147,11 @@ def _load_base(model: str):
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise EgakuError(f"--model {model!r} could not be loaded as a Stable Diffusion pipeline: {exc}") from None
     parts = {name: getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
-    if not isinstance(parts["unet"], UNet2DConditionModel) or not isinstance(parts["vae"], AutoencoderKL) \
-            or any(v is None for v in parts.values()):
-        missing = [k for k, v in parts.items() if v is None]
+    missing = [k for k, v in parts.items() if v is None]
+    if missing or not isinstance(parts["unet"], UNet2DConditionModel) or not isinstance(parts["vae"], AutoencoderKL):
+        lacking = f"; it has no {', '.join(missing)}" if missing else ""
         raise EgakuError(f"--model {model!r} is a {type(pipe).__name__}, not a Stable Diffusion pipeline "
-                         f"(UNet2DConditionModel + AutoencoderKL + text encoder{'; missing ' + ', '.join(missing) if missing else ''}); "
+                         f"(UNet2DConditionModel + AutoencoderKL + text encoder{lacking}); "
                          "LoRA training needs an SD 1.x-style pipeline")
     return pipe
 
@@ -440,7 +440,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             epoch, index = divmod(micro, per_epoch)
             indices = order.batches(epoch)[index * world + rank]
             torch.manual_seed(_step_seed(opts.seed, micro, rank))
-            flip_draws = [bool(f) for f in (torch.rand(len(indices)) < 0.5)] if opts.random_flip else [False] * len(indices)
+            flip_draws = ([bool(f) for f in torch.rand(len(indices)) < 0.5] if opts.random_flip
+                          else [False] * len(indices))
             latents = latents_of(indices, flip_draws)
             noise = torch.randn_like(latents)
             if opts.noise_offset:
@@ -461,7 +462,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 if opts.min_snr_gamma:
                     # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"
                     snr = compute_snr(noise_scheduler, timesteps)
-                    weights = torch.clamp(snr, max=opts.min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+                    divisor = snr + 1 if prediction_type == "v_prediction" else snr
+                    weights = torch.clamp(snr, max=opts.min_snr_gamma) / divisor
                     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     loss = (per_sample * weights).mean()
                 else:
