@@ -1,0 +1,165 @@
+"""Benchmark egaku's built-in latent diffusion model against the targets of its issue.
+
+Measures, in one run on this machine:
+  - training: the wall time the preset run took (from its summary.json), and the per-step cost of each
+    stage re-measured now, so a time taken on a shared, busy machine can be compared with an idle one;
+  - VAE reconstruction PSNR on held-out shapes renders (target >= 30 dB);
+  - prompt adherence at 20 steps of the default sampler, judged by the shipped shapes judge
+    (targets: >= 95% per attribute and >= 85% all-attributes on seen combinations, >= 70%
+    all-attributes on held-out ones), and the judge-feature Fréchet distance;
+  - sampling speed: images per second at 20 steps, batch 8, on CPU.
+
+    .venv/bin/python bench/ldm.py [--model egaku/models/builtin] [--run runs/ldm-builtin]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from egaku.config import build, load_preset  # noqa: E402
+from egaku.data import shapes  # noqa: E402
+from egaku.evaluation.adherence import AdherenceOptions, evaluate_adherence  # noqa: E402
+from egaku.evaluation.judges import BUILTIN_JUDGE, load_judge  # noqa: E402
+from egaku.training import ldm  # noqa: E402
+
+TARGETS = {"vae_psnr_db": 30.0, "seen_per_attribute": 0.95, "seen_all_attributes": 0.85,
+           "held_out_all_attributes": 0.70, "train_minutes": 60.0}
+
+
+def step_costs(preset: ldm.TrainLdmOptions, repeats: int = 5) -> dict:
+    """Seconds per optimizer step of each stage at the preset's sizes (random data: cost only)."""
+    torch.manual_seed(0)
+    vae = ldm.build_vae(preset)
+    opt = torch.optim.AdamW(vae.parameters(), 1e-4)
+    crop = preset.vae_crop or preset.resolution
+    x = torch.randn(preset.vae_batch_size, 3, crop, crop)
+
+    def vae_step():
+        post = vae.encode(x).latent_dist
+        loss = (vae.decode(post.sample()).sample - x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    from egaku.models.tokenizer import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(shapes.vocabulary_captions())
+    text, unet = ldm.build_text_encoder(preset, tok), ldm.build_unet(preset)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt2 = torch.optim.AdamW(params, 1e-4)
+    side = preset.resolution // 2 ** (len(preset.vae_channels) - 1)
+    lat = torch.randn(preset.batch_size, preset.latent_channels, side, side)
+    ids = torch.randint(0, len(tok), (preset.batch_size, tok.model_max_length))
+    t = torch.randint(0, 1000, (preset.batch_size,))
+
+    def unet_step():
+        loss = (unet(lat, t, text(ids)[0]).sample - lat).pow(2).mean()
+        loss.backward()
+        opt2.step()
+        opt2.zero_grad()
+
+    out = {}
+    for name, fn in (("vae", vae_step), ("unet", unet_step)):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[f"{name}_seconds_per_step"] = round(sorted(times)[len(times) // 2], 4)
+    out["estimated_minutes_at_this_load"] = round(
+        (preset.vae_steps * out["vae_seconds_per_step"] + preset.steps * out["unet_seconds_per_step"]) / 60, 1)
+    return out
+
+
+def sampling_speed(pipe, repeats: int = 2) -> dict:
+    from egaku.inference.generate import generate
+
+    generate(pipe, "a large red circle in the center on a white background", num_images=8, batch_size=8, steps=2,
+             seed=0, progress=False)  # warm-up
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        generate(pipe, "a small blue square at the top left on a black background", num_images=8, batch_size=8,
+                 steps=20, seed=r, progress=False)
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"images_per_second": round(8 / best, 2), "seconds_per_batch_of_8": round(best, 3),
+            "steps": 20, "batch_size": 8, "repeats": repeats}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "egaku" / "models" / "builtin"))
+    parser.add_argument("--run", default=str(ROOT / "runs" / "ldm-builtin"), help="the training run's output folder")
+    parser.add_argument("--preset", default=str(ROOT / "configs" / "ldm-builtin.toml"))
+    parser.add_argument("--prompts", type=int, default=100, help="prompts per split (seen, held-out); stars get half")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ldm.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from egaku.models.loading import load_pipeline
+
+    result: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "python": platform.python_version(),
+                                "torch": torch.__version__, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
+                    "model": args.model, "targets": TARGETS}
+    preset = build(ldm.TrainLdmOptions, load_preset(args.preset))
+
+    # 1. Training time: as it happened, and the per-step cost now
+    summary_path = Path(args.run) / "summary.json"
+    training = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    result["training"] = {
+        "preset": str(Path(args.preset).relative_to(ROOT)),
+        "steps_done": training.get("step"), "steps_planned": preset.total_steps,
+        "wall_minutes": round(training["train_seconds"] / 60, 1) if "train_seconds" in training else None,
+        **step_costs(preset),
+    }
+    print(json.dumps(result["training"]), file=sys.stderr)
+
+    # 2. VAE reconstruction PSNR on fresh renders of the whole world
+    pipe = load_pipeline(args.model, device="cpu", dtype="float32")
+    heldout, _ = shapes.make_dataset(512, seed=31337, split="all")
+    result["vae_psnr_db"] = round(ldm.measure_vae(pipe.vae, heldout), 2)
+    print(f"VAE PSNR {result['vae_psnr_db']} dB", file=sys.stderr)
+
+    # 3. Prompt adherence (default sampler, 20 steps, default guidance)
+    judge = load_judge()
+    opts = AdherenceOptions(model=args.model, seen_prompts=args.prompts, held_out_prompts=args.prompts,
+                            star_prompts=args.prompts // 2, threads=args.threads)
+    report, _ = evaluate_adherence(pipe, opts, judge)
+    report["judge_accuracy_on_renders"] = json.loads((BUILTIN_JUDGE / "report.json").read_text())["test_accuracy"]
+    result["adherence"] = report
+
+    # 4. Sampling speed
+    result["sampling"] = sampling_speed(pipe)
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    seen, held = report["seen"], report["held_out"]
+    result["meets_targets"] = {
+        "vae_psnr_db": result["vae_psnr_db"] >= TARGETS["vae_psnr_db"],
+        "seen_per_attribute": min(seen["per_attribute"].values()) >= TARGETS["seen_per_attribute"],
+        "seen_all_attributes": seen["all_attributes"] >= TARGETS["seen_all_attributes"],
+        "held_out_all_attributes": held["all_attributes"] >= TARGETS["held_out_all_attributes"],
+        "train_minutes": (result["training"]["wall_minutes"] or 1e9) <= TARGETS["train_minutes"],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(json.dumps({k: result[k] for k in ("vae_psnr_db", "sampling", "meets_targets")}, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

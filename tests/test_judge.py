@@ -1,0 +1,119 @@
+"""The shapes judge (trained small here, shipped at full scale) and the adherence evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from egaku.data import shapes
+from egaku.errors import EgakuError, NotFoundError
+from egaku.evaluation import adherence, judges
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One thread: on a busy 2-core machine two OpenMP threads stall at every barrier (20x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_judge(tmp_path_factory):
+    torch.manual_seed(0)
+    opts = judges.JudgeOptions(train_images=1500, test_images=300, steps=200, batch_size=32, lr=5e-3, width=8, threads=1)
+    judge, report = judges.train_shapes_judge(opts, progress=False)
+    path = judges.save_judge(judge, tmp_path_factory.mktemp("judge") / "judge", report, opts)
+    return judge, report, path
+
+
+def test_small_judge_learns_every_attribute(small_judge):
+    _, report, _ = small_judge
+    acc = report["test_accuracy"]
+    assert set(acc) == set(shapes.ATTRIBUTES)
+    # a few seconds of training: colour, size, position and background are read almost perfectly,
+    # shape is on its way (the shipped judge is checked at full accuracy below)
+    for name in ("colour", "size", "position", "background"):
+        assert acc[name] > 0.95, (name, acc[name])
+    assert acc["shape"] > 1.5 / len(shapes.SHAPES), acc["shape"]
+
+
+def test_judge_round_trips_through_safetensors(small_judge):
+    judge, report, path = small_judge
+    assert (path / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((path / "report.json").read_text()) == json.loads(json.dumps(report))
+    images, _ = shapes.make_dataset(16, seed=5, split="all")
+    x = judges.to_tensor(images)
+    before, feats_before = judge.predict(x)
+    after, feats_after = judges.load_judge(path).predict(x)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    np.testing.assert_allclose(feats_before, feats_after, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_judge_is_a_clear_error(tmp_path):
+    with pytest.raises(NotFoundError, match="no shapes judge"):
+        judges.load_judge(tmp_path / "nothing")
+
+
+def test_shipped_judge_reads_fresh_renders_at_99_percent():
+    report = json.loads((judges.BUILTIN_JUDGE / "report.json").read_text())
+    assert min(report["test_accuracy"].values()) >= 0.99
+    accuracy = judges.evaluate_judge(judges.load_judge(), n=300, seed=424242)
+    assert min(accuracy.values()) >= 0.98, accuracy
+
+
+def test_score_counts_attributes_and_all_at_once():
+    specs = shapes.sample_attributes(4, seed=1, split="train")
+    truth = judges.label_arrays(specs)
+    preds = {k: v.copy() for k, v in truth.items()}
+    preds["colour"][0] = (preds["colour"][0] + 1) % len(shapes.COLOURS)
+    preds["shape"][0] = (preds["shape"][0] + 1) % len(shapes.SHAPES)
+    preds["size"][1] = 1 - preds["size"][1]
+    result = adherence.score(preds, specs)
+    assert result["per_attribute"]["colour"] == 0.75
+    assert result["per_attribute"]["size"] == 0.75
+    assert result["per_attribute"]["position"] == 1.0
+    assert result["all_attributes"] == 0.5
+
+
+def test_prompt_sets_are_fixed_and_split_correctly():
+    seen = adherence.prompt_set("seen", 30)
+    assert seen == adherence.prompt_set("seen", 30)
+    assert not any(s.held_out or s.shape == "star" for s in seen)
+    assert all(s.held_out for s in adherence.prompt_set("held_out", 30))
+    assert {s.shape for s in adherence.prompt_set("star", 10)} == {"star"}
+    with pytest.raises(EgakuError, match="unknown split"):
+        adherence.prompt_set("everything", 3)
+
+
+class _RenderingPipeline:
+    """Stands in for a perfect text-to-image model: draws exactly what the caption says."""
+
+
+def test_a_perfect_generator_scores_full_marks(monkeypatch):
+    def render_prompts(pipe, prompts, *args, **kwargs):
+        return [shapes.render(shapes.parse_caption(p)) for p in prompts]
+
+    monkeypatch.setattr(adherence, "generate_images", render_prompts)
+    result = adherence.measure_concept(_RenderingPipeline(), shape="star", n=12)
+    assert result["all_attributes"] == 1.0 and result["n"] == 12
+
+
+def test_eval_adherence_command_writes_its_report(tiny_model_dir, small_judge, tmp_path, capsys):
+    _, _, judge_path = small_judge
+    out = tmp_path / "adherence.json"
+    opts = adherence.AdherenceOptions(model=str(tiny_model_dir), judge=str(judge_path), out=str(out),
+                                      seen_prompts=3, held_out_prompts=2, star_prompts=2, steps=2,
+                                      batch_size=4, threads=1)
+    adherence.eval_adherence_command(opts)
+    report = json.loads(out.read_text())
+    assert report["seen"]["n"] == 3 and report["held_out"]["n"] == 2 and report["star"]["n"] == 2
+    for split in ("seen", "held_out", "star"):
+        assert 0.0 <= report[split]["all_attributes"] <= min(report[split]["per_attribute"].values()) <= 1.0
+    fd = report["frechet_distance"]
+    assert fd["generated_vs_real"] >= 0 and fd["real_vs_real"] >= 0
+    assert report["judge_accuracy_on_renders"] == json.loads((judge_path / "report.json").read_text())["test_accuracy"]
+    assert out.with_suffix(".png").is_file()
+    assert report["settings"]["steps"] == 2
