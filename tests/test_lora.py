@@ -163,7 +163,9 @@ def test_text_encoder_lora_uses_the_names_other_tools_use_and_applies(tmp_path, 
     from egaku.lora.apply import apply_loras, remove_loras
 
     out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "telora", max_steps=2, learning_rate=5e-2,
-                             train_text_encoder=True))
+                             train_text_encoder=True, validation_prompts=["a photo of red star"],
+                             validation_seeds=[3], validation_steps=2))
+    assert (out / "samples" / "step-000002.png").is_file()  # validation through the trained text encoder
     diffusers_keys = load_file(out / "pytorch_lora_weights.safetensors")
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in diffusers_keys
     assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj.alpha" in load_file(out / "telora.safetensors")
