@@ -16,6 +16,15 @@ from egaku.training import ldm
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One thread: on a busy 2-core machine two OpenMP threads stall at every barrier (20x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_opts(out, **overrides) -> ldm.TrainLdmOptions:
     return build(ldm.TrainLdmOptions, load_preset(ROOT / "configs" / "ldm-tiny.toml"),
                  {"out": str(out), "progress": False, "threads": 1, **overrides})
@@ -100,6 +109,8 @@ def test_resume_inside_the_vae_stage(tiny_run, tmp_path, monkeypatch):
         ldm.train_ldm(tiny_opts(out))
     monkeypatch.setattr(ldm, "check_finite", real_check)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    with pytest.raises(EgakuError, match="from the VAE stage"):
+        ldm.train_ldm(tiny_opts(out, export_only=True))
     ldm.train_ldm(tiny_opts(out, resume="latest"))
     vae_full = load_file(tiny_run / "model" / "vae" / "diffusion_pytorch_model.safetensors")
     vae_resumed = load_file(out / "model" / "vae" / "diffusion_pytorch_model.safetensors")

@@ -197,12 +197,17 @@ def build_vae(opts: TrainLdmOptions):
     from diffusers import AutoencoderKL
 
     n = len(opts.vae_channels)
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=opts.latent_channels,
         block_out_channels=tuple(opts.vae_channels), layers_per_block=opts.vae_layers_per_block,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         norm_num_groups=_groups(opts.vae_channels), sample_size=opts.resolution,
     )
+    # Start with a small posterior std (exp(-4)): at the default init every latent is drowned in unit
+    # noise and the first few hundred steps only learn to shrink it; the tiny KL weight keeps it small.
+    with torch.no_grad():
+        vae.quant_conv.bias[opts.latent_channels:] -= 8.0
+    return vae
 
 
 def build_text_encoder(opts: TrainLdmOptions, tokenizer):
@@ -313,11 +318,19 @@ def _progress(opts: TrainLdmOptions, start: int, total: int):
 
 def train_ldm(opts: TrainLdmOptions) -> Path:
     """Run (or resume) both stages and export the pipeline; returns ``OUT/model``."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, opts.threads))
+    try:
+        return _train(opts)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(opts: TrainLdmOptions) -> Path:
     from diffusers.training_utils import EMAModel, compute_snr
 
     from ..models.tokenizer import build_clip_tokenizer
 
-    torch.set_num_threads(max(1, opts.threads))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     config = to_dict(opts)
@@ -340,12 +353,16 @@ def train_ldm(opts: TrainLdmOptions) -> Path:
         path = ckpts.resolve(resume)
         weights, state = load_checkpoint(path, config, ignore=ignore)
         step = int(state["step"])
+        if opts.export_only and step <= opts.vae_steps:
+            raise EgakuError(f"--export-only: {path} is from the VAE stage (step {step} of {opts.vae_steps}); "
+                             "there is no diffusion model to export yet. Resume training instead")
         vae.load_state_dict(weights["vae"])
         print(f"resumed from {path} (step {step})", file=sys.stderr)
     save_config(opts, out / "config.json")
     log = MetricsLog(out / "losses.csv")
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
+    base_seconds = float(summary.get("train_seconds", 0.0))  # wall time of the runs before this resume
     bar = _progress(opts, 0 if opts.export_only else step, opts.total_steps)
 
     # 2. Stage 1: the VAE
@@ -392,7 +409,7 @@ def train_ldm(opts: TrainLdmOptions) -> Path:
     if "vae_psnr" not in summary and opts.vae_steps > 0:
         summary["vae_psnr"] = round(measure_vae(vae, data.heldout), 3)
         summary["vae_psnr_images"] = len(data.heldout)
-        summary["vae_seconds"] = round(time.time() - started, 1)
+        summary["vae_seconds"] = round(base_seconds + time.time() - started, 1)
         heldout = to_tensor(data.heldout[:8])
         with torch.no_grad():
             recon = vae.decode(vae.encode(heldout).latent_dist.mode()).sample
@@ -402,8 +419,12 @@ def train_ldm(opts: TrainLdmOptions) -> Path:
 
     # 3. Latents of every training image, scaled to unit variance
     bar.set_postfix(stage="encoding")
-    means, stds = encode_all(vae, data.images)
-    scaling = float(1.0 / means.std())
+    if opts.export_only and state is not None and "scaling_factor" in state:
+        means = stds = torch.zeros(0)  # exporting only: nothing to train on
+        scaling = float(state["scaling_factor"])
+    else:
+        means, stds = encode_all(vae, data.images)
+        scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     ids = tokenizer(data.captions, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
@@ -428,10 +449,12 @@ def train_ldm(opts: TrainLdmOptions) -> Path:
     prompts = opts.sample_prompts or (DEFAULT_SAMPLE_PROMPTS if opts.data == "shapes" else sorted(set(data.captions))[:8])
 
     def checkpoint() -> None:
+        summary.update(step=step, train_seconds=round(base_seconds + time.time() - started, 1))
+        summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         ckpts.save(step, {"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                           "ema": dict(zip(names, ema.shadow_params))},
                    {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
-                    "rng": capture_rng(), "ema_step": ema.optimization_step}, config)
+                    "rng": capture_rng(), "ema_step": ema.optimization_step, "scaling_factor": scaling}, config)
 
     def ema_pipeline():
         """A pipeline holding copies of the EMA weights (the training weights stay untouched)."""
@@ -494,7 +517,7 @@ def train_ldm(opts: TrainLdmOptions) -> Path:
     sample_grid(pipe, prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
                 opts.resolution).save(out / "samples" / f"final-step-{step:06d}.png")
     if not opts.export_only:
-        summary["train_seconds_this_run"] = round(time.time() - started, 1)
+        summary["train_seconds"] = round(base_seconds + time.time() - started, 1)
     summary.update(step=step, scaling_factor=scaling, data=data.note, model=str(model_dir))
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(f"wrote {model_dir} (step {step}); VAE held-out PSNR {summary.get('vae_psnr', float('nan')):.2f} dB",
