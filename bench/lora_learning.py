@@ -77,7 +77,7 @@ def main() -> None:
                                       rank=args.rank, lora_conv=args.lora_conv,  # no flips: captions say left and right
                                       learning_rate=args.learning_rate, batch_size=args.batch_size,
                                       max_steps=args.train_steps, checkpoint_every=0, min_images=args.images,
-                                      format="diffusers"))
+                                      format="diffusers", progress=False))
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
     after = measure()
