@@ -278,7 +278,7 @@ def test_bad_model_and_init_image(tmp_path, tiny_model_dir, capsys):
         (["--model", str(tiny_model_dir), "--init-image", str(tmp_path / "missing.png")], "file does not exist"),
     ]
     for args, message in cases:
-        rc = main(["generate", "a cat", "--out", str(tmp_path / "o"), "--steps", "1", "--no-progress", *args])
+        rc = main(["generate", "a cat", "--out", str(tmp_path / "o"), "--steps", "2", "--no-progress", *args])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and "Traceback" not in err, (args, err)
     assert main(["generate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")]) == 2
