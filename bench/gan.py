@@ -75,7 +75,7 @@ def main() -> None:
 
     # 2. One judge, one reference, one floor for every row
     judge, accuracy = load_or_train_judge(args.judge_dir or None)
-    reference, ceiling = real_reference(judge, min(args.n, 1438))
+    reference, ceiling = real_reference(judge, args.n)
     floor = noise_floor(judge, reference, args.n)
     real_vs_real = ceiling["frechet_distance"]
     rows = {"real_held_out": ceiling, "noise": floor}

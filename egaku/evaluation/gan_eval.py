@@ -197,7 +197,7 @@ def score_samples(judge: DigitClassifier, images: torch.Tensor, reference_featur
 
 
 def real_reference(judge: DigitClassifier, n: int, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """Held-out real features (the Fréchet reference) and the ceiling row.
+    """Held-out real features (the Fréchet reference) and the ceiling row (n: training digits, at most 1,438).
 
     The ceiling is the held-out digits scored like samples; its Fréchet distance, which would be 0
     against itself, is the real-vs-real value: n training digits against the held-out digits.
@@ -275,7 +275,7 @@ def eval_gan_command(opts: EvalGanOptions) -> None:
     gen = load_generator(opts.model)
     # 2. The judge and the real-digit reference
     judge, accuracy = load_or_train_judge(opts.judge_dir or None)
-    reference, ceiling = real_reference(judge, min(opts.n, 1438), seed=opts.seed)
+    reference, ceiling = real_reference(judge, opts.n, seed=opts.seed)
     # 3. Score the samples
     result = evaluate_generator(gen, judge, reference, opts.n, opts.seed)
     result["frechet_ratio_to_real"] = result["frechet_distance"] / max(ceiling["frechet_distance"], 1e-12)
