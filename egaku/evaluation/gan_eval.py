@@ -172,7 +172,8 @@ def judge_outputs(judge: DigitClassifier, images: torch.Tensor, batch: int = 500
 
 def _frechet(a: np.ndarray, b: np.ndarray) -> float:
     # ReLU features include units that never fire on digits, so the covariances are singular and scipy's
-    # sqrtm warns; frechet_distance handles that case (eps offset), so the warning is only noise here
+    # sqrtm warns on every call; its result stays finite (frechet_distance falls back to an eps offset when
+    # it is not), so the warning would only bury the report
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Matrix is singular")
         return frechet_distance(a, b)
