@@ -2,8 +2,8 @@
 
 Goodfellow et al. 2014, "Generative Adversarial Networks"; Radford et al. 2015, "Unsupervised
 Representation Learning with Deep Convolutional GANs" (DCGAN); Mirza & Osindero 2014, "Conditional
-Generative Adversarial Nets" (the label concatenated to the inputs); Miyato & Koyama 2018, "cGANs with
-Projection Discriminator" (the conditional DCGAN discriminator).
+Generative Adversarial Nets" (the label concatenated to the generator's input); Miyato & Koyama 2018,
+"cGANs with Projection Discriminator" (both conditional discriminators).
 
 Every model is a diffusers ``ModelMixin, ConfigMixin``: the constructor arguments are saved with the
 weights, so ``save_pretrained`` writes ``config.json`` + ``diffusion_pytorch_model.safetensors`` and
