@@ -123,6 +123,19 @@ def test_resume_with_a_different_config_is_refused_naming_the_difference(tiny_ru
         ldm.train_ldm(tiny_opts(tiny_run, resume="latest", lr=1e-3))
 
 
+def test_a_constant_schedule_run_can_be_extended_but_a_cosine_one_cannot(tiny_run, tmp_path):
+    import shutil
+
+    with pytest.raises(EgakuError, match="steps: checkpoint has 6, now 8"):
+        ldm.train_ldm(tiny_opts(tiny_run, resume="latest", steps=8))
+    out = tmp_path / "constant"
+    ldm.train_ldm(tiny_opts(out, lr_schedule="constant"))
+    shutil.rmtree(out / "model")
+    ldm.train_ldm(tiny_opts(out, lr_schedule="constant", resume="latest", steps=8))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000012"
+    assert json.loads((out / "summary.json").read_text())["step"] == 12
+
+
 def test_export_only_writes_a_model_from_the_latest_checkpoint(tiny_run, tmp_path):
     import shutil
 

@@ -349,7 +349,9 @@ def _train(opts: TrainLdmOptions) -> Path:
     step, state, weights = 0, None, {}
     resume = "latest" if opts.export_only and not opts.resume else opts.resume
     if resume:
-        ignore = RESUME_IGNORE | ({"steps"} if opts.export_only else set())
+        # With a constant learning rate --steps only says where to stop, so a run may be extended.
+        extendable = opts.export_only or opts.lr_schedule == "constant"
+        ignore = RESUME_IGNORE | ({"steps"} if extendable else set())
         path = ckpts.resolve(resume)
         weights, state = load_checkpoint(path, config, ignore=ignore)
         step = int(state["step"])
