@@ -93,7 +93,8 @@ def main() -> None:
             final_d_loss=float(last["d_loss"]), final_g_loss=float(last["g_loss"]),
             frechet_ratio_to_real=result["frechet_distance"] / real_vs_real,
             mode_collapse_warning=collapse_warning(result, 0.9),
-            command=commands.get(arch, f"train-gan --config configs/gan-{arch}.toml --conditional"),
+            command=commands.get(arch, "trained earlier, scored with --skip-training; see train_options"),
+            train_options=json.loads((work / arch / "config.json").read_text()),
         )
         rows[arch] = result
         # the same run's last raw generator (the exported one is its weight average, --ema-decay)
