@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lora-conv", action="store_true", help="adapt the UNet convolutions too")
+    parser.add_argument("--train-text-encoder", action="store_true", help="adapt the text encoder too")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=20)
@@ -74,7 +75,7 @@ def main() -> None:
     print("before", json.dumps(before), flush=True)
     train_start = time.perf_counter()
     out = train_lora(TrainLoraOptions(data=str(data), model=args.model, out=str(work / "lora"), resolution=size,
-                                      rank=args.rank, lora_conv=args.lora_conv,  # no flips: captions say left and right
+                                      rank=args.rank, lora_conv=args.lora_conv, train_text_encoder=args.train_text_encoder,  # no flips: captions say left and right
                                       learning_rate=args.learning_rate, batch_size=args.batch_size,
                                       max_steps=args.train_steps, checkpoint_every=0, min_images=args.images,
                                       format="diffusers", progress=False))
