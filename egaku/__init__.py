@@ -22,6 +22,10 @@ _EXPORTS = {
     "read_params": "egaku.inference.metadata",
     "save_png": "egaku.inference.metadata",
     "EgakuError": "egaku.errors",
+    "train_lora": "egaku.training.lora",
+    "TrainLoraOptions": "egaku.training.lora",
+    "apply_loras": "egaku.lora.apply",
+    "remove_loras": "egaku.lora.apply",
 }
 
 __all__ = list(_EXPORTS)

@@ -318,3 +318,60 @@ def test_inpainting_repaints_only_under_the_mask(pipe):
         egaku.generate(pipe, "a cat", mask_image=left, **FAST)
     with pytest.raises(egaku.EgakuError, match="leave no denoising step"):
         egaku.generate(pipe, "a cat", init_image=init, strength=0.1, steps=2)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """A LoRA folder with one random (non-zero) UNet LoRA for the tiny pipeline, in diffusers' format."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from egaku.models.tiny import tiny_pipeline
+
+    unet = tiny_pipeline().unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    root = tmp_path_factory.mktemp("loras")
+    StableDiffusionPipeline.save_lora_weights(
+        root / "style", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    return root
+
+
+def test_lora_flag_and_prompt_tag_apply_the_same_lora_and_are_removed_after(tiny_model_dir, lora_dir, tmp_path):
+    def run(name, *args):
+        out = tmp_path / name
+        assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--steps", "2", "--seed", "3",
+                     "--out", str(out), "--no-progress", *args]) == 0
+        return out / "00000-3.png"
+
+    base = run("base")
+    by_path = run("path", "--lora", f"{lora_dir / 'style'}:1.0")
+    assert main(["generate", "a cat <lora:style:1.0>", "--model", str(tiny_model_dir), "--steps", "2", "--seed", "3",
+                 "--lora-dir", str(lora_dir), "--out", str(tmp_path / "tag2"), "--no-progress"]) == 0
+    by_tag = tmp_path / "tag2" / "00000-3.png"
+
+    def load(p):
+        return np.asarray(Image.open(p), dtype=np.int16)
+
+    assert np.abs(load(base) - load(by_path)).mean() > 1.0  # the LoRA changes the image
+    assert np.abs(load(by_path) - load(by_tag)).max() <= 1  # flag and tag are the same LoRA
+    assert egaku.read_params(by_path)["loras"] == [["style", 1.0]]
+    # a bare name given to --lora is looked up in --lora-dir
+    assert np.abs(load(run("bare", "--lora", "style:1.0", "--lora-dir", str(lora_dir))) - load(by_path)).max() <= 1
+
+
+def test_lora_is_removed_after_the_call_and_scale_matters(pipe, lora_dir):
+    base = px(egaku.generate(pipe, "a cat", seed=1, **FAST)[0])
+    full = px(egaku.generate(pipe, "a cat", seed=1, lora=[f"{lora_dir / 'style'}:1.0"], **FAST)[0])
+    half = px(egaku.generate(pipe, "a cat", seed=1, lora=[f"{lora_dir / 'style'}:0.5"], **FAST)[0])
+    after = px(egaku.generate(pipe, "a cat", seed=1, **FAST)[0])
+    assert np.array_equal(base, after)
+    assert np.abs(base - half).mean() < np.abs(base - full).mean()
+    with pytest.raises(egaku.EgakuError, match="not found"):
+        egaku.generate(pipe, "a cat <lora:nope:1>", lora_dir=str(lora_dir), **FAST)

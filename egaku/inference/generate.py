@@ -137,6 +137,11 @@ def split_lora_arg(item: str) -> tuple[str, float]:
     return item, 1.0
 
 
+def lora_display_name(path: Path) -> str:
+    """``style.safetensors`` -> style; ``style/pytorch_lora_weights.safetensors`` -> style."""
+    return path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
+
+
 def _validate(o: GenerateOptions) -> None:
     if o.steps < 1:
         raise EgakuError(f"--steps must be at least 1, got {o.steps}", param="steps")
@@ -215,9 +220,11 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
         for item in o.lora:
             name, scale = split_lora_arg(item)
-            specs.append((resolve_lora(name, o.lora_dir), scale))
+            # a bare name is looked up in --lora-dir (the server passes only those); anything else is a path
+            bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
+            specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))
         apply_loras(pipe, specs)
-        lora_record = [(Path(p).stem if Path(p).is_file() else Path(p).name, w) for p, w in specs]
+        lora_record = [(lora_display_name(Path(p)), w) for p, w in specs]
     else:
         remove_loras = None
         lora_record = []
