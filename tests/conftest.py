@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# These machines have 2 cores shared with other work; keep torch from oversubscribing them.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tiny models here gain little from two, and on a busy 2-core machine two OpenMP
+# threads stall at every barrier (10-20x slower generation was measured here).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

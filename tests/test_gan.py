@@ -25,15 +25,6 @@ from egaku.training.runtime import Checkpoints, load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these networks are tiny: on a shared 2-core machine a second torch thread only spins
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if not isinstance(m, nn.Sequential) and m is not model]
 

@@ -11,15 +11,6 @@ from egaku.errors import EgakuError, NotFoundError
 from egaku.evaluation import adherence, judges
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One thread: on a busy 2-core machine two OpenMP threads stall at every barrier (20x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small_judge(tmp_path_factory):
     torch.manual_seed(0)

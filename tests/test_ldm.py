@@ -16,15 +16,6 @@ from egaku.training import ldm
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One thread: on a busy 2-core machine two OpenMP threads stall at every barrier (20x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_opts(out, **overrides) -> ldm.TrainLdmOptions:
     return build(ldm.TrainLdmOptions, load_preset(ROOT / "configs" / "ldm-tiny.toml"),
                  {"out": str(out), "progress": False, "threads": 1, **overrides})

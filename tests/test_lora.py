@@ -42,15 +42,6 @@ def options(data: Path, model: Path, out: Path, **overrides) -> TrainLoraOptions
     return build(TrainLoraOptions, base)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from a second thread, and a busy machine makes two threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("lora-data"))

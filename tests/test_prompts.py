@@ -11,17 +11,6 @@ from egaku.inference.prompts import (CHAOS_MAX_STRENGTH, CHAOS_MIN_STRENGTH, VAR
                                      apply_prompt_parameters, parse_prompt_parameters, upscale, variations)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a loaded 2-core machine two OpenMP threads per generation can be 10x slower than one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     from egaku.models.loading import load_pipeline

@@ -18,17 +18,6 @@ from egaku.server.queue import ModelWorker
 FAST = {"steps": 2}  # the tiny pipeline's images are noise anyway; 2 steps exercise every code path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a loaded 2-core machine two OpenMP threads per generation can be 10x slower than one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     from egaku.models.loading import load_pipeline

@@ -19,16 +19,11 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
 
 @pytest.fixture(scope="module")
 def server():
-    import torch
-
     from egaku.models.loading import load_pipeline
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on a loaded 2-core machine can be 10x slower
     app = create_app({"tiny": load_pipeline("tiny", "cpu", "float32")}, ServeOptions(model=["tiny"]), api_key="")
     with LiveServer(app) as live:
         yield live
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

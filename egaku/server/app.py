@@ -467,7 +467,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         image = await asyncio.to_thread(open_upload, files, "image")
         mask = await asyncio.to_thread(open_mask, files) if kind == "edit" else None
         if "mask" in files and kind != "edit":
-            raise ApiError(400, f"'mask' is only taken by /v1/images/edits", param="mask")
+            raise ApiError(400, "'mask' is only taken by /v1/images/edits", param="mask")
         req = parse_image_request(kind, fields, pipelines[model], limits, form=True, image=image, mask=mask,
                                   stored_prompt=stored_prompt(files) if image is not None else "")
         if mask is not None and mask.size != image.size:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
