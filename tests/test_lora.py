@@ -231,7 +231,8 @@ def test_only_lora_trains_in_fp32_under_bf16_and_caches_skip_the_encoders(tmp_pa
         assert torch.equal(value, held["before"]["vae." + name]), name
 
 
-def test_without_latent_cache_the_vae_runs_every_step(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+def count_vae_encodes(monkeypatch) -> list:
+    """Make the trainer's base pipeline record each VAE encode call in the returned list."""
     calls = []
     original_load = lora_training._load_base
 
@@ -242,6 +243,11 @@ def test_without_latent_cache_the_vae_runs_every_step(tmp_path, data_dir, tiny_m
         return pipe
 
     monkeypatch.setattr(lora_training, "_load_base", load_and_count)
+    return calls
+
+
+def test_without_latent_cache_the_vae_runs_every_step(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    calls = count_vae_encodes(monkeypatch)
     train_lora(options(data_dir, tiny_model_dir, tmp_path / "out", cache_latents=False, max_steps=3, format="diffusers"))
     assert len(calls) == 3
 
@@ -271,16 +277,7 @@ def test_v_prediction_min_snr_noise_offset_and_checkpointing_run(tmp_path, data_
 
 
 def test_disk_cache_is_reused_by_the_next_run(tmp_path, data_dir, tiny_model_dir, monkeypatch):
-    calls = []
-    original_load = lora_training._load_base
-
-    def load_and_count(model):
-        pipe = original_load(model)
-        encode = pipe.vae.encode
-        monkeypatch.setattr(pipe.vae, "encode", lambda *a, **kw: calls.append(1) or encode(*a, **kw))
-        return pipe
-
-    monkeypatch.setattr(lora_training, "_load_base", load_and_count)
+    calls = count_vae_encodes(monkeypatch)
     for run in ("a", "b"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / run, max_steps=1, format="diffusers",
                            cache_dir=str(tmp_path / "cache")))
