@@ -415,7 +415,6 @@ def test_web_page_and_options_are_served(http):
 
 # -- the command ---------------------------------------------------------------------------------------------
 
-@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: 15-50 s on a shared 2-core machine
 def test_egaku_serve_command_serves_on_loopback(tmp_path):
     import subprocess
     import sys
