@@ -63,19 +63,24 @@ def test_whole_chain_writes_a_pipeline_that_plain_diffusers_loads(tiny_run):
     assert torch.equal(_unet_weights(model)[name], ckpt[f"unet.{name}"])
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
-    out = tmp_path / "interrupted"
+def train_until_interrupted(out, step_to_stop: int, monkeypatch) -> None:
+    """Run the tiny preset into ``out`` and kill it (KeyboardInterrupt) when it reaches ``step_to_stop``."""
     real_check = ldm.check_finite
 
-    def interrupt_at_8(loss, step, ckpts, *a, **k):
-        if step == 8:  # after the checkpoint of step 6, in the diffusion stage
+    def interrupt(loss, step, ckpts, *a, **k):
+        if step == step_to_stop:
             raise KeyboardInterrupt
         return real_check(loss, step, ckpts, *a, **k)
 
-    monkeypatch.setattr(ldm, "check_finite", interrupt_at_8)
-    with pytest.raises(KeyboardInterrupt):
-        ldm.train_ldm(tiny_opts(out))
-    monkeypatch.setattr(ldm, "check_finite", real_check)
+    with monkeypatch.context() as patch:
+        patch.setattr(ldm, "check_finite", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            ldm.train_ldm(tiny_opts(out))
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "interrupted"
+    train_until_interrupted(out, 8, monkeypatch)  # after the checkpoint of step 6, in the diffusion stage
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000006"
     assert not (out / "model").exists()
 
@@ -88,17 +93,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_run, tmp_path, 
 
 def test_resume_inside_the_vae_stage(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "vae-stage"
-    real_check = ldm.check_finite
-
-    def interrupt_at_4(loss, step, ckpts, *a, **k):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_check(loss, step, ckpts, *a, **k)
-
-    monkeypatch.setattr(ldm, "check_finite", interrupt_at_4)
-    with pytest.raises(KeyboardInterrupt):
-        ldm.train_ldm(tiny_opts(out))
-    monkeypatch.setattr(ldm, "check_finite", real_check)
+    train_until_interrupted(out, 4, monkeypatch)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
     with pytest.raises(EgakuError, match="from the VAE stage"):
         ldm.train_ldm(tiny_opts(out, export_only=True))
