@@ -11,6 +11,7 @@ from PIL import Image
 import egaku
 from egaku.cli import main
 from egaku.inference.generate import decode_latents, resolve_size
+from egaku.errors import EgakuError
 from egaku.inference.samplers import SAMPLERS
 from egaku.models.single_file import save_single_file
 
@@ -61,6 +62,29 @@ def test_samplers_are_built_from_the_model_scheduler_config(pipe):
         assert sched.config.beta_schedule == "scaled_linear"
         assert sched.config.beta_start == pipe.scheduler.config.beta_start
     assert make_scheduler("dpmpp-2m-karras", dict(pipe.scheduler.config)).config.use_karras_sigmas is True
+
+
+def test_zero_terminal_snr_models_get_only_samplers_that_keep_their_schedule(pipe):
+    from egaku.inference.samplers import make_scheduler, supports_zero_terminal_snr
+
+    config = {**pipe.scheduler.config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+              "prediction_type": "v_prediction"}
+    usable = [s for s in SAMPLERS.values() if supports_zero_terminal_snr(s)]
+    assert {"dpmpp-2m", "euler", "ddim", "unipc"} <= {s.name for s in usable}
+    for sampler in SAMPLERS.values():
+        if sampler in usable:
+            assert make_scheduler(sampler.name, config).config.rescale_betas_zero_snr is True
+        else:
+            with pytest.raises(EgakuError, match="zero-terminal-SNR.*choose one of: dpmpp-2m"):
+                make_scheduler(sampler.name, config)
+    original = pipe.scheduler
+    pipe.scheduler = type(original).from_config(config)
+    try:
+        for sampler in usable:  # the pure-noise first step gives finite images with every usable sampler
+            image = egaku.generate(pipe, "a cat", seed=1, sampler=sampler.name, **FAST)[0]
+            assert np.isfinite(px(image)).all() and px(image).std() > 0, sampler.name
+    finally:
+        pipe.scheduler = original
 
 
 def test_negative_prompt_guidance_and_steps_change_the_image(pipe):

@@ -192,6 +192,37 @@ def test_bad_options_are_refused():
         ldm.TrainLdmOptions(unet_channels=[8, 16, 32], unet_down_blocks=["DownBlock2D"])
     with pytest.raises(EgakuError, match="caption-dropout"):
         ldm.TrainLdmOptions(caption_dropout=1.5)
+    with pytest.raises(EgakuError, match="needs --prediction-type v_prediction"):
+        ldm.TrainLdmOptions(zero_terminal_snr=True)
+    with pytest.raises(EgakuError, match="set --vae-steps 0"):
+        ldm.TrainLdmOptions(vae_from="some/vae")
+
+
+def test_zero_terminal_snr_model_on_a_given_vae_samples_from_pure_noise(tiny_run, tmp_path):
+    """--vae-from reuses a trained VAE (stage 1 skipped); a zero-terminal-SNR model exports a scheduler
+    whose first sampling step is the pure-noise timestep, and plain diffusers draws finite images."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+
+    run = tmp_path / "zsnr"
+    model = ldm.train_ldm(tiny_opts(run, vae_from=str(tiny_run / "model" / "vae"), vae_steps=0,
+                                    prediction_type="v_prediction", zero_terminal_snr=True, snr_gamma=5.0))
+    given = AutoencoderKL.from_pretrained(tiny_run / "model" / "vae")
+    exported = AutoencoderKL.from_pretrained(model / "vae")
+    for name, tensor in given.state_dict().items():
+        assert torch.equal(tensor, exported.state_dict()[name]), name
+    assert np.isfinite(json.loads((run / "summary.json").read_text())["vae_psnr"])
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    config = pipe.scheduler.config
+    assert config.rescale_betas_zero_snr and config.timestep_spacing == "trailing"
+    assert config.prediction_type == "v_prediction"
+    # the training schedule really ends in pure noise, and sampling starts there
+    assert float(DDPMScheduler.from_config(config).alphas_cumprod[-1]) == 0.0
+    pipe.scheduler.set_timesteps(4)
+    assert int(pipe.scheduler.timesteps[0]) == config.num_train_timesteps - 1
+    images = pipe("a large red circle in the center on a white background", num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.isfinite(images).all()
 
 
 def test_presets_load_against_the_options():

@@ -7,6 +7,7 @@ concurrent requests never share scheduler state.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,15 @@ def canonical_sampler(name: str) -> str:
     raise EgakuError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}", param="sampler")
 
 
+def supports_zero_terminal_snr(sampler: Sampler) -> bool:
+    return "rescale_betas_zero_snr" in inspect.signature(sampler.cls.__init__).parameters
+
+
 def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     sampler = SAMPLERS[canonical_sampler(name)]
+    if base_config.get("rescale_betas_zero_snr") and not supports_zero_terminal_snr(sampler):
+        # These schedulers would silently drop the rescaling and sample on a schedule the model never saw.
+        usable = [s.name for s in SAMPLERS.values() if supports_zero_terminal_snr(s)]
+        raise EgakuError(f"sampler {sampler.name!r} does not support this model's zero-terminal-SNR noise schedule; "
+                         f"choose one of: {', '.join(usable)}", param="sampler")
     return sampler.cls.from_config(dict(base_config), **sampler.options)

@@ -66,6 +66,8 @@ class TrainLdmOptions:
     vae_channels: list[int] = option([32, 64, 64], help="AutoencoderKL block widths; n blocks downsample by 2^(n-1)")
     vae_layers_per_block: int = option(1, help="resnet layers per VAE block")
     latent_channels: int = option(4, help="channels of the latent space")
+    vae_from: str = option("", help="an AutoencoderKL folder to train the diffusion stage on instead of "
+                           "training a VAE here (stage 1 is skipped; --vae-steps must be 0)")
     vae_steps: int = option(1500, help="VAE optimizer steps (0: skip stage 1 only when resuming past it)")
     vae_batch_size: int = option(16, help="VAE images per step")
     vae_crop: int = option(32, help="VAE trains on random crops of this size (0 = whole images)")
@@ -89,6 +91,10 @@ class TrainLdmOptions:
     caption_dropout: float = option(0.1, help="probability of training on the empty caption (enables CFG)")
     ema_decay: float = option(0.999, help="EMA decay cap (with warmup, so early EMA follows the model)")
     prediction_type: str = option("epsilon", help="what the UNet predicts", choices=["epsilon", "v_prediction"])
+    zero_terminal_snr: bool = option(False, help="rescale the noise schedule so its last step is pure noise "
+                                     "(Lin et al. 2024; needs v_prediction): without it the training latents "
+                                     "leak their layout and mean colour into the last step, which sampling "
+                                     "from pure noise cannot reproduce")
     snr_gamma: float = option(0.0, help="min-SNR loss weighting gamma (0 = off; 5 is the paper's value)")
     num_train_timesteps: int = option(1000, help="diffusion timesteps")
     # bookkeeping
@@ -115,6 +121,11 @@ class TrainLdmOptions:
                              f"has {len(self.unet_channels)}; give one block type per width")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise EgakuError(f"--caption-dropout {self.caption_dropout}: use a probability in [0, 1)")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise EgakuError("--zero-terminal-snr needs --prediction-type v_prediction (at the last step there is "
+                             "no signal left, so predicting the noise says nothing about the image)")
+        if self.vae_from and self.vae_steps:
+            raise EgakuError(f"--vae-from {self.vae_from} replaces stage 1: set --vae-steps 0")
         for name in ("steps", "batch_size", "vae_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise EgakuError(f"--{name.replace('_', '-')} must be at least 1")
@@ -221,13 +232,16 @@ def build_text_encoder(opts: TrainLdmOptions, tokenizer):
     ))
 
 
-def build_unet(opts: TrainLdmOptions):
+def build_unet(opts: TrainLdmOptions, vae=None):
+    """The UNet for ``vae``'s latent space (the VAE ``opts`` describes when not given)."""
     from diffusers import UNet2DConditionModel
 
     up = tuple(b.replace("Down", "Up") for b in reversed(opts.unet_down_blocks))
-    latent = opts.resolution // 2 ** (len(opts.vae_channels) - 1)
+    blocks = len(vae.config.block_out_channels) if vae is not None else len(opts.vae_channels)
+    channels = vae.config.latent_channels if vae is not None else opts.latent_channels
+    latent = opts.resolution // 2 ** (blocks - 1)
     return UNet2DConditionModel(
-        sample_size=latent, in_channels=opts.latent_channels, out_channels=opts.latent_channels,
+        sample_size=latent, in_channels=channels, out_channels=channels,
         block_out_channels=tuple(opts.unet_channels), layers_per_block=opts.unet_layers_per_block,
         down_block_types=tuple(opts.unet_down_blocks), up_block_types=up,
         cross_attention_dim=opts.cross_attention_dim, attention_head_dim=opts.attention_head_dim,
@@ -238,10 +252,14 @@ def build_unet(opts: TrainLdmOptions):
 def build_noise_scheduler(opts: TrainLdmOptions):
     from diffusers import DDPMScheduler
 
-    # SD 1.x's schedule (scaled-linear betas), so the exported model behaves like SD with every sampler.
+    # SD 1.x's schedule (scaled-linear betas), so the exported model behaves like SD with every sampler;
+    # with zero terminal SNR, as SD 2.x-v models fine-tuned that way: rescaled betas, trailing timesteps
+    # (sampling must start at the last training timestep, the pure-noise one).
     return DDPMScheduler(num_train_timesteps=opts.num_train_timesteps, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type=opts.prediction_type, clip_sample=False,
-                         steps_offset=1)
+                         steps_offset=1,  # used by "leading" spacing only; diffusers warns on any other value
+                         rescale_betas_zero_snr=opts.zero_terminal_snr,
+                         timestep_spacing="trailing" if opts.zero_terminal_snr else "leading")
 
 
 def _groups(channels: list[int]) -> int:
@@ -343,8 +361,12 @@ def _train(opts: TrainLdmOptions) -> Path:
     tokenizer = build_clip_tokenizer(data.vocabulary)
     torch.manual_seed(opts.seed)
     vae = build_vae(opts)
+    if opts.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(opts.vae_from)
     text_encoder = build_text_encoder(opts, tokenizer)
-    unet = build_unet(opts)
+    unet = build_unet(opts, vae)
     noise_scheduler = build_noise_scheduler(opts)
     step, state, weights = 0, None, {}
     resume = "latest" if opts.export_only and not opts.resume else opts.resume
@@ -408,7 +430,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         state = None  # the diffusion stage starts fresh from here
 
     vae.eval().requires_grad_(False)
-    if "vae_psnr" not in summary and opts.vae_steps > 0:
+    if "vae_psnr" not in summary and (opts.vae_steps > 0 or opts.vae_from):
         summary["vae_psnr"] = round(measure_vae(vae, data.heldout), 3)
         summary["vae_psnr_images"] = len(data.heldout)
         summary["vae_seconds"] = round(base_seconds + time.time() - started, 1)
