@@ -419,8 +419,8 @@ def _train(opts: TrainLdmOptions) -> Path:
             check_finite(loss.detach(), step, ckpts)
             bar.update(1)
             if step % 25 == 0 or step == opts.vae_steps:
-                bar.set_postfix(stage="vae", loss=f"{float(rec_loss):.5f}")
-                log.log(step, stage=1, loss=float(loss), recon=float(rec_loss), kl=float(kl),
+                bar.set_postfix(stage="vae", loss=f"{rec_loss.item():.5f}")
+                log.log(step, stage=1, loss=loss.item(), recon=rec_loss.item(), kl=kl.item(),
                         lr=sched.get_last_lr()[0])
             if step % opts.checkpoint_every == 0 or step == opts.vae_steps:
                 ckpts.save(step, {"vae": vae.state_dict()},
@@ -522,8 +522,8 @@ def _train(opts: TrainLdmOptions) -> Path:
         check_finite(loss.detach(), step, ckpts)
         bar.update(1)
         if step % 25 == 0:
-            bar.set_postfix(stage="unet", loss=f"{float(loss):.4f}")
-            log.log(step, stage=2, loss=float(loss), lr=sched.get_last_lr()[0])
+            bar.set_postfix(stage="unet", loss=f"{loss.item():.4f}")
+            log.log(step, stage=2, loss=loss.item(), lr=sched.get_last_lr()[0])
         if step % opts.checkpoint_every == 0 or step == opts.total_steps:
             checkpoint()
         done = step - opts.vae_steps
