@@ -106,6 +106,9 @@ def main() -> int:
     parser.add_argument("--preset", default=str(ROOT / "configs" / "ldm-builtin.toml"))
     parser.add_argument("--prompts", type=int, default=100, help="prompts per split (seen, held-out); stars get half")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--guidance-sweep", type=float, nargs="*", default=[2.0, 3.0, 5.0],
+                        help="also score seen and held-out prompts at these guidance scales (the headline "
+                             "figures use egaku generate's default)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ldm.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,6 +143,16 @@ def main() -> int:
     report, _ = evaluate_adherence(pipe, opts, judge)
     report["judge_accuracy_on_renders"] = json.loads((BUILTIN_JUDGE / "report.json").read_text())["test_accuracy"]
     result["adherence"] = report
+
+    # 3b. The same prompts at other guidance scales: which CFG this model wants
+    result["guidance_sweep"] = {}
+    for scale in args.guidance_sweep:
+        sweep_opts = AdherenceOptions(model=args.model, seen_prompts=args.prompts, held_out_prompts=args.prompts,
+                                      star_prompts=0, guidance_scale=scale, threads=args.threads)
+        swept, _ = evaluate_adherence(pipe, sweep_opts, judge)
+        result["guidance_sweep"][str(scale)] = {split: swept[split] for split in ("seen", "held_out")}
+        print(f"guidance {scale}: seen {swept['seen']['all_attributes']}, held-out "
+              f"{swept['held_out']['all_attributes']}", file=sys.stderr)
 
     # 4. Sampling speed
     result["sampling"] = sampling_speed(pipe)

@@ -508,7 +508,8 @@ def _train(opts: TrainLdmOptions) -> Path:
         pred = unet(noisy, timesteps, hidden).sample
         if opts.snr_gamma > 0:
             snr = compute_snr(noise_scheduler, timesteps)
-            weight = torch.clamp(snr, max=opts.snr_gamma) / (snr if opts.prediction_type == "epsilon" else snr + 1)
+            divisor = snr if opts.prediction_type == "epsilon" else snr + 1
+            weight = torch.clamp(snr, max=opts.snr_gamma) / divisor.clamp_min(1e-8)
             loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean()
         else:
             loss = F.mse_loss(pred, target)

@@ -462,7 +462,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                     # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"
                     snr = compute_snr(noise_scheduler, timesteps)
                     divisor = snr + 1 if prediction_type == "v_prediction" else snr
-                    weights = torch.clamp(snr, max=opts.min_snr_gamma) / divisor
+                    # a zero-terminal-SNR model's last timestep has SNR 0: weight 0 there, not 0/0
+                    weights = torch.clamp(snr, max=opts.min_snr_gamma) / divisor.clamp_min(1e-8)
                     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     loss = (per_sample * weights).mean()
                 else:
