@@ -229,3 +229,18 @@ def test_presets_load_against_the_options():
     for name in ("ldm-tiny", "ldm-builtin"):
         opts = build(ldm.TrainLdmOptions, load_preset(ROOT / "configs" / f"{name}.toml"))
         assert opts.data == "shapes"
+
+
+def test_min_snr_weights_are_finite_at_snr_zero_for_both_prediction_types():
+    from diffusers import DDPMScheduler
+
+    from egaku.training.runtime import min_snr_weights
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              rescale_betas_zero_snr=True)
+    t = torch.tensor([0, 500, 999])
+    eps = min_snr_weights(scheduler, t, 5.0, "epsilon")
+    v = min_snr_weights(scheduler, t, 5.0, "v_prediction")
+    assert torch.isfinite(eps).all() and torch.isfinite(v).all()
+    assert eps[2] == 0 and v[2] == 0  # the pure-noise step carries no weight instead of 0/0
+    assert eps[0] == pytest.approx(5.0 / float(scheduler.alphas_cumprod[0] / (1 - scheduler.alphas_cumprod[0])))

@@ -38,7 +38,8 @@ from ..config import option, save_config, to_dict
 from ..data import shapes
 from ..data.images import image_grid
 from ..errors import EgakuError
-from ..training.runtime import Checkpoints, capture_rng, check_finite, load_checkpoint, restore_rng, MetricsLog
+from ..training.runtime import (Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint,
+                                min_snr_weights, restore_rng)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -345,7 +346,7 @@ def train_ldm(opts: TrainLdmOptions) -> Path:
 
 
 def _train(opts: TrainLdmOptions) -> Path:
-    from diffusers.training_utils import EMAModel, compute_snr
+    from diffusers.training_utils import EMAModel
 
     from ..models.tokenizer import build_clip_tokenizer
 
@@ -360,7 +361,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     print(data.note, file=sys.stderr)
     tokenizer = build_clip_tokenizer(data.vocabulary)
     torch.manual_seed(opts.seed)
-    vae = build_vae(opts)
+    vae = build_vae(opts)  # built even when replaced: text encoder and UNet then start from the same seeded weights
     if opts.vae_from:
         from diffusers import AutoencoderKL
 
@@ -507,9 +508,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         hidden = text_encoder(input_ids)[0]
         pred = unet(noisy, timesteps, hidden).sample
         if opts.snr_gamma > 0:
-            snr = compute_snr(noise_scheduler, timesteps)
-            divisor = snr if opts.prediction_type == "epsilon" else snr + 1
-            weight = torch.clamp(snr, max=opts.snr_gamma) / divisor.clamp_min(1e-8)
+            weight = min_snr_weights(noise_scheduler, timesteps, opts.snr_gamma, opts.prediction_type)
             loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean()
         else:
             loss = F.mse_loss(pred, target)

@@ -40,7 +40,7 @@ from ..data.folder import scan_image_folder
 from ..data.images import image_grid
 from ..errors import EgakuError
 from ..lora.formats import LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs, peft_to_kohya
-from .runtime import Checkpoints, capture_rng, check_finite, load_checkpoint, restore_rng, MetricsLog
+from .runtime import Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint, min_snr_weights, restore_rng
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -202,7 +202,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
@@ -459,11 +459,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 with accelerator.autocast():
                     pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
                 if opts.min_snr_gamma:
-                    # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    divisor = snr + 1 if prediction_type == "v_prediction" else snr
-                    # a zero-terminal-SNR model's last timestep has SNR 0: weight 0 there, not 0/0
-                    weights = torch.clamp(snr, max=opts.min_snr_gamma) / divisor.clamp_min(1e-8)
+                    weights = min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma, prediction_type)
                     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     loss = (per_sample * weights).mean()
                 else:

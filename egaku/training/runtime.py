@@ -200,3 +200,16 @@ class MetricsLog:
                 csv.writer(fh).writerow(self._fields)
         with open(self.path, "a", newline="") as fh:
             csv.writer(fh).writerow([row.get(k, "") for k in self._fields])
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction.
+
+    A zero-terminal-SNR schedule's last timestep has SNR 0: its weight is 0 there, not 0/0.
+    """
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    divisor = snr + 1 if prediction_type == "v_prediction" else snr
+    return torch.clamp(snr, max=gamma) / divisor.clamp_min(1e-8)
