@@ -56,12 +56,7 @@ def main() -> None:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     work = Path(tempfile.mkdtemp(prefix="egaku-lora-learning-"))
     data = work / "stars"
-    data.mkdir()
-    rows = []
-    for i, spec in enumerate(shapes.sample_attributes(args.images, seed=11, split="novel")):
-        shapes.render(spec, size=size).save(data / f"star-{i:03d}.png")
-        rows.append(json.dumps({"file_name": f"star-{i:03d}.png", "text": spec.caption}))
-    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    shapes.write_caption_folder(shapes.sample_attributes(args.images, seed=11, split="novel"), data, size, "star")
     old_prompts = prompt_set("seen", args.eval_prompts)
     sampling = {"steps": args.sample_steps, "guidance_scale": args.guidance}
 

@@ -205,7 +205,8 @@ def test_zero_terminal_snr_model_on_a_given_vae_samples_from_pure_noise(tiny_run
 
     run = tmp_path / "zsnr"
     model = ldm.train_ldm(tiny_opts(run, vae_from=str(tiny_run / "model" / "vae"), vae_steps=0,
-                                    prediction_type="v_prediction", zero_terminal_snr=True, snr_gamma=5.0))
+                                    prediction_type="v_prediction", zero_terminal_snr=True, snr_gamma=5.0,
+                                    timestep_sampling="logit_normal", logit_mean=0.5))
     given = AutoencoderKL.from_pretrained(tiny_run / "model" / "vae")
     exported = AutoencoderKL.from_pretrained(model / "vae")
     for name, tensor in given.state_dict().items():
@@ -223,6 +224,27 @@ def test_zero_terminal_snr_model_on_a_given_vae_samples_from_pure_noise(tiny_run
     images = pipe("a large red circle in the center on a white background", num_inference_steps=2,
                   generator=torch.Generator().manual_seed(0), output_type="np").images
     assert np.isfinite(images).all()
+
+
+def test_logit_normal_timesteps_stay_in_range_and_favour_the_middle():
+    opts = ldm.TrainLdmOptions(timestep_sampling="logit_normal")
+    t = ldm.sample_timesteps(opts, 20000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= opts.num_train_timesteps - 1
+    middle = ((t >= 250) & (t < 750)).float().mean()
+    assert middle > 0.65  # uniform: 0.5; sigmoid(N(0, 1)) puts ~0.73 in [0.25, 0.75)
+    shifted = ldm.sample_timesteps(ldm.TrainLdmOptions(timestep_sampling="logit_normal", logit_mean=1.0), 20000,
+                                   torch.Generator().manual_seed(0))
+    assert shifted.float().mean() > t.float().mean() + 100  # a positive mean favours noisier steps
+    again = ldm.sample_timesteps(opts, 20000, torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)
+    uniform = ldm.sample_timesteps(ldm.TrainLdmOptions(), 20000, torch.Generator().manual_seed(0))
+    assert abs(((uniform >= 250) & (uniform < 750)).float().mean() - 0.5) < 0.02
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_cuda_without_one_is_a_clear_error(tmp_path):
+    with pytest.raises(EgakuError, match="no CUDA GPU"):
+        ldm.train_ldm(tiny_opts(tmp_path / "run", device="cuda"))
 
 
 def test_presets_load_against_the_options():

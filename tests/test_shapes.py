@@ -76,3 +76,13 @@ def test_unknown_attribute_is_refused():
         shapes.render(shapes.ShapeSpec("circle", "teal", "small", "center", "white"))
     with pytest.raises(ValueError, match="unknown split"):
         shapes.sample_attributes(2, seed=0, split="everything")
+
+
+def test_caption_folder_is_what_train_lora_reads(tmp_path):
+    """write_caption_folder writes images and a diffusers metadata.jsonl the LoRA data loader accepts."""
+    from egaku.data.folder import scan_image_folder
+
+    specs = shapes.sample_attributes(5, seed=3, split="novel")
+    assert shapes.write_caption_folder(specs, tmp_path / "stars", size=32, prefix="star") == 5
+    scan = scan_image_folder(tmp_path / "stars")
+    assert sorted(i.caption for i in scan.items) == sorted(s.caption for s in specs) and not scan.skipped

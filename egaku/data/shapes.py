@@ -203,3 +203,20 @@ def make_dataset(n: int, seed: int, split: str = "train", size: int = SIZE) -> t
     specs = sample_attributes(n, seed, split)
     images = np.stack([np.asarray(render(s, size)) for s in specs]) if specs else np.zeros((0, size, size, 3), np.uint8)
     return images, specs
+
+
+def write_caption_folder(specs: list[ShapeSpec], folder, size: int = SIZE, prefix: str = "shape") -> int:
+    """Render ``specs`` into ``folder`` with a diffusers-layout ``metadata.jsonl`` of their captions
+    (what ``egaku train-lora --data`` reads); returns the number of images written."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, spec in enumerate(specs):
+        name = f"{prefix}-{i:03d}.png"
+        render(spec, size=size).save(folder / name)
+        rows.append(json.dumps({"file_name": name, "text": spec.caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return len(rows)

@@ -20,7 +20,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
         raise ValueError("need at least two samples in each feature set")
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)  # no disp=: newer SciPy removed it (and returns the root alone)
     if not np.isfinite(covmean).all():
         offset = np.eye(cov_a.shape[0]) * eps
         covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))

@@ -32,6 +32,7 @@ from ..data.images import image_grid
 from ..errors import EgakuError
 from ..gan.commands import to_pil_images
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
+from ..models.loading import resolve_device
 from .runtime import Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint, restore_rng
 
 
@@ -70,14 +71,6 @@ class TrainGanOptions:
     resume: str = option("", help="'latest' or a checkpoint folder: continue that run with the same options")
     device: str = option("auto", help="auto (CUDA when available), cpu or cuda", choices=["auto", "cpu", "cuda"])
     progress: bool = option(True, help="show a progress bar")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EgakuError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
-    return torch.device(name)
 
 
 def fixed_latents(n: int, latent_dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -163,7 +156,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
 
     # 2. Models, optimizers, the run's resolved config
     torch.manual_seed(opts.seed)
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     gen, disc = build_gan(opts.arch, opts.image_size, opts.channels, opts.latent_dim, class_names, opts.base_channels)
     gen.to(device)
     disc.to(device)

@@ -38,6 +38,7 @@ from ..config import option, save_config, to_dict
 from ..data import shapes
 from ..data.images import image_grid
 from ..errors import EgakuError
+from ..models.loading import resolve_device
 from ..training.runtime import (Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint,
                                 min_snr_weights, restore_rng)
 
@@ -97,6 +98,11 @@ class TrainLdmOptions:
                                      "leak their layout and mean colour into the last step, which sampling "
                                      "from pure noise cannot reproduce")
     snr_gamma: float = option(0.0, help="min-SNR loss weighting gamma (0 = off; 5 is the paper's value)")
+    timestep_sampling: str = option("uniform", help="how training timesteps are drawn: uniform, or logit_normal "
+                                    "(t/T = sigmoid(N(mean, std)), as in SD3: more steps at middle noise levels)",
+                                    choices=["uniform", "logit_normal"])
+    logit_mean: float = option(0.0, help="logit_normal: mean (above 0 favours noisier timesteps)")
+    logit_std: float = option(1.0, help="logit_normal: standard deviation")
     num_train_timesteps: int = option(1000, help="diffusion timesteps")
     # bookkeeping
     checkpoint_every: int = option(500, help="save a checkpoint every N steps")
@@ -108,6 +114,9 @@ class TrainLdmOptions:
     resume: str | None = option(None, help="`latest` or a checkpoint folder to continue from")
     export_only: bool = option(False, help="only write OUT/model from the latest checkpoint (e.g. of a cut-short run)")
     threads: int = option(2, help="torch CPU threads")
+    device: str = option("auto", help="auto (CUDA when available), cpu or cuda; random numbers are drawn on the "
+                         "CPU, so a run is the same draw of data, noise and timesteps on either",
+                         choices=["auto", "cpu", "cuda"])
     progress: bool = option(True, help="show a progress bar")
 
     def __post_init__(self) -> None:
@@ -138,7 +147,7 @@ class TrainLdmOptions:
 
 # Options that may change between a run and its resume without changing what is computed.
 RESUME_IGNORE = {"resume", "export_only", "threads", "progress", "out", "checkpoint_every", "keep_checkpoints",
-                 "sample_every"}
+                 "sample_every", "device"}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -194,13 +203,21 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
-    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """Everything random in a step comes from here, so a resumed run draws the same numbers."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def sample_timesteps(opts: TrainLdmOptions, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` training timesteps in ``[0, num_train_timesteps)``, drawn as ``opts.timestep_sampling`` says."""
+    if opts.timestep_sampling == "uniform":
+        return torch.randint(0, opts.num_train_timesteps, (n,), generator=gen)
+    u = torch.sigmoid(opts.logit_mean + opts.logit_std * torch.randn(n, generator=gen))
+    return (u * opts.num_train_timesteps).long().clamp(0, opts.num_train_timesteps - 1)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -289,7 +306,7 @@ def measure_vae(vae, images: np.ndarray, batch: int = 64) -> float:
     vae.eval()
     scores = []
     for i in range(0, len(images), batch):
-        x = to_tensor(images[i:i + batch])
+        x = to_tensor(images[i:i + batch]).to(vae.device)
         scores.append(psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample, x) * len(x))
     return sum(scores) / len(images)
 
@@ -300,9 +317,9 @@ def encode_all(vae, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor,
     vae.eval()
     means, stds = [], []
     for i in range(0, len(images), batch):
-        dist = vae.encode(to_tensor(images[i:i + batch])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        dist = vae.encode(to_tensor(images[i:i + batch]).to(vae.device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -369,6 +386,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     text_encoder = build_text_encoder(opts, tokenizer)
     unet = build_unet(opts, vae)
     noise_scheduler = build_noise_scheduler(opts)
+    device = resolve_device(opts.device)
     step, state, weights = 0, None, {}
     resume = "latest" if opts.export_only and not opts.resume else opts.resume
     if resume:
@@ -383,6 +401,7 @@ def _train(opts: TrainLdmOptions) -> Path:
                              "there is no diffusion model to export yet. Resume training instead")
         vae.load_state_dict(weights["vae"])
         print(f"resumed from {path} (step {step})", file=sys.stderr)
+    vae.to(device), text_encoder.to(device), unet.to(device)
     save_config(opts, out / "config.json")
     log = MetricsLog(out / "losses.csv")
     summary_path = out / "summary.json"
@@ -405,7 +424,7 @@ def _train(opts: TrainLdmOptions) -> Path:
             gen = step_generator(opts.seed, step)
             idx = torch.randint(0, len(x_all), (opts.vae_batch_size,), generator=gen)
             top, left = torch.randint(0, opts.resolution - crop + 1, (2,), generator=gen).tolist()
-            x = x_all[idx, :, top:top + crop, left:left + crop]
+            x = x_all[idx, :, top:top + crop, left:left + crop].to(device)
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=gen)).sample
             rec_loss = F.mse_loss(recon, x)
@@ -435,7 +454,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         summary["vae_psnr"] = round(measure_vae(vae, data.heldout), 3)
         summary["vae_psnr_images"] = len(data.heldout)
         summary["vae_seconds"] = round(base_seconds + time.time() - started, 1)
-        heldout = to_tensor(data.heldout[:8])
+        heldout = to_tensor(data.heldout[:8]).to(device)
         with torch.no_grad():
             recon = vae.decode(vae.encode(heldout).latent_dist.mode()).sample
         (out / "samples").mkdir(exist_ok=True)
@@ -465,7 +484,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     if state is not None and step > opts.vae_steps:
         unet.load_state_dict(weights["unet"])
         text_encoder.load_state_dict(weights["text_encoder"])
-        ema.shadow_params = [weights["ema"][n].clone() for n in names]
+        ema.shadow_params = [weights["ema"][n].to(device) for n in names]
         ema.optimization_step = int(state["ema_step"])
         if not opts.export_only:
             optim.load_state_dict(state["optimizer"])
@@ -502,7 +521,8 @@ def _train(opts: TrainLdmOptions) -> Path:
         drop = torch.rand(opts.batch_size, generator=gen) < opts.caption_dropout
         input_ids = torch.where(drop[:, None], empty_ids, ids[idx])
         noise = torch.randn(latents.shape, generator=gen)
-        timesteps = torch.randint(0, opts.num_train_timesteps, (opts.batch_size,), generator=gen)
+        timesteps = sample_timesteps(opts, opts.batch_size, gen)
+        latents, noise, timesteps, input_ids = (t.to(device) for t in (latents, noise, timesteps, input_ids))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if opts.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         hidden = text_encoder(input_ids)[0]

@@ -167,7 +167,7 @@ def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str]
                          "Resume with the same options, or start a new run in another --out folder")
     weights = {p.stem: load_file(p) for p in path.glob("*.safetensors")}
     # Our own file, but a user may point --resume anywhere: never allow arbitrary unpickling.
-    state = torch.load(path / "state.pt", weights_only=True)
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")  # a GPU run resumes anywhere
     return weights, state
 
 
@@ -213,3 +213,4 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, pred
     snr = compute_snr(noise_scheduler, timesteps)
     divisor = snr + 1 if prediction_type == "v_prediction" else snr
     return torch.clamp(snr, max=gamma) / divisor.clamp_min(1e-8)
+
