@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--prior-images", type=int, default=0,
+                        help="regularization images the base model generates from training-world captions "
+                             "(prior preservation; 0 = off)")
+    parser.add_argument("--prior-weight", type=float, default=1.0, help="their loss weight")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora_learning.json"))
     args = parser.parse_args()
 
@@ -65,6 +69,11 @@ def main() -> None:
         old = measure_prompts(pipe, old_prompts, judge=judge, **sampling)
         return {"star": star, "old": {k: v for k, v in old.items() if k not in ("images", "features")}}
 
+    prior = {}
+    if args.prior_images:  # captions of the trained world, drawn apart from the evaluation prompts
+        prompts = [s.caption for s in shapes.sample_attributes(args.prior_images, seed=23, split="train")]
+        prior = dict(prior_data=str(work / "prior"), prior_images=args.prior_images, prior_prompts=prompts,
+                     prior_loss_weight=args.prior_weight, prior_guidance=args.guidance)
     started = time.perf_counter()
     before = measure()
     print("before", json.dumps(before), flush=True)
@@ -73,6 +82,7 @@ def main() -> None:
                                       rank=args.rank, lora_conv=args.lora_conv, train_text_encoder=args.train_text_encoder,  # no flips: captions say left and right
                                       learning_rate=args.learning_rate, batch_size=args.batch_size,
                                       max_steps=args.train_steps, checkpoint_every=0, min_images=args.images,
+                                      **prior,
                                       format="diffusers", progress=False))
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])

@@ -436,3 +436,53 @@ def test_yaml_config_with_flags_overriding(tmp_path):
     preset.write_text("rank: 16\nlearning_rate: 0.0002\nvalidation_prompts: [a red star]\n")
     _, opts = parse(["train-lora", "--config", str(preset), "--rank", "4", "--data", "d"])
     assert (opts.rank, opts.learning_rate, opts.validation_prompts, opts.data) == (4, 2e-4, ["a red star"], "d")
+
+
+# ---- prior preservation ------------------------------------------------------------------------------
+
+def test_prior_preservation_generates_missing_images_and_weights_their_loss(tmp_path, data_dir, tiny_model_dir):
+    """--prior-data: the base model fills the folder up to --prior-images (kept for the next run), the
+    images train with their captions, and --prior-loss-weight scales their share of the loss."""
+    from safetensors.torch import load_file
+
+    from egaku.lora.formats import LORA_WEIGHTS_NAME
+
+    prior = tmp_path / "prior"
+    prompts = ["a photo of green square", "a photo of blue circle"]
+    common = dict(max_steps=4, batch_size=2, learning_rate=5e-2, format="diffusers")  # one epoch: every batch
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "first", prior_data=str(prior), prior_images=3,
+                       prior_prompts=prompts, **common))
+    made = sorted(prior.glob("prior-*.png"))
+    assert [p.with_suffix(".txt").read_text().strip() for p in made] == [prompts[0], prompts[1], prompts[0]]
+    assert "regularization images" in (tmp_path / "first" / "data_report.txt").read_text()
+    stamps = [p.stat().st_mtime_ns for p in made]
+    lora_training.fill_prior_folder(tiny_pipe(tiny_model_dir), options(
+        data_dir, tiny_model_dir, tmp_path / "x", prior_data=str(prior), prior_images=3, prior_prompts=prompts),
+        torch.device("cpu"))
+    assert [p.stat().st_mtime_ns for p in sorted(prior.glob("prior-*.png"))] == stamps  # nothing regenerated
+
+    # other pictures under the same captions and sizes
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in made:
+        Image.fromarray(255 - np.asarray(Image.open(p).convert("RGB"))).save(other / p.name)
+        (other / p.with_suffix(".txt").name).write_text(p.with_suffix(".txt").read_text())
+
+    def lora_weights(folder, weight, name):
+        out = train_lora(options(data_dir, tiny_model_dir, tmp_path / name, prior_data=str(folder),
+                                 prior_loss_weight=weight, **common))
+        return load_file(out / LORA_WEIGHTS_NAME)
+
+    zero_a, zero_b = lora_weights(prior, 0.0, "zero-a"), lora_weights(other, 0.0, "zero-b")
+    assert all(torch.allclose(zero_a[k], zero_b[k]) for k in zero_a)  # weight 0: their pixels do not matter
+    one_a, one_b = lora_weights(prior, 1.0, "one-a"), lora_weights(other, 1.0, "one-b")
+    assert any(not torch.allclose(one_a[k], one_b[k]) for k in one_a)
+
+
+def test_prior_images_without_a_folder_or_prompts_are_refused(tmp_path, data_dir, tiny_model_dir):
+    with pytest.raises(EgakuError, match="need --prior-data"):
+        options(data_dir, tiny_model_dir, tmp_path / "a", prior_images=4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EgakuError, match="give --prior-prompts"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "b", prior_data=str(tmp_path / "empty"),
+                           prior_images=2))

@@ -60,6 +60,14 @@ class TrainLoraOptions:
     resolution: int = option(512, help="bucket area is at most resolution^2 (512 for SD 1.x)")
     max_aspect: float = option(2.0, help="most elongated bucket, as long side / short side")
     random_flip: bool = option(False, help="flip images horizontally at random (both orientations are cached)")
+    # prior preservation (DreamBooth; kohya's regularization images)
+    prior_data: str = option("", help="folder of regularization images: what the base model already draws, with "
+                             "captions; mixed into the batches so that the LoRA keeps the model's old prompts")
+    prior_images: int = option(0, help="wanted regularization images: when --prior-data holds fewer, the base "
+                               "model generates the rest from --prior-prompts (and they are kept for later runs)")
+    prior_prompts: list[str] = option([], help="prompts for generating regularization images (cycled)")
+    prior_loss_weight: float = option(1.0, help="loss weight of regularization images relative to training images")
+    prior_guidance: float = option(7.5, help="guidance scale for generating regularization images")
     # LoRA
     rank: int = option(8, help="LoRA rank (size of the low-rank update)")
     alpha: float = option(0.0, help="LoRA alpha; the update is scaled by alpha/rank (0 means alpha = rank)")
@@ -114,6 +122,9 @@ class TrainLoraOptions:
             (self.resolution >= 8, f"--resolution {self.resolution} is too small"),
             (self.max_aspect >= 1, f"--max-aspect must be >= 1, got {self.max_aspect}"),
             (self.min_images >= 1, "--min-images must be at least 1"),
+            (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
+            (not (self.prior_images or self.prior_prompts) or self.prior_data,
+             "--prior-images/--prior-prompts need --prior-data: the folder the regularization images go to"),
         ]
         for ok, message in checks:
             if not ok:
@@ -197,6 +208,44 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
+@torch.no_grad()
+def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=print) -> int:
+    """Generate the regularization images ``--prior-data`` lacks with the base model (DreamBooth's class
+    images), each with a caption file; returns how many were made. Images already there are kept."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..data.images import IMAGE_SUFFIXES
+
+    folder = Path(opts.prior_data)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    missing = opts.prior_images - have
+    if missing <= 0:
+        return 0
+    if not opts.prior_prompts:
+        raise EgakuError(f"--prior-data {folder} holds {have} images and --prior-images asks for "
+                         f"{opts.prior_images}: give --prior-prompts to generate the rest, or add images")
+    runner = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items()
+                                        if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    runner.to(device)
+    runner.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    say(f"generating {missing} regularization images into {folder}")
+    for start in range(have, opts.prior_images, 8):
+        numbers = list(range(start, min(start + 8, opts.prior_images)))
+        prompts = [opts.prior_prompts[n % len(opts.prior_prompts)] for n in numbers]
+        images = runner(prompts, num_inference_steps=20, guidance_scale=opts.prior_guidance, height=size, width=size,
+                        generator=[torch.Generator().manual_seed(opts.seed + n) for n in numbers]).images
+        for n, prompt, image in zip(numbers, prompts, images):
+            (folder / f"prior-{n:05d}.txt").write_text(prompt + "\n")
+            tmp = folder / f".prior-{n:05d}.png.tmp"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, folder / f"prior-{n:05d}.png")  # a cut-short run never leaves half an image
+    runner.to("cpu")
+    return missing
+
+
 def train_lora(opts: TrainLoraOptions) -> Path:
     """Fine-tune ``opts.model`` with LoRA on ``opts.data``; returns the output folder."""
     from accelerate import Accelerator
@@ -239,6 +288,20 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         (out / "data_report.txt").write_text(scan.report() + "\n")
     say(scan.report())
     pipe = _load_base(opts.model)
+    prior_items = []
+    if opts.prior_data:
+        if main:
+            fill_prior_folder(pipe, opts, accelerator.device, say)
+        accelerator.wait_for_everyone()
+        prior = scan_image_folder(opts.prior_data, caption_template=opts.caption_template, min_images=1)
+        prior_items = prior.items
+        if main:
+            with open(out / "data_report.txt", "a") as fh:
+                fh.write("regularization images: " + prior.report() + "\n")
+        say("regularization images: " + prior.report())
+    items = scan.items + prior_items
+    # per-image loss weight: regularization images count --prior-loss-weight times a training image
+    item_weight = torch.tensor([1.0] * len(scan.items) + [opts.prior_loss_weight] * len(prior_items))
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
@@ -277,8 +340,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     step_px = max(8, vae_scale * 2 ** (len(unet.config.block_out_channels) - 1))
     resolution = max(step_px, opts.resolution // step_px * step_px)
     buckets = make_buckets(resolution, step=step_px, max_ratio=opts.max_aspect)
-    bucket_of = [nearest_bucket(item.size, buckets) for item in scan.items]
-    captions = [item.caption for item in scan.items]
+    bucket_of = [nearest_bucket(item.size, buckets) for item in items]
+    captions = [item.caption for item in items]
     # the disk cache is keyed by the encoders' weights too, so a retrained model never reuses stale latents
     model_key = ""
     if opts.cache_dir:
@@ -288,7 +351,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     flips = (False, True) if opts.random_flip else (False,)
 
     def pixels(index: int, flip: bool) -> torch.Tensor:
-        return to_tensor(fit_to_bucket(scan.load(scan.items[index]), bucket_of[index]), flip=flip)
+        return to_tensor(fit_to_bucket(scan.load(items[index]), bucket_of[index]), flip=flip)
 
     def encode_latent_dist(batch: torch.Tensor) -> torch.Tensor:
         dist = vae.encode(batch.to(device, torch.float32)).latent_dist
@@ -301,13 +364,13 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     # a latent's key names the file's bytes (path, size, mtime), its bucket and its orientation
     latent_key = {}
-    for i, item in enumerate(scan.items):
+    for i, item in enumerate(items):
         stat = item.path.stat()
         for flip in flips:
             latent_key[i, flip] = f"latent|{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{bucket_of[i]}|{flip}"
     with torch.no_grad():
         if opts.cache_latents:
-            for i, _ in enumerate(tqdm(scan.items, desc="caching latents", disable=not (main and opts.progress))):
+            for i, _ in enumerate(tqdm(items, desc="caching latents", disable=not (main and opts.progress))):
                 for flip in flips:
                     cache.get(latent_key[i, flip], lambda: encode_latent_dist(pixels(i, flip)[None])[0])
         cache_text = not opts.train_text_encoder
@@ -348,7 +411,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     order = BucketBatches(bucket_of, opts.batch_size, seed=opts.seed)
     per_epoch = len(order.batches(0)) // world
     if per_epoch == 0:
-        raise EgakuError(f"{len(scan.items)} images in {len(set(bucket_of))} aspect buckets give fewer batches of "
+        raise EgakuError(f"{len(items)} images in {len(set(bucket_of))} aspect buckets give fewer batches of "
                          f"{opts.batch_size} than there are processes ({world}); lower --batch-size or add images")
     total_steps = opts.max_steps or math.ceil(opts.epochs * per_epoch / opts.gradient_accumulation)
     lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
@@ -458,12 +521,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                         no_sync.enter_context(accelerator.no_sync(model))
                 with accelerator.autocast():
                     pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
+                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                weights = item_weight[indices].to(device)
                 if opts.min_snr_gamma:
-                    weights = min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma, prediction_type)
-                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    loss = (per_sample * weights).mean()
-                else:
-                    loss = F.mse_loss(pred.float(), target.float())
+                    weights = weights * min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma, prediction_type)
+                loss = (per_sample * weights).mean()
                 accelerator.backward(loss / opts.gradient_accumulation)
             step_loss += float(loss.detach()) / opts.gradient_accumulation
             micro += 1
