@@ -44,6 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-minutes", type=float, default=10.0, help="CPU budget per architecture")
     parser.add_argument("--archs", nargs="+", default=["mlp", "dcgan"])
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:ARCH:FLAGS",
+                        help="one more run beside --archs, e.g. 'dcgan-mbstd:dcgan:--minibatch-std' (flags "
+                             "separated by spaces, added to that arch's preset)")
     parser.add_argument("--n", type=int, default=1000, help="samples scored per model")
     parser.add_argument("--work", default="/tmp/egaku-bench-gan", help="where the runs are written")
     parser.add_argument("--judge-dir", default="", help="digit judge cache (default ~/.cache/egaku/digit-judge)")
@@ -53,6 +56,10 @@ def main() -> None:
     # one thread: on a shared 2-core machine a second torch thread spins and runs ~10x slower
     torch.set_num_threads(1)
     work = Path(args.work)
+    runs = {arch: (arch, []) for arch in args.archs}  # run name -> (architecture, extra train-gan flags)
+    for spec in args.variant:
+        name, arch, flags = (spec.split(":", 2) + [""])[:3]
+        runs[name] = (arch, flags.split())
 
     # 1. Train each architecture in its own single-threaded process, side by side
     commands = {}
@@ -60,14 +67,14 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         procs = {}
         work.mkdir(parents=True, exist_ok=True)
-        for arch in args.archs:
+        for name, (arch, flags) in runs.items():
             # epochs raised so that the CPU budget alone ends each run
             cmd = [sys.executable, "-m", "egaku", "train-gan", "--config", f"configs/gan-{arch}.toml", "--conditional",
-                   "--epochs", "100000", "--max-cpu-minutes", str(args.cpu_minutes), "--out", str(work / arch),
-                   "--no-progress"]
-            commands[arch] = " ".join(cmd[2:])
-            log = open(work / f"{arch}.log", "w")
-            procs[arch] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time())
+                   "--epochs", "100000", "--max-cpu-minutes", str(args.cpu_minutes), "--out", str(work / name),
+                   "--no-progress", *flags]
+            commands[name] = " ".join(cmd[2:])
+            log = open(work / f"{name}.log", "w")
+            procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time())
         for arch, (proc, started) in procs.items():
             if proc.wait() != 0:
                 raise SystemExit(f"train-gan {arch} failed; see {work / (arch + '.log')}")
@@ -81,11 +88,11 @@ def main() -> None:
     rows = {"real_held_out": ceiling, "noise": floor}
 
     # 3. Score each GAN
-    for arch in args.archs:
-        gen = load_generator(work / arch, arch=arch)
+    for name, (arch, _) in runs.items():
+        gen = load_generator(work / name, arch=arch)
         result = evaluate_generator(gen, judge, reference, args.n, seed=0)
-        last = last_row(work / arch / "metrics.csv")
-        summary = json.loads((work / arch / "train-summary.json").read_text())
+        last = last_row(work / name / "metrics.csv")
+        summary = json.loads((work / name / "train-summary.json").read_text())
         result.update(
             steps=summary["step"], epochs=summary["epochs"], stopped_by=summary["stopped_by"],
             train_cpu_seconds=summary["cpu_seconds_this_process"],
@@ -93,31 +100,32 @@ def main() -> None:
             final_d_loss=float(last["d_loss"]), final_g_loss=float(last["g_loss"]),
             frechet_ratio_to_real=result["frechet_distance"] / real_vs_real,
             mode_collapse_warning=collapse_warning(result, 0.9),
-            command=commands.get(arch, "trained earlier, scored with --skip-training; see train_options"),
-            train_options=json.loads((work / arch / "config.json").read_text()),
+            command=commands.get(name, "trained earlier, scored with --skip-training; see train_options"),
+            train_options=json.loads((work / name / "config.json").read_text()),
         )
-        rows[arch] = result
+        rows[name] = result
         # the same run's last raw generator (the exported one is its weight average, --ema-decay)
-        ckpt = Checkpoints(work / arch).latest()
+        ckpt = Checkpoints(work / name).latest()
         raw = type(gen).from_config(gen.config)
         raw.load_state_dict(load_file(ckpt / "generator.safetensors"))
         raw_result = evaluate_generator(raw.eval(), judge, reference, args.n, seed=0)
         raw_result["frechet_ratio_to_real"] = raw_result["frechet_distance"] / real_vs_real
         raw_result["note"] = f"raw generator weights at step {result['steps']} (no moving average)"
-        rows[f"{arch}_raw"] = raw_result
+        rows[f"{name}_raw"] = raw_result
     for key in ("noise",):
         rows[key]["frechet_ratio_to_real"] = rows[key]["frechet_distance"] / real_vs_real
 
     # 4. Targets and the report
     targets = {}
-    if "dcgan" in rows:
-        dc = rows["dcgan"]
-        targets = {"dcgan_conditional_accuracy_at_least_0.90": dc["conditional_accuracy"] >= 0.90,
-                   "dcgan_frechet_within_2x_real_vs_real": dc["frechet_ratio_to_real"] <= 2.0}
+    for name, (arch, _) in runs.items():
+        if arch == "dcgan":
+            dc = rows[name]
+            targets[f"{name}_conditional_accuracy_at_least_0.90"] = dc["conditional_accuracy"] >= 0.90
+            targets[f"{name}_frechet_within_2x_real_vs_real"] = dc["frechet_ratio_to_real"] <= 2.0
     report = {
         "benchmark": "GANs on scikit-learn digits (issue 5)",
         "budget": {"cpu_minutes_per_arch": args.cpu_minutes, "torch_threads_per_arch": 1,
-                   "note": "process CPU time; the two architectures trained side by side, one core each"},
+                   "note": f"process CPU time; {len(runs)} runs trained side by side, one torch thread each"},
         "judge": {"held_out_accuracy": accuracy, "held_out_n": 359,
                   "features": "penultimate layer (64-d) of egaku's digit judge"},
         "samples_per_model": args.n,

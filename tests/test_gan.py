@@ -106,6 +106,23 @@ def test_conditional_variants_take_labels_and_round_trip_through_safetensors(arc
         load_generator(tmp_path, arch=other)
 
 
+def test_minibatch_std_discriminator_sees_the_variety_of_its_batch(tmp_path):
+    torch.manual_seed(0)
+    _, disc = build_gan("dcgan", base_channels=8, minibatch_std=True)
+    plain = DCGANDiscriminator(base_channels=8)
+    assert disc.head.in_channels == plain.head.in_channels + 1
+    disc.eval()
+    x = torch.randn(6, 1, 28, 28)
+    same = x[:1].expand(6, -1, -1, -1)
+    # the first image's logit depends on the rest of its batch: varied or all alike
+    assert not torch.allclose(disc(x)[:1], disc(torch.cat([x[:1], same[1:]]))[:1])
+    assert torch.allclose(disc(same), disc(same[:1]).expand(6))  # copies carry no spread, like one image alone
+    disc.save_pretrained(tmp_path / "d")
+    assert DCGANDiscriminator.from_pretrained(tmp_path / "d").config.minibatch_std
+    with pytest.raises(EgakuError, match="DCGAN option"):
+        build_gan("mlp", minibatch_std=True)
+
+
 # ---- data ---------------------------------------------------------------------------------------
 
 def test_digit_split_is_fixed_stratified_and_scaled():
@@ -351,3 +368,12 @@ def test_rgb_image_folder_trains_a_colour_dcgan(tmp_path):
         assert im.mode == "RGB" and im.size == (8, 8)
     with pytest.raises(EgakuError, match="greyscale"):
         train_gan_command(_opts(tmp_path, data="digits", channels=3))
+
+
+def test_minibatch_std_trains_and_is_part_of_the_run_config(tmp_path):
+    train_gan_command(_opts(tmp_path, arch="dcgan", minibatch_std=True, max_steps=6))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["minibatch_std"] is True
+    assert DCGANDiscriminator.from_pretrained(tmp_path / "run" / "discriminator").config.minibatch_std
+    with pytest.raises(EgakuError, match="configuration changed|minibatch_std"):
+        train_gan_command(_opts(tmp_path, arch="dcgan", minibatch_std=False, max_steps=8, resume="latest"))

@@ -186,16 +186,20 @@ class DCGANDiscriminator(ModelMixin, ConfigMixin, _Conditioned):
     """Strided convolutions: (C, s, s) → (b, s/2) → (2b, s/4) → logit, batch norm + LeakyReLU(0.2).
 
     No batch norm on the first layer (DCGAN paper). Conditional: projection discriminator,
-    logit = w·h + embed(y)·h with h the pooled features (Miyato & Koyama).
+    logit = w·h + embed(y)·h with h the pooled features (Miyato & Koyama). ``minibatch_std``: the head
+    also sees the features' standard deviation across the batch, one extra channel (Karras et al. 2018,
+    ProGAN), so a batch of too-similar fakes is told apart by its lack of variety.
     """
 
     arch = "dcgan"
 
     @register_to_config
-    def __init__(self, base_channels: int = 32, image_size: int = 28, channels: int = 1, num_classes: int = 0):
+    def __init__(self, base_channels: int = 32, image_size: int = 28, channels: int = 1, num_classes: int = 0,
+                 minibatch_std: bool = False):
         super().__init__()
         _check_dcgan_size(image_size)
         self.num_classes = num_classes
+        self.minibatch_std = minibatch_std
         b = base_channels
         self.features = nn.Sequential(
             nn.Conv2d(channels, b, 4, 2, 1),
@@ -204,14 +208,18 @@ class DCGANDiscriminator(ModelMixin, ConfigMixin, _Conditioned):
             nn.BatchNorm2d(2 * b), nn.LeakyReLU(0.2, True),
         )
         # a convolution covering the whole s/4 x s/4 map: the DCGAN's last layer, one logit per image
-        self.head = nn.Conv2d(2 * b, 1, image_size // 4, 1, 0)
+        self.head = nn.Conv2d(2 * b + int(minibatch_std), 1, image_size // 4, 1, 0)
         self.embed = nn.Embedding(num_classes, 2 * b) if num_classes else None
         self.apply(_dcgan_init)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         labels = self._check_labels(labels, len(x))
         h = self.features(x)
-        logit = self.head(h).flatten(1).squeeze(1)
+        seen = h
+        if self.minibatch_std:
+            spread = h.std(dim=0, unbiased=False).mean()  # 0 for a single image
+            seen = torch.cat([h, spread.expand(len(h), 1, *h.shape[2:])], dim=1)
+        logit = self.head(seen).flatten(1).squeeze(1)
         if labels is not None:
             logit = logit + (self.embed(labels) * h.sum(dim=(2, 3))).sum(1)
         return logit
@@ -225,10 +233,13 @@ DISCRIMINATORS = {"mlp": MLPDiscriminator, "dcgan": DCGANDiscriminator}
 
 
 def build_gan(arch: str, image_size: int = 28, channels: int = 1, latent_dim: int = 100,
-              class_names: list[str] | None = None, base_channels: int = 32) -> tuple[nn.Module, nn.Module]:
+              class_names: list[str] | None = None, base_channels: int = 32,
+              minibatch_std: bool = False) -> tuple[nn.Module, nn.Module]:
     """A fresh (generator, discriminator) pair; ``class_names`` given means class-conditional."""
     if arch not in ARCHITECTURES:
         raise EgakuError(f"unknown GAN architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if minibatch_std and arch != "dcgan":
+        raise EgakuError("--minibatch-std is a DCGAN option: the MLP discriminator keeps its classic layers")
     k = len(class_names) if class_names else 0
     if arch == "mlp":
         gen = MLPGenerator(latent_dim=latent_dim, image_size=image_size, channels=channels, num_classes=k,
@@ -238,7 +249,7 @@ def build_gan(arch: str, image_size: int = 28, channels: int = 1, latent_dim: in
         gen = DCGANGenerator(latent_dim=latent_dim, base_channels=base_channels, image_size=image_size,
                              channels=channels, num_classes=k, class_names=class_names)
         disc = DCGANDiscriminator(base_channels=base_channels, image_size=image_size, channels=channels,
-                                  num_classes=k)
+                                  num_classes=k, minibatch_std=minibatch_std)
     return gen, disc
 
 

@@ -62,6 +62,9 @@ class TrainGanOptions:
     augment: int = option(0, help="DiffAugment (Zhao et al. 2020): shift every image the discriminator sees, real "
                                   "and fake, by up to this many pixels (0 = off); with a few thousand images it "
                                   "keeps D from memorising the training set")
+    minibatch_std: bool = option(False, help="DCGAN: the discriminator also sees how much its features vary "
+                                              "across the batch (ProGAN's minibatch standard deviation), "
+                                              "which penalises fakes that are all alike")
     ema_decay: float = option(0.999, help="exponential moving average of the generator's weights, which is "
                                           "what is exported and sampled (Yazıcı et al. 2019); 0 = off")
     seed: int = option(0, help="seed for initialisation, batches and noise")
@@ -157,7 +160,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     # 2. Models, optimizers, the run's resolved config
     torch.manual_seed(opts.seed)
     device = resolve_device(opts.device)
-    gen, disc = build_gan(opts.arch, opts.image_size, opts.channels, opts.latent_dim, class_names, opts.base_channels)
+    gen, disc = build_gan(opts.arch, opts.image_size, opts.channels, opts.latent_dim, class_names, opts.base_channels,
+                          opts.minibatch_std)
     gen.to(device)
     disc.to(device)
     gen_ema = copy.deepcopy(gen).eval() if opts.ema_decay else None
