@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--prior-images", type=int, default=0,
                         help="regularization images the base model generates from training-world captions "
                              "(prior preservation; 0 = off)")
+    parser.add_argument("--caption-dropout", type=float, default=0.0, help="share of steps on the empty caption")
     parser.add_argument("--prior-weight", type=float, default=1.0, help="their loss weight")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora_learning.json"))
     args = parser.parse_args()
@@ -82,7 +83,7 @@ def main() -> None:
                                       rank=args.rank, lora_conv=args.lora_conv, train_text_encoder=args.train_text_encoder,  # no flips: captions say left and right
                                       learning_rate=args.learning_rate, batch_size=args.batch_size,
                                       max_steps=args.train_steps, checkpoint_every=0, min_images=args.images,
-                                      **prior,
+                                      caption_dropout=args.caption_dropout, **prior,
                                       format="diffusers", progress=False))
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])

@@ -486,3 +486,17 @@ def test_prior_images_without_a_folder_or_prompts_are_refused(tmp_path, data_dir
     with pytest.raises(EgakuError, match="give --prior-prompts"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "b", prior_data=str(tmp_path / "empty"),
                            prior_images=2))
+
+
+def test_caption_dropout_trains_on_the_empty_caption(tmp_path, data_dir, tiny_model_dir):
+    """--caption-dropout: a share of the images is trained on the empty caption (from the text cache)."""
+    with pytest.raises(EgakuError, match="caption-dropout"):
+        options(data_dir, tiny_model_dir, tmp_path / "bad", caption_dropout=1.0)
+    common = dict(max_steps=4, batch_size=2, learning_rate=5e-2, format="diffusers")
+    plain = train_lora(options(data_dir, tiny_model_dir, tmp_path / "plain", **common))
+    dropped = train_lora(options(data_dir, tiny_model_dir, tmp_path / "dropped", caption_dropout=0.9, **common))
+    a = load_file(plain / "pytorch_lora_weights.safetensors")
+    b = load_file(dropped / "pytorch_lora_weights.safetensors")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    config = json.loads((dropped / "training_config.json").read_text())
+    assert config["caption_dropout"] == 0.9

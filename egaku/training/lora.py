@@ -68,6 +68,9 @@ class TrainLoraOptions:
     prior_prompts: list[str] = option([], help="prompts for generating regularization images (cycled)")
     prior_loss_weight: float = option(1.0, help="loss weight of regularization images relative to training images")
     prior_guidance: float = option(7.5, help="guidance scale for generating regularization images")
+    caption_dropout: float = option(0.0, help="share of images trained on the empty caption (kohya's "
+                                    "caption_dropout_rate): keeps the unconditional prediction that "
+                                    "classifier-free guidance subtracts in step with the adapter")
     # LoRA
     rank: int = option(8, help="LoRA rank (size of the low-rank update)")
     alpha: float = option(0.0, help="LoRA alpha; the update is scaled by alpha/rank (0 means alpha = rank)")
@@ -122,6 +125,7 @@ class TrainLoraOptions:
             (self.resolution >= 8, f"--resolution {self.resolution} is too small"),
             (self.max_aspect >= 1, f"--max-aspect must be >= 1, got {self.max_aspect}"),
             (self.min_images >= 1, "--min-images must be at least 1"),
+            (0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
             (not (self.prior_images or self.prior_prompts) or self.prior_data,
              "--prior-images/--prior-prompts need --prior-data: the folder the regularization images go to"),
@@ -374,7 +378,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 for flip in flips:
                     cache.get(latent_key[i, flip], lambda: encode_latent_dist(pixels(i, flip)[None])[0])
         cache_text = not opts.train_text_encoder
-        validation_texts = list(opts.validation_prompts) + ([""] if opts.validation_prompts else [])
+        needs_empty = bool(opts.validation_prompts) or opts.caption_dropout > 0
+        validation_texts = list(opts.validation_prompts) + ([""] if needs_empty else [])
         if cache_text:
             for text in sorted(set(captions) | set(validation_texts)):
                 with accelerator.autocast():
@@ -510,10 +515,14 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 noise += opts.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            texts = [captions[i] for i in indices]
+            if opts.caption_dropout:  # drawn after the other draws: runs without it are unchanged
+                dropped = (torch.rand(len(indices)) < opts.caption_dropout).tolist()
+                texts = ["" if d else t for d, t in zip(dropped, texts)]
             if cache_text:
-                states = torch.stack([cache.store[f"text|{captions[i]}"] for i in indices]).to(device)
+                states = torch.stack([cache.store[f"text|{t}"] for t in texts]).to(device)
             else:
-                states = encode_text([captions[i] for i in indices])
+                states = encode_text(texts)
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
             with contextlib.ExitStack() as no_sync:
                 if k < opts.gradient_accumulation - 1 and world > 1:  # all-reduce once, on the last micro-batch
