@@ -75,10 +75,10 @@ def main() -> None:
             commands[name] = " ".join(cmd[2:])
             log = open(work / f"{name}.log", "w")
             procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time())
-        for arch, (proc, started) in procs.items():
+        for name, (proc, started) in procs.items():
             if proc.wait() != 0:
-                raise SystemExit(f"train-gan {arch} failed; see {work / (arch + '.log')}")
-            print(f"{arch}: trained in {time.time() - started:.0f} s wall", flush=True)
+                raise SystemExit(f"train-gan {name} failed; see {work / (name + '.log')}")
+            print(f"{name}: trained in {time.time() - started:.0f} s wall", flush=True)
 
     # 2. One judge, one reference, one floor for every row
     judge, accuracy = load_or_train_judge(args.judge_dir or None)

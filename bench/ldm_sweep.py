@@ -58,8 +58,14 @@ def worker(args: argparse.Namespace) -> None:
     from egaku.evaluation.judges import load_judge
 
     # every extension re-renders the same data set: render it once per worker
-    render, cache = ldm.load_training_images, {}
-    ldm.load_training_images = lambda opts: cache.setdefault("data", None) or cache.update(data=render(opts)) or cache["data"]
+    render, rendered = ldm.load_training_images, []
+
+    def load_once(opts):
+        if not rendered:
+            rendered.append(render(opts))
+        return rendered[0]
+
+    ldm.load_training_images = load_once
     deadline = args.started + 60 * args.deadline_minutes
     out = Path(args.runs) / args.worker
     log = Path(args.runs) / f"{args.worker}.jsonl"

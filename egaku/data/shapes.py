@@ -19,8 +19,10 @@ with numpy's ``default_rng``, ``make_dataset`` does both for n images.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -205,12 +207,9 @@ def make_dataset(n: int, seed: int, split: str = "train", size: int = SIZE) -> t
     return images, specs
 
 
-def write_caption_folder(specs: list[ShapeSpec], folder, size: int = SIZE, prefix: str = "shape") -> int:
+def write_caption_folder(specs: list[ShapeSpec], folder: str | Path, size: int = SIZE, prefix: str = "shape") -> int:
     """Render ``specs`` into ``folder`` with a diffusers-layout ``metadata.jsonl`` of their captions
     (what ``egaku train-lora --data`` reads); returns the number of images written."""
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

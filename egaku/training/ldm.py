@@ -401,7 +401,8 @@ def _train(opts: TrainLdmOptions) -> Path:
                              "there is no diffusion model to export yet. Resume training instead")
         vae.load_state_dict(weights["vae"])
         print(f"resumed from {path} (step {step})", file=sys.stderr)
-    vae.to(device), text_encoder.to(device), unet.to(device)
+    for model in (vae, text_encoder, unet):
+        model.to(device)
     save_config(opts, out / "config.json")
     log = MetricsLog(out / "losses.csv")
     summary_path = out / "summary.json"

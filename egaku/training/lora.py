@@ -246,8 +246,7 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
             tmp = folder / f".prior-{n:05d}.png.tmp"
             image.save(tmp, format="PNG")
             os.replace(tmp, folder / f"prior-{n:05d}.png")  # a cut-short run never leaves half an image
-    runner.to("cpu")
-    return missing
+    return missing  # the components stay on the device: training moves them there anyway
 
 
 def train_lora(opts: TrainLoraOptions) -> Path:
@@ -378,10 +377,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 for flip in flips:
                     cache.get(latent_key[i, flip], lambda: encode_latent_dist(pixels(i, flip)[None])[0])
         cache_text = not opts.train_text_encoder
+        # validation needs the empty caption for guidance, caption dropout trains on it
         needs_empty = bool(opts.validation_prompts) or opts.caption_dropout > 0
-        validation_texts = list(opts.validation_prompts) + ([""] if needs_empty else [])
+        other_texts = list(opts.validation_prompts) + ([""] if needs_empty else [])
         if cache_text:
-            for text in sorted(set(captions) | set(validation_texts)):
+            for text in sorted(set(captions) | set(other_texts)):
                 with accelerator.autocast():
                     cache.get(f"text|{text}", lambda: encode_text([text])[0])
             text_encoder = None  # frozen and cached: never run again, memory given back
