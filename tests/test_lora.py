@@ -307,17 +307,29 @@ def test_resume_twice_equals_uninterrupted(tmp_path, data_dir, tiny_model_dir):
 def test_two_process_run_under_torchrun_on_cpu(tmp_path, data_dir, tiny_model_dir):
     """The trainer under a real 2-process launch (gloo on CPU); it checks itself that replicas agree."""
     import os
+    import signal
     import subprocess
     import sys
 
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "egaku", "train-lora", "--data", str(data_dir),
-         "--model", str(tiny_model_dir), "--out", str(out), "--resolution", str(RESOLUTION), "--max-steps", "2",
-         "--batch-size", "1", "--min-images", "2", "--no-progress", "--format", "diffusers"],
-        capture_output=True, text=True, env=env, timeout=600)
+    # --standalone: a rendezvous on a free local port, so that another job's torchrun on the same machine
+    # (the default master port is 29500 for everyone) cannot meet this one
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "egaku", "train-lora",
+               "--data", str(data_dir), "--model", str(tiny_model_dir), "--out", str(out),
+               "--resolution", str(RESOLUTION), "--max-steps", "2", "--batch-size", "1", "--min-images", "2",
+               "--no-progress", "--format", "diffusers"]
+    # its own process group, so that a hang is ended with every worker, and reported with what it printed
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the 2-process run did not end in 300 s\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "on 2 process(es)" in result.stdout
     assert result.stdout.count("LoRA files in") == 1  # only the main process writes and reports
