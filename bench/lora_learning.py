@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=60)
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--target-modules", nargs="+", default=None,
+                        help="UNet modules to adapt (default: train-lora's, attention q/k/v/out); e.g. "
+                             "attn2.to_k attn2.to_v adapts only what the text feeds the UNet (Custom Diffusion)")
     parser.add_argument("--lora-conv", action="store_true", help="adapt the UNet convolutions too")
     parser.add_argument("--train-text-encoder", action="store_true", help="adapt the text encoder too")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -80,7 +83,9 @@ def main() -> None:
     print("before", json.dumps(before), flush=True)
     train_start = time.perf_counter()
     out = train_lora(TrainLoraOptions(data=str(data), model=args.model, out=str(work / "lora"), resolution=size,
-                                      rank=args.rank, lora_conv=args.lora_conv, train_text_encoder=args.train_text_encoder,  # no flips: captions say left and right
+                                      rank=args.rank, lora_conv=args.lora_conv,
+                                      train_text_encoder=args.train_text_encoder,  # no flips: captions say left and right
+                                      **({"target_modules": args.target_modules} if args.target_modules else {}),
                                       learning_rate=args.learning_rate, batch_size=args.batch_size,
                                       max_steps=args.train_steps, checkpoint_every=0, min_images=args.images,
                                       caption_dropout=args.caption_dropout, **prior,

@@ -377,3 +377,33 @@ def test_minibatch_std_trains_and_is_part_of_the_run_config(tmp_path):
     assert DCGANDiscriminator.from_pretrained(tmp_path / "run" / "discriminator").config.minibatch_std
     with pytest.raises(EgakuError, match="configuration changed|minibatch_std"):
         train_gan_command(_opts(tmp_path, arch="dcgan", minibatch_std=False, max_steps=8, resume="latest"))
+
+
+def test_mode_seeking_pairs_fakes_of_one_class_and_penalises_ignoring_z():
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    assert gan_training.paired_labels(labels).tolist() == [3, 1, 3, 1, 5]  # odd one out keeps its own label
+    assert gan_training.paired_labels(None) is None
+    z = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    varied = torch.cat([torch.zeros(4, 1, 8, 8), torch.ones(4, 1, 8, 8)])
+    alike = torch.full((8, 1, 8, 8), 0.5) + 1e-3 * torch.randn(8, 1, 8, 8)
+    # a generator that ignores z costs ~1000x more than one whose pairs differ by 1 per pixel
+    expected = 1.0 / (1.0 / (z[:4] - z[4:]).abs().mean() + 1e-5)
+    assert float(gan_training.mode_seeking_loss(varied, z)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(gan_training.mode_seeking_loss(alike, z)) > 100 * float(expected)
+
+
+def test_mode_seeking_and_discriminator_learning_rate_train_and_are_checked(tmp_path, monkeypatch):
+    calls = []
+    real_loss = gan_training.mode_seeking_loss
+    monkeypatch.setattr(gan_training, "mode_seeking_loss", lambda fake, z: calls.append(fake.shape) or real_loss(fake, z))
+    opts = _opts(tmp_path, arch="dcgan", conditional=True, max_steps=4, checkpoint_every=4, mode_seeking=1.0,
+                 lr_d=4e-4)
+    train_gan_command(opts)
+    assert len(calls) == 4 and calls[0][0] == 32  # once per generator step, on the whole batch of fakes
+    ckpt = Checkpoints(Path(opts.out)).latest()
+    _, state = load_checkpoint(ckpt, json.loads((ckpt / "config.json").read_text()))
+    assert state["opt_d"]["param_groups"][0]["lr"] == 4e-4
+    assert state["opt_g"]["param_groups"][0]["lr"] == opts.lr
+    for bad in ({"mode_seeking": -1.0}, {"lr_d": -1e-4}):
+        with pytest.raises(EgakuError, match="--mode-seeking and --lr-d"):
+            train_gan_command(_opts(tmp_path / "bad", **bad))

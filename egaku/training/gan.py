@@ -7,6 +7,9 @@ The loop, per batch of real images x (and their labels y when conditional):
 Adam(2e-4, β1 = 0.5) as in the DCGAN paper: the default β1 = 0.9 makes the two players oscillate.
 With ``--augment N`` the discriminator sees every image, real and fake, shifted by up to N pixels
 (DiffAugment, Zhao et al. 2020); the shift is differentiable, so the generator learns unshifted images.
+With ``--mode-seeking W`` the fakes come in pairs of one class and the generator step adds W times
+MSGAN's term (Mao et al. 2019), which grows when two latent vectors give alike images; ``--lr-d`` gives
+the discriminator its own learning rate (TTUR, Heusel et al. 2017).
 
 Every epoch a grid is drawn from the same fixed latent vectors (and, when conditional, one row per
 class), so the grids show the generator's progress rather than new noise. Checkpoints hold both
@@ -65,6 +68,11 @@ class TrainGanOptions:
     minibatch_std: bool = option(False, help="DCGAN: the discriminator also sees how much its features vary "
                                               "across the batch (ProGAN's minibatch standard deviation), "
                                               "which penalises fakes that are all alike")
+    mode_seeking: float = option(0.0, help="weight of the mode-seeking term (MSGAN, Mao et al. 2019): the "
+                                            "generator is penalised when two latent vectors of the same class "
+                                            "give similar images; 1.0 is the paper's value, 0 = off")
+    lr_d: float = option(0.0, help="discriminator learning rate when it should differ from --lr (two time-scale "
+                                   "update rule, Heusel et al. 2017); 0 = the same as --lr")
     ema_decay: float = option(0.999, help="exponential moving average of the generator's weights, which is "
                                           "what is exported and sampled (Yazıcı et al. 2019); 0 = off")
     seed: int = option(0, help="seed for initialisation, batches and noise")
@@ -93,6 +101,25 @@ def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, smoothing: fl
 def generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating: -log D(G(z))."""
     return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+
+
+def paired_labels(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Labels whose second half repeats the first, so fakes i and i + n//2 are of the same class."""
+    if labels is None:
+        return None
+    half = len(labels) // 2
+    return torch.cat([labels[:half], labels[:half], labels[2 * half:]])
+
+
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MSGAN's term: 1 / (mean |G(z1) - G(z2)| / mean |z1 - z2|) over the pairs (i, i + n//2).
+
+    Small when different latent vectors give different images, large when the generator ignores z
+    (the intra-class mode collapse that a class-conditional GAN is prone to).
+    """
+    half = len(z) // 2
+    ratio = (fake[:half] - fake[half:2 * half]).abs().mean() / (z[:half] - z[half:2 * half]).abs().mean()
+    return 1.0 / (ratio + 1e-5)
 
 
 @torch.no_grad()
@@ -147,6 +174,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     if opts.augment < 0 or opts.augment >= opts.image_size // 2:
         raise EgakuError(f"--augment {opts.augment}: a shift in pixels from 0 (off) to under half the image size; "
                          "2 is usual for 28x28")
+    if opts.mode_seeking < 0 or opts.lr_d < 0:
+        raise EgakuError("--mode-seeking and --lr-d must be >= 0 (0 turns them off)")
     if opts.arch == "mlp" and opts.base_channels != 32:
         print("note: --base-channels only affects the DCGAN")
     data = load_gan_data(opts.data, opts.image_size, opts.channels, opts.conditional)
@@ -166,7 +195,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     disc.to(device)
     gen_ema = copy.deepcopy(gen).eval() if opts.ema_decay else None
     opt_g = torch.optim.Adam(gen.parameters(), lr=opts.lr, betas=(opts.beta1, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=opts.lr, betas=(opts.beta1, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=opts.lr_d or opts.lr, betas=(opts.beta1, 0.999))
     # what a resumed run must share with the checkpoint (stopping criteria and bookkeeping may change)
     run_config = {**to_dict(opts), "class_names": class_names}
     may_change = {"epochs", "max_steps", "max_minutes", "max_cpu_minutes", "resume", "progress", "checkpoint_every",
@@ -228,12 +257,14 @@ def train_gan_command(opts: TrainGanOptions) -> None:
             gen.train()
             disc.train()
             z = torch.randn(len(idx), opts.latent_dim, device=device)
-            fake = gen(z, labels)
+            # the mode-seeking term compares fakes of one class: pair them up (real images keep their labels)
+            fake_labels = paired_labels(labels) if opts.mode_seeking else labels
+            fake = gen(z, fake_labels)
             seen_real, seen_fake = (translate(real, opts.augment), translate(fake, opts.augment)) if opts.augment \
                 else (real, fake)
 
             # discriminator: fakes detached, so this step does not move the generator
-            d_loss = discriminator_loss(disc(seen_real, labels), disc(seen_fake.detach(), labels),
+            d_loss = discriminator_loss(disc(seen_real, labels), disc(seen_fake.detach(), fake_labels),
                                         opts.label_smoothing)
             check_finite(d_loss.detach(), step, checkpoints)
             opt_d.zero_grad(set_to_none=True)
@@ -241,8 +272,10 @@ def train_gan_command(opts: TrainGanOptions) -> None:
             opt_d.step()
 
             # generator: the same fakes, judged by the updated discriminator
-            d_fake = disc(seen_fake, labels)
+            d_fake = disc(seen_fake, fake_labels)
             g_loss = generator_loss(d_fake)
+            if opts.mode_seeking:
+                g_loss = g_loss + opts.mode_seeking * mode_seeking_loss(fake, z)
             check_finite(g_loss.detach(), step, checkpoints)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
