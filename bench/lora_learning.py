@@ -40,6 +40,9 @@ def main() -> None:
                              "attn2.to_k attn2.to_v adapts only what the text feeds the UNet (Custom Diffusion)")
     parser.add_argument("--lora-conv", action="store_true", help="adapt the UNet convolutions too")
     parser.add_argument("--train-text-encoder", action="store_true", help="adapt the text encoder too")
+    parser.add_argument("--train-tokens", nargs="+", default=[],
+                        help="words whose token embeddings train too (pivotal tuning), e.g. star")
+    parser.add_argument("--token-lr", type=float, default=0.0, help="their learning rate (0 = --learning-rate)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=20)
@@ -49,6 +52,11 @@ def main() -> None:
                              "(prior preservation; 0 = off)")
     parser.add_argument("--caption-dropout", type=float, default=0.0, help="share of steps on the empty caption")
     parser.add_argument("--prior-weight", type=float, default=1.0, help="their loss weight")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also judge the LoRA of every Nth step (its checkpoints): the curve of star accuracy "
+                             "against old-prompt damage over training")
+    parser.add_argument("--lora-scales", nargs="+", type=float, default=[],
+                        help="also judge the final LoRA applied at these weights (<lora:name:w>)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora_learning.json"))
     args = parser.parse_args()
 
@@ -58,6 +66,8 @@ def main() -> None:
     from egaku.lora.apply import apply_loras, remove_loras
     from egaku.models.loading import load_pipeline
     from egaku.training.lora import TrainLoraOptions, train_lora
+    from egaku.lora.formats import save_embedding
+    from safetensors.torch import load_file, save_file
 
     pipe = load_pipeline(args.model, device="cpu", dtype="float32")
     judge = load_judge(args.judge)
@@ -86,14 +96,41 @@ def main() -> None:
                                       rank=args.rank, lora_conv=args.lora_conv,
                                       train_text_encoder=args.train_text_encoder,  # no flips: captions say left and right
                                       **({"target_modules": args.target_modules} if args.target_modules else {}),
+                                      train_tokens=args.train_tokens, token_lr=args.token_lr,
                                       learning_rate=args.learning_rate, batch_size=args.batch_size,
-                                      max_steps=args.train_steps, checkpoint_every=0, min_images=args.images,
+                                      max_steps=args.train_steps, checkpoint_every=args.eval_every,
+                                      keep_checkpoints=10**6, min_images=args.images,
                                       caption_dropout=args.caption_dropout, **prior,
                                       format="diffusers", progress=False))
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
     after = measure()
     remove_loras(pipe)
+    curve = []  # (step, LoRA weight) -> star accuracy and old-prompt adherence
+
+    def point(lora_file: Path, step: int, weight: float) -> None:
+        apply_loras(pipe, [(lora_file, weight)])
+        m = measure()
+        remove_loras(pipe)
+        curve.append({"step": step, "lora_weight": weight, "star_accuracy": m["star"]["per_attribute"]["shape"],
+                      "old_prompt_adherence": m["old"]["all_attributes"],
+                      "old_per_attribute": m["old"]["per_attribute"]})
+        print("curve", json.dumps(curve[-1]), flush=True)
+
+    if args.eval_every:
+        for ckpt in sorted((work / "lora" / "checkpoints").glob("step-*"))[:-1]:  # the last one is `after`
+            # the checkpoint as a run folder: LoRA file, its trained words' embeddings, the config naming them
+            lora = load_file(ckpt / "unet_lora.safetensors")  # alpha = rank (the default): no metadata needed
+            folder = work / "checkpoint-as-run"
+            folder.mkdir(exist_ok=True)
+            save_file({f"unet.{k}": v for k, v in lora.items()}, folder / "ckpt_lora.safetensors")
+            if args.train_tokens:
+                for word, vector in load_file(ckpt / "token_embeddings.safetensors").items():
+                    save_embedding(folder / "embeddings" / f"{word}.safetensors", vector[None])
+                (folder / "training_config.json").write_text(json.dumps({"train_tokens": args.train_tokens}))
+            point(folder / "ckpt_lora.safetensors", int(ckpt.name.split("-")[1]), 1.0)
+    for weight in args.lora_scales:
+        point(out / "pytorch_lora_weights.safetensors", args.train_steps, weight)
     shutil.rmtree(work, ignore_errors=True)
     result = {
         "benchmark": "star LoRA on the built-in model, judged by the shapes judge",
@@ -106,6 +143,7 @@ def main() -> None:
         "old_prompt_adherence_after": after["old"]["all_attributes"],
         "old_prompt_adherence_drop_points": 100 * (before["old"]["all_attributes"] - after["old"]["all_attributes"]),
         "targets": {"star_accuracy_after": ">= 0.8", "train_minutes": "<= 10", "adherence_drop_points": "<= 5"},
+        "curve": curve,
         "details": {"before": before, "after": after},
         "total_minutes": (time.perf_counter() - started) / 60,
     }

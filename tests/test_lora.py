@@ -512,3 +512,42 @@ def test_caption_dropout_trains_on_the_empty_caption(tmp_path, data_dir, tiny_mo
     assert any(not torch.allclose(a[k], b[k]) for k in a)
     config = json.loads((dropped / "training_config.json").read_text())
     assert config["caption_dropout"] == 0.9
+
+
+def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lora(tmp_path, data_dir,
+                                                                                    tiny_model_dir):
+    """Pivotal tuning: the word's embedding trains with the LoRA, is saved beside it and comes with it."""
+    from egaku.lora.apply import apply_loras, remove_loras
+
+    common = dict(train_tokens=["star"], token_lr=5e-2, learning_rate=1e-2, max_steps=3, format="both",
+                  checkpoint_every=1)
+    whole = train_lora(options(data_dir, tiny_model_dir, tmp_path / "whole", **common))
+    saved = load_file(whole / "embeddings" / "star.safetensors")
+    pipe = tiny_pipe(tiny_model_dir)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    star = pipe.tokenizer("star", add_special_tokens=False).input_ids[0]
+    base = table.detach().clone()
+    assert saved["emb_params"].shape == (1, table.shape[1])
+    assert not torch.allclose(saved["emb_params"][0], base[star])  # it trained
+    assert json.loads((whole / "training_config.json").read_text())["train_tokens"] == ["star"]
+    # resumed from a checkpoint, the embedding ends where the uninterrupted run's did
+    split = tmp_path / "split"
+    train_lora(options(data_dir, tiny_model_dir, split, stop_at=2, **common))
+    train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
+    assert torch.equal(load_file(split / "embeddings" / "star.safetensors")["emb_params"], saved["emb_params"])
+    # loading the LoRA (either layout) puts the word's vector in place and nothing else; removing restores it
+    for lora_file in (whole / "pytorch_lora_weights.safetensors", whole / "whole.safetensors"):
+        apply_loras(pipe, [(lora_file, 1.0)])
+        changed = (table != base).any(dim=1).nonzero().flatten().tolist()
+        assert changed == [star]
+        assert torch.equal(table[star], saved["emb_params"][0])
+        remove_loras(pipe)
+        assert torch.equal(table, base)
+    # merge-lora makes the embedding part of the merged model
+    from egaku.lora.commands import MergeLoraOptions, merge_lora_command
+
+    merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(whole)], out=str(tmp_path / "merged")))
+    merged = tiny_pipe(tmp_path / "merged").text_encoder.get_input_embeddings().weight
+    assert torch.equal(merged[star], saved["emb_params"][0])
+    with pytest.raises(EgakuError, match=r"'zqxjv' is \d+ tokens for this model's tokenizer"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["zqxjv"]))

@@ -6,12 +6,20 @@ only logs a warning when no key matches, which turns a wrong file into a silent 
 
 from __future__ import annotations
 
+import json
 import re
+import weakref
 from pathlib import Path
 
+import torch
+
 from ..errors import EgakuError, NotFoundError
-from .formats import (LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha, check_coverage, is_kohya,
-                      kohya_to_peft, model_module_name, peft_pairs, read_lora_file)
+from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha,
+                      check_coverage, is_kohya, kohya_to_peft, model_module_name, peft_pairs, read_embedding,
+                      read_lora_file, single_token_ids)
+
+# text encoder -> {token id: its base embedding}, so that remove_loras can put trained tokens back
+_TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # A1111 syntax: <lora:name> or <lora:name:0.8>
 _TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
@@ -169,10 +177,62 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
                              param="lora") from None
         names.append(name)
         weights.append(float(weight))
+        apply_token_embeddings(pipe, trained_embeddings(path))
     pipe.set_adapters(names, adapter_weights=weights)
     return names
 
 
-def remove_loras(pipe) -> None:
-    """Unload every adapter so the pipeline is back to its base weights."""
+def trained_embeddings(lora_file: Path) -> dict[str, Path]:
+    """The token embeddings a train-lora run wrote beside this LoRA file (its --train-tokens), by word.
+
+    Only a run folder's own words are taken (from its training_config.json), so an ``embeddings/``
+    folder next to a collection of LoRA files is never applied to all of them.
+    """
+    folder = Path(lora_file).parent
+    config = folder / "training_config.json"
+    if not (folder / EMBEDDINGS_DIR).is_dir() or not config.is_file():
+        return {}
+    try:
+        words = json.loads(config.read_text()).get("train_tokens") or []
+    except (OSError, json.JSONDecodeError):
+        return {}
+    found = {w: folder / EMBEDDINGS_DIR / f"{w}.safetensors" for w in words}
+    missing = [str(p) for p in found.values() if not p.is_file()]
+    if missing:
+        raise EgakuError(f"{lora_file} was trained with token embeddings that are not there: {', '.join(missing)}",
+                         param="lora")
+    return found
+
+
+def apply_token_embeddings(pipe, files: dict[str, Path]) -> None:
+    """Put trained embeddings in the text encoder's token table: one vector per word, each word one token."""
+    if not files:
+        return
+    table = pipe.text_encoder.get_input_embeddings().weight
+    backup = _TOKEN_BACKUPS.setdefault(pipe.text_encoder, {})
+    for word, path in files.items():
+        vectors = read_embedding(path)
+        if vectors.shape != (1, table.shape[1]):
+            raise EgakuError(f"{path}: embedding of shape {tuple(vectors.shape)}, but this model's text encoder "
+                             f"takes one vector of {table.shape[1]} per token; it was trained on another base",
+                             param="lora")
+        token = single_token_ids(pipe.tokenizer, [word], what=str(path))[0]
+        with torch.no_grad():
+            backup.setdefault(token, table[token].detach().clone())
+            table[token] = vectors[0].to(table)
+
+
+def remove_loras(pipe, keep_embeddings: bool = False) -> None:
+    """Unload every adapter so the pipeline is back to its base weights.
+
+    Trained token embeddings go back to the base's too, unless ``keep_embeddings`` (merge-lora, which
+    makes them part of the merged model).
+    """
     pipe.unload_lora_weights()
+    text_encoder = getattr(pipe, "text_encoder", None)
+    backup = _TOKEN_BACKUPS.pop(text_encoder, {}) if text_encoder is not None else {}
+    if keep_embeddings:
+        return
+    with torch.no_grad():
+        for token, row in backup.items():
+            text_encoder.get_input_embeddings().weight[token] = row

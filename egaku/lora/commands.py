@@ -62,7 +62,7 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     pipe = _load(opts.model)
     names = apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the per-adapter scales were set by apply_loras
-    remove_loras(pipe)  # drops the adapter modules; the fused deltas stay in the base weights
+    remove_loras(pipe, keep_embeddings=True)  # drops the adapter modules; fused deltas and embeddings stay
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

@@ -243,3 +243,51 @@ def kohya_metadata(**values) -> dict[str, str]:
         out[key if key.startswith(("ss_", "modelspec.")) else f"ss_{key}"] = (
             json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     return out
+
+
+# ---- token embeddings (pivotal tuning) --------------------------------------------------------------
+
+# Beside the LoRA: OUT/embeddings/<word>.safetensors, one file per word, in A1111's SD 1.x embedding layout
+# ({"emb_params": (vectors, dim)}), which A1111 and ComfyUI read from their embeddings folder and
+# diffusers' load_textual_inversion reads too. The word is the file name, as those tools expect.
+EMBEDDINGS_DIR = "embeddings"
+
+
+def single_token_ids(tokenizer, words: list[str], what: str = "--train-tokens") -> list[int]:
+    """The token id of each word; a word the tokenizer splits (or an empty one) is an EgakuError."""
+    ids = []
+    for word in words:
+        pieces = tokenizer(word, add_special_tokens=False).input_ids if word.strip() else []
+        if len(pieces) != 1:
+            shown = tokenizer.convert_ids_to_tokens(pieces)
+            raise EgakuError(f"{what}: {word!r} is {len(pieces)} tokens for this model's tokenizer ({shown}); "
+                             "give words it keeps whole (one token each), for example a rare single word")
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise EgakuError(f"{what} {words}: a word is listed twice")
+    return ids
+
+
+def save_embedding(path: Path, vectors: torch.Tensor) -> Path:
+    """Write one embedding file atomically (vectors: (n, dim))."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"emb_params": vectors.detach().float().cpu().contiguous()}, str(tmp),
+              metadata={"format": "pt", "name": path.stem})
+    tmp.replace(path)
+    return path
+
+
+def read_embedding(path: Path) -> torch.Tensor:
+    """(n, dim) vectors of an embedding file: A1111's ``emb_params`` or a single-tensor file."""
+    tensors, _ = read_lora_file(path)
+    if "emb_params" in tensors:
+        vectors = tensors["emb_params"]
+    elif len(tensors) == 1:
+        vectors = next(iter(tensors.values()))
+    else:
+        raise EgakuError(f"{path}: not an embedding file (expected the key emb_params, found {sorted(tensors)[:4]})",
+                         param="lora")
+    return vectors if vectors.ndim == 2 else vectors[None]

@@ -4,7 +4,8 @@ The loop (read top to bottom in ``train_lora``):
   1. scan the folder (captions, skip report) and load the base pipeline; freeze all of it;
   2. add peft LoRA adapters (UNet attention by default; text encoder and conv layers optional) and keep
      their parameters in fp32 even when the frozen base runs in fp16/bf16 (fp16 trainable weights are
-     what makes GradScaler fail with "Attempting to unscale FP16 gradients");
+     what makes GradScaler fail with "Attempting to unscale FP16 gradients"); with ``--train-tokens``
+     the embeddings of those words train too (pivotal tuning), every other row of the table held fixed;
   3. bucket images by aspect ratio and, when the augmentations allow, encode every image with the VAE
      and every caption with the text encoder ONCE (the latent distribution's mean and std are cached, so
      each step still draws a fresh ``latent_dist.sample()``); a frozen, cached text encoder is dropped;
@@ -39,7 +40,8 @@ from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_b
 from ..data.folder import scan_image_folder
 from ..data.images import image_grid
 from ..errors import EgakuError
-from ..lora.formats import LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs, peft_to_kohya
+from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
+                            peft_to_kohya, save_embedding, single_token_ids)
 from .runtime import Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint, min_snr_weights, restore_rng
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -78,6 +80,10 @@ class TrainLoraOptions:
     target_modules: list[str] = option(UNET_ATTENTION, help="UNet modules to adapt (default: attention q/k/v/out)")
     lora_conv: bool = option(False, help="also adapt the UNet ResNet convolutions (conv1/conv2/conv_shortcut)")
     train_text_encoder: bool = option(False, help="also add LoRA to the text encoder attention (disables text caching)")
+    train_tokens: list[str] = option([], help="words whose token embeddings train beside the LoRA (pivotal tuning): "
+                                              "a concept the base has no text for gets its own embedding, saved in "
+                                              "OUT/embeddings/WORD.safetensors; each word must be one token")
+    token_lr: float = option(0.0, help="learning rate of the --train-tokens embeddings (0 = --learning-rate)")
     # optimisation
     learning_rate: float = option(1e-4, help="AdamW learning rate (1e-4 is the diffusers LoRA default)")
     text_encoder_lr: float = option(0.0, help="learning rate for text-encoder LoRA (0 = same as --learning-rate)")
@@ -306,6 +312,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     # per-image loss weight: regularization images count --prior-loss-weight times a training image
     item_weight = torch.tensor([1.0] * len(scan.items) + [opts.prior_loss_weight] * len(prior_items))
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    token_ids = single_token_ids(tokenizer, opts.train_tokens)
+    text_trains = opts.train_text_encoder or bool(token_ids)  # the text encoder runs every step
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -331,8 +339,17 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         inject_adapter_in_model(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
                                            init_lora_weights="gaussian", target_modules=TEXT_ENCODER_ATTENTION),
                                 text_encoder)
+    token_table = text_encoder.get_input_embeddings().weight
+    if token_ids:
+        # the whole table takes gradients; after each step every row but these is put back (diffusers'
+        # textual-inversion recipe), so weight decay or momentum cannot move the other words
+        token_table.requires_grad_(True)
+    if text_trains:
         trained.append(text_encoder)
     cast_training_params(trained, dtype=torch.float32)
+    frozen_rows = torch.ones(len(token_table), dtype=torch.bool, device=token_table.device)
+    frozen_rows[token_ids] = False
+    original_table = token_table.detach().clone()
     if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if opts.train_text_encoder:
@@ -376,7 +393,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             for i, _ in enumerate(tqdm(items, desc="caching latents", disable=not (main and opts.progress))):
                 for flip in flips:
                     cache.get(latent_key[i, flip], lambda: encode_latent_dist(pixels(i, flip)[None])[0])
-        cache_text = not opts.train_text_encoder
+        cache_text = not text_trains
         # validation needs the empty caption for guidance, caption dropout trains on it
         needs_empty = bool(opts.validation_prompts) or opts.caption_dropout > 0
         other_texts = list(opts.validation_prompts) + ([""] if needs_empty else [])
@@ -403,8 +420,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     # 4. optimizer, schedule, data order
     params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": opts.learning_rate}]
     if opts.train_text_encoder:
-        params.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+        params.append({"params": [p for p in text_encoder.parameters() if p.requires_grad and p is not token_table],
                        "lr": opts.text_encoder_lr or opts.learning_rate})
+    if token_ids:
+        params.append({"params": [token_table], "lr": opts.token_lr or opts.learning_rate, "weight_decay": 0.0})
     optimizer_cls = torch.optim.AdamW
     if opts.adam_8bit and device.type == "cuda":
         try:
@@ -421,7 +440,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     total_steps = opts.max_steps or math.ceil(opts.epochs * per_epoch / opts.gradient_accumulation)
     lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
                                  num_training_steps=total_steps)
-    if opts.train_text_encoder:
+    if text_trains:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
         prepared = [unet, text_encoder]
     else:
@@ -437,6 +456,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         set_peft_model_state_dict(accelerator.unwrap_model(unet), weights["unet_lora"])
         if opts.train_text_encoder:
             set_peft_model_state_dict(accelerator.unwrap_model(text_encoder), weights["text_encoder_lora"])
+        with torch.no_grad():
+            for word, token in zip(opts.train_tokens, token_ids):
+                token_table[token] = weights["token_embeddings"][word].to(token_table)
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if int(state["world"]) != world:
@@ -453,7 +475,12 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         weights = {"unet_lora": get_peft_model_state_dict(accelerator.unwrap_model(unet))}
         if opts.train_text_encoder:
             weights["text_encoder_lora"] = get_peft_model_state_dict(accelerator.unwrap_model(text_encoder))
+        if token_ids:
+            weights["token_embeddings"] = trained_embeddings()
         return weights
+
+    def trained_embeddings() -> dict[str, torch.Tensor]:
+        return {word: token_table[token].detach().float().clone() for word, token in zip(opts.train_tokens, token_ids)}
 
     def save_checkpoint() -> None:
         if main:
@@ -543,6 +570,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if token_ids:
+            with torch.no_grad():
+                token_table[frozen_rows] = original_table[frozen_rows]
         step += 1
 
         mean_loss = accelerator.gather(torch.tensor([step_loss], device=device)).mean()
@@ -573,7 +603,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if not (opts.validation_every and step % opts.validation_every == 0):
         validate()
     if main:
-        save_lora(out, accelerator.unwrap_model(unet), unwrapped(text_encoder), opts, num_images=len(scan.items),
+        save_lora(out, accelerator.unwrap_model(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
+                  opts, token_embeddings=trained_embeddings() if token_ids else None, num_images=len(scan.items),
                   tag_counts={c: captions.count(c) for c in set(captions)}, total_steps=total_steps)
         say(f"wrote {out} (step {step}, final loss {float(mean_loss):.4f})")
     accelerator.wait_for_everyone()
@@ -582,7 +613,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
 
 def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images: int = 0,
-              tag_counts: dict[str, int] | None = None, total_steps: int = 0) -> list[Path]:
+              tag_counts: dict[str, int] | None = None, total_steps: int = 0,
+              token_embeddings: dict[str, torch.Tensor] | None = None) -> list[Path]:
     """Write the adapter (not the pipeline) in the requested layouts, each file atomically."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
@@ -623,6 +655,8 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
             save_file(tensors, Path(tmp) / "kohya.safetensors", metadata=metadata)
             os.replace(Path(tmp) / "kohya.safetensors", out / f"{name}.safetensors")
             written.append(out / f"{name}.safetensors")
+    for word, vector in (token_embeddings or {}).items():
+        written.append(save_embedding(out / EMBEDDINGS_DIR / f"{word}.safetensors", vector[None]))
     save_config(opts, out / "training_config.json")
     return written
 
