@@ -277,6 +277,11 @@ def test_conditional_sampling_honours_the_label(tmp_path):
         top, bottom = ims[:, :4].mean(axis=(1, 2)), ims[:, 4:].mean(axis=(1, 2))
         honoured = (top > bottom) if bright_top else (bottom > top)
         assert honoured.mean() >= 0.9, (label, top, bottom)
+    # --size scales the 8x8 samples as the training data were scaled
+    big = tmp_path / "samples-big"
+    sample_gan_command(build(SampleGanOptions, {"model": opts.out, "n": 4, "digit": "top", "size": 28, "out": str(big)}))
+    im = np.asarray(Image.open(sorted(big.glob("*-top.png"))[0]), dtype=np.float64)
+    assert im.shape == (28, 28) and im[:14].mean() > im[14:].mean()
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ..config import option, save_config
+from ..data.digits import resize_batch
 from ..data.images import image_grid
 from ..errors import EgakuError
 from .models import ARCHITECTURES, load_generator
@@ -58,6 +59,8 @@ class SampleGanOptions:
                        choices=["auto", *ARCHITECTURES])
     out: str = option("", help="output folder (default: MODEL/samples-gan)")
     cols: int = option(0, help="grid columns (0 = near-square; a conditional model without --digit: one per class)")
+    size: int = option(0, help="write the images at this side, scaled bilinearly as train-gan scales the digits "
+                               "(0 = the model's own size; e.g. 28 for the 8x8 DCGAN preset)")
 
 
 def sample_gan_command(opts: SampleGanOptions) -> None:
@@ -66,10 +69,14 @@ def sample_gan_command(opts: SampleGanOptions) -> None:
         raise EgakuError("sample-gan needs --model DIR, the --out folder of `egaku train-gan`")
     if opts.n < 1:
         raise EgakuError(f"-n {opts.n}: ask for at least one image")
+    if opts.size < 0:
+        raise EgakuError(f"--size {opts.size}: give a side in pixels, or 0 for the model's own size")
     gen = load_generator(opts.model, arch=opts.arch)
     label = resolve_label(gen.config.class_names, opts.digit, opts.model)
     # 2. Sample
     images, labels = sample_gan(gen, opts.n, opts.seed, label)
+    if opts.size:
+        images = resize_batch(images, opts.size).clamp(-1, 1)
     # 3. Write images, grid and the options used
     out = Path(opts.out) if opts.out else Path(opts.model) / "samples-gan"
     out.mkdir(parents=True, exist_ok=True)
