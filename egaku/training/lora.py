@@ -347,9 +347,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if text_trains:
         trained.append(text_encoder)
     cast_training_params(trained, dtype=torch.float32)
-    frozen_rows = torch.ones(len(token_table), dtype=torch.bool, device=token_table.device)
-    frozen_rows[token_ids] = False
-    original_table = token_table.detach().clone()
+    if token_ids:  # (a copy of SD 1.x's table is 150 MB: only when some of it trains)
+        frozen_rows = torch.ones(len(token_table), dtype=torch.bool, device=token_table.device)
+        frozen_rows[token_ids] = False
+        original_table = token_table.detach().clone()
     if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if opts.train_text_encoder:
