@@ -521,7 +521,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if main:
         save_config(opts, out / "training_config.json")
     log = MetricsLog(out / "loss.csv") if main else None
-    say(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters for {total_steps} steps on {world} "
+    # the token table takes gradients whole, but only the --train-tokens rows change
+    trained_count = sum(p.numel() for p in lora_params if p is not token_table) + len(token_ids) * token_table.shape[1]
+    tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""
+    say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} steps on {world} "
         f"process(es), {len(buckets)} buckets, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation")
     bar = tqdm(total=total_steps, initial=step, desc="train-lora", disable=not (main and opts.progress))
     for model in trained:
