@@ -63,10 +63,9 @@ def main() -> None:
     from egaku.data import shapes
     from egaku.evaluation.adherence import measure_concept, measure_prompts, prompt_set
     from egaku.evaluation.judges import load_judge
-    from egaku.lora.apply import apply_loras, remove_loras
+    from egaku.lora.apply import apply_loras, apply_token_embeddings, remove_loras
     from egaku.models.loading import load_pipeline
     from egaku.training.lora import TrainLoraOptions, train_lora
-    from egaku.lora.formats import save_embedding
     from safetensors.torch import load_file, save_file
 
     pipe = load_pipeline(args.model, device="cpu", dtype="float32")
@@ -108,8 +107,9 @@ def main() -> None:
     remove_loras(pipe)
     curve = []  # (step, LoRA weight) -> star accuracy and old-prompt adherence
 
-    def point(lora_file: Path, step: int, weight: float) -> None:
+    def point(lora_file: Path, step: int, weight: float, embeddings: dict | None = None) -> None:
         apply_loras(pipe, [(lora_file, weight)])
+        apply_token_embeddings(pipe, embeddings or {}, source=str(lora_file))  # a checkpoint's trained words
         m = measure()
         remove_loras(pipe)
         curve.append({"step": step, "lora_weight": weight, "star_accuracy": m["star"]["per_attribute"]["shape"],
@@ -119,16 +119,10 @@ def main() -> None:
 
     if args.eval_every:
         for ckpt in sorted((work / "lora" / "checkpoints").glob("step-*"))[:-1]:  # the last one is `after`
-            # the checkpoint as a run folder: LoRA file, its trained words' embeddings, the config naming them
             lora = load_file(ckpt / "unet_lora.safetensors")  # alpha = rank (the default): no metadata needed
-            folder = work / "checkpoint-as-run"
-            folder.mkdir(exist_ok=True)
-            save_file({f"unet.{k}": v for k, v in lora.items()}, folder / "ckpt_lora.safetensors")
-            if args.train_tokens:
-                for word, vector in load_file(ckpt / "token_embeddings.safetensors").items():
-                    save_embedding(folder / "embeddings" / f"{word}.safetensors", vector[None])
-                (folder / "training_config.json").write_text(json.dumps({"train_tokens": args.train_tokens}))
-            point(folder / "ckpt_lora.safetensors", int(ckpt.name.split("-")[1]), 1.0)
+            save_file({f"unet.{k}": v for k, v in lora.items()}, work / "ckpt_lora.safetensors")
+            embeddings = load_file(ckpt / "token_embeddings.safetensors") if args.train_tokens else {}
+            point(work / "ckpt_lora.safetensors", int(ckpt.name.split("-")[1]), 1.0, embeddings)
     for weight in args.lora_scales:
         point(out / "pytorch_lora_weights.safetensors", args.train_steps, weight)
     shutil.rmtree(work, ignore_errors=True)

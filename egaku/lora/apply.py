@@ -177,12 +177,12 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
                              param="lora") from None
         names.append(name)
         weights.append(float(weight))
-        apply_token_embeddings(pipe, trained_embeddings(path))
+        apply_token_embeddings(pipe, trained_embeddings(path), source=str(path))
     pipe.set_adapters(names, adapter_weights=weights)
     return names
 
 
-def trained_embeddings(lora_file: Path) -> dict[str, Path]:
+def trained_embeddings(lora_file: Path) -> dict[str, torch.Tensor]:
     """The token embeddings a train-lora run wrote beside this LoRA file (its --train-tokens), by word.
 
     Only a run folder's own words are taken (from its training_config.json), so an ``embeddings/``
@@ -201,22 +201,25 @@ def trained_embeddings(lora_file: Path) -> dict[str, Path]:
     if missing:
         raise EgakuError(f"{lora_file} was trained with token embeddings that are not there: {', '.join(missing)}",
                          param="lora")
-    return found
+    return {word: read_embedding(path) for word, path in found.items()}
 
 
-def apply_token_embeddings(pipe, files: dict[str, Path]) -> None:
-    """Put trained embeddings in the text encoder's token table: one vector per word, each word one token."""
-    if not files:
+def apply_token_embeddings(pipe, embeddings: dict[str, torch.Tensor], source: str) -> None:
+    """Put trained embeddings in the text encoder's token table: one vector per word, each word one token.
+
+    ``remove_loras`` puts the base rows back. ``source`` names where they came from, for errors.
+    """
+    if not embeddings:
         return
     table = pipe.text_encoder.get_input_embeddings().weight
     backup = _TOKEN_BACKUPS.setdefault(pipe.text_encoder, {})
-    for word, path in files.items():
-        vectors = read_embedding(path)
+    for word, vectors in embeddings.items():
+        vectors = vectors if vectors.ndim == 2 else vectors[None]
         if vectors.shape != (1, table.shape[1]):
-            raise EgakuError(f"{path}: embedding of shape {tuple(vectors.shape)}, but this model's text encoder "
-                             f"takes one vector of {table.shape[1]} per token; it was trained on another base",
-                             param="lora")
-        token = single_token_ids(pipe.tokenizer, [word], what=str(path))[0]
+            raise EgakuError(f"{source}: embedding of {word!r} has shape {tuple(vectors.shape)}, but this model's "
+                             f"text encoder takes one vector of {table.shape[1]} per token; it was trained on "
+                             "another base", param="lora")
+        token = single_token_ids(pipe.tokenizer, [word], what=source)[0]
         with torch.no_grad():
             backup.setdefault(token, table[token].detach().clone())
             table[token] = vectors[0].to(table)
