@@ -41,6 +41,9 @@ VARIANTS: dict[str, dict] = {
     "cross-attention-16x16": {"unet_down_blocks": ["CrossAttnDownBlock2D"] * 3},
     "text-4-layers": {"text_layers": 4},
     "unet-64-128-128": {"unet_channels": [64, 128, 128]},
+    "no-pooled-text": {"unet_pooled_text": False},
+    "clip-77-tokens": {"max_caption_tokens": 77},
+    "previous-preset": {"unet_pooled_text": False, "max_caption_tokens": 77},
 }
 
 
@@ -106,10 +109,10 @@ def cpu_step_cost(names: list[str], threads: int, repeats: int = 6) -> dict[str,
     from egaku.models.tokenizer import build_clip_tokenizer
 
     torch.set_num_threads(threads)
-    tok = build_clip_tokenizer(shapes.vocabulary_captions())
     costs = {}
     for name in names:
         opts = variant_options(name, Path("unused"), "", "cpu", 1, threads)
+        tok = build_clip_tokenizer(shapes.vocabulary_captions(), model_max_length=opts.max_caption_tokens)
         torch.manual_seed(0)
         text, unet = ldm.build_text_encoder(opts, tok), ldm.build_unet(opts)
         params = list(text.parameters()) + list(unet.parameters())

@@ -83,7 +83,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_run, tmp_path, 
     train_until_interrupted(out, 8, monkeypatch)  # after the checkpoint of step 6, in the diffusion stage
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000006"
     assert not (out / "model").exists()
+    assert (out / "tokenizer" / "tokenizer_config.json").is_file()
 
+    def rebuilt(*args, **kwargs):
+        raise AssertionError("a resumed run must use its own saved tokenizer, not build a new one")
+
+    monkeypatch.setattr("egaku.models.tokenizer.build_clip_tokenizer", rebuilt)
     ldm.train_ldm(tiny_opts(out, resume="latest"))
     full, resumed = _unet_weights(tiny_run / "model"), _unet_weights(out / "model")
     assert full.keys() == resumed.keys()
@@ -224,6 +229,31 @@ def test_zero_terminal_snr_model_on_a_given_vae_samples_from_pure_noise(tiny_run
     images = pipe("a large red circle in the center on a white background", num_inference_steps=2,
                   generator=torch.Generator().manual_seed(0), output_type="np").images
     assert np.isfinite(images).all()
+
+
+def test_pooled_caption_embedding_and_short_text_encoder_load_in_plain_diffusers(tiny_run, tmp_path):
+    """--unet-pooled-text adds diffusers' own text-pooling embedding to the UNet (no custom code at load
+    time) and --max-caption-tokens shortens tokenizer and text encoder together."""
+    from diffusers import StableDiffusionPipeline
+
+    model = ldm.train_ldm(tiny_opts(tmp_path / "pooled", vae_from=str(tiny_run / "model" / "vae"), vae_steps=0,
+                                    unet_pooled_text=True, max_caption_tokens=24))
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    assert pipe.unet.config.addition_embed_type == "text"
+    assert pipe.tokenizer.model_max_length == 24 and pipe.text_encoder.config.max_position_embeddings == 24
+    prompt = "a large red circle in the center on a white background"
+
+    def draw():
+        return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    with_pool = draw()
+    assert np.isfinite(with_pool).all()
+    # the pooled caption really conditions the UNet: without it the same seed draws another image
+    with torch.no_grad():
+        pipe.unet.add_embedding.proj.weight.zero_()
+        pipe.unet.add_embedding.proj.bias.zero_()
+        pipe.unet.add_embedding.norm2.bias.zero_()
+    assert np.abs(draw() - with_pool).max() > 1e-4
 
 
 def test_logit_normal_timesteps_stay_in_range_and_favour_the_middle():

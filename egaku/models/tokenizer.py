@@ -3,7 +3,11 @@
 CLIP's tokenizer is byte-level BPE: text is lower-cased, split into words, each word mapped to
 printable unicode through ``bytes_to_unicode`` and ended with ``</w>``, then merged pair by pair in
 merge-rank order. We give it every single byte symbol (so any text tokenizes) plus, for each word of
-the corpus, the chain of merges that builds it left to right, so frequent words become one token.
+the corpus (most frequent first), the merges that BPE needs to make that word one token: the word is
+run through the merges so far, in rank order as the tokenizer will, and while it is still in pieces the
+leftmost of its remaining pairs is joined by a new merge, ranked below all others. Building
+each word left to right instead is not enough: a word's later pair can already be an earlier word's
+merge of higher rank, and BPE then splits the word where the chain expected to join it.
 The result is a standard ``CLIPTokenizer`` that saves with ``save_pretrained`` and loads anywhere.
 """
 
@@ -32,22 +36,22 @@ def build_clip_tokenizer(texts: Iterable[str], max_words: int = 4096, model_max_
 
     counts = Counter(w for t in texts for w in _WORD_RE.findall(t.lower().strip()))
     merges: list[tuple[str, str]] = []
-    seen_merges: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word, _ in counts.most_common(max_words):
         if word in SPECIAL_TOKENS:
             continue
-        chars = [byte_map[b] for b in word.encode("utf-8")]
-        if len(chars) < 2:
+        parts = [byte_map[b] for b in word.encode("utf-8")]
+        if len(parts) < 2:
             continue
-        chars[-1] += "</w>"
-        left = chars[0]
-        for right in chars[1:]:
-            pair = (left, right)
-            left = left + right
-            if pair not in seen_merges:
-                seen_merges.add(pair)
-                merges.append(pair)
-            vocab.setdefault(left, len(vocab))
+        parts[-1] += "</w>"
+        parts = _apply_merges(parts, ranks)
+        while len(parts) > 1:
+            # join the leftmost pair: a new merge ranks below every existing one, so BPE reaches it last
+            pair = (parts[0], parts[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            parts = _apply_merges(parts, ranks)
     for tok in SPECIAL_TOKENS:
         vocab[tok] = len(vocab)
     return CLIPTokenizer(
@@ -59,3 +63,25 @@ def build_clip_tokenizer(texts: Iterable[str], max_words: int = 4096, model_max_
         pad_token=SPECIAL_TOKENS[1],
         unk_token=SPECIAL_TOKENS[1],
     )
+
+
+def _apply_merges(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """What CLIP's BPE does to one word: join the best-ranked adjacent pair until none is a merge."""
+    parts = list(parts)
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), -1), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        known = [(r, i) for r, i in pairs if r >= 0]
+        if not known:
+            break
+        _, first = min(known)
+        pair = (parts[first], parts[first + 1])
+        joined, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                joined.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                joined.append(parts[i])
+                i += 1
+        parts = joined
+    return parts

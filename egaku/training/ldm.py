@@ -82,6 +82,12 @@ class TrainLdmOptions:
                                          help="UNet down block types (up blocks mirror them)")
     cross_attention_dim: int = option(64, help="text embedding width = UNet cross-attention width")
     attention_head_dim: int = option(8, help="UNet attention head width")
+    unet_pooled_text: bool = option(False, help="also add an attention-pooled caption embedding to the UNet's timestep "
+                                    "embedding (diffusers addition_embed_type='text', as in DeepFloyd IF): every "
+                                    "resnet at every resolution then sees the caption, not only the cross-attention "
+                                    "layers")
+    max_caption_tokens: int = option(77, help="tokenizer and text-encoder length (CLIP's 77 by default); a shorter "
+                                     "one makes each step cheaper when the captions are short")
     text_layers: int = option(2, help="CLIP text encoder transformer layers")
     text_heads: int = option(4, help="CLIP text encoder attention heads")
     steps: int = option(6000, help="diffusion (UNet + text encoder) optimizer steps")
@@ -129,6 +135,8 @@ class TrainLdmOptions:
         if len(self.unet_down_blocks) != len(self.unet_channels):
             raise EgakuError(f"--unet-down-blocks has {len(self.unet_down_blocks)} entries but --unet-channels "
                              f"has {len(self.unet_channels)}; give one block type per width")
+        if self.max_caption_tokens < 8:
+            raise EgakuError(f"--max-caption-tokens {self.max_caption_tokens}: use at least 8")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise EgakuError(f"--caption-dropout {self.caption_dropout}: use a probability in [0, 1)")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
@@ -258,12 +266,15 @@ def build_unet(opts: TrainLdmOptions, vae=None):
     blocks = len(vae.config.block_out_channels) if vae is not None else len(opts.vae_channels)
     channels = vae.config.latent_channels if vae is not None else opts.latent_channels
     latent = opts.resolution // 2 ** (blocks - 1)
+    pooled = {"addition_embed_type": "text",
+              "addition_embed_type_num_heads": max(1, opts.cross_attention_dim // opts.attention_head_dim)
+              } if opts.unet_pooled_text else {}
     return UNet2DConditionModel(
         sample_size=latent, in_channels=channels, out_channels=channels,
         block_out_channels=tuple(opts.unet_channels), layers_per_block=opts.unet_layers_per_block,
         down_block_types=tuple(opts.unet_down_blocks), up_block_types=up,
         cross_attention_dim=opts.cross_attention_dim, attention_head_dim=opts.attention_head_dim,
-        norm_num_groups=_groups(opts.unet_channels),
+        norm_num_groups=_groups(opts.unet_channels), **pooled,
     )
 
 
@@ -278,6 +289,21 @@ def build_noise_scheduler(opts: TrainLdmOptions):
                          steps_offset=1,  # used by "leading" spacing only; diffusers warns on any other value
                          rescale_betas_zero_snr=opts.zero_terminal_snr,
                          timestep_spacing="trailing" if opts.zero_terminal_snr else "leading")
+
+
+def run_tokenizer(out: Path, vocabulary: list[str], max_length: int, resuming: bool):
+    """The run's tokenizer: built from the captions once and kept in ``OUT/tokenizer``, so a resumed run
+    keeps its token ids even when the tokenizer builder has changed since it started."""
+    from transformers import CLIPTokenizer
+
+    from ..models.tokenizer import build_clip_tokenizer
+
+    folder = out / "tokenizer"
+    if resuming and (folder / "tokenizer_config.json").is_file():
+        return CLIPTokenizer.from_pretrained(folder)
+    tokenizer = build_clip_tokenizer(vocabulary, model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def _groups(channels: list[int]) -> int:
@@ -365,8 +391,6 @@ def train_ldm(opts: TrainLdmOptions) -> Path:
 def _train(opts: TrainLdmOptions) -> Path:
     from diffusers.training_utils import EMAModel
 
-    from ..models.tokenizer import build_clip_tokenizer
-
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     config = to_dict(opts)
@@ -376,7 +400,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     # 1. Data and models (seeded), then the checkpoint to resume from, if any
     data = load_training_images(opts)
     print(data.note, file=sys.stderr)
-    tokenizer = build_clip_tokenizer(data.vocabulary)
+    tokenizer = run_tokenizer(out, data.vocabulary, opts.max_caption_tokens, resuming=bool(opts.resume or opts.export_only))
     torch.manual_seed(opts.seed)
     vae = build_vae(opts)  # built even when replaced: text encoder and UNet then start from the same seeded weights
     if opts.vae_from:
