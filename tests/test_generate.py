@@ -231,6 +231,14 @@ def test_single_file_checkpoint_generates_the_same_image(pipe, tiny_model_dir, t
     assert np.array_equal(a, b)
 
 
+def test_single_file_export_refuses_a_unet_the_original_layout_cannot_hold(tiny_model_dir, tmp_path):
+    pipe = egaku.load_pipeline(str(tiny_model_dir), device="cpu")
+    pipe.unet.register_to_config(addition_embed_type="text")  # as a --unet-pooled-text model has
+    with pytest.raises(EgakuError, match="addition_embed_type='text'.*write a diffusers folder instead"):
+        save_single_file(pipe, tmp_path / "pooled.safetensors")
+    assert not (tmp_path / "pooled.safetensors").exists()
+
+
 def test_convert_command_writes_both_layouts(tiny_model_dir, tmp_path):
     assert main(["convert", str(tiny_model_dir), "--out", str(tmp_path / "m.safetensors")]) == 0
     assert main(["convert", str(tmp_path / "m.safetensors"), "--model-config", str(tiny_model_dir),

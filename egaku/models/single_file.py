@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import EgakuError
+
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
            ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
 _UNET_TOP = {
@@ -111,6 +113,12 @@ def pipeline_to_original(pipe) -> dict[str, torch.Tensor]:
 
 
 def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    extra = pipe.unet.config.get("addition_embed_type")
+    if extra:
+        raise EgakuError(f"this UNet adds an extra embedding to its timestep embedding (addition_embed_type="
+                         f"{extra!r}, e.g. the pooled caption of --unet-pooled-text), which the original Stable "
+                         "Diffusion single-file layout has no place for; write a diffusers folder instead (an "
+                         "--out that does not end in .safetensors)", param="out")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = pipeline_to_original(pipe)
