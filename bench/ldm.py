@@ -54,7 +54,7 @@ def step_costs(preset: ldm.TrainLdmOptions, repeats: int = 5) -> dict:
 
     from egaku.models.tokenizer import build_clip_tokenizer
 
-    tok = build_clip_tokenizer(shapes.vocabulary_captions())
+    tok = build_clip_tokenizer(shapes.vocabulary_captions(), model_max_length=preset.max_caption_tokens)
     text, unet = ldm.build_text_encoder(preset, tok), ldm.build_unet(preset)
     params = list(unet.parameters()) + list(text.parameters())
     opt2 = torch.optim.AdamW(params, 1e-4)

@@ -162,6 +162,27 @@ def test_failed_checkpoint_write_leaves_the_previous_one_valid(tmp_path, monkeyp
     assert (out / "model" / "model_index.json").is_file()
 
 
+def test_an_interrupted_safetensors_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """atomic_save_file (LoRA files, embeddings, caches, single-file exports): a write cut short leaves
+    the old file whole and no temporary file behind."""
+    from egaku.training import runtime
+
+    path = tmp_path / "weights.safetensors"
+    runtime.atomic_save_file({"w": torch.ones(3)}, path, metadata={"format": "pt"})
+    real_save = runtime.save_file
+
+    def cut_short(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runtime, "save_file", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        runtime.atomic_save_file({"w": torch.zeros(3)}, path)
+    monkeypatch.setattr(runtime, "save_file", real_save)
+    assert torch.equal(load_file(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
 def _write_folder(root: Path, n: int = 3) -> Path:
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)

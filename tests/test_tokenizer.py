@@ -31,3 +31,15 @@ def test_any_text_tokenizes_and_unknown_words_fall_back_to_bytes():
     ids = tokenizer("zebra", add_special_tokens=False).input_ids
     assert len(ids) > 1 and tokenizer.decode(ids) == "zebra"
     assert len(tokenizer("a photo", padding="max_length").input_ids) == 16
+
+
+def test_the_earlier_left_to_right_builder_still_reproduces_the_shipped_tokenizer():
+    """configs/ldm-builtin.toml asks for it, so that its documented command rebuilds the shipped model."""
+    from egaku.models.loading import BUILTIN_DIR
+
+    shipped = CLIPTokenizer.from_pretrained(BUILTIN_DIR / "tokenizer")
+    rebuilt = build_clip_tokenizer(shapes.vocabulary_captions(), merge_order="left_to_right")
+    assert rebuilt.get_vocab() == shipped.get_vocab()
+    caption = "a small purple triangle at the bottom left on a black background"
+    assert rebuilt(caption).input_ids == shipped(caption).input_ids
+    assert len(rebuilt("triangle", add_special_tokens=False).input_ids) > 1  # the split it is kept for

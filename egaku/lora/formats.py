@@ -270,14 +270,10 @@ def single_token_ids(tokenizer, words: list[str], what: str = "--train-tokens") 
 
 def save_embedding(path: Path, vectors: torch.Tensor) -> Path:
     """Write one embedding file atomically (vectors: (n, dim))."""
-    from safetensors.torch import save_file
+    from ..training.runtime import atomic_save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"emb_params": vectors.detach().float().cpu().contiguous()}, str(tmp),
-              metadata={"format": "pt", "name": path.stem})
-    tmp.replace(path)
-    return path
+    return atomic_save_file({"emb_params": vectors.detach().float().cpu().contiguous()}, path,
+                            metadata={"format": "pt", "name": path.stem})
 
 
 def read_embedding(path: Path) -> torch.Tensor:

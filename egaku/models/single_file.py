@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from ..errors import EgakuError
+from ..training.runtime import atomic_save_file
 
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
            ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
@@ -124,5 +123,5 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -
     state = pipeline_to_original(pipe)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    save_file(state, path, metadata={"format": "pt", "converted_by": "egaku"})
-    return path
+    # a multi-GB write that is cut short must not leave a truncated checkpoint under the final name
+    return atomic_save_file(state, path, metadata={"format": "pt", "converted_by": "egaku"})

@@ -25,7 +25,12 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 _WORD_RE = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
 
 
-def build_clip_tokenizer(texts: Iterable[str], max_words: int = 4096, model_max_length: int = 77) -> CLIPTokenizer:
+def build_clip_tokenizer(texts: Iterable[str], max_words: int = 4096, model_max_length: int = 77,
+                         merge_order: str = "rank") -> CLIPTokenizer:
+    """``merge_order="left_to_right"`` rebuilds the tokenizers of egaku 0.x runs (the built-in model's among
+    them): each word's merges chained left to right, which BPE can split (see the module docstring)."""
+    if merge_order not in ("rank", "left_to_right"):
+        raise ValueError(f"merge_order must be 'rank' or 'left_to_right', not {merge_order!r}")
     byte_map = bytes_to_unicode()
     symbols = list(byte_map.values())
     vocab: dict[str, int] = {}
@@ -44,6 +49,14 @@ def build_clip_tokenizer(texts: Iterable[str], max_words: int = 4096, model_max_
         if len(parts) < 2:
             continue
         parts[-1] += "</w>"
+        if merge_order == "left_to_right":
+            for i in range(1, len(parts)):
+                pair = ("".join(parts[:i]), parts[i])
+                if pair not in ranks:
+                    ranks[pair] = len(merges)
+                    merges.append(pair)
+                vocab.setdefault(pair[0] + pair[1], len(vocab))
+            continue
         parts = _apply_merges(parts, ranks)
         while len(parts) > 1:
             # join the leftmost pair: a new merge ranks below every existing one, so BPE reaches it last

@@ -88,6 +88,10 @@ class TrainLdmOptions:
                                     "layers")
     max_caption_tokens: int = option(77, help="tokenizer and text-encoder length (CLIP's 77 by default); a shorter "
                                      "one makes each step cheaper when the captions are short")
+    tokenizer_merges: str = option("rank", help="how the tokenizer's BPE merges are built from the captions: "
+                                   "rank (every caption word one token) or left_to_right (the builder of earlier "
+                                   "egaku versions, kept to reproduce models trained with it)",
+                                   choices=["rank", "left_to_right"])
     text_layers: int = option(2, help="CLIP text encoder transformer layers")
     text_heads: int = option(4, help="CLIP text encoder attention heads")
     steps: int = option(6000, help="diffusion (UNet + text encoder) optimizer steps")
@@ -291,7 +295,7 @@ def build_noise_scheduler(opts: TrainLdmOptions):
                          timestep_spacing="trailing" if opts.zero_terminal_snr else "leading")
 
 
-def run_tokenizer(out: Path, vocabulary: list[str], max_length: int, resuming: bool):
+def run_tokenizer(out: Path, vocabulary: list[str], opts: TrainLdmOptions, resuming: bool):
     """The run's tokenizer: built from the captions once and kept in ``OUT/tokenizer``, so a resumed run
     keeps its token ids even when the tokenizer builder has changed since it started."""
     from transformers import CLIPTokenizer
@@ -301,7 +305,8 @@ def run_tokenizer(out: Path, vocabulary: list[str], max_length: int, resuming: b
     folder = out / "tokenizer"
     if resuming and (folder / "tokenizer_config.json").is_file():
         return CLIPTokenizer.from_pretrained(folder)
-    tokenizer = build_clip_tokenizer(vocabulary, model_max_length=max_length)
+    tokenizer = build_clip_tokenizer(vocabulary, model_max_length=opts.max_caption_tokens,
+                                     merge_order=opts.tokenizer_merges)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -400,7 +405,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     # 1. Data and models (seeded), then the checkpoint to resume from, if any
     data = load_training_images(opts)
     print(data.note, file=sys.stderr)
-    tokenizer = run_tokenizer(out, data.vocabulary, opts.max_caption_tokens, resuming=bool(opts.resume or opts.export_only))
+    tokenizer = run_tokenizer(out, data.vocabulary, opts, resuming=bool(opts.resume or opts.export_only))
     torch.manual_seed(opts.seed)
     vae = build_vae(opts)  # built even when replaced: text encoder and UNet then start from the same seeded weights
     if opts.vae_from:

@@ -42,7 +42,8 @@ from ..data.images import image_grid
 from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
-from .runtime import Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint, min_snr_weights, restore_rng
+from .runtime import (Checkpoints, MetricsLog, atomic_save_file, capture_rng, check_finite, load_checkpoint,
+                      min_snr_weights, restore_rng)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -201,11 +202,7 @@ class _Cache:
                 return self.store[key]
         value = compute().detach().float().cpu().contiguous()
         if path is not None:
-            from safetensors.torch import save_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may fill the same cache
-            save_file({"t": value}, tmp)
-            os.replace(tmp, path)
+            atomic_save_file({"t": value}, path)  # several processes may fill the same cache
         self.store[key] = value
         return value
 
@@ -622,7 +619,6 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
     """Write the adapter (not the pipeline) in the requested layouts, each file atomically."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
@@ -656,8 +652,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_network_train_unet_only=str(not opts.train_text_encoder),
                 ss_tag_frequency={"data": tag_counts or {}}, ss_sd_model_name=opts.model,
                 **{"modelspec.title": name})
-            save_file(tensors, Path(tmp) / "kohya.safetensors", metadata=metadata)
-            os.replace(Path(tmp) / "kohya.safetensors", out / f"{name}.safetensors")
+            atomic_save_file(tensors, out / f"{name}.safetensors", metadata=metadata)
             written.append(out / f"{name}.safetensors")
     for word, vector in (token_embeddings or {}).items():
         written.append(save_embedding(out / EMBEDDINGS_DIR / f"{word}.safetensors", vector[None]))
