@@ -106,7 +106,7 @@ def main() -> int:
     parser.add_argument("--preset", default=str(ROOT / "configs" / "ldm-builtin.toml"))
     parser.add_argument("--prompts", type=int, default=100, help="prompts per split (seen, held-out); stars get half")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--guidance-sweep", type=float, nargs="*", default=[2.0, 3.0, 5.0],
+    parser.add_argument("--guidance-sweep", type=float, nargs="*", default=[2.0, 5.0, 7.5],
                         help="also score seen and held-out prompts at these guidance scales (the headline "
                              "figures use egaku generate's default)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ldm.json"))

@@ -31,7 +31,8 @@ def test_every_command_has_a_parser(name):
 def test_flags_override_preset_which_overrides_defaults(tmp_path):
     (tmp_path / "p.toml").write_text('steps = 33\nsampler = "euler"\nnegative_prompt = "blurry"\n')
     _, opts = parse(["generate", "a cat", "--config", str(tmp_path / "p.toml"), "--steps", "5"])
-    assert (opts.steps, opts.sampler, opts.negative_prompt, opts.guidance_scale) == (5, "euler", "blurry", 7.5)
+    # guidance left unset: generate resolves the model's own default once the model is loaded
+    assert (opts.steps, opts.sampler, opts.negative_prompt, opts.guidance_scale) == (5, "euler", "blurry", None)
 
 
 def test_unknown_preset_key_and_missing_file_are_clear_errors(tmp_path):

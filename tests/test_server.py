@@ -103,6 +103,7 @@ def test_openai_generate_b64(openai_client):
     assert result.data[0].revised_prompt == "a red circle"
     # the parameters that regenerate each image travel with it (extension field) and inside the PNG
     assert [d.model_extra["egaku"]["seed"] for d in result.data] == [4, 5]
+    assert result.data[0].model_extra["egaku"]["guidance_scale"] == 7.5  # not given: the model's default
     assert json.loads(decode(result.data[1].b64_json).text["egaku"])["seed"] == 5
 
 

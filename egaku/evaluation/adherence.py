@@ -48,7 +48,8 @@ class AdherenceOptions:
     held_out_prompts: int = option(100, help="prompts from held-out colour+shape pairs")
     star_prompts: int = option(50, help="prompts with the never-trained star (reported separately)")
     steps: int = option(20, help="denoising steps")
-    guidance_scale: float = option(7.5, help="classifier-free guidance scale (egaku generate's default)")
+    guidance_scale: float | None = option(None, help="classifier-free guidance scale (default: egaku generate's "
+                                          "for this model: 3 for the built-in model, else 7.5)")
     sampler: str = option(DEFAULT_SAMPLER, help=f"one of {', '.join(SAMPLERS)}")
     batch_size: int = option(8, help="images denoised together")
     seed: int = option(0, help="seed of the first image; image i uses seed+i")
@@ -140,7 +141,11 @@ def measure_concept(pipe, shape: str = "star", n: int = 40, judge: ShapesJudge |
 
 def evaluate_adherence(pipe, opts: AdherenceOptions, judge: ShapesJudge | None = None) -> tuple[dict, dict]:
     """(report, images by split) for ``pipe`` on the fixed prompt set."""
+    from ..models.loading import recommended_guidance
+
     judge = judge or load_judge(opts.judge)
+    if opts.guidance_scale is None:
+        opts = dataclasses.replace(opts, guidance_scale=recommended_guidance(pipe))
     counts = {"seen": opts.seen_prompts, "held_out": opts.held_out_prompts, "star": opts.star_prompts}
     report: dict = {"settings": {k: v for k, v in to_dict(opts).items() if k not in ("out", "threads")}}
     images_by_split, gen_feats, real_feats, real_feats_2 = {}, [], [], []

@@ -53,19 +53,22 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
 
 def generate_command(opts: GenerateOptions) -> None:
     from ..data.images import image_grid
-    from ..models.loading import load_pipeline
+    from ..models.loading import load_pipeline, recommended_guidance
 
     started = time.perf_counter()
     if opts.from_image:
         opts = _apply_from_image(opts)
-    opts = apply_prompt_parameters(opts)  # Midjourney-style "--ar 16:9 --seed 7 --no text" in the prompt
-    prompts = _prompts(opts)
+    _prompts(apply_prompt_parameters(opts))  # the prompt and its --parameters are checked before the model loads
     out = Path(opts.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EgakuError(f"cannot create output folder {out}: {exc.strerror}", param="out") from None
     pipe = load_pipeline(opts.model, opts.device, opts.dtype, opts.model_config, opts.allow_pickle)
+    if opts.guidance_scale is None:  # the model's own default, before --chaos in the prompt scales it
+        opts = dataclasses.replace(opts, guidance_scale=recommended_guidance(pipe))
+    opts = apply_prompt_parameters(opts)  # Midjourney-style "--ar 16:9 --seed 7 --no text" in the prompt
+    prompts = _prompts(opts)
 
     bar = None
     if opts.progress:

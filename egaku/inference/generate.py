@@ -36,7 +36,8 @@ class GenerateOptions:
     model_config: str | None = option(None, help="local diffusers folder whose configs describe a single-file checkpoint")
     allow_pickle: bool = option(False, help="allow .ckpt/.pt/.bin checkpoints (read with weights_only=True)")
     steps: int = option(20, help="denoising steps")
-    guidance_scale: float = option(7.5, help="classifier-free guidance scale (1 = off)", aliases=["--cfg"])
+    guidance_scale: float | None = option(None, help="classifier-free guidance scale (1 = off); default: the "
+                                          "model's own (3 for the built-in model), else 7.5", aliases=["--cfg"])
     seed: int | None = option(None, help="seed of the first image; image i uses seed+i (random if unset)")
     num_images: int = option(1, help="how many images", short="-n")
     batch_size: int = option(4, help="images denoised together (memory vs speed); results do not depend on it")
@@ -149,7 +150,7 @@ def _validate(o: GenerateOptions) -> None:
         raise EgakuError(f"--num-images must be at least 1, got {o.num_images}", param="n")
     if o.batch_size < 1:
         raise EgakuError(f"--batch-size must be at least 1, got {o.batch_size}", param="batch_size")
-    if o.guidance_scale < 0 or not math.isfinite(o.guidance_scale):
+    if o.guidance_scale is not None and (o.guidance_scale < 0 or not math.isfinite(o.guidance_scale)):
         raise EgakuError(f"--guidance-scale must be a finite number >= 0, got {o.guidance_scale}", param="guidance_scale")
     if o.init_image is not None and not 0.0 < o.strength <= 1.0:
         raise EgakuError(f"--strength must be in (0, 1], got {o.strength}", param="strength")
@@ -193,6 +194,10 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     if init_image is not None:
         overrides.setdefault("init_image", (opts.init_image if opts else None) or "image")
     o = build(GenerateOptions, dataclasses.asdict(opts) if opts else {}, overrides)
+    if o.guidance_scale is None:
+        from ..models.loading import recommended_guidance
+
+        o.guidance_scale = recommended_guidance(pipe)
     if mask_image is not None and o.init_image is None:
         raise EgakuError("a mask needs an image to repaint (init_image)", param="mask")
     # 1. Check inputs

@@ -123,7 +123,11 @@ def apply_prompt_parameters(opts: GenerateOptions, has_init_image: bool | None =
         if image_based:
             take("strength", round(chaos_strength(params["chaos"]), 4), "the img2img strength")
         else:
-            changes["guidance_scale"] = opts.guidance_scale * (1.0 - 0.5 * params["chaos"] / 100.0)
+            from ..models.loading import DEFAULT_GUIDANCE
+
+            # callers that know the model resolve its default guidance first (egaku generate, the server)
+            guidance = DEFAULT_GUIDANCE if opts.guidance_scale is None else opts.guidance_scale
+            changes["guidance_scale"] = guidance * (1.0 - 0.5 * params["chaos"] / 100.0)
     return dataclasses.replace(opts, **changes)
 
 

@@ -21,6 +21,7 @@ from ..errors import EgakuError, NotFoundError
 from ..inference.generate import MAX_SEED, GenerateOptions, resolve_size, size_multiple
 from ..inference.prompts import UPSCALE_STRENGTH, VARIATION_STRENGTH, apply_prompt_parameters
 from ..inference.samplers import canonical_sampler
+from ..models.loading import recommended_guidance
 
 # Fields of the OpenAI images API that describe DALL-E / gpt-image rendering choices with no Stable
 # Diffusion counterpart: accepted so existing client code runs unchanged, and otherwise ignored.
@@ -211,8 +212,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
                            width=width, height=height, progress=False)
     if steps is not None:
         opts.steps = steps
-    if guidance is not None:
-        opts.guidance_scale = guidance
+    # the model's own default guidance, before --chaos in the prompt scales it
+    opts.guidance_scale = recommended_guidance(pipe) if guidance is None else guidance
     if sampler is not None:
         opts.sampler = canonical_sampler(sampler)
     # an edit with a mask repaints the masked area from noise, as OpenAI's edits do

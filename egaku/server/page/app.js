@@ -68,7 +68,9 @@ function chosenSize() {
 
 function common() {
   const body = { model: $("model").value, steps: Number($("steps").value), response_format: "b64_json",
-                 sampler: $("sampler").value, guidance_scale: Number($("guidance").value) };
+                 sampler: $("sampler").value };
+  // empty: the model's own default guidance (3 for the built-in model, else 7.5)
+  if ($("guidance").value !== "") body.guidance_scale = Number($("guidance").value);
   if ($("negative").value.trim()) body.negative_prompt = $("negative").value.trim();
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   const loras = [...document.querySelectorAll(".lora-row")].map((row) => ({
