@@ -27,8 +27,8 @@ _WORD_RE = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'
 
 def build_clip_tokenizer(texts: Iterable[str], max_words: int = 4096, model_max_length: int = 77,
                          merge_order: str = "rank") -> CLIPTokenizer:
-    """``merge_order="left_to_right"`` rebuilds the tokenizers of egaku 0.x runs (the built-in model's among
-    them): each word's merges chained left to right, which BPE can split (see the module docstring)."""
+    """``merge_order="left_to_right"`` rebuilds tokenizers made by earlier egaku versions (the built-in
+    model's among them): each word's merges chained left to right, which BPE can split (module docstring)."""
     if merge_order not in ("rank", "left_to_right"):
         raise ValueError(f"merge_order must be 'rank' or 'left_to_right', not {merge_order!r}")
     byte_map = bytes_to_unicode()
