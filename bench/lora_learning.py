@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -63,6 +65,9 @@ def main() -> None:
                              "against old-prompt damage over training")
     parser.add_argument("--lora-scales", nargs="+", type=float, default=[],
                         help="also judge the final LoRA applied at these weights (<lora:name:w>)")
+    parser.add_argument("--average-last", type=int, default=0,
+                        help="also judge the mean of the last K checkpoints' LoRAs (each at weight 1/K) and token "
+                             "embeddings, a stand-in for an EMA of the LoRA weights (needs --eval-every)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora_learning.json"))
     args = parser.parse_args()
 
@@ -134,6 +139,25 @@ def main() -> None:
             save_file({f"unet.{k}": v for k, v in lora.items()}, work / "ckpt_lora.safetensors")
             embeddings = load_file(ckpt / "token_embeddings.safetensors") if args.train_tokens else {}
             point(work / "ckpt_lora.safetensors", int(ckpt.name.split("-")[1]), 1.0, embeddings)
+    averaged = None
+    if args.average_last:  # checkpoints at eval_every, 2 * eval_every, ..., then the final LoRA
+        ckpts = sorted((work / "lora" / "checkpoints").glob("step-*"))[-args.average_last:]
+        files, vectors = [], []
+        for ckpt in ckpts:
+            lora = load_file(ckpt / "unet_lora.safetensors")
+            files.append((work / f"avg-{ckpt.name}.safetensors", 1.0 / len(ckpts)))
+            save_file({f"unet.{k}": v for k, v in lora.items()}, files[-1][0])
+            if args.train_tokens:
+                vectors.append(load_file(ckpt / "token_embeddings.safetensors"))
+        apply_loras(pipe, files)
+        if vectors:
+            apply_token_embeddings(pipe, {w: torch.stack([v[w] for v in vectors]).mean(0) for w in vectors[0]},
+                                   source="averaged checkpoints")
+        m = measure()
+        remove_loras(pipe)
+        averaged = {"checkpoints": [c.name for c in ckpts], "star_accuracy": m["star"]["per_attribute"]["shape"],
+                    "old_prompt_adherence": m["old"]["all_attributes"], "old_per_attribute": m["old"]["per_attribute"]}
+        print("averaged", json.dumps(averaged), flush=True)
     for weight in args.lora_scales:
         point(out / "pytorch_lora_weights.safetensors", args.train_steps, weight)
     shutil.rmtree(work, ignore_errors=True)
@@ -149,6 +173,7 @@ def main() -> None:
         "old_prompt_adherence_drop_points": 100 * (before["old"]["all_attributes"] - after["old"]["all_attributes"]),
         "targets": {"star_accuracy_after": ">= 0.8", "train_minutes": "<= 10", "adherence_drop_points": "<= 5"},
         "curve": curve,
+        "averaged_checkpoints": averaged,
         "details": {"before": before, "after": after},
         "total_minutes": (time.perf_counter() - started) / 60,
     }
