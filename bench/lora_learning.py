@@ -123,40 +123,38 @@ def main() -> None:
     remove_loras(pipe)
     curve = []  # (step, LoRA weight) -> star accuracy and old-prompt adherence
 
-    def point(lora_file: Path, step: int, weight: float, embeddings: dict | None = None) -> None:
-        apply_loras(pipe, [(lora_file, weight)])
-        apply_token_embeddings(pipe, embeddings or {}, source=str(lora_file))  # a checkpoint's trained words
+    def judged(loras: list[tuple[Path, float]], embeddings: dict) -> dict:
+        """Star accuracy and old-prompt adherence with these LoRAs and trained words applied."""
+        apply_loras(pipe, loras)
+        apply_token_embeddings(pipe, embeddings, source=str(loras[0][0]))
         m = measure()
         remove_loras(pipe)
-        curve.append({"step": step, "lora_weight": weight, "star_accuracy": m["star"]["per_attribute"]["shape"],
-                      "old_prompt_adherence": m["old"]["all_attributes"],
-                      "old_per_attribute": m["old"]["per_attribute"]})
+        return {"star_accuracy": m["star"]["per_attribute"]["shape"],
+                "old_prompt_adherence": m["old"]["all_attributes"], "old_per_attribute": m["old"]["per_attribute"]}
+
+    def point(lora_file: Path, step: int, weight: float, embeddings: dict | None = None) -> None:
+        curve.append({"step": step, "lora_weight": weight, **judged([(lora_file, weight)], embeddings or {})})
         print("curve", json.dumps(curve[-1]), flush=True)
 
+    def checkpoint_lora(ckpt: Path) -> tuple[Path, dict]:
+        """A train-lora checkpoint as a LoRA file apply_loras reads, and its trained words' embeddings."""
+        lora = load_file(ckpt / "unet_lora.safetensors")  # alpha = rank (the default): no metadata needed
+        path = work / f"{ckpt.name}.safetensors"
+        save_file({f"unet.{k}": v for k, v in lora.items()}, path)
+        return path, (load_file(ckpt / "token_embeddings.safetensors") if args.train_tokens else {})
+
+    checkpoints = sorted((work / "lora" / "checkpoints").glob("step-*"))  # every eval_every steps, then the last
     if args.eval_every:
-        for ckpt in sorted((work / "lora" / "checkpoints").glob("step-*"))[:-1]:  # the last one is `after`
-            lora = load_file(ckpt / "unet_lora.safetensors")  # alpha = rank (the default): no metadata needed
-            save_file({f"unet.{k}": v for k, v in lora.items()}, work / "ckpt_lora.safetensors")
-            embeddings = load_file(ckpt / "token_embeddings.safetensors") if args.train_tokens else {}
-            point(work / "ckpt_lora.safetensors", int(ckpt.name.split("-")[1]), 1.0, embeddings)
+        for ckpt in checkpoints[:-1]:  # the last one is `after`
+            lora_file, embeddings = checkpoint_lora(ckpt)
+            point(lora_file, int(ckpt.name.split("-")[1]), 1.0, embeddings)
     averaged = None
-    if args.average_last:  # checkpoints at eval_every, 2 * eval_every, ..., then the final LoRA
-        ckpts = sorted((work / "lora" / "checkpoints").glob("step-*"))[-args.average_last:]
-        files, vectors = [], []
-        for ckpt in ckpts:
-            lora = load_file(ckpt / "unet_lora.safetensors")
-            files.append((work / f"avg-{ckpt.name}.safetensors", 1.0 / len(ckpts)))
-            save_file({f"unet.{k}": v for k, v in lora.items()}, files[-1][0])
-            if args.train_tokens:
-                vectors.append(load_file(ckpt / "token_embeddings.safetensors"))
-        apply_loras(pipe, files)
-        if vectors:
-            apply_token_embeddings(pipe, {w: torch.stack([v[w] for v in vectors]).mean(0) for w in vectors[0]},
-                                   source="averaged checkpoints")
-        m = measure()
-        remove_loras(pipe)
-        averaged = {"checkpoints": [c.name for c in ckpts], "star_accuracy": m["star"]["per_attribute"]["shape"],
-                    "old_prompt_adherence": m["old"]["all_attributes"], "old_per_attribute": m["old"]["per_attribute"]}
+    if args.average_last:
+        chosen = [checkpoint_lora(ckpt) for ckpt in checkpoints[-args.average_last:]]
+        vectors = [embeddings for _, embeddings in chosen if embeddings]
+        mean_words = {w: torch.stack([v[w] for v in vectors]).mean(0) for w in vectors[0]} if vectors else {}
+        averaged = {"checkpoints": [c.name for c in checkpoints[-args.average_last:]],
+                    **judged([(path, 1.0 / len(chosen)) for path, _ in chosen], mean_words)}
         print("averaged", json.dumps(averaged), flush=True)
     for weight in args.lora_scales:
         point(out / "pytorch_lora_weights.safetensors", args.train_steps, weight)

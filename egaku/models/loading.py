@@ -40,7 +40,7 @@ BUILTIN_GUIDANCE = 3.0
 def recommended_guidance(pipe) -> float:
     """The guidance scale used when none is given: the built-in model's own, else SD's usual 7.5."""
     info = getattr(pipe, "egaku_info", None)
-    builtin = info is not None and (info.kind == "builtin" or (info.path is not None and info.path.is_dir()
+    builtin = info is not None and (info.kind == "builtin" or (info.path is not None
                                                                 and info.path.resolve() == BUILTIN_DIR.resolve()))
     return BUILTIN_GUIDANCE if builtin else DEFAULT_GUIDANCE
 

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -80,37 +81,32 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file that no reader ever sees half-written: a uniquely named temporary file
-    beside it (several processes may write the same path), fsynced, then renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a uniquely named temporary file beside ``path`` (several processes may write
+    the same path); it is fsynced and renamed over ``path``, so no reader ever sees half of it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically (creating its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 class Checkpoints:
