@@ -128,17 +128,23 @@ def main() -> None:
     parser.add_argument("--gan-minutes", type=float, default=1.0)
     parser.add_argument("--speed-batches", nargs="+", type=int, default=[8, 64])
     parser.add_argument("--device", default="cuda", help="cpu only to dry-run this script")
+    parser.add_argument("--checks", nargs="+", default=["generation", "lora", "gan"], choices=["generation", "lora", "gan"],
+                        help="which paths to check (results of the others already in --out are kept)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU here: this benchmark checks egaku's CUDA paths")
     judge = load_judge()
-    result = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device, "torch": torch.__version__}
-    work = Path(tempfile.mkdtemp(prefix="egaku-cuda-"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
+                   "torch": torch.__version__})
+    work = Path(tempfile.mkdtemp(prefix="egaku-cuda-"))
     for name, check in (("generation", lambda: check_generation(judge, args.prompts, args.device, args.speed_batches)),
                         ("lora", lambda: check_lora(judge, work, args.lora_steps, args.device)),
                         ("gan", lambda: check_gan(work, args.gan_minutes, args.device))):
+        if name not in args.checks:
+            continue
         t0 = time.perf_counter()
         try:
             result[name] = check()
