@@ -261,6 +261,14 @@ def test_resume_continues_the_step_count_exactly(tmp_path):
         torch.testing.assert_close(a[k], b[k])
 
 
+def test_sample_grids_every_n_epochs_and_after_the_last(tmp_path):
+    data = _write_folder(tmp_path / "halves", _halves(32))  # one batch per epoch
+    opts = _opts(tmp_path, data=str(data), epochs=7, max_steps=0, sample_every_epochs=3, checkpoint_every=100)
+    train_gan_command(opts)
+    grids = sorted(p.name for p in (Path(opts.out) / "samples").glob("epoch-*.png"))
+    assert grids == ["epoch-0003.png", "epoch-0006.png", "epoch-0007.png"]
+
+
 def test_conditional_sampling_honours_the_label(tmp_path):
     data = _write_folder(tmp_path / "halves", _halves(48))
     opts = _opts(tmp_path, data=str(data), conditional=True, max_steps=150, batch_size=32, checkpoint_every=1000,

@@ -11,8 +11,8 @@ With ``--mode-seeking W`` the fakes come in pairs of one class and the generator
 MSGAN's term (Mao et al. 2019), which grows when two latent vectors give alike images; ``--lr-d`` gives
 the discriminator its own learning rate (TTUR, Heusel et al. 2017).
 
-Every epoch a grid is drawn from the same fixed latent vectors (and, when conditional, one row per
-class), so the grids show the generator's progress rather than new noise. Checkpoints hold both
+Every ``--sample-every-epochs`` epochs, and after the last one, a grid is drawn from the same fixed
+latent vectors (and, when conditional, one row per class), so the grids show the generator's progress rather than new noise. Checkpoints hold both
 networks, both optimizers, the RNG state and the data position, so ``--resume latest`` continues the
 same run step for step; the generator is also exported to OUT/generator for `sample-gan`/`eval gan`.
 """
@@ -78,7 +78,8 @@ class TrainGanOptions:
     seed: int = option(0, help="seed for initialisation, batches and noise")
     checkpoint_every: int = option(500, help="steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = option(2, help="newest checkpoints to keep")
-    sample_grid: int = option(64, help="images in the per-epoch sample grid (fixed latent vectors)")
+    sample_grid: int = option(64, help="images in each sample grid (fixed latent vectors)")
+    sample_every_epochs: int = option(1, help="epochs between sample grids (the last epoch always gets one)")
     resume: str = option("", help="'latest' or a checkpoint folder: continue that run with the same options")
     device: str = option("auto", help="auto (CUDA when available), cpu or cuda", choices=["auto", "cpu", "cuda"])
     progress: bool = option(True, help="show a progress bar")
@@ -199,7 +200,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     # what a resumed run must share with the checkpoint (stopping criteria and bookkeeping may change)
     run_config = {**to_dict(opts), "class_names": class_names}
     may_change = {"epochs", "max_steps", "max_minutes", "max_cpu_minutes", "resume", "progress", "checkpoint_every",
-                  "keep_checkpoints", "out", "device"}
+                  "keep_checkpoints", "out", "device", "sample_every_epochs"}
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
     step, epoch, position = 0, 0, 0
 
@@ -297,12 +298,13 @@ def train_gan_command(opts: TrainGanOptions) -> None:
                 stopped_by_time = True
                 break
         if position >= batches_per_epoch:
-            # end of an epoch: a grid from the fixed latent vectors
-            shown = gen_ema if gen_ema is not None else gen.eval()
-            with torch.no_grad():
-                images = shown(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
-            cols = gen.num_classes if gen.num_classes else None
-            image_grid(to_pil_images(images), cols=cols).save(out / "samples" / f"epoch-{epoch + 1:04d}.png")
+            if (epoch + 1) % opts.sample_every_epochs == 0 or step >= total:
+                # a grid from the fixed latent vectors
+                shown = gen_ema if gen_ema is not None else gen.eval()
+                with torch.no_grad():
+                    images = shown(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
+                cols = gen.num_classes if gen.num_classes else None
+                image_grid(to_pil_images(images), cols=cols).save(out / "samples" / f"epoch-{epoch + 1:04d}.png")
             epoch += 1
             position = 0
     bar.close()
