@@ -3,7 +3,8 @@
 Measures, in one run on this machine:
   - training: the wall time the preset run took (from its summary.json), and the per-step cost of each
     stage re-measured now, so a time taken on a shared, busy machine can be compared with an idle one;
-  - VAE reconstruction PSNR on held-out shapes renders (target >= 30 dB);
+  - VAE reconstruction PSNR on held-out shapes renders (target >= 30 dB), and the judge's scores on
+    those round trips: the most adherence the VAE leaves room for;
   - prompt adherence at 20 steps of the default sampler, judged by the shipped shapes judge
     (targets: >= 95% per attribute and >= 85% all-attributes on seen combinations, >= 70%
     all-attributes on held-out ones), and the judge-feature Fréchet distance;
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from egaku.config import build, load_preset  # noqa: E402
 from egaku.data import shapes  # noqa: E402
-from egaku.evaluation.adherence import AdherenceOptions, evaluate_adherence  # noqa: E402
-from egaku.evaluation.judges import BUILTIN_JUDGE, load_judge  # noqa: E402
+from egaku.evaluation.adherence import AdherenceOptions, evaluate_adherence, score  # noqa: E402
+from egaku.evaluation.judges import BUILTIN_JUDGE, load_judge, to_tensor  # noqa: E402
 from egaku.training import ldm  # noqa: E402
 
 TARGETS = {"vae_psnr_db": 30.0, "seen_per_attribute": 0.95, "seen_all_attributes": 0.85,
@@ -83,6 +85,17 @@ def step_costs(preset: ldm.TrainLdmOptions, repeats: int = 5) -> dict:
     return out
 
 
+@torch.no_grad()
+def vae_round_trip(vae, images, batch: int = 64):
+    """uint8 images encoded (posterior mode) and decoded by ``vae``."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_tensor(images[i:i + batch])
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        out.append(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
 def sampling_speed(pipe, repeats: int = 2) -> dict:
     from egaku.inference.generate import generate
 
@@ -132,12 +145,16 @@ def main() -> int:
 
     # 2. VAE reconstruction PSNR on fresh renders of the whole world
     pipe = load_pipeline(args.model, device="cpu", dtype="float32")
-    heldout, _ = shapes.make_dataset(512, seed=31337, split="all")
+    heldout, heldout_specs = shapes.make_dataset(512, seed=31337, split="all")
     result["vae_psnr_db"] = round(ldm.measure_vae(pipe.vae, heldout), 2)
     print(f"VAE PSNR {result['vae_psnr_db']} dB", file=sys.stderr)
 
-    # 3. Prompt adherence (default sampler, 20 steps, default guidance)
+    # 2b. The ceiling the VAE sets on adherence: the judge's scores on round trips of those renders
     judge = load_judge()
+    result["judge_on_vae_round_trips"] = score(judge.predict(to_tensor(vae_round_trip(pipe.vae, heldout)))[0],
+                                               heldout_specs)
+
+    # 3. Prompt adherence (default sampler, 20 steps, default guidance)
     opts = AdherenceOptions(model=args.model, seen_prompts=args.prompts, held_out_prompts=args.prompts,
                             star_prompts=args.prompts // 2, threads=args.threads)
     report, _ = evaluate_adherence(pipe, opts, judge)

@@ -67,6 +67,10 @@ def test_score_counts_attributes_and_all_at_once():
     assert result["per_attribute"]["size"] == 0.75
     assert result["per_attribute"]["position"] == 1.0
     assert result["all_attributes"] == 0.5
+    sizes = [s.size for s in specs]
+    wrong_shape_size = sizes[0]
+    expected = {size: (sizes.count(size) - (size == wrong_shape_size)) / sizes.count(size) for size in set(sizes)}
+    assert result["shape_by_size"] == pytest.approx(expected)
 
 
 def test_prompt_sets_are_fixed_and_split_correctly():

@@ -98,10 +98,14 @@ def score(preds: dict[str, np.ndarray], specs: list[shapes.ShapeSpec]) -> dict:
     truth = label_arrays(specs)
     correct = {name: preds[name] == truth[name] for name in truth}
     every = np.all(np.stack(list(correct.values())), axis=0)
+    # a small shape spans about 4x4 latent pixels: where a weak model loses the shape first
+    shape_by_size = {size: round(float(correct["shape"][truth["size"] == k].mean()), 4)
+                     for k, size in enumerate(shapes.SIZES) if (truth["size"] == k).any()}
     return {
         "n": len(specs),
         "per_attribute": {name: round(float(c.mean()), 4) for name, c in correct.items()},
         "all_attributes": round(float(every.mean()), 4),
+        "shape_by_size": shape_by_size,
     }
 
 
