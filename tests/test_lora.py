@@ -490,6 +490,20 @@ def test_prior_preservation_generates_missing_images_and_weights_their_loss(tmp_
     assert any(not torch.allclose(one_a[k], one_b[k]) for k in one_a)
 
 
+def test_repeats_count_training_images_per_epoch_and_regularization_images_once(tmp_path, data_dir, tiny_model_dir):
+    def steps_of_one_epoch(name, **kw):
+        out = train_lora(options(data_dir, tiny_model_dir, tmp_path / name, max_steps=0, epochs=1, batch_size=1,
+                                 format="diffusers", **kw))
+        return len((out / "loss.csv").read_text().splitlines()) - 1
+
+    n = steps_of_one_epoch("once")
+    assert n >= 2
+    # the same folder as regularization images: 3 x n training slots + n regularization slots
+    assert steps_of_one_epoch("three", repeats=3, prior_data=str(data_dir)) == 4 * n
+    with pytest.raises(EgakuError, match="--repeats"):
+        options(data_dir, tiny_model_dir, tmp_path / "x", repeats=0)
+
+
 def test_prior_images_without_a_folder_or_prompts_are_refused(tmp_path, data_dir, tiny_model_dir):
     with pytest.raises(EgakuError, match="need --prior-data"):
         options(data_dir, tiny_model_dir, tmp_path / "a", prior_images=4)

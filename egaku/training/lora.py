@@ -71,6 +71,9 @@ class TrainLoraOptions:
     prior_prompts: list[str] = option([], help="prompts for generating regularization images (cycled)")
     prior_loss_weight: float = option(1.0, help="loss weight of regularization images relative to training images")
     prior_guidance: float = option(7.5, help="guidance scale for generating regularization images")
+    repeats: int = option(1, help="times each training image appears per epoch, regularization images once "
+                          "(kohya's num_repeats): with 200 regularization images and 20 training images, "
+                          "10 keeps the two one to one instead of 1 to 10")
     caption_dropout: float = option(0.0, help="share of images trained on the empty caption (kohya's "
                                     "caption_dropout_rate): keeps the unconditional prediction that "
                                     "classifier-free guidance subtracts in step with the adapter")
@@ -134,6 +137,7 @@ class TrainLoraOptions:
             (self.min_images >= 1, "--min-images must be at least 1"),
             (0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
+            (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
             (not (self.prior_images or self.prior_prompts) or self.prior_data,
              "--prior-images/--prior-prompts need --prior-data: the folder the regularization images go to"),
         ]
@@ -430,7 +434,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         except ImportError:
             pass
     optimizer = optimizer_cls(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
-    order = BucketBatches(bucket_of, opts.batch_size, seed=opts.seed)
+    # an epoch holds every training image `repeats` times and every regularization image once; batches
+    # hold positions in `slots`, which name items
+    slots = [i for _ in range(opts.repeats) for i in range(len(scan.items))] + list(range(len(scan.items), len(items)))
+    order = BucketBatches([bucket_of[i] for i in slots], opts.batch_size, seed=opts.seed)
     per_epoch = len(order.batches(0)) // world
     if per_epoch == 0:
         raise EgakuError(f"{len(items)} images in {len(set(bucket_of))} aspect buckets give fewer batches of "
@@ -533,7 +540,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         step_loss = 0.0
         for k in range(opts.gradient_accumulation):
             epoch, index = divmod(micro, per_epoch)
-            indices = order.batches(epoch)[index * world + rank]
+            indices = [slots[j] for j in order.batches(epoch)[index * world + rank]]
             torch.manual_seed(_step_seed(opts.seed, micro, rank))
             flip_draws = ([bool(f) for f in torch.rand(len(indices)) < 0.5] if opts.random_flip
                           else [False] * len(indices))
