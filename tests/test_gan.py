@@ -267,6 +267,8 @@ def test_sample_grids_every_n_epochs_and_after_the_last(tmp_path):
     train_gan_command(opts)
     grids = sorted(p.name for p in (Path(opts.out) / "samples").glob("epoch-*.png"))
     assert grids == ["epoch-0003.png", "epoch-0006.png", "epoch-0007.png"]
+    with pytest.raises(EgakuError, match="--sample-every-epochs"):
+        train_gan_command(_opts(tmp_path, out=str(tmp_path / "zero"), sample_every_epochs=0))
 
 
 def test_conditional_sampling_honours_the_label(tmp_path):

@@ -12,9 +12,10 @@ MSGAN's term (Mao et al. 2019), which grows when two latent vectors give alike i
 the discriminator its own learning rate (TTUR, Heusel et al. 2017).
 
 Every ``--sample-every-epochs`` epochs, and after the last one, a grid is drawn from the same fixed
-latent vectors (and, when conditional, one row per class), so the grids show the generator's progress rather than new noise. Checkpoints hold both
-networks, both optimizers, the RNG state and the data position, so ``--resume latest`` continues the
-same run step for step; the generator is also exported to OUT/generator for `sample-gan`/`eval gan`.
+latent vectors (and, when conditional, one row per class), so the grids show the generator's progress
+rather than new noise. Checkpoints hold both networks, both optimizers, the RNG state and the data
+position, so ``--resume latest`` continues the same run step for step; the generator is also exported
+to OUT/generator for `sample-gan`/`eval gan`.
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
                          "2 is usual for 28x28")
     if opts.mode_seeking < 0 or opts.lr_d < 0:
         raise EgakuError("--mode-seeking and --lr-d must be >= 0 (0 turns them off)")
+    if opts.sample_every_epochs < 1:
+        raise EgakuError(f"--sample-every-epochs {opts.sample_every_epochs} must be 1 or more")
     if opts.arch == "mlp" and opts.base_channels != 32:
         print("note: --base-channels only affects the DCGAN")
     data = load_gan_data(opts.data, opts.image_size, opts.channels, opts.conditional)
