@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from egaku.config import build, load_preset  # noqa: E402
 from egaku.data import shapes  # noqa: E402
-from egaku.evaluation.adherence import AdherenceOptions, evaluate_adherence, score  # noqa: E402
-from egaku.evaluation.judges import BUILTIN_JUDGE, load_judge, to_tensor  # noqa: E402
+from egaku.evaluation.adherence import AdherenceOptions, evaluate_adherence, judge_images, score  # noqa: E402
+from egaku.evaluation.judges import BUILTIN_JUDGE, load_judge  # noqa: E402
 from egaku.training import ldm  # noqa: E402
 
 TARGETS = {"vae_psnr_db": 30.0, "seen_per_attribute": 0.95, "seen_all_attributes": 0.85,
@@ -83,17 +82,6 @@ def step_costs(preset: ldm.TrainLdmOptions, repeats: int = 5) -> dict:
     out["estimated_minutes_at_this_load"] = round(
         (preset.vae_steps * out["vae_seconds_per_step"] + preset.steps * out["unet_seconds_per_step"]) / 60, 1)
     return out
-
-
-@torch.no_grad()
-def vae_round_trip(vae, images, batch: int = 64):
-    """uint8 images encoded (posterior mode) and decoded by ``vae``."""
-    out = []
-    for i in range(0, len(images), batch):
-        x = to_tensor(images[i:i + batch])
-        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-        out.append(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
 
 
 def sampling_speed(pipe, repeats: int = 2) -> dict:
@@ -153,8 +141,8 @@ def main() -> int:
 
     # 2b. The ceiling the VAE sets on adherence: the judge's scores on round trips of those renders
     judge = load_judge()
-    result["judge_on_vae_round_trips"] = score(judge.predict(to_tensor(vae_round_trip(pipe.vae, heldout)))[0],
-                                               heldout_specs)
+    reconstructions = [im for _, y in ldm.vae_round_trips(pipe.vae, heldout) for im in ldm.to_pil(y)]
+    result["judge_on_vae_round_trips"] = score(judge_images(judge, reconstructions)[0], heldout_specs)
 
     # 3. Prompt adherence (default sampler, 20 steps, default guidance)
     opts = AdherenceOptions(model=args.model, seen_prompts=args.prompts, held_out_prompts=args.prompts,

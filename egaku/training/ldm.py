@@ -333,13 +333,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def measure_vae(vae, images: np.ndarray, batch: int = 64) -> float:
+def vae_round_trips(vae, images: np.ndarray, batch: int = 64):
+    """(input, reconstruction) tensor pairs in [-1, 1], ``batch`` uint8 images at a time (posterior mode)."""
     vae.eval()
-    scores = []
     for i in range(0, len(images), batch):
         x = to_tensor(images[i:i + batch]).to(vae.device)
-        scores.append(psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample, x) * len(x))
-    return sum(scores) / len(images)
+        yield x, vae.decode(vae.encode(x).latent_dist.mode()).sample
+
+
+def measure_vae(vae, images: np.ndarray, batch: int = 64) -> float:
+    return sum(psnr(y, x) * len(x) for x, y in vae_round_trips(vae, images, batch)) / len(images)
 
 
 @torch.no_grad()
