@@ -58,6 +58,21 @@ VARIANTS: dict[str, dict] = {
     "text-1-layer": {"text_layers": 1},
     "lr-8e-4": {"lr": 8e-4},
     "batch-96": {"batch_size": 96},
+    # the one-layer text encoder and lr 8e-4 of the second retraining, then cheaper CPU steps on top of it:
+    # 2 attention heads instead of 8 (diffusers' attention_head_dim is the head count) cut a CPU step by a
+    # quarter, and a narrower 4x4 level or batch 64 by more
+    "t1": {"text_layers": 1, "lr": 8e-4},
+    "t1-heads-2": {"text_layers": 1, "lr": 8e-4, "attention_head_dim": 2},
+    "t1-heads-2-unet-32-64-64": {"text_layers": 1, "lr": 8e-4, "attention_head_dim": 2, "unet_channels": [32, 64, 64]},
+    "t1-heads-2-batch-64": {"text_layers": 1, "lr": 8e-4, "attention_head_dim": 2, "batch_size": 64},
+    "t1-heads-2-min-snr-5": {"text_layers": 1, "lr": 8e-4, "attention_head_dim": 2, "snr_gamma": 5.0},
+    "t1-heads-2-logit-normal": {"text_layers": 1, "lr": 8e-4, "attention_head_dim": 2,
+                                "timestep_sampling": "logit_normal"},
+    "t1-heads-2-lr-1.2e-3": {"text_layers": 1, "lr": 1.2e-3, "attention_head_dim": 2},
+    "t1-heads-2-logit-normal-unet-32-64-64": {"text_layers": 1, "lr": 8e-4, "attention_head_dim": 2,
+                                              "timestep_sampling": "logit_normal", "unet_channels": [32, 64, 64]},
+    "t1-heads-2-logit-normal-lr-1.2e-3": {"text_layers": 1, "lr": 1.2e-3, "attention_head_dim": 2,
+                                          "timestep_sampling": "logit_normal"},
 }
 
 
