@@ -267,6 +267,14 @@ def test_sample_grids_every_n_epochs_and_after_the_last(tmp_path):
     train_gan_command(opts)
     grids = sorted(p.name for p in (Path(opts.out) / "samples").glob("epoch-*.png"))
     assert grids == ["epoch-0003.png", "epoch-0006.png", "epoch-0007.png"]
+    assert not list((Path(opts.out) / "samples").glob("final-*.png"))  # the last epoch's grid is the final one
+    # stopped mid-epoch (by --max-steps here, or a time limit): the generator it ends with gets a grid too
+    data = _write_folder(tmp_path / "halves64", _halves(64))  # 128 images: two batches of 64 per epoch
+    cut = _opts(tmp_path, data=str(data), out=str(tmp_path / "cut"), epochs=7, max_steps=3, sample_every_epochs=1,
+                batch_size=64)
+    train_gan_command(cut)
+    assert sorted(p.name for p in (Path(cut.out) / "samples").glob("*.png")) == [
+        "epoch-0001.png", "final-step-000003.png"]
     with pytest.raises(EgakuError, match="--sample-every-epochs"):
         train_gan_command(_opts(tmp_path, out=str(tmp_path / "zero"), sample_every_epochs=0))
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from egaku.data import shapes
+from egaku.data.images import arrays_to_tensor
 from egaku.errors import EgakuError, NotFoundError
 from egaku.evaluation import adherence, judges
 
@@ -36,7 +37,7 @@ def test_judge_round_trips_through_safetensors(small_judge):
     assert (path / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((path / "report.json").read_text()) == json.loads(json.dumps(report))
     images, _ = shapes.make_dataset(16, seed=5, split="all")
-    x = judges.to_tensor(images)
+    x = arrays_to_tensor(images)
     before, feats_before = judge.predict(x)
     after, feats_after = judges.load_judge(path).predict(x)
     assert all(np.array_equal(before[k], after[k]) for k in before)

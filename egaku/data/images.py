@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own bomb limit is a warning at 89M pixels; we refuse at 64M (8192x8192), well above any
@@ -89,3 +90,8 @@ def image_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2,
         r, c = divmod(i, cols)
         sheet.paste(im.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
     return sheet
+
+
+def arrays_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]: the range of the VAE and of the shapes judge."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0

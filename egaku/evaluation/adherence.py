@@ -28,10 +28,10 @@ from PIL import Image
 
 from ..config import option, to_dict
 from ..data import shapes
-from ..data.images import image_grid
+from ..data.images import arrays_to_tensor, image_grid
 from ..errors import EgakuError
 from ..inference.samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, make_scheduler
-from .judges import ShapesJudge, label_arrays, load_judge, to_tensor
+from .judges import ShapesJudge, label_arrays, load_judge
 from .metrics import frechet_distance
 
 PROMPT_SEED = 20240  # the fixed prompt set: the same prompts for every model
@@ -91,7 +91,7 @@ def judge_images(judge: ShapesJudge, images: list[Image.Image]) -> tuple[dict[st
     side = shapes.SIZE
     arr = np.stack([np.asarray(im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
                                if im.size != (side, side) else im.convert("RGB")) for im in images])
-    return judge.predict(to_tensor(arr))
+    return judge.predict(arrays_to_tensor(arr))
 
 
 def score(preds: dict[str, np.ndarray], specs: list[shapes.ShapeSpec]) -> dict:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import option, save_config
 from ..data import shapes
+from ..data.images import arrays_to_tensor
 from ..errors import EgakuError, NotFoundError
 
 BUILTIN_JUDGE = Path(__file__).resolve().parent.parent / "models" / "builtin" / "shapes-judge"
@@ -86,11 +87,6 @@ class ShapesJudge(ModelMixin, ConfigMixin):
         return {k: np.concatenate(v) for k, v in preds.items()}, np.concatenate(feats)
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (the judge's and the VAE's input range)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def label_arrays(specs: list[shapes.ShapeSpec]) -> dict[str, np.ndarray]:
     labels = [s.labels() for s in specs]
     return {name: np.array([lab[name] for lab in labels], dtype=np.int64) for name in shapes.ATTRIBUTES}
@@ -122,7 +118,7 @@ class JudgeOptions:
 def evaluate_judge(judge: ShapesJudge, n: int, seed: int) -> dict[str, float]:
     """Per-attribute accuracy of ``judge`` on ``n`` fresh renders of the whole world."""
     images, specs = shapes.make_dataset(n, seed, "all")
-    preds, _ = judge.predict(to_tensor(images))
+    preds, _ = judge.predict(arrays_to_tensor(images))
     truth = label_arrays(specs)
     return {name: float((preds[name] == truth[name]).mean()) for name in truth}
 
@@ -134,7 +130,7 @@ def train_shapes_judge(opts: JudgeOptions, progress: bool = True) -> tuple[Shape
     started = time.time()
     torch.manual_seed(opts.seed)
     images, specs = shapes.make_dataset(opts.train_images, opts.seed, "all")
-    x_all, y_all = to_tensor(images), {k: torch.from_numpy(v) for k, v in label_arrays(specs).items()}
+    x_all, y_all = arrays_to_tensor(images), {k: torch.from_numpy(v) for k, v in label_arrays(specs).items()}
     judge = ShapesJudge(attributes={k: list(v) for k, v in shapes.ATTRIBUTES.items()},
                         channels=(opts.width, 2 * opts.width, 4 * opts.width, 4 * opts.width), feature_dim=8 * opts.width)
     optim = torch.optim.AdamW(judge.parameters(), lr=opts.lr, weight_decay=1e-4)

@@ -252,6 +252,15 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     bar = tqdm(total=total, initial=min(step, total), disable=not opts.progress, unit="step", dynamic_ncols=True)
     stopped_by_time = False
     last_saved = step if opts.resume else -1
+    last_grid = step  # a resumed run's grid at this step, if any, was drawn before it stopped
+
+    def save_grid(name: str) -> None:
+        """A grid from the fixed latent vectors (the EMA generator when there is one)."""
+        shown = gen_ema if gen_ema is not None else gen.eval()
+        with torch.no_grad():
+            images = shown(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
+        cols = gen.num_classes if gen.num_classes else None
+        image_grid(to_pil_images(images), cols=cols).save(out / "samples" / name)
     while step < total and not stopped_by_time:
         order = _batch_order(len(data), opts.seed, epoch)
         while position < batches_per_epoch and step < total:
@@ -302,15 +311,13 @@ def train_gan_command(opts: TrainGanOptions) -> None:
                 break
         if position >= batches_per_epoch:
             if (epoch + 1) % opts.sample_every_epochs == 0 or step >= total:
-                # a grid from the fixed latent vectors
-                shown = gen_ema if gen_ema is not None else gen.eval()
-                with torch.no_grad():
-                    images = shown(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
-                cols = gen.num_classes if gen.num_classes else None
-                image_grid(to_pil_images(images), cols=cols).save(out / "samples" / f"epoch-{epoch + 1:04d}.png")
+                save_grid(f"epoch-{epoch + 1:04d}.png")
+                last_grid = step
             epoch += 1
             position = 0
     bar.close()
+    if last_grid != step:  # stopped mid-epoch (time limit or --max-steps): the final generator gets a grid too
+        save_grid(f"final-step-{step:06d}.png")
 
     # 5. Final checkpoint and export
     if step != last_saved:

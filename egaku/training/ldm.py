@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..config import option, save_config, to_dict
 from ..data import shapes
-from ..data.images import image_grid
+from ..data.images import arrays_to_tensor, image_grid
 from ..errors import EgakuError
 from ..models.loading import resolve_device
 from ..training.runtime import (Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint,
@@ -81,7 +81,8 @@ class TrainLdmOptions:
     unet_down_blocks: list[str] = option(["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                                          help="UNet down block types (up blocks mirror them)")
     cross_attention_dim: int = option(64, help="text embedding width = UNet cross-attention width")
-    attention_head_dim: int = option(8, help="UNet attention head width")
+    attention_head_dim: int = option(8, help="UNet attention heads per block (diffusers' UNet2DConditionModel "
+                                    "uses its attention_head_dim as the head count)")
     unet_pooled_text: bool = option(False, help="also add an attention-pooled caption embedding to the UNet's timestep "
                                     "embedding (diffusers addition_embed_type='text', as in DeepFloyd IF): every "
                                     "resnet at every resolution then sees the caption, not only the cross-attention "
@@ -210,10 +211,6 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
     arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
@@ -337,7 +334,7 @@ def vae_round_trips(vae, images: np.ndarray, batch: int = 64):
     """(input, reconstruction) tensor pairs in [-1, 1], ``batch`` uint8 images at a time (posterior mode)."""
     vae.eval()
     for i in range(0, len(images), batch):
-        x = to_tensor(images[i:i + batch]).to(vae.device)
+        x = arrays_to_tensor(images[i:i + batch]).to(vae.device)
         yield x, vae.decode(vae.encode(x).latent_dist.mode()).sample
 
 
@@ -351,7 +348,7 @@ def encode_all(vae, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor,
     vae.eval()
     means, stds = [], []
     for i in range(0, len(images), batch):
-        dist = vae.encode(to_tensor(images[i:i + batch]).to(vae.device)).latent_dist
+        dist = vae.encode(arrays_to_tensor(images[i:i + batch]).to(vae.device)).latent_dist
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
     return torch.cat(means), torch.cat(stds)
@@ -451,7 +448,7 @@ def _train(opts: TrainLdmOptions) -> Path:
             optim.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["lr_scheduler"])
             restore_rng(state["rng"])
-        x_all = to_tensor(data.images)
+        x_all = arrays_to_tensor(data.images)
         crop = opts.vae_crop or opts.resolution
         while step < opts.vae_steps:
             gen = step_generator(opts.seed, step)
@@ -487,7 +484,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         summary["vae_psnr"] = round(measure_vae(vae, data.heldout), 3)
         summary["vae_psnr_images"] = len(data.heldout)
         summary["vae_seconds"] = round(base_seconds + time.time() - started, 1)
-        heldout = to_tensor(data.heldout[:8]).to(device)
+        heldout = arrays_to_tensor(data.heldout[:8]).to(device)
         with torch.no_grad():
             recon = vae.decode(vae.encode(heldout).latent_dist.mode()).sample
         (out / "samples").mkdir(exist_ok=True)
