@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from egaku.config import build, load_preset  # noqa: E402
 from egaku.data import shapes  # noqa: E402
+from egaku.data.images import to_pil_images  # noqa: E402
 from egaku.evaluation.adherence import AdherenceOptions, evaluate_adherence, judge_images, score  # noqa: E402
 from egaku.evaluation.judges import BUILTIN_JUDGE, load_judge  # noqa: E402
 from egaku.training import ldm  # noqa: E402
@@ -144,7 +145,7 @@ def main() -> int:
 
     # 2b. The ceiling the VAE sets on adherence: the judge's scores on round trips of those renders
     judge = load_judge()
-    reconstructions = [im for _, y in ldm.vae_round_trips(pipe.vae, heldout) for im in ldm.to_pil(y)]
+    reconstructions = [im for _, y in ldm.vae_round_trips(pipe.vae, heldout) for im in to_pil_images(y)]
     result["judge_on_vae_round_trips"] = score(judge_images(judge, reconstructions)[0], heldout_specs)
 
     # 3. Prompt adherence (default sampler, 20 steps, default or --guidance)

@@ -95,3 +95,11 @@ def image_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2,
 def arrays_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]: the range of the VAE and of the shapes judge."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """(N, C, H, W) in [-1, 1] -> greyscale (C = 1) or RGB PIL images: the inverse of ``arrays_to_tensor``."""
+    arr = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    if arr.shape[1] == 1:
+        return [Image.fromarray(a[0], "L") for a in arr]
+    return [Image.fromarray(a.transpose(1, 2, 0), "RGB") for a in arr]

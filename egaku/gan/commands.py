@@ -6,21 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ..config import option, save_config
 from ..data.digits import resize_batch
-from ..data.images import image_grid
+from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
 from .models import ARCHITECTURES, load_generator
-
-
-def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
-    """(N, C, H, W) in [-1, 1] → greyscale (C = 1) or RGB PIL images."""
-    arr = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    if arr.shape[1] == 1:
-        return [Image.fromarray(a[0], "L") for a in arr]
-    return [Image.fromarray(a.transpose(1, 2, 0), "RGB") for a in arr]
 
 
 def resolve_label(class_names: list[str] | None, digit: str | None, model: str) -> int | None:

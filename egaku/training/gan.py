@@ -32,9 +32,8 @@ from tqdm import tqdm
 
 from ..config import option, save_config, to_dict
 from ..data.digits import load_gan_data
-from ..data.images import image_grid
+from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
-from ..gan.commands import to_pil_images
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
 from .runtime import Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint, restore_rng

@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..config import option, save_config, to_dict
 from ..data import shapes
-from ..data.images import arrays_to_tensor, image_grid
+from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device
 from ..training.runtime import (Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint,
@@ -209,11 +209,6 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
     img = img.resize((w, h), Image.Resampling.LANCZOS)
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
-
-
-def to_pil(x: torch.Tensor) -> list[Image.Image]:
-    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -484,11 +479,9 @@ def _train(opts: TrainLdmOptions) -> Path:
         summary["vae_psnr"] = round(measure_vae(vae, data.heldout), 3)
         summary["vae_psnr_images"] = len(data.heldout)
         summary["vae_seconds"] = round(base_seconds + time.time() - started, 1)
-        heldout = arrays_to_tensor(data.heldout[:8]).to(device)
-        with torch.no_grad():
-            recon = vae.decode(vae.encode(heldout).latent_dist.mode()).sample
+        heldout, recon = next(vae_round_trips(vae, data.heldout[:8]))
         (out / "samples").mkdir(exist_ok=True)
-        image_grid(to_pil(heldout) + to_pil(recon), cols=8).save(out / "samples" / "vae-reconstructions.png")
+        image_grid(to_pil_images(heldout) + to_pil_images(recon), cols=8).save(out / "samples" / "vae-reconstructions.png")
         print(f"VAE: held-out PSNR {summary['vae_psnr']:.2f} dB", file=sys.stderr)
 
     # 3. Latents of every training image, scaled to unit variance
