@@ -127,6 +127,46 @@ def test_a_constant_schedule_run_can_be_extended_but_a_cosine_one_cannot(tiny_ru
     assert json.loads((out / "summary.json").read_text())["step"] == 12
 
 
+def test_a_constant_run_resumed_with_a_cooldown_equals_one_trained_with_it(tmp_path):
+    import shutil
+
+    # 2 warmup steps, the constant rate, then the last 4 of 8 steps decay to zero: 1, 0.75, 0.5, 0.25 of it.
+    lr = ldm._lr_lambda(2, 8, "constant", cooldown=4)
+    assert [lr(s) for s in range(8)] == [0.5, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    whole = tmp_path / "whole"
+    ldm.train_ldm(tiny_opts(whole, lr_schedule="constant", steps=8, cooldown_steps=4))
+    out = tmp_path / "extended"
+    ldm.train_ldm(tiny_opts(out, lr_schedule="constant", steps=4))  # stops where the cooldown starts
+    shutil.rmtree(out / "model")
+    ldm.train_ldm(tiny_opts(out, lr_schedule="constant", resume="latest", steps=8, cooldown_steps=4))
+    full, resumed = _unet_weights(whole / "model"), _unet_weights(out / "model")
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6)
+    # A cooldown that began before the checkpoint cannot be moved; nor can a new one start before it.
+    with pytest.raises(EgakuError, match="its cooldown began at step 8"):
+        ldm.train_ldm(tiny_opts(out, lr_schedule="constant", resume="latest", steps=10, cooldown_steps=4))
+    plain = tmp_path / "plain"
+    ldm.train_ldm(tiny_opts(plain, lr_schedule="constant", steps=4))
+    with pytest.raises(EgakuError, match="would start at step 6, before the checkpoint.*at most 4 cooldown steps"):
+        ldm.train_ldm(tiny_opts(plain, lr_schedule="constant", resume="latest", steps=8, cooldown_steps=6))
+    with pytest.raises(EgakuError, match="--lr-schedule constant"):
+        tiny_opts(plain, cooldown_steps=2)
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_with_its_default(tiny_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "older"
+    shutil.copytree(tiny_run, out)
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    saved = json.loads((latest / "config.json").read_text())
+    del saved["cooldown_steps"]  # as written by egaku before --cooldown-steps
+    (latest / "config.json").write_text(json.dumps(saved))
+    # a cosine run, where every option is compared: without the default this is "checkpoint has None, now 0"
+    ldm.train_ldm(tiny_opts(out, resume="latest"))
+    assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def test_export_only_writes_a_model_from_the_latest_checkpoint(tiny_run, tmp_path):
     import shutil
 
@@ -290,6 +330,13 @@ def test_logit_normal_timesteps_stay_in_range_and_favour_the_middle():
     assert torch.equal(t, again)
     uniform = ldm.sample_timesteps(ldm.TrainLdmOptions(), 20000, torch.Generator().manual_seed(0))
     assert abs(((uniform >= 250) & (uniform < 750)).float().mean() - 0.5) < 0.02
+    # Half uniform: the noisiest tenth gets 0.5 * 10% + 0.5 * 1.4% of the draws (logit-normal alone: 1.4%).
+    mixed = ldm.sample_timesteps(ldm.TrainLdmOptions(timestep_sampling="logit_normal", uniform_share=0.5), 20000,
+                                 torch.Generator().manual_seed(0))
+    noisiest = {name: (x >= 900).float().mean().item() for name, x in (("ln", t), ("mixed", mixed), ("u", uniform))}
+    assert noisiest["ln"] < 0.025 and 0.045 < noisiest["mixed"] < 0.07 and 0.09 < noisiest["u"] < 0.11
+    with pytest.raises(EgakuError, match="--uniform-share"):
+        ldm.TrainLdmOptions(uniform_share=0.5)  # uniform sampling has nothing to mix with
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

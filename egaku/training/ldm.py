@@ -101,6 +101,9 @@ class TrainLdmOptions:
     warmup_steps: int = option(200, help="linear learning-rate warmup steps (both stages)")
     lr_schedule: str = option("cosine", help="diffusion stage after warmup: cosine decay, or constant (with EMA, "
                               "a run stopped early is then as good as its step count)", choices=["cosine", "constant"])
+    cooldown_steps: int = option(0, help="constant schedule: decay the learning rate linearly to zero over the last N "
+                                 "diffusion steps (warmup-stable-decay). A constant run may be resumed with a cooldown "
+                                 "added or moved, as long as it starts at or after the checkpoint's step")
     caption_dropout: float = option(0.1, help="probability of training on the empty caption (enables CFG)")
     ema_decay: float = option(0.999, help="EMA decay cap (with warmup, so early EMA follows the model)")
     prediction_type: str = option("epsilon", help="what the UNet predicts", choices=["epsilon", "v_prediction"])
@@ -114,6 +117,8 @@ class TrainLdmOptions:
                                     choices=["uniform", "logit_normal"])
     logit_mean: float = option(0.0, help="logit_normal: mean (above 0 favours noisier timesteps)")
     logit_std: float = option(1.0, help="logit_normal: standard deviation")
+    uniform_share: float = option(0.0, help="logit_normal: share of each batch's timesteps drawn uniformly instead, "
+                                  "so that the noisiest steps, where the layout is decided, keep being trained")
     num_train_timesteps: int = option(1000, help="diffusion timesteps")
     # bookkeeping
     checkpoint_every: int = option(500, help="save a checkpoint every N steps")
@@ -147,6 +152,12 @@ class TrainLdmOptions:
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
             raise EgakuError("--zero-terminal-snr needs --prediction-type v_prediction (at the last step there is "
                              "no signal left, so predicting the noise says nothing about the image)")
+        if self.cooldown_steps and (self.lr_schedule != "constant" or not 0 < self.cooldown_steps <= self.steps):
+            raise EgakuError(f"--cooldown-steps {self.cooldown_steps}: use it with --lr-schedule constant (cosine "
+                             f"already decays), and at most --steps ({self.steps})")
+        if not 0.0 <= self.uniform_share <= 1.0 or (self.uniform_share and self.timestep_sampling != "logit_normal"):
+            raise EgakuError(f"--uniform-share {self.uniform_share}: a share in [0, 1], with --timestep-sampling "
+                             "logit_normal")
         if self.vae_from and self.vae_steps:
             raise EgakuError(f"--vae-from {self.vae_from} replaces stage 1: set --vae-steps 0")
         for name in ("steps", "batch_size", "vae_batch_size", "checkpoint_every"):
@@ -221,6 +232,8 @@ def sample_timesteps(opts: TrainLdmOptions, n: int, gen: torch.Generator) -> tor
     if opts.timestep_sampling == "uniform":
         return torch.randint(0, opts.num_train_timesteps, (n,), generator=gen)
     u = torch.sigmoid(opts.logit_mean + opts.logit_std * torch.randn(n, generator=gen))
+    if opts.uniform_share > 0:  # drawn only then: runs without it keep their random sequence
+        u = torch.where(torch.rand(n, generator=gen) < opts.uniform_share, torch.rand(n, generator=gen), u)
     return (u * opts.num_train_timesteps).long().clamp(0, opts.num_train_timesteps - 1)
 
 
@@ -307,15 +320,32 @@ def _groups(channels: list[int]) -> int:
     return math.gcd(32, *channels)
 
 
-def _lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
+def _lr_lambda(warmup: int, total: int, schedule: str = "cosine", cooldown: int = 0):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
-            return 1.0
+            return min(1.0, (total - step) / cooldown) if cooldown else 1.0
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def _check_schedule_change(saved: dict, opts: TrainLdmOptions, step: int, path: Path) -> None:
+    """Refuse a resume whose new --steps/--cooldown-steps would change a learning rate already used."""
+    saved_cooldown = saved.get("cooldown_steps", 0)  # absent from checkpoints of before the option
+    if (saved["steps"], saved_cooldown) == (opts.steps, opts.cooldown_steps):
+        return
+    saved_start = saved["vae_steps"] + saved["steps"] - saved_cooldown
+    if saved_cooldown and step > saved_start:
+        raise EgakuError(f"cannot resume from {path} (step {step}) with other --steps or --cooldown-steps: its "
+                         f"cooldown began at step {saved_start}. Resume with --steps {saved['steps']} "
+                         f"--cooldown-steps {saved_cooldown}")
+    start = opts.total_steps - opts.cooldown_steps
+    if opts.cooldown_steps and step > start:
+        raise EgakuError(f"cannot resume from {path} (step {step}) with --cooldown-steps {opts.cooldown_steps}: "
+                         f"the cooldown would start at step {start}, before the checkpoint. Use at most "
+                         f"{opts.total_steps - step} cooldown steps, or more --steps")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -415,11 +445,14 @@ def _train(opts: TrainLdmOptions) -> Path:
     resume = "latest" if opts.export_only and not opts.resume else opts.resume
     if resume:
         # With a constant learning rate --steps only says where to stop, so a run may be extended.
+        # So may its cooldown, from the checkpoint's step on: the steps before it are the same either way.
         extendable = opts.export_only or opts.lr_schedule == "constant"
-        ignore = RESUME_IGNORE | ({"steps"} if extendable else set())
+        ignore = RESUME_IGNORE | ({"steps", "cooldown_steps"} if extendable else set())
         path = ckpts.resolve(resume)
-        weights, state = load_checkpoint(path, config, ignore=ignore)
+        weights, state = load_checkpoint(path, config, ignore=ignore, defaults=to_dict(TrainLdmOptions()))
         step = int(state["step"])
+        if extendable and not opts.export_only:
+            _check_schedule_change(json.loads((path / "config.json").read_text()), opts, step, path)
         if opts.export_only and step <= opts.vae_steps:
             raise EgakuError(f"--export-only: {path} is from the VAE stage (step {step} of {opts.vae_steps}); "
                              "there is no diffusion model to export yet. Resume training instead")
@@ -503,7 +536,8 @@ def _train(opts: TrainLdmOptions) -> Path:
     ema = EMAModel(params, decay=opts.ema_decay, use_ema_warmup=True, power=2 / 3)
     names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(opts.warmup_steps, opts.steps, opts.lr_schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(opts.warmup_steps, opts.steps, opts.lr_schedule,
+                                                                    opts.cooldown_steps))
     if state is not None and step > opts.vae_steps:
         unet.load_state_dict(weights["unet"])
         text_encoder.load_state_dict(weights["text_encoder"])

@@ -172,10 +172,14 @@ class Checkpoints:
         return path
 
 
-def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str] = frozenset()
-                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Load weights and state; refuse when the saved config differs from the current one."""
-    saved = json.loads((path / "config.json").read_text())
+def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str] = frozenset(),
+                    defaults: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Load weights and state; refuse when the saved config differs from the current one.
+
+    ``defaults`` fill options the checkpoint's config lacks (added after it was written: their defaults keep
+    the behaviour of before), so that adding an option does not make every older checkpoint unresumable.
+    """
+    saved = {**(defaults or {}), **json.loads((path / "config.json").read_text())}
     diffs = config_difference(saved, current_config, ignore=ignore)
     if diffs:
         raise EgakuError(f"cannot resume from {path}: the configuration changed ({'; '.join(diffs)}). "
