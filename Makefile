@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/egaku generate "a large red circle in the center on a navy background" -n 4 --seed 0 --cfg 3 --out outputs/demo
+	$(BIN)/egaku generate "a large red circle in the center on a navy background" -n 4 --seed 0 --out outputs/demo
 	@echo "open outputs/demo/ to see the images and the grid"
 
 test: $(STAMP)

@@ -276,6 +276,22 @@ def test_v_prediction_min_snr_noise_offset_and_checkpointing_run(tmp_path, data_
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_logit_normal_timesteps_are_drawn_by_the_shared_sampler(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    from egaku.training import runtime
+
+    draws = []
+    monkeypatch.setattr(lora_training, "draw_timesteps", lambda *a, **k: draws.append((a, k)) or runtime.draw_timesteps(*a, **k))
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "uniform", max_steps=1, format="diffusers"))
+    assert draws == []  # uniform: drawn as before the option, so earlier runs stay reproducible
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "ln", max_steps=2, format="diffusers",
+                             timestep_sampling="logit_normal", uniform_share=0.25))
+    assert [(a[2], k["uniform_share"]) for a, k in draws] == [("logit_normal", 0.25)] * 2
+    losses = [float(r.split(",")[2]) for r in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    with pytest.raises(EgakuError, match="--uniform-share"):
+        options(data_dir, tiny_model_dir, tmp_path / "bad", uniform_share=0.25)
+
+
 def test_disk_cache_is_reused_by_the_next_run(tmp_path, data_dir, tiny_model_dir, monkeypatch):
     calls = count_vae_encodes(monkeypatch)
     for run in ("a", "b"):

@@ -39,8 +39,8 @@ from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device
-from ..training.runtime import (Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint,
-                                min_snr_weights, restore_rng)
+from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, capture_rng, check_finite,
+                                draw_timesteps, load_checkpoint, min_snr_weights, restore_rng)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -114,7 +114,7 @@ class TrainLdmOptions:
     snr_gamma: float = option(0.0, help="min-SNR loss weighting gamma (0 = off; 5 is the paper's value)")
     timestep_sampling: str = option("uniform", help="how training timesteps are drawn: uniform, or logit_normal "
                                     "(t/T = sigmoid(N(mean, std)), as in SD3: more steps at middle noise levels)",
-                                    choices=["uniform", "logit_normal"])
+                                    choices=list(TIMESTEP_SAMPLING))
     logit_mean: float = option(0.0, help="logit_normal: mean (above 0 favours noisier timesteps)")
     logit_std: float = option(1.0, help="logit_normal: standard deviation")
     uniform_share: float = option(0.0, help="logit_normal: share of each batch's timesteps drawn uniformly instead, "
@@ -229,12 +229,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def sample_timesteps(opts: TrainLdmOptions, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` training timesteps in ``[0, num_train_timesteps)``, drawn as ``opts.timestep_sampling`` says."""
-    if opts.timestep_sampling == "uniform":
-        return torch.randint(0, opts.num_train_timesteps, (n,), generator=gen)
-    u = torch.sigmoid(opts.logit_mean + opts.logit_std * torch.randn(n, generator=gen))
-    if opts.uniform_share > 0:  # drawn only then: runs without it keep their random sequence
-        u = torch.where(torch.rand(n, generator=gen) < opts.uniform_share, torch.rand(n, generator=gen), u)
-    return (u * opts.num_train_timesteps).long().clamp(0, opts.num_train_timesteps - 1)
+    return draw_timesteps(n, opts.num_train_timesteps, opts.timestep_sampling, opts.logit_mean, opts.logit_std,
+                          opts.uniform_share, gen)
 
 
 # ---------------------------------------------------------------------------------------------- models

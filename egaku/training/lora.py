@@ -42,8 +42,8 @@ from ..data.images import image_grid
 from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
-from .runtime import (Checkpoints, MetricsLog, atomic_save_file, capture_rng, check_finite, load_checkpoint,
-                      min_snr_weights, restore_rng)
+from .runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, atomic_save_file, capture_rng, check_finite,
+                      draw_timesteps, load_checkpoint, min_snr_weights, restore_rng)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -106,6 +106,11 @@ class TrainLoraOptions:
     # objective
     min_snr_gamma: float = option(0.0, help="min-SNR-gamma loss weighting (5.0 is the paper's value; 0 = off)")
     noise_offset: float = option(0.0, help="noise offset (0.05-0.1 helps very dark/bright images; 0 = off)")
+    timestep_sampling: str = option("uniform", help="how training timesteps are drawn: uniform, or logit_normal "
+                                    "(t/T = sigmoid(N(0, 1)), as in SD3: most at middle noise levels, where "
+                                    "shapes and details form; the layout is the base model's already)",
+                                    choices=list(TIMESTEP_SAMPLING))
+    uniform_share: float = option(0.0, help="logit_normal: share of each batch's timesteps drawn uniformly instead")
     # speed
     cache_latents: bool = option(True, help="encode each image with the VAE once instead of every step")
     cache_dir: str = option("", help="also keep the latent/text cache on disk here, reused by later runs")
@@ -138,6 +143,8 @@ class TrainLoraOptions:
             (0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
+            (0 <= self.uniform_share <= 1 and (not self.uniform_share or self.timestep_sampling == "logit_normal"),
+             f"--uniform-share {self.uniform_share}: a share in [0, 1], with --timestep-sampling logit_normal"),
             (not (self.prior_images or self.prior_prompts) or self.prior_data,
              "--prior-images/--prior-prompts need --prior-data: the folder the regularization images go to"),
         ]
@@ -285,10 +292,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     say = accelerator.print
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
     config = to_dict(opts)
+    defaults = to_dict(TrainLoraOptions())  # for options a checkpoint predates
     resume_from = None
     if opts.resume:  # refuse a changed configuration before any slow work
         resume_from = checkpoints.resolve(opts.resume)
-        load_checkpoint(resume_from, config, ignore=RESUME_MAY_CHANGE)
+        load_checkpoint(resume_from, config, ignore=RESUME_MAY_CHANGE, defaults=defaults)
 
     # 1. data and base model; everything in the base is frozen
     scan = scan_image_folder(opts.data, caption_template=opts.caption_template, trigger=opts.trigger or None,
@@ -457,7 +465,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     step, micro = 0, 0
     if resume_from is not None:
         path = resume_from
-        weights, state = load_checkpoint(path, config, ignore=RESUME_MAY_CHANGE)
+        weights, state = load_checkpoint(path, config, ignore=RESUME_MAY_CHANGE, defaults=defaults)
         set_peft_model_state_dict(accelerator.unwrap_model(unet), weights["unet_lora"])
         if opts.train_text_encoder:
             set_peft_model_state_dict(accelerator.unwrap_model(text_encoder), weights["text_encoder_lora"])
@@ -548,7 +556,12 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             noise = torch.randn_like(latents)
             if opts.noise_offset:
                 noise += opts.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+            if opts.timestep_sampling == "uniform":  # drawn as before the option, so earlier runs stay reproducible
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=device)
+            else:
+                timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps,
+                                           opts.timestep_sampling, uniform_share=opts.uniform_share).to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             texts = [captions[i] for i in indices]
             if opts.caption_dropout:  # drawn after the other draws: runs without it are unchanged

@@ -173,7 +173,8 @@ class Checkpoints:
 
 
 def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str] = frozenset(),
-                    defaults: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+                    defaults: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Load weights and state; refuse when the saved config differs from the current one.
 
     ``defaults`` fill options the checkpoint's config lacks (added after it was written: their defaults keep
@@ -219,6 +220,28 @@ class MetricsLog:
                 csv.writer(fh).writerow(self._fields)
         with open(self.path, "a", newline="") as fh:
             csv.writer(fh).writerow([row.get(k, "") for k in self._fields])
+
+
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def draw_timesteps(n: int, num_train_timesteps: int, sampling: str = "uniform", logit_mean: float = 0.0,
+                   logit_std: float = 1.0, uniform_share: float = 0.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` training timesteps in ``[0, num_train_timesteps)`` (CPU, int64).
+
+    uniform, or logit_normal: t/T = sigmoid(N(logit_mean, logit_std)) as in SD3, most draws mid-schedule, with
+    a share ``uniform_share`` of them drawn uniformly instead (the noisiest steps, where the layout is decided,
+    are rare under logit-normal alone).
+    """
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    if sampling != "logit_normal":
+        raise EgakuError(f"unknown timestep sampling {sampling!r}; choose from {', '.join(TIMESTEP_SAMPLING)}")
+    u = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator))
+    if uniform_share > 0:  # drawn only then: runs without it keep their random sequence
+        u = torch.where(torch.rand(n, generator=generator) < uniform_share, torch.rand(n, generator=generator), u)
+    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
