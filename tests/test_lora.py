@@ -280,7 +280,8 @@ def test_logit_normal_timesteps_are_drawn_by_the_shared_sampler(tmp_path, data_d
     from egaku.training import runtime
 
     draws = []
-    monkeypatch.setattr(lora_training, "draw_timesteps", lambda *a, **k: draws.append((a, k)) or runtime.draw_timesteps(*a, **k))
+    monkeypatch.setattr(lora_training, "draw_timesteps",
+                        lambda *a, **k: draws.append((a, k)) or runtime.draw_timesteps(*a, **k))
     train_lora(options(data_dir, tiny_model_dir, tmp_path / "uniform", max_steps=1, format="diffusers"))
     assert draws == []  # uniform: drawn as before the option, so earlier runs stay reproducible
     out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "ln", max_steps=2, format="diffusers",

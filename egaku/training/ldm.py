@@ -40,7 +40,8 @@ from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device
 from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, capture_rng, check_finite,
-                                draw_timesteps, load_checkpoint, min_snr_weights, restore_rng)
+                                check_timestep_sampling, draw_timesteps, load_checkpoint, min_snr_weights,
+                                restore_rng, saved_config)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -155,9 +156,7 @@ class TrainLdmOptions:
         if self.cooldown_steps and (self.lr_schedule != "constant" or not 0 < self.cooldown_steps <= self.steps):
             raise EgakuError(f"--cooldown-steps {self.cooldown_steps}: use it with --lr-schedule constant (cosine "
                              f"already decays), and at most --steps ({self.steps})")
-        if not 0.0 <= self.uniform_share <= 1.0 or (self.uniform_share and self.timestep_sampling != "logit_normal"):
-            raise EgakuError(f"--uniform-share {self.uniform_share}: a share in [0, 1], with --timestep-sampling "
-                             "logit_normal")
+        check_timestep_sampling(self.timestep_sampling, self.uniform_share)
         if self.vae_from and self.vae_steps:
             raise EgakuError(f"--vae-from {self.vae_from} replaces stage 1: set --vae-steps 0")
         for name in ("steps", "batch_size", "vae_batch_size", "checkpoint_every"):
@@ -329,7 +328,7 @@ def _lr_lambda(warmup: int, total: int, schedule: str = "cosine", cooldown: int 
 
 def _check_schedule_change(saved: dict, opts: TrainLdmOptions, step: int, path: Path) -> None:
     """Refuse a resume whose new --steps/--cooldown-steps would change a learning rate already used."""
-    saved_cooldown = saved.get("cooldown_steps", 0)  # absent from checkpoints of before the option
+    saved_cooldown = saved["cooldown_steps"]
     if (saved["steps"], saved_cooldown) == (opts.steps, opts.cooldown_steps):
         return
     saved_start = saved["vae_steps"] + saved["steps"] - saved_cooldown
@@ -445,10 +444,11 @@ def _train(opts: TrainLdmOptions) -> Path:
         extendable = opts.export_only or opts.lr_schedule == "constant"
         ignore = RESUME_IGNORE | ({"steps", "cooldown_steps"} if extendable else set())
         path = ckpts.resolve(resume)
-        weights, state = load_checkpoint(path, config, ignore=ignore, defaults=to_dict(TrainLdmOptions()))
+        defaults = to_dict(TrainLdmOptions())  # for options a checkpoint predates
+        weights, state = load_checkpoint(path, config, ignore=ignore, defaults=defaults)
         step = int(state["step"])
         if extendable and not opts.export_only:
-            _check_schedule_change(json.loads((path / "config.json").read_text()), opts, step, path)
+            _check_schedule_change(saved_config(path, defaults), opts, step, path)
         if opts.export_only and step <= opts.vae_steps:
             raise EgakuError(f"--export-only: {path} is from the VAE stage (step {step} of {opts.vae_steps}); "
                              "there is no diffusion model to export yet. Resume training instead")
@@ -510,7 +510,8 @@ def _train(opts: TrainLdmOptions) -> Path:
         summary["vae_seconds"] = round(base_seconds + time.time() - started, 1)
         heldout, recon = next(vae_round_trips(vae, data.heldout[:8]))
         (out / "samples").mkdir(exist_ok=True)
-        image_grid(to_pil_images(heldout) + to_pil_images(recon), cols=8).save(out / "samples" / "vae-reconstructions.png")
+        image_grid(to_pil_images(heldout) + to_pil_images(recon), cols=8).save(
+            out / "samples" / "vae-reconstructions.png")
         print(f"VAE: held-out PSNR {summary['vae_psnr']:.2f} dB", file=sys.stderr)
 
     # 3. Latents of every training image, scaled to unit variance

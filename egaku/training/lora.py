@@ -43,7 +43,7 @@ from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
 from .runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, atomic_save_file, capture_rng, check_finite,
-                      draw_timesteps, load_checkpoint, min_snr_weights, restore_rng)
+                      check_timestep_sampling, draw_timesteps, load_checkpoint, min_snr_weights, restore_rng)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -143,14 +143,13 @@ class TrainLoraOptions:
             (0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
-            (0 <= self.uniform_share <= 1 and (not self.uniform_share or self.timestep_sampling == "logit_normal"),
-             f"--uniform-share {self.uniform_share}: a share in [0, 1], with --timestep-sampling logit_normal"),
             (not (self.prior_images or self.prior_prompts) or self.prior_data,
              "--prior-images/--prior-prompts need --prior-data: the folder the regularization images go to"),
         ]
         for ok, message in checks:
             if not ok:
                 raise EgakuError(message)
+        check_timestep_sampling(self.timestep_sampling, self.uniform_share)
         if not self.target_modules:
             raise EgakuError("--target-modules is empty; the default adapts UNet attention (to_q, to_k, to_v, to_out.0)")
 

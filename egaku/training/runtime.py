@@ -172,6 +172,11 @@ class Checkpoints:
         return path
 
 
+def saved_config(path: Path, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A checkpoint's config, with ``defaults`` for the options it predates (see ``load_checkpoint``)."""
+    return {**(defaults or {}), **json.loads((path / "config.json").read_text())}
+
+
 def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str] = frozenset(),
                     defaults: dict[str, Any] | None = None
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -180,7 +185,7 @@ def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str]
     ``defaults`` fill options the checkpoint's config lacks (added after it was written: their defaults keep
     the behaviour of before), so that adding an option does not make every older checkpoint unresumable.
     """
-    saved = {**(defaults or {}), **json.loads((path / "config.json").read_text())}
+    saved = saved_config(path, defaults)
     diffs = config_difference(saved, current_config, ignore=ignore)
     if diffs:
         raise EgakuError(f"cannot resume from {path}: the configuration changed ({'; '.join(diffs)}). "
@@ -223,6 +228,12 @@ class MetricsLog:
 
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def check_timestep_sampling(sampling: str, uniform_share: float) -> None:
+    """The options of ``draw_timesteps`` as a trainer's --timestep-sampling and --uniform-share give them."""
+    if not 0.0 <= uniform_share <= 1.0 or (uniform_share and sampling != "logit_normal"):
+        raise EgakuError(f"--uniform-share {uniform_share}: a share in [0, 1], with --timestep-sampling logit_normal")
 
 
 def draw_timesteps(n: int, num_train_timesteps: int, sampling: str = "uniform", logit_mean: float = 0.0,
