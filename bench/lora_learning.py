@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--train-text-encoder", action="store_true", help="adapt the text encoder too")
     parser.add_argument("--train-tokens", nargs="+", default=[],
                         help="words whose token embeddings train too (pivotal tuning), e.g. star")
+    parser.add_argument("--token-init", nargs="+", default=[],
+                        help="initializer word per --train-tokens word (train-lora's --token-init)")
     parser.add_argument("--token-lr", type=float, default=0.0, help="their learning rate (0 = --learning-rate)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -117,6 +119,7 @@ def main() -> None:
                                       train_text_encoder=args.train_text_encoder,  # no flips: captions say left and right
                                       **({"target_modules": args.target_modules} if args.target_modules else {}),
                                       train_tokens=args.train_tokens, token_lr=args.token_lr,
+                                      token_init=args.token_init,
                                       learning_rate=args.learning_rate, batch_size=args.batch_size,
                                       max_steps=args.train_steps, checkpoint_every=args.eval_every,
                                       keep_checkpoints=10**6, min_images=args.images,

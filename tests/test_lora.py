@@ -432,10 +432,16 @@ def test_bad_option_values_are_errors():
 # ---- merge --------------------------------------------------------------------------------------------------
 
 def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained, tiny_model_dir, tmp_path):
+    import shutil
+
     from egaku.lora.commands import MergeLoraOptions, merge_lora_command
 
+    base = tmp_path / "base"  # a base that declares its default guidance, which the merged copy keeps
+    shutil.copytree(tiny_model_dir, base)
+    (base / "egaku_defaults.json").write_text('{"guidance_scale": 4.5}')
     merged = tmp_path / "merged"
-    merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[f"{trained}:0.7"], out=str(merged)))
+    merge_lora_command(MergeLoraOptions(model=str(base), lora=[f"{trained}:0.7"], out=str(merged)))
+    assert json.loads((merged / "egaku_defaults.json").read_text()) == {"guidance_scale": 4.5}
     reference = tiny_pipe(tiny_model_dir)
     reference.load_lora_weights(str(trained), adapter_name="x")
     reference.set_adapters(["x"], [0.7])
@@ -581,3 +587,21 @@ def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lo
     assert torch.equal(merged[star], saved["emb_params"][0])
     with pytest.raises(EgakuError, match=r"'zqxjv' is \d+ tokens for this model's tokenizer"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["zqxjv"]))
+
+
+def test_token_init_starts_a_trained_word_from_another_words_embedding(tmp_path, data_dir, tiny_model_dir):
+    """--token-init (textual inversion's initializer token): the new word starts where a related one is."""
+    pipe = tiny_pipe(tiny_model_dir)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    star, circle = (pipe.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("star", "circle"))
+    assert not torch.allclose(table[star], table[circle])
+    # a learning rate of 1e-9 moves it by about 1e-9 in one Adam step: the saved word is still the initializer
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "init", train_tokens=["star"], token_init=["circle"],
+                             token_lr=1e-9, max_steps=1))
+    saved = load_file(out / "embeddings" / "star.safetensors")["emb_params"][0]
+    assert torch.allclose(saved, table[circle], atol=1e-6)
+    assert json.loads((out / "training_config.json").read_text())["token_init"] == ["circle"]
+    with pytest.raises(EgakuError, match="one initializer word per trained word"):
+        options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["star"], token_init=["circle", "square"])
+    with pytest.raises(EgakuError, match=r"--token-init: 'zqxjv' is \d+ tokens"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["star"], token_init=["zqxjv"]))

@@ -253,8 +253,9 @@ def kohya_metadata(**values) -> dict[str, str]:
 EMBEDDINGS_DIR = "embeddings"
 
 
-def single_token_ids(tokenizer, words: list[str], what: str = "--train-tokens") -> list[int]:
-    """The token id of each word; a word the tokenizer splits (or an empty one) is an EgakuError."""
+def single_token_ids(tokenizer, words: list[str], what: str = "--train-tokens", unique: bool = True) -> list[int]:
+    """The token id of each word; a word the tokenizer splits (or an empty one) is an EgakuError, and so is a
+    word listed twice when ``unique``."""
     ids = []
     for word in words:
         pieces = tokenizer(word, add_special_tokens=False).input_ids if word.strip() else []
@@ -263,7 +264,7 @@ def single_token_ids(tokenizer, words: list[str], what: str = "--train-tokens") 
             raise EgakuError(f"{what}: {word!r} is {len(pieces)} tokens for this model's tokenizer ({shown}); "
                              "give words it keeps whole (one token each), for example a rare single word")
         ids.append(pieces[0])
-    if len(set(ids)) != len(ids):
+    if unique and len(set(ids)) != len(ids):
         raise EgakuError(f"{what} {words}: a word is listed twice")
     return ids
 

@@ -88,6 +88,8 @@ class TrainLoraOptions:
                                               "a concept the base has no text for gets its own embedding, saved in "
                                               "OUT/embeddings/WORD.safetensors; each word must be one token")
     token_lr: float = option(0.0, help="learning rate of the --train-tokens embeddings (0 = --learning-rate)")
+    token_init: list[str] = option([], help="one word per --train-tokens word whose embedding it starts from (textual "
+                                            "inversion's initializer token, e.g. a related shape); default: its own")
     # optimisation
     learning_rate: float = option(1e-4, help="AdamW learning rate (1e-4 is the diffusers LoRA default)")
     text_encoder_lr: float = option(0.0, help="learning rate for text-encoder LoRA (0 = same as --learning-rate)")
@@ -150,6 +152,9 @@ class TrainLoraOptions:
             if not ok:
                 raise EgakuError(message)
         check_timestep_sampling(self.timestep_sampling, self.uniform_share)
+        if self.token_init and len(self.token_init) != len(self.train_tokens):
+            raise EgakuError(f"--token-init gives {len(self.token_init)} word(s) for {len(self.train_tokens)} "
+                             "--train-tokens word(s): give one initializer word per trained word, in the same order")
         if not self.target_modules:
             raise EgakuError("--target-modules is empty; the default adapts UNet attention (to_q, to_k, to_v, to_out.0)")
 
@@ -352,6 +357,12 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         # the whole table takes gradients; after each step every row but these is put back (diffusers'
         # textual-inversion recipe), so weight decay or momentum cannot move the other words
         token_table.requires_grad_(True)
+        if opts.token_init:
+            # A word the base model has never trained sits at a random point of the embedding space; started
+            # from a related word it begins on the manifold the UNet knows (resume then loads the trained rows).
+            init_ids = single_token_ids(tokenizer, opts.token_init, what="--token-init", unique=False)
+            with torch.no_grad():
+                token_table[token_ids] = token_table[init_ids].clone()
     if text_trains:
         trained.append(text_encoder)
     cast_training_params(trained, dtype=torch.float32)
