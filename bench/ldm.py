@@ -114,8 +114,8 @@ def main() -> int:
                         help="also score seen and held-out prompts at these guidance scales (the headline "
                              "figures use egaku generate's default)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="headline guidance scale (default: egaku generate's for --model, which is 7.5 for any "
-                             "model but the shipped one: give 3 to compare a retraining with it)")
+                        help="headline guidance scale (default: egaku generate's for --model: its folder's "
+                             "egaku_defaults.json, which train-ldm writes from --sample-guidance, else 7.5)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ldm.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

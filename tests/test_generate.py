@@ -94,22 +94,27 @@ def test_negative_prompt_guidance_and_steps_change_the_image(pipe):
     assert np.abs(base - px(egaku.generate(pipe, "a cat", seed=2, steps=3)[0])).max() > 0
 
 
-def test_default_guidance_is_the_models_own(pipe):
-    """Unset guidance: 3 for the built-in model (its measured best), SD's usual 7.5 for any other."""
-    import dataclasses
+def test_default_guidance_is_the_models_own(pipe, tiny_model_dir, tmp_path):
+    """Unset guidance: the model folder's egaku_defaults.json (3 for the built-in model, its measured best),
+    else SD's usual 7.5; convert carries the file to the new folder; a bad file is an error naming it."""
+    import shutil
 
     from egaku.models.loading import BUILTIN_DIR, load_pipeline, recommended_guidance
 
     default = egaku.generate(pipe, "a cat", seed=2, **FAST)[0]
     assert default.params["guidance_scale"] == 7.5
     assert np.array_equal(px(default), px(egaku.generate(pipe, "a cat", seed=2, guidance_scale=7.5, **FAST)[0]))
-    info = pipe.egaku_info
-    try:
-        pipe.egaku_info = dataclasses.replace(info, kind="builtin")
-        assert egaku.generate(pipe, "a cat", seed=2, **FAST)[0].params["guidance_scale"] == 3.0
-        assert egaku.generate(pipe, "a cat", seed=2, guidance_scale=5.0, **FAST)[0].params["guidance_scale"] == 5.0
-    finally:
-        pipe.egaku_info = info
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "egaku_defaults.json").write_text('{"guidance_scale": 5.5}')
+    own = load_pipeline(str(folder), "cpu", "float32")
+    assert egaku.generate(own, "a cat", seed=2, **FAST)[0].params["guidance_scale"] == 5.5
+    assert egaku.generate(own, "a cat", seed=2, guidance_scale=2.0, **FAST)[0].params["guidance_scale"] == 2.0
+    assert main(["convert", str(folder), "--out", str(tmp_path / "converted")]) == 0
+    assert recommended_guidance(load_pipeline(str(tmp_path / "converted"), "cpu", "float32")) == 5.5
+    (folder / "egaku_defaults.json").write_text('{"guidance_scale": "high"}')
+    with pytest.raises(EgakuError, match="egaku_defaults.json must hold"):
+        recommended_guidance(own)
     # the shipped model, by name or by its folder
     assert recommended_guidance(load_pipeline("builtin", "cpu", "float32")) == 3.0
     assert recommended_guidance(load_pipeline(str(BUILTIN_DIR), "cpu", "float32")) == 3.0

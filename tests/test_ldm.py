@@ -47,6 +47,9 @@ def test_whole_chain_writes_a_pipeline_that_plain_diffusers_loads(tiny_run):
     assert summary["step"] == 10 and np.isfinite(summary["vae_psnr"])
     assert (tiny_run / "samples" / "vae-reconstructions.png").is_file()
     assert (tiny_run / "samples" / "final-step-000010.png").is_file()
+    # the grids' guidance is the model's default guidance (egaku generate reads it)
+    sample_guidance = json.loads((tiny_run / "config.json").read_text())["sample_guidance"]
+    assert json.loads((model / "egaku_defaults.json").read_text()) == {"guidance_scale": sample_guidance}
 
     pipe = StableDiffusionPipeline.from_pretrained(model)
     assert pipe.safety_checker is None

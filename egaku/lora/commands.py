@@ -51,6 +51,8 @@ def _resolve(arg: str, lora_dir: str) -> Path:
 
 
 def merge_lora_command(opts: MergeLoraOptions) -> None:
+    from ..models.loading import model_defaults, write_model_defaults
+
     if not opts.lora:
         raise EgakuError("give at least one --lora PATH[:SCALE] to merge")
     if not opts.out:
@@ -67,6 +69,7 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        write_model_defaults(tmp, model_defaults(pipe))  # the base's recommended guidance holds for the merge
         save_config(opts, tmp / "merge_config.json")
         if out.exists():
             out.rmdir()

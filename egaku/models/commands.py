@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import option
 from ..errors import EgakuError
-from .loading import DTYPES, load_pipeline
+from .loading import DTYPES, load_pipeline, model_defaults, write_model_defaults
 
 
 @dataclass
@@ -34,4 +34,5 @@ def convert_command(opts: ConvertOptions) -> None:
         save_single_file(pipe, out, dtype=DTYPES[opts.dtype])
     else:
         pipe.to(dtype=DTYPES[opts.dtype]).save_pretrained(out, safe_serialization=True)
+        write_model_defaults(out, model_defaults(pipe))
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s")

@@ -32,17 +32,40 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 SD_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 DEFAULT_GUIDANCE = 7.5  # diffusers' and A1111's usual scale for Stable Diffusion checkpoints
-# The built-in model's best scale, measured (MODEL_CARD.md, guidance sweep): at 7.5 its zero-terminal-SNR
-# sampling shifts colours, and every attribute is right on 0.43 of seen prompts against 0.62 at 3.
-BUILTIN_GUIDANCE = 3.0
+# A pipeline folder may say how it is best sampled: {"guidance_scale": 3.0} in this file beside
+# model_index.json. diffusers and other tools ignore it; train-ldm writes it, merge-lora and convert copy it.
+# The built-in model's holds its measured best (MODEL_CARD.md, guidance sweep): at 7.5 its
+# zero-terminal-SNR sampling shifts colours, and every attribute is right on 0.43 of seen prompts against 0.62 at 3.
+MODEL_DEFAULTS_FILE = "egaku_defaults.json"
+
+
+def model_defaults(pipe) -> dict:
+    """The sampling defaults the loaded model's folder declares (empty for other sources)."""
+    info = getattr(pipe, "egaku_info", None)
+    path = info.path if info is not None else None
+    if path is None or not (path / MODEL_DEFAULTS_FILE).is_file():
+        return {}
+    file = path / MODEL_DEFAULTS_FILE
+    try:
+        defaults = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise EgakuError(f"{file} is not readable JSON ({exc}); fix it or delete it", param="model") from None
+    guidance = defaults.get("guidance_scale") if isinstance(defaults, dict) else None
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance >= 0:
+        raise EgakuError(f'{file} must hold {{"guidance_scale": G}} with G a number >= 0, got {defaults!r}',
+                         param="model")
+    return {"guidance_scale": float(guidance)}
+
+
+def write_model_defaults(folder: str | os.PathLike, defaults: dict) -> None:
+    """Write ``defaults`` (from ``model_defaults``) into a pipeline folder; nothing when there are none."""
+    if defaults:
+        (Path(folder) / MODEL_DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
 
 
 def recommended_guidance(pipe) -> float:
-    """The guidance scale used when none is given: the built-in model's own, else SD's usual 7.5."""
-    info = getattr(pipe, "egaku_info", None)
-    builtin = info is not None and (info.kind == "builtin" or (info.path is not None
-                                                                and info.path.resolve() == BUILTIN_DIR.resolve()))
-    return BUILTIN_GUIDANCE if builtin else DEFAULT_GUIDANCE
+    """The guidance scale used when none is given: the model folder's own, else SD's usual 7.5."""
+    return model_defaults(pipe).get("guidance_scale", DEFAULT_GUIDANCE)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from ..config import option, save_config, to_dict
 from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
-from ..models.loading import resolve_device
+from ..models.loading import resolve_device, write_model_defaults
 from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, capture_rng, check_finite,
                                 check_timestep_sampling, draw_timesteps, load_checkpoint, min_snr_weights,
                                 restore_rng, saved_config)
@@ -127,7 +127,8 @@ class TrainLdmOptions:
     sample_every: int = option(1000, help="write a sample grid every N diffusion steps (0 = only at the end)")
     sample_prompts: list[str] = option([], help="prompts of the sample grids (default: shapes prompts)")
     sample_steps: int = option(20, help="sampling steps for the grids")
-    sample_guidance: float = option(4.0, help="CFG scale for the grids")
+    sample_guidance: float = option(4.0, help="CFG scale for the grids, written into OUT/model as the model's "
+                                              "default guidance (egaku_defaults.json; edit it after measuring)")
     resume: str | None = option(None, help="`latest` or a checkpoint folder to continue from")
     export_only: bool = option(False, help="only write OUT/model from the latest checkpoint (e.g. of a cut-short run)")
     threads: int = option(2, help="torch CPU threads")
@@ -170,7 +171,7 @@ class TrainLdmOptions:
 
 # Options that may change between a run and its resume without changing what is computed.
 RESUME_IGNORE = {"resume", "export_only", "threads", "progress", "out", "checkpoint_every", "keep_checkpoints",
-                 "sample_every", "device"}
+                 "sample_every", "sample_guidance", "device"}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -611,6 +612,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     pipe = ema_pipeline()
     model_dir = out / "model"
     pipe.save_pretrained(model_dir, safe_serialization=True)
+    write_model_defaults(model_dir, {"guidance_scale": opts.sample_guidance})
     (out / "samples").mkdir(exist_ok=True)
     sample_grid(pipe, prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
                 opts.resolution).save(out / "samples" / f"final-step-{step:06d}.png")
