@@ -285,12 +285,15 @@ def test_logit_normal_timesteps_are_drawn_by_the_shared_sampler(tmp_path, data_d
     train_lora(options(data_dir, tiny_model_dir, tmp_path / "uniform", max_steps=1, format="diffusers"))
     assert draws == []  # uniform: drawn as before the option, so earlier runs stay reproducible
     out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "ln", max_steps=2, format="diffusers",
-                             timestep_sampling="logit_normal", uniform_share=0.25))
-    assert [(a[2], k["uniform_share"]) for a, k in draws] == [("logit_normal", 0.25)] * 2
+                             timestep_sampling="logit_normal", uniform_share=0.25, logit_mean=-0.5, logit_std=0.8))
+    # (sampling, logit mean, logit std, uniform share) as train-ldm passes them
+    assert [a[2:6] for a, k in draws] == [("logit_normal", -0.5, 0.8, 0.25)] * 2
     losses = [float(r.split(",")[2]) for r in (out / "loss.csv").read_text().splitlines()[1:]]
     assert len(losses) == 2 and all(np.isfinite(losses))
     with pytest.raises(EgakuError, match="--uniform-share"):
         options(data_dir, tiny_model_dir, tmp_path / "bad", uniform_share=0.25)
+    with pytest.raises(EgakuError, match="--logit-std 0.0"):
+        options(data_dir, tiny_model_dir, tmp_path / "bad", timestep_sampling="logit_normal", logit_std=0.0)
 
 
 def test_disk_cache_is_reused_by_the_next_run(tmp_path, data_dir, tiny_model_dir, monkeypatch):

@@ -157,7 +157,7 @@ class TrainLdmOptions:
         if self.cooldown_steps and (self.lr_schedule != "constant" or not 0 < self.cooldown_steps <= self.steps):
             raise EgakuError(f"--cooldown-steps {self.cooldown_steps}: use it with --lr-schedule constant (cosine "
                              f"already decays), and at most --steps ({self.steps})")
-        check_timestep_sampling(self.timestep_sampling, self.uniform_share)
+        check_timestep_sampling(self.timestep_sampling, self.uniform_share, self.logit_std)
         if self.vae_from and self.vae_steps:
             raise EgakuError(f"--vae-from {self.vae_from} replaces stage 1: set --vae-steps 0")
         for name in ("steps", "batch_size", "vae_batch_size", "checkpoint_every"):

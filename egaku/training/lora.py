@@ -113,6 +113,9 @@ class TrainLoraOptions:
                                     "shapes and details form; the layout is the base model's already)",
                                     choices=list(TIMESTEP_SAMPLING))
     uniform_share: float = option(0.0, help="logit_normal: share of each batch's timesteps drawn uniformly instead")
+    logit_mean: float = option(0.0, help="logit_normal: mean (below 0 favours less noisy timesteps, where fine detail "
+                                         "forms; above 0 noisier ones)")
+    logit_std: float = option(1.0, help="logit_normal: standard deviation")
     # speed
     cache_latents: bool = option(True, help="encode each image with the VAE once instead of every step")
     cache_dir: str = option("", help="also keep the latent/text cache on disk here, reused by later runs")
@@ -151,7 +154,7 @@ class TrainLoraOptions:
         for ok, message in checks:
             if not ok:
                 raise EgakuError(message)
-        check_timestep_sampling(self.timestep_sampling, self.uniform_share)
+        check_timestep_sampling(self.timestep_sampling, self.uniform_share, self.logit_std)
         if self.token_init and len(self.token_init) != len(self.train_tokens):
             raise EgakuError(f"--token-init gives {len(self.token_init)} word(s) for {len(self.train_tokens)} "
                              "--train-tokens word(s): give one initializer word per trained word, in the same order")
@@ -571,7 +574,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                                           device=device)
             else:
                 timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps,
-                                           opts.timestep_sampling, uniform_share=opts.uniform_share).to(device)
+                                           opts.timestep_sampling, opts.logit_mean, opts.logit_std,
+                                           opts.uniform_share).to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             texts = [captions[i] for i in indices]
             if opts.caption_dropout:  # drawn after the other draws: runs without it are unchanged
