@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "logit_normal"],
                         help="train-lora's: logit_normal trains mostly middle noise levels, where shapes form")
     parser.add_argument("--uniform-share", type=float, default=0.0, help="train-lora's (with logit_normal)")
+    parser.add_argument("--logit-mean", type=float, default=0.0, help="train-lora's (with logit_normal)")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="also judge the LoRA of every Nth step (its checkpoints): the curve of star accuracy "
                              "against old-prompt damage over training")
@@ -125,6 +126,7 @@ def main() -> None:
                                       keep_checkpoints=10**6, min_images=args.images,
                                       caption_dropout=args.caption_dropout, repeats=args.repeats, **prior,
                                       timestep_sampling=args.timestep_sampling, uniform_share=args.uniform_share,
+                                      logit_mean=args.logit_mean,
                                       format="diffusers", progress=False))
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
