@@ -72,6 +72,14 @@ def test_score_counts_attributes_and_all_at_once():
     wrong_shape_size = sizes[0]
     expected = {size: (sizes.count(size) - (size == wrong_shape_size)) / sizes.count(size) for size in set(sizes)}
     assert result["shape_by_size"] == pytest.approx(expected)
+    # per (size, shape) and per background: only image 0's shape is wrong
+    groups = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(f"{spec.size} {spec.shape}", []).append(i != 0)
+    assert result["shape_by_shape"] == pytest.approx({k: sum(v) / len(v) for k, v in groups.items()})
+    backgrounds = [s.background for s in specs]
+    assert result["shape_by_background"] == pytest.approx(
+        {b: (backgrounds.count(b) - (b == backgrounds[0])) / backgrounds.count(b) for b in set(backgrounds)})
 
 
 def test_prompt_sets_are_fixed_and_split_correctly():

@@ -17,6 +17,7 @@ Python use, e.g. to measure a LoRA-taught concept::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -101,11 +102,20 @@ def score(preds: dict[str, np.ndarray], specs: list[shapes.ShapeSpec]) -> dict:
     # a small shape spans about 4x4 latent pixels: where a weak model loses the shape first
     shape_by_size = {size: round(float(correct["shape"][truth["size"] == k].mean()), 4)
                      for k, size in enumerate(shapes.SIZES) if (truth["size"] == k).any()}
+    # which shapes, and on which backgrounds, are drawn wrong (small triangles and gray backgrounds, for the
+    # built-in model); "small"/"large" rows per shape, as small shapes are where a weak model fails
+    shape_by_shape = {f"{size} {name}": round(float(correct["shape"][sel].mean()), 4)
+                      for (k, size), (j, name) in itertools.product(enumerate(shapes.SIZES), enumerate(shapes.SHAPES))
+                      if (sel := (truth["size"] == k) & (truth["shape"] == j)).any()}
+    shape_by_background = {name: round(float(correct["shape"][truth["background"] == j].mean()), 4)
+                           for j, name in enumerate(shapes.BACKGROUNDS) if (truth["background"] == j).any()}
     return {
         "n": len(specs),
         "per_attribute": {name: round(float(c.mean()), 4) for name, c in correct.items()},
         "all_attributes": round(float(every.mean()), 4),
         "shape_by_size": shape_by_size,
+        "shape_by_shape": shape_by_shape,
+        "shape_by_background": shape_by_background,
     }
 
 
