@@ -69,7 +69,7 @@ function chosenSize() {
 function common() {
   const body = { model: $("model").value, steps: Number($("steps").value), response_format: "b64_json",
                  sampler: $("sampler").value };
-  // empty: the model's own default guidance (3 for the built-in model, else 7.5)
+  // empty: the model's own default guidance (its folder's egaku_defaults.json: 3 for the built-in model; else 7.5)
   if ($("guidance").value !== "") body.guidance_scale = Number($("guidance").value);
   if ($("negative").value.trim()) body.negative_prompt = $("negative").value.trim();
   if ($("seed").value !== "") body.seed = Number($("seed").value);
@@ -87,18 +87,22 @@ async function withProgress(label, call) {
   bar.hidden = false; bar.removeAttribute("value");
   $("status").textContent = `${label}…`;
   showError("");
+  let finished = false;  // a poll still in flight when the call returns must not overwrite "done"
   const timer = setInterval(async () => {
     try {
       const p = await api(`/v1/egaku/jobs/${job}`);
+      if (finished) return;
       if (p.position > 0) $("status").textContent = `${label}: waiting, #${p.position} in the queue`;
       else if (p.total) { bar.max = p.total; bar.value = p.step; $("status").textContent = `${label}: step ${p.step}/${p.total}`; }
     } catch (e) { /* not queued yet */ }
   }, 300);
   try {
     const result = await call({ "X-Egaku-Job": job });
+    finished = true;
     $("status").textContent = `${label}: done, ${result.data.length} image${result.data.length > 1 ? "s" : ""}`;
     return result;
   } catch (e) {
+    finished = true;
     showError(e.message);
     $("status").textContent = "";
     return null;
