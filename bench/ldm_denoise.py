@@ -17,27 +17,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from egaku.data import shapes  # noqa: E402
-from egaku.evaluation.adherence import judge_images  # noqa: E402
-from egaku.evaluation.judges import label_arrays, load_judge  # noqa: E402
-from egaku.inference.samplers import DEFAULT_SAMPLER, make_scheduler  # noqa: E402
+from egaku.evaluation.adherence import judge_images, score  # noqa: E402
+from egaku.evaluation.judges import load_judge  # noqa: E402
+from egaku.inference.samplers import DEFAULT_SAMPLER, sampling_runner  # noqa: E402
 from egaku.models.loading import load_pipeline  # noqa: E402
 
 
 @torch.no_grad()
-def round_trips(pipe, images, captions: list[str], strength: float, guidance: float, seed: int, batch: int = 16):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    components = {**pipe.components, "scheduler": make_scheduler(DEFAULT_SAMPLER, dict(pipe.scheduler.config))}
-    components.pop("requires_safety_checker", None)
-    runner = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
-    runner.set_progress_bar_config(disable=True)
+def round_trips(runner, images, captions: list[str], strength: float, guidance: float, seed: int, batch: int = 16):
+    """img2img of each image with its caption at ``strength``; image i seeded ``seed + i``."""
     out = []
     for start in range(0, len(images), batch):
         gens = [torch.Generator().manual_seed(seed + start + k) for k in range(len(images[start:start + batch]))]
@@ -58,29 +52,31 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     judge = load_judge()
+    from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
     # training-world renders (seed apart from the models' own training images), the first n of each size
     arrays, specs = shapes.make_dataset(8 * args.images, 123, "train")
-    chosen = {size: [i for i, s in enumerate(specs) if s.size == size][:args.images] for size in shapes.SIZES}
+    chosen = {}  # size -> (specs, images)
+    for size in shapes.SIZES:
+        idx = [i for i, s in enumerate(specs) if s.size == size][:args.images]
+        chosen[size] = ([specs[i] for i in idx], [Image.fromarray(arrays[i]) for i in idx])
     results = {"benchmark": "shape kept after an img2img round trip through noise, by noise level",
                "command": "python bench/ldm_denoise.py " + " ".join(sys.argv[1:]),
                "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out", "threads")},
                "models": {}}
     for model in args.model or ["builtin"]:
-        pipe = load_pipeline(model, device="cpu", dtype="float32")
+        runner = sampling_runner(load_pipeline(model, device="cpu", dtype="float32"), StableDiffusionImg2ImgPipeline,
+                                 DEFAULT_SAMPLER)
         rows, started = {}, time.perf_counter()
         for strength in args.strengths:
             row = {}
-            for size, idx in chosen.items():
-                chosen_specs = [specs[i] for i in idx]
-                images = [Image.fromarray(arrays[i]) for i in idx]
-                out = round_trips(pipe, images, [s.caption for s in chosen_specs], strength, args.guidance, args.seed)
-                preds, _ = judge_images(judge, out)
-                right = preds["shape"] == label_arrays(chosen_specs)["shape"]
-                row[size] = {"shape": round(float(right.mean()), 4),
-                             "by_shape": {sh: round(float(right[[s.shape == sh for s in chosen_specs]].mean()), 4)
-                                          for sh in shapes.TRAIN_SHAPES}}
+            for size, (size_specs, images) in chosen.items():
+                out = round_trips(runner, images, [s.caption for s in size_specs], strength, args.guidance, args.seed)
+                scored = score(judge_images(judge, out)[0], size_specs)
+                by_shape = scored["shape_by_shape"]  # keys "small circle", ...; absent when no image has it
+                row[size] = {"shape": scored["per_attribute"]["shape"],
+                             "by_shape": {sh: by_shape.get(f"{size} {sh}") for sh in shapes.TRAIN_SHAPES}}
             rows[str(strength)] = row
             print(model, strength, json.dumps({k: v["shape"] for k, v in row.items()}), flush=True)
         results["models"][model] = {"by_strength": rows, "seconds": round(time.perf_counter() - started, 1)}

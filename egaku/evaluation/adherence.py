@@ -31,7 +31,7 @@ from ..config import option, to_dict
 from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid
 from ..errors import EgakuError
-from ..inference.samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, make_scheduler
+from ..inference.samplers import DEFAULT_SAMPLER, SAMPLERS, sampling_runner
 from .judges import ShapesJudge, label_arrays, load_judge
 from .metrics import frechet_distance
 
@@ -72,10 +72,7 @@ def generate_images(pipe, prompts: list[str], steps: int = 20, guidance_scale: f
     """One image per prompt, image i seeded ``seed + i``, with a fresh scheduler of ``sampler``."""
     from diffusers import StableDiffusionPipeline
 
-    components = {**pipe.components, "scheduler": make_scheduler(canonical_sampler(sampler), dict(pipe.scheduler.config))}
-    components.pop("requires_safety_checker", None)
-    runner = StableDiffusionPipeline(**components, requires_safety_checker=False)
-    runner.set_progress_bar_config(disable=True)
+    runner = sampling_runner(pipe, StableDiffusionPipeline, sampler)
     device = pipe.unet.device
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
@@ -99,16 +96,18 @@ def score(preds: dict[str, np.ndarray], specs: list[shapes.ShapeSpec]) -> dict:
     truth = label_arrays(specs)
     correct = {name: preds[name] == truth[name] for name in truth}
     every = np.all(np.stack(list(correct.values())), axis=0)
-    # a small shape spans about 4x4 latent pixels: where a weak model loses the shape first
-    shape_by_size = {size: round(float(correct["shape"][truth["size"] == k].mean()), 4)
-                     for k, size in enumerate(shapes.SIZES) if (truth["size"] == k).any()}
-    # which shapes, and on which backgrounds, are drawn wrong (small triangles and gray backgrounds, for the
-    # built-in model); "small"/"large" rows per shape, as small shapes are where a weak model fails
-    shape_by_shape = {f"{size} {name}": round(float(correct["shape"][sel].mean()), 4)
-                      for (k, size), (j, name) in itertools.product(enumerate(shapes.SIZES), enumerate(shapes.SHAPES))
-                      if (sel := (truth["size"] == k) & (truth["shape"] == j)).any()}
-    shape_by_background = {name: round(float(correct["shape"][truth["background"] == j].mean()), 4)
-                           for j, name in enumerate(shapes.BACKGROUNDS) if (truth["background"] == j).any()}
+
+    def shape_accuracy(groups: dict[str, np.ndarray]) -> dict[str, float]:
+        """Shape accuracy within each group (a mask over the images) that holds any image."""
+        return {name: round(float(correct["shape"][mask].mean()), 4) for name, mask in groups.items() if mask.any()}
+
+    # a small shape spans about 4x4 latent pixels: where a weak model loses the shape first; by size and shape
+    # and by background show which (small triangles and gray backgrounds, for the built-in model)
+    shape_by_size = shape_accuracy({size: truth["size"] == k for k, size in enumerate(shapes.SIZES)})
+    shape_by_shape = shape_accuracy({f"{size} {name}": (truth["size"] == k) & (truth["shape"] == j)
+                                     for (k, size), (j, name) in itertools.product(enumerate(shapes.SIZES),
+                                                                                   enumerate(shapes.SHAPES))})
+    shape_by_background = shape_accuracy({name: truth["background"] == j for j, name in enumerate(shapes.BACKGROUNDS)})
     return {
         "n": len(specs),
         "per_attribute": {name: round(float(c.mean()), 4) for name, c in correct.items()},

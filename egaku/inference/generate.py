@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..config import build, option
 from ..errors import EgakuError
-from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, make_scheduler, sampler_names
+from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, sampler_names, sampling_runner
 
 MAX_SIDE = 4096  # beyond this even an 80 GB GPU runs out of memory on SD-class UNets
 MAX_SEED = 2**32 - 1
@@ -235,15 +235,11 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         lora_record = []
 
     # 3. A fresh scheduler per call: concurrent calls never share scheduler state
-    base_config = dict(pipe.scheduler.config)
-    components = {**pipe.components, "scheduler": make_scheduler(sampler, base_config)}
-    components.pop("requires_safety_checker", None)
     if mask is not None:
         runner_cls = StableDiffusionInpaintPipeline
     else:
         runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
-    runner = runner_cls(**components, requires_safety_checker=False)
-    runner.set_progress_bar_config(disable=True)
+    runner = sampling_runner(pipe, runner_cls, sampler)
 
     info = getattr(pipe, "egaku_info", None)
     base_params = {

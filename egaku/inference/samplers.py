@@ -80,3 +80,14 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
         raise EgakuError(f"sampler {sampler.name!r} does not support this model's zero-terminal-SNR noise schedule; "
                          f"choose one of: {', '.join(usable)}", param="sampler")
     return sampler.cls.from_config(dict(base_config), **sampler.options)
+
+
+def sampling_runner(pipe, runner_cls: type, sampler: str):
+    """A ``runner_cls`` (a diffusers Stable Diffusion pipeline class: text-to-image, img2img, inpaint) that shares
+    ``pipe``'s models with a fresh ``sampler`` scheduler built from the model's own schedule, so concurrent
+    calls never share scheduler state."""
+    components = {**pipe.components, "scheduler": make_scheduler(sampler, dict(pipe.scheduler.config))}
+    components.pop("requires_safety_checker", None)
+    runner = runner_cls(**components, requires_safety_checker=False)
+    runner.set_progress_bar_config(disable=True)
+    return runner
