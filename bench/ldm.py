@@ -85,6 +85,21 @@ def step_costs(preset: ldm.TrainLdmOptions, repeats: int = 5) -> dict:
     return out
 
 
+def vae_stage_elsewhere(run: Path, training: dict) -> dict:
+    """For a diffusion stage trained on another run's VAE (``--vae-from RUN/model/vae --vae-steps 0``): that
+    run's VAE-stage minutes, added to this run's wall time, which then counts both stages. This run's own
+    rendering and PSNR check (its ``vae_seconds``) are subtracted: a one-command run does them once."""
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    vae_run = ROOT / Path(config.get("vae_from") or ".").parent.parent  # train-ldm runs from the repository root
+    if not config.get("vae_from") or not (vae_run / "summary.json").is_file() or "train_seconds" not in training:
+        return {}
+    vae_seconds = json.loads((vae_run / "summary.json").read_text())["vae_seconds"]
+    diffusion = training["train_seconds"] - training.get("vae_seconds", 0.0)
+    return {"vae_stage_run": str(vae_run.resolve().relative_to(ROOT)), "vae_stage_minutes": round(vae_seconds / 60, 1),
+            "diffusion_stage_minutes": round(diffusion / 60, 1),
+            "wall_minutes": round((vae_seconds + diffusion) / 60, 1)}
+
+
 def sampling_speed(pipe, repeats: int = 2) -> dict:
     from egaku.inference.generate import generate
 
@@ -130,9 +145,10 @@ def main() -> int:
     summary_path = Path(args.run) / "summary.json"
     training = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     result["training"] = {
-        "preset": str(Path(args.preset).relative_to(ROOT)),
+        "preset": str(Path(args.preset).resolve().relative_to(ROOT)),
         "steps_done": training.get("step"), "steps_planned": preset.total_steps,
         "wall_minutes": round(training["train_seconds"] / 60, 1) if "train_seconds" in training else None,
+        **vae_stage_elsewhere(Path(args.run), training),
         **step_costs(preset),
     }
     print(json.dumps(result["training"]), file=sys.stderr)

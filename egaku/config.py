@@ -86,6 +86,14 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise EgakuError(f"config file {str(path)!r} does not exist; pass a TOML file such as configs/<name>.toml")
+    if path.suffix.lower() == ".json":  # a run's resolved config.json: repeat that run
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise EgakuError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise EgakuError(f"config file {str(path)!r} must hold a mapping of option: value")
+        return data
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 

@@ -64,3 +64,14 @@ def test_save_config_and_difference(tmp_path):
 def test_two_word_command_needs_its_second_word():
     with pytest.raises(EgakuError, match="needs one of: adherence, gan"):
         parse(["eval"])
+
+
+def test_a_runs_saved_config_json_is_a_preset_that_repeats_it(tmp_path):
+    _, first = parse(["train-ldm", "--config", str(CONFIGS / "ldm-tiny.toml"), "--steps", "7",
+                      "--unet-channels", "8", "--unet-channels", "16", "--out", "a"])
+    saved = save_config(first, tmp_path / "config.json")
+    _, again = parse(["train-ldm", "--config", str(saved), "--out", "b"])
+    assert dataclasses.replace(again, out="a") == first
+    (tmp_path / "bad.json").write_text("{steps: 3")
+    with pytest.raises(EgakuError, match="not valid JSON"):
+        parse(["train-ldm", "--config", str(tmp_path / "bad.json")])

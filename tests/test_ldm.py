@@ -367,3 +367,25 @@ def test_min_snr_weights_are_finite_at_snr_zero_for_both_prediction_types():
     assert torch.isfinite(eps).all() and torch.isfinite(v).all()
     assert eps[2] == 0 and v[2] == 0  # the pure-noise step carries no weight instead of 0/0
     assert eps[0] == pytest.approx(5.0 / float(scheduler.alphas_cumprod[0] / (1 - scheduler.alphas_cumprod[0])))
+
+
+def test_caption_weights_draw_matching_images_more_often_and_bad_ones_are_refused(tmp_path, capsys):
+    captions = ["a small red circle", "a large red circle", "a small blue square", "a large blue square"]
+    weights = ldm.image_weights(captions, ldm.parse_caption_weights(["small=3", "Blue=2"]))
+    assert weights.tolist() == [3.0, 1.0, 6.0, 2.0]  # factors of several matching words multiply
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.cat([ldm.draw_batch(4, 128, weights, gen) for _ in range(40)])
+    share = torch.bincount(idx, minlength=4).double() / len(idx)
+    assert torch.allclose(share, weights / weights.sum(), atol=0.02)
+    # without weights a batch is the same uniform draw as before the option existed (old runs resume bit for bit)
+    assert torch.equal(ldm.draw_batch(20000, 128, None, torch.Generator().manual_seed(5)),
+                       torch.randint(0, 20000, (128,), generator=torch.Generator().manual_seed(5)))
+    for bad in (["small"], ["small=0"], ["small=x"], ["two words=2"], ["=2"]):
+        with pytest.raises(EgakuError, match="WORD=FACTOR"):
+            ldm.TrainLdmOptions(caption_weights=bad)
+    with pytest.raises(EgakuError, match="no training caption has the word 'star'"):  # before any training
+        ldm.train_ldm(tiny_opts(tmp_path / "run", caption_weights=["star=2"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    model = ldm.train_ldm(tiny_opts(tmp_path / "weighted", caption_weights=["small=4"], vae_steps=2, steps=2))
+    assert (model / "model_index.json").is_file()
+    assert "--caption-weights: small=4; images drawn by their weights" in capsys.readouterr().err

@@ -106,6 +106,9 @@ class TrainLdmOptions:
                                  "diffusion steps (warmup-stable-decay). A constant run may be resumed with a cooldown "
                                  "added or moved, as long as it starts at or after the checkpoint's step")
     caption_dropout: float = option(0.1, help="probability of training on the empty caption (enables CFG)")
+    caption_weights: list[str] = option([], help="WORD=FACTOR (repeatable): draw training images whose caption has "
+                                        "WORD FACTOR times as often (kohya's per-folder repeats, by caption word); "
+                                        "factors of several matching words multiply")
     ema_decay: float = option(0.999, help="EMA decay cap (with warmup, so early EMA follows the model)")
     prediction_type: str = option("epsilon", help="what the UNet predicts", choices=["epsilon", "v_prediction"])
     zero_terminal_snr: bool = option(False, help="rescale the noise schedule so its last step is pure noise "
@@ -158,6 +161,7 @@ class TrainLdmOptions:
             raise EgakuError(f"--cooldown-steps {self.cooldown_steps}: use it with --lr-schedule constant (cosine "
                              f"already decays), and at most --steps ({self.steps})")
         check_timestep_sampling(self.timestep_sampling, self.uniform_share, self.logit_std)
+        parse_caption_weights(self.caption_weights)
         if self.vae_from and self.vae_steps:
             raise EgakuError(f"--vae-from {self.vae_from} replaces stage 1: set --vae-steps 0")
         for name in ("steps", "batch_size", "vae_batch_size", "checkpoint_every"):
@@ -183,6 +187,41 @@ class ImageSet:
     heldout: np.ndarray  # uint8 [M, H, W, 3]: images never trained on (for VAE PSNR)
     vocabulary: list[str]  # texts the tokenizer is built from
     note: str = ""
+
+
+def parse_caption_weights(entries: list[str]) -> dict[str, float]:
+    """``["small=2", ...]`` -> ``{"small": 2.0}``; anything else is an error saying what to write."""
+    weights = {}
+    for entry in entries:
+        word, _, factor = entry.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = float("nan")
+        if not word.strip() or " " in word.strip() or not math.isfinite(value) or value <= 0:
+            raise EgakuError(f"--caption-weights {entry!r}: write WORD=FACTOR with one caption word and a factor "
+                             "above 0, e.g. small=2")
+        weights[word.strip().lower()] = value
+    return weights
+
+
+def image_weights(captions: list[str], weights: dict[str, float]) -> torch.Tensor | None:
+    """Each image's draw weight under ``--caption-weights`` (None: every image equally likely)."""
+    if not weights:
+        return None
+    words = [set(c.lower().split()) for c in captions]
+    for word in weights:
+        if not any(word in w for w in words):
+            raise EgakuError(f"--caption-weights {word}=...: no training caption has the word {word!r}")
+    return torch.tensor([math.prod(f for word, f in weights.items() if word in w) for w in words],
+                        dtype=torch.float64)
+
+
+def draw_batch(n: int, batch_size: int, weights: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """Indices of one training batch: uniform, or by ``weights`` (with replacement either way)."""
+    if weights is None:
+        return torch.randint(0, n, (batch_size,), generator=gen)
+    return torch.multinomial(weights, batch_size, replacement=True, generator=gen)
 
 
 def load_training_images(opts: TrainLdmOptions) -> ImageSet:
@@ -426,6 +465,10 @@ def _train(opts: TrainLdmOptions) -> Path:
     # 1. Data and models (seeded), then the checkpoint to resume from, if any
     data = load_training_images(opts)
     print(data.note, file=sys.stderr)
+    draw_weights = image_weights(data.captions, parse_caption_weights(opts.caption_weights))
+    if draw_weights is not None:
+        print(f"--caption-weights: {', '.join(opts.caption_weights)}; images drawn by their weights "
+              f"({int((draw_weights != 1).sum())} of {len(draw_weights)} weighted)", file=sys.stderr)
     tokenizer = run_tokenizer(out, data.vocabulary, opts, resuming=bool(opts.resume or opts.export_only))
     torch.manual_seed(opts.seed)
     vae = build_vae(opts)  # built even when replaced: text encoder and UNet then start from the same seeded weights
@@ -568,7 +611,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     alphas = noise_scheduler.alphas_cumprod
     while step < opts.total_steps and not opts.export_only:
         gen = step_generator(opts.seed, step)
-        idx = torch.randint(0, len(means), (opts.batch_size,), generator=gen)
+        idx = draw_batch(len(means), opts.batch_size, draw_weights, gen)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
         if opts.flip:
             flip = torch.rand(opts.batch_size, generator=gen) < 0.5
