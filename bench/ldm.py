@@ -85,6 +85,12 @@ def step_costs(preset: ldm.TrainLdmOptions, repeats: int = 5) -> dict:
     return out
 
 
+def shown(path: Path) -> str:
+    """``path`` for the results file: relative to the repository when inside it, else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def vae_stage_elsewhere(run: Path, training: dict) -> dict:
     """For a diffusion stage trained on another run's VAE (``--vae-from RUN/model/vae --vae-steps 0``): that
     run's VAE-stage minutes, added to this run's wall time, which then counts both stages. This run's own
@@ -95,7 +101,7 @@ def vae_stage_elsewhere(run: Path, training: dict) -> dict:
         return {}
     vae_seconds = json.loads((vae_run / "summary.json").read_text())["vae_seconds"]
     diffusion = training["train_seconds"] - training.get("vae_seconds", 0.0)
-    return {"vae_stage_run": str(vae_run.resolve().relative_to(ROOT)), "vae_stage_minutes": round(vae_seconds / 60, 1),
+    return {"vae_stage_run": shown(vae_run), "vae_stage_minutes": round(vae_seconds / 60, 1),
             "diffusion_stage_minutes": round(diffusion / 60, 1),
             "wall_minutes": round((vae_seconds + diffusion) / 60, 1)}
 
@@ -145,10 +151,10 @@ def main() -> int:
     summary_path = Path(args.run) / "summary.json"
     training = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     result["training"] = {
-        "preset": str(Path(args.preset).resolve().relative_to(ROOT)),
+        "preset": shown(Path(args.preset)),
         "steps_done": training.get("step"), "steps_planned": preset.total_steps,
         "wall_minutes": round(training["train_seconds"] / 60, 1) if "train_seconds" in training else None,
-        **vae_stage_elsewhere(Path(args.run), training),
+        **vae_stage_elsewhere(Path(args.run), training),  # replaces wall_minutes when the VAE stage ran elsewhere
         **step_costs(preset),
     }
     print(json.dumps(result["training"]), file=sys.stderr)

@@ -86,29 +86,21 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise EgakuError(f"config file {str(path)!r} does not exist; pass a TOML file such as configs/<name>.toml")
-    if path.suffix.lower() == ".json":  # a run's resolved config.json: repeat that run
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise EgakuError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise EgakuError(f"config file {str(path)!r} must hold a mapping of option: value")
-        return data
-    if path.suffix.lower() in (".yaml", ".yml"):
+    suffix = path.suffix.lower()
+    if suffix == ".json":  # a run's resolved config.json: repeat that run
+        kind, parse, errors = "JSON", json.loads, (json.JSONDecodeError,)
+    elif suffix in (".yaml", ".yml"):
         import yaml
 
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise EgakuError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise EgakuError(f"config file {str(path)!r} must hold a mapping of option: value")
-        return data
+        kind, parse, errors = "YAML", lambda text: yaml.safe_load(text) or {}, (yaml.YAMLError,)
+    else:
+        kind, parse, errors = "TOML", tomllib.loads, (tomllib.TOMLDecodeError,)
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise EgakuError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        data = parse(path.read_text(encoding="utf-8"))  # TOML, JSON and YAML files are UTF-8
+    except errors as exc:
+        raise EgakuError(f"config file {str(path)!r} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise EgakuError(f"config file {str(path)!r} must hold a mapping of option: value")
     return data
 
 
