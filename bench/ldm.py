@@ -39,6 +39,44 @@ TARGETS = {"vae_psnr_db": 30.0, "seen_per_attribute": 0.95, "seen_all_attributes
            "held_out_all_attributes": 0.70, "train_minutes": 60.0}
 
 
+def diffusion_step(preset: ldm.TrainLdmOptions, forward_context=None):
+    """One diffusion-stage optimizer step at the preset's sizes (random latents: cost only), under the
+    preset's --mixed-precision unless ``forward_context`` (a function returning a context) is given."""
+    from egaku.models.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_clip_tokenizer(shapes.vocabulary_captions(), model_max_length=preset.max_caption_tokens)
+    text, unet = ldm.build_text_encoder(preset, tok), ldm.build_unet(preset)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, 1e-4)
+    side = preset.resolution // 2 ** (len(preset.vae_channels) - 1)
+    lat = torch.randn(preset.batch_size, preset.latent_channels, side, side)
+    ids = tok([shapes.caption_for("triangle", "purple", "small", "bottom right", "black")] * preset.batch_size,
+              padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    t = torch.randint(0, 1000, (preset.batch_size,))
+    if forward_context is None:
+        forward_context, _ = ldm.mixed_precision(preset.mixed_precision, torch.device("cpu"))
+
+    def step():
+        with forward_context():
+            pred = unet(lat, t, text(ids)[0]).sample.float()
+        (pred - lat).pow(2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(sorted(times)[len(times) // 2], 4)
+
+
 def step_costs(preset: ldm.TrainLdmOptions, repeats: int = 5) -> dict:
     """Seconds per optimizer step of each stage at the preset's sizes (random data: cost only)."""
     torch.manual_seed(0)
@@ -54,32 +92,9 @@ def step_costs(preset: ldm.TrainLdmOptions, repeats: int = 5) -> dict:
         opt.step()
         opt.zero_grad()
 
-    from egaku.models.tokenizer import build_clip_tokenizer
-
-    tok = build_clip_tokenizer(shapes.vocabulary_captions(), model_max_length=preset.max_caption_tokens)
-    text, unet = ldm.build_text_encoder(preset, tok), ldm.build_unet(preset)
-    params = list(unet.parameters()) + list(text.parameters())
-    opt2 = torch.optim.AdamW(params, 1e-4)
-    side = preset.resolution // 2 ** (len(preset.vae_channels) - 1)
-    lat = torch.randn(preset.batch_size, preset.latent_channels, side, side)
-    ids = torch.randint(0, len(tok), (preset.batch_size, tok.model_max_length))
-    t = torch.randint(0, 1000, (preset.batch_size,))
-
-    def unet_step():
-        loss = (unet(lat, t, text(ids)[0]).sample - lat).pow(2).mean()
-        loss.backward()
-        opt2.step()
-        opt2.zero_grad()
-
-    out = {}
-    for name, fn in (("vae", vae_step), ("unet", unet_step)):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        out[f"{name}_seconds_per_step"] = round(sorted(times)[len(times) // 2], 4)
+    out = {"vae_seconds_per_step": median_seconds(vae_step, repeats),
+           "unet_seconds_per_step": median_seconds(diffusion_step(preset), repeats),
+           "unet_mixed_precision": preset.mixed_precision}
     out["estimated_minutes_at_this_load"] = round(
         (preset.vae_steps * out["vae_seconds_per_step"] + preset.steps * out["unet_seconds_per_step"]) / 60, 1)
     return out

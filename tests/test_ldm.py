@@ -99,6 +99,71 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_run, tmp_path, 
         torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_mixed_precision_trains_close_to_fp32_resumes_exactly_and_exports_fp32(tiny_run, tmp_path, monkeypatch):
+    """--mixed-precision bf16 changes the diffusion stage's arithmetic (the weights differ from fp32's), stays
+    close to it, resumes bit for bit like an fp32 run, and writes fp32 weights that plain diffusers loads."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    full = tmp_path / "bf16"
+    ldm.train_ldm(tiny_opts(full, mixed_precision="bf16"))
+    bf16, fp32 = _unet_weights(full / "model"), _unet_weights(tiny_run / "model")
+    assert {t.dtype for t in bf16.values()} == {torch.float32}
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in fp32), "bf16 autocast changed nothing"
+    # Both runs start from the same seeded weights: what six steps changed must point the same way.
+    opts = tiny_opts(full)
+    torch.manual_seed(opts.seed)
+    vae = ldm.build_vae(opts)
+    ldm.build_text_encoder(opts, CLIPTokenizer.from_pretrained(full / "tokenizer"))
+    init = ldm.build_unet(opts, vae).state_dict()
+    moved = {name: torch.cat([(w[k] - init[k]).flatten() for k in init]) for name, w in (("fp32", fp32), ("bf16", bf16))}
+    assert moved["fp32"].norm() < 0.05 * torch.cat([v.flatten() for v in init.values()]).norm()  # init rebuilt right
+    assert torch.nn.functional.cosine_similarity(moved["fp32"], moved["bf16"], 0) > 0.95
+    assert 0.9 < moved["bf16"].norm() / moved["fp32"].norm() < 1.1
+    # the VAE stage is fp32 either way
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert all(torch.equal(a, b) for a, b in zip(load_file(full / "model" / vae).values(),
+                                                   load_file(tiny_run / "model" / vae).values()))
+
+    interrupted = tmp_path / "bf16-interrupted"
+    real_check = ldm.check_finite
+
+    def interrupt(loss, step, ckpts, *a, **k):
+        if step == 8:
+            raise KeyboardInterrupt
+        return real_check(loss, step, ckpts, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ldm, "check_finite", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            ldm.train_ldm(tiny_opts(interrupted, mixed_precision="bf16"))
+    with pytest.raises(EgakuError, match="mixed_precision: checkpoint has 'bf16', now 'no'"):
+        ldm.train_ldm(tiny_opts(interrupted, resume="latest"))
+    ldm.train_ldm(tiny_opts(interrupted, mixed_precision="bf16", resume="latest"))
+    resumed = _unet_weights(interrupted / "model")
+    for key in bf16:
+        torch.testing.assert_close(resumed[key], bf16[key], rtol=1e-5, atol=1e-6)
+    pipe = StableDiffusionPipeline.from_pretrained(full / "model")
+    images = pipe("a large red circle in the center on a white background", num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.isfinite(images).all()
+
+
+def test_mixed_precision_context_autocasts_and_only_fp16_scales():
+    cpu = torch.device("cpu")
+    forward, scaler = ldm.mixed_precision("no", cpu)
+    with forward():
+        assert not torch.is_autocast_enabled("cpu")
+    assert not scaler.is_enabled()
+    forward, scaler = ldm.mixed_precision("bf16", cpu)
+    for _ in range(2):  # a fresh context each step
+        with forward():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert (torch.nn.Linear(4, 4)(torch.randn(2, 4))).dtype == torch.bfloat16
+        assert not torch.is_autocast_enabled("cpu")
+    assert not scaler.is_enabled()  # bf16 has fp32's range: no loss scaling
+
+
 def test_resume_inside_the_vae_stage(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "vae-stage"
     train_until_interrupted(out, 4, monkeypatch)
@@ -265,6 +330,9 @@ def test_bad_options_are_refused():
         ldm.TrainLdmOptions(zero_terminal_snr=True)
     with pytest.raises(EgakuError, match="set --vae-steps 0"):
         ldm.TrainLdmOptions(vae_from="some/vae")
+    if not torch.cuda.is_available():
+        with pytest.raises(EgakuError, match="fp16 needs a CUDA device.*use bf16"):
+            ldm.TrainLdmOptions(mixed_precision="fp16")
 
 
 def test_zero_terminal_snr_model_on_a_given_vae_samples_from_pure_noise(tiny_run, tmp_path):
