@@ -37,6 +37,10 @@ def main() -> None:
     parser.add_argument("--data-split", default="novel", choices=["novel", "train"],
                         help="what the training folder shows: stars (novel), or the old world (train: a control, "
                              "fine-tuning that teaches nothing new)")
+    parser.add_argument("--balanced", action="store_true",
+                        help="training images spread over every size, background, colour and position (and pair of "
+                             "them) instead of drawn independently (the 20 independent draws hold 6 small stars, none "
+                             "on white, and no orange one)")
     parser.add_argument("--eval-prompts", type=int, default=60)
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--rank", type=int, default=8)
@@ -68,6 +72,8 @@ def main() -> None:
                         help="train-lora's: logit_normal trains mostly middle noise levels, where shapes form")
     parser.add_argument("--uniform-share", type=float, default=0.0, help="train-lora's (with logit_normal)")
     parser.add_argument("--logit-mean", type=float, default=0.0, help="train-lora's (with logit_normal)")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
+                        help="train-lora's: bf16 runs the frozen base in bf16 under autocast (the LoRA stays fp32)")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="also judge the LoRA of every Nth step (its checkpoints): the curve of star accuracy "
                              "against old-prompt damage over training")
@@ -92,7 +98,8 @@ def main() -> None:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     work = Path(tempfile.mkdtemp(prefix="egaku-lora-learning-"))
     data = work / "stars"
-    shapes.write_caption_folder(shapes.sample_attributes(args.images, seed=11, split=args.data_split), data, size,
+    shapes.write_caption_folder(shapes.sample_attributes(args.images, seed=11, split=args.data_split,
+                                                         balanced=args.balanced), data, size,
                                 "star" if args.data_split == "novel" else "old")
     old_prompts = prompt_set("seen", args.eval_prompts)
     sampling = {"steps": args.sample_steps, "guidance_scale": args.guidance}
@@ -126,7 +133,7 @@ def main() -> None:
                                       keep_checkpoints=10**6, min_images=args.images,
                                       caption_dropout=args.caption_dropout, repeats=args.repeats, **prior,
                                       timestep_sampling=args.timestep_sampling, uniform_share=args.uniform_share,
-                                      logit_mean=args.logit_mean,
+                                      logit_mean=args.logit_mean, mixed_precision=args.mixed_precision,
                                       format="diffusers", progress=False))
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])

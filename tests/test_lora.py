@@ -592,6 +592,22 @@ def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lo
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["zqxjv"]))
 
 
+def test_bf16_trains_a_token_and_text_encoder_lora_beside_a_bf16_text_encoder(tmp_path, data_dir, tiny_model_dir):
+    """Under --mixed-precision bf16 the frozen text encoder is bf16 while its trained parts (the word's row, its
+    LoRA) are fp32: the text encoder's forward runs under autocast, so the two meet in one dtype."""
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "bf16-text", mixed_precision="bf16",
+                             train_tokens=["star"], train_text_encoder=True, learning_rate=1e-2, max_steps=2))
+    saved = load_file(out / "embeddings" / "star.safetensors")["emb_params"]
+    pipe = tiny_pipe(tiny_model_dir)
+    star = pipe.tokenizer("star", add_special_tokens=False).input_ids[0]
+    assert saved.dtype == torch.float32 and torch.isfinite(saved).all()
+    assert not torch.allclose(saved[0], pipe.text_encoder.get_input_embeddings().weight[star])
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in weights)
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
 def test_token_init_starts_a_trained_word_from_another_words_embedding(tmp_path, data_dir, tiny_model_dir):
     """--token-init (textual inversion's initializer token): the new word starts where a related one is."""
     pipe = tiny_pipe(tiny_model_dir)

@@ -13,6 +13,28 @@ def test_dataset_is_deterministic_by_seed():
     assert not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("split", ["novel", "train"])
+def test_balanced_sampling_covers_every_value_and_pair_about_equally(split):
+    import dataclasses
+    from collections import Counter
+
+    specs = shapes.sample_attributes(20, seed=11, split=split, balanced=True)
+    assert specs == shapes.sample_attributes(20, seed=11, split=split, balanced=True)  # deterministic by seed
+    pool = shapes.training_specs() if split == "train" else shapes.all_specs(shapes.NOVEL_SHAPES)
+    assert all(dataclasses.replace(s, dx=0.0, dy=0.0, angle=0.0) in pool for s in specs)  # from the split only
+    for name, values in shapes.ATTRIBUTES.items():
+        counts = Counter(getattr(s, name) for s in specs)
+        present = [v for v in values if any(getattr(p, name) == v for p in pool)]
+        # 20 over k values: each value floor(20/k) or ceil(20/k) times (the 20 independent draws of seed 11 held
+        # 6 small stars against 14 large, and no orange one)
+        assert set(counts) == set(present), name
+        assert max(counts.values()) - min(counts.values()) <= 1, (name, counts)
+    pairs = Counter((s.size, s.background) for s in specs)
+    assert len(pairs) == 8 and max(pairs.values()) - min(pairs.values()) <= 1, pairs
+    independent = Counter(s.size for s in shapes.sample_attributes(20, seed=11, split="novel"))
+    assert independent["small"] == 6  # what balancing is for
+
+
 def _foreground(img: np.ndarray, background: str) -> np.ndarray:
     return np.abs(img.astype(int) - np.array(shapes.BACKGROUNDS[background])).sum(-1) > 60
 

@@ -173,11 +173,38 @@ def render(spec: ShapeSpec, size: int = SIZE) -> Image.Image:
     return big.resize((size, size), Image.Resampling.BOX)
 
 
-def sample_attributes(n: int, seed: int, split: str = "train") -> list[ShapeSpec]:
+def _balanced_picks(pool: list[ShapeSpec], n: int, rng: np.random.Generator) -> list[int]:
+    """``n`` indices into ``pool``, each the item whose attribute values, then pairs of values (small + white, ...),
+    were picked least so far, ties broken at random: every value and pair comes up about equally often, as in a
+    data set put together to cover its concept, where ``n`` uniform draws of a few dozen leave some out."""
+    import itertools
+    from collections import Counter
+
+    def values(spec: ShapeSpec) -> list[tuple[str, str]]:
+        return [(name, getattr(spec, name)) for name in ATTRIBUTES]
+
+    used: Counter = Counter()
+    picks = []
+    for _ in range(n):
+        def cost(k: int) -> tuple[int, int]:  # single values first, then pairs
+            vals = values(pool[k])
+            return sum(used[v] for v in vals), sum(used[p] for p in itertools.combinations(vals, 2))
+
+        best = min(rng.permutation(len(pool)).tolist(), key=cost)  # the first of the cheapest in a random order
+        vals = values(pool[best])
+        used.update(vals)
+        used.update(itertools.combinations(vals, 2))
+        picks.append(best)
+    return picks
+
+
+def sample_attributes(n: int, seed: int, split: str = "train", balanced: bool = False) -> list[ShapeSpec]:
     """``n`` random attribute sets with jitter, from the combinations of ``split``.
 
     ``train``: training combinations; ``held_out``: only held-out colour+shape pairs (trained shapes);
-    ``novel``: stars; ``all``: every combination (the judge trains on this).
+    ``novel``: stars; ``all``: every combination (the judge trains on this). ``balanced``: instead of
+    independent draws, spread the picks so that every attribute value and pair of values is about equally
+    frequent (a small fine-tuning set that covers its concept).
     """
     pools = {
         "train": training_specs,
@@ -189,7 +216,7 @@ def sample_attributes(n: int, seed: int, split: str = "train") -> list[ShapeSpec
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(pools)}")
     pool = pools[split]()
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(pool), size=n)
+    picks = _balanced_picks(pool, n, rng) if balanced else rng.integers(0, len(pool), size=n)
     jitter = rng.uniform(-JITTER, JITTER, size=(n, 2))
     angles = rng.uniform(-10.0, 10.0, size=n)
     out = []

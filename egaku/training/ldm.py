@@ -41,8 +41,8 @@ from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device, write_model_defaults
 from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, capture_rng, check_finite,
-                                check_timestep_sampling, draw_timesteps, load_checkpoint, min_snr_weights,
-                                restore_rng, saved_config)
+                                check_timestep_sampling, draw_timesteps, half_precision_attention, load_checkpoint,
+                                min_snr_weights, restore_rng, saved_config)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -451,21 +451,14 @@ def mixed_precision(precision: str, device: torch.device):
 
     Autocast runs convolutions and matmuls in half precision while the weights, their gradients and the
     optimizer stay fp32. fp16's narrow range needs loss scaling; bf16 has fp32's range and needs none, so
-    its scaler is disabled and passes everything through unchanged. On the CPU, bf16 attention uses
-    PyTorch's math kernel: the flash kernel's bf16 backward took a third of the step there, and the built-in
-    preset's step costs about 0.65x the fp32 one with the math kernel (bench/ldm_precision.py)."""
+    its scaler is disabled and passes everything through unchanged."""
     if precision == "no":
         return contextlib.nullcontext, torch.amp.GradScaler(device.type, enabled=False)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
 
     @contextlib.contextmanager
     def forward_context():
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.autocast(device.type, dtype=dtype))
-            if device.type == "cpu":
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        with torch.autocast(device.type, dtype=dtype), half_precision_attention(device, dtype):
             yield
 
     return forward_context, torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -43,7 +43,8 @@ from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
 from .runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, atomic_save_file, capture_rng, check_finite,
-                      check_timestep_sampling, draw_timesteps, load_checkpoint, min_snr_weights, restore_rng)
+                      check_timestep_sampling, draw_timesteps, half_precision_attention, load_checkpoint,
+                      min_snr_weights, restore_rng)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -341,7 +342,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     device = accelerator.device
     unet.to(device, dtype=weight_dtype)
     vae.to(device, dtype=torch.float32)  # encoded once; fp32 avoids the SD VAE's fp16 overflow
-    text_encoder.to(device, dtype=weight_dtype)
+    # A text encoder with trained parts stays fp32 on the CPU: there autocast runs layer norms in fp32 and
+    # refuses half-precision norm weights ("mixed dtype (CPU)"); on GPUs its frozen base is half precision.
+    text_encoder.to(device, dtype=torch.float32 if text_trains and device.type == "cpu" else weight_dtype)
 
     # 2. LoRA adapters; their parameters are the only ones that train, in fp32
     torch.manual_seed(opts.seed)
@@ -581,16 +584,17 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             if opts.caption_dropout:  # drawn after the other draws: runs without it are unchanged
                 dropped = (torch.rand(len(indices)) < opts.caption_dropout).tolist()
                 texts = ["" if d else t for d, t in zip(dropped, texts)]
-            if cache_text:
-                states = torch.stack([cache.store[f"text|{t}"] for t in texts]).to(device)
-            else:
-                states = encode_text(texts)
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
             with contextlib.ExitStack() as no_sync:
                 if k < opts.gradient_accumulation - 1 and world > 1:  # all-reduce once, on the last micro-batch
                     for model in prepared:
                         no_sync.enter_context(accelerator.no_sync(model))
-                with accelerator.autocast():
+                # a trained text encoder's forward belongs inside no_sync too: its gradients are all-reduced once
+                with accelerator.autocast(), half_precision_attention(device, weight_dtype):
+                    if cache_text:
+                        states = torch.stack([cache.store[f"text|{t}"] for t in texts]).to(device)
+                    else:
+                        states = encode_text(texts)
                     pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
                 per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 weights = item_weight[indices].to(device)

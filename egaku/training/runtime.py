@@ -269,3 +269,18 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, pred
     divisor = snr + 1 if prediction_type == "v_prediction" else snr
     return torch.clamp(snr, max=gamma) / divisor.clamp_min(1e-8)
 
+
+
+def half_precision_attention(device: torch.device, dtype: torch.dtype):
+    """The attention kernel context for a forward pass under half-precision autocast on ``device``.
+
+    On the CPU it is PyTorch's math kernel: the default flash kernel's bf16 backward there took a third of a
+    whole UNet training step (bench/results/ldm_precision.json), where the math kernel's matmuls run at bf16
+    speed. Elsewhere, and in fp32, PyTorch chooses as usual."""
+    import contextlib
+
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
