@@ -131,33 +131,15 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def cpu_step_cost(names: list[str], threads: int, repeats: int = 6) -> dict[str, float]:
-    """Median seconds per diffusion training step of each variant on this CPU (random latents)."""
-    import torch.nn.functional as F
-
-    from egaku.data import shapes
-    from egaku.models.tokenizer import build_clip_tokenizer
+    """Median seconds per diffusion training step of each variant on this CPU (random latents), timed as
+    bench/ldm.py times the preset's step (under the variant's --mixed-precision)."""
+    from ldm import diffusion_step, median_seconds  # bench/ldm.py (this folder is on sys.path)
 
     torch.set_num_threads(threads)
     costs = {}
     for name in names:
-        opts = variant_options(name, Path("unused"), "", "cpu", 1, threads)
-        tok = build_clip_tokenizer(shapes.vocabulary_captions(), model_max_length=opts.max_caption_tokens)
-        torch.manual_seed(0)
-        text, unet = ldm.build_text_encoder(opts, tok), ldm.build_unet(opts)
-        params = list(text.parameters()) + list(unet.parameters())
-        optim = torch.optim.AdamW(params, 1e-4)
-        ids = tok([shapes.caption_for("triangle", "purple", "small", "bottom right", "black")] * opts.batch_size,
-                  padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-        x = torch.randn(opts.batch_size, opts.latent_channels, 16, 16)
-        times = []
-        for _ in range(repeats + 2):
-            t0 = time.perf_counter()
-            pred = unet(x, torch.randint(0, 1000, (opts.batch_size,)), text(ids)[0]).sample
-            F.mse_loss(pred, x).backward()
-            optim.step()
-            optim.zero_grad()
-            times.append(time.perf_counter() - t0)
-        costs[name] = round(sorted(times[2:])[len(times[2:]) // 2], 4)
+        costs[name] = median_seconds(diffusion_step(variant_options(name, Path("unused"), "", "cpu", 1, threads)),
+                                     repeats)
         print(f"{name}: {costs[name]:.3f} s/step", file=sys.stderr)
     return costs
 

@@ -331,7 +331,7 @@ def test_bad_options_are_refused():
     with pytest.raises(EgakuError, match="set --vae-steps 0"):
         ldm.TrainLdmOptions(vae_from="some/vae")
     if not torch.cuda.is_available():
-        with pytest.raises(EgakuError, match="fp16 needs a CUDA device.*use bf16"):
+        with pytest.raises(EgakuError, match="fp16 is for CUDA devices.*use bf16 on the CPU"):
             ldm.TrainLdmOptions(mixed_precision="fp16")
 
 

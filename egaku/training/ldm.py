@@ -168,8 +168,8 @@ class TrainLdmOptions:
         check_timestep_sampling(self.timestep_sampling, self.uniform_share, self.logit_std)
         parse_caption_weights(self.caption_weights)
         if self.mixed_precision == "fp16" and resolve_device(self.device).type != "cuda":
-            raise EgakuError("--mixed-precision fp16 needs a CUDA device (CPU autocast has no fp16 kernels for "
-                             "convolutions): use bf16 on the CPU")
+            raise EgakuError("--mixed-precision fp16 is for CUDA devices (on a CPU fp16 is slow and needs loss "
+                             "scaling): use bf16 on the CPU")
         if self.vae_from and self.vae_steps:
             raise EgakuError(f"--vae-from {self.vae_from} replaces stage 1: set --vae-steps 0")
         for name in ("steps", "batch_size", "vae_batch_size", "checkpoint_every"):
