@@ -16,6 +16,7 @@ CPU, and ask the shapes judge (``egaku.evaluation.judges``) before and after:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -41,6 +42,9 @@ def main() -> None:
                         help="training images spread over every size, background, colour and position (and pair of "
                              "them) instead of drawn independently (the 20 independent draws hold 6 small stars, none "
                              "on white, and no orange one)")
+    parser.add_argument("--renders-per-image", type=int, default=1,
+                        help="render each training image's attributes this many times, with new jitter and rotation "
+                             "(what geometric augmentation of a photo gives: more images, no new combinations)")
     parser.add_argument("--eval-prompts", type=int, default=60)
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--rank", type=int, default=8)
@@ -98,9 +102,12 @@ def main() -> None:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     work = Path(tempfile.mkdtemp(prefix="egaku-lora-learning-"))
     data = work / "stars"
-    shapes.write_caption_folder(shapes.sample_attributes(args.images, seed=11, split=args.data_split,
-                                                         balanced=args.balanced), data, size,
-                                "star" if args.data_split == "novel" else "old")
+    specs = shapes.sample_attributes(args.images, seed=11, split=args.data_split, balanced=args.balanced)
+    if args.renders_per_image > 1:  # the same attributes drawn again with new jitter and rotation
+        again = shapes.sample_attributes(len(specs) * (args.renders_per_image - 1), seed=12, split=args.data_split)
+        specs = specs + [dataclasses.replace(specs[i % len(specs)], dx=a.dx, dy=a.dy, angle=a.angle)
+                         for i, a in enumerate(again)]
+    shapes.write_caption_folder(specs, data, size, "star" if args.data_split == "novel" else "old")
     old_prompts = prompt_set("seen", args.eval_prompts)
     sampling = {"steps": args.sample_steps, "guidance_scale": args.guidance}
 
