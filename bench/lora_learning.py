@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--average-last", type=int, default=0,
                         help="also judge the mean of the last K checkpoints' LoRAs (each at weight 1/K) and token "
                              "embeddings, a stand-in for an EMA of the LoRA weights (needs --eval-every)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="any other train-lora option, by its TrainLoraOptions field name (a JSON value or a "
+                             "string), e.g. dropout=0.1 noise_offset=0.05 min_snr_gamma=5")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora_learning.json"))
     args = parser.parse_args()
 
@@ -97,6 +100,18 @@ def main() -> None:
     from egaku.training.lora import TrainLoraOptions, train_lora
     from safetensors.torch import load_file, save_file
 
+    fields = {f.name for f in dataclasses.fields(TrainLoraOptions)}
+    extra = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of TrainLoraOptions' fields")
+        try:
+            extra[name] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[name] = value
+    if "alpha" in extra and args.eval_every:
+        parser.error("--set alpha=... with --eval-every: the checkpoints' LoRA files are read as alpha = rank")
     pipe = load_pipeline(args.model, device="cpu", dtype="float32")
     judge = load_judge(args.judge)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -141,7 +156,7 @@ def main() -> None:
                                       caption_dropout=args.caption_dropout, repeats=args.repeats, **prior,
                                       timestep_sampling=args.timestep_sampling, uniform_share=args.uniform_share,
                                       logit_mean=args.logit_mean, mixed_precision=args.mixed_precision,
-                                      format="diffusers", progress=False))
+                                      format="diffusers", progress=False, **extra))
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
     after = measure()

@@ -80,6 +80,9 @@ def test_score_counts_attributes_and_all_at_once():
     backgrounds = [s.background for s in specs]
     assert result["shape_by_background"] == pytest.approx(
         {b: (backgrounds.count(b) - (b == backgrounds[0])) / backgrounds.count(b) for b in set(backgrounds)})
+    # the one wrong shape is listed under its prompted shape, as what it was read as
+    read_as = shapes.SHAPES[(shapes.SHAPES.index(specs[0].shape) + 1) % len(shapes.SHAPES)]
+    assert result["shape_read_as"] == {specs[0].shape: {read_as: 1}}
 
 
 def test_prompt_sets_are_fixed_and_split_correctly():

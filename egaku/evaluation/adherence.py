@@ -108,6 +108,12 @@ def score(preds: dict[str, np.ndarray], specs: list[shapes.ShapeSpec]) -> dict:
                                      for (k, size), (j, name) in itertools.product(enumerate(shapes.SIZES),
                                                                                    enumerate(shapes.SHAPES))})
     shape_by_background = shape_accuracy({name: truth["background"] == j for j, name in enumerate(shapes.BACKGROUNDS)})
+    # what each prompted shape was read as when it was wrong (a star drawn as a blob reads as a circle)
+    shape_read_as = {}
+    for j, name in enumerate(shapes.SHAPES):
+        wrong = preds["shape"][(truth["shape"] == j) & ~correct["shape"]]
+        if wrong.size:
+            shape_read_as[name] = {shapes.SHAPES[int(k)]: int(c) for k, c in zip(*np.unique(wrong, return_counts=True))}
     return {
         "n": len(specs),
         "per_attribute": {name: round(float(c.mean()), 4) for name, c in correct.items()},
@@ -115,6 +121,7 @@ def score(preds: dict[str, np.ndarray], specs: list[shapes.ShapeSpec]) -> dict:
         "shape_by_size": shape_by_size,
         "shape_by_shape": shape_by_shape,
         "shape_by_background": shape_by_background,
+        "shape_read_as": shape_read_as,
     }
 
 
