@@ -108,7 +108,7 @@ def score(preds: dict[str, np.ndarray], specs: list[shapes.ShapeSpec]) -> dict:
                                      for (k, size), (j, name) in itertools.product(enumerate(shapes.SIZES),
                                                                                    enumerate(shapes.SHAPES))})
     shape_by_background = shape_accuracy({name: truth["background"] == j for j, name in enumerate(shapes.BACKGROUNDS)})
-    # what each prompted shape was read as when it was wrong (a star drawn as a blob reads as a circle)
+    # what each prompted shape was read as when it was wrong (a star drawn as a blob reads as a diamond)
     shape_read_as = {}
     for j, name in enumerate(shapes.SHAPES):
         wrong = preds["shape"][(truth["shape"] == j) & ~correct["shape"]]
