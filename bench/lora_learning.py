@@ -110,7 +110,9 @@ def main() -> None:
             extra[name] = json.loads(value)
         except json.JSONDecodeError:
             extra[name] = value
-    config.build(TrainLoraOptions, extra)
+    # checked beside the regularization folder the bench itself provides (--prior-target base needs one)
+    config.build(TrainLoraOptions, {**({"prior_data": "prior"} if args.prior_images or args.prior_rendered else {}),
+                                    **extra})
     if "alpha" in extra and args.eval_every:
         parser.error("--set alpha=... with --eval-every: the checkpoints' LoRA files are read as alpha = rank")
     pipe = load_pipeline(args.model, device="cpu", dtype="float32")

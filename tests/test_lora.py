@@ -516,6 +516,46 @@ def test_prior_preservation_generates_missing_images_and_weights_their_loss(tmp_
     assert any(not torch.allclose(one_a[k], one_b[k]) for k in one_a)
 
 
+def test_prior_target_base_trains_regularization_images_towards_the_frozen_model(tmp_path, data_dir, tiny_model_dir):
+    """--prior-target base: a regularization image's target is the base model's own prediction. At the first
+    step the LoRA is still zero, so those rows add exactly nothing (the loss equals a run that weights them 0);
+    after that they pull the LoRA back, unlike a zero weight; the adapters are back on for the training rows."""
+    def losses(name, **kw):
+        out = train_lora(options(data_dir, tiny_model_dir, tmp_path / name, max_steps=3, batch_size=4,
+                                 learning_rate=5e-2, prior_data=str(data_dir), format="diffusers", **kw))
+        rows = (out / "loss.csv").read_text().splitlines()[1:]
+        return [float(r.split(",")[2]) for r in rows], load_file(out / "pytorch_lora_weights.safetensors")
+
+    # each batch (one aspect bucket) holds both training images of its bucket and their regularization copies
+    base_target, base_lora = losses("base", prior_target="base")
+    ignored, ignored_lora = losses("ignored", prior_loss_weight=0.0)
+    data_target, _ = losses("data")
+    assert base_target[0] == pytest.approx(ignored[0], rel=1e-6)
+    assert data_target[0] > base_target[0] * 1.01  # a data target is not met by the untrained LoRA
+    assert base_target[1:] != pytest.approx(ignored[1:], rel=1e-4)  # the LoRA has moved: the base target now acts
+    assert any(not torch.allclose(base_lora[k], ignored_lora[k]) for k in base_lora)
+    with pytest.raises(EgakuError, match="--prior-target base needs --prior-data"):
+        options(data_dir, tiny_model_dir, tmp_path / "x", prior_target="base")
+
+
+def test_adapters_off_runs_the_frozen_base_and_switches_back(tiny_model_dir):
+    from peft import LoraConfig
+
+    unet = tiny_pipe(tiny_model_dir).unet
+    sample, t, states = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before = unet(sample, t, states).sample
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+        adapted = unet(sample, t, states).sample
+        with lora_training.adapters_off(unet):
+            off = unet(sample, t, states).sample
+        again = unet(sample, t, states).sample
+    assert torch.equal(off, before) and torch.equal(again, adapted) and not torch.allclose(adapted, before)
+
+
 def test_repeats_count_training_images_per_epoch_and_regularization_images_once(tmp_path, data_dir, tiny_model_dir):
     def steps_of_one_epoch(name, **kw):
         out = train_lora(options(data_dir, tiny_model_dir, tmp_path / name, max_steps=0, epochs=1, batch_size=1,

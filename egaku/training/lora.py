@@ -72,6 +72,11 @@ class TrainLoraOptions:
     prior_prompts: list[str] = option([], help="prompts for generating regularization images (cycled)")
     prior_loss_weight: float = option(1.0, help="loss weight of regularization images relative to training images")
     prior_guidance: float = option(7.5, help="guidance scale for generating regularization images")
+    prior_target: str = option("data", help="what regularization images are trained towards: data (their own "
+                               "noise, DreamBooth's prior preservation) or base (the frozen base model's prediction "
+                               "for the same noisy latent and caption: the LoRA is pulled back exactly where it "
+                               "changes the old prompts, without the noise of a data target)",
+                               choices=["data", "base"])
     repeats: int = option(1, help="times each training image appears per epoch, regularization images once "
                           "(kohya's num_repeats): with 200 regularization images and 20 training images, "
                           "10 keeps the two one to one instead of 1 to 10")
@@ -151,6 +156,8 @@ class TrainLoraOptions:
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
             (not (self.prior_images or self.prior_prompts) or self.prior_data,
              "--prior-images/--prior-prompts need --prior-data: the folder the regularization images go to"),
+            (self.prior_target == "data" or self.prior_data,
+             "--prior-target base needs --prior-data: the regularization images whose prediction is kept"),
         ]
         for ok, message in checks:
             if not ok:
@@ -194,6 +201,21 @@ def _load_base(model: str):
                          f"(UNet2DConditionModel + AutoencoderKL + text encoder{lacking}); "
                          "LoRA training needs an SD 1.x-style pipeline")
     return pipe
+
+
+@contextlib.contextmanager
+def adapters_off(*models: torch.nn.Module):
+    """Run ``models`` as their frozen base: every peft LoRA layer in them bypassed, then switched back on."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def _step_seed(seed: int, micro: int, rank: int) -> int:
@@ -546,6 +568,17 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         for model in trained:
             unwrapped(model).train()
 
+    @torch.no_grad()
+    def base_prediction(noisy: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor,
+                        texts: list[str]) -> torch.Tensor:
+        """The frozen base model's output for these inputs: every adapter off. Trained token rows leave captions
+        without those words unchanged, so only a text-encoder LoRA makes the text encoder run again."""
+        models = [unwrapped(unet)] + ([unwrapped(text_encoder)] if opts.train_text_encoder else [])
+        with adapters_off(*models):
+            if opts.train_text_encoder:
+                states = encode_text(texts)
+            return models[0](noisy.to(weight_dtype), timesteps, states.detach().to(weight_dtype)).sample
+
     if main:
         save_config(opts, out / "training_config.json")
     log = MetricsLog(out / "loss.csv") if main else None
@@ -595,6 +628,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                         states = torch.stack([cache.store[f"text|{t}"] for t in texts]).to(device)
                     else:
                         states = encode_text(texts)
+                    prior_rows = [k for k, i in enumerate(indices) if i >= len(scan.items)]
+                    if opts.prior_target == "base" and prior_rows:
+                        target = target.clone()
+                        target[prior_rows] = base_prediction(noisy[prior_rows], timesteps[prior_rows],
+                                                             states[prior_rows], [texts[k] for k in prior_rows]).float()
                     pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
                 per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 weights = item_weight[indices].to(device)
