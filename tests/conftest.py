@@ -24,3 +24,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from egaku.models.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd")
+
+
+@pytest.fixture
+def ctrl_c_at_step(monkeypatch):
+    """``ctrl_c_at_step(trainer_module, step)``: the trainer's per-step ``check_finite`` sends this process one
+    SIGINT, as Ctrl-C does, the first time it is called for ``step``."""
+    import signal
+
+    def patch(module, step: int) -> None:
+        real, sent = module.check_finite, []
+
+        def check(loss, at, *args, **kwargs):
+            if at == step and not sent:
+                sent.append(at)
+                signal.raise_signal(signal.SIGINT)
+            return real(loss, at, *args, **kwargs)
+
+        monkeypatch.setattr(module, "check_finite", check)
+
+    return patch

@@ -261,6 +261,25 @@ def test_resume_continues_the_step_count_exactly(tmp_path):
         torch.testing.assert_close(a[k], b[k])
 
 
+def test_ctrl_c_checkpoints_the_step_it_finishes_and_resume_continues_exactly(tmp_path, ctrl_c_at_step):
+    straight = _opts(tmp_path, out=str(tmp_path / "straight"), max_steps=12, checkpoint_every=10)
+    train_gan_command(straight)
+    stopped = _opts(tmp_path, out=str(tmp_path / "stopped"), max_steps=12, checkpoint_every=10)
+    ctrl_c_at_step(gan_training, 3)  # sent during step 4 (check_finite gets the step before it counts)
+    with pytest.raises(KeyboardInterrupt):
+        train_gan_command(stopped)
+    assert Checkpoints(tmp_path / "stopped").latest().name == "step-000004"
+    train_gan_command(_opts(tmp_path, out=str(tmp_path / "stopped"), max_steps=12, checkpoint_every=10,
+                            resume="latest"))
+    steps, losses = _losses(tmp_path / "stopped")
+    assert steps == list(range(1, 13))
+    np.testing.assert_allclose(losses, _losses(tmp_path / "straight")[1], rtol=1e-5)
+    a = load_generator(tmp_path / "straight").state_dict()
+    b = load_generator(tmp_path / "stopped").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
 def test_sample_grids_every_n_epochs_and_after_the_last(tmp_path):
     data = _write_folder(tmp_path / "halves", _halves(32))  # one batch per epoch
     opts = _opts(tmp_path, data=str(data), epochs=7, max_steps=0, sample_every_epochs=3, checkpoint_every=100)

@@ -99,6 +99,23 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_run, tmp_path, 
         torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("stop_step", [2, 7])  # in the VAE stage, and in the diffusion stage between checkpoints
+def test_ctrl_c_checkpoints_the_step_it_finishes_and_resume_equals_uninterrupted(tiny_run, tmp_path, ctrl_c_at_step,
+                                                                                 stop_step):
+    out = tmp_path / "stopped"
+    ctrl_c_at_step(ldm, stop_step)
+    with pytest.raises(KeyboardInterrupt):
+        ldm.train_ldm(tiny_opts(out))
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{stop_step:06d}"
+    assert not (out / "model").exists()
+    ldm.train_ldm(tiny_opts(out, resume="latest"))
+    for part in ("unet", "vae"):
+        full = load_file(tiny_run / "model" / part / "diffusion_pytorch_model.safetensors")
+        resumed = load_file(out / "model" / part / "diffusion_pytorch_model.safetensors")
+        for key in full:
+            torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_mixed_precision_trains_close_to_fp32_resumes_exactly_and_exports_fp32(tiny_run, tmp_path, monkeypatch):
     """--mixed-precision bf16 changes the diffusion stage's arithmetic (the weights differ from fp32's), stays
     close to it, resumes bit for bit like an fp32 run, and writes fp32 weights that plain diffusers loads."""

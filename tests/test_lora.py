@@ -324,6 +324,29 @@ def test_resume_twice_equals_uninterrupted(tmp_path, data_dir, tiny_model_dir):
            [r.split(",")[2] for r in (split / "loss.csv").read_text().splitlines()[1:]]
 
 
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, data_dir,
+                                                                                      tiny_model_dir, ctrl_c_at_step):
+    import signal
+
+    common = dict(max_steps=4, gradient_accumulation=2, batch_size=2, random_flip=True, learning_rate=1e-2,
+                  lr_scheduler="cosine", checkpoint_every=0, format="diffusers")
+    whole = train_lora(options(data_dir, tiny_model_dir, tmp_path / "whole", **common))
+    split = tmp_path / "split"
+    handler = signal.getsignal(signal.SIGINT)
+    ctrl_c_at_step(lora_training, 1)  # the signal lands after step 1's loss is gathered: step 2 is the last
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(options(data_dir, tiny_model_dir, split, **common))
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert (split / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert not (split / "pytorch_lora_weights.safetensors").exists()
+    train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
+    a = load_file(whole / "pytorch_lora_weights.safetensors")
+    b = load_file(split / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_two_process_run_under_torchrun_on_cpu(tmp_path, data_dir, tiny_model_dir):
     """The trainer under a real 2-process launch (gloo on CPU); it checks itself that replicas agree."""
     import os

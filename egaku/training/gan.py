@@ -36,7 +36,8 @@ from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
-from .runtime import Checkpoints, MetricsLog, capture_rng, check_finite, load_checkpoint, restore_rng
+from .runtime import (Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, load_checkpoint, restore_rng,
+                      stop_after_signal)
 
 
 @dataclass
@@ -260,60 +261,64 @@ def train_gan_command(opts: TrainGanOptions) -> None:
             images = shown(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
         cols = gen.num_classes if gen.num_classes else None
         image_grid(to_pil_images(images), cols=cols).save(out / "samples" / name)
-    while step < total and not stopped_by_time:
-        order = _batch_order(len(data), opts.seed, epoch)
-        while position < batches_per_epoch and step < total:
-            idx = order[position * opts.batch_size:(position + 1) * opts.batch_size]
-            real = data.images[idx].to(device)
-            labels = data.labels[idx].to(device) if gen.num_classes else None
-            gen.train()
-            disc.train()
-            z = torch.randn(len(idx), opts.latent_dim, device=device)
-            # the mode-seeking term compares fakes of one class: pair them up (real images keep their labels)
-            fake_labels = paired_labels(labels) if opts.mode_seeking else labels
-            fake = gen(z, fake_labels)
-            seen_real, seen_fake = (translate(real, opts.augment), translate(fake, opts.augment)) if opts.augment \
-                else (real, fake)
+    with StopOnSignal() as stop:
+        while step < total and not stopped_by_time:
+            order = _batch_order(len(data), opts.seed, epoch)
+            while position < batches_per_epoch and step < total:
+                idx = order[position * opts.batch_size:(position + 1) * opts.batch_size]
+                real = data.images[idx].to(device)
+                labels = data.labels[idx].to(device) if gen.num_classes else None
+                gen.train()
+                disc.train()
+                z = torch.randn(len(idx), opts.latent_dim, device=device)
+                # the mode-seeking term compares fakes of one class: pair them up (real images keep their labels)
+                fake_labels = paired_labels(labels) if opts.mode_seeking else labels
+                fake = gen(z, fake_labels)
+                seen_real, seen_fake = (translate(real, opts.augment), translate(fake, opts.augment)) if opts.augment \
+                    else (real, fake)
 
-            # discriminator: fakes detached, so this step does not move the generator
-            d_loss = discriminator_loss(disc(seen_real, labels), disc(seen_fake.detach(), fake_labels),
-                                        opts.label_smoothing)
-            check_finite(d_loss.detach(), step, checkpoints)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
+                # discriminator: fakes detached, so this step does not move the generator
+                d_loss = discriminator_loss(disc(seen_real, labels), disc(seen_fake.detach(), fake_labels),
+                                            opts.label_smoothing)
+                check_finite(d_loss.detach(), step, checkpoints)
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
 
-            # generator: the same fakes, judged by the updated discriminator
-            d_fake = disc(seen_fake, fake_labels)
-            g_loss = generator_loss(d_fake)
-            if opts.mode_seeking:
-                g_loss = g_loss + opts.mode_seeking * mode_seeking_loss(fake, z)
-            check_finite(g_loss.detach(), step, checkpoints)
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            opt_g.step()
-            if gen_ema is not None:
-                update_ema(gen_ema, gen, opts.ema_decay, step)
+                # generator: the same fakes, judged by the updated discriminator
+                d_fake = disc(seen_fake, fake_labels)
+                g_loss = generator_loss(d_fake)
+                if opts.mode_seeking:
+                    g_loss = g_loss + opts.mode_seeking * mode_seeking_loss(fake, z)
+                check_finite(g_loss.detach(), step, checkpoints)
+                opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
+                opt_g.step()
+                if gen_ema is not None:
+                    update_ema(gen_ema, gen, opts.ema_decay, step)
 
-            step += 1
-            position += 1
-            d_fake_p = float(torch.sigmoid(d_fake.detach()).mean())
-            log.log(step, epoch=epoch + 1, d_loss=d_loss.item(), g_loss=g_loss.item(), d_of_fake=d_fake_p)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, d_loss=f"{d_loss.item():.3f}", g_loss=f"{g_loss.item():.3f}")
-            if step % opts.checkpoint_every == 0:
-                save(step)
-                last_saved = step
-            if (opts.max_minutes and time.monotonic() - started > opts.max_minutes * 60) or (
-                    opts.max_cpu_minutes and time.process_time() - cpu_started > opts.max_cpu_minutes * 60):
-                stopped_by_time = True
-                break
-        if position >= batches_per_epoch:
-            if (epoch + 1) % opts.sample_every_epochs == 0 or step >= total:
-                save_grid(f"epoch-{epoch + 1:04d}.png")
-                last_grid = step
-            epoch += 1
-            position = 0
+                step += 1
+                position += 1
+                d_fake_p = float(torch.sigmoid(d_fake.detach()).mean())
+                log.log(step, epoch=epoch + 1, d_loss=d_loss.item(), g_loss=g_loss.item(), d_of_fake=d_fake_p)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, d_loss=f"{d_loss.item():.3f}", g_loss=f"{g_loss.item():.3f}")
+                if step % opts.checkpoint_every == 0:
+                    save(step)
+                    last_saved = step
+                if stop.requested:
+                    bar.close()
+                    stop_after_signal(step, save(step) if step != last_saved else checkpoints.latest())
+                if (opts.max_minutes and time.monotonic() - started > opts.max_minutes * 60) or (
+                        opts.max_cpu_minutes and time.process_time() - cpu_started > opts.max_cpu_minutes * 60):
+                    stopped_by_time = True
+                    break
+            if position >= batches_per_epoch:
+                if (epoch + 1) % opts.sample_every_epochs == 0 or step >= total:
+                    save_grid(f"epoch-{epoch + 1:04d}.png")
+                    last_grid = step
+                epoch += 1
+                position = 0
     bar.close()
     if last_grid != step:  # stopped mid-epoch (time limit or --max-steps): the final generator gets a grid too
         save_grid(f"final-step-{step:06d}.png")

@@ -40,9 +40,9 @@ from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device, write_model_defaults
-from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, capture_rng, check_finite,
-                                check_timestep_sampling, draw_timesteps, half_precision_attention, load_checkpoint,
-                                min_snr_weights, restore_rng, saved_config)
+from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, capture_rng,
+                                check_finite, check_timestep_sampling, draw_timesteps, half_precision_attention,
+                                load_checkpoint, min_snr_weights, restore_rng, saved_config, stop_after_signal)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -545,32 +545,36 @@ def _train(opts: TrainLdmOptions) -> Path:
             restore_rng(state["rng"])
         x_all = arrays_to_tensor(data.images)
         crop = opts.vae_crop or opts.resolution
-        while step < opts.vae_steps:
-            gen = step_generator(opts.seed, step)
-            idx = torch.randint(0, len(x_all), (opts.vae_batch_size,), generator=gen)
-            top, left = torch.randint(0, opts.resolution - crop + 1, (2,), generator=gen).tolist()
-            x = x_all[idx, :, top:top + crop, left:left + crop].to(device)
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=gen)).sample
-            rec_loss = F.mse_loss(recon, x)
-            kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
-            loss = rec_loss + opts.kl_weight * kl
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            step += 1
-            check_finite(loss.detach(), step, ckpts)
-            bar.update(1)
-            if step % 25 == 0 or step == opts.vae_steps:
-                bar.set_postfix(stage="vae", loss=f"{rec_loss.item():.5f}")
-                log.log(step, stage=1, loss=loss.item(), recon=rec_loss.item(), kl=kl.item(),
-                        lr=sched.get_last_lr()[0])
-            if step % opts.checkpoint_every == 0 or step == opts.vae_steps:
-                ckpts.save(step, {"vae": vae.state_dict()},
-                           {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
-                            "rng": capture_rng()}, config)
+        with StopOnSignal() as stop:
+            while step < opts.vae_steps:
+                gen = step_generator(opts.seed, step)
+                idx = torch.randint(0, len(x_all), (opts.vae_batch_size,), generator=gen)
+                top, left = torch.randint(0, opts.resolution - crop + 1, (2,), generator=gen).tolist()
+                x = x_all[idx, :, top:top + crop, left:left + crop].to(device)
+                posterior = vae.encode(x).latent_dist
+                recon = vae.decode(posterior.sample(generator=gen)).sample
+                rec_loss = F.mse_loss(recon, x)
+                kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+                loss = rec_loss + opts.kl_weight * kl
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+                optim.step()
+                sched.step()
+                step += 1
+                check_finite(loss.detach(), step, ckpts)
+                bar.update(1)
+                if step % 25 == 0 or step == opts.vae_steps:
+                    bar.set_postfix(stage="vae", loss=f"{rec_loss.item():.5f}")
+                    log.log(step, stage=1, loss=loss.item(), recon=rec_loss.item(), kl=kl.item(),
+                            lr=sched.get_last_lr()[0])
+                if step % opts.checkpoint_every == 0 or step == opts.vae_steps or stop.requested:
+                    ckpts.save(step, {"vae": vae.state_dict()},
+                               {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
+                                "rng": capture_rng()}, config)
+                if stop.requested:
+                    bar.close()
+                    stop_after_signal(step, ckpts.latest())
         del optim, sched, x_all
         state = None  # the diffusion stage starts fresh from here
 
@@ -639,48 +643,53 @@ def _train(opts: TrainLdmOptions) -> Path:
         scaler.load_state_dict(state["grad_scaler"])
     unet.train()
     text_encoder.train()
-    while step < opts.total_steps and not opts.export_only:
-        gen = step_generator(opts.seed, step)
-        idx = draw_batch(len(means), opts.batch_size, draw_weights, gen)
-        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
-        if opts.flip:
-            flip = torch.rand(opts.batch_size, generator=gen) < 0.5
-            latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
-        drop = torch.rand(opts.batch_size, generator=gen) < opts.caption_dropout
-        input_ids = torch.where(drop[:, None], empty_ids, ids[idx])
-        noise = torch.randn(latents.shape, generator=gen)
-        timesteps = sample_timesteps(opts, opts.batch_size, gen)
-        latents, noise, timesteps, input_ids = (t.to(device) for t in (latents, noise, timesteps, input_ids))
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise if opts.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-        with forward_context():
-            hidden = text_encoder(input_ids)[0]
-            pred = unet(noisy, timesteps, hidden).sample.float()
-        if opts.snr_gamma > 0:
-            weight = min_snr_weights(noise_scheduler, timesteps, opts.snr_gamma, opts.prediction_type)
-            loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean()
-        else:
-            loss = F.mse_loss(pred, target)
-        optim.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optim)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optim)
-        scaler.update()
-        sched.step()
-        ema.step(params)
-        step += 1
-        check_finite(loss.detach(), step, ckpts)
-        bar.update(1)
-        if step % 25 == 0:
-            bar.set_postfix(stage="unet", loss=f"{loss.item():.4f}")
-            log.log(step, stage=2, loss=loss.item(), lr=sched.get_last_lr()[0])
-        if step % opts.checkpoint_every == 0 or step == opts.total_steps:
-            checkpoint()
-        done = step - opts.vae_steps
-        if opts.sample_every and done % opts.sample_every == 0 and step < opts.total_steps:
-            sample_grid(ema_pipeline(), prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
-                        opts.resolution).save(out / "samples" / f"step-{step:06d}.png")
+    with StopOnSignal() as stop:
+        while step < opts.total_steps and not opts.export_only:
+            gen = step_generator(opts.seed, step)
+            idx = draw_batch(len(means), opts.batch_size, draw_weights, gen)
+            latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
+            if opts.flip:
+                flip = torch.rand(opts.batch_size, generator=gen) < 0.5
+                latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+            drop = torch.rand(opts.batch_size, generator=gen) < opts.caption_dropout
+            input_ids = torch.where(drop[:, None], empty_ids, ids[idx])
+            noise = torch.randn(latents.shape, generator=gen)
+            timesteps = sample_timesteps(opts, opts.batch_size, gen)
+            latents, noise, timesteps, input_ids = (t.to(device) for t in (latents, noise, timesteps, input_ids))
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = (noise if opts.prediction_type == "epsilon"
+                      else noise_scheduler.get_velocity(latents, noise, timesteps))
+            with forward_context():
+                hidden = text_encoder(input_ids)[0]
+                pred = unet(noisy, timesteps, hidden).sample.float()
+            if opts.snr_gamma > 0:
+                weight = min_snr_weights(noise_scheduler, timesteps, opts.snr_gamma, opts.prediction_type)
+                loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean()
+            else:
+                loss = F.mse_loss(pred, target)
+            optim.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optim)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(optim)
+            scaler.update()
+            sched.step()
+            ema.step(params)
+            step += 1
+            check_finite(loss.detach(), step, ckpts)
+            bar.update(1)
+            if step % 25 == 0:
+                bar.set_postfix(stage="unet", loss=f"{loss.item():.4f}")
+                log.log(step, stage=2, loss=loss.item(), lr=sched.get_last_lr()[0])
+            if step % opts.checkpoint_every == 0 or step == opts.total_steps or stop.requested:
+                checkpoint()
+            if stop.requested:
+                bar.close()
+                stop_after_signal(step, ckpts.latest())
+            done = step - opts.vae_steps
+            if opts.sample_every and done % opts.sample_every == 0 and step < opts.total_steps:
+                sample_grid(ema_pipeline(), prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
+                            opts.resolution).save(out / "samples" / f"step-{step:06d}.png")
     bar.close()
 
     # 5. Export the EMA weights as a standard pipeline

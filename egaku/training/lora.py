@@ -43,8 +43,8 @@ from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
 from .runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, atomic_save_file, capture_rng, check_finite,
-                      check_timestep_sampling, draw_timesteps, half_precision_attention, load_checkpoint,
-                      min_snr_weights, restore_rng)
+                      StopOnSignal, check_timestep_sampling, draw_timesteps, half_precision_attention,
+                      load_checkpoint, min_snr_weights, restore_rng, stop_after_signal)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -593,78 +593,87 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     mean_loss = torch.tensor(float("nan"))
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
-    while step < total_steps and not (opts.stop_at and step >= opts.stop_at):
-        step_loss = 0.0
-        for k in range(opts.gradient_accumulation):
-            epoch, index = divmod(micro, per_epoch)
-            indices = [slots[j] for j in order.batches(epoch)[index * world + rank]]
-            torch.manual_seed(_step_seed(opts.seed, micro, rank))
-            flip_draws = ([bool(f) for f in torch.rand(len(indices)) < 0.5] if opts.random_flip
-                          else [False] * len(indices))
-            latents = latents_of(indices, flip_draws)
-            noise = torch.randn_like(latents)
-            if opts.noise_offset:
-                noise += opts.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
-            if opts.timestep_sampling == "uniform":  # drawn as before the option, so earlier runs stay reproducible
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          device=device)
-            else:
-                timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps,
-                                           opts.timestep_sampling, opts.logit_mean, opts.logit_std,
-                                           opts.uniform_share).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            texts = [captions[i] for i in indices]
-            if opts.caption_dropout:  # drawn after the other draws: runs without it are unchanged
-                dropped = (torch.rand(len(indices)) < opts.caption_dropout).tolist()
-                texts = ["" if d else t for d, t in zip(dropped, texts)]
-            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-            with contextlib.ExitStack() as no_sync:
-                if k < opts.gradient_accumulation - 1 and world > 1:  # all-reduce once, on the last micro-batch
-                    for model in prepared:
-                        no_sync.enter_context(accelerator.no_sync(model))
-                # a trained text encoder's forward belongs inside no_sync too: its gradients are all-reduced once
-                with accelerator.autocast(), half_precision_attention(device, weight_dtype):
-                    if cache_text:
-                        states = torch.stack([cache.store[f"text|{t}"] for t in texts]).to(device)
-                    else:
-                        states = encode_text(texts)
-                    prior_rows = [k for k, i in enumerate(indices) if i >= len(scan.items)]
-                    if opts.prior_target == "base" and prior_rows:
-                        target = target.clone()
-                        target[prior_rows] = base_prediction(noisy[prior_rows], timesteps[prior_rows],
-                                                             states[prior_rows], [texts[k] for k in prior_rows]).float()
-                    pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
-                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                weights = item_weight[indices].to(device)
-                if opts.min_snr_gamma:
-                    weights = weights * min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma, prediction_type)
-                loss = (per_sample * weights).mean()
-                accelerator.backward(loss / opts.gradient_accumulation)
-            step_loss += float(loss.detach()) / opts.gradient_accumulation
-            micro += 1
-        if opts.max_grad_norm:
-            accelerator.clip_grad_norm_(lora_params, opts.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if token_ids:
-            with torch.no_grad():
-                token_table[frozen_rows] = original_table[frozen_rows]
-        step += 1
+    with StopOnSignal() as stop:
+        while step < total_steps and not (opts.stop_at and step >= opts.stop_at):
+            step_loss = 0.0
+            for k in range(opts.gradient_accumulation):
+                epoch, index = divmod(micro, per_epoch)
+                indices = [slots[j] for j in order.batches(epoch)[index * world + rank]]
+                torch.manual_seed(_step_seed(opts.seed, micro, rank))
+                flip_draws = ([bool(f) for f in torch.rand(len(indices)) < 0.5] if opts.random_flip
+                              else [False] * len(indices))
+                latents = latents_of(indices, flip_draws)
+                noise = torch.randn_like(latents)
+                if opts.noise_offset:
+                    noise += opts.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
+                if opts.timestep_sampling == "uniform":  # drawn as before the option, so earlier runs stay reproducible
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                              device=device)
+                else:
+                    timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps,
+                                               opts.timestep_sampling, opts.logit_mean, opts.logit_std,
+                                               opts.uniform_share).to(device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                texts = [captions[i] for i in indices]
+                if opts.caption_dropout:  # drawn after the other draws: runs without it are unchanged
+                    dropped = (torch.rand(len(indices)) < opts.caption_dropout).tolist()
+                    texts = ["" if d else t for d, t in zip(dropped, texts)]
+                target = (noise if prediction_type == "epsilon"
+                          else noise_scheduler.get_velocity(latents, noise, timesteps))
+                with contextlib.ExitStack() as no_sync:
+                    if k < opts.gradient_accumulation - 1 and world > 1:  # all-reduce once, on the last micro-batch
+                        for model in prepared:
+                            no_sync.enter_context(accelerator.no_sync(model))
+                    # a trained text encoder's forward belongs inside no_sync too: its gradients are all-reduced once
+                    with accelerator.autocast(), half_precision_attention(device, weight_dtype):
+                        if cache_text:
+                            states = torch.stack([cache.store[f"text|{t}"] for t in texts]).to(device)
+                        else:
+                            states = encode_text(texts)
+                        prior_rows = [k for k, i in enumerate(indices) if i >= len(scan.items)]
+                        if opts.prior_target == "base" and prior_rows:
+                            target = target.clone()
+                            target[prior_rows] = base_prediction(
+                                noisy[prior_rows], timesteps[prior_rows], states[prior_rows],
+                                [texts[k] for k in prior_rows]).float()
+                        pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
+                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    weights = item_weight[indices].to(device)
+                    if opts.min_snr_gamma:
+                        weights = weights * min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma,
+                                                            prediction_type)
+                    loss = (per_sample * weights).mean()
+                    accelerator.backward(loss / opts.gradient_accumulation)
+                step_loss += float(loss.detach()) / opts.gradient_accumulation
+                micro += 1
+            if opts.max_grad_norm:
+                accelerator.clip_grad_norm_(lora_params, opts.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if token_ids:
+                with torch.no_grad():
+                    token_table[frozen_rows] = original_table[frozen_rows]
+            step += 1
 
-        mean_loss = accelerator.gather(torch.tensor([step_loss], device=device)).mean()
-        finite_weights = all(bool(torch.isfinite(p).all()) for p in lora_params)
-        check_finite(mean_loss if finite_weights else torch.tensor(float("nan")), step, checkpoints,
-                     hint=f"lower --learning-rate (now {opts.learning_rate:g}), use --mixed-precision bf16 or no "
-                          "instead of fp16, or set --max-grad-norm 1.0")
-        if main:
-            log.log(step, loss=float(mean_loss), lr=lr_scheduler.get_last_lr()[0])
-            bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            bar.update(1)
-        if opts.checkpoint_every and step % opts.checkpoint_every == 0 or step == opts.stop_at:
-            save_checkpoint()
-        if opts.validation_every and step % opts.validation_every == 0:
-            validate()
+            # one gather per step carries the loss and any stop request, so every process stops at the same step
+            stats = accelerator.gather(torch.tensor([[step_loss, float(stop.requested)]], device=device))
+            mean_loss, interrupted = stats[:, 0].mean(), bool(stats[:, 1].any())
+            finite_weights = all(bool(torch.isfinite(p).all()) for p in lora_params)
+            check_finite(mean_loss if finite_weights else torch.tensor(float("nan")), step, checkpoints,
+                         hint=f"lower --learning-rate (now {opts.learning_rate:g}), use --mixed-precision bf16 or no "
+                              "instead of fp16, or set --max-grad-norm 1.0")
+            if main:
+                log.log(step, loss=float(mean_loss), lr=lr_scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+                bar.update(1)
+            if opts.checkpoint_every and step % opts.checkpoint_every == 0 or step == opts.stop_at or interrupted:
+                save_checkpoint()
+            if interrupted:
+                bar.close()
+                stop_after_signal(step, checkpoints.latest(), quiet=not main)
+            if opts.validation_every and step % opts.validation_every == 0:
+                validate()
     bar.close()
 
     if step < total_steps:

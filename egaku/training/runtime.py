@@ -1,4 +1,4 @@
-"""What every training loop shares: atomic checkpoints, exact resume, RNG state, NaN guard, logging.
+"""What every training loop shares: atomic checkpoints, exact resume, RNG state, stop on Ctrl-C, NaN guard, logs.
 
 Checkpoint layout (one folder per step, written atomically)::
 
@@ -20,7 +20,10 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -203,6 +206,47 @@ def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints, hint: 
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise EgakuError(f"loss became {float(loss)} at step {step}; training stopped, {where}. "
                          f"Try: {hint}, then resume with --resume latest")
+
+
+class StopOnSignal:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM in a training loop into a request: the loop finishes the step it
+    is on, writes a checkpoint and stops, so that ``--resume latest`` continues without losing a step. A second
+    signal stops at once (KeyboardInterrupt), as Ctrl-C always does.
+
+    SIGTERM is what batch schedulers and torchrun send before they kill a job. Handlers go in only on the main
+    thread (where Python delivers signals), and the previous ones come back when the loop ends.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _request(self, signum: int, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(send it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
+
+
+def stop_after_signal(step: int, checkpoint: Path | None, quiet: bool = False) -> None:
+    """End a loop stopped by ``StopOnSignal`` after writing ``checkpoint``: say how to continue (unless ``quiet``:
+    another process says it), then raise KeyboardInterrupt (the CLI exits with 130, like any interrupted command)."""
+    if not quiet:
+        print(f"interrupted at step {step}; checkpoint {checkpoint} written, continue with --resume latest",
+              file=sys.stderr)
+    raise KeyboardInterrupt
 
 
 class MetricsLog:
