@@ -304,6 +304,14 @@ def test_disk_cache_is_reused_by_the_next_run(tmp_path, data_dir, tiny_model_dir
     assert len(calls) == 6  # six images encoded by the first run only
 
 
+def assert_same_lora(run_a: Path, run_b: Path) -> None:
+    a = load_file(run_a / "pytorch_lora_weights.safetensors")
+    b = load_file(run_b / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_resume_twice_equals_uninterrupted(tmp_path, data_dir, tiny_model_dir):
     # flips, dropout, accumulation across epochs and a warmup+cosine schedule all have state to restore
     common = dict(max_steps=4, gradient_accumulation=2, batch_size=2, random_flip=True, dropout=0.1,
@@ -314,11 +322,7 @@ def test_resume_twice_equals_uninterrupted(tmp_path, data_dir, tiny_model_dir):
     assert not (split / "pytorch_lora_weights.safetensors").exists()
     train_lora(options(data_dir, tiny_model_dir, split, stop_at=3, resume="latest", **common))
     train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
-    a = load_file(whole / "pytorch_lora_weights.safetensors")
-    b = load_file(split / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_lora(whole, split)
     # and the logged losses of steps 1-4 agree
     assert [r.split(",")[2] for r in (whole / "loss.csv").read_text().splitlines()[1:]] == \
            [r.split(",")[2] for r in (split / "loss.csv").read_text().splitlines()[1:]]
@@ -340,11 +344,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resume_equals_uninterr
     assert (split / "checkpoints" / "latest").read_text().strip() == "step-000002"
     assert not (split / "pytorch_lora_weights.safetensors").exists()
     train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
-    a = load_file(whole / "pytorch_lora_weights.safetensors")
-    b = load_file(split / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_lora(whole, split)
 
 
 def test_two_process_run_under_torchrun_on_cpu(tmp_path, data_dir, tiny_model_dir):
