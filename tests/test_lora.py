@@ -455,6 +455,29 @@ def test_bad_option_values_are_errors():
         train_lora(TrainLoraOptions())
 
 
+def test_loraplus_trains_the_up_matrices_at_the_given_multiple_of_the_rate(tmp_path, data_dir, tiny_model_dir):
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "plus", max_steps=1, learning_rate=1e-3,
+                             loraplus_lr_ratio=16, train_text_encoder=True, text_encoder_lr=2e-4,
+                             checkpoint_every=1, format="kohya"))
+    state = torch.load(out / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([1e-3, 1.6e-2, 2e-4, 3.2e-3])
+    # each group holds one side of the pairs: as many A as B matrices, in the UNet and in the text encoder
+    sizes = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+    assert sizes[0] == sizes[1] > 0 and sizes[2] == sizes[3] > 0
+    with safe_open(str(out / f"{out.name}.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["ss_network_args"])["loraplus_lr_ratio"] == 16
+    with pytest.raises(EgakuError, match="--loraplus-lr-ratio"):
+        build(TrainLoraOptions, {"loraplus_lr_ratio": -1})
+    # the faster group is the B side
+    from peft import LoraConfig, inject_adapter_in_model
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4)).requires_grad_(False)
+    layer = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), layer)
+    down, up = lora_training.lora_param_groups(layer, 1e-3, 16)
+    assert up["params"] == [layer[0].lora_B["default"].weight] and up["lr"] == pytest.approx(1.6e-2)
+    assert down["params"] == [layer[0].lora_A["default"].weight] and down["lr"] == 1e-3
+
+
 # ---- merge --------------------------------------------------------------------------------------------------
 
 def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained, tiny_model_dir, tmp_path):

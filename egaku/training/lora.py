@@ -99,6 +99,8 @@ class TrainLoraOptions:
     # optimisation
     learning_rate: float = option(1e-4, help="AdamW learning rate (1e-4 is the diffusers LoRA default)")
     text_encoder_lr: float = option(0.0, help="learning rate for text-encoder LoRA (0 = same as --learning-rate)")
+    loraplus_lr_ratio: float = option(0.0, help="LoRA+: the up (B) matrices learn this many times faster than the "
+                                                "down (A) ones (kohya's loraplus_lr_ratio; 16 in the paper); 0 = off")
     lr_scheduler: str = option("constant", help="learning-rate schedule", choices=LR_SCHEDULES)
     lr_warmup_steps: int = option(0, help="linear warmup steps")
     weight_decay: float = option(1e-2, help="AdamW weight decay")
@@ -146,6 +148,7 @@ class TrainLoraOptions:
             (self.alpha >= 0, f"--alpha must be >= 0, got {self.alpha}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"),
+            (self.loraplus_lr_ratio >= 0, f"--loraplus-lr-ratio must be >= 0, got {self.loraplus_lr_ratio}"),
             (self.batch_size >= 1 and self.gradient_accumulation >= 1, "--batch-size and --gradient-accumulation must be >= 1"),
             (self.max_steps > 0 or self.epochs > 0, "give --max-steps or --epochs (> 0)"),
             (self.resolution >= 8, f"--resolution {self.resolution} is too small"),
@@ -216,6 +219,21 @@ def adapters_off(*models: torch.nn.Module):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def lora_param_groups(model: torch.nn.Module, lr: float, loraplus_lr_ratio: float = 0.0,
+                      leave_out: torch.Tensor | None = None) -> list[dict]:
+    """The optimizer groups of a model's trained LoRA parameters: one at ``lr``, or with LoRA+ (Hayou et al. 2024,
+    "LoRA+: Efficient Low Rank Adaptation of Large Models") the up matrices B in a second group at
+    ``lr * loraplus_lr_ratio``: B starts at zero and, at one shared rate, learns features too slowly."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p is not leave_out]
+    if not loraplus_lr_ratio:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    up = [p for n, p in named if ".lora_B." in n or ".lora_embedding_B." in n]
+    if not up:
+        raise EgakuError("--loraplus-lr-ratio: the model has no LoRA up (lora_B) matrices to give a faster rate")
+    down = [p for n, p in named if not (".lora_B." in n or ".lora_embedding_B." in n)]
+    return [{"params": down, "lr": lr}, {"params": up, "lr": lr * loraplus_lr_ratio}]
 
 
 def _step_seed(seed: int, micro: int, rank: int) -> int:
@@ -466,10 +484,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         return (mean + std * torch.randn_like(mean) - shift) * vae.config.scaling_factor
 
     # 4. optimizer, schedule, data order
-    params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": opts.learning_rate}]
+    params = lora_param_groups(unet, opts.learning_rate, opts.loraplus_lr_ratio)
     if opts.train_text_encoder:
-        params.append({"params": [p for p in text_encoder.parameters() if p.requires_grad and p is not token_table],
-                       "lr": opts.text_encoder_lr or opts.learning_rate})
+        params += lora_param_groups(text_encoder, opts.text_encoder_lr or opts.learning_rate, opts.loraplus_lr_ratio,
+                                    leave_out=token_table)
     if token_ids:
         params.append({"params": [token_table], "lr": opts.token_lr or opts.learning_rate, "weight_decay": 0.0})
     optimizer_cls = torch.optim.AdamW
@@ -728,7 +746,8 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
             name = out.resolve().name if out.resolve().name != LORA_WEIGHTS_NAME.split(".")[0] else "lora"
             metadata = kohya_metadata(
                 ss_output_name=name, ss_network_dim=opts.rank, ss_network_alpha=alpha,
-                ss_network_args={"conv_dim": opts.rank, "conv_alpha": alpha} if opts.lora_conv else {},
+                ss_network_args={**({"conv_dim": opts.rank, "conv_alpha": alpha} if opts.lora_conv else {}),
+                                 **({"loraplus_lr_ratio": opts.loraplus_lr_ratio} if opts.loraplus_lr_ratio else {})},
                 ss_num_train_images=num_images, ss_resolution=f"({opts.resolution}, {opts.resolution})",
                 ss_learning_rate=opts.learning_rate, ss_max_train_steps=total_steps or opts.max_steps,
                 ss_lr_scheduler=opts.lr_scheduler, ss_seed=opts.seed, ss_mixed_precision=opts.mixed_precision,
