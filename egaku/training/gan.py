@@ -303,12 +303,12 @@ def train_gan_command(opts: TrainGanOptions) -> None:
                 log.log(step, epoch=epoch + 1, d_loss=d_loss.item(), g_loss=g_loss.item(), d_of_fake=d_fake_p)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, d_loss=f"{d_loss.item():.3f}", g_loss=f"{g_loss.item():.3f}")
-                if step % opts.checkpoint_every == 0:
+                if step % opts.checkpoint_every == 0 or stop.requested:
                     save(step)
                     last_saved = step
                 if stop.requested:
                     bar.close()
-                    stop_after_signal(step, save(step) if step != last_saved else checkpoints.latest())
+                    stop_after_signal(step, checkpoints.latest())
                 if (opts.max_minutes and time.monotonic() - started > opts.max_minutes * 60) or (
                         opts.max_cpu_minutes and time.process_time() - cpu_started > opts.max_cpu_minutes * 60):
                     stopped_by_time = True

@@ -229,10 +229,11 @@ def lora_param_groups(model: torch.nn.Module, lr: float, loraplus_lr_ratio: floa
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p is not leave_out]
     if not loraplus_lr_ratio:
         return [{"params": [p for _, p in named], "lr": lr}]
-    up = [p for n, p in named if ".lora_B." in n or ".lora_embedding_B." in n]
+    down, up = [], []
+    for n, p in named:
+        (up if ".lora_B." in n or ".lora_embedding_B." in n else down).append(p)
     if not up:
         raise EgakuError("--loraplus-lr-ratio: the model has no LoRA up (lora_B) matrices to give a faster rate")
-    down = [p for n, p in named if not (".lora_B." in n or ".lora_embedding_B." in n)]
     return [{"params": down, "lr": lr}, {"params": up, "lr": lr * loraplus_lr_ratio}]
 
 
@@ -648,12 +649,13 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                             states = torch.stack([cache.store[f"text|{t}"] for t in texts]).to(device)
                         else:
                             states = encode_text(texts)
-                        prior_rows = [k for k, i in enumerate(indices) if i >= len(scan.items)]
-                        if opts.prior_target == "base" and prior_rows:
+                        prior_rows = ([row for row, i in enumerate(indices) if i >= len(scan.items)]
+                                      if opts.prior_target == "base" else [])
+                        if prior_rows:
                             target = target.clone()
                             target[prior_rows] = base_prediction(
                                 noisy[prior_rows], timesteps[prior_rows], states[prior_rows],
-                                [texts[k] for k in prior_rows]).float()
+                                [texts[row] for row in prior_rows]).float()
                         pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
                     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     weights = item_weight[indices].to(device)
