@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--renders-per-image", type=int, default=1,
                         help="render each training image's attributes this many times, with new jitter and rotation "
                              "(what geometric augmentation of a photo gives: more images, no new combinations)")
+    parser.add_argument("--masks", action="store_true",
+                        help="write each star image's shape mask (the renderer's) and train with them as loss masks "
+                             "(--mask-dir); --set unmasked_weight=W keeps some loss on the background")
     parser.add_argument("--eval-prompts", type=int, default=60)
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--rank", type=int, default=8)
@@ -112,7 +115,7 @@ def main() -> None:
             extra[name] = value
     # checked beside the regularization folder the bench itself provides (--prior-target base needs one)
     config.build(TrainLoraOptions, {**({"prior_data": "prior"} if args.prior_images or args.prior_rendered else {}),
-                                    **extra})
+                                    **({"mask_dir": "masks"} if args.masks else {}), **extra})
     if "alpha" in extra and args.eval_every:
         parser.error("--set alpha=... with --eval-every: the checkpoints' LoRA files are read as alpha = rank")
     pipe = load_pipeline(args.model, device="cpu", dtype="float32")
@@ -125,7 +128,8 @@ def main() -> None:
         again = shapes.sample_attributes(len(specs) * (args.renders_per_image - 1), seed=12, split=args.data_split)
         specs = specs + [dataclasses.replace(specs[i % len(specs)], dx=a.dx, dy=a.dy, angle=a.angle)
                          for i, a in enumerate(again)]
-    shapes.write_caption_folder(specs, data, size, "star" if args.data_split == "novel" else "old")
+    shapes.write_caption_folder(specs, data, size, "star" if args.data_split == "novel" else "old",
+                                mask_folder=work / "masks" if args.masks else None)
     old_prompts = prompt_set("seen", args.eval_prompts)
     sampling = {"steps": args.sample_steps, "guidance_scale": args.guidance}
 
@@ -157,6 +161,7 @@ def main() -> None:
                                       max_steps=args.train_steps, checkpoint_every=args.eval_every,
                                       keep_checkpoints=10**6, min_images=args.images,
                                       caption_dropout=args.caption_dropout, repeats=args.repeats, **prior,
+                                      **({"mask_dir": str(work / "masks")} if args.masks else {}),
                                       timestep_sampling=args.timestep_sampling, uniform_share=args.uniform_share,
                                       logit_mean=args.logit_mean, mixed_precision=args.mixed_precision,
                                       format="diffusers", progress=False), extra))

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from egaku.data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
 from egaku.data.folder import scan_image_folder
-from egaku.data.images import ImageError, open_image
+from egaku.data.images import ImageError, alpha_channel, decode_image, open_image
+from egaku.data.masks import find_mask_files, latent_mask, load_mask, masked_mean
 from egaku.errors import EgakuError
 
 
@@ -164,3 +166,84 @@ def test_batches_hold_one_bucket_and_are_reproducible_per_epoch():
     assert sorted(i for b in epoch0 for i in b) == list(range(8))
     for batch in epoch0:
         assert len({bucket_of[i] for i in batch}) == 1
+
+
+# ---- loss masks ------------------------------------------------------------------------------------
+
+def test_alpha_channel_is_read_before_compositing(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 4, 8))
+    rgba.save(tmp_path / "half.png")
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.info["transparency"] = 1
+    pal.save(tmp_path / "pal.png", transparency=1)
+    Image.new("RGB", (8, 8)).save(tmp_path / "opaque.png")
+    alpha = np.asarray(alpha_channel(decode_image(tmp_path / "half.png")))
+    assert alpha[:, :4].min() == 255 and alpha[:, 4:].max() == 0
+    assert np.asarray(alpha_channel(decode_image(tmp_path / "pal.png"))).max() == 0
+    assert alpha_channel(decode_image(tmp_path / "opaque.png")) is None
+    assert np.asarray(open_image(tmp_path / "half.png"))[:, 4:].min() == 255  # the RGB image is still on white
+
+
+def test_mask_files_are_found_by_relative_path_and_any_extension_and_missing_ones_named(tmp_path):
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    for rel in ("cat/a.jpg", "cat/b.jpg", "dog/c.png"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 8)).save(data / rel)
+    (masks / "cat").mkdir(parents=True)
+    Image.new("L", (16, 8), 255).save(masks / "cat" / "a.png")  # a JPEG's mask stored losslessly
+    Image.new("L", (16, 8), 255).save(masks / "cat" / "b.jpg")
+    scan = scan_image_folder(data)
+    with pytest.raises(EgakuError, match=r"1 of 3 training images have no mask in .*: dog/c\.png"):
+        find_mask_files(scan, masks)
+    (masks / "dog").mkdir()
+    Image.new("L", (16, 8), 255).save(masks / "dog" / "c.png")
+    assert [p.relative_to(masks).as_posix() for p in find_mask_files(scan, masks)] == ["cat/a.png", "cat/b.jpg",
+                                                                                       "dog/c.png"]
+    with pytest.raises(EgakuError, match="--mask-dir 'nowhere' does not exist"):
+        find_mask_files(scan, "nowhere")
+
+
+def test_a_mask_is_its_red_channel_and_must_have_its_images_shape(tmp_path):
+    Image.new("RGB", (16, 8), (128, 0, 255)).save(tmp_path / "rgb.png")
+    Image.new("LA", (16, 8), (200, 0)).save(tmp_path / "grey_alpha.png")
+    Image.fromarray(np.full((8, 16), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
+    Image.new("L", (8, 8), 255).save(tmp_path / "square.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n")
+    image = tmp_path / "image.png"
+    assert np.asarray(load_mask(image, (16, 8), tmp_path / "rgb.png")).max() == 128
+    assert np.asarray(load_mask(image, (32, 16), tmp_path / "grey_alpha.png")).min() == 200  # alpha not read
+    assert np.asarray(load_mask(image, (16, 8), tmp_path / "deep.png")).min() == 255
+    with pytest.raises(EgakuError, match=r"square\.png is 8x8 but its image .* is 16x8"):
+        load_mask(image, (16, 8), tmp_path / "square.png")
+    with pytest.raises(EgakuError, match=r"mask .*broken\.png: not an image file"):
+        load_mask(image, (16, 8), tmp_path / "broken.png")
+
+
+def test_latent_mask_is_cropped_flipped_and_pooled_as_its_image_is():
+    rng = np.random.default_rng(0)
+    mask = Image.fromarray(rng.integers(0, 256, (60, 100)).astype(np.uint8), "L")
+    bucket = (64, 32)
+    for flip in (False, True):
+        got = latent_mask(mask, bucket, flip, factor=8)
+        assert got.shape == (1, 4, 8)
+        # the same crop and flip applied to an RGB image whose red channel is the mask
+        red = (to_tensor(fit_to_bucket(mask.convert("RGB"), bucket), flip=flip)[:1] + 1) / 2
+        want = red.reshape(1, 4, 8, 8, 8).mean(dim=(2, 4))
+        assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(latent_mask(mask, bucket, False, 8), latent_mask(mask, bucket, True, 8))
+
+
+def test_masked_mean_is_the_mean_over_the_mask():
+    values = torch.rand(2, 4, 3, 3)
+    weights = torch.zeros(2, 1, 3, 3)
+    weights[:, :, 0] = 1  # the top row only
+    spoiled = values.clone()
+    spoiled[:, :, 1:] = 1e6  # what the mask leaves out does not count
+    assert torch.allclose(masked_mean(spoiled, weights), values[:, :, 0].mean(dim=(1, 2)))
+    assert torch.equal(masked_mean(values, torch.ones(2, 1, 3, 3)), values.mean(dim=(1, 2, 3)))
+    # a mask's size does not change an image's share of the loss: the same error on 1 or 9 pixels weighs the same
+    small = torch.zeros(1, 1, 3, 3)
+    small[..., 1, 1] = 1
+    assert torch.allclose(masked_mean(torch.full((1, 4, 3, 3), 2.0), small), torch.tensor([2.0]))

@@ -710,3 +710,96 @@ def test_token_init_starts_a_trained_word_from_another_words_embedding(tmp_path,
         options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["star"], token_init=["circle", "square"])
     with pytest.raises(EgakuError, match=r"--token-init: 'zqxjv' is \d+ tokens"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["star"], token_init=["zqxjv"]))
+
+
+# ---- loss masks ---------------------------------------------------------------------------------------
+
+def write_masks(data: Path, masks: Path, value) -> Path:
+    """A mask for each image of ``data`` under the same name: ``value(width, height)`` -> greyscale image."""
+    for image in sorted(data.rglob("*.png")):
+        target = masks / image.relative_to(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(image) as img:
+            value(*img.size).save(target)
+    return masks
+
+
+def left_half(width: int, height: int) -> Image.Image:
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (0, 0, width // 2, height))
+    return mask
+
+
+def test_loss_masks_weigh_the_loss_and_white_masks_train_as_no_masks(tmp_path, data_dir, tiny_model_dir,
+                                                                     monkeypatch):
+    common = dict(max_steps=3, batch_size=2, learning_rate=5e-2, random_flip=True, format="diffusers")
+    flips_asked = []  # a flipped image takes its mask flipped: both orientations are made for each image
+    real_latent_mask = lora_training.latent_mask
+    monkeypatch.setattr(lora_training, "latent_mask",
+                        lambda mask, bucket, flip, factor: flips_asked.append(flip) or real_latent_mask(
+                            mask, bucket, flip, factor))
+    plain = train_lora(options(data_dir, tiny_model_dir, tmp_path / "plain", **common))
+    white = write_masks(data_dir, tmp_path / "white", lambda w, h: Image.new("L", (w, h), 255))
+    assert_same_lora(plain, train_lora(options(data_dir, tiny_model_dir, tmp_path / "white-run",
+                                               mask_dir=str(white), **common)))
+    half = write_masks(data_dir, tmp_path / "half", left_half)
+    masked = train_lora(options(data_dir, tiny_model_dir, tmp_path / "half-run", mask_dir=str(half), **common))
+    weights_plain, weights_masked = (load_file(run / "pytorch_lora_weights.safetensors") for run in (plain, masked))
+    assert any(not torch.allclose(weights_plain[k], weights_masked[k]) for k in weights_plain)
+    assert f"loss masks: 6 from {half}" in (masked / "data_report.txt").read_text()
+    assert sorted(flips_asked) == [False] * 12 + [True] * 12  # two runs with masks, 6 images each
+    assert json.loads((masked / "training_config.json").read_text())["mask_dir"] == str(half)
+    # the losses differ too: the masked run's is the mean over the left halves only
+    losses = [[float(r.split(",")[2]) for r in (run / "loss.csv").read_text().splitlines()[1:]]
+              for run in (plain, masked)]
+    assert losses[0][0] != losses[1][0]
+
+
+def test_alpha_mask_trains_as_the_same_mask_given_as_a_file(tmp_path, data_dir, tiny_model_dir):
+    """--alpha-mask reads the transparency the RGB image loses when it is composited on white."""
+    flat, transparent = tmp_path / "flat", tmp_path / "transparent"
+    for image in sorted(data_dir.rglob("*.png")):
+        rel = image.relative_to(data_dir)
+        for folder in (flat, transparent):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(image) as img:
+            rgba = img.convert("RGBA")
+        alpha = left_half(*rgba.size)
+        rgba.paste((255, 255, 255, 0), (rgba.width // 2, 0, rgba.width, rgba.height))  # clear, white beneath
+        rgba.putalpha(alpha)
+        rgba.save(transparent / rel)
+        rgba.convert("RGB").save(flat / rel)  # the same pixels as the composite on white
+    masks = write_masks(flat, tmp_path / "masks", left_half)
+    common = dict(max_steps=2, batch_size=2, learning_rate=5e-2, format="diffusers")
+    from_alpha = train_lora(options(transparent, tiny_model_dir, tmp_path / "alpha", alpha_mask=True, **common))
+    from_files = train_lora(options(flat, tiny_model_dir, tmp_path / "files", mask_dir=str(masks), **common))
+    assert_same_lora(from_alpha, from_files)
+    assert "loss masks: the transparency of 6 image(s)" in (from_alpha / "data_report.txt").read_text()
+    # images without transparency train everywhere, and the report says so
+    opaque = train_lora(options(flat, tiny_model_dir, tmp_path / "opaque", alpha_mask=True, **common))
+    assert "the transparency of 0 image(s); 6 have none and train everywhere" in \
+           (opaque / "data_report.txt").read_text()
+    assert_same_lora(opaque, train_lora(options(flat, tiny_model_dir, tmp_path / "unmasked", **common)))
+
+
+def test_bad_loss_masks_are_clear_errors(tmp_path, data_dir, tiny_model_dir):
+    with pytest.raises(EgakuError, match="choose one"):
+        options(data_dir, tiny_model_dir, tmp_path / "x", mask_dir="m", alpha_mask=True)
+    with pytest.raises(EgakuError, match="--unmasked-weight .* needs --mask-dir or --alpha-mask"):
+        options(data_dir, tiny_model_dir, tmp_path / "x", unmasked_weight=0.5)
+    with pytest.raises(EgakuError, match=r"--unmasked-weight must be in \[0, 1\]"):
+        options(data_dir, tiny_model_dir, tmp_path / "x", mask_dir="m", unmasked_weight=2.0)
+    masks = write_masks(data_dir, tmp_path / "masks", left_half)
+    (masks / "red_star" / "1.png").unlink()
+    with pytest.raises(EgakuError, match=r"1 of 6 training images have no mask .*red_star/1\.png"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "missing", mask_dir=str(masks)))
+    Image.new("L", (64, 40), 0).save(masks / "red_star" / "1.png")  # black everywhere
+    with pytest.raises(EgakuError, match=r"loss mask of .*1\.png is black everywhere .*--unmasked-weight"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "black", mask_dir=str(masks)))
+    # with --unmasked-weight the black mask trains that image a little
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "floor", mask_dir=str(masks), unmasked_weight=0.1,
+                             max_steps=1, format="diffusers"))
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    Image.new("L", (40, 40), 255).save(masks / "red_star" / "1.png")  # an image of 64x40
+    with pytest.raises(EgakuError, match=r"1\.png is 40x40 but its image .* is 64x40"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "shape", mask_dir=str(masks)))

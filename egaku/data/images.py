@@ -43,6 +43,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode fully, apply EXIF orientation, convert to RGB; raise ``ImageError`` otherwise."""
+    return to_rgb(decode_image(source, max_pixels))
+
+
+def alpha_channel(img: Image.Image) -> Image.Image | None:
+    """The transparency of ``img`` as an 8-bit greyscale image (255 = opaque), or None when it has none."""
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        return img.convert("RGBA").getchannel("A")
+    return None
+
+
+def decode_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """``open_image`` without the conversion to RGB: the decoded image in its own mode, EXIF orientation applied."""
     name = "upload" if isinstance(source, bytes) else str(source)
     if not isinstance(source, bytes):
         path = Path(source)
@@ -71,8 +83,7 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
         raise ImageError(f"{name}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: could not decode ({exc}); the file may be truncated or corrupt") from None
-    img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+    return ImageOps.exif_transpose(img)
 
 
 def image_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2,

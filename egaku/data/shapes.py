@@ -157,15 +157,23 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 
 def render(spec: ShapeSpec, size: int = SIZE) -> Image.Image:
     """Draw one image of ``spec`` (RGB, ``size`` x ``size``)."""
+    return _draw(spec, size, "RGB", BACKGROUNDS[spec.background], COLOURS[spec.colour])
+
+
+def render_mask(spec: ShapeSpec, size: int = SIZE) -> Image.Image:
+    """Where the shape of ``render(spec)`` lies: white on black, grey along its anti-aliased edge (a loss mask)."""
+    return _draw(spec, size, "L", 0, 255)
+
+
+def _draw(spec: ShapeSpec, size: int, mode: str, background, fill) -> Image.Image:
     for name in ATTRIBUTES:
         if getattr(spec, name) not in ATTRIBUTES[name]:
             raise ValueError(f"unknown {name} {getattr(spec, name)!r}; choose from {', '.join(ATTRIBUTES[name])}")
     s = SUPERSAMPLE * size / SIZE
-    big = Image.new("RGB", (round(SIZE * s),) * 2, BACKGROUNDS[spec.background])
+    big = Image.new(mode, (round(SIZE * s),) * 2, background)
     draw = ImageDraw.Draw(big)
     cx, cy = POSITIONS[spec.position]
     cx, cy, r = (cx + spec.dx) * s, (cy + spec.dy) * s, SIZES[spec.size] * s
-    fill = COLOURS[spec.colour]
     if spec.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
@@ -234,15 +242,21 @@ def make_dataset(n: int, seed: int, split: str = "train", size: int = SIZE) -> t
     return images, specs
 
 
-def write_caption_folder(specs: list[ShapeSpec], folder: str | Path, size: int = SIZE, prefix: str = "shape") -> int:
+def write_caption_folder(specs: list[ShapeSpec], folder: str | Path, size: int = SIZE, prefix: str = "shape",
+                         mask_folder: str | Path | None = None) -> int:
     """Render ``specs`` into ``folder`` with a diffusers-layout ``metadata.jsonl`` of their captions
-    (what ``egaku train-lora --data`` reads); returns the number of images written."""
+    (what ``egaku train-lora --data`` reads), and their shapes' masks under the same names into ``mask_folder``
+    (``--mask-dir``); returns the number of images written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if mask_folder is not None:
+        Path(mask_folder).mkdir(parents=True, exist_ok=True)
     rows = []
     for i, spec in enumerate(specs):
         name = f"{prefix}-{i:03d}.png"
         render(spec, size=size).save(folder / name)
+        if mask_folder is not None:
+            render_mask(spec, size=size).save(Path(mask_folder) / name)
         rows.append(json.dumps({"file_name": name, "text": spec.caption}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return len(rows)

@@ -10,7 +10,8 @@ The loop (read top to bottom in ``train_lora``):
      and every caption with the text encoder ONCE (the latent distribution's mean and std are cached, so
      each step still draws a fresh ``latent_dist.sample()``); a frozen, cached text encoder is dropped;
   4. each step: noise and timesteps, ``noise_scheduler.add_noise``, target = epsilon or v as the model's
-     scheduler config says, MSE with optional min-SNR-gamma weighting and noise offset;
+     scheduler config says, MSE (optionally weighted by loss masks) with optional min-SNR-gamma weighting and
+     noise offset;
   5. atomic checkpoints (LoRA weights, optimizer, LR scheduler, RNG, step, data position), validation
      grids at fixed prompts and seeds, CSV loss log;
   6. write ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys) and/or the kohya file.
@@ -39,6 +40,7 @@ from ..config import option, save_config, to_dict
 from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
 from ..data.folder import scan_image_folder
 from ..data.images import image_grid
+from ..data.masks import find_mask_files, latent_mask, load_mask, masked_mean
 from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
@@ -83,6 +85,14 @@ class TrainLoraOptions:
     caption_dropout: float = option(0.0, help="share of images trained on the empty caption (kohya's "
                                     "caption_dropout_rate): keeps the unconditional prediction that "
                                     "classifier-free guidance subtracts in step with the adapter")
+    # loss masks (kohya's masked loss)
+    mask_dir: str = option("", help="folder of loss masks laid out like --data (same sub-folder and file name, any "
+                           "image extension; kohya's conditioning_data_dir): white trains, black is left out, grey "
+                           "weighs in between; each image's loss is the mean over its mask")
+    alpha_mask: bool = option(False, help="use each training image's transparency as its loss mask (kohya's "
+                              "alpha_mask); images without transparency train everywhere")
+    unmasked_weight: float = option(0.0, help="loss weight where a mask is black (OneTrainer's unmasked_weight): "
+                                    "above 0 the background still trains a little")
     # LoRA
     rank: int = option(8, help="LoRA rank (size of the low-rank update)")
     alpha: float = option(0.0, help="LoRA alpha; the update is scaled by alpha/rank (0 means alpha = rank)")
@@ -157,6 +167,10 @@ class TrainLoraOptions:
             (0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
+            (not (self.mask_dir and self.alpha_mask), "--mask-dir and --alpha-mask both give loss masks; choose one"),
+            (0 <= self.unmasked_weight <= 1, f"--unmasked-weight must be in [0, 1], got {self.unmasked_weight}"),
+            (self.unmasked_weight == 0 or self.mask_dir or self.alpha_mask,
+             "--unmasked-weight weighs the black part of loss masks: it needs --mask-dir or --alpha-mask"),
             (not (self.prior_images or self.prior_prompts) or self.prior_data,
              "--prior-images/--prior-prompts need --prior-data: the folder the regularization images go to"),
             (self.prior_target == "data" or self.prior_data,
@@ -354,6 +368,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "data_report.txt").write_text(scan.report() + "\n")
     say(scan.report())
+    mask_files = find_mask_files(scan, opts.mask_dir) if opts.mask_dir else None  # missing masks: an error now
     pipe = _load_base(opts.model)
     prior_items = []
     if opts.prior_data:
@@ -473,6 +488,32 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         if opts.cache_latents:  # validation only decodes: the encoder's memory (136 MB on SD 1.x) goes back
             vae.encoder = vae.quant_conv = None
         gc.collect()
+
+    # loss masks on the latent grid, per training image and orientation; images without one train everywhere
+    mask_of: dict[tuple[int, bool], torch.Tensor] = {}
+    if opts.mask_dir or opts.alpha_mask:
+        for i, item in enumerate(scan.items):
+            mask = load_mask(item.path, item.size, mask_files[i] if mask_files else None)
+            for flip in flips if mask is not None else ():
+                mask_of[i, flip] = latent_mask(mask, bucket_of[i], flip, vae_scale)
+                if opts.unmasked_weight == 0 and float(mask_of[i, flip].max()) == 0:
+                    raise EgakuError(f"the loss mask of {item.path} is black everywhere in its {bucket_of[i][0]}x"
+                                     f"{bucket_of[i][1]} crop: nothing of that image would train. Fix the mask, "
+                                     "remove the image, or set --unmasked-weight above 0")
+        masked = len({i for i, _ in mask_of})
+        note = (f"loss masks: {masked} from {opts.mask_dir}" if opts.mask_dir else
+                f"loss masks: the transparency of {masked} image(s)"
+                + (f"; {len(scan.items) - masked} have none and train everywhere" if masked < len(scan.items) else ""))
+        if main:
+            with open(out / "data_report.txt", "a") as fh:
+                fh.write(note + "\n")
+        say(note)
+
+    def loss_weights(indices: list[int], flip_draws: list[bool], shape: torch.Size) -> torch.Tensor:
+        """(B, 1, h, w): each latent pixel's loss weight; regularization images have no mask."""
+        everywhere = torch.ones(1, *shape[-2:])
+        return torch.stack([mask_of.get((i, f), everywhere) for i, f in zip(indices, flip_draws)]
+                           ).clamp(min=opts.unmasked_weight).to(device)
 
     def latents_of(indices: list[int], flip_draws: list[bool]) -> torch.Tensor:
         if opts.cache_latents:
@@ -657,7 +698,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                                 noisy[prior_rows], timesteps[prior_rows], states[prior_rows],
                                 [texts[row] for row in prior_rows]).float()
                         pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
-                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    squared_error = F.mse_loss(pred.float(), target.float(), reduction="none")
+                    per_sample = (masked_mean(squared_error, loss_weights(indices, flip_draws, latents.shape))
+                                  if mask_of else squared_error.mean(dim=(1, 2, 3)))
                     weights = item_weight[indices].to(device)
                     if opts.min_snr_gamma:
                         weights = weights * min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma,
