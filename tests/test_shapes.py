@@ -108,3 +108,22 @@ def test_caption_folder_is_what_train_lora_reads(tmp_path):
     assert shapes.write_caption_folder(specs, tmp_path / "stars", size=32, prefix="star") == 5
     scan = scan_image_folder(tmp_path / "stars")
     assert sorted(i.caption for i in scan.items) == sorted(s.caption for s in specs) and not scan.skipped
+
+
+def test_shape_masks_cover_the_shape_and_are_what_mask_dir_reads(tmp_path):
+    """render_mask is white where render draws the shape and black on its background; write_caption_folder puts
+    each mask under its image's name, where --mask-dir finds it."""
+    from egaku.data.folder import scan_image_folder
+    from egaku.data.masks import find_mask_files
+
+    for spec in shapes.sample_attributes(6, seed=5, split="novel"):
+        image = np.asarray(shapes.render(spec)).astype(int)
+        mask = np.asarray(shapes.render_mask(spec))
+        background = np.array(shapes.BACKGROUNDS[spec.background])
+        on_shape = np.abs(image - background).max(axis=2) > 0
+        assert (mask[~on_shape] == 0).all() and (mask[on_shape] > 0).all()
+        assert (mask == 255).sum() > 0.5 * on_shape.sum()  # solid inside, grey only along the edge
+    specs = shapes.sample_attributes(3, seed=3, split="novel")
+    shapes.write_caption_folder(specs, tmp_path / "stars", size=32, prefix="star", mask_folder=tmp_path / "masks")
+    found = find_mask_files(scan_image_folder(tmp_path / "stars"), tmp_path / "masks")
+    assert [p.name for p in found] == ["star-000.png", "star-001.png", "star-002.png"]
