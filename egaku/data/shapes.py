@@ -157,18 +157,19 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 
 def render(spec: ShapeSpec, size: int = SIZE) -> Image.Image:
     """Draw one image of ``spec`` (RGB, ``size`` x ``size``)."""
-    return _draw(spec, size, "RGB", BACKGROUNDS[spec.background], COLOURS[spec.colour])
+    return _draw(spec, size, mask=False)
 
 
 def render_mask(spec: ShapeSpec, size: int = SIZE) -> Image.Image:
     """Where the shape of ``render(spec)`` lies: white on black, grey along its anti-aliased edge (a loss mask)."""
-    return _draw(spec, size, "L", 0, 255)
+    return _draw(spec, size, mask=True)
 
 
-def _draw(spec: ShapeSpec, size: int, mode: str, background, fill) -> Image.Image:
+def _draw(spec: ShapeSpec, size: int, mask: bool) -> Image.Image:
     for name in ATTRIBUTES:
         if getattr(spec, name) not in ATTRIBUTES[name]:
             raise ValueError(f"unknown {name} {getattr(spec, name)!r}; choose from {', '.join(ATTRIBUTES[name])}")
+    mode, background, fill = ("L", 0, 255) if mask else ("RGB", BACKGROUNDS[spec.background], COLOURS[spec.colour])
     s = SUPERSAMPLE * size / SIZE
     big = Image.new(mode, (round(SIZE * s),) * 2, background)
     draw = ImageDraw.Draw(big)
