@@ -11,6 +11,20 @@ The public Python API (imported lazily, so ``import egaku`` is instant)::
 from __future__ import annotations
 
 import importlib
+import logging
+
+
+class _NoImageProcessorFallbackNotice(logging.Filter):
+    """transformers announces, when diffusers' pipelines import CLIPImageProcessor, that it falls back to the PIL
+    version because torchvision is not installed. egaku never runs an image processor (no safety checker), and
+    torchvision cannot be installed beside the CPU build of torch this project pins, so the notice says nothing
+    to act on; every other transformers message still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallbackNotice())
 
 _EXPORTS = {
     "load_pipeline": "egaku.models.loading",
