@@ -203,6 +203,8 @@ def test_mask_files_are_found_by_relative_path_and_any_extension_and_missing_one
                                                                                        "dog/c.png"]
     with pytest.raises(EgakuError, match="--mask-dir 'nowhere' does not exist"):
         find_mask_files(scan, "nowhere")
+    with pytest.raises(EgakuError, match="lies inside --data .* move the masks to a folder beside the data"):
+        find_mask_files(scan, data / "cat")
 
 
 def test_a_mask_is_its_red_channel_and_must_have_its_images_shape(tmp_path):

@@ -31,6 +31,9 @@ def find_mask_files(scan: FolderScan, mask_dir: str | Path) -> list[Path]:
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise EgakuError(f"--mask-dir {str(mask_dir)!r} does not exist or is not a folder")
+    if mask_dir.resolve().is_relative_to(scan.root.resolve()):
+        raise EgakuError(f"--mask-dir {str(mask_dir)!r} lies inside --data {str(scan.root)!r}, so its masks would be "
+                         "read as training images too; move the masks to a folder beside the data")
     found, missing = [], []
     for item in scan.items:
         rel = item.path.relative_to(scan.root)
