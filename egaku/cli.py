@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import typing
 
@@ -81,8 +80,6 @@ def parse(argv: list[str]) -> tuple[typing.Callable, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # transformers warns about optional image backends on import; our users need none of that noise
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = sys.argv[1:] if argv is None else argv
     try:
         func, opts = parse(argv)

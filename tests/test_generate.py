@@ -437,9 +437,8 @@ def test_lora_is_removed_after_the_call_and_scale_matters(pipe, lora_dir):
 
 def test_transformers_torchvision_fallback_notice_is_silenced_and_other_messages_are_not():
     """Importing diffusers' pipelines makes transformers announce its PIL image processors; egaku hides that one
-    notice from Python API users (torchvision cannot be installed beside the pinned CPU torch) and nothing else.
-    (The CLI quiets transformers' warnings as a whole, through TRANSFORMERS_VERBOSITY, which other tests' CLI runs
-    leave in this process's environment: the child processes run without it.)"""
+    notice (torchvision cannot be installed beside the pinned CPU torch) and nothing else. The child processes
+    run without TRANSFORMERS_VERBOSITY, which would hide both."""
     import os
     import subprocess
     import sys
