@@ -494,12 +494,14 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if opts.mask_dir or opts.alpha_mask:
         for i, item in enumerate(scan.items):
             mask = load_mask(item.path, item.size, mask_files[i] if mask_files else None)
-            for flip in flips if mask is not None else ():
+            if mask is None:
+                continue
+            for flip in flips:
                 mask_of[i, flip] = latent_mask(mask, bucket_of[i], flip, vae_scale)
-                if opts.unmasked_weight == 0 and float(mask_of[i, flip].max()) == 0:
-                    raise EgakuError(f"the loss mask of {item.path} is black everywhere in its {bucket_of[i][0]}x"
-                                     f"{bucket_of[i][1]} crop: nothing of that image would train. Fix the mask, "
-                                     "remove the image, or set --unmasked-weight above 0")
+            if opts.unmasked_weight == 0 and float(mask_of[i, False].max()) == 0:  # a flip moves no weight
+                raise EgakuError(f"the loss mask of {item.path} is black everywhere in its {bucket_of[i][0]}x"
+                                 f"{bucket_of[i][1]} crop: nothing of that image would train. Fix the mask, "
+                                 "remove the image, or set --unmasked-weight above 0")
         masked = len({i for i, _ in mask_of})
         note = (f"loss masks: {masked} from {opts.mask_dir}" if opts.mask_dir else
                 f"loss masks: the transparency of {masked} image(s)"
