@@ -249,3 +249,37 @@ def test_masked_mean_is_the_mean_over_the_mask():
     small = torch.zeros(1, 1, 3, 3)
     small[..., 1, 1] = 1
     assert torch.allclose(masked_mean(torch.full((1, 4, 3, 3), 2.0), small), torch.tensor([2.0]))
+
+
+def test_vary_caption_keeps_the_leading_tags_and_shuffles_or_drops_only_the_rest():
+    from egaku.data.captions import split_tags, vary_caption
+
+    caption = "sks,  dog , sitting, grass, sunny, collar"
+    assert split_tags(caption) == ["sks", "dog", "sitting", "grass", "sunny", "collar"]
+    assert split_tags("  ") == []
+    seen = set()
+    for seed in range(30):
+        varied = vary_caption(caption, shuffle=True, keep_tokens=2, generator=torch.Generator().manual_seed(seed))
+        tags = varied.split(", ")
+        assert tags[:2] == ["sks", "dog"] and sorted(tags[2:]) == ["collar", "grass", "sitting", "sunny"]
+        seen.add(varied)
+    assert len(seen) > 5  # 24 orders of the four free tags
+    # the same generator state gives the same caption (resume replays a step's captions)
+    assert vary_caption(caption, True, 1, 0.3, torch.Generator().manual_seed(7)) == \
+           vary_caption(caption, True, 1, 0.3, torch.Generator().manual_seed(7))
+    # without shuffling the order stays; dropout removes only free tags, about as often as asked
+    lengths = []
+    for seed in range(200):
+        tags = vary_caption(caption, False, 1, 0.5, torch.Generator().manual_seed(seed)).split(", ")
+        assert tags[0] == "sks" and tags[1:] == [t for t in split_tags(caption)[1:] if t in tags[1:]]
+        lengths.append(len(tags) - 1)
+    assert 2.0 < np.mean(lengths) < 3.0  # 5 free tags kept with probability 0.5
+    assert vary_caption(caption, False, 6, 0.9) == ", ".join(split_tags(caption))  # every tag held
+    assert vary_caption("", True, 0, 0.5) == ""
+
+
+def test_tag_frequency_counts_tags_lower_cased():
+    from egaku.data.captions import tag_frequency
+
+    assert tag_frequency(["sks, Dog, grass", "sks, dog", "", "a photo of sks"]) == \
+           {"sks": 2, "dog": 2, "grass": 1, "a photo of sks": 1}

@@ -639,6 +639,56 @@ def test_caption_dropout_trains_on_the_empty_caption(tmp_path, data_dir, tiny_mo
     assert config["caption_dropout"] == 0.9
 
 
+def test_shuffled_and_dropped_tags_are_encoded_each_step_and_resume_exactly(tmp_path, data_dir, tiny_model_dir,
+                                                                            monkeypatch):
+    """--shuffle-caption / --keep-tokens / --caption-tag-dropout: each step encodes its own version of a tag
+    caption (the text encoder is not cached), the run is reproducible across a resume, and the kohya file
+    records the options and each folder's tag frequency."""
+    import shutil
+
+    tagged = tmp_path / "tagged"
+    shutil.copytree(data_dir, tagged)
+    for image in sorted(tagged.rglob("*.png")):
+        image.with_suffix(".txt").write_text(f"sks, {image.parent.name}, Round, plain background, small")
+    encoded: list[str] = []
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    real_call = PreTrainedTokenizerBase.__call__
+
+    def recording_call(self, text=None, *args, **kwargs):
+        encoded.extend([text] if isinstance(text, str) else list(text or []))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", recording_call)
+    common = dict(max_steps=4, batch_size=2, learning_rate=5e-2, caption_template="{class}", format="both",
+                  shuffle_caption=True, keep_tokens=1, caption_tag_dropout=0.2, checkpoint_every=1)
+    whole = train_lora(options(tagged, tiny_model_dir, tmp_path / "whole", **common))
+    step_texts = [t for t in encoded if t.startswith("sks")]
+    assert len(step_texts) >= 4 * 2  # every image of every step went through the text encoder
+    assert all(t.split(", ")[0] == "sks" for t in step_texts)
+    assert len(set(step_texts)) > 3  # orders and dropped tags differ from step to step
+    assert any("small" not in t for t in step_texts)
+    plain = train_lora(options(tagged, tiny_model_dir, tmp_path / "plain",
+                               **{**common, "shuffle_caption": False, "keep_tokens": 0, "caption_tag_dropout": 0.0}))
+    a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (whole, plain))
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    split = tmp_path / "split"
+    train_lora(options(tagged, tiny_model_dir, split, stop_at=2, **common))
+    train_lora(options(tagged, tiny_model_dir, split, resume="latest", **common))
+    assert_same_lora(whole, split)
+    with safe_open(str(whole / "whole.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "1"
+    assert meta["ss_caption_tag_dropout_rate"] == "0.2"
+    frequency = json.loads(meta["ss_tag_frequency"])
+    assert frequency == {"tagged": {"sks": 6, "red_star": 3, "blue_circle": 3, "round": 6, "plain background": 6,
+                                    "small": 6}}
+    with pytest.raises(EgakuError, match="--keep-tokens"):
+        options(tagged, tiny_model_dir, tmp_path / "x", keep_tokens=2)
+    with pytest.raises(EgakuError, match="--caption-tag-dropout"):
+        options(tagged, tiny_model_dir, tmp_path / "x", caption_tag_dropout=1.0)
+
+
 def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lora(tmp_path, data_dir,
                                                                                     tiny_model_dir):
     """Pivotal tuning: the word's embedding trains with the LoRA, is saved beside it and comes with it."""

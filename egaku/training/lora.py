@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..config import option, save_config, to_dict
 from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
+from ..data.captions import tag_frequency, vary_caption
 from ..data.folder import scan_image_folder
 from ..data.images import image_grid
 from ..data.masks import find_mask_files, latent_mask, load_mask, masked_mean
@@ -85,6 +86,14 @@ class TrainLoraOptions:
     caption_dropout: float = option(0.0, help="share of images trained on the empty caption (kohya's "
                                     "caption_dropout_rate): keeps the unconditional prediction that "
                                     "classifier-free guidance subtracts in step with the adapter")
+    # tag captions ("sks dog, sitting, grass"): varied each step, so the concept is not tied to one tag order
+    shuffle_caption: bool = option(False, help="shuffle each caption's comma-separated tags every step, after the "
+                                   "first --keep-tokens (kohya's shuffle_caption); the text encoder then runs "
+                                   "every step instead of being cached")
+    keep_tokens: int = option(0, help="with --shuffle-caption or --caption-tag-dropout: how many leading tags "
+                              "stay in place and are never dropped (the trigger word, the class)")
+    caption_tag_dropout: float = option(0.0, help="drop each tag after the first --keep-tokens with this "
+                                        "probability every step (kohya's caption_tag_dropout_rate)")
     # loss masks (kohya's masked loss)
     mask_dir: str = option("", help="folder of loss masks laid out like --data (same sub-folder and file name, any "
                            "image extension; kohya's conditioning_data_dir): white trains, black is left out, grey "
@@ -152,6 +161,10 @@ class TrainLoraOptions:
     device: str = option("auto", help="auto, cpu or cuda (under accelerate launch, accelerate decides)")
     progress: bool = option(True, help="show a progress bar")
 
+    @property
+    def varies_captions(self) -> bool:
+        return self.shuffle_caption or self.caption_tag_dropout > 0
+
     def __post_init__(self):
         checks = [
             (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
@@ -165,6 +178,11 @@ class TrainLoraOptions:
             (self.max_aspect >= 1, f"--max-aspect must be >= 1, got {self.max_aspect}"),
             (self.min_images >= 1, "--min-images must be at least 1"),
             (0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}"),
+            (0 <= self.caption_tag_dropout < 1,
+             f"--caption-tag-dropout must be in [0, 1), got {self.caption_tag_dropout}"),
+            (self.keep_tokens >= 0, f"--keep-tokens must be 0 or more, got {self.keep_tokens}"),
+            (not self.keep_tokens or self.varies_captions, "--keep-tokens holds tags in place while the others "
+             "are shuffled or dropped: it needs --shuffle-caption or --caption-tag-dropout"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
             (not (self.mask_dir and self.alpha_mask), "--mask-dir and --alpha-mask both give loss masks; choose one"),
@@ -382,11 +400,17 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 fh.write("regularization images: " + prior.report() + "\n")
         say("regularization images: " + prior.report())
     items = scan.items + prior_items
+    folder_tags: dict[str, dict[str, int]] = {}  # kohya's ss_tag_frequency: per image folder, by its name
+    for folder, folder_items in ((opts.data, scan.items), (opts.prior_data, prior_items)):
+        for tag, count in tag_frequency([item.caption for item in folder_items]).items():
+            counts = folder_tags.setdefault(Path(folder).resolve().name, {})
+            counts[tag] = counts.get(tag, 0) + count
     # per-image loss weight: regularization images count --prior-loss-weight times a training image
     item_weight = torch.tensor([1.0] * len(scan.items) + [opts.prior_loss_weight] * len(prior_items))
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     token_ids = single_token_ids(tokenizer, opts.train_tokens)
-    text_trains = opts.train_text_encoder or bool(token_ids)  # the text encoder runs every step
+    text_trains = opts.train_text_encoder or bool(token_ids)
+    text_runs = text_trains or opts.varies_captions  # the text encoder runs every step (else its outputs are cached)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -400,7 +424,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     vae.to(device, dtype=torch.float32)  # encoded once; fp32 avoids the SD VAE's fp16 overflow
     # A text encoder with trained parts stays fp32 on the CPU: there autocast runs layer norms in fp32 and
     # refuses half-precision norm weights ("mixed dtype (CPU)"); on GPUs its frozen base is half precision.
-    text_encoder.to(device, dtype=torch.float32 if text_trains and device.type == "cpu" else weight_dtype)
+    text_encoder.to(device, dtype=torch.float32 if text_runs and device.type == "cpu" else weight_dtype)
 
     # 2. LoRA adapters; their parameters are the only ones that train, in fp32
     torch.manual_seed(opts.seed)
@@ -475,7 +499,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             for i, _ in enumerate(tqdm(items, desc="caching latents", disable=not (main and opts.progress))):
                 for flip in flips:
                     cache.get(latent_key[i, flip], lambda: encode_latent_dist(pixels(i, flip)[None])[0])
-        cache_text = not text_trains
+        cache_text = not text_runs
         # validation needs the empty caption for guidance, caption dropout trains on it
         needs_empty = bool(opts.validation_prompts) or opts.caption_dropout > 0
         other_texts = list(opts.validation_prompts) + ([""] if needs_empty else [])
@@ -680,6 +704,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 if opts.caption_dropout:  # drawn after the other draws: runs without it are unchanged
                     dropped = (torch.rand(len(indices)) < opts.caption_dropout).tolist()
                     texts = ["" if d else t for d, t in zip(dropped, texts)]
+                if opts.varies_captions:  # drawn last too, for the same reason
+                    texts = [vary_caption(t, opts.shuffle_caption, opts.keep_tokens, opts.caption_tag_dropout)
+                             for t in texts]
                 target = (noise if prediction_type == "epsilon"
                           else noise_scheduler.get_velocity(latents, noise, timesteps))
                 with contextlib.ExitStack() as no_sync:
@@ -756,7 +783,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if main:
         save_lora(out, accelerator.unwrap_model(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
                   opts, token_embeddings=trained_embeddings() if token_ids else None, num_images=len(scan.items),
-                  tag_counts={c: captions.count(c) for c in set(captions)}, total_steps=total_steps)
+                  tags=folder_tags, total_steps=total_steps)
         say(f"wrote {out} (step {step}, final loss {float(mean_loss):.4f})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -764,9 +791,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
 
 def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images: int = 0,
-              tag_counts: dict[str, int] | None = None, total_steps: int = 0,
+              tags: dict[str, dict[str, int]] | None = None, total_steps: int = 0,
               token_embeddings: dict[str, torch.Tensor] | None = None) -> list[Path]:
-    """Write the adapter (not the pipeline) in the requested layouts, each file atomically."""
+    """Write the adapter (not the pipeline) in the requested layouts, each file atomically. ``tags``: each image
+    folder's tag frequency, by folder name (kohya's ``ss_tag_frequency``)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -801,7 +829,9 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset,
                 ss_text_encoder_lr=opts.text_encoder_lr if opts.train_text_encoder else 0,
                 ss_network_train_unet_only=str(not opts.train_text_encoder),
-                ss_tag_frequency={"data": tag_counts or {}}, ss_sd_model_name=opts.model,
+                ss_tag_frequency=tags or {}, ss_sd_model_name=opts.model,
+                ss_caption_dropout_rate=opts.caption_dropout, ss_shuffle_caption=opts.shuffle_caption,
+                ss_keep_tokens=opts.keep_tokens, ss_caption_tag_dropout_rate=opts.caption_tag_dropout,
                 **{"modelspec.title": name})
             atomic_save_file(tensors, out / f"{name}.safetensors", metadata=metadata)
             written.append(out / f"{name}.safetensors")
