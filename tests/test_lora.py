@@ -689,6 +689,39 @@ def test_shuffled_and_dropped_tags_are_encoded_each_step_and_resume_exactly(tmp_
         options(tagged, tiny_model_dir, tmp_path / "x", caption_tag_dropout=1.0)
 
 
+def test_init_lora_starts_from_a_finished_lora_of_either_layout(tmp_path, trained, data_dir, tiny_model_dir):
+    """--init-lora (kohya's network_weights): the run starts where the file ends, its alpha folded in, and a
+    file that does not fit this run's rank or layers is refused, naming what to change."""
+    from egaku.errors import NotFoundError
+
+    def delta(folder, alpha):  # every layer's up @ down at its alpha/rank
+        weights = load_file(folder / "pytorch_lora_weights.safetensors")
+        out = {}
+        for key, down in weights.items():
+            if ".lora_A." in key:
+                up = weights[key.replace(".lora_A.", ".lora_B.")]
+                out[key] = (up.flatten(1) @ down.flatten(1)) * (alpha / down.shape[0])
+        return out
+
+    source = delta(trained, 2.0)  # TRAINED: rank 4, alpha 2
+    # a learning rate of ~0 and no weight decay: the one step leaves the weights where they started
+    still = dict(max_steps=1, learning_rate=1e-12, weight_decay=0.0, lora_conv=True, alpha=4.0, format="diffusers")
+    for layout in ("pytorch_lora_weights.safetensors", "starlora.safetensors"):
+        out = train_lora(options(data_dir, tiny_model_dir, tmp_path / layout, init_lora=str(trained / layout),
+                                 **still))
+        started = delta(out, 4.0)
+        assert started.keys() == source.keys()
+        assert all(torch.allclose(started[k], source[k], atol=1e-6) for k in source)
+    assert any(v.abs().max() > 0 for v in source.values())
+    with pytest.raises(EgakuError, match=r"rank 4, this run --rank 8"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "r8", init_lora=str(trained), **{**still, "rank": 8}))
+    with pytest.raises(EgakuError, match=r"does not train .*--lora-conv"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "noconv", init_lora=str(trained),
+                           **{**still, "lora_conv": False}))
+    with pytest.raises(NotFoundError, match="does not exist"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "none", init_lora=str(tmp_path / "missing.safetensors")))
+
+
 def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lora(tmp_path, data_dir,
                                                                                     tiny_model_dir):
     """Pivotal tuning: the word's embedding trains with the LoRA, is saved beside it and comes with it."""
@@ -724,6 +757,11 @@ def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lo
     merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(whole)], out=str(tmp_path / "merged")))
     merged = tiny_pipe(tmp_path / "merged").text_encoder.get_input_embeddings().weight
     assert torch.equal(merged[star], saved["emb_params"][0])
+    # --init-lora from that run starts the word from its trained embedding (no step moves it at a rate of 0)
+    again = train_lora(options(data_dir, tiny_model_dir, tmp_path / "again", init_lora=str(whole),
+                               **{**common, "max_steps": 1, "token_lr": 1e-30, "learning_rate": 1e-30,
+                                  "checkpoint_every": 0}))
+    assert torch.allclose(load_file(again / "embeddings" / "star.safetensors")["emb_params"], saved["emb_params"])
     with pytest.raises(EgakuError, match=r"'zqxjv' is \d+ tokens for this model's tokenizer"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["zqxjv"]))
 

@@ -145,24 +145,12 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
     if not loras:
         return []
     modules = adaptable_modules(pipe)
-    module_names: dict[str, list[str]] = {}
-    for full in modules:
-        component, name = full.split(".", 1)
-        module_names.setdefault(component, []).append(name)
     listed = getattr(pipe, "get_list_adapters", lambda: {})()
     taken = {n for names in listed.values() for n in names}
     names, weights = [], []
     for index, (path, weight) in enumerate(loras):
         path = Path(path)
-        state_dict, metadata = read_lora_file(path)
-        if is_kohya(state_dict):
-            pairs, alphas, unknown = kohya_to_peft(state_dict, module_names)
-        else:
-            raw_pairs, unknown = peft_pairs(state_dict)
-            raw_alphas = _alphas_of_diffusers_file(raw_pairs, state_dict, metadata)
-            pairs = {model_module_name(k, modules): v for k, v in raw_pairs.items()}
-            alphas = {model_module_name(k, modules): v for k, v in raw_alphas.items()}
-        check_coverage(pairs, modules, str(path), unknown)
+        pairs, alphas = lora_layers(path, modules)
         name = _adapter_name(path, index, taken)
         taken.add(name)
         unet_pairs = {k: v for k, v in pairs.items() if k.startswith("unet.")}
@@ -180,6 +168,26 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
         apply_token_embeddings(pipe, trained_embeddings(path), source=str(path))
     pipe.set_adapters(names, adapter_weights=weights)
     return names
+
+
+def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+    """A LoRA file of either layout resolved against the model's modules (``adaptable_modules``):
+    (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``), checked by ``check_coverage``."""
+    state_dict, metadata = read_lora_file(path)
+    if is_kohya(state_dict):
+        module_names: dict[str, list[str]] = {}
+        for full in modules:
+            component, name = full.split(".", 1)
+            module_names.setdefault(component, []).append(name)
+        pairs, alphas, unknown = kohya_to_peft(state_dict, module_names)
+    else:
+        raw_pairs, unknown = peft_pairs(state_dict)
+        raw_alphas = _alphas_of_diffusers_file(raw_pairs, state_dict, metadata)
+        pairs = {model_module_name(k, modules): v for k, v in raw_pairs.items()}
+        alphas = {model_module_name(k, modules): v for k, v in raw_alphas.items()}
+    check_coverage(pairs, modules, str(path), unknown)
+    return pairs, alphas
 
 
 def trained_embeddings(lora_file: Path) -> dict[str, torch.Tensor]:

@@ -113,6 +113,10 @@ class TrainLoraOptions:
                                               "a concept the base has no text for gets its own embedding, saved in "
                                               "OUT/embeddings/WORD.safetensors; each word must be one token")
     token_lr: float = option(0.0, help="learning rate of the --train-tokens embeddings (0 = --learning-rate)")
+    init_lora: str = option("", help="start from this LoRA (a .safetensors file of either layout, or a train-lora "
+                            "folder) instead of from zero, to train it further (kohya's network_weights); it must "
+                            "have this run's --rank and adapt only layers this run trains; its trained words' "
+                            "embeddings start their --train-tokens rows")
     token_init: list[str] = option([], help="one word per --train-tokens word whose embedding it starts from (textual "
                                             "inversion's initializer token, e.g. a related shape); default: its own")
     # optimisation
@@ -203,6 +207,56 @@ class TrainLoraOptions:
                              "--train-tokens word(s): give one initializer word per trained word, in the same order")
         if not self.target_modules:
             raise EgakuError("--target-modules is empty; the default adapts UNet attention (to_q, to_k, to_v, to_out.0)")
+
+
+def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
+    """Put ``opts.init_lora``'s weights into the freshly added adapters (and its trained words' embeddings into
+    their rows); returns a line for the log. The file's alpha is folded into the up weights, so its delta is
+    the same at this run's alpha."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import set_peft_model_state_dict
+
+    from ..lora.apply import lora_layers, resolve_lora, trained_embeddings
+    from ..lora.formats import adaptable_modules
+
+    path = resolve_lora(opts.init_lora, None)
+    pairs, alphas = lora_layers(path, adaptable_modules(pipe))
+    adapted = {f"{component}.{name}" for component in ("unet", "text_encoder")
+               for name, module in getattr(pipe, component).named_modules() if isinstance(module, BaseTunerLayer)}
+    outside = sorted(set(pairs) - adapted)
+    if outside:
+        shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+        raise EgakuError(f"--init-lora {path} adapts {len(outside)} layer(s) this run does not train ({shown}); give "
+                         "the --target-modules, --lora-conv and --train-text-encoder it was trained with",
+                         param="init_lora")
+    ranks = sorted({int(pair["down"].shape[0]) for pair in pairs.values()})
+    if ranks != [opts.rank]:
+        raise EgakuError(f"--init-lora {path} has rank {'/'.join(map(str, ranks))}, this run --rank {opts.rank}; "
+                         "train it further at its own rank", param="init_lora")
+    scale = (opts.alpha or opts.rank) / opts.rank
+    for component in ("unet", "text_encoder"):
+        state = {}
+        for full, pair in pairs.items():
+            if full.startswith(component + "."):
+                module = full.split(".", 1)[1]
+                state[f"{module}.lora_A.weight"] = pair["down"].float()
+                state[f"{module}.lora_B.weight"] = pair["up"].float() * (alphas[full] / opts.rank / scale)
+        if state:
+            result = set_peft_model_state_dict(getattr(pipe, component), state)
+            if getattr(result, "unexpected_keys", None):
+                raise EgakuError(f"--init-lora {path}: layers not placed: {result.unexpected_keys[:3]}",
+                                 param="init_lora")
+    words = trained_embeddings(path)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    started_words = [w for w in opts.train_tokens if w in words]
+    with torch.no_grad():
+        for word, token in zip(opts.train_tokens, token_ids):
+            if word in words:
+                table[token] = words[word].reshape(-1).to(table)
+    fresh = len(adapted) - len(pairs)
+    return (f"started from {path}: {len(pairs)} LoRA layer(s)"
+            + (f", {fresh} more start from zero" if fresh else "")
+            + (f"; embeddings of {', '.join(started_words)}" if started_words else ""))
 
 
 # Resuming is refused when any other option differs: these only change how this session runs.
@@ -379,6 +433,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         resume_from = checkpoints.resolve(opts.resume)
         load_checkpoint(resume_from, config, ignore=RESUME_MAY_CHANGE, defaults=defaults)
 
+    if opts.init_lora:  # a wrong path is refused before the model loads
+        from ..lora.apply import resolve_lora
+
+        resolve_lora(opts.init_lora, None)
+
     # 1. data and base model; everything in the base is frozen
     scan = scan_image_folder(opts.data, caption_template=opts.caption_template, trigger=opts.trigger or None,
                              min_images=opts.min_images)
@@ -449,6 +508,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             init_ids = single_token_ids(tokenizer, opts.token_init, what="--token-init", unique=False)
             with torch.no_grad():
                 token_table[token_ids] = token_table[init_ids].clone()
+    if opts.init_lora:
+        say(start_from_lora(pipe, opts, token_ids))
     if text_trains:
         trained.append(text_encoder)
     cast_training_params(trained, dtype=torch.float32)
