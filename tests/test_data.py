@@ -283,3 +283,34 @@ def test_tag_frequency_counts_tags_lower_cased():
 
     assert tag_frequency(["sks, Dog, grass", "sks, dog", "", "a photo of sks"]) == \
            {"sks": 2, "dog": 2, "grass": 1, "a photo of sks": 1}
+
+
+def test_kohya_folder_names_give_repeats_and_the_class(tmp_path):
+    for folder in ("10_sks dog", "2_red_star"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), "red").save(tmp_path / "data" / folder / f"{i}.png")
+    (tmp_path / "data" / "2_red_star" / "1.txt").write_text("a red star, drawn")
+    scan = scan_image_folder(tmp_path / "data", caption_template="a photo of {class}")
+    by_path = {item.path.relative_to(tmp_path / "data").as_posix(): item for item in scan.items}
+    assert {k: (v.caption, v.label, v.repeats) for k, v in by_path.items()} == {
+        "10_sks dog/0.png": ("a photo of sks dog", "sks dog", 10),
+        "10_sks dog/1.png": ("a photo of sks dog", "sks dog", 10),
+        "2_red_star/0.png": ("a photo of red star", "red_star", 2),
+        "2_red_star/1.png": ("a red star, drawn", "red_star", 2),  # a caption file still wins
+    }
+    assert "10_sks dog -> 10 repeat(s) of class 'sks dog'" in scan.report()
+    # a plain ImageFolder is untouched
+    plain = scan_image_folder(tmp_path / "data" / "10_sks dog")
+    assert all(item.repeats == 1 for item in plain.items)
+    # a mix of named and plain class folders, or a 0 count, is refused naming the folders
+    (tmp_path / "data" / "cats").mkdir()
+    Image.new("RGB", (16, 16), "blue").save(tmp_path / "data" / "cats" / "0.png")
+    with pytest.raises(EgakuError, match=r"10_sks dog, 2_red_star are named kohya's way .* but cats not"):
+        scan_image_folder(tmp_path / "data")
+    (tmp_path / "data" / "cats" / "0.png").rename(tmp_path / "data" / "0.png")  # images at the root are fine
+    (tmp_path / "data" / "cats").rmdir()
+    assert {i.repeats for i in scan_image_folder(tmp_path / "data").items if i.label is None} == {1}
+    (tmp_path / "data" / "10_sks dog").rename(tmp_path / "data" / "0_sks dog")
+    with pytest.raises(EgakuError, match="0_sks dog ask for 0 repeats"):
+        scan_image_folder(tmp_path / "data")

@@ -614,6 +614,18 @@ def test_repeats_count_training_images_per_epoch_and_regularization_images_once(
     assert steps_of_one_epoch("three", repeats=3, prior_data=str(data_dir)) == 4 * n
     with pytest.raises(EgakuError, match="--repeats"):
         options(data_dir, tiny_model_dir, tmp_path / "x", repeats=0)
+    # kohya's folder names: "3_red_star" holds its images 3 times per epoch, times --repeats
+    import shutil
+
+    kohya = tmp_path / "kohya"
+    shutil.copytree(data_dir / "red_star", kohya / "3_red_star")
+    shutil.copytree(data_dir / "blue_circle", kohya / "1_blue_circle")
+    out = train_lora(options(kohya, tiny_model_dir, tmp_path / "kohya-out", max_steps=0, epochs=1, batch_size=1,
+                             repeats=2, format="kohya"))
+    assert len((out / "loss.csv").read_text().splitlines()) - 1 == 2 * (3 * 3 + 3)
+    assert "3_red_star -> 3 repeat(s)" in (out / "data_report.txt").read_text()
+    with safe_open(str(out / "kohya-out.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["ss_num_train_images"] == str(2 * (3 * 3 + 3))  # kohya counts the repeats
 
 
 def test_prior_images_without_a_folder_or_prompts_are_refused(tmp_path, data_dir, tiny_model_dir):

@@ -81,8 +81,9 @@ class TrainLoraOptions:
                                "changes the old prompts, without the noise of a data target)",
                                choices=["data", "base"])
     repeats: int = option(1, help="times each training image appears per epoch, regularization images once "
-                          "(kohya's num_repeats): with 200 regularization images and 20 training images, "
-                          "10 keeps the two one to one instead of 1 to 10")
+                          "(kohya's num_repeats): with 200 regularization images and 20 training images, 10 "
+                          "keeps the two one to one instead of 1 to 10. A class folder named kohya's way "
+                          "(10_sks dog) gives its own count, which this multiplies for training images")
     caption_dropout: float = option(0.0, help="share of images trained on the empty caption (kohya's "
                                     "caption_dropout_rate): keeps the unconditional prediction that "
                                     "classifier-free guidance subtracts in step with the adapter")
@@ -257,6 +258,12 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
     return (f"started from {path}: {len(pairs)} LoRA layer(s)"
             + (f", {fresh} more start from zero" if fresh else "")
             + (f"; embeddings of {', '.join(started_words)}" if started_words else ""))
+
+
+def repeat_slots(repeats: list[int]) -> list[int]:
+    """Item indices, each ``repeats[i]`` times, in rounds (every item once, then those with more repeats again),
+    so that equal repeats give the order of the plain list repeated."""
+    return [i for r in range(max(repeats, default=0)) for i, n in enumerate(repeats) if r < n]
 
 
 # Resuming is refused when any other option differs: these only change how this session runs.
@@ -629,7 +636,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     optimizer = optimizer_cls(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
     # an epoch holds every training image `repeats` times and every regularization image once; batches
     # hold positions in `slots`, which name items
-    slots = [i for _ in range(opts.repeats) for i in range(len(scan.items))] + list(range(len(scan.items), len(items)))
+    slots = repeat_slots([item.repeats * opts.repeats for item in scan.items]) + [
+        len(scan.items) + i for i in repeat_slots([item.repeats for item in prior_items])]
     order = BucketBatches([bucket_of[i] for i in slots], opts.batch_size, seed=opts.seed)
     per_epoch = len(order.batches(0)) // world
     if per_epoch == 0:
@@ -843,7 +851,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         validate()
     if main:
         save_lora(out, accelerator.unwrap_model(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
-                  opts, token_embeddings=trained_embeddings() if token_ids else None, num_images=len(scan.items),
+                  opts, token_embeddings=trained_embeddings() if token_ids else None,
+                  num_images=sum(item.repeats for item in scan.items) * opts.repeats,  # kohya counts repeats
                   tags=folder_tags, total_steps=total_steps)
         say(f"wrote {out} (step {step}, final loss {float(mean_loss):.4f})")
     accelerator.wait_for_everyone()
