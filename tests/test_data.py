@@ -291,7 +291,9 @@ def test_kohya_folder_names_give_repeats_and_the_class(tmp_path):
         for i in range(2):
             Image.new("RGB", (16, 16), "red").save(tmp_path / "data" / folder / f"{i}.png")
     (tmp_path / "data" / "2_red_star" / "1.txt").write_text("a red star, drawn")
-    scan = scan_image_folder(tmp_path / "data", caption_template="a photo of {class}")
+    # only where asked for (LoRA training): elsewhere "0_airplane" is a class name
+    assert {i.label for i in scan_image_folder(tmp_path / "data").items} == {"10_sks dog", "2_red_star"}
+    scan = scan_image_folder(tmp_path / "data", caption_template="a photo of {class}", kohya_names=True)
     by_path = {item.path.relative_to(tmp_path / "data").as_posix(): item for item in scan.items}
     assert {k: (v.caption, v.label, v.repeats) for k, v in by_path.items()} == {
         "10_sks dog/0.png": ("a photo of sks dog", "sks dog", 10),
@@ -301,16 +303,16 @@ def test_kohya_folder_names_give_repeats_and_the_class(tmp_path):
     }
     assert "10_sks dog -> 10 repeat(s) of class 'sks dog'" in scan.report()
     # a plain ImageFolder is untouched
-    plain = scan_image_folder(tmp_path / "data" / "10_sks dog")
+    plain = scan_image_folder(tmp_path / "data" / "10_sks dog", kohya_names=True)
     assert all(item.repeats == 1 for item in plain.items)
     # a mix of named and plain class folders, or a 0 count, is refused naming the folders
     (tmp_path / "data" / "cats").mkdir()
     Image.new("RGB", (16, 16), "blue").save(tmp_path / "data" / "cats" / "0.png")
     with pytest.raises(EgakuError, match=r"10_sks dog, 2_red_star are named kohya's way .* but cats not"):
-        scan_image_folder(tmp_path / "data")
+        scan_image_folder(tmp_path / "data", kohya_names=True)
     (tmp_path / "data" / "cats" / "0.png").rename(tmp_path / "data" / "0.png")  # images at the root are fine
     (tmp_path / "data" / "cats").rmdir()
-    assert {i.repeats for i in scan_image_folder(tmp_path / "data").items if i.label is None} == {1}
+    assert {i.repeats for i in scan_image_folder(tmp_path / "data", kohya_names=True).items if i.label is None} == {1}
     (tmp_path / "data" / "10_sks dog").rename(tmp_path / "data" / "0_sks dog")
     with pytest.raises(EgakuError, match="0_sks dog ask for 0 repeats"):
-        scan_image_folder(tmp_path / "data")
+        scan_image_folder(tmp_path / "data", kohya_names=True)

@@ -6,8 +6,9 @@ Caption precedence, most specific first:
   2. a caption file beside the image: ``img.txt`` or ``img.caption``;
   3. the class folder name through ``caption_template`` (``"a photo of {class}"``), or the trigger word;
   4. the trigger word alone (images at the root, no caption).
-Class folders named kohya's way, ``10_sks dog``, give their images 10 repeats per epoch and the class
-``sks dog``: a folder laid out for kohya's trainers trains as it would there.
+With ``kohya_names`` (LoRA training), class folders named kohya's way, ``10_sks dog``, give their images 10
+repeats per epoch and the class ``sks dog``: a folder laid out for kohya's trainers trains as it would there.
+Elsewhere (GAN and LDM training, where ``0_airplane`` is just a class name) folder names are taken as they are.
 Every file is decoded once by ``open_image``; what cannot be used is listed with its reason.
 """
 
@@ -111,7 +112,7 @@ def _kohya_repeats(root: Path, files: list[Path]) -> dict[str, int]:
 
 
 def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigger: str | None = None,
-                      min_images: int = 1, max_pixels: int | None = None) -> FolderScan:
+                      min_images: int = 1, max_pixels: int | None = None, kohya_names: bool = False) -> FolderScan:
     """Find, decode-check and caption every image under ``root`` (one level of class folders or flat)."""
     root = Path(root)
     if not root.is_dir():
@@ -121,7 +122,7 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
     metadata = _read_metadata(root)
     scan = FolderScan(root=root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    scan.folder_repeats = _kohya_repeats(root, files)
+    scan.folder_repeats = _kohya_repeats(root, files) if kohya_names else {}
     for path in files:
         if path.name in ("metadata.jsonl", "metadata.csv") or path.suffix.lower() in CAPTION_SUFFIXES:
             continue

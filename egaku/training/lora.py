@@ -447,7 +447,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     # 1. data and base model; everything in the base is frozen
     scan = scan_image_folder(opts.data, caption_template=opts.caption_template, trigger=opts.trigger or None,
-                             min_images=opts.min_images)
+                             min_images=opts.min_images, kohya_names=True)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "data_report.txt").write_text(scan.report() + "\n")
@@ -459,7 +459,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         if main:
             fill_prior_folder(pipe, opts, accelerator.device, say)
         accelerator.wait_for_everyone()
-        prior = scan_image_folder(opts.prior_data, caption_template=opts.caption_template, min_images=1)
+        prior = scan_image_folder(opts.prior_data, caption_template=opts.caption_template, min_images=1,
+                                  kohya_names=True)
         prior_items = prior.items
         if main:
             with open(out / "data_report.txt", "a") as fh:
