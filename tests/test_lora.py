@@ -718,9 +718,9 @@ def test_init_lora_starts_from_a_finished_lora_of_either_layout(tmp_path, traine
     source = delta(trained, 2.0)  # TRAINED: rank 4, alpha 2
     # a learning rate of ~0 and no weight decay: the one step leaves the weights where they started
     still = dict(max_steps=1, learning_rate=1e-12, weight_decay=0.0, lora_conv=True, alpha=4.0, format="diffusers")
-    for layout in ("pytorch_lora_weights.safetensors", "starlora.safetensors"):
+    for layout, precision in (("pytorch_lora_weights.safetensors", "no"), ("starlora.safetensors", "bf16")):
         out = train_lora(options(data_dir, tiny_model_dir, tmp_path / layout, init_lora=str(trained / layout),
-                                 **still))
+                                 mixed_precision=precision, **still))
         started = delta(out, 4.0)
         assert started.keys() == source.keys()
         assert all(torch.allclose(started[k], source[k], atol=1e-6) for k in source)

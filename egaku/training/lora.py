@@ -516,11 +516,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             init_ids = single_token_ids(tokenizer, opts.token_init, what="--token-init", unique=False)
             with torch.no_grad():
                 token_table[token_ids] = token_table[init_ids].clone()
-    if opts.init_lora:
-        say(start_from_lora(pipe, opts, token_ids))
     if text_trains:
         trained.append(text_encoder)
     cast_training_params(trained, dtype=torch.float32)
+    if opts.init_lora:  # loaded into the fp32 copies, so that no half-precision rounding touches them
+        say(start_from_lora(pipe, opts, token_ids))
     if token_ids:  # (a copy of SD 1.x's table is 150 MB: only when some of it trains)
         frozen_rows = torch.ones(len(token_table), dtype=torch.bool, device=token_table.device)
         frozen_rows[token_ids] = False
