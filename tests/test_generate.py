@@ -455,3 +455,45 @@ def test_transformers_torchvision_fallback_notice_is_silenced_and_other_messages
     assert "requires torchvision (not installed)" in runs["os"].stderr  # what it hides is really there
     assert "requires torchvision (not installed)" not in runs["egaku"].stderr
     assert "another message" in runs["egaku"].stderr
+
+
+def test_clip_skip_reads_an_earlier_text_layer_as_diffusers_does_and_is_recorded(pipe, tiny_model_dir, tmp_path):
+    """--clip-skip 2 (A1111's and kohya's count) is diffusers' clip_skip=1: the layer before the last, through
+    the final layer norm; it changes the image, is written into the PNG as A1111 writes it, and --from keeps it."""
+    from egaku.models.text import encode_tokens, final_layer_norm
+
+    ids = pipe.tokenizer(["a red cat"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    te = pipe.text_encoder
+    with torch.no_grad():
+        hidden = te(ids, output_hidden_states=True).hidden_states
+        skipped, last = encode_tokens(te, ids, 2), encode_tokens(te, ids, 1)
+        # the model's own output is its last hidden state through final_layer_norm; clip skip 2 reads the
+        # hidden state before it the same way (diffusers' encode_prompt with clip_skip=1)
+        assert torch.allclose(final_layer_norm(te)(hidden[-1]), last, atol=1e-6)
+        assert torch.allclose(final_layer_norm(te)(hidden[-2]), skipped, atol=1e-6)
+    assert not torch.allclose(skipped, last, atol=1e-3)
+    a = egaku.generate(pipe, "a red cat", seed=3, **FAST)[0]
+    b = egaku.generate(pipe, "a red cat", seed=3, clip_skip=2, **FAST)[0]
+    assert np.abs(px(a) - px(b)).mean() > 0.5 and b.params["clip_skip"] == 2
+    with pytest.raises(EgakuError, match="has 2 layers; give 1 to 2"):
+        egaku.generate(pipe, "a red cat", clip_skip=3, **FAST)
+    out = tmp_path / "skip"
+    assert main(["generate", "a red cat", "--model", str(tiny_model_dir), "--clip-skip", "2", "--steps", "2",
+                 "--seed", "5", "--out", str(out), "--no-progress"]) == 0
+    first = sorted(out.glob("*.png"))[0]
+    assert "Clip skip: 2" in Image.open(first).text["parameters"]
+    assert "Clip skip" not in a1111_text(a.params)  # A1111 leaves the default out
+    again = tmp_path / "again"
+    assert main(["generate", "--from", str(first), "--model", str(tiny_model_dir), "--out", str(again),
+                 "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(sorted(again.glob("*.png"))[0])), np.asarray(Image.open(first)))
+    from egaku.inference.metadata import parse_a1111
+
+    assert parse_a1111("x\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 8x8, Clip skip: 2")["clip_skip"] == 2
+
+
+def a1111_text(params):
+    from egaku.inference.metadata import a1111_parameters
+
+    return a1111_parameters(params)

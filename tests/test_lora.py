@@ -304,6 +304,32 @@ def test_disk_cache_is_reused_by_the_next_run(tmp_path, data_dir, tiny_model_dir
     assert len(calls) == 6  # six images encoded by the first run only
 
 
+def test_clip_skip_trains_on_the_earlier_text_layer_and_keeps_its_own_cache_entries(tmp_path, data_dir,
+                                                                                  tiny_model_dir, monkeypatch):
+    """--clip-skip 2: captions are read from the layer before the last (cached, and in the validation grid),
+    the disk cache keeps those apart from last-layer entries, and the kohya file records it."""
+    from egaku.models import text as text_module
+
+    seen = []
+    real = text_module.encode_tokens
+    monkeypatch.setattr(text_module, "encode_tokens", lambda te, ids, skip=1: (seen.append(skip), real(te, ids, skip))[1])
+    common = dict(max_steps=2, learning_rate=5e-2, format="both", cache_dir=str(tmp_path / "cache"),
+                  validation_prompts=["a photo of red star"], validation_seeds=[0], validation_steps=2)
+    last = train_lora(options(data_dir, tiny_model_dir, tmp_path / "last", **common))
+    cached = len(list((tmp_path / "cache").glob("*.safetensors")))
+    assert seen and set(seen) == {1}
+    seen.clear()
+    skipped = train_lora(options(data_dir, tiny_model_dir, tmp_path / "skipped", clip_skip=2, **common))
+    assert seen and set(seen) == {2}  # every caption (and the validation prompt) encoded at layer -2, none reused
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) > cached
+    a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (last, skipped))
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    with safe_open(str(skipped / "skipped.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["ss_clip_skip"] == "2"
+    with pytest.raises(EgakuError, match="has 2 layers"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "x", clip_skip=3))
+
+
 def assert_same_lora(run_a: Path, run_b: Path) -> None:
     a = load_file(run_a / "pytorch_lora_weights.safetensors")
     b = load_file(run_b / "pytorch_lora_weights.safetensors")

@@ -201,6 +201,7 @@ BAD_JSON = [
     ({"prompt": "x", "steps": 100000}, 400, "steps"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale"),
+    ({"prompt": "x", "clip_skip": 3}, 400, "clip_skip"),  # the tiny text encoder has 2 layers
     ({"prompt": "x", "response_format": "jpeg"}, 400, "response_format"),
     ({"prompt": "x", "colour": "red"}, 400, "colour"),
     ({"prompt": "x --v 6"}, 400, "prompt"),

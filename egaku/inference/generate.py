@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..config import build, option
 from ..errors import EgakuError
+from ..models.text import check_clip_skip, encode_prompts
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, sampler_names, sampling_runner
 
 MAX_SIDE = 4096  # beyond this even an 80 GB GPU runs out of memory on SD-class UNets
@@ -45,6 +46,8 @@ class GenerateOptions:
     height: int | None = option(None, help="image height in pixels (default: the model's native size)")
     aspect_ratio: str | None = option(None, help="W:H such as 16:9, at the model's native pixel count", aliases=["--ar"])
     sampler: str = option(DEFAULT_SAMPLER, help=f"one of {', '.join(SAMPLERS)}")
+    clip_skip: int = option(1, help="text-encoder layer the prompt is read from, counted from the end as A1111 and "
+                                    "kohya count: 1 = the last, 2 = the one before it (NovelAI-derived anime models)")
     init_image: str | None = option(None, help="start from this image (img2img)")
     strength: float = option(0.6, help="img2img: how much of the init image is re-noised (0..1]")
     lora: list[str] = option([], help="PATH[:SCALE] of a LoRA to apply; repeatable")
@@ -157,6 +160,9 @@ def _validate(o: GenerateOptions) -> None:
     if o.init_image is not None and int(o.steps * o.strength) < 1:
         raise EgakuError(f"{o.steps} steps at strength {o.strength} leave no denoising step (img2img runs "
                          f"steps x strength steps); use at least {int(1 / o.strength) + 1} steps", param="steps")
+    if o.clip_skip < 1:
+        raise EgakuError(f"--clip-skip counts layers from the end and starts at 1 (the last), got {o.clip_skip}",
+                         param="clip_skip")
     if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
         raise EgakuError(f"--seed must be in 0..{MAX_SEED}, got {o.seed}", param="seed")
 
@@ -202,6 +208,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         raise EgakuError("a mask needs an image to repaint (init_image)", param="mask")
     # 1. Check inputs
     _validate(o)
+    check_clip_skip(o.clip_skip, pipe.text_encoder)
     sampler = canonical_sampler(o.sampler)
     width, height, note = resolve_size(pipe, o.width, o.height, o.aspect_ratio)
     if note:
@@ -246,7 +253,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         "prompt": o.prompt, "negative_prompt": o.negative_prompt, "steps": o.steps, "sampler": sampler,
         "sampler_label": SAMPLERS[sampler].label, "guidance_scale": o.guidance_scale, "width": width,
         "height": height, "model_name": info.name if info else None, "model_hash": info.hash if info else None,
-        "loras": lora_record, "egaku_version": _version(),
+        "loras": lora_record, "egaku_version": _version(), "clip_skip": o.clip_skip,
     }
     if init is not None:
         base_params.update(strength=o.strength, init_image=str(o.init_image))
@@ -276,6 +283,12 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                 num_inference_steps=o.steps, guidance_scale=o.guidance_scale, generator=generators,
                 output_type="latent", callback_on_step_end=step_callback,
             )
+            if o.clip_skip > 1:  # an earlier text layer: embeddings made here (see egaku.models.text)
+                with torch.no_grad():
+                    call["prompt_embeds"] = encode_prompts(pipe.tokenizer, pipe.text_encoder, call.pop("prompt"),
+                                                           o.clip_skip)
+                    call["negative_prompt_embeds"] = encode_prompts(pipe.tokenizer, pipe.text_encoder,
+                                                                    call.pop("negative_prompt"), o.clip_skip)
             if mask is not None:
                 call.update(image=init, mask_image=mask, width=width, height=height, strength=o.strength)
             elif init is not None:
@@ -305,7 +318,7 @@ def _version() -> str:
 
 def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
     """Options that regenerate an image from its stored parameters."""
-    keys = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "strength")
+    keys = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "strength", "clip_skip")
     out = {k: params[k] for k in keys if params.get(k) is not None}
     if params.get("sampler"):
         out["sampler"] = canonical_sampler(params["sampler"])

@@ -29,6 +29,7 @@ def a1111_parameters(p: dict[str, Any]) -> str:
         ("Model hash", p.get("model_hash")),
         ("Model", p.get("model_name")),
         ("Denoising strength", p.get("strength") if p.get("init_image") else None),
+        ("Clip skip", p["clip_skip"] if (p.get("clip_skip") or 1) > 1 else None),  # A1111 writes it from 2 on
         ("Lora hashes", ", ".join(f"{n}: {w}" for n, w in p.get("loras", [])) or None),
         ("Version", f"egaku {p.get('egaku_version', '')}".strip()),
     ]
@@ -94,4 +95,6 @@ def parse_a1111(text: str) -> dict[str, Any]:
             params["model_hash"] = value
         elif key == "Denoising strength":
             params["strength"] = float(value)
+        elif key == "Clip skip":
+            params["clip_skip"] = int(value)
     return params

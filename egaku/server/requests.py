@@ -28,7 +28,7 @@ from ..models.loading import recommended_guidance
 OPENAI_IGNORED = {"quality", "style", "background", "moderation", "output_compression", "input_fidelity",
                   "safety_identifier", "user"}
 COMMON = {"model", "n", "size", "response_format", "output_format", "negative_prompt", "seed", "steps",
-          "guidance_scale", "sampler", "loras"} | OPENAI_IGNORED
+          "guidance_scale", "sampler", "loras", "clip_skip"} | OPENAI_IGNORED
 ALLOWED = {
     "generation": COMMON | {"prompt"},
     "edit": COMMON | {"prompt", "strength"},
@@ -199,6 +199,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     guidance = _as_float(body, "guidance_scale", 0.0, 50.0, form)
     strength = _as_float(body, "strength", 0.01, 1.0, form)
     sampler = _as_str(body, "sampler", 100)
+    clip_skip = _as_int(body, "clip_skip", 1, pipe.text_encoder.config.num_hidden_layers, form)
     negative = _as_str(body, "negative_prompt") or ""
     loras = _loras(body.get("loras"), form)
     width, height = parse_size(_as_str(body, "size", 40), pipe, limits)
@@ -216,6 +217,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     opts.guidance_scale = recommended_guidance(pipe) if guidance is None else guidance
     if sampler is not None:
         opts.sampler = canonical_sampler(sampler)
+    if clip_skip is not None:
+        opts.clip_skip = clip_skip
     # an edit with a mask repaints the masked area from noise, as OpenAI's edits do
     default_strength = {"variation": VARIATION_STRENGTH, "upscale": UPSCALE_STRENGTH}.get(
         kind, 1.0 if mask is not None else opts.strength)
@@ -258,7 +261,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     lora_names(tag_names + [name for name, _ in loras], limits)
 
     options = {k: getattr(opts, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "steps",
-                                              "guidance_scale", "sampler", "width", "height", "aspect_ratio")}
+                                              "guidance_scale", "sampler", "width", "height", "aspect_ratio",
+                                              "clip_skip")}
     if has_image:
         options["strength"] = opts.strength
     if loras or tag_names:

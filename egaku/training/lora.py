@@ -45,6 +45,7 @@ from ..data.masks import find_mask_files, latent_mask, load_mask, masked_mean
 from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
+from ..models.text import check_clip_skip, encode_prompts
 from .runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, atomic_save_file, capture_rng, check_finite,
                       StopOnSignal, check_timestep_sampling, draw_timesteps, half_precision_attention,
                       load_checkpoint, min_snr_weights, restore_rng, stop_after_signal)
@@ -66,6 +67,8 @@ class TrainLoraOptions:
     min_images: int = option(4, help="refuse to train on fewer usable images than this")
     resolution: int = option(512, help="bucket area is at most resolution^2 (512 for SD 1.x)")
     max_aspect: float = option(2.0, help="most elongated bucket, as long side / short side")
+    clip_skip: int = option(1, help="text-encoder layer captions are read from, counted from the end (kohya's "
+                            "--clip_skip): 2 for NovelAI-derived anime models; generate with the same --clip-skip")
     random_flip: bool = option(False, help="flip images horizontally at random (both orientations are cached)")
     # prior preservation (DreamBooth; kohya's regularization images)
     prior_data: str = option("", help="folder of regularization images: what the base model already draws, with "
@@ -190,6 +193,7 @@ class TrainLoraOptions:
              "are shuffled or dropped: it needs --shuffle-caption or --caption-tag-dropout"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
+            (self.clip_skip >= 1, f"--clip-skip counts layers from the end and starts at 1, got {self.clip_skip}"),
             (not (self.mask_dir and self.alpha_mask), "--mask-dir and --alpha-mask both give loss masks; choose one"),
             (0 <= self.unmasked_weight <= 1, f"--unmasked-weight must be in [0, 1], got {self.unmasked_weight}"),
             (self.unmasked_weight == 0 or self.mask_dir or self.alpha_mask,
@@ -395,7 +399,11 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     for start in range(have, opts.prior_images, 8):
         numbers = list(range(start, min(start + 8, opts.prior_images)))
         prompts = [opts.prior_prompts[n % len(opts.prior_prompts)] for n in numbers]
-        images = runner(prompts, num_inference_steps=20, guidance_scale=opts.prior_guidance, height=size, width=size,
+        with torch.no_grad():
+            embeds = encode_prompts(runner.tokenizer, runner.text_encoder, prompts, opts.clip_skip)
+            empty = encode_prompts(runner.tokenizer, runner.text_encoder, [""] * len(prompts), opts.clip_skip)
+        images = runner(prompt_embeds=embeds, negative_prompt_embeds=empty, num_inference_steps=20,
+                        guidance_scale=opts.prior_guidance, height=size, width=size,
                         generator=[torch.Generator().manual_seed(opts.seed + n) for n in numbers]).images
         for n, prompt, image in zip(numbers, prompts, images):
             (folder / f"prior-{n:05d}.txt").write_text(prompt + "\n")
@@ -454,6 +462,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     say(scan.report())
     mask_files = find_mask_files(scan, opts.mask_dir) if opts.mask_dir else None  # missing masks: an error now
     pipe = _load_base(opts.model)
+    check_clip_skip(opts.clip_skip, pipe.text_encoder)
     prior_items = []
     if opts.prior_data:
         if main:
@@ -553,9 +562,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         return torch.cat([dist.mean, dist.std], dim=1)
 
     def encode_text(texts: list[str]) -> torch.Tensor:
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        return text_encoder(ids)[0]
+        return encode_prompts(tokenizer, text_encoder, texts, opts.clip_skip, device)
+
+    def text_key(text: str) -> str:  # another layer's embeddings are other entries of a disk cache
+        return f"text|{text}" if opts.clip_skip == 1 else f"text@{opts.clip_skip}|{text}"
 
     # a latent's key names the file's bytes (path, size, mtime), its bucket and its orientation
     latent_key = {}
@@ -575,7 +585,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         if cache_text:
             for text in sorted(set(captions) | set(other_texts)):
                 with accelerator.autocast():
-                    cache.get(f"text|{text}", lambda: encode_text([text])[0])
+                    cache.get(text_key(text), lambda: encode_text([text])[0])
             text_encoder = None  # frozen and cached: never run again, memory given back
             pipe.text_encoder = None
         if opts.cache_latents:  # validation only decodes: the encoder's memory (136 MB on SD 1.x) goes back
@@ -712,10 +722,12 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         images = []
         for prompt in opts.validation_prompts:
             for seed in opts.validation_seeds:
-                kwargs = ({"prompt_embeds": cache.store[f"text|{prompt}"][None].to(device, weight_dtype),
-                           "negative_prompt_embeds": cache.store["text|"][None].to(device, weight_dtype)}
-                          if cache_text else {"prompt": prompt})
                 with torch.no_grad(), accelerator.autocast():
+                    # cached, or the text encoder as it is now (its LoRA and words trained so far)
+                    embeds = ([cache.store[text_key(text)][None] for text in (prompt, "")] if cache_text
+                              else [encode_text([text]) for text in (prompt, "")])
+                    kwargs = {"prompt_embeds": embeds[0].to(device, weight_dtype),
+                              "negative_prompt_embeds": embeds[1].to(device, weight_dtype)}
                     images.append(run(**kwargs, num_inference_steps=opts.validation_steps,
                                       guidance_scale=opts.validation_guidance, height=resolution, width=resolution,
                                       generator=torch.Generator().manual_seed(seed)).images[0])
@@ -786,7 +798,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                     # a trained text encoder's forward belongs inside no_sync too: its gradients are all-reduced once
                     with accelerator.autocast(), half_precision_attention(device, weight_dtype):
                         if cache_text:
-                            states = torch.stack([cache.store[f"text|{t}"] for t in texts]).to(device)
+                            states = torch.stack([cache.store[text_key(t)] for t in texts]).to(device)
                         else:
                             states = encode_text(texts)
                         prior_rows = ([row for row, i in enumerate(indices) if i >= len(scan.items)]
@@ -902,7 +914,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_network_train_unet_only=str(not opts.train_text_encoder),
                 ss_tag_frequency=tags or {}, ss_sd_model_name=opts.model,
                 ss_caption_dropout_rate=opts.caption_dropout, ss_shuffle_caption=opts.shuffle_caption,
-                ss_keep_tokens=opts.keep_tokens, ss_caption_tag_dropout_rate=opts.caption_tag_dropout,
+                ss_keep_tokens=opts.keep_tokens, ss_clip_skip=opts.clip_skip, ss_caption_tag_dropout_rate=opts.caption_tag_dropout,
                 **{"modelspec.title": name})
             atomic_save_file(tensors, out / f"{name}.safetensors", metadata=metadata)
             written.append(out / f"{name}.safetensors")
