@@ -18,7 +18,7 @@ from .errors import EgakuError
 # name -> (module, function, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("egaku.inference.commands", "generate_command", "generate images from a text prompt (and an init image)"),
-    "info": ("egaku.inference.commands", "info_command", "print the generation parameters stored in a PNG"),
+    "info": ("egaku.inference.commands", "info_command", "print the generation parameters stored in a PNG, or what a LoRA file holds"),
     "convert": ("egaku.models.commands", "convert_command", "convert a diffusers folder to a single-file checkpoint"),
     "train-ldm": ("egaku.training.ldm", "train_ldm_command", "train a latent diffusion model (VAE + text encoder + UNet) from scratch"),
     "train-lora": ("egaku.training.lora", "train_lora_command", "fine-tune a Stable Diffusion pipeline with LoRA on an image folder"),

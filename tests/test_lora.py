@@ -109,6 +109,31 @@ def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
     assert meta["ss_output_name"] == "starlora"
 
 
+def test_info_describes_a_lora_of_either_layout_without_a_model(trained, tmp_path, capsys):
+    from egaku.cli import main
+
+    diffusers_file, kohya_file = trained / "pytorch_lora_weights.safetensors", trained / "starlora.safetensors"
+    described = {}
+    for path in (trained, kohya_file):  # a train-lora folder means its diffusers file
+        assert main(["info", str(path), "--json"]) == 0
+        described[path.name] = json.loads(capsys.readouterr().out)
+    folder, kohya = described[trained.name], described[kohya_file.name]
+    assert folder["layout"] == "diffusers/PEFT" and kohya["layout"].startswith("kohya")
+    n_layers = len([k for k in load_file(diffusers_file) if ".lora_A." in k])
+    for d in (folder, kohya):
+        assert d["unet_layers"] == n_layers and d["text_encoder_layers"] == 0
+        assert 0 < d["convolution_layers"] < n_layers  # TRAINED adapts the ResNet convolutions too
+        assert d["ranks"] == [4] and d["alphas"] == [2.0] and d["unrecognised_keys"] == 0
+        assert d["training"]["learning rate"] in (0.05, "0.05") and str(d["training"]["steps"]) == "3"
+    assert kohya["top_tags"] == {"a photo of blue circle": 3, "a photo of red star": 3}
+    assert main(["info", str(kohya_file)]) == 0
+    text = capsys.readouterr().out
+    assert "rank: 4, alpha: 2" in text and f"layers: {n_layers} UNet, 0 text encoder" in text
+    save_file({"model.weight": torch.zeros(2, 2)}, tmp_path / "not-a-lora.safetensors")
+    assert main(["info", str(tmp_path / "not-a-lora.safetensors")]) == 2
+    assert "holds no LoRA layers" in capsys.readouterr().err
+
+
 def test_plain_diffusers_loads_the_adapter_and_it_changes_the_output(trained, tiny_model_dir):
     pipe = tiny_pipe(tiny_model_dir)
     base = render(pipe)

@@ -106,11 +106,19 @@ def generate_command(opts: GenerateOptions) -> None:
 
 @dataclass
 class InfoOptions:
-    image: str = option(help="a PNG written by egaku or A1111", positional=True)
+    image: str = option(help="a PNG written by egaku or A1111, or a LoRA (.safetensors file or train-lora folder)",
+                        positional=True)
     json: bool = option(False, help="print the parameters as JSON instead of A1111 text")
 
 
 def info_command(opts: InfoOptions) -> None:
+    path = Path(opts.image)
+    if path.suffix.lower() == ".safetensors" or path.is_dir():
+        from ..lora.commands import describe_lora, format_lora_description
+
+        found = describe_lora(path)
+        print(json.dumps(found, indent=2) if opts.json else format_lora_description(found))
+        return
     params = read_params(opts.image)
     if opts.json:
         print(json.dumps(params, indent=2, sort_keys=True))

@@ -78,3 +78,89 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"merged {', '.join(f'{p}:{s:g}' for p, s in loras)} into {out}")
+
+
+# ---- `egaku info` on a LoRA file ----------------------------------------------------------------------
+
+# training settings worth showing, from a kohya file's ss_* header or a train-lora folder's training_config.json
+_KOHYA_SHOWN = {"ss_sd_model_name": "base model", "ss_max_train_steps": "steps", "ss_learning_rate": "learning rate",
+                "ss_num_train_images": "training images (with repeats)", "ss_resolution": "resolution",
+                "ss_clip_skip": "clip skip", "ss_min_snr_gamma": "min-SNR gamma", "ss_seed": "seed"}
+_CONFIG_SHOWN = {"model": "base model", "max_steps": "steps", "learning_rate": "learning rate",
+                 "resolution": "resolution", "clip_skip": "clip skip", "min_snr_gamma": "min-SNR gamma", "seed": "seed"}
+
+
+def describe_lora(path: str | Path) -> dict:
+    """What a LoRA file holds and how it was trained, without a model: its layout, how many UNet and
+    text-encoder layers it adapts (and how many are convolutions), rank and alpha, the training settings
+    its header or its train-lora folder records, its most frequent caption tags and its trained words."""
+    import json
+
+    from .apply import _alphas_of_diffusers_file, trained_embeddings
+    from .formats import is_kohya, peft_pairs, read_lora_file
+
+    path = resolve_lora(str(path), None)
+    state, metadata = read_lora_file(path)
+    layers: dict[str, dict] = {}  # name -> component, down weight, alpha
+    if is_kohya(state):
+        layout = "kohya (A1111, ComfyUI)"
+        for key, tensor in state.items():
+            name, _, kind = key.partition(".")
+            layer = layers.setdefault(name, {"component": "text_encoder" if name.startswith("lora_te") else "unet"})
+            if kind == "lora_down.weight":
+                layer["down"] = tensor
+            elif kind == "alpha":
+                layer["alpha"] = float(tensor)
+        unknown = [n for n, layer in layers.items() if "down" not in layer]
+        layers = {n: layer for n, layer in layers.items() if "down" in layer}
+    else:
+        layout = "diffusers/PEFT"
+        pairs, unknown = peft_pairs(state)
+        alphas = _alphas_of_diffusers_file(pairs, state, metadata) if pairs else {}
+        layers = {n: {"component": n.split(".", 1)[0], "down": p["down"], "alpha": alphas[n]}
+                  for n, p in pairs.items() if "down" in p}
+    if not layers:
+        raise EgakuError(f"{path} holds no LoRA layers (kohya lora_down/lora_up or diffusers lora_A/lora_B keys); "
+                         "egaku info reads PNGs and LoRA files")
+    ranks = sorted({int(layer["down"].shape[0]) for layer in layers.values()})
+    alphas_seen = sorted({layer.get("alpha", float(layer["down"].shape[0])) for layer in layers.values()})
+    count = {c: sum(1 for layer in layers.values() if layer["component"] == c) for c in ("unet", "text_encoder")}
+    training: dict = {}
+    config_file = path.parent / "training_config.json"
+    if config_file.is_file() and path.parent.joinpath("pytorch_lora_weights.safetensors").exists():
+        config = json.loads(config_file.read_text())
+        # an option at 0 is off (min-SNR) or unset (max_steps when --epochs counts)
+        training = {label: config[key] for key, label in _CONFIG_SHOWN.items() if config.get(key) not in (None, "", 0)}
+    for key, label in _KOHYA_SHOWN.items():
+        if metadata.get(key) not in (None, "", "None", "0", "0.0"):
+            training.setdefault(label, metadata[key])
+    tags: dict[str, int] = {}
+    try:
+        for folder in json.loads(metadata.get("ss_tag_frequency") or "{}").values():
+            for tag, n in folder.items():
+                tags[tag] = tags.get(tag, 0) + int(n)
+    except (ValueError, AttributeError, TypeError):
+        tags = {}
+    return {
+        "file": str(path), "layout": layout, "unet_layers": count["unet"], "text_encoder_layers": count["text_encoder"],
+        "convolution_layers": sum(1 for layer in layers.values() if layer["down"].ndim == 4),
+        "ranks": ranks, "alphas": alphas_seen, "unrecognised_keys": len(unknown), "training": training,
+        "top_tags": dict(sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:15]),
+        "trained_words": sorted(trained_embeddings(path)),
+    }
+
+
+def format_lora_description(d: dict) -> str:
+    lines = [f"{d['file']}: LoRA, {d['layout']} layout",
+             f"  layers: {d['unet_layers']} UNet, {d['text_encoder_layers']} text encoder "
+             f"({d['convolution_layers']} of them convolutions)",
+             f"  rank: {'/'.join(map(str, d['ranks']))}, alpha: {'/'.join(f'{a:g}' for a in d['alphas'])}"]
+    if d["unrecognised_keys"]:
+        lines.append(f"  {d['unrecognised_keys']} keys of other adapter types (LoHa, LoKr, DoRA...) that egaku does not load")
+    if d["training"]:
+        lines.append("  trained: " + ", ".join(f"{k} {v}" for k, v in d["training"].items()))
+    if d["top_tags"]:
+        lines.append("  caption tags: " + ", ".join(f"{t} ({n})" for t, n in d["top_tags"].items()))
+    if d["trained_words"]:
+        lines.append("  trained words (applied with the LoRA): " + ", ".join(d["trained_words"]))
+    return "\n".join(lines)
