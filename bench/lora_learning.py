@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--average-last", type=int, default=0,
                         help="also judge the mean of the last K checkpoints' LoRAs (each at weight 1/K) and token "
                              "embeddings, a stand-in for an EMA of the LoRA weights (needs --eval-every)")
+    parser.add_argument("--guidance-sweep", nargs="+", type=float, default=[], metavar="G",
+                        help="also judge the base model and the finished LoRA at these guidance scales")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="any other train-lora option, by its TrainLoraOptions field name (a JSON value or a "
                              "string), e.g. dropout=0.1 noise_offset=0.05 min_snr_gamma=5")
@@ -133,9 +135,10 @@ def main() -> None:
     old_prompts = prompt_set("seen", args.eval_prompts)
     sampling = {"steps": args.sample_steps, "guidance_scale": args.guidance}
 
-    def measure() -> dict:
-        star = measure_concept(pipe, shape="star", n=args.eval_prompts, judge=judge, **sampling)
-        old = measure_prompts(pipe, old_prompts, judge=judge, **sampling)
+    def measure(guidance: float | None = None) -> dict:
+        at = sampling if guidance is None else {**sampling, "guidance_scale": guidance}
+        star = measure_concept(pipe, shape="star", n=args.eval_prompts, judge=judge, **at)
+        old = measure_prompts(pipe, old_prompts, judge=judge, **at)
         return {"star": star, "old": {k: v for k, v in old.items() if k not in ("images", "features")}}
 
     prior = {}
@@ -168,6 +171,19 @@ def main() -> None:
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
     after = measure()
+    sweep = []  # the same LoRA and the base model sampled at other guidance scales
+    for guidance in args.guidance_sweep:
+        lora_side = measure(guidance)
+        remove_loras(pipe)
+        base_side = measure(guidance)
+        apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
+        sweep.append({"guidance": guidance,
+                      "star_accuracy_before": base_side["star"]["per_attribute"]["shape"],
+                      "star_accuracy_after": lora_side["star"]["per_attribute"]["shape"],
+                      "old_prompt_adherence_before": base_side["old"]["all_attributes"],
+                      "old_prompt_adherence_after": lora_side["old"]["all_attributes"],
+                      "star_shape_by_size_after": lora_side["star"]["shape_by_size"]})
+        print("guidance", json.dumps(sweep[-1]), flush=True)
     remove_loras(pipe)
     curve = []  # (step, LoRA weight) -> star accuracy and old-prompt adherence
 
@@ -219,6 +235,7 @@ def main() -> None:
         "old_prompt_adherence_drop_points": 100 * (before["old"]["all_attributes"] - after["old"]["all_attributes"]),
         "targets": {"star_accuracy_after": ">= 0.8", "train_minutes": "<= 10", "adherence_drop_points": "<= 5"},
         "curve": curve,
+        "guidance_sweep": sweep,
         "averaged_checkpoints": averaged,
         "details": {"before": before, "after": after},
         "total_minutes": (time.perf_counter() - started) / 60,
