@@ -363,6 +363,25 @@ def assert_same_lora(run_a: Path, run_b: Path) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("optimizer,rate", [("prodigy", 1.0), ("adafactor", 1e-2)])
+def test_prodigy_and_adafactor_train_resume_exactly_and_are_recorded(tmp_path, data_dir, tiny_model_dir, optimizer,
+                                                                     rate):
+    common = dict(optimizer=optimizer, learning_rate=rate, max_steps=3, checkpoint_every=1, format="both",
+                  train_tokens=["star"])
+    whole = train_lora(options(data_dir, tiny_model_dir, tmp_path / "whole", **common))
+    weights = load_file(whole / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().max() > 0 for k, v in weights.items() if ".lora_B." in k)  # B starts at zero: it moved
+    split = tmp_path / "split"  # the optimizer's own state (Prodigy's step-size estimate) comes back on resume
+    train_lora(options(data_dir, tiny_model_dir, split, stop_at=2, **common))
+    train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
+    assert_same_lora(whole, split)
+    with safe_open(str(whole / "whole.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["ss_optimizer"] == optimizer
+    if optimizer == "prodigy":
+        with pytest.raises(EgakuError, match="give about 1.0, not 0.0001"):
+            options(data_dir, tiny_model_dir, tmp_path / "x", optimizer="prodigy", learning_rate=1e-4)
+
+
 def test_resume_twice_equals_uninterrupted(tmp_path, data_dir, tiny_model_dir):
     # flips, dropout, accumulation across epochs and a warmup+cosine schedule all have state to restore
     common = dict(max_steps=4, gradient_accumulation=2, batch_size=2, random_flip=True, dropout=0.1,

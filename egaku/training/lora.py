@@ -131,7 +131,11 @@ class TrainLoraOptions:
     lr_scheduler: str = option("constant", help="learning-rate schedule", choices=LR_SCHEDULES)
     lr_warmup_steps: int = option(0, help="linear warmup steps")
     weight_decay: float = option(1e-2, help="AdamW weight decay")
-    adam_8bit: bool = option(True, help="use bitsandbytes 8-bit AdamW on CUDA when it is installed")
+    optimizer: str = option("adamw", help="adamw; prodigy (Mishchenko & Defazio 2023: estimates its own step size, "
+                            "--learning-rate 1.0 is its usual multiplier; needs the prodigyopt package); or "
+                            "adafactor (transformers' Adafactor at a fixed --learning-rate, kohya's settings)",
+                            choices=["adamw", "prodigy", "adafactor"])
+    adam_8bit: bool = option(True, help="adamw: use bitsandbytes 8-bit AdamW on CUDA when it is installed")
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0 disables)")
     batch_size: int = option(1, help="images per batch per process")
     gradient_accumulation: int = option(1, help="micro-batches per optimizer step")
@@ -193,6 +197,9 @@ class TrainLoraOptions:
              "are shuffled or dropped: it needs --shuffle-caption or --caption-tag-dropout"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
+            (self.optimizer != "prodigy" or self.learning_rate >= 0.1,
+             f"--optimizer prodigy estimates the step size itself and --learning-rate multiplies it: give about "
+             f"1.0, not {self.learning_rate:g}"),
             (self.clip_skip >= 1, f"--clip-skip counts layers from the end and starts at 1, got {self.clip_skip}"),
             (not (self.mask_dir and self.alpha_mask), "--mask-dir and --alpha-mask both give loss masks; choose one"),
             (0 <= self.unmasked_weight <= 1, f"--unmasked-weight must be in [0, 1], got {self.unmasked_weight}"),
@@ -262,6 +269,31 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
     return (f"started from {path}: {len(pairs)} LoRA layer(s)"
             + (f", {fresh} more start from zero" if fresh else "")
             + (f"; embeddings of {', '.join(started_words)}" if started_words else ""))
+
+
+def make_optimizer(opts: TrainLoraOptions, params: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer over ``params`` (groups with their own learning rates: LoRA+, text encoder, tokens)."""
+    if opts.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise EgakuError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt "
+                             "(or pip install 'egaku[prodigy]')") from None
+        return Prodigy(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+    if opts.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # a fixed learning rate: Adafactor's own relative step and parameter scaling are for full models
+        return Adafactor(params, lr=opts.learning_rate, weight_decay=opts.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    optimizer_cls = torch.optim.AdamW
+    if opts.adam_8bit and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+            optimizer_cls = bnb.optim.AdamW8bit
+        except ImportError:
+            pass
+    return optimizer_cls(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
 
 
 def repeat_slots(repeats: list[int]) -> list[int]:
@@ -637,14 +669,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                                     leave_out=token_table)
     if token_ids:
         params.append({"params": [token_table], "lr": opts.token_lr or opts.learning_rate, "weight_decay": 0.0})
-    optimizer_cls = torch.optim.AdamW
-    if opts.adam_8bit and device.type == "cuda":
-        try:
-            import bitsandbytes as bnb
-            optimizer_cls = bnb.optim.AdamW8bit
-        except ImportError:
-            pass
-    optimizer = optimizer_cls(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+    optimizer = make_optimizer(opts, params, device)
     # an epoch holds every training image `repeats` times and every regularization image once; batches
     # hold positions in `slots`, which name items
     slots = repeat_slots([item.repeats * opts.repeats for item in scan.items]) + [
@@ -914,7 +939,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_network_train_unet_only=str(not opts.train_text_encoder),
                 ss_tag_frequency=tags or {}, ss_sd_model_name=opts.model,
                 ss_caption_dropout_rate=opts.caption_dropout, ss_shuffle_caption=opts.shuffle_caption,
-                ss_keep_tokens=opts.keep_tokens, ss_clip_skip=opts.clip_skip, ss_caption_tag_dropout_rate=opts.caption_tag_dropout,
+                ss_keep_tokens=opts.keep_tokens, ss_clip_skip=opts.clip_skip, ss_optimizer=opts.optimizer, ss_caption_tag_dropout_rate=opts.caption_tag_dropout,
                 **{"modelspec.title": name})
             atomic_save_file(tensors, out / f"{name}.safetensors", metadata=metadata)
             written.append(out / f"{name}.safetensors")
