@@ -457,6 +457,33 @@ def test_resume_with_changed_config_is_refused_naming_the_difference(trained, da
         train_lora(opts)
 
 
+def test_resume_on_changed_images_or_captions_is_refused_naming_them(tmp_path, data_dir, tiny_model_dir):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    common = dict(max_steps=3, format="diffusers")
+    out = tmp_path / "run"
+    train_lora(options(data, tiny_model_dir, out, stop_at=1, **common))
+
+    def resume():
+        return train_lora(options(data, tiny_model_dir, out, resume="latest", **common))
+
+    shutil.copy(data / "red_star" / "0.png", data / "red_star" / "9.png")
+    with pytest.raises(EgakuError, match=r"images changed .*added: data/red_star/9\.png"):
+        resume()
+    (data / "red_star" / "9.png").unlink()
+    (data / "red_star" / "1.png").rename(tmp_path / "1.png")
+    with pytest.raises(EgakuError, match=r"removed: data/red_star/1\.png"):
+        resume()
+    (tmp_path / "1.png").rename(data / "red_star" / "1.png")
+    (data / "red_star" / "2.txt").write_text("a new caption")
+    with pytest.raises(EgakuError, match=r"changed \(file or caption\): data/red_star/2\.png"):
+        resume()
+    (data / "red_star" / "2.txt").unlink()
+    assert (resume() / "pytorch_lora_weights.safetensors").is_file()  # put back as it was: resumes
+
+
 def test_nan_loss_stops_at_the_step_keeping_the_last_good_checkpoint(tmp_path, data_dir, tiny_model_dir):
     out = tmp_path / "nan"
     with pytest.raises(EgakuError) as err:

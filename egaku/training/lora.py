@@ -271,6 +271,30 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
             + (f"; embeddings of {', '.join(started_words)}" if started_words else ""))
 
 
+def data_manifest(scan, prior_scan=None) -> list[list]:
+    """[folder kind, relative path, size in bytes, caption] of every image a run trains on, in order."""
+    return [[kind, item.path.relative_to(folder.root).as_posix(), item.path.stat().st_size, item.caption]
+            for kind, folder in (("data", scan), ("prior", prior_scan)) if folder is not None
+            for item in folder.items]
+
+
+def check_same_data(saved: list[list], current: list[list], checkpoint: Path) -> None:
+    """Refuse to resume on images or captions other than the checkpoint's: the data position it restores, and
+    the weights a resumed run should end with, belong to those."""
+    if [list(row) for row in saved] == current:
+        return
+    before, now = {tuple(r[:2]): r for r in saved}, {tuple(r[:2]): r for r in current}
+    parts = []
+    for label, names in (("added", [k for k in now if k not in before]), ("removed", [k for k in before if k not in now]),
+                         ("changed (file or caption)", [k for k in now if k in before and list(before[k]) != now[k]])):
+        if names:
+            shown = ", ".join(f"{kind}/{name}" for kind, name in names[:3])
+            parts.append(f"{label}: {shown}" + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
+    raise EgakuError(f"cannot resume from {checkpoint}: the training images changed since it was written "
+                     f"({'; '.join(parts) or 'their order changed'}). Put the folder back as it was, or start a new "
+                     "run in another --out folder")
+
+
 def make_optimizer(opts: TrainLoraOptions, params: list[dict], device: torch.device) -> torch.optim.Optimizer:
     """The optimizer over ``params`` (groups with their own learning rates: LoRA+, text encoder, tokens)."""
     if opts.optimizer == "prodigy":
@@ -478,7 +502,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     resume_from = None
     if opts.resume:  # refuse a changed configuration before any slow work
         resume_from = checkpoints.resolve(opts.resume)
-        load_checkpoint(resume_from, config, ignore=RESUME_MAY_CHANGE, defaults=defaults)
+        resumed = load_checkpoint(resume_from, config, ignore=RESUME_MAY_CHANGE, defaults=defaults)
 
     if opts.init_lora:  # a wrong path is refused before the model loads
         from ..lora.apply import resolve_lora
@@ -508,6 +532,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 fh.write("regularization images: " + prior.report() + "\n")
         say("regularization images: " + prior.report())
     items = scan.items + prior_items
+    manifest = data_manifest(scan, prior if opts.prior_data else None)  # what a resume must find again
+    if resume_from is not None and "data" in resumed[1]:  # (checkpoints of earlier versions lack it)
+        check_same_data(resumed[1]["data"], manifest, resume_from)
     folder_tags: dict[str, dict[str, int]] = {}  # kohya's ss_tag_frequency: per image folder, by its name
     for folder, folder_items in ((opts.data, scan.items), (opts.prior_data, prior_items)):
         for tag, count in tag_frequency([item.caption for item in folder_items]).items():
@@ -694,7 +721,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     step, micro = 0, 0
     if resume_from is not None:
         path = resume_from
-        weights, state = load_checkpoint(path, config, ignore=RESUME_MAY_CHANGE, defaults=defaults)
+        weights, state = resumed
         set_peft_model_state_dict(accelerator.unwrap_model(unet), weights["unet_lora"])
         if opts.train_text_encoder:
             set_peft_model_state_dict(accelerator.unwrap_model(text_encoder), weights["text_encoder_lora"])
@@ -728,7 +755,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         if main:
             checkpoints.save(step, lora_state(), {"optimizer": optimizer.state_dict(),
                                                   "lr_scheduler": lr_scheduler.state_dict(), "rng": capture_rng(),
-                                                  "step": step, "micro": micro, "world": world}, config)
+                                                  "step": step, "micro": micro, "world": world,
+                                                  "data": manifest}, config)
         accelerator.wait_for_everyone()
 
     def unwrapped(model):
