@@ -598,6 +598,78 @@ def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained
         merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(trained)], out=str(merged)))
 
 
+def test_dora_trains_magnitudes_and_loads_in_diffusers_egaku_and_merge_lora(tmp_path, data_dir, tiny_model_dir):
+    """--dora: peft's DoRA layers (UNet, conv and text encoder), written with their magnitudes in the diffusers
+    layout; plain diffusers, egaku's apply_loras (alpha folded in) and merge-lora all give the same image."""
+    from egaku.cli import main
+    from egaku.lora.apply import apply_loras, remove_loras
+    from egaku.lora.commands import MergeLoraOptions, merge_lora_command
+
+    with pytest.raises(EgakuError, match="give --format diffusers"):
+        options(data_dir, tiny_model_dir, tmp_path / "x", dora=True)  # the default format writes kohya too
+    common = dict(dora=True, format="diffusers", lora_conv=True, train_text_encoder=True, learning_rate=5e-2,
+                  max_steps=3, checkpoint_every=1)
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "dora", **common))
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    magnitudes = [k for k in weights if k.endswith("lora_magnitude_vector")]
+    assert any(k.startswith("unet.") for k in magnitudes) and any(k.startswith("text_encoder.") for k in magnitudes)
+    assert len(magnitudes) == len([k for k in weights if ".lora_A." in k])
+    # resume restores the magnitudes with the rest
+    split = tmp_path / "split"
+    train_lora(options(data_dir, tiny_model_dir, split, stop_at=2, **common))
+    train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
+    assert_same_lora(out, split)
+
+    # plain diffusers loads the UNet half (its text-encoder path needs peft >= 0.22 under transformers 5)
+    unet_only = tmp_path / "unet-only"
+    unet_only.mkdir()
+    save_file({k: v for k, v in weights.items() if k.startswith("unet.")}, unet_only / "pytorch_lora_weights.safetensors")
+    reference = tiny_pipe(tiny_model_dir)
+    base = render(reference)
+    reference.load_lora_weights(str(unet_only))
+    expected = render(reference)
+    assert np.abs(expected - base).max() > 1e-3
+    pipe = tiny_pipe(tiny_model_dir)
+    apply_loras(pipe, [(unet_only / "pytorch_lora_weights.safetensors", 1.0)])
+    np.testing.assert_allclose(render(pipe), expected, atol=1e-5)
+    remove_loras(pipe)
+    np.testing.assert_allclose(render(pipe), base, atol=1e-6)
+    # the whole file, text-encoder DoRA included: egaku's adapters and merge-lora's fused copy agree
+    apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
+    applied = render(pipe)
+    remove_loras(pipe)
+    assert np.abs(applied - expected).max() > 1e-4  # the text-encoder half does something
+    merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(out)], out=str(tmp_path / "merged")))
+    np.testing.assert_allclose(render(tiny_pipe(tmp_path / "merged")), applied, atol=1e-4)
+    # --init-lora checks the adapter kind; info says what it is
+    with pytest.raises(EgakuError, match="is a DoRA file .* give --dora"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "y", init_lora=str(out), lora_conv=True,
+                           train_text_encoder=True, format="diffusers"))
+    restarted = train_lora(options(data_dir, tiny_model_dir, tmp_path / "again", init_lora=str(out),
+                                   **{**common, "max_steps": 1, "learning_rate": 1e-12, "weight_decay": 0.0}))
+    again = load_file(restarted / "pytorch_lora_weights.safetensors")
+    assert all(torch.allclose(again[k], weights[k], atol=1e-6) for k in magnitudes)
+    assert describe(out)["adapter"] == "DoRA"
+    # a kohya/LyCORIS DoRA file (dora_scale) is named as such, not as a LoRA for another model
+    from egaku.lora.formats import adaptable_modules, kohya_name
+
+    module = next(m for m in adaptable_modules(pipe) if m.startswith("unet.") and m.endswith("attn1.to_q"))
+    layer = adaptable_modules(pipe)[module]
+    name = kohya_name("unet", module.split(".", 1)[1])
+    kohya = {f"{name}.lora_down.weight": torch.zeros(4, layer.in_features),
+             f"{name}.lora_up.weight": torch.zeros(layer.out_features, 4),
+             f"{name}.dora_scale": torch.ones(layer.out_features, 1)}
+    save_file(kohya, tmp_path / "lyco.safetensors")
+    with pytest.raises(EgakuError, match="DoRA layer in the kohya/LyCORIS layout"):
+        apply_loras(pipe, [(tmp_path / "lyco.safetensors", 1.0)])
+
+
+def describe(path):
+    from egaku.lora.commands import describe_lora
+
+    return describe_lora(path)
+
+
 # ---- presets --------------------------------------------------------------------------------------------
 
 def test_every_lora_preset_builds_the_options():

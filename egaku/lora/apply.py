@@ -126,7 +126,8 @@ def _load_text_encoder_lora(text_encoder, pairs: dict, alphas: dict, name: str) 
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
     differing = {m: r for m, r in ranks.items() if r != rank}
     config = LoraConfig(r=rank, lora_alpha=rank, rank_pattern=differing, alpha_pattern=differing,
-                        target_modules=sorted(modules), init_lora_weights=False)
+                        target_modules=sorted(modules), init_lora_weights=False,
+                        use_dora=any("magnitude" in p for p in modules.values()))
     inject_adapter_in_model(config, text_encoder, adapter_name=name)
     baked = bake_alpha({f"x.{m}": p for m, p in modules.items()}, {f"x.{m}": alphas[f"text_encoder.{m}"] for m in modules})
     state = {k[2:]: v.to(text_encoder.dtype) for k, v in baked.items()}
@@ -187,6 +188,10 @@ def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
         pairs = {model_module_name(k, modules): v for k, v in raw_pairs.items()}
         alphas = {model_module_name(k, modules): v for k, v in raw_alphas.items()}
     check_coverage(pairs, modules, str(path), unknown)
+    dora = [name for name, pair in pairs.items() if "magnitude" in pair]
+    if dora and len(dora) != len(pairs):  # peft's DoRA switch is per adapter
+        raise EgakuError(f"{path}: {len(dora)} of its {len(pairs)} layers are DoRA layers (with a magnitude) and the "
+                         "others plain LoRA; egaku loads a file that is all one or the other", param="lora")
     return pairs, alphas
 
 

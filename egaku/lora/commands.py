@@ -111,13 +111,15 @@ def describe_lora(path: str | Path) -> dict:
                 layer["down"] = tensor
             elif kind == "alpha":
                 layer["alpha"] = float(tensor)
+            elif kind == "dora_scale":
+                layer["dora"] = True
         unknown = [n for n, layer in layers.items() if "down" not in layer]
         layers = {n: layer for n, layer in layers.items() if "down" in layer}
     else:
         layout = "diffusers/PEFT"
         pairs, unknown = peft_pairs(state)
         alphas = _alphas_of_diffusers_file(pairs, state, metadata) if pairs else {}
-        layers = {n: {"component": n.split(".", 1)[0], "down": p["down"], "alpha": alphas[n]}
+        layers = {n: {"component": n.split(".", 1)[0], "down": p["down"], "alpha": alphas[n], "dora": "magnitude" in p}
                   for n, p in pairs.items() if "down" in p}
     if not layers:
         raise EgakuError(f"{path} holds no LoRA layers (kohya lora_down/lora_up or diffusers lora_A/lora_B keys); "
@@ -142,7 +144,8 @@ def describe_lora(path: str | Path) -> dict:
     except (ValueError, AttributeError, TypeError):
         tags = {}
     return {
-        "file": str(path), "layout": layout, "unet_layers": count["unet"], "text_encoder_layers": count["text_encoder"],
+        "file": str(path), "layout": layout,
+        "adapter": "DoRA" if any(layer.get("dora") for layer in layers.values()) else "LoRA", "unet_layers": count["unet"], "text_encoder_layers": count["text_encoder"],
         "convolution_layers": sum(1 for layer in layers.values() if layer["down"].ndim == 4),
         "ranks": ranks, "alphas": alphas_seen, "unrecognised_keys": len(unknown), "training": training,
         "top_tags": dict(sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:15]),
@@ -151,12 +154,12 @@ def describe_lora(path: str | Path) -> dict:
 
 
 def format_lora_description(d: dict) -> str:
-    lines = [f"{d['file']}: LoRA, {d['layout']} layout",
+    lines = [f"{d['file']}: {d['adapter']}, {d['layout']} layout",
              f"  layers: {d['unet_layers']} UNet, {d['text_encoder_layers']} text encoder "
              f"({d['convolution_layers']} of them convolutions)",
              f"  rank: {'/'.join(map(str, d['ranks']))}, alpha: {'/'.join(f'{a:g}' for a in d['alphas'])}"]
     if d["unrecognised_keys"]:
-        lines.append(f"  {d['unrecognised_keys']} keys of other adapter types (LoHa, LoKr, DoRA...) that egaku does not load")
+        lines.append(f"  {d['unrecognised_keys']} keys of other adapter types (LoHa, LoKr...) that egaku does not load")
     if d["training"]:
         lines.append("  trained: " + ", ".join(f"{k} {v}" for k, v in d["training"].items()))
     if d["top_tags"]:

@@ -72,11 +72,14 @@ _OLD_SUFFIXES = [
     (re.compile(r"\.lora_linear_layer\.(down|up)\.weight$"), lambda m: ("", m[1])),
     (re.compile(r"\.lora\.(down|up)\.weight$"), lambda m: ("", m[1])),
     (re.compile(r"\.lora_([AB])\.weight$"), lambda m: ("", "down" if m[1] == "A" else "up")),
+    # DoRA's per-output-channel magnitude (peft writes it without ".weight")
+    (re.compile(r"\.lora_magnitude_vector(\.weight)?$"), lambda m: ("", "magnitude")),
 ]
 
 
 def peft_pairs(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """Group a diffusers-layout state dict into ``{"unet.<module>": {"down": A, "up": B}}``.
+    """Group a diffusers-layout state dict into ``{"unet.<module>": {"down": A, "up": B}}`` (and
+    ``"magnitude"`` for a DoRA layer).
 
     Returns (pairs, keys that are not LoRA weights of a known spelling).
     """
@@ -112,6 +115,9 @@ def peft_to_kohya(pairs: dict[str, dict[str, torch.Tensor]], alpha_for: dict[str
     """kohya tensors from ``peft_pairs`` output; ``alpha_for`` maps each ``component.module`` to its alpha."""
     out: dict[str, torch.Tensor] = {}
     for full, pair in sorted(pairs.items()):
+        if "magnitude" in pair:
+            raise EgakuError(f"cannot export {full!r} to kohya: it is a DoRA layer, which egaku writes in the "
+                             "diffusers layout only")
         component, module = full.split(".", 1)
         if component not in KOHYA_PREFIXES:
             raise EgakuError(f"cannot export {full!r} to kohya: only unet and text_encoder LoRAs have a kohya name")
@@ -147,7 +153,10 @@ def kohya_to_peft(state_dict: dict[str, torch.Tensor], module_names: dict[str, l
             pairs.setdefault(full, {})["up"] = tensor
         elif kind == "alpha":
             alphas[full] = float(tensor.item())
-        elif name not in unmatched:  # dora_scale, hada_*, lokr_*: other adapter types
+        elif kind == "dora_scale":
+            raise EgakuError(f"{name} is a DoRA layer in the kohya/LyCORIS layout (dora_scale), which egaku does not "
+                             "load; DoRA LoRAs in the diffusers layout (lora_magnitude_vector) load", param="lora")
+        elif name not in unmatched:  # hada_*, lokr_*: other adapter types
             unmatched.append(f"{name}.{kind}")
     for full, pair in pairs.items():
         alphas.setdefault(full, float(pair["down"].shape[0]))  # kohya: a missing alpha means alpha = rank
@@ -164,6 +173,8 @@ def bake_alpha(pairs: dict[str, dict[str, torch.Tensor]], alphas: dict[str, floa
         rank = pair["down"].shape[0]
         out[f"{full}.lora_A.weight"] = pair["down"].float()
         out[f"{full}.lora_B.weight"] = pair["up"].float() * (alphas[full] / rank)
+        if "magnitude" in pair:  # DoRA rescales W + scale * BA to this norm: folding the scale into B keeps it
+            out[f"{full}.lora_magnitude_vector"] = pair["magnitude"].float()
     return out
 
 
@@ -199,6 +210,9 @@ def check_coverage(pairs: dict[str, dict[str, torch.Tensor]], modules: dict[str,
             raise EgakuError(f"{source}: layer {name} is a {type(module).__name__}, which LoRA cannot adapt",
                              param="lora")
         got_in, got_out = down.shape[1], up.shape[0]
+        if "magnitude" in pair and pair["magnitude"].numel() != got_out:
+            raise EgakuError(f"{source}: layer {name}'s DoRA magnitude has {pair['magnitude'].numel()} values for "
+                             f"{got_out} outputs; the file is damaged", param="lora")
         if (got_in, got_out) != (expect_in, expect_out) or up.shape[1] != down.shape[0]:
             raise EgakuError(f"{source}: layer {name} does not fit this model: the LoRA maps {got_in} -> {got_out} "
                              f"{kind}, the model's layer {expect_in} -> {expect_out}; the LoRA was trained on a "

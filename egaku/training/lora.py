@@ -110,6 +110,9 @@ class TrainLoraOptions:
     rank: int = option(8, help="LoRA rank (size of the low-rank update)")
     alpha: float = option(0.0, help="LoRA alpha; the update is scaled by alpha/rank (0 means alpha = rank)")
     dropout: float = option(0.0, help="dropout on the LoRA branch (0.1 helps on very small folders)")
+    dora: bool = option(False, help="DoRA (Liu et al. 2024): each adapted layer also learns its output channels' "
+                        "magnitude apart from their direction; written in the diffusers layout only (--format "
+                        "diffusers), which diffusers, egaku and merge-lora load")
     target_modules: list[str] = option(UNET_ATTENTION, help="UNet modules to adapt (default: attention q/k/v/out)")
     lora_conv: bool = option(False, help="also adapt the UNet ResNet convolutions (conv1/conv2/conv_shortcut)")
     train_text_encoder: bool = option(False, help="also add LoRA to the text encoder attention (disables text caching)")
@@ -197,6 +200,8 @@ class TrainLoraOptions:
              "are shuffled or dropped: it needs --shuffle-caption or --caption-tag-dropout"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
+            (not self.dora or self.format == "diffusers", "--dora writes the diffusers layout only: give --format "
+             "diffusers (diffusers cannot read DoRA in the kohya layout, so egaku cannot check such a file)"),
             (self.optimizer != "prodigy" or self.learning_rate >= 0.1,
              f"--optimizer prodigy estimates the step size itself and --learning-rate multiplies it: give about "
              f"1.0, not {self.learning_rate:g}"),
@@ -241,6 +246,10 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
         raise EgakuError(f"--init-lora {path} adapts {len(outside)} layer(s) this run does not train ({shown}); give "
                          "the --target-modules, --lora-conv and --train-text-encoder it was trained with",
                          param="init_lora")
+    if any("magnitude" in pair for pair in pairs.values()) != opts.dora:
+        raise EgakuError(f"--init-lora {path} is a {'DoRA' if not opts.dora else 'plain LoRA'} file and this run "
+                         f"{'trains DoRA' if opts.dora else 'does not'}: give {'--no-dora' if opts.dora else '--dora'}",
+                         param="init_lora")
     ranks = sorted({int(pair["down"].shape[0]) for pair in pairs.values()})
     if ranks != [opts.rank]:
         raise EgakuError(f"--init-lora {path} has rank {'/'.join(map(str, ranks))}, this run --rank {opts.rank}; "
@@ -253,6 +262,8 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
                 module = full.split(".", 1)[1]
                 state[f"{module}.lora_A.weight"] = pair["down"].float()
                 state[f"{module}.lora_B.weight"] = pair["up"].float() * (alphas[full] / opts.rank / scale)
+                if "magnitude" in pair:
+                    state[f"{module}.lora_magnitude_vector"] = pair["magnitude"].float()
         if state:
             result = set_peft_model_state_dict(getattr(pipe, component), state)
             if getattr(result, "unexpected_keys", None):
@@ -565,13 +576,14 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     torch.manual_seed(opts.seed)
     alpha = opts.alpha or opts.rank
     targets = list(opts.target_modules) + (UNET_CONV if opts.lora_conv else [])
-    unet.add_adapter(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
+    unet.add_adapter(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout, use_dora=opts.dora,
                                 init_lora_weights="gaussian", target_modules=targets))
     trained = [unet]
     if opts.train_text_encoder:
         # transformers 5's add_adapter demands peft >= 0.22; peft's own injection makes the same layers
         inject_adapter_in_model(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
-                                           init_lora_weights="gaussian", target_modules=TEXT_ENCODER_ATTENTION),
+                                           use_dora=opts.dora, init_lora_weights="gaussian",
+                                           target_modules=TEXT_ENCODER_ATTENTION),
                                 text_encoder)
     token_table = text_encoder.get_input_embeddings().weight
     if token_ids:
