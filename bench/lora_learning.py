@@ -116,7 +116,8 @@ def main() -> None:
         except json.JSONDecodeError:
             extra[name] = value
     # checked beside the regularization folder the bench itself provides (--prior-target base needs one)
-    config.build(TrainLoraOptions, {**({"prior_data": "prior"} if args.prior_images or args.prior_rendered else {}),
+    config.build(TrainLoraOptions, {"learning_rate": args.learning_rate,
+                                    **({"prior_data": "prior"} if args.prior_images or args.prior_rendered else {}),
                                     **({"mask_dir": "masks"} if args.masks else {}), **extra})
     if "alpha" in extra and args.eval_every:
         parser.error("--set alpha=... with --eval-every: the checkpoints' LoRA files are read as alpha = rank")
