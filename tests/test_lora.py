@@ -943,6 +943,8 @@ def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lo
                                **{**common, "max_steps": 1, "token_lr": 1e-30, "learning_rate": 1e-30,
                                   "checkpoint_every": 0}))
     assert torch.allclose(load_file(again / "embeddings" / "star.safetensors")["emb_params"], saved["emb_params"])
+    with pytest.raises(EgakuError, match="give --train-tokens star"):  # the word must come along
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "wordless", init_lora=str(whole), format="both"))
     with pytest.raises(EgakuError, match=r"'zqxjv' is \d+ tokens for this model's tokenizer"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["zqxjv"]))
 

@@ -270,6 +270,10 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
                 raise EgakuError(f"--init-lora {path}: layers not placed: {result.unexpected_keys[:3]}",
                                  param="init_lora")
     words = trained_embeddings(path)
+    left_out = sorted(set(words) - set(opts.train_tokens))
+    if left_out:  # its layers were trained with those vectors in place of the base's
+        raise EgakuError(f"--init-lora {path} was trained with the word(s) {', '.join(left_out)} as token embeddings: "
+                         f"give --train-tokens {' '.join(left_out)} so that they carry on with it", param="init_lora")
     table = pipe.text_encoder.get_input_embeddings().weight
     started_words = [w for w in opts.train_tokens if w in words]
     with torch.no_grad():
@@ -709,8 +713,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if token_ids:
         params.append({"params": [token_table], "lr": opts.token_lr or opts.learning_rate, "weight_decay": 0.0})
     optimizer = make_optimizer(opts, params, device)
-    # an epoch holds every training image `repeats` times and every regularization image once; batches
-    # hold positions in `slots`, which name items
+    # an epoch holds every training image `repeats` times (times its kohya folder's count) and every
+    # regularization image once (or its folder's count); batches hold positions in `slots`, which name items
     slots = repeat_slots([item.repeats * opts.repeats for item in scan.items]) + [
         len(scan.items) + i for i in repeat_slots([item.repeats for item in prior_items])]
     order = BucketBatches([bucket_of[i] for i in slots], opts.batch_size, seed=opts.seed)
