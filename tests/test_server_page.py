@@ -59,7 +59,7 @@ def test_prompt_generate_and_variations(server, browser):
     browser.get(server.url + "/")
     # the page asks the server for its models and samplers first
     wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 3)
-    for field, value in (("steps", "2"), ("n", "2"), ("seed", "21")):
+    for field, value in (("steps", "2"), ("n", "2"), ("seed", "21"), ("clip-skip", "2")):
         element = browser.find_element(By.ID, field)
         element.clear()
         element.send_keys(value)
@@ -70,6 +70,7 @@ def test_prompt_generate_and_variations(server, browser):
     assert not browser.find_element(By.ID, "error").is_displayed()
     params = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "#gallery .params")]
     assert "a red circle on a blue background" in params[0] and "Seed: 21" in params[0] and "Seed: 22" in params[1]
+    assert "Clip skip: 2" in params[0]  # sent as the API's clip_skip and returned with the image's parameters
     assert browser.find_element(By.CSS_SELECTOR, "#gallery img").get_property("naturalWidth") == 64
 
     browser.find_element(By.CSS_SELECTOR, "#gallery .card .variations").click()

@@ -73,6 +73,7 @@ function common() {
   if ($("guidance").value !== "") body.guidance_scale = Number($("guidance").value);
   if ($("negative").value.trim()) body.negative_prompt = $("negative").value.trim();
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if (Number($("clip-skip").value) > 1) body.clip_skip = Number($("clip-skip").value);
   const loras = [...document.querySelectorAll(".lora-row")].map((row) => ({
     name: row.querySelector("select").value, weight: Number(row.querySelector("input").value) }));
   if (loras.length) body.loras = loras;
@@ -118,7 +119,7 @@ function describe(p) {
   if (p.negative_prompt) lines.push(`Negative prompt: ${p.negative_prompt}`);
   const pairs = [["Steps", p.steps], ["Sampler", p.sampler_label || p.sampler], ["CFG", p.guidance_scale],
                  ["Seed", p.seed], ["Size", `${p.width}x${p.height}`], ["Strength", p.strength],
-                 ["Model", p.model_name], ["LoRAs", (p.loras || []).map(([n, w]) => `${n}:${w}`).join(" ")],
+                 ["Clip skip", p.clip_skip > 1 ? p.clip_skip : undefined], ["Model", p.model_name], ["LoRAs", (p.loras || []).map(([n, w]) => `${n}:${w}`).join(" ")],
                  ["Upscaled from", p.upscaled_from]];
   lines.push(pairs.filter(([, v]) => v !== undefined && v !== null && v !== "").map(([k, v]) => `${k}: ${v}`).join(", "));
   return lines.join("\n");
