@@ -100,7 +100,8 @@ def generate_command(opts: GenerateOptions) -> None:
         bar.close()
     save_config(opts, out / f"{first_index:05d}-options.json")
     elapsed = time.perf_counter() - started
-    print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {out}/ ({written[0].name} .. {written[-1].name}) "
+    names = written[0].name if len(written) == 1 else f"{written[0].name} .. {written[-1].name}"
+    print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {out}/ ({names}) "
           f"in {elapsed:.1f} s ({elapsed / len(written):.2f} s/image incl. {pipe.egaku_load_seconds:.1f} s loading)")
 
 
