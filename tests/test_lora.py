@@ -330,7 +330,8 @@ def test_disk_cache_is_reused_by_the_next_run(tmp_path, data_dir, tiny_model_dir
 
 
 def test_clip_skip_trains_on_the_earlier_text_layer_and_keeps_its_own_cache_entries(tmp_path, data_dir,
-                                                                                  tiny_model_dir, monkeypatch):
+                                                                                  tiny_model_dir, monkeypatch,
+                                                                                  capsys):
     """--clip-skip 2: captions are read from the layer before the last (cached, and in the validation grid),
     the disk cache keeps those apart from last-layer entries, and the kohya file records it."""
     from egaku.models import text as text_module
@@ -351,6 +352,17 @@ def test_clip_skip_trains_on_the_earlier_text_layer_and_keeps_its_own_cache_entr
     assert any(not torch.allclose(a[k], b[k]) for k in a)
     with safe_open(str(skipped / "skipped.safetensors"), framework="pt") as fh:
         assert fh.metadata()["ss_clip_skip"] == "2"
+    # generating with it at another clip skip says so, from either file
+    import egaku
+
+    pipe = egaku.load_pipeline(str(tiny_model_dir), device="cpu", dtype="float32")
+    for lora in (skipped, skipped / "skipped.safetensors"):
+        egaku.generate(pipe, "a photo of red star", steps=1, lora=[str(lora)])
+        assert "was trained at clip skip 2; this image uses 1 (give --clip-skip 2)" in capsys.readouterr().out
+        egaku.generate(pipe, "a photo of red star", steps=1, lora=[str(lora)], clip_skip=2)
+        assert "clip skip" not in capsys.readouterr().out
+    egaku.generate(pipe, "a photo of red star", steps=1, lora=[str(last)])
+    assert "clip skip" not in capsys.readouterr().out
     with pytest.raises(EgakuError, match="has 2 layers"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "x", clip_skip=3))
 

@@ -226,7 +226,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
     text, tag_loras = o.prompt, []
     if "<lora:" in text or o.lora:
-        from ..lora.apply import apply_loras, parse_prompt_loras, remove_loras, resolve_lora
+        from ..lora.apply import apply_loras, parse_prompt_loras, remove_loras, resolve_lora, trained_clip_skip
 
         text, tag_loras = parse_prompt_loras(text)
         specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
@@ -235,6 +235,11 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
             # a bare name is looked up in --lora-dir (the server passes only those); anything else is a path
             bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
             specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))
+        for path, _ in specs:  # A1111 does not warn either; a LoRA read at another layer quietly does less
+            trained_at = trained_clip_skip(path)
+            if trained_at is not None and trained_at != o.clip_skip:
+                print(f"egaku: {lora_display_name(Path(path))} was trained at clip skip {trained_at}; this image "
+                      f"uses {o.clip_skip} (give --clip-skip {trained_at})")
         apply_loras(pipe, specs)
         lora_record = [(lora_display_name(Path(p)), w) for p, w in specs]
     else:

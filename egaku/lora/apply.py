@@ -195,6 +195,24 @@ def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
     return pairs, alphas
 
 
+def trained_clip_skip(lora_file: Path) -> int | None:
+    """The clip skip a LoRA was trained at, from its kohya header (``ss_clip_skip``) or its train-lora folder's
+    training_config.json; None when neither says."""
+    from safetensors import safe_open
+
+    lora_file = Path(lora_file)
+    config = lora_file.parent / "training_config.json"
+    try:
+        if config.is_file() and (lora_file.parent / LORA_WEIGHTS_NAME).is_file():
+            value = json.loads(config.read_text()).get("clip_skip")
+        else:
+            with safe_open(str(lora_file), framework="pt") as fh:
+                value = (fh.metadata() or {}).get("ss_clip_skip")
+        return int(value) if value not in (None, "", "None") else None
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None  # a file that cannot say is loaded (and checked) as usual
+
+
 def trained_embeddings(lora_file: Path) -> dict[str, torch.Tensor]:
     """The token embeddings a train-lora run wrote beside this LoRA file (its --train-tokens), by word.
 
