@@ -100,6 +100,16 @@ def describe_lora(path: str | Path) -> dict:
     from .formats import is_kohya, peft_pairs, read_lora_file
 
     path = resolve_lora(str(path), None)
+    try:  # a whole checkpoint is told apart by its key names alone, before gigabytes are read
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception:  # noqa: BLE001 - read_lora_file below names what is wrong with the file
+        keys = None
+    if keys is not None and not any("lora" in k or "dora_scale" in k for k in keys):
+        raise EgakuError(f"{path} holds no LoRA layers (its {len(keys)} tensors have no lora_ keys; a whole model "
+                         "checkpoint?); egaku info reads PNGs and LoRA files")
     state, metadata = read_lora_file(path)
     layers: dict[str, dict] = {}  # name -> component, down weight, alpha
     if is_kohya(state):
