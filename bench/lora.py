@@ -6,6 +6,7 @@ text encoder, runs ``vae.encode(...).latent_dist.sample()``, then the UNet with 
 epsilon, AdamW. egaku's ``train_lora`` does the same optimisation with latents and text embeddings cached
 once. Same model (the tiny SD pipeline), data, batch size, resolution, rank and steps; each variant runs
 in its own subprocess so its peak RSS is its own, and the variants alternate so machine load hits both.
+A third variant, egaku with ``--shuffle-caption``, prices the text encoder running every step.
 
     .venv/bin/python bench/lora.py                 # writes bench/results/lora.json
     .venv/bin/python bench/lora.py --steps 20 --repeats 1
@@ -145,7 +146,10 @@ def run_diffusers_loop(model: str, data: str, steps: int, batch: int, resolution
             "encoder_seconds": encoder_seconds, "final_loss": float(loss)}
 
 
-def run_egaku(model: str, data: str, steps: int, batch: int, resolution: int, rank: int) -> dict:
+def run_egaku(model: str, data: str, steps: int, batch: int, resolution: int, rank: int,
+              shuffle_caption: bool = False) -> dict:
+    """egaku's trainer; with ``shuffle_caption`` the captions vary each step, so the text encoder runs every
+    step instead of being cached (the latents still are)."""
     import csv
 
     # the same libraries the baseline imports before its clock starts
@@ -166,7 +170,7 @@ def run_egaku(model: str, data: str, steps: int, batch: int, resolution: int, ra
     train_lora(TrainLoraOptions(data=data, model=model, out=str(out), resolution=resolution, rank=rank,
                                 alpha=float(rank), batch_size=batch, max_steps=steps, checkpoint_every=0,
                                 random_flip=True, caption_template="a photo of {class}", format="diffusers",
-                                min_images=2, progress=False))
+                                min_images=2, progress=False, shuffle_caption=shuffle_caption))
     total, total_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     with open(out / "loss.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -219,8 +223,11 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    fn = run_egaku if args.variant == "egaku" else run_diffusers_loop
-    result = fn(args.model, args.data, args.steps, args.batch, args.resolution, args.rank)
+    if args.variant == "diffusers_loop":
+        result = run_diffusers_loop(args.model, args.data, args.steps, args.batch, args.resolution, args.rank)
+    else:
+        result = run_egaku(args.model, args.data, args.steps, args.batch, args.resolution, args.rank,
+                           shuffle_caption=args.variant == "egaku_shuffle")
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -252,7 +259,7 @@ def main() -> None:
     }
     results = {}
     for config, (model, resolution) in configs.items():
-        runs: dict[str, list[dict]] = {"egaku": [], "diffusers_loop": []}
+        runs: dict[str, list[dict]] = {"egaku": [], "diffusers_loop": [], "egaku_shuffle": []}
         for _ in range(args.repeats):
             for variant in runs:
                 cmd = [sys.executable, __file__, "--variant", variant, "--model", str(model), "--data", str(data),
@@ -271,7 +278,7 @@ def main() -> None:
                     "end_to_end_steps_per_s": statistics.median(args.steps / r["total_seconds"] for r in rs),
                     "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs), "runs": rs}
 
-        ours, base = summary(runs["egaku"]), summary(runs["diffusers_loop"])
+        ours, base, shuffled = summary(runs["egaku"]), summary(runs["diffusers_loop"]), summary(runs["egaku_shuffle"])
         pairs = list(zip(runs["egaku"], runs["diffusers_loop"]))  # run back to back: same machine load
         encoder_share = statistics.median(r["encoder_seconds"] / r["loop_seconds"] for r in runs["diffusers_loop"])
         results[config] = {
@@ -286,6 +293,12 @@ def main() -> None:
             "speedup_loop": ours["loop_steps_per_s"] / base["loop_steps_per_s"],
             "speedup_end_to_end": ours["end_to_end_steps_per_s"] / base["end_to_end_steps_per_s"],
             "peak_rss_ratio": ours["peak_rss_mib"] / base["peak_rss_mib"],
+            # --shuffle-caption: the text encoder runs every step (its outputs cannot be cached)
+            "egaku_shuffle_caption": shuffled,
+            "shuffle_caption_loop_cpu_cost": statistics.median(s["loop_cpu_seconds"] / o["loop_cpu_seconds"]
+                                                               for o, s in zip(runs["egaku"], runs["egaku_shuffle"])),
+            "shuffle_caption_speedup_loop_cpu_time": statistics.median(
+                b["loop_cpu_seconds"] / s["loop_cpu_seconds"] for s, b in zip(runs["egaku_shuffle"], runs["diffusers_loop"])),
         }
     result = {
         "benchmark": "LoRA training: egaku train_lora vs the diffusers train_text_to_image_lora.py loop",
