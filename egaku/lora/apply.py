@@ -200,17 +200,30 @@ def trained_clip_skip(lora_file: Path) -> int | None:
     training_config.json; None when neither says."""
     from safetensors import safe_open
 
-    lora_file = Path(lora_file)
-    config = lora_file.parent / "training_config.json"
+    config = run_config(lora_file)
     try:
-        if config.is_file() and (lora_file.parent / LORA_WEIGHTS_NAME).is_file():
-            value = json.loads(config.read_text()).get("clip_skip")
+        if config:
+            value = config.get("clip_skip")
         else:
             with safe_open(str(lora_file), framework="pt") as fh:
                 value = (fh.metadata() or {}).get("ss_clip_skip")
         return int(value) if value not in (None, "", "None") else None
-    except (OSError, ValueError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None  # a file that cannot say is loaded (and checked) as usual
+
+
+def run_config(lora_file: Path) -> dict:
+    """The resolved options of the train-lora run whose output folder holds ``lora_file`` (its
+    training_config.json beside pytorch_lora_weights.safetensors); {} for a LoRA from elsewhere or an
+    unreadable config."""
+    folder = Path(lora_file).parent
+    config = folder / "training_config.json"
+    if not (config.is_file() and (folder / LORA_WEIGHTS_NAME).is_file()):
+        return {}
+    try:
+        return json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def trained_embeddings(lora_file: Path) -> dict[str, torch.Tensor]:

@@ -96,7 +96,7 @@ def describe_lora(path: str | Path) -> dict:
     its header or its train-lora folder records, its most frequent caption tags and its trained words."""
     import json
 
-    from .apply import _alphas_of_diffusers_file, trained_embeddings
+    from .apply import _alphas_of_diffusers_file, run_config, trained_embeddings
     from .formats import is_kohya, peft_pairs, read_lora_file
 
     path = resolve_lora(str(path), None)
@@ -137,12 +137,9 @@ def describe_lora(path: str | Path) -> dict:
     ranks = sorted({int(layer["down"].shape[0]) for layer in layers.values()})
     alphas_seen = sorted({layer.get("alpha", float(layer["down"].shape[0])) for layer in layers.values()})
     count = {c: sum(1 for layer in layers.values() if layer["component"] == c) for c in ("unet", "text_encoder")}
-    training: dict = {}
-    config_file = path.parent / "training_config.json"
-    if config_file.is_file() and path.parent.joinpath("pytorch_lora_weights.safetensors").exists():
-        config = json.loads(config_file.read_text())
-        # an option at 0 is off (min-SNR) or unset (max_steps when --epochs counts)
-        training = {label: config[key] for key, label in _CONFIG_SHOWN.items() if config.get(key) not in (None, "", 0)}
+    config = run_config(path)
+    # an option at 0 is off (min-SNR) or unset (max_steps when --epochs counts)
+    training = {label: config[key] for key, label in _CONFIG_SHOWN.items() if config.get(key) not in (None, "", 0)}
     for key, label in _KOHYA_SHOWN.items():
         if metadata.get(key) not in (None, "", "None", "0", "0.0"):
             training.setdefault(label, metadata[key])
@@ -155,7 +152,8 @@ def describe_lora(path: str | Path) -> dict:
         tags = {}
     return {
         "file": str(path), "layout": layout,
-        "adapter": "DoRA" if any(layer.get("dora") for layer in layers.values()) else "LoRA", "unet_layers": count["unet"], "text_encoder_layers": count["text_encoder"],
+        "adapter": "DoRA" if any(layer.get("dora") for layer in layers.values()) else "LoRA",
+        "unet_layers": count["unet"], "text_encoder_layers": count["text_encoder"],
         "convolution_layers": sum(1 for layer in layers.values() if layer["down"].ndim == 4),
         "ranks": ranks, "alphas": alphas_seen, "unrecognised_keys": len(unknown), "training": training,
         "top_tags": dict(sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:15]),

@@ -286,6 +286,19 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
             + (f"; embeddings of {', '.join(started_words)}" if started_words else ""))
 
 
+def folder_tags(folders: list[tuple[str, list]]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: the tag counts of each image folder's captions, by the folder's name (two
+    folders of one name share their counts); folders without images are left out."""
+    tags: dict[str, dict[str, int]] = {}
+    for folder, items in folders:
+        if not items:
+            continue
+        counts = tags.setdefault(Path(folder).resolve().name, {})
+        for tag, n in tag_frequency([item.caption for item in items]).items():
+            counts[tag] = counts.get(tag, 0) + n
+    return tags
+
+
 def data_manifest(scan, prior_scan=None) -> list[list]:
     """[folder kind, relative path, size in bytes, caption] of every image a run trains on, in order."""
     return [[kind, item.path.relative_to(folder.root).as_posix(), item.path.stat().st_size, item.caption]
@@ -550,11 +563,6 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     manifest = data_manifest(scan, prior if opts.prior_data else None)  # what a resume must find again
     if resume_from is not None and "data" in resumed[1]:  # (checkpoints of earlier versions lack it)
         check_same_data(resumed[1]["data"], manifest, resume_from)
-    folder_tags: dict[str, dict[str, int]] = {}  # kohya's ss_tag_frequency: per image folder, by its name
-    for folder, folder_items in ((opts.data, scan.items), (opts.prior_data, prior_items)):
-        for tag, count in tag_frequency([item.caption for item in folder_items]).items():
-            counts = folder_tags.setdefault(Path(folder).resolve().name, {})
-            counts[tag] = counts.get(tag, 0) + count
     # per-image loss weight: regularization images count --prior-loss-weight times a training image
     item_weight = torch.tensor([1.0] * len(scan.items) + [opts.prior_loss_weight] * len(prior_items))
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -790,13 +798,14 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         run.set_progress_bar_config(disable=True)
         images = []
         for prompt in opts.validation_prompts:
+            with torch.no_grad(), accelerator.autocast():
+                # cached, or the text encoder as it is now (its LoRA and words trained so far); once per prompt
+                embeds = ([cache.store[text_key(text)][None] for text in (prompt, "")] if cache_text
+                          else [encode_text([text]) for text in (prompt, "")])
+            kwargs = {"prompt_embeds": embeds[0].to(device, weight_dtype),
+                      "negative_prompt_embeds": embeds[1].to(device, weight_dtype)}
             for seed in opts.validation_seeds:
                 with torch.no_grad(), accelerator.autocast():
-                    # cached, or the text encoder as it is now (its LoRA and words trained so far)
-                    embeds = ([cache.store[text_key(text)][None] for text in (prompt, "")] if cache_text
-                              else [encode_text([text]) for text in (prompt, "")])
-                    kwargs = {"prompt_embeds": embeds[0].to(device, weight_dtype),
-                              "negative_prompt_embeds": embeds[1].to(device, weight_dtype)}
                     images.append(run(**kwargs, num_inference_steps=opts.validation_steps,
                                       guidance_scale=opts.validation_guidance, height=resolution, width=resolution,
                                       generator=torch.Generator().manual_seed(seed)).images[0])
@@ -935,7 +944,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         save_lora(out, accelerator.unwrap_model(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
                   opts, token_embeddings=trained_embeddings() if token_ids else None,
                   num_images=sum(item.repeats for item in scan.items) * opts.repeats,  # kohya counts repeats
-                  tags=folder_tags, total_steps=total_steps)
+                  tags=folder_tags([(opts.data, scan.items), (opts.prior_data, prior_items)]),
+                  total_steps=total_steps)
         say(f"wrote {out} (step {step}, final loss {float(mean_loss):.4f})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
