@@ -175,6 +175,41 @@ def test_apply_loras_both_layouts_match_diffusers_and_remove_restores_base(train
     remove_loras(pipe)
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_save_precision_halves_the_files_which_load_everywhere_like_the_fp32_ones(trained, tmp_path, data_dir,
+                                                                                  tiny_model_dir, precision):
+    from egaku.lora.apply import apply_loras
+    from egaku.lora.commands import describe_lora
+
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "starlora", **TRAINED, save_precision=precision))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    for file in ("pytorch_lora_weights.safetensors", "starlora.safetensors"):
+        half, full = load_file(out / file), load_file(trained / file)
+        assert half.keys() == full.keys() and {v.dtype for v in half.values()} == {dtype}
+        # the same training (same seed) rounded at the end only
+        for k in full:
+            torch.testing.assert_close(half[k].float(), full[k].to(dtype).float(), rtol=0, atol=0)
+        assert (out / file).stat().st_size < 0.6 * (trained / file).stat().st_size
+    # the checkpoint keeps full precision: a resume continues from the exact weights
+    checkpoint = out / "checkpoints" / "step-000003"
+    assert {v.dtype for f in checkpoint.glob("*.safetensors") for v in load_file(f).values()} <= {torch.float32}
+
+    fp32_pipe = tiny_pipe(tiny_model_dir)
+    fp32_pipe.load_lora_weights(str(trained))
+    expected = render(fp32_pipe)
+    tolerance = 2e-3 if precision == "fp16" else 2e-2  # bf16 keeps 8 bits of mantissa
+    for load in ("diffusers", "diffusers-kohya", "egaku"):
+        pipe = tiny_pipe(tiny_model_dir)
+        if load == "diffusers":
+            pipe.load_lora_weights(str(out))
+        elif load == "diffusers-kohya":
+            pipe.load_lora_weights(str(out), weight_name="starlora.safetensors")
+        else:
+            apply_loras(pipe, [(out / "starlora.safetensors", 1.0)])
+        np.testing.assert_allclose(render(pipe), expected, atol=tolerance)
+    assert describe_lora(out / "starlora.safetensors")["ranks"] == [4]
+
+
 def test_text_encoder_lora_uses_the_names_other_tools_use_and_applies(tmp_path, data_dir, tiny_model_dir):
     from egaku.lora.apply import apply_loras, remove_loras
 

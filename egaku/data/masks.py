@@ -37,7 +37,8 @@ def find_mask_files(scan: FolderScan, mask_dir: str | Path) -> list[Path]:
     found, missing = [], []
     for item in scan.items:
         rel = item.path.relative_to(scan.root)
-        candidates = [mask_dir / rel] + [(mask_dir / rel).with_suffix(s) for s in sorted(IMAGE_SUFFIXES)]
+        # the same name first, then the other extensions (dict: a .png image's own name is not tried twice)
+        candidates = dict.fromkeys([mask_dir / rel] + [(mask_dir / rel).with_suffix(s) for s in sorted(IMAGE_SUFFIXES)])
         path = next((c for c in candidates if c.is_file()), None)
         if path is None:
             missing.append(str(rel))

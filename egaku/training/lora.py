@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -172,6 +173,9 @@ class TrainLoraOptions:
     validation_steps: int = option(20, help="sampling steps for validation images")
     validation_guidance: float = option(7.5, help="classifier-free guidance scale for validation images")
     format: str = option("both", help="LoRA file layout to write", choices=["diffusers", "kohya", "both"])
+    save_precision: str = option("fp32", help="dtype of the written LoRA files (kohya's --save_precision): fp16 or "
+                                 "bf16 halve them, as most shared LoRAs are; training and checkpoints stay fp32",
+                                 choices=["fp32", "fp16", "bf16"])
     seed: int = option(0, help="seed for LoRA init, data order, noise and timesteps")
     device: str = option("auto", help="auto, cpu or cuda (under accelerate launch, accelerate decides)")
     progress: bool = option(True, help="show a progress bar")
@@ -331,7 +335,8 @@ def make_optimizer(opts: TrainLoraOptions, params: list[dict], device: torch.dev
         except ImportError:
             raise EgakuError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt "
                              "(or pip install 'egaku[prodigy]')") from None
-        return Prodigy(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every run
+            return Prodigy(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
     if opts.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -355,7 +360,9 @@ def repeat_slots(repeats: list[int]) -> list[int]:
 
 
 # Resuming is refused when any other option differs: these only change how this session runs.
-RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "device", "cache_dir", "validation_every", "out"}
+# options that only change how a run is watched or what its final files are written as
+RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "device", "cache_dir", "validation_every", "out", "format",
+                     "save_precision"}
 
 
 def _load_base(model: str):
@@ -952,6 +959,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     return out
 
 
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images: int = 0,
               tags: dict[str, dict[str, int]] | None = None, total_steps: int = 0,
               token_embeddings: dict[str, torch.Tensor] | None = None) -> list[Path]:
@@ -961,10 +971,11 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
     from peft.utils import get_peft_model_state_dict
 
     out.mkdir(parents=True, exist_ok=True)
-    layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
+    dtype = SAVE_DTYPES[opts.save_precision]
+    layers = {"unet_lora_layers": {k: v.detach().to(dtype) for k, v in get_peft_model_state_dict(unet).items()}}
     meta = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
     if text_encoder is not None:  # under the names other tools use (text_model.encoder...)
-        layers["text_encoder_lora_layers"] = {canonical_module("text_encoder", k): v
+        layers["text_encoder_lora_layers"] = {canonical_module("text_encoder", k): v.detach().to(dtype)
                                               for k, v in get_peft_model_state_dict(text_encoder).items()}
         meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
     written = []
@@ -978,7 +989,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
             prefixed.update({f"text_encoder.{k}": v for k, v in layers.get("text_encoder_lora_layers", {}).items()})
             pairs, _ = peft_pairs(prefixed)
             alpha = float(opts.alpha or opts.rank)
-            tensors = peft_to_kohya(pairs, {name: alpha for name in pairs})
+            tensors = {k: v.to(dtype) for k, v in peft_to_kohya(pairs, {name: alpha for name in pairs}).items()}
             # A1111 and ComfyUI list a LoRA by its file name
             name = out.resolve().name if out.resolve().name != LORA_WEIGHTS_NAME.split(".")[0] else "lora"
             metadata = kohya_metadata(
