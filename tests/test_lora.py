@@ -336,6 +336,27 @@ def test_v_prediction_min_snr_noise_offset_and_checkpointing_run(tmp_path, data_
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_huber_loss_trains_is_recorded_and_with_a_far_threshold_trains_as_l2(tmp_path, data_dir, tiny_model_dir):
+    common = dict(learning_rate=5e-2, min_snr_gamma=5.0)
+    l2 = train_lora(options(data_dir, tiny_model_dir, tmp_path / "l2", **common))
+    # 2c d^2 / (sqrt(d^2 + c^2) + c) is d^2 to float precision when c is far above every error
+    far = train_lora(options(data_dir, tiny_model_dir, tmp_path / "far", **common, loss_type="huber",
+                             huber_schedule="constant", huber_c=1e6))
+    huber = train_lora(options(data_dir, tiny_model_dir, tmp_path / "huber", **common, loss_type="huber"))
+    a, b, h = (load_file(run / "pytorch_lora_weights.safetensors") for run in (l2, far, huber))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert max(float((h[k] - a[k]).abs().max()) for k in a) > 1e-4  # the default threshold (0.1, snr) is not l2
+    losses = [float(r.split(",")[2]) for r in (huber / "loss.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    with safe_open(str(huber / "huber.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], float(meta["ss_huber_c"])) == ("huber", "snr", 0.1)
+    with safe_open(str(l2 / "l2.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["ss_loss_type"] == "l2" and "ss_huber_c" not in fh.metadata()
+    assert json.loads((huber / "training_config.json").read_text())["loss_type"] == "huber"
+
+
 def test_logit_normal_timesteps_are_drawn_by_the_shared_sampler(tmp_path, data_dir, tiny_model_dir, monkeypatch):
     from egaku.training import runtime
 

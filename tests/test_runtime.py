@@ -1,9 +1,13 @@
-"""The training loops' shared stop request: Ctrl-C or SIGTERM once asks, twice interrupts."""
+"""The training loops' shared runtime: the stop request (Ctrl-C or SIGTERM once asks, twice interrupts) and the
+loss types."""
 
+import re
 import signal
 
 import pytest
+import torch
 
+from egaku.errors import EgakuError
 from egaku.training.runtime import StopOnSignal
 
 
@@ -17,3 +21,59 @@ def test_first_signal_asks_to_stop_the_second_interrupts_and_handlers_come_back(
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# ---- loss types (kohya's --loss_type, --huber_c, --huber_schedule) ---------------------------------------
+
+def test_pseudo_huber_is_l2_for_small_errors_linear_for_large_and_smooth_l1_is_it_over_c():
+    from egaku.training.runtime import elementwise_loss
+
+    pred = torch.tensor([[1e-3, -2e-3, 10.0, -100.0]])
+    target = torch.zeros_like(pred)
+    c = torch.tensor([0.1])
+    huber = elementwise_loss(pred, target, "huber", c)[0]
+    torch.testing.assert_close(huber[:2], pred[0, :2] ** 2, rtol=1e-3, atol=0)  # |d| << c: d^2
+    torch.testing.assert_close(huber[2:], 2 * 0.1 * pred[0, 2:].abs() - 2 * 0.1 ** 2, rtol=1e-3, atol=0)  # 2c|d| - 2c^2
+    # kohya's formula, 2c(sqrt(d^2 + c^2) - c), in float64
+    d = pred.double()
+    torch.testing.assert_close(huber.double(), (2 * 0.1 * ((d ** 2 + 0.01).sqrt() - 0.1))[0], rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(elementwise_loss(pred, target, "smooth_l1", c), huber[None] / 0.1)
+    torch.testing.assert_close(elementwise_loss(pred, target, "l2"), pred ** 2)
+    torch.testing.assert_close(elementwise_loss(pred, target, "l1"), pred.abs())
+    # a threshold far above every error is L2 to float precision (no cancellation in the stable form)
+    torch.testing.assert_close(elementwise_loss(pred[:, :3], target[:, :3], "huber", torch.tensor([1e5])),
+                               pred[:, :3] ** 2, rtol=1e-6, atol=0)
+
+
+def test_huber_thresholds_run_from_one_at_clean_timesteps_to_c_at_noisy_ones_per_sample():
+    from diffusers import DDPMScheduler
+
+    from egaku.training.runtime import elementwise_loss, huber_thresholds
+
+    for zero_snr in (False, True):
+        scheduler = DDPMScheduler(num_train_timesteps=1000, rescale_betas_zero_snr=zero_snr)
+        t = torch.tensor([0, 500, 999])
+        for schedule in ("snr", "exponential"):
+            c = huber_thresholds(scheduler, t, 0.1, schedule)
+            assert torch.isfinite(c).all() and c[0] > 0.9 and c[0] > c[1] > c[2] >= 0.1 - 1e-6
+            assert c[2] < 0.11
+        torch.testing.assert_close(huber_thresholds(scheduler, t, 0.3, "constant"), torch.full((3,), 0.3))
+    # each sample of a batch takes its own threshold
+    pred = torch.ones(3, 4, 2, 2)
+    c = huber_thresholds(scheduler, t, 0.1, "snr")
+    per_sample = elementwise_loss(pred, torch.zeros_like(pred), "huber", c).mean(dim=(1, 2, 3))
+    expected = 2 * c * ((1 + c ** 2).sqrt() - c)
+    torch.testing.assert_close(per_sample, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type,c,schedule,message", [
+    ("huber", 2.0, "snr", "in (0, 1]"), ("smooth_l1", 0.0, "exponential", "in (0, 1]"),
+    ("huber", -1.0, "constant", "above 0"), ("l3", 0.1, "snr", "unknown --loss-type"),
+    ("huber", 0.1, "cosine", "unknown --huber-schedule")])
+def test_bad_loss_options_are_refused_with_what_to_give(loss_type, c, schedule, message):
+    from egaku.training.runtime import check_loss_type
+
+    with pytest.raises(EgakuError, match=re.escape(message)):
+        check_loss_type(loss_type, c, schedule)
+    check_loss_type("l2", 2.0, "snr")  # the threshold is not read by l2
+    check_loss_type("huber", 5.0, "constant")

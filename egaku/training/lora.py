@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import option, save_config, to_dict
 from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
@@ -47,9 +46,10 @@ from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
 from ..models.text import check_clip_skip, encode_prompts
-from .runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, atomic_save_file, capture_rng, check_finite,
-                      StopOnSignal, check_timestep_sampling, draw_timesteps, half_precision_attention,
-                      load_checkpoint, min_snr_weights, restore_rng, stop_after_signal)
+from .runtime import (HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
+                      atomic_save_file, capture_rng, check_finite, check_loss_type, check_timestep_sampling,
+                      draw_timesteps, elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
+                      min_snr_weights, restore_rng, stop_after_signal)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -151,6 +151,13 @@ class TrainLoraOptions:
     # objective
     min_snr_gamma: float = option(0.0, help="min-SNR-gamma loss weighting (5.0 is the paper's value; 0 = off)")
     noise_offset: float = option(0.0, help="noise offset (0.05-0.1 helps very dark/bright images; 0 = off)")
+    loss_type: str = option("l2", help="l2 (MSE); huber (scheduled pseudo-Huber, kohya's --loss_type huber: L2 for "
+                            "small errors, linear for large ones, so outliers such as a mislabelled image pull less); "
+                            "smooth_l1 (the same divided by its threshold); or l1", choices=list(LOSS_TYPES))
+    huber_c: float = option(0.1, help="huber/smooth_l1 threshold at the noisiest timestep (kohya's --huber_c)")
+    huber_schedule: str = option("snr", help="how the huber threshold moves from 1 (clean timesteps) to --huber-c "
+                                 "(noisy ones): snr (with the noise level), exponential (with the timestep) or "
+                                 "constant (--huber-c throughout)", choices=list(HUBER_SCHEDULES))
     timestep_sampling: str = option("uniform", help="how training timesteps are drawn: uniform, or logit_normal "
                                     "(t/T = sigmoid(N(0, 1)), as in SD3: most at middle noise levels, where "
                                     "shapes and details form; the layout is the base model's already)",
@@ -223,6 +230,7 @@ class TrainLoraOptions:
             if not ok:
                 raise EgakuError(message)
         check_timestep_sampling(self.timestep_sampling, self.uniform_share, self.logit_std)
+        check_loss_type(self.loss_type, self.huber_c, self.huber_schedule)
         if self.token_init and len(self.token_init) != len(self.train_tokens):
             raise EgakuError(f"--token-init gives {len(self.token_init)} word(s) for {len(self.train_tokens)} "
                              "--train-tokens word(s): give one initializer word per trained word, in the same order")
@@ -894,9 +902,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                                 noisy[prior_rows], timesteps[prior_rows], states[prior_rows],
                                 [texts[row] for row in prior_rows]).float()
                         pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
-                    squared_error = F.mse_loss(pred.float(), target.float(), reduction="none")
-                    per_sample = (masked_mean(squared_error, loss_weights(indices, flip_draws, latents.shape))
-                                  if mask_of else squared_error.mean(dim=(1, 2, 3)))
+                    error = elementwise_loss(pred, target, opts.loss_type, None if opts.loss_type in ("l2", "l1") else
+                                             huber_thresholds(noise_scheduler, timesteps, opts.huber_c,
+                                                              opts.huber_schedule))
+                    per_sample = (masked_mean(error, loss_weights(indices, flip_draws, latents.shape))
+                                  if mask_of else error.mean(dim=(1, 2, 3)))
                     weights = item_weight[indices].to(device)
                     if opts.min_snr_gamma:
                         weights = weights * min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma,
@@ -999,7 +1009,9 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_num_train_images=num_images, ss_resolution=f"({opts.resolution}, {opts.resolution})",
                 ss_learning_rate=opts.learning_rate, ss_max_train_steps=total_steps or opts.max_steps,
                 ss_lr_scheduler=opts.lr_scheduler, ss_seed=opts.seed, ss_mixed_precision=opts.mixed_precision,
-                ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset,
+                ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset, ss_loss_type=opts.loss_type,
+                **({"ss_huber_c": opts.huber_c, "ss_huber_schedule": opts.huber_schedule}
+                   if opts.loss_type in ("huber", "smooth_l1") else {}),
                 ss_text_encoder_lr=opts.text_encoder_lr if opts.train_text_encoder else 0,
                 ss_network_train_unet_only=str(not opts.train_text_encoder),
                 ss_tag_frequency=tags or {}, ss_sd_model_name=opts.model,

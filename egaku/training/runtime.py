@@ -315,6 +315,65 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, pred
 
 
 
+LOSS_TYPES = ("l2", "huber", "smooth_l1", "l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+
+
+def check_loss_type(loss_type: str, huber_c: float, huber_schedule: str) -> None:
+    """A trainer's --loss-type, --huber-c and --huber-schedule."""
+    if loss_type not in LOSS_TYPES:
+        raise EgakuError(f"unknown --loss-type {loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
+    if huber_schedule not in HUBER_SCHEDULES:
+        raise EgakuError(f"unknown --huber-schedule {huber_schedule!r}; choose from {', '.join(HUBER_SCHEDULES)}")
+    if loss_type not in ("huber", "smooth_l1"):
+        return
+    if not 0 < huber_c <= 1 and huber_schedule != "constant":
+        raise EgakuError(f"--huber-c {huber_c}: the {huber_schedule} schedule goes from 1 at the cleanest timestep "
+                         "down to --huber-c at the noisiest, so give a value in (0, 1] (0.1 is kohya's default)")
+    if not huber_c > 0:
+        raise EgakuError(f"--huber-c must be above 0, got {huber_c}")
+
+
+def huber_thresholds(noise_scheduler, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+    """Per-sample threshold of the scheduled pseudo-Huber loss (Khrapov et al. 2024, "Improving Diffusion Models's
+    Data-Corruption Resistance using Scheduled Pseudo-Huber Loss"; kohya's --huber_schedule): near 1 (almost
+    L2) at the clean timesteps, where detail is learnt, down to ``huber_c`` (almost L1, robust to outliers) at
+    the noisy ones. ``snr`` follows the noise level, ``exponential`` the timestep index."""
+    if schedule == "constant":
+        return torch.full(timesteps.shape, float(huber_c), device=timesteps.device)
+    t = timesteps.detach().cpu()
+    if schedule == "exponential":
+        c = torch.exp(math.log(huber_c) * t.double() / noise_scheduler.config.num_train_timesteps)
+    else:
+        alphas_cumprod = noise_scheduler.alphas_cumprod[t].double()
+        # a zero-terminal-SNR schedule's last alpha is 0: sigma is infinite there and the threshold is huber_c
+        sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod.clamp_min(1e-20)).sqrt()
+        c = (1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c
+    return c.float().to(timesteps.device)
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
+                     huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of each element of ``pred`` against ``target`` (both (B, ...)), in fp32.
+
+    huber is kohya's pseudo-Huber 2c(sqrt(d^2 + c^2) - c): d^2 for |d| << c and 2c|d| beyond, so one badly
+    predicted region (a corrupt or mislabelled image) pulls linearly instead of quadratically; smooth_l1 is the
+    same divided by c. It is computed as 2c d^2 / (sqrt(d^2 + c^2) + c), which is the same number without the
+    cancellation of the difference at large c. ``huber_c``: (B,) thresholds from ``huber_thresholds``."""
+    diff = pred.float() - target.float()
+    if loss_type == "l2":
+        return diff.square()
+    if loss_type == "l1":
+        return diff.abs()
+    c = huber_c.float().to(diff.device).view(-1, *([1] * (diff.dim() - 1)))
+    pseudo_huber = 2 * c * diff.square() / ((diff.square() + c.square()).sqrt() + c)
+    if loss_type == "huber":
+        return pseudo_huber
+    if loss_type == "smooth_l1":
+        return pseudo_huber / c
+    raise EgakuError(f"unknown loss type {loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
+
+
 def half_precision_attention(device: torch.device, dtype: torch.dtype):
     """The attention kernel context for a forward pass under half-precision autocast on ``device``.
 
