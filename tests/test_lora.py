@@ -357,6 +357,37 @@ def test_huber_loss_trains_is_recorded_and_with_a_far_threshold_trains_as_l2(tmp
     assert json.loads((huber / "training_config.json").read_text())["loss_type"] == "huber"
 
 
+def test_input_perturbation_noises_the_input_but_not_the_target(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    from diffusers import DDPMScheduler
+
+    import egaku.training.lora as lora_training
+    from egaku.training import runtime
+
+    def record(gamma: float) -> tuple[list, list]:
+        inputs, targets = [], []
+        original = DDPMScheduler.add_noise
+        monkeypatch.setattr(DDPMScheduler, "add_noise",
+                            lambda self, x, noise, t: inputs.append(noise.clone()) or original(self, x, noise, t))
+        monkeypatch.setattr(lora_training, "elementwise_loss",
+                            lambda pred, target, *a: targets.append(target.clone()) or runtime.elementwise_loss(
+                                pred, target, *a))
+        out = train_lora(options(data_dir, tiny_model_dir, tmp_path / f"g{gamma}", max_steps=2,
+                                 input_perturbation=gamma, format="kohya"))
+        with safe_open(str(out / f"g{gamma}.safetensors"), framework="pt") as fh:
+            assert fh.metadata()["ss_ip_noise_gamma"] == (str(gamma) if gamma else "None")
+        return inputs, targets
+
+    plain_inputs, plain_targets = record(0.0)
+    inputs, targets = record(0.5)
+    assert len(inputs) == len(targets) == 2
+    for noise, target in zip(plain_inputs, plain_targets):
+        torch.testing.assert_close(noise, target)  # without it the input's noise is the target
+    # with it: the target is the same noise as without (the same draws), the input carries gamma more
+    torch.testing.assert_close(targets[0], plain_targets[0])
+    extra = torch.cat([(noise - target).flatten() for noise, target in zip(inputs, targets)])
+    assert 0.4 < float(extra.std()) < 0.6
+
+
 def test_logit_normal_timesteps_are_drawn_by_the_shared_sampler(tmp_path, data_dir, tiny_model_dir, monkeypatch):
     from egaku.training import runtime
 

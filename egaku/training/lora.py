@@ -151,6 +151,10 @@ class TrainLoraOptions:
     # objective
     min_snr_gamma: float = option(0.0, help="min-SNR-gamma loss weighting (5.0 is the paper's value; 0 = off)")
     noise_offset: float = option(0.0, help="noise offset (0.05-0.1 helps very dark/bright images; 0 = off)")
+    input_perturbation: float = option(0.0, help="input perturbation gamma (Ning et al. 2023; diffusers' "
+                                       "--input_perturbation, kohya's --ip_noise_gamma): the noisy input gets extra "
+                                       "noise the target does not have, against sampling's exposure bias; 0.1 is "
+                                       "the paper's value (0 = off)")
     loss_type: str = option("l2", help="l2 (MSE); huber (scheduled pseudo-Huber, kohya's --loss_type huber: L2 for "
                             "small errors, linear for large ones, so outliers such as a mislabelled image pull less); "
                             "smooth_l1 (the same divided by its threshold); or l1", choices=list(LOSS_TYPES))
@@ -210,6 +214,7 @@ class TrainLoraOptions:
             (not self.keep_tokens or self.varies_captions, "--keep-tokens holds tags in place while the others "
              "are shuffled or dropped: it needs --shuffle-caption or --caption-tag-dropout"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
+            (self.input_perturbation >= 0, f"--input-perturbation must be >= 0, got {self.input_perturbation}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
             (not self.dora or self.format == "diffusers", "--dora writes the diffusers layout only: give --format "
              "diffusers (diffusers cannot read DoRA in the kohya layout, so egaku cannot check such a file)"),
@@ -874,7 +879,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                     timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps,
                                                opts.timestep_sampling, opts.logit_mean, opts.logit_std,
                                                opts.uniform_share).to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                if opts.input_perturbation:  # (drawn only then: runs without it keep their random sequence)
+                    noisy = noise_scheduler.add_noise(
+                        latents, noise + opts.input_perturbation * torch.randn_like(noise), timesteps)
+                else:
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 texts = [captions[i] for i in indices]
                 if opts.caption_dropout:  # drawn after the other draws: runs without it are unchanged
                     dropped = (torch.rand(len(indices)) < opts.caption_dropout).tolist()
@@ -1010,6 +1019,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_learning_rate=opts.learning_rate, ss_max_train_steps=total_steps or opts.max_steps,
                 ss_lr_scheduler=opts.lr_scheduler, ss_seed=opts.seed, ss_mixed_precision=opts.mixed_precision,
                 ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset, ss_loss_type=opts.loss_type,
+                ss_ip_noise_gamma=opts.input_perturbation or None,
                 **({"ss_huber_c": opts.huber_c, "ss_huber_schedule": opts.huber_schedule}
                    if opts.loss_type in ("huber", "smooth_l1") else {}),
                 ss_text_encoder_lr=opts.text_encoder_lr if opts.train_text_encoder else 0,
