@@ -175,6 +175,43 @@ def test_apply_loras_both_layouts_match_diffusers_and_remove_restores_base(train
     remove_loras(pipe)
 
 
+def test_save_every_writes_loadable_loras_of_the_steps_beside_the_final_one(tmp_path, data_dir, tiny_model_dir):
+    from egaku.lora.apply import apply_loras, resolve_lora
+
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "starlora", max_steps=5, save_every=2,
+                             checkpoint_every=2, keep_checkpoints=5, learning_rate=5e-2))
+    steps = out / "steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["starlora-step000002", "starlora-step000004"]  # not 5: final
+    for step in (2, 4):
+        folder = steps / f"starlora-step{step:06d}"
+        assert {p.name for p in folder.iterdir()} >= {"pytorch_lora_weights.safetensors",
+                                                       f"starlora-step{step:06d}.safetensors", "training_config.json"}
+        # the LoRA as it was at that step: the checkpoint's weights
+        lora = load_file(folder / "pytorch_lora_weights.safetensors")
+        checkpoint = load_file(out / "checkpoints" / f"step-{step:06d}" / "unet_lora.safetensors")
+        assert len(checkpoint) == len(lora)
+        for key, value in checkpoint.items():
+            assert torch.equal(lora[f"unet.{key}"], value), key
+        with safe_open(str(folder / f"starlora-step{step:06d}.safetensors"), framework="pt") as fh:
+            meta = fh.metadata()
+        assert (meta["ss_steps"], meta["ss_max_train_steps"], meta["ss_output_name"]) == (
+            str(step), "5", f"starlora-step{step:06d}")
+    with safe_open(str(out / "starlora.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["ss_steps"] == "5"
+    # diffusers loads a step's folder; egaku finds it by name in the steps folder (<lora:starlora-step000002>),
+    # and reads its kohya file to the same effect
+    pipe = tiny_pipe(tiny_model_dir)
+    base = render(pipe)
+    pipe.load_lora_weights(str(steps / "starlora-step000002"))
+    at_two = render(pipe)
+    assert np.abs(at_two - base).max() > 1e-3
+    for found in (resolve_lora("starlora-step000002", str(steps)),
+                  steps / "starlora-step000002" / "starlora-step000002.safetensors"):
+        pipe = tiny_pipe(tiny_model_dir)
+        apply_loras(pipe, [(found, 1.0)])
+        np.testing.assert_allclose(render(pipe), at_two, atol=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_save_precision_halves_the_files_which_load_everywhere_like_the_fp32_ones(trained, tmp_path, data_dir,
                                                                                   tiny_model_dir, precision):

@@ -48,6 +48,11 @@ def test_paths_without_a_lora_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(NotFoundError, match="has no pytorch_lora_weights"):
         resolve_lora(str(tmp_path / "empty"), None)
+    # a --format kohya run's folder holds only the kohya file named after it
+    (tmp_path / "kohya_run").mkdir()
+    (tmp_path / "kohya_run" / "kohya_run.safetensors").write_bytes(b"x")
+    assert resolve_lora(str(tmp_path / "kohya_run"), None) == tmp_path / "kohya_run" / "kohya_run.safetensors"
+    assert resolve_lora("kohya_run", str(tmp_path)) == tmp_path / "kohya_run" / "kohya_run.safetensors"
 
 
 def test_lora_argument_scale():

@@ -43,8 +43,11 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def _weights_in(folder: Path) -> Path | None:
-    path = folder / LORA_WEIGHTS_NAME
-    return path if path.is_file() else None
+    """A train-lora folder's LoRA: the diffusers file, else (--format kohya) the kohya file named after the folder."""
+    for path in (folder / LORA_WEIGHTS_NAME, folder / f"{folder.resolve().name}.safetensors"):
+        if path.is_file():
+            return path
+    return None
 
 
 def resolve_lora(name_or_path: str, lora_dir: str | None) -> Path:
@@ -82,7 +85,8 @@ def resolve_lora(name_or_path: str, lora_dir: str | None) -> Path:
         found = _weights_in(path)
         if found:
             return found
-        raise NotFoundError(f"LoRA folder {path} has no {LORA_WEIGHTS_NAME}", param="lora")
+        raise NotFoundError(f"LoRA folder {path} has no {LORA_WEIGHTS_NAME} (nor {path.resolve().name}.safetensors, "
+                            "train-lora's kohya file); give the LoRA file itself", param="lora")
     hint = "" if has_separator else "; to use a name from a LoRA folder, also give the folder (--lora-dir)"
     raise NotFoundError(f"LoRA {text!r} does not exist{hint}", param="lora")
 

@@ -176,6 +176,9 @@ class TrainLoraOptions:
     # checkpoints, logs, validation
     checkpoint_every: int = option(500, help="write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, help="how many checkpoints to keep")
+    save_every: int = option(0, help="also write the LoRA as it is every N steps (kohya's --save_every_n_steps), "
+                             "to OUT/steps/NAME-stepN/ in --format's layouts; they are kept, so that the steps can "
+                             "be compared (0: only the final LoRA)")
     resume: str = option("", help="resume from 'latest' or a checkpoint folder")
     stop_at: int = option(0, help="end this session after step N with a checkpoint (resume later); 0 = run to the end")
     validation_prompts: list[str] = option([], help="prompts rendered at fixed seeds every --validation-every steps")
@@ -375,7 +378,7 @@ def repeat_slots(repeats: list[int]) -> list[int]:
 # Resuming is refused when any other option differs: these only change how this session runs.
 # options that only change how a run is watched or what its final files are written as
 RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "device", "cache_dir", "validation_every", "out", "format",
-                     "save_precision"}
+                     "save_precision", "save_every"}
 
 
 def _load_base(model: str):
@@ -806,6 +809,13 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     def unwrapped(model):
         return None if model is None else accelerator.unwrap_model(model)
 
+    def write_lora(folder: Path) -> None:
+        save_lora(folder, accelerator.unwrap_model(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
+                  opts, token_embeddings=trained_embeddings() if token_ids else None,
+                  num_images=sum(item.repeats for item in scan.items) * opts.repeats,  # kohya counts repeats
+                  tags=folder_tags([(opts.data, scan.items), (opts.prior_data, prior_items)]),
+                  total_steps=total_steps, step=step)
+
     def validate() -> None:
         if not (main and opts.validation_prompts):
             return
@@ -950,6 +960,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             if interrupted:
                 bar.close()
                 stop_after_signal(step, checkpoints.latest(), quiet=not main)
+            if opts.save_every and step % opts.save_every == 0 and step < total_steps and main:
+                write_lora(out / STEPS_DIR / f"{out.resolve().name}-step{step:06d}")
             if opts.validation_every and step % opts.validation_every == 0:
                 validate()
     bar.close()
@@ -967,23 +979,20 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if not (opts.validation_every and step % opts.validation_every == 0):
         validate()
     if main:
-        save_lora(out, accelerator.unwrap_model(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
-                  opts, token_embeddings=trained_embeddings() if token_ids else None,
-                  num_images=sum(item.repeats for item in scan.items) * opts.repeats,  # kohya counts repeats
-                  tags=folder_tags([(opts.data, scan.items), (opts.prior_data, prior_items)]),
-                  total_steps=total_steps)
+        write_lora(out)
         say(f"wrote {out} (step {step}, final loss {float(mean_loss):.4f})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
 
+STEPS_DIR = "steps"  # --save-every's LoRAs, one folder each
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images: int = 0,
               tags: dict[str, dict[str, int]] | None = None, total_steps: int = 0,
-              token_embeddings: dict[str, torch.Tensor] | None = None) -> list[Path]:
+              token_embeddings: dict[str, torch.Tensor] | None = None, step: int = 0) -> list[Path]:
     """Write the adapter (not the pipeline) in the requested layouts, each file atomically. ``tags``: each image
     folder's tag frequency, by folder name (kohya's ``ss_tag_frequency``)."""
     from diffusers import StableDiffusionPipeline
@@ -1017,6 +1026,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                                  **({"loraplus_lr_ratio": opts.loraplus_lr_ratio} if opts.loraplus_lr_ratio else {})},
                 ss_num_train_images=num_images, ss_resolution=f"({opts.resolution}, {opts.resolution})",
                 ss_learning_rate=opts.learning_rate, ss_max_train_steps=total_steps or opts.max_steps,
+                ss_steps=step or total_steps or opts.max_steps,
                 ss_lr_scheduler=opts.lr_scheduler, ss_seed=opts.seed, ss_mixed_precision=opts.mixed_precision,
                 ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset, ss_loss_type=opts.loss_type,
                 ss_ip_noise_gamma=opts.input_perturbation or None,
