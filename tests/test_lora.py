@@ -1141,8 +1141,10 @@ def test_loss_masks_weigh_the_loss_and_white_masks_train_as_no_masks(tmp_path, d
                                                                      monkeypatch):
     common = dict(max_steps=3, batch_size=2, learning_rate=5e-2, random_flip=True, format="diffusers")
     flips_asked = []  # a flipped image takes its mask flipped: both orientations are made for each image
-    real_latent_mask = lora_training.latent_mask
-    monkeypatch.setattr(lora_training, "latent_mask",
+    import egaku.data.masks as masks_module
+
+    real_latent_mask = masks_module.latent_mask
+    monkeypatch.setattr(masks_module, "latent_mask",
                         lambda mask, bucket, flip, factor: flips_asked.append(flip) or real_latent_mask(
                             mask, bucket, flip, factor))
     plain = train_lora(options(data_dir, tiny_model_dir, tmp_path / "plain", **common))

@@ -79,6 +79,25 @@ def latent_mask(mask: Image.Image, bucket: tuple[int, int], flip: bool, factor: 
     return F.interpolate(grid, size=(bucket[1] // factor, bucket[0] // factor), mode="area")[0]
 
 
+def latent_masks(scan: FolderScan, mask_files: list[Path] | None, buckets: list[tuple[int, int]],
+                 flips: tuple[bool, ...], factor: int, unmasked_weight: float = 0.0) -> dict[tuple[int, bool], torch.Tensor]:
+    """Each training image's mask on the latent grid, by (image index, flip): from ``mask_files`` (one per image of
+    ``scan``), or with None from each image's transparency. Images without one are left out (they train
+    everywhere). A mask that would train nothing of its image is an error, unless ``unmasked_weight`` > 0."""
+    masks: dict[tuple[int, bool], torch.Tensor] = {}
+    for i, item in enumerate(scan.items):
+        mask = load_mask(item.path, item.size, mask_files[i] if mask_files else None)
+        if mask is None:
+            continue
+        for flip in flips:
+            masks[i, flip] = latent_mask(mask, buckets[i], flip, factor)
+        if unmasked_weight == 0 and float(masks[i, flips[0]].max()) == 0:  # a flip moves no weight
+            raise EgakuError(f"the loss mask of {item.path} is black everywhere in its {buckets[i][0]}x"
+                             f"{buckets[i][1]} crop: nothing of that image would train. Fix the mask, "
+                             "remove the image, or set --unmasked-weight above 0")
+    return masks
+
+
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per-sample mean of ``values`` (B, C, H, W) weighted by ``weights`` (B, 1, H, W): (B,)."""
     return (values * weights).mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3)).clamp_min(1e-12)

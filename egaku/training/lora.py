@@ -41,7 +41,7 @@ from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_b
 from ..data.captions import tag_frequency, vary_caption
 from ..data.folder import scan_image_folder
 from ..data.images import image_grid
-from ..data.masks import find_mask_files, latent_mask, load_mask, masked_mean
+from ..data.masks import find_mask_files, latent_masks, masked_mean
 from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
@@ -701,16 +701,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     # loss masks on the latent grid, per training image and orientation; images without one train everywhere
     mask_of: dict[tuple[int, bool], torch.Tensor] = {}
     if opts.mask_dir or opts.alpha_mask:
-        for i, item in enumerate(scan.items):
-            mask = load_mask(item.path, item.size, mask_files[i] if mask_files else None)
-            if mask is None:
-                continue
-            for flip in flips:
-                mask_of[i, flip] = latent_mask(mask, bucket_of[i], flip, vae_scale)
-            if opts.unmasked_weight == 0 and float(mask_of[i, False].max()) == 0:  # a flip moves no weight
-                raise EgakuError(f"the loss mask of {item.path} is black everywhere in its {bucket_of[i][0]}x"
-                                 f"{bucket_of[i][1]} crop: nothing of that image would train. Fix the mask, "
-                                 "remove the image, or set --unmasked-weight above 0")
+        mask_of = latent_masks(scan, mask_files, bucket_of, flips, vae_scale, opts.unmasked_weight)
         masked = len({i for i, _ in mask_of})
         note = (f"loss masks: {masked} from {opts.mask_dir}" if opts.mask_dir else
                 f"loss masks: the transparency of {masked} image(s)"
