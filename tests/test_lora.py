@@ -686,6 +686,10 @@ def test_bad_option_values_are_errors():
         build(TrainLoraOptions, {"rank": 0})
     with pytest.raises(EgakuError, match="--data is required"):
         train_lora(TrainLoraOptions())
+    for field, value, message in (("save_every", -1, "--save-every"), ("input_perturbation", -0.1,
+                                  "--input-perturbation"), ("huber_c", 0.0, "--huber-c")):
+        with pytest.raises(EgakuError, match=message):
+            build(TrainLoraOptions, {field: value, "loss_type": "huber"})
 
 
 def test_loraplus_trains_the_up_matrices_at_the_given_multiple_of_the_rate(tmp_path, data_dir, tiny_model_dir):

@@ -217,6 +217,7 @@ class TrainLoraOptions:
             (not self.keep_tokens or self.varies_captions, "--keep-tokens holds tags in place while the others "
              "are shuffled or dropped: it needs --shuffle-caption or --caption-tag-dropout"),
             (self.prior_loss_weight >= 0, f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}"),
+            (self.save_every >= 0, f"--save-every must be 0 (off) or a number of steps, got {self.save_every}"),
             (self.input_perturbation >= 0, f"--input-perturbation must be >= 0, got {self.input_perturbation}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
             (not self.dora or self.format == "diffusers", "--dora writes the diffusers layout only: give --format "
