@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         if default not in (None, "", [], dataclasses.MISSING) and tp is not bool:
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: "~30% slower" would break it
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
@@ -104,6 +105,38 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string (in quotes)"}
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, (str, Path))
+    return True  # other types are the dataclass's own to check
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    """A preset's value of the wrong type (``rank = "eight"``) is named here, before the dataclass's own checks
+    compare it with numbers and fail with a TypeError that names neither the option nor the fix."""
+    tp, is_list = _base_type(annotation)
+    if tp not in _KINDS or (value is None and type(None) in typing.get_args(annotation)):
+        return
+    if is_list:
+        if isinstance(value, (list, tuple)) and all(_fits(v, tp) for v in value):
+            return
+        want = f"a list, each item {_KINDS[tp]}"
+    elif _fits(value, tp):
+        return
+    else:
+        want = _KINDS[tp]
+    raise EgakuError(f"option {key!r} must be {want}, got {value!r}")
+
+
 def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
     """Instantiate ``cls`` from dicts applied in order (later wins); unknown keys are an error."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -118,6 +151,9 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
                 raise EgakuError(f"unknown option {key!r} for {cls.__name__}{hint}")
             values[key] = value
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        _check_type(key, value, hints[key])
     try:
         return cls(**values)
     except TypeError as exc:

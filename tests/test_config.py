@@ -25,7 +25,24 @@ def test_every_preset_builds_its_command_options(preset):
 def test_every_command_has_a_parser(name):
     parser, func, opts_cls = build_parser(name)
     assert callable(func) and dataclasses.is_dataclass(opts_cls)
-    assert "--config" in parser.format_help()
+    text = parser.format_help()  # every help text formats (a bare % in one would garble it)
+    assert "--config" in text and "'option_strings'" not in text
+    if name == "train-lora":
+        assert "~30% slower" in " ".join(text.split())
+
+
+def test_a_preset_value_of_the_wrong_type_names_the_option_and_the_type(tmp_path):
+    for line, message in (('steps = "eight"', "option 'steps' must be a whole number, got 'eight'"),
+                          ("guidance_scale = true", "option 'guidance_scale' must be a number"),
+                          ("overwrite = 1", "option 'overwrite' must be true or false"),
+                          ("sampler = 3", "option 'sampler' must be a string"),
+                          ("lora = 'a.safetensors'", "option 'lora' must be a list")):
+        (tmp_path / "p.toml").write_text(line + "\n")
+        with pytest.raises(EgakuError, match=message.replace("(", r"\(")):
+            parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])
+    (tmp_path / "p.toml").write_text("guidance_scale = 5\nlora = ['a.safetensors:0.5']\n")  # an int is a number
+    _, opts = parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])
+    assert opts.guidance_scale == 5 and opts.lora == ["a.safetensors:0.5"]
 
 
 def test_flags_override_preset_which_overrides_defaults(tmp_path):

@@ -129,6 +129,116 @@ def test_bad_metadata_and_missing_folder_are_errors(tmp_path):
         scan_image_folder(tmp_path)
 
 
+def test_caption_files_in_other_encodings_are_decoded_and_the_report_says_how(tmp_path):
+    files = {"sig": "\ufeffa dog, café".encode("utf-8"),  # Notepad's "UTF-8 with BOM"
+             "wide": "a dog, café".encode("utf-16"),  # Notepad's "Unicode": UTF-16 with a BOM
+             "wide_nobom": "a dog, café".encode("utf-16-le"),
+             "legacy": b"a dog, caf\xe9",  # Windows-1252 / Latin-1
+             "plain": "a dog, café".encode()}
+    for name, data in files.items():
+        _img(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_bytes(data)
+    scan = scan_image_folder(tmp_path)
+    assert {i.path.stem: i.caption for i in scan.items} == dict.fromkeys(files, "a dog, café")
+    assert {p.name: enc for p, enc in scan.caption_encodings} == {
+        "wide.txt": "UTF-16", "wide_nobom.txt": "UTF-16 without a BOM", "legacy.txt": "Windows-1252"}
+    report = scan.report()
+    assert "3 caption file(s) are not UTF-8" in report and "legacy.txt (Windows-1252)" in report
+    assert "sig.txt" not in report and "plain.txt" not in report  # a UTF-8 BOM is still UTF-8
+
+
+def test_decode_text_falls_back_without_losing_a_byte():
+    from egaku.data.folder import decode_text
+
+    assert decode_text(b"\x93quoted\x94") == ("\u201cquoted\u201d", "Windows-1252")
+    assert decode_text(b"x\x81y") == ("x\x81y", "Latin-1")  # undefined in cp1252
+    assert decode_text("\ufeffé".encode("utf-16-be")) == ("é", "UTF-16")
+    assert decode_text(b"") == ("", "utf-8")
+
+
+def test_a_caption_file_with_several_lines_gives_its_first_line_and_is_reported(tmp_path):
+    _img(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"a dog on a beach\r\nshot on film\r\n")
+    _img(tmp_path / "b.png")
+    (tmp_path / "b.caption").write_bytes(b"\r\n  a cat  \r\n\r\n")  # blank lines around one caption
+    scan = scan_image_folder(tmp_path, trigger="sks")
+    assert {i.path.name: i.caption for i in scan.items} == {"a.png": "sks, a dog on a beach", "b.png": "sks, a cat"}
+    assert [p.name for p in scan.multiline_captions] == ["a.txt"]
+    assert "1 caption file(s) have more than one line; only the first was used" in scan.report()
+
+
+def test_metadata_with_a_bom_is_read(tmp_path):
+    _img(tmp_path / "y.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\r\ny.png,a csv caption\r\n", encoding="utf-8-sig")
+    assert scan_image_folder(tmp_path).items[0].caption == "a csv caption"
+    (tmp_path / "metadata.csv").unlink()
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "y.png", "text": "café"}) + "\n",
+                                             encoding="utf-8-sig")
+    assert scan_image_folder(tmp_path).items[0].caption == "café"
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "y.png", "text": "caf\xe9"}\n')
+    with pytest.raises(EgakuError, match="metadata.jsonl is not UTF-8 .* save it as UTF-8"):
+        scan_image_folder(tmp_path)
+
+
+def test_metadata_rows_naming_no_image_and_uncaptioned_images_are_reported(tmp_path):
+    for name in ("img0.png", "img1.png", "img2.png", "cat/img3.png"):
+        _img(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"")
+    rows = [{"file_name": "IMG0.png", "text": "typo"}, {"file_name": "img1.png", "text": "a dog"},
+            {"file_name": "gone.png", "text": "deleted"}, {"file_name": "broken.png", "text": "broken"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scan = scan_image_folder(tmp_path, trigger="sks")
+    assert {i.path.name: i.caption for i in scan.items} == {
+        "img0.png": "sks", "img1.png": "sks, a dog", "img2.png": "sks", "img3.png": "sks, cat"}  # as before
+    why = dict(scan.unused_rows)
+    assert "img0.png matches when case is ignored" in why["IMG0.png"]
+    assert why["gone.png"] == "no such file" and why["broken.png"].startswith("skipped: empty file")
+    report = scan.report()
+    assert "3 row(s) of metadata.jsonl name no usable image" in report
+    assert "2 image(s) got no caption" in report and "train on the caption 'sks': img0.png, img2.png" in report
+    # no row matching any image is an error naming the file, not a run on empty captions
+    (tmp_path / "cat" / "img3.png").unlink()
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "IMG0.png", "text": "typo"}) + "\n")
+    with pytest.raises(EgakuError, match=r"metadata.jsonl gives a caption to none of the 3 images .* IMG0.png"
+                                         r".* names probably do not match"):
+        scan_image_folder(tmp_path)
+
+
+def test_report_names_at_most_a_few_images_and_counts_the_rest(tmp_path):
+    for i in range(8):
+        _img(tmp_path / f"{i}.png")
+    (tmp_path / "0.txt").write_text("one caption")
+    assert "7 image(s) got no caption" in (report := scan_image_folder(tmp_path).report())
+    assert "train on an empty caption: 1.png, 2.png, 3.png, 4.png, 5.png and 2 more" in report
+
+
+def test_trigger_is_added_unless_the_caption_holds_it_as_a_word(tmp_path):
+    captions = {"a": "a hotdog stand", "b": "a dog", "c": "she asks", "d": "Dog, grass", "e": "dog-park"}
+    for name, text in captions.items():
+        _img(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(text)
+    got = {i.path.stem: i.caption for i in scan_image_folder(tmp_path, trigger="dog").items}
+    assert got == {"a": "dog, a hotdog stand", "b": "a dog", "c": "dog, she asks", "d": "Dog, grass",
+                   "e": "dog-park"}
+    assert scan_image_folder(tmp_path, trigger="sks").items[2].caption == "sks, she asks"
+    assert scan_image_folder(tmp_path, trigger="<s>").items[0].caption == "<s>, a hotdog stand"
+
+
+def test_too_few_images_says_what_to_change(tmp_path):
+    _img(tmp_path / "good.png")
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    with pytest.raises(EgakuError, match=r"need at least 4; add images to .*, or lower --min-images \(now 4\)"
+                                         r"(.|\n)*zero.jpg: empty file"):
+        scan_image_folder(tmp_path, min_images=4)
+    with pytest.raises(EgakuError, match=r"found 0 usable images, need at least 1; add images to \S+\.\n"):
+        scan_image_folder(_empty(tmp_path))
+
+
+def _empty(tmp_path: Path) -> Path:
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
 # ---- buckets ---------------------------------------------------------------------------------------
 
 def test_buckets_respect_step_area_and_aspect_limit():

@@ -497,3 +497,156 @@ def a1111_text(params):
     from egaku.inference.metadata import a1111_parameters
 
     return a1111_parameters(params)
+
+
+# A1111's infotext parser (modules/infotext_utils.py): the settings line is split into "Key: value" pairs, a value
+# being a double-quoted JSON string or anything up to the next comma. The tests read egaku's text with it.
+A1111_PAIR = r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'
+
+
+def a1111_reads(text):
+    import re
+
+    pairs = re.findall(A1111_PAIR, text.split("\n")[-1])
+    return {k: (json.loads(v) if v[:1] == '"' == v[-1:] else v) for k, v in pairs}
+
+
+def addnet_short_hash(path):
+    """A1111's LoRA short hash, computed here independently: sha256 of the bytes after the safetensors header."""
+    import hashlib
+
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+
+
+def copy_lora(lora_dir, path):
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(lora_dir / "style" / "pytorch_lora_weights.safetensors", path)
+    return path
+
+
+def test_lora_hashes_are_written_as_a1111_writes_them_and_read_back(lora_dir, tmp_path, monkeypatch):
+    from egaku.inference import metadata
+    from egaku.inference.metadata import a1111_parameters, lora_short_hash, parse_a1111
+
+    first = copy_lora(lora_dir, tmp_path / "out1.safetensors")
+    second = copy_lora(lora_dir, tmp_path / "out 2 ü.safetensors")
+    hashed = []
+    real = metadata._addnet_hash
+    monkeypatch.setattr(metadata, "_addnet_hash", lambda p: hashed.append(p) or real(p))
+    h = lora_short_hash(first)
+    assert h == addnet_short_hash(first) and len(h) == 12
+    assert lora_short_hash(first) == h and lora_short_hash(second) == h and len(hashed) == 2  # once per file
+    params = {"prompt": "a cat,\nsitting", "negative_prompt": "blur, dog", "steps": 2, "sampler_label": "DPM++ 2M",
+              "guidance_scale": 7.5, "seed": 4, "width": 32, "height": 32, "model_hash": "0123456789",
+              "model_name": "my, model: v2", "clip_skip": 2, "egaku_version": "1.0",
+              "loras": [["out1", 0.7], ["out 2 ü", 0.5]],
+              "lora_files": [{"name": "out1", "path": str(first), "weight": 0.7, "hash": h, "from": "option"},
+                             {"name": "out 2 ü", "path": str(second), "weight": 0.5, "hash": h, "from": "option"}]}
+    text = a1111_parameters(params)
+    assert f'Lora hashes: "out1: {h}, out 2 ü: {h}"' in text and "0.7" not in text
+    assert 'Model: "my, model: v2"' in text
+    # A1111 reads every pair back whole: no weight taken for a hash, no LoRA name taken for a key
+    read = a1111_reads(text)
+    assert read["Lora hashes"] == f"out1: {h}, out 2 ü: {h}" and read["Model"] == "my, model: v2"
+    assert set(read) == {"Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model", "Clip skip",
+                         "Lora hashes", "Version"}
+    assert parse_a1111(text) == {"prompt": "a cat,\nsitting", "negative_prompt": "blur, dog", "steps": 2,
+                                 "sampler": "DPM++ 2M", "guidance_scale": 7.5, "seed": 4, "width": 32, "height": 32,
+                                 "model_hash": "0123456789", "model_name": "my, model: v2", "clip_skip": 2,
+                                 "lora_hashes": [["out1", h], ["out 2 ü", h]]}
+    # A1111 drops ':' and ',' from names in the list; a value it cannot read is skipped, as A1111 skips it
+    odd = {**params, "lora_files": [{"name": "a:b,c", "hash": h}]}
+    assert f'Lora hashes: "abc: {h}"' in a1111_parameters(odd)
+    assert "steps" not in parse_a1111("x\nSteps: many, Sampler: Euler, Seed: 3")
+    # a LoRA file that changes is hashed again
+    second.write_bytes(second.read_bytes() + b"\0")
+    assert lora_short_hash(second) != h and len(hashed) == 3
+
+
+def test_from_reapplies_the_model_and_loras_it_was_made_with(lora_dir, tmp_path, monkeypatch, capsys):
+    """--from uses the model and LoRA files recorded in the egaku chunk (flags override); a recorded file that is
+    gone is a one-line error naming it; each LoRA file is hashed once per run."""
+    from egaku.inference import metadata
+
+    out1 = copy_lora(lora_dir, tmp_path / "out1" / "out1.safetensors")
+    tags = tmp_path / "tags"
+    ink = copy_lora(lora_dir, tags / "ink.safetensors")
+    (tmp_path / "p.txt").write_text("a cat <lora:ink:0.5>\na dog\n")
+    hashed = []
+    real = metadata._addnet_hash
+    monkeypatch.setattr(metadata, "_addnet_hash", lambda p: hashed.append(p.name) or real(p))
+    small = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
+
+    def run(*args):
+        return main(["generate", *args, *small])
+
+    assert run("--prompt-file", str(tmp_path / "p.txt"), "--model", "tiny", "--seed", "4", "--lora", f"{out1}:0.7",
+               "--lora-dir", str(tags), "--out", str(tmp_path / "o1")) == 0
+    assert sorted(hashed) == ["ink.safetensors", "out1.safetensors"]  # two prompts, each file hashed once
+    made = tmp_path / "o1" / "00000-4.png"
+    params = egaku.read_params(made)
+    assert params["model_source"] == "tiny" and params["lora_dir"] == str(tags)
+    assert [(f["path"], f["weight"], f["from"]) for f in params["lora_files"]] == [
+        (str(ink), 0.5, "prompt"), (str(out1), 0.7, "option")]
+    capsys.readouterr()
+
+    def pixels(path):
+        return np.asarray(Image.open(path))
+
+    assert run("--from", str(made), "--out", str(tmp_path / "o2")) == 0
+    assert "note" not in capsys.readouterr().out
+    again = tmp_path / "o2" / "00000-4.png"
+    assert np.array_equal(pixels(again), pixels(made))
+    assert egaku.read_params(again)["lora_files"] == params["lora_files"]
+    # gone: a one-line error naming the file and the flag that overrides it
+    out1.rename(tmp_path / "moved.safetensors")
+    assert run("--from", str(made), "--out", str(tmp_path / "o3")) == 2
+    err = capsys.readouterr().err
+    assert f"was made with the LoRA {out1} (weight 0.7), which no longer exists; pass --lora" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    moved = f"{tmp_path / 'moved.safetensors'}:0.7"
+    assert run("--from", str(made), "--lora", moved, "--out", str(tmp_path / "o4")) == 0
+    assert np.array_equal(pixels(tmp_path / "o4" / "00000-4.png"), pixels(made))  # the same LoRA, moved
+    ink.unlink()
+    assert run("--from", str(made), "--lora", moved, "--out", str(tmp_path / "o5")) == 2
+    err = capsys.readouterr().err
+    assert f"the LoRA {ink} (its prompt's <lora:ink> tag)" in err and "--lora-dir" in err
+
+
+def test_from_a_missing_model_is_an_error_and_model_overrides_it(tmp_path, capsys):
+    from egaku.inference.metadata import save_png
+
+    params = {"prompt": "a cat", "negative_prompt": "", "steps": 2, "sampler": "euler", "sampler_label": "Euler",
+              "guidance_scale": 7.5, "seed": 1, "width": 32, "height": 32, "clip_skip": 1, "loras": [],
+              "lora_files": [], "model_name": "gone", "model_source": str(tmp_path / "gone-model")}
+    save_png(Image.new("RGB", (32, 32)), tmp_path / "a.png", params)
+    argv = ["generate", "--from", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"was made with the model {tmp_path / 'gone-model'}, which no longer exists; pass --model" in err
+    assert "Traceback" not in err
+    assert main([*argv, "--model", "tiny"]) == 0
+    assert egaku.read_params(tmp_path / "o" / "00000-1.png")["model_source"] == "tiny"
+
+
+def test_from_an_a1111_image_says_its_model_and_loras_are_not_reapplied(tmp_path, capsys):
+    from PIL import PngImagePlugin
+
+    from egaku.inference.commands import _apply_from_image
+    from egaku.inference.generate import GenerateOptions
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", 'a house\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 32x32, '
+                                'Model hash: 0123456789, Model: sd15, Lora hashes: "ink: 0123456789ab"')
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
+    opts = _apply_from_image(GenerateOptions(from_image=str(tmp_path / "a.png")))
+    assert (opts.model, opts.lora, opts.prompt, opts.seed) == ("builtin", [], "a house", 1)
+    out = capsys.readouterr().out
+    assert "does not record its model and LoRA files" in out
+    assert "its model (sd15, 0123456789) is not reapplied (this run uses builtin; pass --model" in out
+    assert "its LoRAs (ink) are not reapplied" in out
+    _apply_from_image(GenerateOptions(from_image=str(tmp_path / "a.png"), model="tiny", lora=["x.safetensors"]))
+    assert "note" not in capsys.readouterr().out  # both chosen on the command line: nothing to say

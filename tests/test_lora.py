@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -257,6 +258,8 @@ def test_text_encoder_lora_uses_the_names_other_tools_use_and_applies(tmp_path, 
     diffusers_keys = load_file(out / "pytorch_lora_weights.safetensors")
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in diffusers_keys
     assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj.alpha" in load_file(out / "telora.safetensors")
+    with safe_open(str(out / "telora.safetensors"), framework="pt") as fh:  # 0 would read as "not trained"
+        assert (fh.metadata()["ss_text_encoder_lr"], fh.metadata()["ss_network_train_unet_only"]) == ("0.05", "False")
 
     pipe = tiny_pipe(tiny_model_dir)
     ids = pipe.tokenizer(["a photo of red star"], padding="max_length", return_tensors="pt").input_ids
@@ -593,10 +596,30 @@ def test_resume_with_changed_config_is_refused_naming_the_difference(trained, da
         train_lora(opts)
 
 
+def test_resume_may_change_what_is_watched_and_a_finished_run_says_nothing_was_left(tmp_path, data_dir,
+                                                                                   tiny_model_dir, capsys):
+    common = dict(max_steps=2, checkpoint_every=2, format="diffusers", learning_rate=5e-2)
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", **common))
+    before = load_file(out / "pytorch_lora_weights.safetensors")
+    capsys.readouterr()
+    # validation and checkpoint keeping change no weight: a resume may change them
+    train_lora(options(data_dir, tiny_model_dir, out, **common, resume="latest", keep_checkpoints=5,
+                       validation_prompts=["a photo of red star"], validation_steps=2, validation_seeds=[4]))
+    said = capsys.readouterr().out
+    assert "nothing was left to train" in said and "nan" not in said
+    after = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (out / "checkpoints" / "step-000002", out / "checkpoints" / "latest",
+                 out / "pytorch_lora_weights.safetensors"):  # not tempfile's or safetensors' private modes
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
+
+
 def test_resume_on_changed_images_or_captions_is_refused_naming_them(tmp_path, data_dir, tiny_model_dir):
     import shutil
 
-    data = tmp_path / "data"
+    data = tmp_path / "photos"  # the error names the images under the folder given as --data
     shutil.copytree(data_dir, data)
     common = dict(max_steps=3, format="diffusers")
     out = tmp_path / "run"
@@ -606,15 +629,15 @@ def test_resume_on_changed_images_or_captions_is_refused_naming_them(tmp_path, d
         return train_lora(options(data, tiny_model_dir, out, resume="latest", **common))
 
     shutil.copy(data / "red_star" / "0.png", data / "red_star" / "9.png")
-    with pytest.raises(EgakuError, match=r"images changed .*added: data/red_star/9\.png"):
+    with pytest.raises(EgakuError, match=r"images changed .*added: " + re.escape(str(data / "red_star" / "9.png"))):
         resume()
     (data / "red_star" / "9.png").unlink()
     (data / "red_star" / "1.png").rename(tmp_path / "1.png")
-    with pytest.raises(EgakuError, match=r"removed: data/red_star/1\.png"):
+    with pytest.raises(EgakuError, match="removed: " + re.escape(str(data / "red_star" / "1.png"))):
         resume()
     (tmp_path / "1.png").rename(data / "red_star" / "1.png")
     (data / "red_star" / "2.txt").write_text("a new caption")
-    with pytest.raises(EgakuError, match=r"changed \(file or caption\): data/red_star/2\.png"):
+    with pytest.raises(EgakuError, match=r"changed \(file or caption\): " + re.escape(str(data / "red_star" / "2.png"))):
         resume()
     (data / "red_star" / "2.txt").unlink()
     assert (resume() / "pytorch_lora_weights.safetensors").is_file()  # put back as it was: resumes
@@ -687,7 +710,8 @@ def test_bad_option_values_are_errors():
     with pytest.raises(EgakuError, match="--data is required"):
         train_lora(TrainLoraOptions())
     for field, value, message in (("save_every", -1, "--save-every"), ("input_perturbation", -0.1,
-                                  "--input-perturbation"), ("huber_c", 0.0, "--huber-c")):
+                                  "--input-perturbation"), ("huber_c", 0.0, "--huber-c"), ("max_steps", -1,
+                                  "--max-steps and --epochs count")):
         with pytest.raises(EgakuError, match=message):
             build(TrainLoraOptions, {field: value, "loss_type": "huber"})
 
@@ -736,6 +760,40 @@ def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained
     np.testing.assert_allclose(render(fused), render(reference), atol=1e-4)
     with pytest.raises(EgakuError, match="already exists"):
         merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(trained)], out=str(merged)))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert merged.stat().st_mode & 0o777 == 0o777 & ~umask  # not tempfile's private 0700
+
+
+def test_merged_and_converted_copies_sample_on_the_timesteps_of_their_base(trained, tiny_model_dir, tmp_path):
+    """SD 1.x's scheduler_config.json leaves timestep_spacing to defaults; the copies must leave it so too, or
+    DPM++ built from them steps on PNDM's "leading" timesteps instead of its own "linspace" ones."""
+    import shutil
+
+    import egaku
+    from egaku.lora.commands import MergeLoraOptions, merge_lora_command
+    from egaku.models.commands import ConvertOptions, convert_command
+
+    base = tmp_path / "sd15like"
+    shutil.copytree(tiny_model_dir, base)
+    config_path = base / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({k: v for k, v in config.items()
+                                       if k not in ("timestep_spacing", "prediction_type", "steps_offset")}))
+    merge_lora_command(MergeLoraOptions(model=str(base), lora=[f"{trained}:0"], out=str(tmp_path / "merged")))
+    convert_command(ConvertOptions(model=str(base), out=str(tmp_path / "converted")))
+
+    def image(model):
+        pipe = egaku.load_pipeline(str(model), device="cpu", dtype="float32")
+        result = egaku.generate(pipe, "a photo of red star", seed=1, steps=2, width=RESOLUTION, height=RESOLUTION,
+                                sampler="dpmpp-2m", guidance_scale=3.0)[0]
+        return np.asarray(result.image, dtype=np.int16)
+
+    expected = image(base)
+    for copy in ("merged", "converted"):
+        saved = json.loads((tmp_path / copy / "scheduler" / "scheduler_config.json").read_text())
+        assert "timestep_spacing" not in saved and saved["beta_schedule"] == config["beta_schedule"]
+        assert np.abs(image(tmp_path / copy) - expected).max() <= 1, copy  # weight 0: the same model
 
 
 def test_dora_trains_magnitudes_and_loads_in_diffusers_egaku_and_merge_lora(tmp_path, data_dir, tiny_model_dir):
@@ -1002,8 +1060,9 @@ def test_shuffled_and_dropped_tags_are_encoded_each_step_and_resume_exactly(tmp_
     assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "1"
     assert meta["ss_caption_tag_dropout_rate"] == "0.2"
     frequency = json.loads(meta["ss_tag_frequency"])
-    assert frequency == {"tagged": {"sks": 6, "red_star": 3, "blue_circle": 3, "round": 6, "plain background": 6,
-                                    "small": 6}}
+    # by class folder, as kohya keys its subsets (10_sks dog/ ...)
+    assert frequency == {"red_star": {"sks": 3, "red_star": 3, "round": 3, "plain background": 3, "small": 3},
+                         "blue_circle": {"sks": 3, "blue_circle": 3, "round": 3, "plain background": 3, "small": 3}}
     with pytest.raises(EgakuError, match="--keep-tokens"):
         options(tagged, tiny_model_dir, tmp_path / "x", keep_tokens=2)
     with pytest.raises(EgakuError, match="--caption-tag-dropout"):

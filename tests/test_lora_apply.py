@@ -55,10 +55,39 @@ def test_paths_without_a_lora_folder(tmp_path):
     assert resolve_lora("kohya_run", str(tmp_path)) == tmp_path / "kohya_run" / "kohya_run.safetensors"
 
 
-def test_lora_argument_scale():
+def test_lora_argument_scale(tmp_path, monkeypatch):
     assert parse_lora_arg("loras/star:0.7") == ("loras/star", 0.7)
     assert parse_lora_arg("loras/star") == ("loras/star", 1.0)
     assert parse_lora_arg("C:\\loras\\star") == ("C:\\loras\\star", 1.0)
+    # a LoRA that exists with a bad scale after it is a typo, named as one (not "does not exist")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out1").mkdir()
+    for text, bad in (("out1:abc", "'abc'"), ("out1:", "''")):
+        with pytest.raises(EgakuError, match=f"scale after ':' must be a number .*got {bad}") as err:
+            parse_lora_arg(text)
+        assert not isinstance(err.value, NotFoundError)
+    (tmp_path / "odd:name").mkdir()  # a name with a colon in it is still a name
+    assert parse_lora_arg("odd:name") == ("odd:name", 1.0)
+
+
+def test_a_corrupt_lora_file_is_a_clear_error_not_a_traceback(tmp_path):
+    from egaku.lora.apply import trained_clip_skip
+    from egaku.lora.formats import read_lora_file
+
+    garbage = tmp_path / "bad.safetensors"
+    garbage.write_bytes(b"hello world not safetensors")
+    assert trained_clip_skip(garbage) is None  # generate's clip-skip note says nothing; loading refuses it
+    with pytest.raises(EgakuError, match="not a readable safetensors file"):
+        read_lora_file(garbage)
+
+
+def test_the_lora_dir_hint_is_only_given_where_there_is_such_an_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NotFoundError, match="--lora-dir"):
+        resolve_lora("nope", None)
+    with pytest.raises(NotFoundError) as err:
+        resolve_lora("nope", None, names_option="")
+    assert "--lora-dir" not in str(err.value)
 
 
 def test_kohya_round_trip_is_exact_against_module_names():

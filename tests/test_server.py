@@ -181,6 +181,11 @@ def test_loras_by_field_and_by_prompt_tag(http):
     assert np.abs(plain - by_field).mean() > 0.5  # the LoRA changes the picture
     assert np.array_equal(by_field, by_tag)  # the two spellings are the same request
     assert item["egaku"]["loras"] == [["style", 1.0]] and tagged["revised_prompt"] == "a cat"
+    # names and hashes reach the client, the server's file paths do not (in the response or the PNG)
+    for record in (item["egaku"], json.loads(decode(item["b64_json"]).text["egaku"]), tagged["egaku"]):
+        assert [f["name"] for f in record["lora_files"]] == ["style"] and len(record["lora_files"][0]["hash"]) == 12
+        assert not {"model_source", "model_config", "lora_dir"} & set(record)
+        assert "path" not in record["lora_files"][0]
     assert np.array_equal(image({})[0], plain)  # and it is gone again for the next request
 
 

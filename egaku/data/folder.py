@@ -9,12 +9,16 @@ Caption precedence, most specific first:
 With ``kohya_names`` (LoRA training), class folders named kohya's way, ``10_sks dog``, give their images 10
 repeats per epoch and the class ``sks dog``: a folder laid out for kohya's trainers trains as it would there.
 Elsewhere (GAN and LDM training, where ``0_airplane`` is just a class name) folder names are taken as they are.
-Every file is decoded once by ``open_image``; what cannot be used is listed with its reason.
+Every file is decoded once by ``open_image``; what cannot be used is listed with its reason, and so is what
+was read differently from how it was written: caption files not in UTF-8, caption files with several lines,
+metadata rows that name no image, images that got no caption.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,6 +31,61 @@ from .images import IMAGE_SUFFIXES, ImageError, open_image
 
 CAPTION_SUFFIXES = (".txt", ".caption")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # "<repeats>_<class>"
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+SHOWN = 5  # names a report line lists before "and N more"
+
+
+def _some(names: list[str]) -> str:
+    """The first few names and how many more: a folder of 5000 uncaptioned images is one readable line."""
+    shown = ", ".join(names[:SHOWN])
+    return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+
+
+def decode_text(data: bytes) -> tuple[str, str]:
+    """``data`` as text, and how it was read: ``"utf-8"`` or the encoding it was not UTF-8 in.
+
+    Caption files come from every editor: Notepad writes UTF-8 with a BOM or UTF-16 ("Unicode"), older tools
+    Windows-1252. A BOM says which for certain; otherwise strict UTF-8 (which random legacy bytes almost never
+    pass), then Windows-1252, then Latin-1, which reads any bytes, so a caption is never lost to an error."""
+    if data.startswith(codecs.BOM_UTF8):
+        return data[len(codecs.BOM_UTF8):].decode("utf-8", errors="replace"), "utf-8"  # the BOM is not text
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16"), "UTF-16"
+        except UnicodeDecodeError:
+            pass  # a stray BOM-like start: read it as the bytes it is below
+    if b"\x00" in data and len(data) % 2 == 0:
+        # no caption holds a NUL, UTF-16 text without a BOM has one in most characters (on the odd bytes
+        # for little-endian), and as UTF-8 or cp1252 it would "decode" to the text with NULs between
+        le = data[1::2].count(0) > data[0::2].count(0)
+        try:
+            return data.decode("utf-16-le" if le else "utf-16-be"), "UTF-16 without a BOM"
+        except UnicodeDecodeError:
+            pass
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252"), "Windows-1252"
+    except UnicodeDecodeError:  # bytes cp1252 leaves undefined (0x81, 0x8d, ...)
+        return data.decode("latin-1"), "Latin-1"
+
+
+def read_caption_file(path: Path) -> tuple[str, str, int]:
+    """(caption, encoding as ``decode_text`` says, number of non-empty lines). The caption is the first
+    non-empty line, stripped, as kohya's trainers read a caption file: a second line is usually a note or a
+    second caption, and a newline inside a prompt is not something the text encoder was trained on."""
+    text, encoding = decode_text(path.read_bytes())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else ""), encoding, len(lines)
+
+
+def has_trigger(caption: str, trigger: str) -> bool:
+    """Whether ``trigger`` is in ``caption`` as a word of its own: 'dog' is not in 'a hotdog stand', 'sks' not
+    in 'asks'. Case does not count, since CLIP's tokenizer lower-cases the prompt: 'SKS' already is the
+    trigger the text encoder sees. (Lookarounds, not ``\\b``, so triggers like '<sks>' work too.)"""
+    return re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE) is not None
 
 
 @dataclass
@@ -44,6 +103,11 @@ class FolderScan:
     items: list[FolderItem] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     folder_repeats: dict[str, int] = field(default_factory=dict)  # kohya folder name -> repeats
+    metadata_file: Path | None = None  # the metadata.jsonl / metadata.csv read, if any
+    unused_rows: list[tuple[str, str]] = field(default_factory=list)  # (file_name in a metadata row, why unused)
+    uncaptioned: list[Path] = field(default_factory=list)  # images no source gave a caption text
+    caption_encodings: list[tuple[Path, str]] = field(default_factory=list)  # caption files not in UTF-8
+    multiline_captions: list[Path] = field(default_factory=list)  # caption files of which one line was used
 
     @property
     def classes(self) -> list[str]:
@@ -58,37 +122,88 @@ class FolderScan:
             lines.append("  kohya folder names: " + ", ".join(f"{name} -> {n} repeat(s) of class "
                                                            f"'{KOHYA_FOLDER.match(name)[2]}'"
                                                            for name, n in self.folder_repeats.items()))
+        if self.unused_rows:
+            lines.append(f"  {len(self.unused_rows)} row(s) of {self.metadata_file.name} name no usable image and "
+                         "were not used: " + _some([f"{name} ({why})" for name, why in self.unused_rows]))
+        if self.caption_encodings:
+            lines.append(f"  {len(self.caption_encodings)} caption file(s) are not UTF-8 and were read as their "
+                         "encoding; check they read right, or save them as UTF-8: "
+                         + _some([f"{self._rel(p)} ({enc})" for p, enc in self.caption_encodings]))
+        if self.multiline_captions:
+            lines.append(f"  {len(self.multiline_captions)} caption file(s) have more than one line; only the first "
+                         "was used (as kohya's trainers do): " + _some([self._rel(p) for p in self.multiline_captions]))
+        if self.uncaptioned:
+            got = next(i.caption for i in self.items if i.path == self.uncaptioned[0])
+            lines.append(f"  {len(self.uncaptioned)} image(s) got no caption (no metadata row, caption file or class "
+                         "folder gave one, or it was empty) and train on " + (f"the caption {got!r}" if got else "an empty caption")
+                         + ": " + _some([self._rel(p) for p in self.uncaptioned]))
         for path, reason in self.skipped:
-            lines.append(f"  skipped {path.relative_to(self.root) if path.is_relative_to(self.root) else path}: {reason}")
+            lines.append(f"  skipped {self._rel(path)}: {reason}")
         return "\n".join(lines)
+
+    def _rel(self, path: Path) -> str:
+        return str(path.relative_to(self.root) if path.is_relative_to(self.root) else path)
 
     def load(self, item: FolderItem) -> Image.Image:
         return open_image(item.path)
 
 
-def _read_metadata(root: Path) -> dict[Path, str]:
-    captions: dict[Path, str] = {}
+def _read_metadata(root: Path) -> tuple[Path | None, dict[Path, tuple[str, str]]]:
+    """The metadata file read (None without one) and ``{resolved image path: (file_name as written, caption)}``."""
+    captions: dict[Path, tuple[str, str]] = {}
     jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
+    source = jsonl if jsonl.is_file() else csv_path if csv_path.is_file() else None
+    if source is None:
+        return None, captions
+    try:
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a BOM, which would otherwise stick to the first
+        # column's name ('\ufefffile_name') and hide it
+        text = source.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EgakuError(f"{source} is not UTF-8 (byte {exc.start}); save it as UTF-8 (in Excel: "
+                         "'CSV UTF-8'), so that its captions are read as written") from None
     rows: list[dict] = []
-    if jsonl.is_file():
-        for n, line in enumerate(jsonl.read_text().splitlines(), 1):
+    if source == jsonl:
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise EgakuError(f"{jsonl} line {n} is not valid JSON ({exc}); fix or remove that line") from None
-    elif csv_path.is_file():
-        with open(csv_path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+    else:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     for row in rows:
         name = row.get("file_name")
-        text = row.get("text", row.get("caption"))
-        if name is None or text is None:
-            source = jsonl.name if jsonl.is_file() else csv_path.name
-            raise EgakuError(f"{root / source}: every row needs 'file_name' and 'text' (or 'caption'), got {sorted(row)}")
-        captions[(root / name).resolve()] = str(text).strip()
-    return captions
+        caption = row.get("text", row.get("caption"))
+        if name is None or caption is None:
+            raise EgakuError(f"{source}: every row needs 'file_name' and 'text' (or 'caption'), got {sorted(row)}")
+        captions[(root / name).resolve()] = (str(name), str(caption).strip())
+    return source, captions
+
+
+def _unused_rows(scan: FolderScan, metadata: dict[Path, tuple[str, str]], images: list[Path]) -> list[tuple[str, str]]:
+    """(file_name, why) for each metadata row no usable image took its caption from. A name that differs from
+    an image's only in case is not taken as that image, even where the file system would open it (Windows,
+    macOS): the same folder then trains the same on every machine, and the report points at the typo."""
+    used = {item.path.resolve() for item in scan.items}
+    skipped = {path.resolve(): reason for path, reason in scan.skipped}
+    by_lower = {p.resolve().as_posix().lower(): p for p in images}
+    unused = []
+    for resolved, (name, _) in metadata.items():
+        if resolved in used:
+            continue
+        if resolved in skipped:
+            why = f"skipped: {skipped[resolved]}"
+        elif resolved.as_posix().lower() in by_lower and by_lower[resolved.as_posix().lower()].resolve() != resolved:
+            why = (f"no such file, but {by_lower[resolved.as_posix().lower()].relative_to(scan.root).as_posix()} "
+                   "matches when case is ignored; names are case-sensitive, correct the row or the file name")
+        elif resolved.is_file():
+            why = "not one of the training images"
+        else:
+            why = "no such file"
+        unused.append((name, why))
+    return unused
 
 
 def _kohya_repeats(root: Path, files: list[Path]) -> dict[str, int]:
@@ -119,12 +234,12 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
         raise EgakuError(f"data folder {str(root)!r} does not exist or is not a folder")
     if "{class}" not in caption_template and trigger is None:
         raise EgakuError(f"--caption-template {caption_template!r} must contain {{class}}")
-    metadata = _read_metadata(root)
-    scan = FolderScan(root=root)
+    metadata_file, metadata = _read_metadata(root)
+    scan = FolderScan(root=root, metadata_file=metadata_file)
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     scan.folder_repeats = _kohya_repeats(root, files) if kohya_names else {}
     for path in files:
-        if path.name in ("metadata.jsonl", "metadata.csv") or path.suffix.lower() in CAPTION_SUFFIXES:
+        if path.name in METADATA_FILES or path.suffix.lower() in CAPTION_SUFFIXES:
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             scan.skipped.append((path, f"not an image file extension ({path.suffix or 'none'})"))
@@ -141,20 +256,37 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
         repeats = scan.folder_repeats.get(label, 1)
         if label in scan.folder_repeats:
             label = KOHYA_FOLDER.match(label)[2]
-        caption = metadata.get(path.resolve())
+        caption = metadata[path.resolve()][1] if path.resolve() in metadata else None
         if caption is None:
             for suffix in CAPTION_SUFFIXES:
                 side = path.with_suffix(suffix)
                 if side.is_file():
-                    caption = side.read_text(errors="replace").strip()
+                    caption, encoding, n_lines = read_caption_file(side)
+                    if encoding != "utf-8":
+                        scan.caption_encodings.append((side, encoding))
+                    if n_lines > 1:
+                        scan.multiline_captions.append(side)
                     break
         if caption is None and label is not None:
             caption = caption_template.replace("{class}", label.replace("_", " "))
-        if caption is None:
+        if not caption:  # no source, or an empty caption file or metadata text
+            scan.uncaptioned.append(path)
             caption = trigger or ""
-        elif trigger and trigger not in caption:
+        elif trigger and not has_trigger(caption, trigger):
             caption = f"{trigger}, {caption}"
         scan.items.append(FolderItem(path=path, caption=caption, label=label, size=size, repeats=repeats))
+    if metadata_file is not None:
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        scan.unused_rows = _unused_rows(scan, metadata, images)
+        matched = any(item.path.resolve() in metadata for item in scan.items)
+        if scan.items and not matched and len(scan.uncaptioned) == len(scan.items):
+            raise EgakuError(f"{metadata_file} gives a caption to none of the {len(scan.items)} images in {root} "
+                             f"(its {len(metadata)} row(s) name {_some([n for n, _ in metadata.values()]) or 'nothing'}"
+                             f"; the images are {_some([p.relative_to(root).as_posix() for p in scan.uncaptioned])}); "
+                             "the names probably do not match: make each row's file_name the image's path relative "
+                             f"to {root}, exactly (case counts).\n{scan.report()}")
     if len(scan.items) < min_images:
-        raise EgakuError(f"{root}: found {len(scan.items)} usable images, need at least {min_images}.\n{scan.report()}")
+        fix = f"add images to {root}" + (f", or lower --min-images (now {min_images})" if min_images > 1 else "")
+        raise EgakuError(f"{root}: found {len(scan.items)} usable images, need at least {min_images}; {fix}."
+                         f"\n{scan.report()}")
     return scan

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import option, save_config
 from ..errors import EgakuError
-from .generate import GenerateOptions, generate, reproduce_options
+from .generate import GenerateOptions, generate, reproduce_options, split_lora_arg
 from .metadata import a1111_parameters, read_params, save_png
 from .prompts import apply_prompt_parameters
 
@@ -44,11 +44,63 @@ def _prompts(o: GenerateOptions) -> list[str]:
 
 
 def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
-    """Stored parameters fill every option still at its default; explicit flags win."""
-    stored = reproduce_options(read_params(o.from_image))
+    """Stored parameters fill every option still at its default; explicit flags win.
+
+    The model and the LoRA files the image was made with come back too (a missing one is an error that
+    says how to choose another); an image that does not record them gets a note saying they are not
+    reapplied.
+    """
+    source = o.from_image
+    params = read_params(source)
+    stored = reproduce_options(params)
     defaults = GenerateOptions()
     merged = {k: v for k, v in stored.items() if getattr(o, k) == getattr(defaults, k)}
+    if "model" not in merged:  # the recorded config belongs to the recorded model
+        merged.pop("model_config", None)
+    _check_recorded_files(source, params, merged)
+    if not params.get("model_source"):
+        _note_unrecorded(source, params, o, defaults)
     return dataclasses.replace(o, **merged, from_image=None)
+
+
+def _check_recorded_files(source: str, params: dict, merged: dict) -> None:
+    """The model and LoRA files --from is about to reuse must still be there."""
+    def gone(what: str, flag: str, param: str) -> EgakuError:
+        return EgakuError(f"{source} was made with {what}, which no longer exists; pass {flag} to generate "
+                          "with another", param=param)
+
+    model = merged.get("model")
+    if model and Path(model).is_absolute() and not Path(model).exists():
+        raise gone(f"the model {model}", "--model", "model")
+    config = merged.get("model_config")
+    if config and not Path(config).is_dir():
+        raise gone(f"the model config folder {config}", "--model (and --model-config)", "model")
+    for item in merged.get("lora", []):
+        path, weight = split_lora_arg(item)
+        if not Path(path).is_file():
+            raise gone(f"the LoRA {path} (weight {weight:g})",
+                       "--lora PATH[:SCALE] (which replaces all the LoRAs it recorded)", "lora")
+    if "prompt" in merged and "lora_dir" in merged:  # its <lora:name:w> tags are read from the recorded folder
+        for entry in params.get("lora_files") or []:
+            if entry.get("from") == "prompt" and not Path(entry["path"]).is_file():
+                raise gone(f"the LoRA {entry['path']} (its prompt's <lora:{entry['name']}> tag)",
+                           "--lora-dir with a folder that holds it", "lora")
+
+
+def _note_unrecorded(source: str, params: dict, o: GenerateOptions, defaults: GenerateOptions) -> None:
+    """An A1111 image (or one from an older egaku) names its model and LoRAs but not their files: say what
+    is not reapplied instead of quietly generating with the default model."""
+    parts = []
+    if o.model == defaults.model:
+        known = ", ".join(str(params[k]) for k in ("model_name", "model_hash") if params.get(k))
+        parts.append(f"its model{f' ({known})' if known else ''} is not reapplied (this run uses {o.model}; "
+                     "pass --model to choose one)")
+    if not o.lora:
+        names = ", ".join(n for n, _ in params.get("loras") or params.get("lora_hashes") or [])
+        parts.append(f"its LoRAs{f' ({names})' if names else ''} are not reapplied, except "
+                     "through <lora:name:w> tags in its prompt (pass --lora to choose them)")
+    if parts:
+        print(f"egaku: note: {source} does not record its model and LoRA files; " + "; ".join(parts))
 
 
 def generate_command(opts: GenerateOptions) -> None:

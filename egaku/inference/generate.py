@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from PIL import Image
 from ..config import build, option
 from ..errors import EgakuError
 from ..models.text import check_clip_skip, encode_prompts
+from .metadata import lora_short_hash
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, sampler_names, sampling_runner
 
 MAX_SIDE = 4096  # beyond this even an 80 GB GPU runs out of memory on SD-class UNets
@@ -56,7 +58,8 @@ class GenerateOptions:
     overwrite: bool = option(False, help="number files from 0 again, replacing what is there")
     grid: bool = option(True, help="also write a contact sheet when more than one image is made")
     prompt_file: str | None = option(None, help="text file with one prompt per line (each gets -n images)")
-    from_image: str | None = option(None, help="re-run the parameters stored in this PNG", aliases=["--from"])
+    from_image: str | None = option(None, help="re-run the parameters stored in this PNG, with the model and LoRA "
+                                    "files it records; flags given here override them", aliases=["--from"])
     device: str = option("auto", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = option("auto", help="auto (fp32 on CPU, fp16 on GPU), float32, float16 or bfloat16",
                         choices=["auto", "float32", "float16", "bfloat16"])
@@ -230,21 +233,25 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
 
         text, tag_loras = parse_prompt_loras(text)
         specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
+        origins = ["prompt"] * len(specs)
         for item in o.lora:
             name, scale = split_lora_arg(item)
             # a bare name is looked up in --lora-dir (the server passes only those); anything else is a path
             bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
             specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))
+            origins.append("option")
         for path, _ in specs:  # A1111 does not warn either; a LoRA read at another layer quietly does less
             trained_at = trained_clip_skip(path)
             if trained_at is not None and trained_at != o.clip_skip:
                 print(f"egaku: {lora_display_name(Path(path))} was trained at clip skip {trained_at}; this image "
                       f"uses {o.clip_skip} (give --clip-skip {trained_at})")
+        lora_files = [{"name": lora_display_name(Path(p)), "path": os.path.abspath(p), "weight": float(w),
+                       "hash": lora_short_hash(p), "from": origin} for (p, w), origin in zip(specs, origins)]
         apply_loras(pipe, specs)
         lora_record = [(lora_display_name(Path(p)), w) for p, w in specs]
     else:
         remove_loras = None
-        lora_record = []
+        lora_record, lora_files, tag_loras = [], [], []
 
     # 3. A fresh scheduler per call: concurrent calls never share scheduler state
     if mask is not None:
@@ -259,7 +266,13 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         "sampler_label": SAMPLERS[sampler].label, "guidance_scale": o.guidance_scale, "width": width,
         "height": height, "model_name": info.name if info else None, "model_hash": info.hash if info else None,
         "loras": lora_record, "egaku_version": _version(), "clip_skip": o.clip_skip,
+        # what --from needs to make it again: the model and each LoRA file (see metadata.py)
+        "model_source": model_source(info), "lora_files": lora_files,
     }
+    if info is not None and info.kind in ("single-file", "pickle") and o.model_config:
+        base_params["model_config"] = os.path.abspath(o.model_config)
+    if tag_loras and o.lora_dir:  # the prompt's <lora:name:w> tags are names in this folder
+        base_params["lora_dir"] = os.path.abspath(o.lora_dir)
     if init is not None:
         base_params.update(strength=o.strength, init_image=str(o.init_image))
     if mask is not None:
@@ -312,6 +325,18 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     return results
 
 
+def model_source(info) -> str | None:
+    """What ``--model`` loads this pipeline again: tiny, builtin, a hub id, or the absolute path of the
+    folder or file it was read from (a path as given would depend on the folder the command ran in)."""
+    if info is None:
+        return None
+    if info.kind in ("tiny", "builtin"):
+        return info.kind
+    if info.kind == "hub" or info.path is None:
+        return info.name
+    return str(info.path)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -327,6 +352,15 @@ def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
     out = {k: params[k] for k in keys if params.get(k) is not None}
     if params.get("sampler"):
         out["sampler"] = canonical_sampler(params["sampler"])
+    # the model and the LoRA files, which images written before egaku recorded them (and A1111's) lack
+    if params.get("model_source"):
+        out["model"] = params["model_source"]
+        if params.get("model_config"):
+            out["model_config"] = params["model_config"]
+    if params.get("lora_files") is not None:
+        out["lora"] = [f"{f['path']}:{f['weight']!r}" for f in params["lora_files"] if f.get("from") == "option"]
+    if params.get("lora_dir"):
+        out["lora_dir"] = params["lora_dir"]
     return out
 
 

@@ -1,19 +1,92 @@
 """Generation parameters stored inside PNGs, in the two forms tools read.
 
 - ``parameters``: the A1111 text chunk (prompt, ``Negative prompt:`` line, then ``Key: value`` pairs),
-  which A1111's PNG Info, ComfyUI's loaders and civitai read;
-- ``egaku``: the same as JSON, exact and machine-readable, which ``egaku generate --from`` re-runs.
+  which A1111's PNG Info, ComfyUI's loaders and civitai read. Values are written as A1111 writes them
+  (``quote``): one holding a comma, colon or newline goes in double quotes as a JSON string, so A1111's
+  parser, which splits the line on commas outside quotes, reads it back whole. LoRAs appear as A1111's
+  ``Lora hashes: "name: hash, name: hash"`` with each file's short hash (``lora_short_hash``);
+- ``egaku``: the same as JSON, exact and machine-readable, which ``egaku generate --from`` re-runs. It
+  also records what made the image: the model source (``model_source``, with ``model_config``), each
+  LoRA's file, weight and hash (``lora_files``) and the LoRA folder the prompt's tags were read from
+  (``lora_dir``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
 from ..errors import EgakuError
+
+# A1111's settings line: "Key: value" pairs, a value either a double-quoted JSON string or anything up to
+# the next comma (modules/infotext_utils.py, re_param)
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+# (absolute path, mtime in ns, size) -> short hash: each LoRA file is read once per process, not per image
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def quote(value: Any) -> Any:
+    """A value as A1111 writes it in its settings line: as is, or a JSON string when it holds a comma,
+    a newline or a colon."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return value
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def lora_short_hash(path: str | Path) -> str | None:
+    """A1111's short hash of a LoRA file: the first 12 hex digits of its "addnet" hash, the sha256 of a
+    .safetensors file's bytes after the header (so rewriting the metadata keeps the hash), as kohya's
+    ``sshs_model_hash`` and A1111's Lora hashes use; of the whole file for other formats. Cached per
+    file version, so a run hashes each file once. None for a file that cannot be read (A1111 then
+    leaves the LoRA out of Lora hashes; loading it reports the problem)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _HASHES:
+            _HASHES[key] = _addnet_hash(path)[:12]
+    except OSError:
+        return None
+    return _HASHES[key]
+
+
+def _addnet_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if path.suffix.lower() == ".safetensors":
+            header_length = int.from_bytes(fh.read(8), "little")
+            fh.seek(8 + header_length)
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def lora_hashes_text(lora_files: list[dict[str, Any]]) -> str | None:
+    """A1111's ``Lora hashes`` value: ``name: hash`` pairs, names without the ':' and ',' that would break
+    the list (A1111 removes them too), each name once."""
+    pairs: dict[str, str] = {}
+    for entry in lora_files:
+        name = str(entry.get("name") or "").replace(":", "").replace(",", "").strip()
+        if name and entry.get("hash"):
+            pairs.setdefault(name, entry["hash"])
+    return ", ".join(f"{n}: {h}" for n, h in pairs.items()) or None
 
 
 def a1111_parameters(p: dict[str, Any]) -> str:
@@ -30,11 +103,20 @@ def a1111_parameters(p: dict[str, Any]) -> str:
         ("Model", p.get("model_name")),
         ("Denoising strength", p.get("strength") if p.get("init_image") else None),
         ("Clip skip", p["clip_skip"] if (p.get("clip_skip") or 1) > 1 else None),  # A1111 writes it from 2 on
-        ("Lora hashes", ", ".join(f"{n}: {w}" for n, w in p.get("loras", [])) or None),
+        ("Lora hashes", lora_hashes_text(p.get("lora_files") or [])),  # the weights are in the egaku chunk
         ("Version", f"egaku {p.get('egaku_version', '')}".strip()),
     ]
-    lines.append(", ".join(f"{k}: {v}" for k, v in pairs if v not in (None, "")))
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in pairs if v not in (None, "")))
     return "\n".join(lines)
+
+
+def without_local_paths(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the machine's file paths (the model's, the LoRA files' and their folder's), for images
+    and responses that leave the machine: a server's clients see names and hashes, not its file system."""
+    public = {k: v for k, v in params.items() if k not in ("model_source", "model_config", "lora_dir")}
+    if params.get("lora_files"):
+        public["lora_files"] = [{k: v for k, v in f.items() if k != "path"} for f in params["lora_files"]]
+    return public
 
 
 def save_png(image: Image.Image, path: Path, params: dict[str, Any]) -> None:
@@ -62,39 +144,48 @@ def read_params(path: str | Path) -> dict[str, Any]:
 
 
 def parse_a1111(text: str) -> dict[str, Any]:
-    """Parse A1111's ``parameters`` text (prompt lines, optional negative prompt, then key: value pairs)."""
-    lines = text.strip().split("\n")
-    settings_line = lines[-1] if len(lines) > 1 and "Steps:" in lines[-1] else ""
-    body = lines[:-1] if settings_line else lines
+    """Parse A1111's ``parameters`` text (prompt lines, optional negative prompt, then key: value pairs).
+
+    As A1111 reads it: the last line is the settings line when it holds at least three pairs; a quoted
+    value is a JSON string; a value that does not parse is skipped.
+    """
+    *lines, last = text.strip().split("\n")
+    settings = _PAIR.findall(last)
+    if len(settings) < 3:
+        lines.append(last)
+        settings = []
     prompt_lines, negative_lines, in_negative = [], [], False
-    for line in body:
+    for line in lines:
         if line.startswith("Negative prompt:"):
             in_negative = True
             line = line[len("Negative prompt:"):].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
     params: dict[str, Any] = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
-    for part in settings_line.split(", "):
-        if ": " not in part:
-            continue
-        key, value = part.split(": ", 1)
-        key = key.strip()
-        if key == "Steps":
-            params["steps"] = int(value)
-        elif key == "Sampler":
-            params["sampler"] = value
-        elif key == "CFG scale":
-            params["guidance_scale"] = float(value)
-        elif key == "Seed":
-            params["seed"] = int(value)
-        elif key == "Size":
-            w, h = value.split("x")
-            params["width"], params["height"] = int(w), int(h)
-        elif key == "Model":
-            params["model_name"] = value
-        elif key == "Model hash":
-            params["model_hash"] = value
-        elif key == "Denoising strength":
-            params["strength"] = float(value)
-        elif key == "Clip skip":
-            params["clip_skip"] = int(value)
+    for key, value in settings:
+        key, value = key.strip(), unquote(value.strip())
+        try:
+            if key == "Steps":
+                params["steps"] = int(value)
+            elif key == "Sampler":
+                params["sampler"] = value
+            elif key == "CFG scale":
+                params["guidance_scale"] = float(value)
+            elif key == "Seed":
+                params["seed"] = int(value)
+            elif key == "Size":
+                w, h = value.split("x")
+                params["width"], params["height"] = int(w), int(h)
+            elif key == "Model":
+                params["model_name"] = value
+            elif key == "Model hash":
+                params["model_hash"] = value
+            elif key == "Denoising strength":
+                params["strength"] = float(value)
+            elif key == "Clip skip":
+                params["clip_skip"] = int(value)
+            elif key == "Lora hashes":
+                pairs = (item.rpartition(":") for item in value.split(","))
+                params["lora_hashes"] = [[name.strip(), h.strip()] for name, _, h in pairs if name.strip()]
+        except ValueError:
+            continue  # A1111 skips a value it cannot read; so does egaku
     return params

@@ -42,7 +42,7 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return clean, loras
 
 
-def _weights_in(folder: Path) -> Path | None:
+def lora_file_in(folder: Path) -> Path | None:
     """A train-lora folder's LoRA: the diffusers file, else (--format kohya) the kohya file named after the folder."""
     for path in (folder / LORA_WEIGHTS_NAME, folder / f"{folder.resolve().name}.safetensors"):
         if path.is_file():
@@ -50,7 +50,7 @@ def _weights_in(folder: Path) -> Path | None:
     return None
 
 
-def resolve_lora(name_or_path: str, lora_dir: str | None) -> Path:
+def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "--lora-dir") -> Path:
     """A path to a .safetensors file or a folder holding pytorch_lora_weights.safetensors; a bare name is looked up in lora_dir (name.safetensors or name/). Names with path separators or '..' are refused with EgakuError (param='lora'); a missing one raises egaku.errors.NotFoundError.
 
     Without ``lora_dir`` (``--lora PATH`` on the command line) the argument is a path. With ``lora_dir``
@@ -70,10 +70,10 @@ def resolve_lora(name_or_path: str, lora_dir: str | None) -> Path:
         for candidate in (root / f"{stem}.safetensors", root / stem):
             if candidate.is_file():
                 return candidate
-            if candidate.is_dir() and _weights_in(candidate):
-                return _weights_in(candidate)
+            if candidate.is_dir() and lora_file_in(candidate):
+                return lora_file_in(candidate)
         available = sorted({p.stem for p in root.glob("*.safetensors")} | {p.name for p in root.iterdir()
-                                                                           if p.is_dir() and _weights_in(p)}) \
+                                                                           if p.is_dir() and lora_file_in(p)}) \
             if root.is_dir() else []
         raise NotFoundError(f"LoRA {text!r} not found in {root}"
                             + (f"; available: {', '.join(available)}" if available else " (the folder has no LoRAs)"),
@@ -82,12 +82,13 @@ def resolve_lora(name_or_path: str, lora_dir: str | None) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        found = _weights_in(path)
+        found = lora_file_in(path)
         if found:
             return found
         raise NotFoundError(f"LoRA folder {path} has no {LORA_WEIGHTS_NAME} (nor {path.resolve().name}.safetensors, "
                             "train-lora's kohya file); give the LoRA file itself", param="lora")
-    hint = "" if has_separator else "; to use a name from a LoRA folder, also give the folder (--lora-dir)"
+    hint = ("" if has_separator or not names_option else
+            f"; to use a name from a LoRA folder, also give the folder ({names_option})")
     raise NotFoundError(f"LoRA {text!r} does not exist{hint}", param="lora")
 
 
@@ -212,8 +213,8 @@ def trained_clip_skip(lora_file: Path) -> int | None:
             with safe_open(str(lora_file), framework="pt") as fh:
                 value = (fh.metadata() or {}).get("ss_clip_skip")
         return int(value) if value not in (None, "", "None") else None
-    except (OSError, ValueError):
-        return None  # a file that cannot say is loaded (and checked) as usual
+    except Exception:  # noqa: BLE001 - a file that cannot say (unreadable: SafetensorError) is loaded, and refused
+        return None    # with a clear error, by apply_loras as usual
 
 
 def run_config(lora_file: Path) -> dict:
@@ -222,7 +223,7 @@ def run_config(lora_file: Path) -> dict:
     unreadable config."""
     folder = Path(lora_file).parent
     config = folder / "training_config.json"
-    if not (config.is_file() and (folder / LORA_WEIGHTS_NAME).is_file()):
+    if not (config.is_file() and lora_file_in(folder)):
         return {}
     try:
         return json.loads(config.read_text())

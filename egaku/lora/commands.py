@@ -28,7 +28,10 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         try:
             return head, float(tail)
         except ValueError:
-            pass
+            # a name with a colon in it is still a name; a LoRA that exists with a bad scale after it is a typo
+            if not Path(text).expanduser().exists() and Path(head).expanduser().exists():
+                raise EgakuError(f"--lora {text!r}: the scale after ':' must be a number (as in {head}:0.8), "
+                                 f"got {tail!r}", param="lora") from None
     return text, 1.0
 
 
@@ -51,7 +54,8 @@ def _resolve(arg: str, lora_dir: str) -> Path:
 
 
 def merge_lora_command(opts: MergeLoraOptions) -> None:
-    from ..models.loading import model_defaults, write_model_defaults
+    from ..models.loading import model_defaults, save_pipeline, write_model_defaults
+    from ..training.runtime import permissions_by_umask
 
     if not opts.lora:
         raise EgakuError("give at least one --lora PATH[:SCALE] to merge")
@@ -68,9 +72,10 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)
         write_model_defaults(tmp, model_defaults(pipe))  # the base's recommended guidance holds for the merge
         save_config(opts, tmp / "merge_config.json")
+        permissions_by_umask(tmp)  # mkdtemp made it private
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -99,7 +104,7 @@ def describe_lora(path: str | Path) -> dict:
     from .apply import _alphas_of_diffusers_file, run_config, trained_embeddings
     from .formats import is_kohya, peft_pairs, read_lora_file
 
-    path = resolve_lora(str(path), None)
+    path = resolve_lora(str(path), None, names_option="")
     try:  # a whole checkpoint is told apart by its key names alone, before gigabytes are read
         from safetensors import safe_open
 

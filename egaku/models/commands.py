@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import option
 from ..errors import EgakuError
-from .loading import DTYPES, load_pipeline, model_defaults, write_model_defaults
+from .loading import DTYPES, load_pipeline, model_defaults, save_pipeline, write_model_defaults
 
 
 @dataclass
@@ -33,6 +33,6 @@ def convert_command(opts: ConvertOptions) -> None:
     if out.suffix == ".safetensors":
         save_single_file(pipe, out, dtype=DTYPES[opts.dtype])
     else:
-        pipe.to(dtype=DTYPES[opts.dtype]).save_pretrained(out, safe_serialization=True)
+        save_pipeline(pipe.to(dtype=DTYPES[opts.dtype]), out)
         write_model_defaults(out, model_defaults(pipe))
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s")

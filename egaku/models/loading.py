@@ -57,6 +57,24 @@ def model_defaults(pipe) -> dict:
     return {"guidance_scale": float(guidance)}
 
 
+def save_pipeline(pipe, folder: str | os.PathLike) -> None:
+    """``pipe.save_pretrained`` (safetensors), keeping the scheduler's config as the source model gave it.
+
+    diffusers writes every scheduler option out, the ones the source's file left to defaults too. The next
+    loader then takes them as the model's choices: SD 1.x's scheduler_config.json names no
+    ``timestep_spacing``, so the saved copy would say PNDM's "leading", and DPM++ or Euler built from it
+    (``from_config``) would step on other timesteps than from the original, which they build with their own
+    default ("linspace"). The options the source left out (``_use_default_values``) are left out again.
+    """
+    pipe.save_pretrained(folder, safe_serialization=True)
+    defaulted = set(pipe.scheduler.config.get("_use_default_values", []))
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if defaulted and path.is_file():
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in config.items() if k not in defaulted}, indent=2,
+                                   sort_keys=True) + "\n")
+
+
 def write_model_defaults(folder: str | os.PathLike, defaults: dict) -> None:
     """Write ``defaults`` (from ``model_defaults``) into a pipeline folder; nothing when there are none."""
     if defaults:

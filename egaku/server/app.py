@@ -180,11 +180,11 @@ def png_bytes(image, params: dict[str, Any]) -> bytes:
 def _lora_catalog(lora_dir: str | None) -> list[str]:
     if not lora_dir or not Path(lora_dir).is_dir():
         return []
-    from ..lora.formats import LORA_WEIGHTS_NAME
+    from ..lora.apply import lora_file_in
 
     root = Path(lora_dir)
     return sorted({p.stem for p in root.glob("*.safetensors")}
-                  | {p.name for p in root.iterdir() if (p / LORA_WEIGHTS_NAME).is_file()})
+                  | {p.name for p in root.iterdir() if p.is_dir() and lora_file_in(p)})
 
 
 def _run_request(pipe, req: ImageRequest):
@@ -207,7 +207,10 @@ def _run_request(pipe, req: ImageRequest):
                 o.pop(key)
             results = [prompts.upscale(pipe, req.init_image, o.pop("prompt"), 2, o.pop("strength"), o.pop("seed"),
                                        on_step=on_step, **o)]
-        return [(png_bytes(r.image, r.params), r.params) for r in results]
+        from ..inference.metadata import without_local_paths
+
+        public = [without_local_paths(r.params) for r in results]  # the server's paths stay on the server
+        return [(png_bytes(r.image, params), params) for r, params in zip(results, public)]
 
     return run
 

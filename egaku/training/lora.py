@@ -49,7 +49,7 @@ from ..models.text import check_clip_skip, encode_prompts
 from .runtime import (HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
                       atomic_save_file, capture_rng, check_finite, check_loss_type, check_timestep_sampling,
                       draw_timesteps, elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
-                      min_snr_weights, restore_rng, stop_after_signal)
+                      min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -207,6 +207,8 @@ class TrainLoraOptions:
             (self.loraplus_lr_ratio >= 0, f"--loraplus-lr-ratio must be >= 0, got {self.loraplus_lr_ratio}"),
             (self.batch_size >= 1 and self.gradient_accumulation >= 1, "--batch-size and --gradient-accumulation must be >= 1"),
             (self.max_steps > 0 or self.epochs > 0, "give --max-steps or --epochs (> 0)"),
+            (self.max_steps >= 0 and self.epochs >= 0, f"--max-steps and --epochs count steps and passes: give 0 or "
+             f"more, got {self.max_steps} and {self.epochs}"),
             (self.resolution >= 8, f"--resolution {self.resolution} is too small"),
             (self.max_aspect >= 1, f"--max-aspect must be >= 1, got {self.max_aspect}"),
             (self.min_images >= 1, "--min-images must be at least 1"),
@@ -257,7 +259,7 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
     from ..lora.apply import lora_layers, resolve_lora, trained_embeddings
     from ..lora.formats import adaptable_modules
 
-    path = resolve_lora(opts.init_lora, None)
+    path = resolve_lora(opts.init_lora, None, names_option="")
     pairs, alphas = lora_layers(path, adaptable_modules(pipe))
     adapted = {f"{component}.{name}" for component in ("unet", "text_encoder")
                for name, module in getattr(pipe, component).named_modules() if isinstance(module, BaseTunerLayer)}
@@ -308,14 +310,19 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
 
 
 def folder_tags(folders: list[tuple[str, list]]) -> dict[str, dict[str, int]]:
-    """kohya's ``ss_tag_frequency``: the tag counts of each image folder's captions, by the folder's name (two
-    folders of one name share their counts); folders without images are left out."""
-    tags: dict[str, dict[str, int]] = {}
+    """kohya's ``ss_tag_frequency``: the tag counts of each image folder's captions, by the folder's name, as
+    kohya keys its subsets: a class folder (``10_sks dog``) by its own name, images at the top of ``folder`` by
+    that folder's (two folders of one name share their counts); folders without images are left out."""
+    captions: dict[str, list[str]] = {}
     for folder, items in folders:
-        if not items:
-            continue
-        counts = tags.setdefault(Path(folder).resolve().name, {})
-        for tag, n in tag_frequency([item.caption for item in items]).items():
+        top = Path(folder).resolve() if items else None
+        for item in items:
+            parent = item.path.parent.resolve()
+            captions.setdefault(parent.name if parent != top else top.name, []).append(item.caption)
+    tags: dict[str, dict[str, int]] = {}
+    for name, texts in captions.items():
+        counts = tags.setdefault(name, {})
+        for tag, n in tag_frequency(texts).items():
             counts[tag] = counts.get(tag, 0) + n
     return tags
 
@@ -327,9 +334,9 @@ def data_manifest(scan, prior_scan=None) -> list[list]:
             for item in folder.items]
 
 
-def check_same_data(saved: list[list], current: list[list], checkpoint: Path) -> None:
+def check_same_data(saved: list[list], current: list[list], checkpoint: Path, roots: dict[str, str]) -> None:
     """Refuse to resume on images or captions other than the checkpoint's: the data position it restores, and
-    the weights a resumed run should end with, belong to those."""
+    the weights a resumed run should end with, belong to those. ``roots``: the folder of each kind (data, prior)."""
     if [list(row) for row in saved] == current:
         return
     before, now = {tuple(r[:2]): r for r in saved}, {tuple(r[:2]): r for r in current}
@@ -337,7 +344,7 @@ def check_same_data(saved: list[list], current: list[list], checkpoint: Path) ->
     for label, names in (("added", [k for k in now if k not in before]), ("removed", [k for k in before if k not in now]),
                          ("changed (file or caption)", [k for k in now if k in before and list(before[k]) != now[k]])):
         if names:
-            shown = ", ".join(f"{kind}/{name}" for kind, name in names[:3])
+            shown = ", ".join(str(Path(roots.get(kind) or kind) / name) for kind, name in names[:3])
             parts.append(f"{label}: {shown}" + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
     raise EgakuError(f"cannot resume from {checkpoint}: the training images changed since it was written "
                      f"({'; '.join(parts) or 'their order changed'}). Put the folder back as it was, or start a new "
@@ -378,8 +385,9 @@ def repeat_slots(repeats: list[int]) -> list[int]:
 
 # Resuming is refused when any other option differs: these only change how this session runs.
 # options that only change how a run is watched or what its final files are written as
-RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "device", "cache_dir", "validation_every", "out", "format",
-                     "save_precision", "save_every"}
+RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "device", "cache_dir", "out", "format", "save_precision",
+                     "save_every", "keep_checkpoints", "validation_prompts", "validation_every", "validation_seeds",
+                     "validation_steps", "validation_guidance"}
 
 
 def _load_base(model: str):
@@ -559,7 +567,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if opts.init_lora:  # a wrong path is refused before the model loads
         from ..lora.apply import resolve_lora
 
-        resolve_lora(opts.init_lora, None)
+        resolve_lora(opts.init_lora, None, names_option="")
 
     # 1. data and base model; everything in the base is frozen
     scan = scan_image_folder(opts.data, caption_template=opts.caption_template, trigger=opts.trigger or None,
@@ -586,7 +594,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     items = scan.items + prior_items
     manifest = data_manifest(scan, prior if opts.prior_data else None)  # what a resume must find again
     if resume_from is not None and "data" in resumed[1]:  # (checkpoints of earlier versions lack it)
-        check_same_data(resumed[1]["data"], manifest, resume_from)
+        check_same_data(resumed[1]["data"], manifest, resume_from, {"data": opts.data, "prior": opts.prior_data})
     # per-image loss weight: regularization images count --prior-loss-weight times a training image
     item_weight = torch.tensor([1.0] * len(scan.items) + [opts.prior_loss_weight] * len(prior_items))
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -778,6 +786,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         if main:
             _truncate_log(out / "loss.csv", step)  # steps after the checkpoint are trained (and logged) again
         say(f"resumed from {path} at step {step}")
+    first_step = step
 
     def lora_state() -> dict[str, dict[str, torch.Tensor]]:
         weights = {"unet_lora": get_peft_model_state_dict(accelerator.unwrap_model(unet))}
@@ -972,7 +981,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         validate()
     if main:
         write_lora(out)
-        say(f"wrote {out} (step {step}, final loss {float(mean_loss):.4f})")
+        if step == first_step:  # resumed from the last checkpoint: no loss of this session to show
+            say(f"wrote {out} (the checkpoint was at step {step} of {total_steps}: nothing was left to train)")
+        else:
+            say(f"wrote {out} (step {step}, final loss {float(mean_loss):.4f})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
@@ -1002,6 +1014,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-lora-") as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, **layers, **meta, safe_serialization=True)
         if opts.format in ("diffusers", "both"):
+            permissions_by_umask(Path(tmp) / LORA_WEIGHTS_NAME)  # safetensors writes 0600
             os.replace(Path(tmp) / LORA_WEIGHTS_NAME, out / LORA_WEIGHTS_NAME)
             written.append(out / LORA_WEIGHTS_NAME)
         if opts.format in ("kohya", "both"):
@@ -1024,7 +1037,8 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_ip_noise_gamma=opts.input_perturbation or None,
                 **({"ss_huber_c": opts.huber_c, "ss_huber_schedule": opts.huber_schedule}
                    if opts.loss_type in ("huber", "smooth_l1") else {}),
-                ss_text_encoder_lr=opts.text_encoder_lr if opts.train_text_encoder else 0,
+                # 0 reads as "text encoder not trained" to kohya's tools: the rate it trains at (the LoRA's unless set)
+                ss_text_encoder_lr=(opts.text_encoder_lr or opts.learning_rate) if opts.train_text_encoder else 0,
                 ss_network_train_unet_only=str(not opts.train_text_encoder),
                 ss_tag_frequency=tags or {}, ss_sd_model_name=opts.model,
                 ss_caption_dropout_rate=opts.caption_dropout, ss_shuffle_caption=opts.shuffle_caption,

@@ -84,6 +84,22 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+_UMASK: int | None = None
+
+
+def permissions_by_umask(path: Path) -> None:
+    """Give ``path`` (a folder: with everything in it) the mode a plain open() or mkdir() would have given it.
+    tempfile makes files 0600 and folders 0700, and safetensors writes 0600, so the outputs written through
+    them would be unreadable to the other users and services that a plain file of the run can be read by."""
+    global _UMASK
+    if _UMASK is None:  # read once: os.umask can only be read by setting it, which is not thread-safe
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
+
+
 def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a uniquely named temporary file beside ``path`` (several processes may write
     the same path); it is fsynced and renamed over ``path``, so no reader ever sees half of it."""
@@ -93,6 +109,7 @@ def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        permissions_by_umask(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -132,6 +149,7 @@ class Checkpoints:
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            permissions_by_umask(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
