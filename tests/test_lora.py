@@ -1131,6 +1131,11 @@ def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lo
         assert torch.equal(table[star], saved["emb_params"][0])
         remove_loras(pipe)
         assert torch.equal(table, base)
+    # two runs that trained the same word: one row cannot hold both, so applying both is refused
+    with pytest.raises(EgakuError, match="both trained the word 'star'"):
+        apply_loras(pipe, [(whole / "whole.safetensors", 0.5), (split / "split.safetensors", 0.5)])
+    remove_loras(pipe)
+    assert torch.equal(table, base)
     # merge-lora makes the embedding part of the merged model
     from egaku.lora.commands import MergeLoraOptions, merge_lora_command
 

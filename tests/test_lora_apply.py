@@ -19,6 +19,9 @@ def test_prompt_tags_are_removed_with_their_weights():
     assert parse_prompt_loras("<lora:a:-0.5>, a cat") == ("a cat", [("a", -0.5)])
     with pytest.raises(EgakuError, match="not a number"):
         parse_prompt_loras("<lora:star:strong>")
+    for weight in ("inf", "nan", "-inf"):  # a black image otherwise
+        with pytest.raises(EgakuError, match="finite number"):
+            parse_prompt_loras(f"a cat <lora:star:{weight}>")
 
 
 def test_resolve_bare_names_in_the_lora_folder(tmp_path):

@@ -227,7 +227,8 @@ def test_bad_generation_requests(http, body, status, param):
     assert http.get("/health").json()["models"]["tiny"]["waiting"] == 0  # nothing was queued
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"{\"prompt\": ", b"[\"a list\"]", b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b"not json", b"{\"prompt\": ", b"[\"a list\"]", b"\xff\xfe",
+                                 b"[" * 100000 + b"]" * 100000])  # nested past the parser's recursion limit
 def test_a_body_that_is_not_a_json_object(http, raw):
     r = http.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
     assert assert_openai_error(r, 400)["code"] == "invalid_json"

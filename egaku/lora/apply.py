@@ -7,6 +7,7 @@ only logs a warning when no key matches, which turns a wrong file into a silent 
 from __future__ import annotations
 
 import json
+import math
 import re
 import weakref
 from pathlib import Path
@@ -35,6 +36,9 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
         except ValueError:
             raise EgakuError(f"prompt tag {match[0]!r}: weight {weight!r} is not a number; write <lora:{name}:0.8>",
                              param="prompt") from None
+        if not math.isfinite(value):  # inf/nan would turn every pixel to NaN: a black image
+            raise EgakuError(f"prompt tag {match[0]!r}: the weight must be a finite number, such as 0.8",
+                             param="prompt")
         loras.append((name, value))
     clean = _TAG.sub(" ", prompt)
     clean = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", clean))
@@ -154,8 +158,19 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
     listed = getattr(pipe, "get_list_adapters", lambda: {})()
     taken = {n for names in listed.values() for n in names}
     names, weights = [], []
+    word_source: dict[str, Path] = {}
     for index, (path, weight) in enumerate(loras):
         path = Path(path)
+        if not math.isfinite(float(weight)):
+            raise EgakuError(f"{path}: LoRA weight {weight} is not a finite number; give one such as 0.8",
+                             param="lora")
+        embeddings = trained_embeddings(path)
+        for word in embeddings:
+            # one row of the token table holds one embedding: the second file's would silently replace the first's
+            if word in word_source and word_source[word] != path:
+                raise EgakuError(f"{word_source[word]} and {path} both trained the word {word!r}; its embedding can "
+                                 "hold one of them: apply one of these LoRAs at a time", param="lora")
+            word_source[word] = path
         pairs, alphas = lora_layers(path, modules)
         name = _adapter_name(path, index, taken)
         taken.add(name)
@@ -171,7 +186,7 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
                              param="lora") from None
         names.append(name)
         weights.append(float(weight))
-        apply_token_embeddings(pipe, trained_embeddings(path), source=str(path))
+        apply_token_embeddings(pipe, embeddings, source=str(path))
     pipe.set_adapters(names, adapter_weights=weights)
     return names
 

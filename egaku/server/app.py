@@ -342,7 +342,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (RecursionError: nested too deep)
             raise ApiError(400, "the request body is not valid JSON; send a JSON object such as "
                                 '{"prompt": "a red circle"}', code="invalid_json") from None
         if not isinstance(body, dict):
