@@ -315,6 +315,9 @@ def test_mask_files_are_found_by_relative_path_and_any_extension_and_missing_one
         find_mask_files(scan, "nowhere")
     with pytest.raises(EgakuError, match="lies inside --data .* move the masks to a folder beside the data"):
         find_mask_files(scan, data / "cat")
+    Image.new("L", (16, 8), 0).save(masks / "dog" / "c.jpg")  # two masks for one image: which is meant?
+    with pytest.raises(EgakuError, match=r"2 masks in .* fit the image dog/c\.png: c\.png, c\.jpg; keep one"):
+        find_mask_files(scan, masks)
 
 
 def test_a_mask_is_its_red_channel_and_must_have_its_images_shape(tmp_path):

@@ -39,7 +39,11 @@ def find_mask_files(scan: FolderScan, mask_dir: str | Path) -> list[Path]:
         rel = item.path.relative_to(scan.root)
         # the same name first, then the other extensions (dict: a .png image's own name is not tried twice)
         candidates = dict.fromkeys([mask_dir / rel] + [(mask_dir / rel).with_suffix(s) for s in sorted(IMAGE_SUFFIXES)])
-        path = next((c for c in candidates if c.is_file()), None)
+        present = [c for c in candidates if c.is_file()]
+        if len(present) > 1:  # which one was meant is not ours to guess
+            raise EgakuError(f"{len(present)} masks in {mask_dir} fit the image {rel}: "
+                             f"{', '.join(p.name for p in present)}; keep one")
+        path = present[0] if present else None
         if path is None:
             missing.append(str(rel))
         found.append(path)
