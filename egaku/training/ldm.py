@@ -195,6 +195,11 @@ class ImageSet:
     heldout: np.ndarray  # uint8 [M, H, W, 3]: images never trained on (for VAE PSNR)
     vocabulary: list[str]  # texts the tokenizer is built from
     note: str = ""
+    heldout_trained: bool = False  # a folder too small to hold any out: the PSNR images are training images
+
+
+def psnr_label(data: ImageSet) -> str:
+    return "PSNR on training images (none held out)" if data.heldout_trained else "held-out PSNR"
 
 
 def parse_caption_weights(entries: list[str]) -> dict[str, float]:
@@ -258,7 +263,8 @@ def load_training_images(opts: TrainLdmOptions) -> ImageSet:
         return ImageSet(images[keep], [captions[i] for i in keep], images[hold], captions,
                         f"{opts.data}: {len(keep)} training images, {n_hold} held out")
     return ImageSet(images, captions, images[: min(len(images), 64)], captions,
-                    f"{opts.data}: {len(images)} images (too few to hold any out: PSNR is on training images)")
+                    f"{opts.data}: {len(images)} images (too few to hold any out: PSNR is on training images)",
+                    heldout_trained=True)
 
 
 def _resize_crop(img: Image.Image, size: int) -> Image.Image:
@@ -587,7 +593,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         (out / "samples").mkdir(exist_ok=True)
         image_grid(to_pil_images(heldout) + to_pil_images(recon), cols=8).save(
             out / "samples" / "vae-reconstructions.png")
-        print(f"VAE: held-out PSNR {summary['vae_psnr']:.2f} dB", file=sys.stderr)
+        print(f"VAE: {psnr_label(data)} {summary['vae_psnr']:.2f} dB", file=sys.stderr)
 
     # 3. Latents of every training image, scaled to unit variance
     bar.set_postfix(stage="encoding")
@@ -704,7 +710,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         summary["train_seconds"] = round(base_seconds + time.time() - started, 1)
     summary.update(step=step, scaling_factor=scaling, data=data.note, model=str(model_dir))
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {model_dir} (step {step}); VAE held-out PSNR {summary.get('vae_psnr', float('nan')):.2f} dB",
+    print(f"wrote {model_dir} (step {step}); VAE {psnr_label(data)} {summary.get('vae_psnr', float('nan')):.2f} dB",
           file=sys.stderr)
     return model_dir
 
