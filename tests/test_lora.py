@@ -643,6 +643,24 @@ def test_resume_on_changed_images_or_captions_is_refused_naming_them(tmp_path, d
     assert (resume() / "pytorch_lora_weights.safetensors").is_file()  # put back as it was: resumes
 
 
+def test_resume_on_changed_loss_masks_is_refused_naming_them(tmp_path, data_dir, tiny_model_dir):
+    masks = write_masks(data_dir, tmp_path / "masks", left_half)
+    common = dict(max_steps=3, format="diffusers", mask_dir=str(masks))
+    out = tmp_path / "run"
+    train_lora(options(data_dir, tiny_model_dir, out, stop_at=1, **common))
+    mask = masks / "red_star" / "0.png"
+    original = mask.read_bytes()
+    with Image.open(mask) as img:
+        size = img.size
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0]), dtype=np.uint8))
+    noisy.save(mask)  # another mask of the same image: another file size
+    with pytest.raises(EgakuError, match=r"changed \(file or caption\): " + re.escape(str(mask))):
+        train_lora(options(data_dir, tiny_model_dir, out, resume="latest", **common))
+    mask.write_bytes(original)
+    assert (train_lora(options(data_dir, tiny_model_dir, out, resume="latest", **common))
+            / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_nan_loss_stops_at_the_step_keeping_the_last_good_checkpoint(tmp_path, data_dir, tiny_model_dir):
     out = tmp_path / "nan"
     with pytest.raises(EgakuError) as err:

@@ -336,7 +336,8 @@ def data_manifest(scan, prior_scan=None) -> list[list]:
 
 def check_same_data(saved: list[list], current: list[list], checkpoint: Path, roots: dict[str, str]) -> None:
     """Refuse to resume on images or captions other than the checkpoint's: the data position it restores, and
-    the weights a resumed run should end with, belong to those. ``roots``: the folder of each kind (data, prior)."""
+    the weights a resumed run should end with, belong to those. ``roots``: the folder of each kind (data, prior,
+    mask)."""
     if [list(row) for row in saved] == current:
         return
     before, now = {tuple(r[:2]): r for r in saved}, {tuple(r[:2]): r for r in current}
@@ -593,8 +594,12 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         say("regularization images: " + prior.report())
     items = scan.items + prior_items
     manifest = data_manifest(scan, prior if opts.prior_data else None)  # what a resume must find again
+    if mask_files:  # a changed mask changes what the rest of the run trains on, as a changed image does
+        manifest += [["mask", path.relative_to(opts.mask_dir).as_posix(), path.stat().st_size, ""]
+                     for path in mask_files]
     if resume_from is not None and "data" in resumed[1]:  # (checkpoints of earlier versions lack it)
-        check_same_data(resumed[1]["data"], manifest, resume_from, {"data": opts.data, "prior": opts.prior_data})
+        check_same_data(resumed[1]["data"], manifest, resume_from,
+                        {"data": opts.data, "prior": opts.prior_data, "mask": opts.mask_dir})
     # per-image loss weight: regularization images count --prior-loss-weight times a training image
     item_weight = torch.tensor([1.0] * len(scan.items) + [opts.prior_loss_weight] * len(prior_items))
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
