@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from egaku.errors import EgakuError, NotFoundError
-from egaku.lora.apply import parse_prompt_loras, resolve_lora
-from egaku.lora.commands import parse_lora_arg
+from egaku.lora.apply import parse_lora_arg, parse_prompt_loras, resolve_lora
 from egaku.lora.formats import bake_alpha, check_coverage, kohya_to_peft, peft_pairs, peft_to_kohya
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import option, save_config
 from ..errors import EgakuError
-from .generate import GenerateOptions, generate, reproduce_options, split_lora_arg
+from .generate import GenerateOptions, generate, reproduce_options
 from .metadata import a1111_parameters, read_params, save_png
 from .prompts import apply_prompt_parameters
 
@@ -65,6 +65,8 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
 
 def _check_recorded_files(source: str, params: dict, merged: dict) -> None:
     """The model and LoRA files --from is about to reuse must still be there."""
+    from ..lora.apply import parse_lora_arg
+
     def gone(what: str, flag: str, param: str) -> EgakuError:
         return EgakuError(f"{source} was made with {what}, which no longer exists; pass {flag} to generate "
                           "with another", param=param)
@@ -76,7 +78,7 @@ def _check_recorded_files(source: str, params: dict, merged: dict) -> None:
     if config and not Path(config).is_dir():
         raise gone(f"the model config folder {config}", "--model (and --model-config)", "model")
     for item in merged.get("lora", []):
-        path, weight = split_lora_arg(item)
+        path, weight = parse_lora_arg(item)
         if not Path(path).is_file():
             raise gone(f"the LoRA {path} (weight {weight:g})",
                        "--lora PATH[:SCALE] (which replaces all the LoRAs it recorded)", "lora")

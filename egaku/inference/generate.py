@@ -133,17 +133,6 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def split_lora_arg(item: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` -> (PATH, SCALE); a colon not followed by a number belongs to the path."""
-    path, sep, scale = item.rpartition(":")
-    if sep:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return item, 1.0
-
-
 def lora_display_name(path: Path) -> str:
     """``style.safetensors`` -> style; ``style/pytorch_lora_weights.safetensors`` -> style."""
     return path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
@@ -229,13 +218,14 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
     text, tag_loras = o.prompt, []
     if "<lora:" in text or o.lora:
-        from ..lora.apply import apply_loras, parse_prompt_loras, remove_loras, resolve_lora, trained_clip_skip
+        from ..lora.apply import (apply_loras, parse_lora_arg, parse_prompt_loras, remove_loras, resolve_lora,
+                                  trained_clip_skip)
 
         text, tag_loras = parse_prompt_loras(text)
         specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
         origins = ["prompt"] * len(specs)
         for item in o.lora:
-            name, scale = split_lora_arg(item)
+            name, scale = parse_lora_arg(item)
             # a bare name is looked up in --lora-dir (the server passes only those); anything else is a path
             bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
             specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))

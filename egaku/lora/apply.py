@@ -54,6 +54,21 @@ def lora_file_in(folder: Path) -> Path | None:
     return None
 
 
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:SCALE`` of ``--lora`` (generate, merge-lora, the server's names): a Windows drive
+    letter's colon is not a scale."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not tail.startswith(("\\", "/")):
+        try:
+            return head, float(tail)
+        except ValueError:
+            # a name with a colon in it is still a name; a LoRA that exists with a bad scale after it is a typo
+            if not Path(text).expanduser().exists() and Path(head).expanduser().exists():
+                raise EgakuError(f"--lora {text!r}: the scale after ':' must be a number (as in {head}:0.8), "
+                                 f"got {tail!r}", param="lora") from None
+    return text, 1.0
+
+
 def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "--lora-dir") -> Path:
     """A path to a .safetensors file or a folder holding pytorch_lora_weights.safetensors; a bare name is looked up in lora_dir (name.safetensors or name/). Names with path separators or '..' are refused with EgakuError (param='lora'); a missing one raises egaku.errors.NotFoundError.
 
@@ -74,8 +89,9 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
         for candidate in (root / f"{stem}.safetensors", root / stem):
             if candidate.is_file():
                 return candidate
-            if candidate.is_dir() and lora_file_in(candidate):
-                return lora_file_in(candidate)
+            found = lora_file_in(candidate) if candidate.is_dir() else None
+            if found:
+                return found
         available = sorted({p.stem for p in root.glob("*.safetensors")} | {p.name for p in root.iterdir()
                                                                            if p.is_dir() and lora_file_in(p)}) \
             if root.is_dir() else []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import option, save_config
 from ..errors import EgakuError
-from .apply import apply_loras, remove_loras, resolve_lora
+from .apply import apply_loras, parse_lora_arg, remove_loras, resolve_lora
 
 
 @dataclass
@@ -19,20 +19,6 @@ class MergeLoraOptions:
     lora: list[str] = option([], help="LoRA file or folder, optionally PATH:SCALE (repeatable)", repeat=True)
     out: str = option("", help="new diffusers folder for the merged model (must not exist)")
     lora_dir: str = option("", help="folder where bare LoRA names are looked up")
-
-
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:SCALE`` (a Windows drive letter's colon is not a scale)."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not tail.startswith(("\\", "/")):
-        try:
-            return head, float(tail)
-        except ValueError:
-            # a name with a colon in it is still a name; a LoRA that exists with a bad scale after it is a typo
-            if not Path(text).expanduser().exists() and Path(head).expanduser().exists():
-                raise EgakuError(f"--lora {text!r}: the scale after ':' must be a number (as in {head}:0.8), "
-                                 f"got {tail!r}", param="lora") from None
-    return text, 1.0
 
 
 def _load(model: str):
