@@ -32,6 +32,12 @@ def test_resolve_bare_names_in_the_lora_folder(tmp_path):
     with pytest.raises(NotFoundError, match="available: star, style") as err:
         resolve_lora("moon", str(tmp_path))
     assert err.value.param == "lora" and err.value.status == 404
+    (tmp_path / "half_copied").mkdir()  # a folder of that name without a LoRA file: the error says so
+    (tmp_path / "half_copied" / "training_config.json").write_text("{}")
+    with pytest.raises(NotFoundError, match="the folder 'half_copied' in .* holds no pytorch_lora_weights"
+                                            ".*available: star, style") as err:
+        resolve_lora("half_copied", str(tmp_path))
+    assert err.value.status == 404
 
 
 @pytest.mark.parametrize("name", ["../secret", "a/b", "/etc/passwd", "..", "x\\y"])

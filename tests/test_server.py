@@ -132,15 +132,49 @@ def test_openai_edit_and_inpaint(openai_client):
     assert inpainted.data[0].model_extra["egaku"]["mask"] == "mask"
 
 
-def test_openai_variation_reuses_the_stored_prompt(openai_client):
+def test_openai_variation_reuses_the_stored_prompt_and_settings(openai_client):
+    settings = {"negative_prompt": "blurry", "guidance_scale": 4.5, "sampler": "euler", "clip_skip": 2,
+                "loras": [{"name": "style", "weight": 0.7}]}
     source = openai_client.images.generate(prompt="a yellow bird", size="48x64", response_format="b64_json",
-                                           extra_body=FAST)
+                                           extra_body={**FAST, **settings})
     image = ("src.png", base64.b64decode(source.data[0].b64_json), "image/png")
     result = openai_client.images.create_variation(image=image, n=2, response_format="b64_json",
                                                    extra_body={"steps": 4})
     assert [decode(d.b64_json).size for d in result.data] == [(48, 64), (48, 64)]
     assert result.data[0].revised_prompt == "a yellow bird"
-    assert result.data[0].model_extra["egaku"]["strength"] == 0.6
+    used = result.data[0].model_extra["egaku"]
+    assert used["strength"] == 0.6 and used["steps"] == 4
+    assert (used["negative_prompt"], used["guidance_scale"], used["sampler"], used["clip_skip"]) == \
+        ("blurry", 4.5, "euler", 2)
+    assert used["loras"] == [["style", 0.7]]
+    # what the request gives wins over what the image recorded; an empty list clears the LoRAs
+    result = openai_client.images.create_variation(image=image, n=1, response_format="b64_json",
+                                                   extra_body={**FAST, "guidance_scale": 6, "negative_prompt": "",
+                                                               "loras": "[]"})
+    used = result.data[0].model_extra["egaku"]
+    assert (used["guidance_scale"], used["negative_prompt"], used["loras"], used["sampler"]) == (6.0, "", [], "euler")
+
+
+def test_variation_settings_from_an_image_are_checked_like_request_fields(pipe, lora_dir):
+    from egaku.server.requests import Limits, reused_settings
+
+    limits = Limits(max_steps=50, lora_dir=str(lora_dir))
+    stored = {"prompt": "a cat", "negative_prompt": 7, "steps": 9999, "guidance_scale": float("nan"),
+              "sampler": "warp drive", "clip_skip": 2,
+              "lora_files": [{"name": "style", "weight": 0.5, "hash": "000000000000", "from": "option"},
+                             {"name": "elsewhere", "weight": 1.0, "from": "option"},
+                             {"name": "style", "weight": 0.25, "from": "prompt"}]}
+    # out of limits, wrong types, an unknown sampler, a LoRA that is another file or not here: left out
+    assert reused_settings(stored, pipe, limits) == {"prompt": "a cat", "clip_skip": 2}
+    stored["lora_files"][0]["hash"] = None
+    assert reused_settings(stored, pipe, limits)["loras"] == [("style", 0.5)]
+    # A1111's text chunk, read as generate --from reads it
+    from egaku.inference.metadata import parse_a1111
+
+    a1111 = parse_a1111("a dog\nNegative prompt: ugly\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 6, "
+                        "Seed: 1, Size: 64x64")
+    assert reused_settings(a1111, pipe, limits) == {"prompt": "a dog", "negative_prompt": "ugly", "steps": 20,
+                                                    "guidance_scale": 6.0, "sampler": "dpmpp-2m-karras"}
 
 
 def test_upscale_extension_doubles_the_size(http):

@@ -136,11 +136,23 @@ def read_params(path: str | Path) -> dict[str, Any]:
             text = dict(img.text) if hasattr(img, "text") else dict(img.info)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         raise EgakuError(f"{path} is not a readable image ({exc})") from None
+    params = params_from_text(text)
+    if params is None:
+        raise EgakuError(f"{path} carries no generation parameters (no 'parameters' or 'egaku' PNG text chunk)")
+    return params
+
+
+def params_from_text(text: dict[str, Any]) -> dict[str, Any] | None:
+    """The parameters in an image's text chunks: egaku's JSON if present, else A1111's text; None when it
+    holds neither."""
     if "egaku" in text:
-        return json.loads(text["egaku"])
+        params = json.loads(text["egaku"])
+        if not isinstance(params, dict):
+            raise ValueError("the egaku text chunk is not a JSON object")
+        return params
     if "parameters" in text:
-        return parse_a1111(text["parameters"])
-    raise EgakuError(f"{path} carries no generation parameters (no 'parameters' or 'egaku' PNG text chunk)")
+        return parse_a1111(str(text["parameters"]))
+    return None
 
 
 def parse_a1111(text: str) -> dict[str, Any]:

@@ -95,9 +95,11 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
         available = sorted({p.stem for p in root.glob("*.safetensors")} | {p.name for p in root.iterdir()
                                                                            if p.is_dir() and lora_file_in(p)}) \
             if root.is_dir() else []
-        raise NotFoundError(f"LoRA {text!r} not found in {root}"
-                            + (f"; available: {', '.join(available)}" if available else " (the folder has no LoRAs)"),
-                            param="lora")
+        listing = f"; available: {', '.join(available)}" if available else " (the folder has no LoRAs)"
+        if (root / stem).is_dir():  # a folder of that name is there, but nothing in it is a LoRA file
+            raise NotFoundError(f"LoRA {text!r}: the folder {stem!r} in {root} holds no {LORA_WEIGHTS_NAME} "
+                                f"(nor {stem}.safetensors, train-lora's kohya file){listing}", param="lora")
+        raise NotFoundError(f"LoRA {text!r} not found in {root}{listing}", param="lora")
     path = Path(text).expanduser()
     if path.is_file():
         return path

@@ -398,16 +398,19 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
                 return alpha.point(lambda a: 255 if a < 128 else 0)
             return raw.convert("L").point(lambda v: 255 if v >= 128 else 0)
 
-    def stored_prompt(files: dict[str, bytes]) -> str:
-        """The prompt an egaku PNG was made with (so variations of it stay on topic)."""
+    def stored_params(files: dict[str, bytes]) -> dict:
+        """The parameters an uploaded PNG was made with (egaku's or A1111's text chunk), so that variations
+        and upscales of it keep its prompt and settings; {} for an image without them."""
         from PIL import Image
+
+        from ..inference.metadata import params_from_text
 
         try:
             with Image.open(io.BytesIO(files["image"])) as raw:
                 text = getattr(raw, "text", {}) or {}
-            return str(json.loads(text["egaku"]).get("prompt", "")) if "egaku" in text else ""
+            return params_from_text(text) or {}
         except Exception:  # noqa: BLE001 - metadata is a convenience; a foreign image just has none
-            return ""
+            return {}
 
     async def run(request: Request, model: str, req: ImageRequest) -> dict:
         worker = workers[model]
@@ -472,7 +475,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         if "mask" in files and kind != "edit":
             raise ApiError(400, "'mask' is only taken by /v1/images/edits", param="mask")
         req = parse_image_request(kind, fields, pipelines[model], limits, form=True, image=image, mask=mask,
-                                  stored_prompt=stored_prompt(files) if image is not None else "")
+                                  stored=stored_params(files) if image is not None else None)
         if mask is not None and mask.size != image.size:
             raise ApiError(400, f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
                                 f"{image.size[0]}x{image.size[1]}; they must match", param="mask")

@@ -171,10 +171,60 @@ def default_size(image: Image.Image, pipe, limits: Limits) -> tuple[int, int]:
     return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in image.size)  # type: ignore[return-value]
 
 
+def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> dict[str, Any]:
+    """What a variation or upscale takes over from the parameters stored in its image (egaku's PNG chunk or
+    A1111's), as A1111's "send to img2img" does: prompt, negative prompt, steps, guidance, sampler, clip skip
+    and the LoRAs given as options. The file came from the client, so each value is checked as a request
+    field would be, and one that would be refused (out of this server's limits, an unknown sampler) is left
+    to the server's default instead. A LoRA is taken over only when this server's folder has one of that
+    name, and, where the image records its hash, the same file."""
+    if not stored:
+        return {}
+    fields = {
+        "prompt": lambda: _as_str(stored, "prompt"),
+        "negative_prompt": lambda: _as_str(stored, "negative_prompt"),
+        "steps": lambda: _as_int(stored, "steps", 1, limits.max_steps, False),
+        "guidance_scale": lambda: _as_float(stored, "guidance_scale", 0.0, 50.0, False),
+        "sampler": lambda: None if _as_str(stored, "sampler", 100) is None else canonical_sampler(stored["sampler"]),
+        "clip_skip": lambda: _as_int(stored, "clip_skip", 1, pipe.text_encoder.config.num_hidden_layers, False),
+    }
+    reused: dict[str, Any] = {}
+    for key, read in fields.items():
+        try:
+            value = read()
+        except EgakuError:
+            continue
+        if value is not None:
+            reused[key] = value
+    loras = []
+    files = stored.get("lora_files")
+    if limits.lora_dir and isinstance(files, list):
+        from ..inference.metadata import lora_short_hash
+        from ..lora.apply import resolve_lora
+
+        for entry in files:
+            if not isinstance(entry, dict) or entry.get("from") != "option" or not isinstance(entry.get("name"), str):
+                continue
+            try:
+                weight = _as_float(entry, "weight", -10.0, 10.0, False)
+                path = resolve_lora(entry["name"], limits.lora_dir)
+            except EgakuError:
+                continue
+            if entry.get("hash") in (None, lora_short_hash(path)):
+                loras.append((entry["name"], 1.0 if weight is None else weight))
+    if loras:
+        reused["loras"] = loras
+    return reused
+
+
 def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits, *, form: bool = False,
                         image: Image.Image | None = None, mask: Image.Image | None = None,
-                        stored_prompt: str = "") -> ImageRequest:
-    """Validate ``body`` for endpoint ``kind`` (generation, edit, variation, upscale)."""
+                        stored: Mapping[str, Any] | None = None) -> ImageRequest:
+    """Validate ``body`` for endpoint ``kind`` (generation, edit, variation, upscale).
+
+    ``stored``: the parameters the uploaded image was made with; a variation or upscale reuses them
+    where the request leaves a field out (``reused_settings``).
+    """
     unknown = sorted(set(body) - ALLOWED[kind] - {"image", "image[]", "mask"})
     if unknown:
         raise _bad(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} for "
@@ -190,18 +240,24 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     prompt = _as_str(body, "prompt")
     if kind in ("generation", "edit") and (prompt is None or not prompt.strip()):
         raise _bad("'prompt' is required and must not be empty", "prompt")
-    prompt = stored_prompt if prompt is None else prompt
+    reused = reused_settings(stored, pipe, limits) if kind in ("variation", "upscale") else {}
+    prompt = reused.get("prompt", "") if prompt is None else prompt
     n = _as_int(body, "n", 1, limits.max_n, form)
     if kind == "upscale" and n not in (None, 1):
         raise _bad("upscale makes one image per request; leave 'n' out or set it to 1", "n")
     steps = _as_int(body, "steps", 1, limits.max_steps, form)
+    steps = reused.get("steps") if steps is None else steps
     seed = _as_int(body, "seed", 0, MAX_SEED, form)
     guidance = _as_float(body, "guidance_scale", 0.0, 50.0, form)
+    guidance = reused.get("guidance_scale") if guidance is None else guidance
     strength = _as_float(body, "strength", 0.01, 1.0, form)
     sampler = _as_str(body, "sampler", 100)
+    sampler = reused.get("sampler") if sampler is None else sampler
     clip_skip = _as_int(body, "clip_skip", 1, pipe.text_encoder.config.num_hidden_layers, form)
-    negative = _as_str(body, "negative_prompt") or ""
-    loras = _loras(body.get("loras"), form)
+    clip_skip = reused.get("clip_skip") if clip_skip is None else clip_skip
+    negative = _as_str(body, "negative_prompt")
+    negative = reused.get("negative_prompt", "") if negative is None else negative
+    loras = reused.get("loras", []) if body.get("loras") is None else _loras(body.get("loras"), form)
     width, height = parse_size(_as_str(body, "size", 40), pipe, limits)
     if kind == "upscale" and width is not None:
         raise _bad("upscale always doubles the image's size; leave 'size' out", "size")
