@@ -151,6 +151,8 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
                 raise EgakuError(f"unknown option {key!r} for {cls.__name__}{hint}")
             values[key] = value
+    if "given_options" in names:  # which options were set, for commands that fill the others (generate --from)
+        values["given_options"] = sorted(set(values) - {"given_options"})
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         _check_type(key, value, hints[key])

@@ -632,6 +632,24 @@ def test_from_a_missing_model_is_an_error_and_model_overrides_it(tmp_path, capsy
     assert egaku.read_params(tmp_path / "o" / "00000-1.png")["model_source"] == "tiny"
 
 
+def test_from_keeps_a_flag_given_at_its_default_value(tmp_path):
+    """`--from IMG --model builtin --steps 20` means the built-in model at 20 steps even though both are the
+    defaults: the CLI records which options it was given."""
+    from egaku.cli import parse
+    from egaku.inference.commands import _apply_from_image
+    from egaku.inference.metadata import save_png
+
+    params = {"prompt": "a cat", "negative_prompt": "", "steps": 2, "sampler": "euler", "sampler_label": "Euler",
+              "guidance_scale": 7.5, "seed": 1, "width": 32, "height": 32, "clip_skip": 1, "loras": [],
+              "lora_files": [], "model_name": "tiny", "model_source": "tiny"}
+    save_png(Image.new("RGB", (32, 32)), tmp_path / "a.png", params)
+    _, opts = parse(["generate", "--from", str(tmp_path / "a.png"), "--model", "builtin", "--steps", "20"])
+    applied = _apply_from_image(opts)
+    assert (applied.model, applied.steps, applied.sampler, applied.seed) == ("builtin", 20, "euler", 1)
+    _, opts = parse(["generate", "--from", str(tmp_path / "a.png")])
+    assert (_apply_from_image(opts).model, _apply_from_image(opts).steps) == ("tiny", 2)
+
+
 def test_from_an_a1111_image_says_its_model_and_loras_are_not_reapplied(tmp_path, capsys):
     from PIL import PngImagePlugin
 

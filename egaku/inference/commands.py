@@ -44,7 +44,8 @@ def _prompts(o: GenerateOptions) -> list[str]:
 
 
 def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
-    """Stored parameters fill every option still at its default; explicit flags win.
+    """Stored parameters fill every option no flag or preset set; explicit flags win, even one given at its
+    default value (``--model builtin``, ``--steps 20``).
 
     The model and the LoRA files the image was made with come back too (a missing one is an error that
     says how to choose another); an image that does not record them gets a note saying they are not
@@ -54,12 +55,14 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
     params = read_params(source)
     stored = reproduce_options(params)
     defaults = GenerateOptions()
-    merged = {k: v for k, v in stored.items() if getattr(o, k) == getattr(defaults, k)}
+    # built by the CLI: the options it was given; built in Python: those that differ from the defaults
+    given = set(o.given_options) or {f.name for f in dataclasses.fields(o) if getattr(o, f.name) != getattr(defaults, f.name)}
+    merged = {k: v for k, v in stored.items() if k not in given}
     if "model" not in merged:  # the recorded config belongs to the recorded model
         merged.pop("model_config", None)
     _check_recorded_files(source, params, merged)
     if not params.get("model_source"):
-        _note_unrecorded(source, params, o, defaults)
+        _note_unrecorded(source, params, o, given)
     return dataclasses.replace(o, **merged, from_image=None)
 
 
@@ -89,15 +92,15 @@ def _check_recorded_files(source: str, params: dict, merged: dict) -> None:
                            "--lora-dir with a folder that holds it", "lora")
 
 
-def _note_unrecorded(source: str, params: dict, o: GenerateOptions, defaults: GenerateOptions) -> None:
+def _note_unrecorded(source: str, params: dict, o: GenerateOptions, given: set[str]) -> None:
     """An A1111 image (or one from an older egaku) names its model and LoRAs but not their files: say what
     is not reapplied instead of quietly generating with the default model."""
     parts = []
-    if o.model == defaults.model:
+    if "model" not in given:
         known = ", ".join(str(params[k]) for k in ("model_name", "model_hash") if params.get(k))
         parts.append(f"its model{f' ({known})' if known else ''} is not reapplied (this run uses {o.model}; "
                      "pass --model to choose one)")
-    if not o.lora:
+    if "lora" not in given:
         names = ", ".join(n for n, _ in params.get("loras") or params.get("lora_hashes") or [])
         parts.append(f"its LoRAs{f' ({names})' if names else ''} are not reapplied, except "
                      "through <lora:name:w> tags in its prompt (pass --lora to choose them)")

@@ -64,6 +64,8 @@ class GenerateOptions:
     dtype: str = option("auto", help="auto (fp32 on CPU, fp16 on GPU), float32, float16 or bfloat16",
                         choices=["auto", "float32", "float16", "bfloat16"])
     progress: bool = option(True, help="show a progress bar")
+    given_options: list[str] = option([], cli=False, help="the options a flag or preset set (filled by the CLI): "
+                                      "--from keeps these even where they equal the default")
 
 
 @dataclass
