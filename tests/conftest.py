@@ -44,3 +44,18 @@ def ctrl_c_at_step(monkeypatch):
         monkeypatch.setattr(module, "check_finite", check)
 
     return patch
+
+
+@pytest.fixture
+def assert_plain_mode():
+    """``assert_plain_mode(*paths)``: each has the mode a plain open() or mkdir() gives under this process's
+    umask, not tempfile's private 0600/0700 nor the 0600 safetensors writes its files with."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    def check(*paths: Path) -> None:
+        assert paths
+        for path in paths:
+            assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
+
+    return check

@@ -174,10 +174,11 @@ def _losses(run: Path) -> tuple[list[int], list[float]]:
 
 
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
-def test_training_reduces_discriminator_loss_and_writes_a_checkpoint_that_loads(arch, tmp_path):
+def test_training_reduces_discriminator_loss_and_writes_a_checkpoint_that_loads(arch, tmp_path, assert_plain_mode):
     opts = _opts(tmp_path, arch=arch, image_size=28, max_steps=30, checkpoint_every=10)
     train_gan_command(opts)
     run = Path(opts.out)
+    assert_plain_mode(*run.glob("*/diffusion_pytorch_model.safetensors"))  # generator/, discriminator/
     assert _losses(run)[0] == list(range(1, 31))
     ckpt = Checkpoints(run).latest()
     assert ckpt.name == "step-000030"

@@ -265,11 +265,13 @@ def test_single_file_export_refuses_a_unet_the_original_layout_cannot_hold(tiny_
     assert not (tmp_path / "pooled.safetensors").exists()
 
 
-def test_convert_command_writes_both_layouts(tiny_model_dir, tmp_path):
+def test_convert_command_writes_both_layouts(tiny_model_dir, tmp_path, capsys, assert_plain_mode):
     assert main(["convert", str(tiny_model_dir), "--out", str(tmp_path / "m.safetensors")]) == 0
     assert main(["convert", str(tmp_path / "m.safetensors"), "--model-config", str(tiny_model_dir),
                  "--out", str(tmp_path / "folder")]) == 0
     assert (tmp_path / "folder" / "model_index.json").is_file()
+    assert "Writing model shards" not in capsys.readouterr().err
+    assert_plain_mode(tmp_path / "m.safetensors", *(tmp_path / "folder").rglob("*.safetensors"))
     assert main(["convert", str(tiny_model_dir), "--out", str(tmp_path / "m.safetensors")]) == 2  # exists
 
 

@@ -32,12 +32,13 @@ def _unet_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_whole_chain_writes_a_pipeline_that_plain_diffusers_loads(tiny_run):
+def test_whole_chain_writes_a_pipeline_that_plain_diffusers_loads(tiny_run, assert_plain_mode):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     model = tiny_run / "model"
     for part in ("unet", "vae", "text_encoder"):
         assert list((model / part).glob("*.safetensors")), part
+    assert_plain_mode(*model.rglob("*.safetensors"))  # safetensors writes 0600
     assert (model / "tokenizer" / "tokenizer_config.json").is_file()
     assert (tiny_run / "checkpoints" / "latest").read_text().strip() == "step-000010"
     assert json.loads((tiny_run / "config.json").read_text())["steps"] == 6

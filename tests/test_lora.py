@@ -597,7 +597,8 @@ def test_resume_with_changed_config_is_refused_naming_the_difference(trained, da
 
 
 def test_resume_may_change_what_is_watched_and_a_finished_run_says_nothing_was_left(tmp_path, data_dir,
-                                                                                   tiny_model_dir, capsys):
+                                                                                   tiny_model_dir, capsys,
+                                                                                   assert_plain_mode):
     common = dict(max_steps=2, checkpoint_every=2, format="diffusers", learning_rate=5e-2)
     out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", **common))
     before = load_file(out / "pytorch_lora_weights.safetensors")
@@ -609,11 +610,8 @@ def test_resume_may_change_what_is_watched_and_a_finished_run_says_nothing_was_l
     assert "nothing was left to train" in said and "nan" not in said
     after = load_file(out / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    for path in (out / "checkpoints" / "step-000002", out / "checkpoints" / "latest",
-                 out / "pytorch_lora_weights.safetensors"):  # not tempfile's or safetensors' private modes
-        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
+    assert_plain_mode(out / "checkpoints" / "step-000002", out / "checkpoints" / "latest",
+                      out / "pytorch_lora_weights.safetensors")
 
 
 def test_resume_on_changed_images_or_captions_is_refused_naming_them(tmp_path, data_dir, tiny_model_dir):
@@ -759,7 +757,8 @@ def test_loraplus_trains_the_up_matrices_at_the_given_multiple_of_the_rate(tmp_p
 
 # ---- merge --------------------------------------------------------------------------------------------------
 
-def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained, tiny_model_dir, tmp_path):
+def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained, tiny_model_dir, tmp_path,
+                                                                         assert_plain_mode):
     import shutil
 
     from egaku.lora.commands import MergeLoraOptions, merge_lora_command
@@ -778,9 +777,7 @@ def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained
     np.testing.assert_allclose(render(fused), render(reference), atol=1e-4)
     with pytest.raises(EgakuError, match="already exists"):
         merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(trained)], out=str(merged)))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert merged.stat().st_mode & 0o777 == 0o777 & ~umask  # not tempfile's private 0700
+    assert_plain_mode(merged, *merged.rglob("*.safetensors"))
 
 
 def test_merged_and_converted_copies_sample_on_the_timesteps_of_their_base(trained, tiny_model_dir, tmp_path):

@@ -65,14 +65,30 @@ def save_pipeline(pipe, folder: str | os.PathLike) -> None:
     ``timestep_spacing``, so the saved copy would say PNDM's "leading", and DPM++ or Euler built from it
     (``from_config``) would step on other timesteps than from the original, which they build with their own
     default ("linspace"). The options the source left out (``_use_default_values``) are left out again.
+    The weight files get the mode a plain open() gives (safetensors writes them 0600), and transformers'
+    "Writing model shards" bar is not shown.
     """
-    pipe.save_pretrained(folder, safe_serialization=True)
+    write_pipeline(pipe, folder)
     defaulted = set(pipe.scheduler.config.get("_use_default_values", []))
     path = Path(folder) / "scheduler" / "scheduler_config.json"
     if defaulted and path.is_file():
         config = json.loads(path.read_text())
         path.write_text(json.dumps({k: v for k, v in config.items() if k not in defaulted}, indent=2,
                                    sort_keys=True) + "\n")
+
+
+def write_pipeline(pipe, folder: str | os.PathLike) -> None:
+    """``pipe.save_pretrained`` (safetensors) with weight files readable as any other output of the run:
+    safetensors writes them 0600, which the other users and services reading a shared model folder cannot
+    open. transformers' "Writing model shards" bar is not shown (one shard, and a line in every log)."""
+    from transformers.utils import logging as tlogging
+
+    from ..training.runtime import permissions_by_umask
+
+    tlogging.disable_progress_bar()
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for weights in Path(folder).rglob("*.safetensors"):
+        permissions_by_umask(weights)
 
 
 def write_model_defaults(folder: str | os.PathLike, defaults: dict) -> None:

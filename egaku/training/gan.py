@@ -36,8 +36,8 @@ from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
-from .runtime import (Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, load_checkpoint, restore_rng,
-                      stop_after_signal)
+from .runtime import (Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, load_checkpoint,
+                      permissions_by_umask, restore_rng, stop_after_signal)
 
 
 @dataclass
@@ -156,8 +156,10 @@ def translate(x: torch.Tensor, max_shift: int) -> torch.Tensor:
 
 
 def _export(gen: torch.nn.Module, disc: torch.nn.Module, out: Path) -> None:
-    gen.save_pretrained(out / "generator")
-    disc.save_pretrained(out / "discriminator")
+    for model, folder in ((gen, out / "generator"), (disc, out / "discriminator")):
+        model.save_pretrained(folder)
+        for weights in folder.glob("*.safetensors"):
+            permissions_by_umask(weights)  # safetensors writes 0600
 
 
 def _batch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

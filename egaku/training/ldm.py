@@ -39,7 +39,7 @@ from ..config import option, save_config, to_dict
 from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
-from ..models.loading import resolve_device, write_model_defaults
+from ..models.loading import resolve_device, write_model_defaults, write_pipeline
 from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, capture_rng,
                                 check_finite, check_timestep_sampling, draw_timesteps, half_precision_attention,
                                 load_checkpoint, min_snr_weights, restore_rng, saved_config, stop_after_signal)
@@ -701,7 +701,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     # 5. Export the EMA weights as a standard pipeline
     pipe = ema_pipeline()
     model_dir = out / "model"
-    pipe.save_pretrained(model_dir, safe_serialization=True)
+    write_pipeline(pipe, model_dir)
     write_model_defaults(model_dir, {"guidance_scale": opts.sample_guidance})
     (out / "samples").mkdir(exist_ok=True)
     sample_grid(pipe, prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
