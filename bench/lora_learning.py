@@ -99,6 +99,7 @@ def main() -> None:
 
     from egaku import config
     from egaku.data import shapes
+    from egaku.errors import EgakuError
     from egaku.evaluation.adherence import measure_concept, measure_prompts, prompt_set
     from egaku.evaluation.judges import load_judge
     from egaku.lora.apply import apply_loras, apply_token_embeddings, remove_loras
@@ -115,17 +116,38 @@ def main() -> None:
             extra[name] = json.loads(value)
         except json.JSONDecodeError:
             extra[name] = value
-    # checked beside the regularization folder the bench itself provides (--prior-target base needs one)
-    config.build(TrainLoraOptions, {"learning_rate": args.learning_rate,
-                                    **({"prior_data": "prior"} if args.prior_images or args.prior_rendered else {}),
-                                    **({"mask_dir": "masks"} if args.masks else {}), **extra})
+    work = Path(tempfile.mkdtemp(prefix="egaku-lora-learning-"))
+    data = work / "stars"
+    prior = {}
+    if args.prior_images:  # captions of the trained world, drawn apart from the evaluation prompts
+        prompts = [s.caption for s in shapes.sample_attributes(args.prior_images, seed=23, split="train")]
+        prior = dict(prior_data=str(work / "prior"), prior_images=args.prior_images, prior_prompts=prompts,
+                     prior_loss_weight=args.prior_weight, prior_guidance=args.guidance)
+    if args.prior_rendered:  # rendered training-world images with their captions, apart from the eval prompts
+        prior = dict(prior_data=str(work / "prior"), prior_loss_weight=args.prior_weight)
+    options = dict(data=str(data), model=args.model, out=str(work / "lora"),
+                   rank=args.rank, lora_conv=args.lora_conv,
+                   train_text_encoder=args.train_text_encoder,  # no flips: captions say left and right
+                   **({"target_modules": args.target_modules} if args.target_modules else {}),
+                   train_tokens=args.train_tokens, token_lr=args.token_lr, token_init=args.token_init,
+                   learning_rate=args.learning_rate, batch_size=args.batch_size,
+                   max_steps=args.train_steps, checkpoint_every=args.eval_every,
+                   keep_checkpoints=10**6, min_images=args.images,
+                   caption_dropout=args.caption_dropout, repeats=args.repeats, **prior,
+                   **({"mask_dir": str(work / "masks")} if args.masks else {}),
+                   timestep_sampling=args.timestep_sampling, uniform_share=args.uniform_share,
+                   logit_mean=args.logit_mean, mixed_precision=args.mixed_precision,
+                   format="diffusers", progress=False)
+    try:
+        config.build(TrainLoraOptions, options, extra)  # the --set options checked before any work
+    except EgakuError as exc:
+        work.rmdir()
+        parser.error(str(exc))
     if "alpha" in extra and args.eval_every:
         parser.error("--set alpha=... with --eval-every: the checkpoints' LoRA files are read as alpha = rank")
     pipe = load_pipeline(args.model, device="cpu", dtype="float32")
     judge = load_judge(args.judge)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    work = Path(tempfile.mkdtemp(prefix="egaku-lora-learning-"))
-    data = work / "stars"
     specs = shapes.sample_attributes(args.images, seed=11, split=args.data_split, balanced=args.balanced)
     if args.renders_per_image > 1:  # the same attributes drawn again with new jitter and rotation
         again = shapes.sample_attributes(len(specs) * (args.renders_per_image - 1), seed=12, split=args.data_split)
@@ -142,33 +164,14 @@ def main() -> None:
         old = measure_prompts(pipe, old_prompts, judge=judge, **at)
         return {"star": star, "old": {k: v for k, v in old.items() if k not in ("images", "features")}}
 
-    prior = {}
-    if args.prior_images:  # captions of the trained world, drawn apart from the evaluation prompts
-        prompts = [s.caption for s in shapes.sample_attributes(args.prior_images, seed=23, split="train")]
-        prior = dict(prior_data=str(work / "prior"), prior_images=args.prior_images, prior_prompts=prompts,
-                     prior_loss_weight=args.prior_weight, prior_guidance=args.guidance)
-    if args.prior_rendered:  # rendered training-world images with their captions, apart from the eval prompts
+    if args.prior_rendered:
         shapes.write_caption_folder(shapes.sample_attributes(args.prior_rendered, seed=23, split="train"),
                                     work / "prior", size, "old")
-        prior = dict(prior_data=str(work / "prior"), prior_loss_weight=args.prior_weight)
     started = time.perf_counter()
     before = measure()
     print("before", json.dumps(before), flush=True)
     train_start = time.perf_counter()
-    out = train_lora(config.build(TrainLoraOptions, dict(data=str(data), model=args.model, out=str(work / "lora"), resolution=size,
-                                      rank=args.rank, lora_conv=args.lora_conv,
-                                      train_text_encoder=args.train_text_encoder,  # no flips: captions say left and right
-                                      **({"target_modules": args.target_modules} if args.target_modules else {}),
-                                      train_tokens=args.train_tokens, token_lr=args.token_lr,
-                                      token_init=args.token_init,
-                                      learning_rate=args.learning_rate, batch_size=args.batch_size,
-                                      max_steps=args.train_steps, checkpoint_every=args.eval_every,
-                                      keep_checkpoints=10**6, min_images=args.images,
-                                      caption_dropout=args.caption_dropout, repeats=args.repeats, **prior,
-                                      **({"mask_dir": str(work / "masks")} if args.masks else {}),
-                                      timestep_sampling=args.timestep_sampling, uniform_share=args.uniform_share,
-                                      logit_mean=args.logit_mean, mixed_precision=args.mixed_precision,
-                                      format="diffusers", progress=False), extra))
+    out = train_lora(config.build(TrainLoraOptions, {**options, "resolution": size}, extra))
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
     after = measure()
