@@ -145,7 +145,8 @@ class TrainLoraOptions:
     gradient_accumulation: int = option(1, help="micro-batches per optimizer step")
     gradient_checkpointing: bool = option(False, help="recompute activations in backward: less memory, ~30% slower")
     max_steps: int = option(0, help="optimizer steps to train (0: use --epochs)")
-    epochs: int = option(10, help="passes over the data when --max-steps is 0")
+    epochs: int = option(10, help="passes over the data when --max-steps is 0; as kohya counts them, a pass shows "
+                         "each image its repeats (--repeats, a folder's N_ prefix) times")
     mixed_precision: str = option("no", help="run the frozen base in fp16/bf16 (LoRA weights stay fp32)",
                                   choices=["no", "fp16", "bf16"])
     # objective
