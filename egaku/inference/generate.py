@@ -183,8 +183,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
 
     ``opts`` (or keyword overrides of its fields) as for the CLI; ``init_image`` may be a PIL image.
     ``mask_image`` (with an init image) repaints only where the mask is white: a 9-channel inpainting
-    UNet gets the masked image as input, an ordinary UNet uses diffusers' latent blending (the kept
-    region is re-noised to each step's level and pasted back).
+    UNet gets the masked image as input, an ordinary UNet uses latent blending (the kept region is
+    re-noised to each step's level and pasted back, ``keep_unmasked``); outside the mask the result
+    holds the init image's pixels (grey mask values mix the two).
     ``on_step(done, total)`` is called after every denoising step (progress bars, servers).
     """
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
@@ -245,8 +246,11 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         remove_loras = None
         lora_record, lora_files, tag_loras = [], [], []
 
-    # 3. A fresh scheduler per call: concurrent calls never share scheduler state
-    if mask is not None:
+    # 3. A fresh scheduler per call: concurrent calls never share scheduler state. An inpainting UNet (9 input
+    # channels) takes the mask as input; any other repaints by blending (diffusers' inpaint pipeline does this
+    # for 4 latent channels only, so models with other latent sizes, like the built-in one, do it here)
+    inpainting_unet = mask is not None and pipe.unet.config.in_channels == 9
+    if inpainting_unet:
         runner_cls = StableDiffusionInpaintPipeline
     else:
         runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
@@ -299,22 +303,58 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                                                            o.clip_skip)
                     call["negative_prompt_embeds"] = encode_prompts(pipe.tokenizer, pipe.text_encoder,
                                                                     call.pop("negative_prompt"), o.clip_skip)
-            if mask is not None:
+            if inpainting_unet:
                 call.update(image=init, mask_image=mask, width=width, height=height, strength=o.strength)
             elif init is not None:
                 call.update(image=[init] * count, strength=o.strength)
+                if mask is not None:
+                    blend = keep_unmasked(runner, init, mask, seeds)
+                    call["callback_on_step_end"] = lambda p, i, t, kwargs: step_callback(p, i, t, blend(p, i, t, kwargs))
             else:
                 call.update(width=width, height=height)
             with torch.no_grad():
                 latents = runner(**call).images
             # 5. Decode (with the fp32 fallback) and post-process
             images = runner.image_processor.postprocess(decode_latents(runner, latents), output_type="pil")
+            if mask is not None:  # outside the mask the image is the input's pixels, as A1111 pastes them back: a
+                # VAE decoder reads its whole latent (the built-in one mixes colours across the image), so the
+                # kept latents alone would not decode to the kept pixels
+                images = [Image.composite(img, init, mask) for img in images]
             for k, img in enumerate(images):
                 results.append(GeneratedImage(img, {**base_params, "seed": seeds[k], "index": start + k}))
     finally:
         if remove_loras is not None:
             remove_loras(pipe)
     return results
+
+
+def keep_unmasked(runner, init: Image.Image, mask: Image.Image, seeds: list[int]) -> Callable:
+    """An img2img step callback that repaints only the mask's white area: after every step the rest of the
+    latents is set back to the init image's, noised to the next step's level (the latent blending diffusers'
+    inpaint pipeline applies to ordinary UNets, with noise drawn from each image's seed)."""
+    import numpy as np
+
+    vae = runner.vae
+    with torch.no_grad():
+        pixels = runner.image_processor.preprocess(init).to(vae.device, vae.dtype)
+        known = vae.encode(pixels).latent_dist.mode()
+    if getattr(vae.config, "shift_factor", None):
+        known = known - vae.config.shift_factor
+    known = (known * vae.config.scaling_factor).float()
+    size = (known.shape[-1], known.shape[-2])
+    repaint = torch.from_numpy((np.asarray(mask.resize(size, Image.NEAREST), dtype=np.float32) >= 128).astype(
+        np.float32))[None, None]
+    noise = torch.cat([torch.randn(known.shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+    known = known.expand(len(seeds), -1, -1, -1)
+
+    def blend(runner, i: int, t, kwargs: dict) -> dict:
+        latents = kwargs["latents"]
+        timesteps = runner.scheduler.timesteps[len(runner.scheduler.timesteps) - runner._num_timesteps:]
+        kept = known if i + 1 >= len(timesteps) else runner.scheduler.add_noise(known, noise, timesteps[i + 1:i + 2])
+        kwargs["latents"] = repaint.to(latents) * latents + (1 - repaint.to(latents)) * kept.to(latents)
+        return kwargs
+
+    return blend
 
 
 def model_source(info) -> str | None:
