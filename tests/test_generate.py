@@ -64,6 +64,19 @@ def test_samplers_are_built_from_the_model_scheduler_config(pipe):
     assert make_scheduler("dpmpp-2m-karras", dict(pipe.scheduler.config)).config.use_karras_sigmas is True
 
 
+def test_karras_sigmas_on_a_zero_terminal_snr_model_are_noted_under_15_steps(pipe, capsys):
+    from egaku.inference.samplers import sampler_note
+
+    zero_snr = {**pipe.scheduler.config, "rescale_betas_zero_snr": True}
+    assert "start at 4096" in sampler_note("DPM++ 2M Karras", zero_snr, 8)
+    assert "dpmpp-2m, whose steps are evenly spaced" in sampler_note("dpmpp-2m-karras", zero_snr, 8)
+    assert sampler_note("dpmpp-2m-karras", zero_snr, 15) is None
+    assert sampler_note("dpmpp-2m", zero_snr, 4) is None
+    assert sampler_note("dpmpp-2m-karras", dict(pipe.scheduler.config), 4) is None  # SD's sigma_max is 14.6
+    egaku.generate(pipe, "a cat", seed=1, steps=2, sampler="dpmpp-2m-karras")  # the tiny model: no note
+    assert "Karras" not in capsys.readouterr().out
+
+
 def test_zero_terminal_snr_models_get_only_samplers_that_keep_their_schedule(pipe):
     from egaku.inference.samplers import make_scheduler, supports_zero_terminal_snr
 

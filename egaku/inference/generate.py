@@ -23,7 +23,7 @@ from ..config import build, option
 from ..errors import EgakuError
 from ..models.text import check_clip_skip, encode_prompts
 from .metadata import lora_short_hash
-from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, sampler_names, sampling_runner
+from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, sampler_names, sampler_note, sampling_runner
 
 MAX_SIDE = 4096  # beyond this even an 80 GB GPU runs out of memory on SD-class UNets
 MAX_SEED = 2**32 - 1
@@ -206,8 +206,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     check_clip_skip(o.clip_skip, pipe.text_encoder)
     sampler = canonical_sampler(o.sampler)
     width, height, note = resolve_size(pipe, o.width, o.height, o.aspect_ratio)
-    if note:
-        print(f"egaku: {note}")
+    for note in (note, sampler_note(sampler, pipe.scheduler.config, o.steps)):
+        if note:
+            print(f"egaku: {note}")
     init = _load_init_image(init_image if init_image is not None else o.init_image, width, height)
     mask = None
     if mask_image is not None:
