@@ -12,7 +12,7 @@ import egaku
 from egaku.cli import main
 from egaku.inference.generate import decode_latents, resolve_size
 from egaku.errors import EgakuError
-from egaku.inference.samplers import SAMPLERS
+from egaku.inference.samplers import SAMPLERS, canonical_sampler
 from egaku.models.single_file import save_single_file
 
 FAST = dict(steps=2)
@@ -231,6 +231,30 @@ def test_a1111_text_is_parsed_when_no_json(tmp_path):
     from egaku.inference.generate import reproduce_options
 
     assert reproduce_options(p)["sampler"] == "dpmpp-2m-karras"
+    # A1111 1.9+ writes the schedule apart from the sampler
+    from egaku.inference.metadata import parse_a1111
+
+    newer = parse_a1111("a house\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 7")
+    assert reproduce_options(newer)["sampler"] == "dpmpp-2m-karras"
+    automatic = parse_a1111("a house\nSteps: 30, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6.5, Seed: 7")
+    assert reproduce_options(automatic)["sampler"] == "euler-a"
+
+
+def test_from_an_image_with_a_sampler_egaku_lacks_takes_sampler_or_names_it(tmp_path):
+    from PIL import PngImagePlugin
+
+    from egaku.cli import parse
+    from egaku.inference.commands import _apply_from_image
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a house\nSteps: 3, Sampler: DPM++ SDE, Schedule type: Karras, CFG scale: 6, Seed: 7")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
+    _, opts = parse(["generate", "--from", str(tmp_path / "a.png"), "--sampler", "euler", "--model", "tiny"])
+    assert _apply_from_image(opts).sampler == "euler"
+    _, opts = parse(["generate", "--from", str(tmp_path / "a.png"), "--model", "tiny"])
+    applied = _apply_from_image(opts)
+    with pytest.raises(egaku.EgakuError, match="unknown sampler 'DPM\\+\\+ SDE Karras'; choose one of"):
+        canonical_sampler(applied.sampler)
 
 
 def test_existing_files_are_not_overwritten(tiny_model_dir, tmp_path):

@@ -383,8 +383,12 @@ def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
     """Options that regenerate an image from its stored parameters."""
     keys = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "strength", "clip_skip")
     out = {k: params[k] for k in keys if params.get(k) is not None}
-    if params.get("sampler"):
-        out["sampler"] = canonical_sampler(params["sampler"])
+    if params.get("sampler"):  # one egaku does not have stays as written: --sampler may replace it, else
+        # generate names it with the list of those there are
+        try:
+            out["sampler"] = canonical_sampler(str(params["sampler"]))
+        except EgakuError:
+            out["sampler"] = str(params["sampler"])
     # the model and the LoRA files, which images written before egaku recorded them (and A1111's) lack
     if params.get("model_source"):
         out["model"] = params["model_source"]

@@ -180,6 +180,8 @@ def parse_a1111(text: str) -> dict[str, Any]:
                 params["steps"] = int(value)
             elif key == "Sampler":
                 params["sampler"] = value
+            elif key == "Schedule type":  # A1111 1.9+ writes "DPM++ 2M" with "Schedule type: Karras"
+                params["schedule_type"] = value
             elif key == "CFG scale":
                 params["guidance_scale"] = float(value)
             elif key == "Seed":
@@ -200,4 +202,7 @@ def parse_a1111(text: str) -> dict[str, Any]:
                 params["lora_hashes"] = [[name.strip(), h.strip()] for name, _, h in pairs if name.strip()]
         except ValueError:
             continue  # A1111 skips a value it cannot read; so does egaku
+    schedule = params.get("schedule_type", "")
+    if params.get("sampler") and schedule and schedule.lower() not in ("automatic", "uniform"):
+        params["sampler"] = f"{params['sampler']} {schedule}"  # A1111's older label: "DPM++ 2M Karras"
     return params
