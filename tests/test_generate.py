@@ -692,6 +692,30 @@ def test_from_a_missing_model_is_an_error_and_model_overrides_it(tmp_path, capsy
     assert egaku.read_params(tmp_path / "o" / "00000-1.png")["model_source"] == "tiny"
 
 
+def test_a_png_with_a_broken_egaku_chunk_is_a_clear_error(tmp_path, capsys):
+    from PIL import PngImagePlugin
+
+    from egaku.inference.metadata import save_png
+
+    for name, chunk, said in [("bad.png", "{not json", "not valid JSON"), ("list.png", "[1, 2]", "not a JSON object"),
+                              ("typed.png", '{"prompt": 5, "steps": "many"}', "records a value egaku cannot use"),
+                              ("loras.png", '{"prompt": "x", "lora_files": [{"from": "option", "weight": 1}]}', "cannot read")]:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("egaku", chunk)
+        Image.new("RGB", (8, 8)).save(tmp_path / name, pnginfo=info)
+        for argv in (["info", str(tmp_path / name)], ["generate", "--from", str(tmp_path / name), "--model", "tiny",
+                                                      "--steps", "2", "--out", str(tmp_path / "o")]):
+            code = main(argv)
+            err = capsys.readouterr().err
+            if argv[0] == "info" and name in ("typed.png", "loras.png"):
+                assert code == 0  # info shows what is there
+                continue
+            assert code == 2 and said in err and "Traceback" not in err, (name, argv[0], err)
+    # a minimal parameter set still writes both chunks (the Python API's save_png)
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "min.png", {"prompt": "x"})
+    assert Image.open(tmp_path / "min.png").text["parameters"].startswith("x\n")
+
+
 def test_from_keeps_a_flag_given_at_its_default_value(tmp_path):
     """`--from IMG --model builtin --steps 20` means the built-in model at 20 steps even though both are the
     defaults: the CLI records which options it was given."""

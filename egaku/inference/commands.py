@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import option, save_config
+from ..config import build, option, save_config
 from ..errors import EgakuError
 from .generate import GenerateOptions, generate, reproduce_options
 from .metadata import a1111_parameters, read_params, save_png
@@ -53,11 +53,18 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
     """
     source = o.from_image
     params = read_params(source)
-    stored = reproduce_options(params)
+    try:
+        stored = reproduce_options(params)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise EgakuError(f"{source} records parameters egaku cannot read ({type(exc).__name__}: {exc})") from None
     defaults = GenerateOptions()
     # built by the CLI: the options it was given; built in Python: those that differ from the defaults
     given = set(o.given_options) or {f.name for f in dataclasses.fields(o) if getattr(o, f.name) != getattr(defaults, f.name)}
     merged = {k: v for k, v in stored.items() if k not in given}
+    try:  # what the file holds is checked as a preset's values are
+        build(GenerateOptions, merged)
+    except EgakuError as exc:
+        raise EgakuError(f"{source} records a value egaku cannot use: {exc}") from None
     if "model" not in merged:  # the recorded config belongs to the recorded model
         merged.pop("model_config", None)
     _check_recorded_files(source, params, merged)

@@ -90,15 +90,16 @@ def lora_hashes_text(lora_files: list[dict[str, Any]]) -> str | None:
 
 
 def a1111_parameters(p: dict[str, Any]) -> str:
-    lines = [p["prompt"]]
+    """A1111's text for ``p`` (the parameters ``generate`` records); a key it lacks is left out."""
+    lines = [str(p.get("prompt", ""))]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     pairs = [
-        ("Steps", p["steps"]),
-        ("Sampler", p["sampler_label"]),
-        ("CFG scale", p["guidance_scale"]),
-        ("Seed", p["seed"]),
-        ("Size", f"{p['width']}x{p['height']}"),
+        ("Steps", p.get("steps")),
+        ("Sampler", p.get("sampler_label") or p.get("sampler")),
+        ("CFG scale", p.get("guidance_scale")),
+        ("Seed", p.get("seed")),
+        ("Size", f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None),
         ("Model hash", p.get("model_hash")),
         ("Model", p.get("model_name")),
         ("Denoising strength", p.get("strength") if p.get("init_image") else None),
@@ -136,7 +137,10 @@ def read_params(path: str | Path) -> dict[str, Any]:
             text = dict(img.text) if hasattr(img, "text") else dict(img.info)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         raise EgakuError(f"{path} is not a readable image ({exc})") from None
-    params = params_from_text(text)
+    try:
+        params = params_from_text(text)
+    except EgakuError as exc:
+        raise EgakuError(f"{path}: {exc}") from None
     if params is None:
         raise EgakuError(f"{path} carries no generation parameters (no 'parameters' or 'egaku' PNG text chunk)")
     return params
@@ -146,9 +150,12 @@ def params_from_text(text: dict[str, Any]) -> dict[str, Any] | None:
     """The parameters in an image's text chunks: egaku's JSON if present, else A1111's text; None when it
     holds neither."""
     if "egaku" in text:
-        params = json.loads(text["egaku"])
+        try:
+            params = json.loads(text["egaku"])
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise EgakuError(f"its egaku text chunk is not valid JSON ({exc})") from None
         if not isinstance(params, dict):
-            raise ValueError("the egaku text chunk is not a JSON object")
+            raise EgakuError("its egaku text chunk is not a JSON object of parameters")
         return params
     if "parameters" in text:
         return parse_a1111(str(text["parameters"]))
