@@ -175,6 +175,10 @@ def test_variation_settings_from_an_image_are_checked_like_request_fields(pipe, 
                         "Seed: 1, Size: 64x64")
     assert reused_settings(a1111, pipe, limits) == {"prompt": "a dog", "negative_prompt": "ugly", "steps": 20,
                                                     "guidance_scale": 6.0, "sampler": "dpmpp-2m-karras"}
+    # what this server would refuse in the prompt is left out: LoRAs it lacks, parameters it does not know
+    stored = {"prompt": "a cat <lora:someone_else:0.8>, <lora:style:0.5> <lora:style:x> --ar 2:3 --v 6"}
+    assert reused_settings(stored, pipe, limits)["prompt"] == "a cat , <lora:style:0.5>"
+    assert reused_settings({"prompt": "a cat <lora:style> --ar 2:3"}, pipe, Limits())["prompt"] == "a cat --ar 2:3"
 
 
 def test_upscale_extension_doubles_the_size(http):

@@ -171,6 +171,30 @@ def default_size(image: Image.Image, pipe, limits: Limits) -> tuple[int, int]:
     return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in image.size)  # type: ignore[return-value]
 
 
+def _usable_prompt(prompt: str, limits: Limits) -> str:
+    """A prompt from an uploaded image without what this server would refuse in it: --parameters it does not
+    know (Midjourney's --v 6) and <lora:name> tags of LoRAs its folder does not have."""
+    from ..inference.prompts import _PARAM, parse_prompt_parameters
+    from ..lora.apply import _TAG, parse_prompt_loras, resolve_lora
+
+    try:
+        parse_prompt_parameters(prompt)
+    except EgakuError:
+        prompt = prompt[: _PARAM.search(prompt).start()].strip()
+
+    def keep(tag: re.Match) -> str:
+        if not limits.lora_dir:
+            return " "
+        try:
+            parse_prompt_loras(tag[0])  # its weight is a finite number
+            resolve_lora(tag[1].strip(), limits.lora_dir)
+        except EgakuError:
+            return " "
+        return tag[0]
+
+    return re.sub(r"\s{2,}", " ", _TAG.sub(keep, prompt)).strip()
+
+
 def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> dict[str, Any]:
     """What a variation or upscale takes over from the parameters stored in its image (egaku's PNG chunk or
     A1111's), as A1111's "send to img2img" does: prompt, negative prompt, steps, guidance, sampler, clip skip
@@ -196,6 +220,8 @@ def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> d
             continue
         if value is not None:
             reused[key] = value
+    if "prompt" in reused:
+        reused["prompt"] = _usable_prompt(reused["prompt"], limits)
     loras = []
     files = stored.get("lora_files")
     if limits.lora_dir and isinstance(files, list):
