@@ -279,6 +279,23 @@ def test_prompt_file(tiny_model_dir, tmp_path):
                  "--seed", "1", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     prompts = [egaku.read_params(p)["prompt"] for p in sorted((tmp_path / "o").glob("*.png"))]
     assert prompts == ["a cat", "a dog"]
+    # each line's --parameters apply to that line
+    (tmp_path / "q.txt").write_text("a cat --ar 2:1 --seed 5 --no dog\na bird\n")
+    assert main(["generate", "--prompt-file", str(tmp_path / "q.txt"), "--model", str(tiny_model_dir), "--steps", "2",
+                 "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    first, second = (egaku.read_params(p) for p in sorted((tmp_path / "q").glob("*.png")))
+    assert (first["prompt"], first["seed"], first["negative_prompt"]) == ("a cat", 5, "dog")
+    assert first["width"] > 1.5 * first["height"]  # 2:1 on the model's pixel grid
+    assert (second["prompt"], second["negative_prompt"], second["width"]) == ("a bird", "", 64)
+
+
+def test_prompt_and_prompt_file_together_and_a_parameter_given_twice_are_errors(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert main(["generate", "also this", "--prompt-file", str(tmp_path / "p.txt"), "--model", "tiny"]) == 2
+    assert "a prompt and --prompt-file are both given" in capsys.readouterr().err
+    # a flag given at its default value is still given: the prompt may not set it again
+    assert main(["generate", "a cat --steps 3", "--steps", "20", "--model", "tiny"]) == 2
+    assert "the number of steps is given twice" in capsys.readouterr().err
 
 
 def test_single_file_checkpoint_generates_the_same_image(pipe, tiny_model_dir, tmp_path):

@@ -28,11 +28,15 @@ def _next_index(out: Path, overwrite: bool) -> int:
 
 
 def _prompts(o: GenerateOptions) -> list[str]:
+    """The prompts to run, each with its Midjourney-style --parameters still in it."""
     if o.prompt_file:
         path = Path(o.prompt_file)
         if not path.is_file():
             raise EgakuError(f"prompt file {o.prompt_file!r} does not exist; give a text file with one prompt per line",
                              param="prompt_file")
+        if o.prompt.strip():
+            raise EgakuError("a prompt and --prompt-file are both given; put the prompt into the file as a line of "
+                             "its own, or leave one out", param="prompt")
         prompts = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
         if not prompts:
             raise EgakuError(f"prompt file {o.prompt_file!r} has no prompts (one per line)", param="prompt_file")
@@ -67,6 +71,8 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
         raise EgakuError(f"{source} records a value egaku cannot use: {exc}") from None
     if "model" not in merged:  # the recorded config belongs to the recorded model
         merged.pop("model_config", None)
+    if o.prompt_file:  # the file's prompts, with the image's settings
+        merged.pop("prompt", None)
     _check_recorded_files(source, params, merged)
     if not params.get("model_source"):
         _note_unrecorded(source, params, o, given)
@@ -122,7 +128,8 @@ def generate_command(opts: GenerateOptions) -> None:
     started = time.perf_counter()
     if opts.from_image:
         opts = _apply_from_image(opts)
-    _prompts(apply_prompt_parameters(opts))  # the prompt and its --parameters are checked before the model loads
+    for prompt in _prompts(opts):  # each prompt and its --parameters are checked before the model loads
+        apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt))
     out = Path(opts.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -131,8 +138,8 @@ def generate_command(opts: GenerateOptions) -> None:
     pipe = load_pipeline(opts.model, opts.device, opts.dtype, opts.model_config, opts.allow_pickle)
     if opts.guidance_scale is None:  # the model's own default, before --chaos in the prompt scales it
         opts = dataclasses.replace(opts, guidance_scale=recommended_guidance(pipe))
-    opts = apply_prompt_parameters(opts)  # Midjourney-style "--ar 16:9 --seed 7 --no text" in the prompt
-    prompts = _prompts(opts)
+    # Midjourney-style "--ar 16:9 --seed 7 --no text" in each prompt (a prompt file's lines too)
+    runs = [apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt)) for prompt in _prompts(opts)]
 
     bar = None
     if opts.progress:
@@ -149,8 +156,8 @@ def generate_command(opts: GenerateOptions) -> None:
     index = _next_index(out, opts.overwrite)
     first_index = index
     written: list[Path] = []
-    for prompt in prompts:
-        results = generate(pipe, opts=dataclasses.replace(opts, prompt=prompt), on_step=on_step)
+    for run in runs:
+        results = generate(pipe, opts=run, on_step=on_step)
         for r in results:
             path = out / f"{index:05d}-{r.seed}.png"
             save_png(r.image, path, r.params)
