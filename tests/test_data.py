@@ -95,6 +95,18 @@ def test_imagefolder_classes_become_captions_and_caption_files_win(tmp_path):
     assert scan.classes == ["cat", "golden_retriever"]
 
 
+def test_linked_class_folders_are_followed_and_broken_links_reported(tmp_path):
+    """As torchvision's ImageFolder: a class folder that is a symlink counts; a link to nothing is listed."""
+    _img(tmp_path / "elsewhere" / "cats" / "c.png")
+    _img(tmp_path / "data" / "birds" / "b.png")
+    (tmp_path / "data" / "cats").symlink_to(tmp_path / "elsewhere" / "cats")
+    (tmp_path / "data" / "birds" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "data" / "birds" / "loop").symlink_to(tmp_path / "data")  # each real folder is read once
+    scan = scan_image_folder(tmp_path / "data")
+    assert sorted((i.path.name, i.caption) for i in scan.items) == [("b.png", "birds"), ("c.png", "cats")]
+    assert [(p.name, r) for p, r in scan.skipped] == [("gone.png", "a link whose target does not exist")]
+
+
 def test_metadata_jsonl_takes_precedence_and_csv_is_read(tmp_path):
     _img(tmp_path / "x.png")
     (tmp_path / "x.txt").write_text("from the caption file")

@@ -612,6 +612,9 @@ def test_resume_may_change_what_is_watched_and_a_finished_run_says_nothing_was_l
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert_plain_mode(out / "checkpoints" / "step-000002", out / "checkpoints" / "latest",
                       out / "pytorch_lora_weights.safetensors")
+    # a new run (no --resume) in that folder would prune its own checkpoints and mix its log with this one's
+    with pytest.raises(EgakuError, match="already holds a run's checkpoints .*--resume latest"):
+        train_lora(options(data_dir, tiny_model_dir, out, **common))
 
 
 def test_resume_on_changed_images_or_captions_is_refused_naming_them(tmp_path, data_dir, tiny_model_dir):

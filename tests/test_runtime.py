@@ -77,3 +77,60 @@ def test_bad_loss_options_are_refused_with_what_to_give(loss_type, c, schedule, 
         check_loss_type(loss_type, c, schedule)
     check_loss_type("l2", 2.0, "snr")  # the threshold is not read by l2
     check_loss_type("huber", 5.0, "constant")
+
+
+def _checkpoint(root, step):
+    from egaku.training.runtime import Checkpoints
+
+    return Checkpoints(root, keep=3).save(step, {"model": {"w": torch.full((2,), float(step))}}, {"step": step},
+                                          {"lr": 1.0})
+
+
+def test_a_fresh_run_is_refused_where_another_left_checkpoints_and_keep_must_be_positive(tmp_path):
+    from egaku.training.runtime import Checkpoints
+
+    Checkpoints(tmp_path / "new").check_fresh_start()  # nothing there: fine
+    _checkpoint(tmp_path / "old", 300)
+    with pytest.raises(EgakuError, match="already holds a run's checkpoints .*step-000300.*--resume latest"):
+        Checkpoints(tmp_path / "old").check_fresh_start()
+    for keep in (0, -1):
+        with pytest.raises(EgakuError, match="--keep-checkpoints must be at least 1"):
+            Checkpoints(tmp_path / "x", keep=keep)
+
+
+def test_a_damaged_or_missing_checkpoint_file_names_it_and_the_older_checkpoint(tmp_path):
+    from egaku.training.runtime import load_checkpoint
+
+    older, newer = _checkpoint(tmp_path, 1), _checkpoint(tmp_path, 2)
+    weights, state = load_checkpoint(newer, {"lr": 1.0})
+    assert state["step"] == 2 and float(weights["model"]["w"][0]) == 2.0
+    with pytest.raises(EgakuError, match=f"ema.safetensors is missing; resume from an older checkpoint "
+                                         f"\\(--resume {re.escape(str(older))}\\)"):
+        weights["ema"]
+    (newer / "model.safetensors").write_bytes(b"\x01\x02")  # truncated
+    with pytest.raises(EgakuError, match="model.safetensors cannot be read .*--resume .*step-000001"):
+        load_checkpoint(newer, {"lr": 1.0})
+    (newer / "model.safetensors").unlink()
+    (newer / "state.pt").write_bytes(b"")
+    with pytest.raises(EgakuError, match="state.pt cannot be read"):
+        load_checkpoint(newer, {"lr": 1.0})
+    only = _checkpoint(tmp_path / "alone", 5)
+    (only / "state.pt").write_bytes(b"PK")
+    with pytest.raises(EgakuError, match="start the run again in another --out folder"):
+        load_checkpoint(only, {"lr": 1.0})
+
+
+def test_the_metrics_log_drops_the_rows_past_the_step_a_run_resumes_from(tmp_path):
+    from egaku.training.runtime import MetricsLog
+
+    log = MetricsLog(tmp_path / "m.csv", start_step=0)
+    for step in range(1, 6):
+        log.log(step, loss=step)
+    # a crash after step 5, the last checkpoint at step 3: steps 4 and 5 are trained and logged again
+    log = MetricsLog(tmp_path / "m.csv", start_step=3)
+    for step in (4, 5):
+        log.log(step, loss=step)
+    steps = [line.split(",")[0] for line in (tmp_path / "m.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4", "5"]
+    MetricsLog(tmp_path / "m.csv")  # a run that only exports keeps every row
+    assert len((tmp_path / "m.csv").read_text().splitlines()) == 6

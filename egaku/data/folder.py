@@ -20,6 +20,7 @@ import codecs
 import csv
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,29 @@ def _kohya_repeats(root: Path, files: list[Path]) -> dict[str, int]:
     return {f: int(KOHYA_FOLDER.match(f)[1]) for f in named}
 
 
+def files_under(root: Path) -> tuple[list[Path], list[Path]]:
+    """(every file under ``root``, every link there whose target is gone), hidden files and folders left out.
+    Linked folders are followed, as torchvision's ImageFolder follows them, each real folder once (a link to a
+    folder above it would otherwise loop); pathlib's rglob does not follow them before Python 3.13."""
+    files, broken, seen = [], [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for name in names:
+            path = Path(folder) / name
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink():
+                broken.append(path)
+    return sorted(files), sorted(broken)
+
+
 def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigger: str | None = None,
                       min_images: int = 1, max_pixels: int | None = None, kohya_names: bool = False) -> FolderScan:
     """Find, decode-check and caption every image under ``root`` (one level of class folders or flat)."""
@@ -236,7 +260,8 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
         raise EgakuError(f"--caption-template {caption_template!r} must contain {{class}}")
     metadata_file, metadata = _read_metadata(root)
     scan = FolderScan(root=root, metadata_file=metadata_file)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files, broken_links = files_under(root)
+    scan.skipped += [(link, "a link whose target does not exist") for link in broken_links]
     scan.folder_repeats = _kohya_repeats(root, files) if kohya_names else {}
     for path in files:
         if path.name in METADATA_FILES or path.suffix.lower() in CAPTION_SUFFIXES:

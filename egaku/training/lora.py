@@ -482,13 +482,6 @@ class _Cache:
         return value
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
-    path.write_text("".join(kept))
-
 
 @torch.no_grad()
 def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=print) -> int:
@@ -565,6 +558,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if opts.resume:  # refuse a changed configuration before any slow work
         resume_from = checkpoints.resolve(opts.resume)
         resumed = load_checkpoint(resume_from, config, ignore=RESUME_MAY_CHANGE, defaults=defaults)
+    else:
+        checkpoints.check_fresh_start()
 
     if opts.init_lora:  # a wrong path is refused before the model loads
         from ..lora.apply import resolve_lora
@@ -789,8 +784,6 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                              f"{int(state['world'])} process(es)")
         restore_rng(state["rng"])
         step, micro = int(state["step"]), int(state["micro"])
-        if main:
-            _truncate_log(out / "loss.csv", step)  # steps after the checkpoint are trained (and logged) again
         say(f"resumed from {path} at step {step}")
     first_step = step
 
@@ -864,7 +857,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     if main:
         save_config(opts, out / "training_config.json")
-    log = MetricsLog(out / "loss.csv") if main else None
+    log = MetricsLog(out / "loss.csv", start_step=step) if main else None
     # the token table takes gradients whole, but only the --train-tokens rows change
     trained_count = sum(p.numel() for p in lora_params if p is not token_table) + len(token_ids) * token_table.shape[1]
     tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""

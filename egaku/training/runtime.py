@@ -133,8 +133,20 @@ class Checkpoints:
     """Save and find training checkpoints under ``out_dir/checkpoints``, keeping the newest ``keep``."""
 
     def __init__(self, out_dir: str | Path, keep: int = 2):
+        if keep < 1:  # 0 would delete each checkpoint as it is written, the one a resume needs too
+            raise EgakuError(f"--keep-checkpoints must be at least 1 (the newest is what --resume continues from), "
+                             f"got {keep}")
         self.root = Path(out_dir) / "checkpoints"
         self.keep = keep
+
+    def check_fresh_start(self) -> None:
+        """A run that does not resume may not start where another run left checkpoints: it would prune its own
+        new checkpoints (the older run's have higher steps) and mix its logs with that run's."""
+        last = self.latest()
+        if last is not None:
+            raise EgakuError(f"{self.root.parent} already holds a run's checkpoints (the latest: {last.name}); "
+                             f"continue it with --resume latest, or start this run in another --out folder "
+                             f"(or delete {self.root})")
 
     def save(self, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
              config: dict[str, Any]) -> Path:
@@ -211,10 +223,34 @@ def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str]
     if diffs:
         raise EgakuError(f"cannot resume from {path}: the configuration changed ({'; '.join(diffs)}). "
                          "Resume with the same options, or start a new run in another --out folder")
-    weights = {p.stem: load_file(p) for p in path.glob("*.safetensors")}
-    # Our own file, but a user may point --resume anywhere: never allow arbitrary unpickling.
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")  # a GPU run resumes anywhere
+    older = sorted(p for p in path.parent.glob("step-*") if p != path and (p / "state.pt").is_file())
+    fallback = (f"resume from an older checkpoint (--resume {older[-1]})" if older else
+                "start the run again in another --out folder")
+    weights = CheckpointWeights(path, fallback)
+    current = path / "state.pt"
+    try:
+        for file in sorted(path.glob("*.safetensors")):
+            current = file
+            weights[file.stem] = load_file(file)
+        current = path / "state.pt"
+        # Our own file, but a user may point --resume anywhere: never allow arbitrary unpickling.
+        state = torch.load(current, weights_only=True, map_location="cpu")  # a GPU run resumes anywhere
+    except Exception as exc:  # noqa: BLE001 - any reader failure means a damaged file
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        reason = "it is missing" if not current.exists() else f"{type(exc).__name__}: {first_line}".rstrip(": ")
+        raise EgakuError(f"cannot resume from {path}: {current.name} cannot be read ({reason}); {fallback}") from None
     return weights, state
+
+
+class CheckpointWeights(dict):
+    """A checkpoint's weights by file name; a file that is not there is an error that says what to do."""
+
+    def __init__(self, path: Path, fallback: str):
+        super().__init__()
+        self.path, self.fallback = path, fallback
+
+    def __missing__(self, name: str):
+        raise EgakuError(f"cannot resume from {self.path}: {name}.safetensors is missing; {self.fallback}")
 
 
 def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints, hint: str = "lower the learning rate") -> None:
@@ -268,12 +304,22 @@ def stop_after_signal(step: int, checkpoint: Path | None, quiet: bool = False) -
 
 
 class MetricsLog:
-    """Append-only CSV of scalars per step (opens in any spreadsheet or pandas; TensorBoard optional)."""
+    """Append-only CSV of scalars per step (opens in any spreadsheet or pandas; TensorBoard optional).
 
-    def __init__(self, path: str | Path):
+    ``start_step``: the step a training run starts from (a resumed checkpoint's, or 0). Rows of later steps,
+    which a run stopped after its last checkpoint had logged, are dropped: those steps are trained and logged
+    again. None (a run that only exports) keeps every row.
+    """
+
+    def __init__(self, path: str | Path, start_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fields: list[str] | None = None
+        if start_step is not None and self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = lines[:1] + [line for line in lines[1:] if _row_step(line) <= start_step]
+            if len(kept) < len(lines):
+                self.path.write_text("".join(kept))
         if self.path.exists():
             with open(self.path) as fh:
                 header = fh.readline().strip()
@@ -287,6 +333,13 @@ class MetricsLog:
                 csv.writer(fh).writerow(self._fields)
         with open(self.path, "a", newline="") as fh:
             csv.writer(fh).writerow([row.get(k, "") for k in self._fields])
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(line.split(",", 1)[0])
+    except ValueError:
+        return math.inf  # not a row of ours: dropped with the steps after the start
 
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
