@@ -49,3 +49,8 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'egaku' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazily loaded names too, so dir(egaku) and editors' completion show the public API
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -148,6 +148,57 @@ def test_size_aspect_ratio_and_rounding(pipe, capsys):
     assert egaku.generate(pipe, "a cat", seed=1, width=104, **FAST)[0].image.size == (104, 64)
 
 
+def test_img2img_keeps_the_init_images_aspect_ratio(pipe, tmp_path, capsys):
+    Image.new("RGB", (70, 50), (250, 20, 20)).save(tmp_path / "wide.png")
+    # 70:50 at the model's 64x64 pixels is 76x54, rounded to multiples of 8 as --ar 70:50 is
+    r = egaku.generate(pipe, "a cat", seed=1, init_image=str(tmp_path / "wide.png"), strength=0.5, steps=4)[0]
+    assert r.image.size == resolve_size(pipe, None, None, "70:50")[:2] == (80, 56)
+    assert "76x54 rounded to 80x56" in capsys.readouterr().out
+    tall = egaku.generate(pipe, "a cat", seed=1, init_image=Image.new("RGB", (30, 60)), strength=0.5, steps=4)[0]
+    assert tall.image.size == resolve_size(pipe, None, None, "1:2")[:2] and tall.image.height > tall.image.width
+    # a size or aspect ratio that is given wins
+    assert egaku.generate(pipe, "a cat", seed=1, init_image=Image.new("RGB", (70, 50)), strength=0.5, steps=4,
+                          width=64, height=64)[0].image.size == (64, 64)
+    assert egaku.generate(pipe, "a cat", seed=1, init_image=Image.new("RGB", (70, 50)), strength=0.5, steps=4,
+                          aspect_ratio="1:1")[0].image.size == (64, 64)
+
+
+def progress_of(pipe, **kwargs) -> list[tuple[int, int]]:
+    calls = []
+    egaku.generate(pipe, "a cat", seed=1, on_step=lambda done, total: calls.append((done, total)), **kwargs)
+    return calls
+
+
+@pytest.mark.parametrize("kwargs, per_batch", [
+    (dict(steps=3, sampler="heun"), 5),  # Heun's scheduler runs 2 x steps - 1 timesteps
+    (dict(steps=3, sampler="pndm"), 4),  # PLMS: steps + 1
+    (dict(steps=4, sampler="heun", strength=0.5), 3),  # the last 2 of 4 steps: timesteps[2 x 2:] of 7
+    (dict(steps=8, sampler="euler", strength=0.25), 2),
+])
+def test_progress_reaches_exactly_its_total(pipe, kwargs, per_batch):
+    if "strength" in kwargs:
+        kwargs["init_image"] = Image.new("RGB", (64, 64), (250, 20, 20))
+    calls = progress_of(pipe, num_images=2, batch_size=1, **kwargs)
+    total = 2 * per_batch
+    assert calls == [(done, total) for done in range(1, total + 1)]
+
+
+def test_seeds_past_the_largest_are_refused_up_front(pipe):
+    from egaku.inference.generate import MAX_SEED
+
+    with pytest.raises(EgakuError, match=f"would use seeds {MAX_SEED - 1}..{MAX_SEED + 1}, past the largest seed "
+                                         f"{MAX_SEED}; use --seed {MAX_SEED - 2} or lower"):
+        egaku.generate(pipe, "a cat", seed=MAX_SEED - 1, num_images=3, **FAST)
+    assert [r.seed for r in egaku.generate(pipe, "a cat", seed=MAX_SEED - 1, num_images=2, **FAST)] == [
+        MAX_SEED - 1, MAX_SEED]
+
+
+def test_dir_lists_the_lazily_loaded_api():
+    names = dir(egaku)
+    assert {"load_pipeline", "generate", "GenerateOptions", "EgakuError", "train_lora"} <= set(names)
+    assert all(hasattr(egaku, name) for name in egaku.__all__)
+
+
 def vae_roundtrip(pipe, image):
     """What the (untrained) VAE makes of an image: the limit of img2img as strength -> 0."""
     with torch.no_grad():
@@ -273,6 +324,25 @@ def test_existing_files_are_not_overwritten(tiny_model_dir, tmp_path):
     assert (out / "00000-9.png").is_file()
 
 
+def test_overwrite_replaces_the_numbered_files_egaku_wrote_and_nothing_else(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+
+    def run(seed, *extra):
+        return main(["generate", "a cat", "--model", str(tiny_model_dir), "--steps", "2", "--seed", str(seed),
+                     "--out", str(out), "--no-progress", *extra])
+
+    assert run(1, "-n", "2") == 0
+    assert run(5) == 0
+    users = ["notes.txt", "00000-mine.txt", "1234-x.png", "cat.png"]
+    for name in users:
+        (out / name).write_text("the user's")
+    (out / "00009-folder.png").mkdir()  # not a file egaku wrote
+    assert run(9, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["00000-9.png", "00000-options.json", "00009-folder.png", *users])
+    assert egaku.read_params(out / "00000-9.png")["seed"] == 9
+
+
 def test_prompt_file(tiny_model_dir, tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n\na dog\n")
     assert main(["generate", "--prompt-file", str(tmp_path / "p.txt"), "--model", str(tiny_model_dir), "--steps", "2",
@@ -370,6 +440,7 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--steps", "-3"], "--steps must be at least 1"),
     (["-n", "0"], "--num-images must be at least 1"),
+    (["--seed", "4294967295", "-n", "2"], "2 images from --seed 4294967295 would use seeds 4294967295..4294967296"),
     (["--strength", "1.5", "--init-image", "x.png"], "--strength must be in (0, 1]"),
     (["--prompt-file", "missing.txt"], "prompt file 'missing.txt' does not exist"),
 ])
@@ -769,3 +840,27 @@ def test_from_an_a1111_image_says_its_model_and_loras_are_not_reapplied(tmp_path
     assert "its LoRAs (ink) are not reapplied" in out
     _apply_from_image(GenerateOptions(from_image=str(tmp_path / "a.png"), model="tiny", lora=["x.safetensors"]))
     assert "note" not in capsys.readouterr().out  # both chosen on the command line: nothing to say
+
+
+def test_convert_through_a_single_file_keeps_the_models_default_guidance(tiny_model_dir, tmp_path):
+    """Folder -> .safetensors -> folder keeps egaku_defaults.json: recorded in the file's metadata, and, for a
+    file without it, taken from the --model-config folder the configs come from."""
+    import shutil
+
+    from egaku.models.loading import load_pipeline, recommended_guidance
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_model_dir, source)
+    (source / "egaku_defaults.json").write_text('{"guidance_scale": 3.0}')
+    assert main(["convert", str(source), "--out", str(tmp_path / "m.safetensors")]) == 0
+    config = tmp_path / "configs-only"  # the same configs, without the defaults: the file's own metadata counts
+    shutil.copytree(tiny_model_dir, config)
+    assert main(["convert", str(tmp_path / "m.safetensors"), "--model-config", str(config),
+                 "--out", str(tmp_path / "back")]) == 0
+    assert recommended_guidance(load_pipeline(str(tmp_path / "back"), "cpu", "float32")) == 3.0
+    # a single file written elsewhere (no metadata of ours): the --model-config folder's defaults
+    pipe = load_pipeline(str(tiny_model_dir), "cpu", "float32")
+    save_single_file(pipe, tmp_path / "plain.safetensors")
+    assert main(["convert", str(tmp_path / "plain.safetensors"), "--model-config", str(source),
+                 "--out", str(tmp_path / "from-config")]) == 0
+    assert recommended_guidance(load_pipeline(str(tmp_path / "from-config"), "cpu", "float32")) == 3.0

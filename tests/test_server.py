@@ -188,8 +188,24 @@ def test_upscale_extension_doubles_the_size(http):
     assert decode(r.json()["data"][0]["b64_json"]).size == (64, 96)
 
 
+def test_gpt_image_models_answer_with_b64_json_unless_asked_otherwise(openai_client):
+    # OpenAI's gpt-image models always return b64_json, and client code for them reads only that
+    result = openai_client.images.generate(model="gpt-image-1", prompt="a red circle", extra_body=FAST)
+    assert result.data[0].url is None and decode(result.data[0].b64_json).size == (64, 64)
+    asked = openai_client.images.generate(model="gpt-image-1", prompt="a red circle", response_format="url",
+                                          extra_body=FAST)
+    assert asked.data[0].url and asked.data[0].b64_json is None
+    dalle = openai_client.images.generate(model="dall-e-3", prompt="a red circle", extra_body=FAST)
+    assert dalle.data[0].url and dalle.data[0].b64_json is None
+
+
 def test_models_and_health(openai_client, http):
     assert [m.id for m in openai_client.models.list().data] == ["tiny"]
+    listed = http.get("/v1/models").json()["data"][0]
+    assert openai_client.models.retrieve("tiny").id == "tiny"
+    assert http.get("/v1/models/tiny").json() == listed
+    assert assert_openai_error(http.get("/v1/models/dall-e-9"), 404, "model")["code"] == "model_not_found"
+    assert_openai_error(http.get("/v1/models/org/some-model"), 404, "model")
     health = http.get("/health").json()
     assert health["models"]["tiny"]["max_waiting"] == 8 and health["auth"] is False
 
@@ -243,6 +259,7 @@ BAD_JSON = [
     ({"prompt": "x", "sampler": "warp-drive"}, 400, "sampler"),
     ({"prompt": "x", "steps": 100000}, 400, "steps"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
+    ({"prompt": "x", "seed": 2**32 - 1, "n": 2}, 400, "seed"),  # image 2 would need seed 2**32
     ({"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale"),
     ({"prompt": "x", "clip_skip": 3}, 400, "clip_skip"),  # the tiny text encoder has 2 layers
     ({"prompt": "x", "response_format": "jpeg"}, 400, "response_format"),

@@ -17,6 +17,8 @@ from .metadata import a1111_parameters, read_params, save_png
 from .prompts import apply_prompt_parameters
 
 _NUMBERED = re.compile(r"^(\d{5})-")
+# the files egaku itself writes into an output folder: NNNNN-SEED.png, NNNNN-grid.png, NNNNN-options.json
+_WRITTEN_HERE = re.compile(r"^\d{5}-(.+\.png|options\.json)$")
 
 
 def _next_index(out: Path, overwrite: bool) -> int:
@@ -25,6 +27,14 @@ def _next_index(out: Path, overwrite: bool) -> int:
         return 0
     numbers = [int(m.group(1)) for p in out.iterdir() if (m := _NUMBERED.match(p.name))]
     return max(numbers, default=-1) + 1
+
+
+def _remove_numbered(out: Path) -> None:
+    """--overwrite: numbering starts at 0 again, so the files of earlier runs go (their seeds, and so their
+    names, may differ from the new ones); a file egaku does not name this way is the user's and stays."""
+    for path in out.iterdir():
+        if _WRITTEN_HERE.match(path.name) and path.is_file():
+            path.unlink()
 
 
 def _prompts(o: GenerateOptions) -> list[str]:
@@ -158,6 +168,8 @@ def generate_command(opts: GenerateOptions) -> None:
     written: list[Path] = []
     for run in runs:
         results = generate(pipe, opts=run, on_step=on_step)
+        if opts.overwrite and not written:  # once generation has worked, so a failed run leaves the old files
+            _remove_numbered(out)
         for r in results:
             path = out / f"{index:05d}-{r.seed}.png"
             save_png(r.image, path, r.params)

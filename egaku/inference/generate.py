@@ -55,7 +55,8 @@ class GenerateOptions:
     lora: list[str] = option([], help="PATH[:SCALE] of a LoRA to apply; repeatable")
     lora_dir: str | None = option(None, help="folder where <lora:name:w> prompt tags are looked up")
     out: str = option("outputs", help="output folder")
-    overwrite: bool = option(False, help="number files from 0 again, replacing what is there")
+    overwrite: bool = option(False, help="number files from 0 again, first removing the numbered files egaku wrote "
+                             "in --out (NNNNN-*.png, NNNNN-options.json); other files stay")
     grid: bool = option(True, help="also write a contact sheet when more than one image is made")
     prompt_file: str | None = option(None, help="text file with one prompt per line (each gets -n images)")
     from_image: str | None = option(None, help="re-run the parameters stored in this PNG, with the model and LoRA "
@@ -159,21 +160,36 @@ def _validate(o: GenerateOptions) -> None:
                          param="clip_skip")
     if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
         raise EgakuError(f"--seed must be in 0..{MAX_SEED}, got {o.seed}", param="seed")
+    if o.seed is not None and o.seed + o.num_images - 1 > MAX_SEED:
+        # image i uses seed+i, and a seed past the maximum could not be given back to --seed or --from
+        raise EgakuError(f"{o.num_images} images from --seed {o.seed} would use seeds {o.seed}.."
+                         f"{o.seed + o.num_images - 1}, past the largest seed {MAX_SEED}; use --seed "
+                         f"{MAX_SEED - o.num_images + 1} or lower, or fewer images", param="seed")
 
 
-def _load_init_image(source: str | Image.Image | None, width: int, height: int) -> Image.Image | None:
+def _load_init_image(source: str | Image.Image | None) -> Image.Image | None:
     if source is None:
         return None
     if isinstance(source, Image.Image):
-        img = source.convert("RGB")
-    else:
-        from ..data.images import ImageError, open_image
+        return source.convert("RGB")
+    from ..data.images import ImageError, open_image
 
-        try:
-            img = open_image(source)
-        except ImageError as exc:
-            raise EgakuError(f"--init-image {exc}", param="image") from None
-    return img.resize((width, height), Image.LANCZOS) if img.size != (width, height) else img
+    try:
+        return open_image(source)
+    except ImageError as exc:
+        raise EgakuError(f"--init-image {exc}", param="image") from None
+
+
+def _denoising_steps(runner, steps: int, strength: float | None) -> int:
+    """Denoising steps (step callbacks) one batch runs: the scheduler's own timesteps, which a 2nd-order
+    sampler (Heun: 2 x steps - 1) or PLMS (steps + 1) make more than ``steps``; for img2img (``strength``)
+    the share diffusers' img2img and inpaint pipelines run (their ``get_timesteps``)."""
+    scheduler = type(runner.scheduler).from_config(runner.scheduler.config)  # the runner's own stays untouched
+    scheduler.set_timesteps(steps)
+    if strength is None:
+        return len(scheduler.timesteps)
+    t_start = steps - min(int(steps * strength), steps)
+    return len(scheduler.timesteps[t_start * scheduler.order:])
 
 
 def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = None,
@@ -205,14 +221,21 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     _validate(o)
     check_clip_skip(o.clip_skip, pipe.text_encoder)
     sampler = canonical_sampler(o.sampler)
-    width, height, note = resolve_size(pipe, o.width, o.height, o.aspect_ratio)
+    source = _load_init_image(init_image if init_image is not None else o.init_image)
+    if source is not None and o.width is None and o.height is None and not o.aspect_ratio:
+        # img2img keeps the init image's shape, at the model's native pixel count (as --ar W:H does)
+        width, height, note = resolve_size(pipe, None, None, f"{source.width}:{source.height}")
+    else:
+        width, height, note = resolve_size(pipe, o.width, o.height, o.aspect_ratio)
     for note in (note, sampler_note(sampler, pipe.scheduler.config, o.steps)):
         if note:
             print(f"egaku: {note}")
-    init = _load_init_image(init_image if init_image is not None else o.init_image, width, height)
+    init = None
+    if source is not None:
+        init = source.resize((width, height), Image.LANCZOS) if source.size != (width, height) else source
     mask = None
     if mask_image is not None:
-        source_size = (init_image or init).size
+        source_size = source.size
         if mask_image.size != source_size:
             raise EgakuError(f"the mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is "
                              f"{source_size[0]}x{source_size[1]}; they must be the same size", param="mask")
@@ -275,8 +298,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     if mask is not None:
         base_params["mask"] = "mask"
     # img2img runs only the last `strength` fraction of the schedule
-    steps_per_image = o.steps if init is None else max(1, int(o.steps * o.strength))
-    total_steps = steps_per_image * math.ceil(o.num_images / o.batch_size)
+    steps_per_batch = _denoising_steps(runner, o.steps, None if init is None else o.strength)
+    total_steps = steps_per_batch * math.ceil(o.num_images / o.batch_size)
     done = 0
 
     def step_callback(_pipe, _i, _t, kwargs):

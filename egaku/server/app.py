@@ -494,10 +494,19 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         """egaku extension: 2x resize + low-strength img2img ("hires fix"), multipart like variations."""
         return await image_endpoint(request, "upscale")
 
+    def model_entry(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "egaku"}
+
     @api.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "egaku"}
-                                           for name in workers]}
+        return {"object": "list", "data": [model_entry(name) for name in workers]}
+
+    @api.get("/models/{model_id:path}")  # (a path: a model named after its hub id has a slash in it)
+    async def retrieve_model(model_id: str):
+        if model_id not in workers:
+            raise ApiError(404, f"model {model_id!r} is not served here; available: {', '.join(workers)}",
+                           param="model", code="model_not_found")
+        return model_entry(model_id)
 
     @api.get("/egaku/options")
     async def server_options():

@@ -256,7 +256,9 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         raise _bad(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} for "
                    f"{kind} requests; allowed: {', '.join(sorted(ALLOWED[kind] - OPENAI_IGNORED))}", unknown[0])
     model = _as_str(body, "model", 200)
-    response_format = _as_str(body, "response_format") or "url"
+    # OpenAI's gpt-image models always answer with b64_json, so client code written for them reads only that
+    response_format = _as_str(body, "response_format") or (
+        "b64_json" if model is not None and model.startswith("gpt-image") else "url")
     if response_format not in ("url", "b64_json"):
         raise _bad(f"response_format must be 'url' or 'b64_json', got {response_format!r}", "response_format")
     output_format = _as_str(body, "output_format")
@@ -312,6 +314,9 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         raise EgakuError(str(exc), param=exc.param if exc.param in ("prompt", "size") else "prompt") from None
     if kind in ("generation", "edit") and not opts.prompt.strip():
         raise _bad("the prompt is empty once its --parameters are taken out; say what to draw", "prompt")
+    if opts.seed is not None and opts.seed + opts.num_images - 1 > MAX_SEED:  # image i uses seed + i
+        raise _bad(f"'seed' {opts.seed} with n={opts.num_images} would use seeds up to {opts.seed + opts.num_images - 1}, "
+                   f"past the largest seed {MAX_SEED}; use a seed of at most {MAX_SEED - opts.num_images + 1}", "seed")
     if opts.steps > limits.max_steps:
         raise _bad(f"steps {opts.steps} is over this server's limit of {limits.max_steps}", "steps")
     if opts.aspect_ratio:
