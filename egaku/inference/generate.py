@@ -279,6 +279,10 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     else:
         runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
     runner = sampling_runner(pipe, runner_cls, sampler)
+    for label, words in (("prompt", text), ("negative prompt", o.negative_prompt)):
+        note = truncation_note(pipe.tokenizer, words, label)
+        if note:
+            print(f"egaku: {note}")
 
     info = getattr(pipe, "egaku_info", None)
     base_params = {
@@ -350,6 +354,20 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         if remove_loras is not None:
             remove_loras(pipe)
     return results
+
+
+def truncation_note(tokenizer, text: str, label: str = "prompt") -> str | None:
+    """A note when ``text`` is longer than the text encoder reads (77 tokens for CLIP), None otherwise. The rest
+    is cut off: A1111 and ComfyUI encode a longer prompt in chunks of 75 tokens, egaku does not."""
+    limit = tokenizer.model_max_length
+    if not text or not limit or limit > 100_000:
+        return None
+    count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+    if count <= limit:
+        return None
+    kept = tokenizer.decode(tokenizer(text, truncation=True, max_length=limit).input_ids, skip_special_tokens=True)
+    return (f"the {label} is {count} tokens and the text encoder reads {limit} (with its start and end tokens); "
+            f"it is cut after \"{kept[-40:]}\" (A1111 encodes longer prompts in chunks; egaku does not)")
 
 
 def keep_unmasked(runner, init: Image.Image, mask: Image.Image, seeds: list[int]) -> Callable:

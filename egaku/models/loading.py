@@ -244,6 +244,7 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         dlogging.disable_progress_bar()
         dlogging.set_verbosity_error()
         tlogging.disable_progress_bar()
+        tlogging.set_verbosity_error()  # e.g. its "indexing errors" warning for a long prompt: egaku says what happens
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     spec = "builtin" if model in (None, "") else str(model)
