@@ -875,3 +875,30 @@ def test_a_prompt_longer_than_the_text_encoder_reads_gets_a_note(pipe, capsys):
     egaku.generate(pipe, "a cat", negative_prompt="blurry " * 90, seed=1, steps=2, clip_skip=2)
     out = capsys.readouterr()
     assert "the negative prompt is 362 tokens" in out.out and "indexing errors" not in out.err
+
+
+def test_the_cli_inpaints_with_a_mask_file_white_or_transparent(tiny_model_dir, tmp_path, capsys):
+    init = Image.new("RGB", (64, 64), (250, 20, 20))
+    init.save(tmp_path / "init.png")
+    white_left = Image.new("L", (64, 64), 0)
+    white_left.paste(255, (0, 0, 32, 64))
+    white_left.save(tmp_path / "white.png")
+    clear_left = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    clear_left.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    clear_left.save(tmp_path / "clear.png")
+    for name in ("white", "clear"):
+        out = tmp_path / name / "o"
+        assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--init-image", str(tmp_path / "init.png"),
+                     "--mask", str(tmp_path / f"{name}.png"), "--strength", "1", "--steps", "2", "--seed", "1",
+                     "--out", str(out), "--no-progress"]) == 0
+        made = next(out.glob("*-1.png"))
+        pixels = np.asarray(Image.open(made), np.int16)
+        assert np.array_equal(pixels[:, 32:], np.asarray(init, np.int16)[:, 32:])  # kept
+        assert not np.array_equal(pixels[:, :32], np.asarray(init, np.int16)[:, :32])  # repainted
+        assert egaku.read_params(made)["mask"] == str(tmp_path / f"{name}.png")
+    assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--mask", str(tmp_path / "white.png"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "a mask needs an image to repaint" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--init-image", str(tmp_path / "init.png"),
+                 "--mask", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x")]) == 2
+    assert "--mask" in capsys.readouterr().err

@@ -51,6 +51,9 @@ class GenerateOptions:
     clip_skip: int = option(1, help="text-encoder layer the prompt is read from, counted from the end as A1111 and "
                                     "kohya count: 1 = the last, 2 = the one before it (NovelAI-derived anime models)")
     init_image: str | None = option(None, help="start from this image (img2img)")
+    mask: str | None = option(None, help="with --init-image: repaint only the mask's white part (or, in a mask with "
+                              "transparency, its transparent part, as OpenAI's edits); the rest keeps the init "
+                              "image's pixels. --strength 1 repaints from noise")
     strength: float = option(0.6, help="img2img: how much of the init image is re-noised (0..1]")
     lora: list[str] = option([], help="PATH[:SCALE] of a LoRA to apply; repeatable")
     lora_dir: str | None = option(None, help="folder where <lora:name:w> prompt tags are looked up")
@@ -215,6 +218,13 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         from ..models.loading import recommended_guidance
 
         o.guidance_scale = recommended_guidance(pipe)
+    if mask_image is None and o.mask:
+        from ..data.images import ImageError, decode_image
+
+        try:
+            mask_image = repaint_mask(decode_image(o.mask))
+        except ImageError as exc:
+            raise EgakuError(f"--mask {exc}", param="mask") from None
     if mask_image is not None and o.init_image is None:
         raise EgakuError("a mask needs an image to repaint (init_image)", param="mask")
     # 1. Check inputs
@@ -300,7 +310,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     if init is not None:
         base_params.update(strength=o.strength, init_image=str(o.init_image))
     if mask is not None:
-        base_params["mask"] = "mask"
+        base_params["mask"] = str(o.mask) if o.mask else "mask"
     # img2img runs only the last `strength` fraction of the schedule
     steps_per_batch = _denoising_steps(runner, o.steps, None if init is None else o.strength)
     total_steps = steps_per_batch * math.ceil(o.num_images / o.batch_size)
@@ -354,6 +364,14 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         if remove_loras is not None:
             remove_loras(pipe)
     return results
+
+
+def repaint_mask(img: Image.Image) -> Image.Image:
+    """The area a mask image asks to repaint, white on black: in an image with transparency its transparent
+    pixels (OpenAI's edits), else its white ones."""
+    if "A" in img.getbands() or "transparency" in img.info:
+        return img.convert("RGBA").getchannel("A").point(lambda a: 255 if a < 128 else 0)
+    return img.convert("L").point(lambda v: 255 if v >= 128 else 0)
 
 
 def truncation_note(tokenizer, text: str, label: str = "prompt") -> str | None:

@@ -392,11 +392,10 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
 
         if open_upload(files, "mask") is None:  # validates it (format, bombs) like any upload
             return None
+        from ..inference.generate import repaint_mask
+
         with Image.open(io.BytesIO(files["mask"])) as raw:
-            if "A" in raw.getbands() or "transparency" in raw.info:
-                alpha = raw.convert("RGBA").getchannel("A")
-                return alpha.point(lambda a: 255 if a < 128 else 0)
-            return raw.convert("L").point(lambda v: 255 if v >= 128 else 0)
+            return repaint_mask(raw)
 
     def stored_params(files: dict[str, bytes]) -> dict:
         """The parameters an uploaded PNG was made with (egaku's or A1111's text chunk), so that variations
