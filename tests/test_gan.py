@@ -365,6 +365,58 @@ def test_digit_outside_the_trained_labels_is_refused(tmp_path, capsys):
         sample_gan_command(build(SampleGanOptions, {"model": str(tmp_path / "uncond"), "digit": "1"}))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"checkpoint_every": 0}, r"--checkpoint-every must be a number of steps, at least 1, got 0"),
+    ({"lr": -1.0}, r"--lr must be above 0, got -1.0"),
+    ({"arch": "dcgan", "base_channels": 0}, r"--base-channels must be at least 1, got 0"),
+    ({"image_size": 0}, r"^--image-size must be at least 4 pixels, got 0$"),
+    ({"arch": "dcgan", "image_size": 10}, r"--image-size 10: the DCGAN needs a size divisible by 4"),
+    ({"latent_dim": 0}, r"--latent-dim must be at least 1, got 0"),
+    ({"epochs": 0}, r"--epochs must be at least 1"),
+    ({"max_steps": -1}, r"--max-steps must be 0 \(no limit\)"),
+    ({"max_minutes": -1.0}, r"--max-minutes and --max-cpu-minutes"),
+    ({"beta1": 1.0}, r"--beta1 1.0 must be in \[0, 1\)"),
+    ({"sample_grid": 0}, r"--sample-grid must be at least 1"),
+    ({"keep_checkpoints": 0}, r"--keep-checkpoints must be at least 1"),
+])
+def test_bad_numeric_options_are_refused_before_the_data_is_read(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setattr(gan_training, "load_gan_data", lambda *a, **k: pytest.fail("the data was read first"))
+    with pytest.raises(EgakuError, match=message):
+        train_gan_command(_opts(tmp_path, **overrides))
+    # through the CLI: one line, exit 2
+    assert cli_main(["train-gan", "--out", str(tmp_path / "cli"), "--lr", "-1"]) == 2
+
+
+def test_resuming_a_checkpoint_of_another_trainer_says_so(tmp_path, monkeypatch):
+    from egaku.config import to_dict
+    from egaku.training.ldm import TrainLdmOptions
+
+    step = tmp_path / "ldm-run" / "checkpoints" / "step-000010"
+    step.mkdir(parents=True)
+    (step / "state.pt").write_bytes(b"")
+    (step / "config.json").write_text(json.dumps(to_dict(TrainLdmOptions())))
+    monkeypatch.setattr(gan_training, "load_gan_data", lambda *a, **k: pytest.fail("the data was read first"))
+    with pytest.raises(EgakuError, match=r"is not a train-gan checkpoint \(it was written by train-ldm"):
+        train_gan_command(_opts(tmp_path, resume=str(tmp_path / "ldm-run")))
+
+
+def test_sample_gan_never_mixes_its_files_with_an_earlier_runs_without_overwrite(tmp_path):
+    for name, classes in (("pets", ["cats", "dogs"]), ("other", ["dogs", "cats"])):
+        gen, _ = build_gan("mlp", image_size=8, class_names=classes)
+        gen.save_pretrained(tmp_path / name / "generator")
+    out = tmp_path / "samples"
+    sample_gan_command(build(SampleGanOptions, {"model": str(tmp_path / "pets"), "n": 2, "out": str(out)}))
+    assert sorted(p.name for p in out.iterdir()) == ["0000-cats.png", "0001-dogs.png", "config.json", "grid.png"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(EgakuError, match=r"already holds the images of an earlier sample-gan run.*--overwrite"):
+        sample_gan_command(build(SampleGanOptions, {"model": str(tmp_path / "other"), "n": 2, "out": str(out)}))
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000-cats.png", "0001-dogs.png", "grid.png"]
+    sample_gan_command(build(SampleGanOptions, {"model": str(tmp_path / "other"), "n": 1, "out": str(out),
+                                                "overwrite": True}))
+    assert sorted(p.name for p in out.iterdir()) == ["0000-dogs.png", "config.json", "grid.png", "notes.txt"]
+    assert json.loads((out / "config.json").read_text())["model"] == str(tmp_path / "other")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_loss = gan_training.discriminator_loss
     calls = {"n": 0}

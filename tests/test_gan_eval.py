@@ -77,6 +77,22 @@ def test_eval_gan_refuses_models_of_other_classes(quick_judge, tmp_path, monkeyp
         eval_gan_command(build(EvalGanOptions, {}))
 
 
+@pytest.mark.parametrize("channels, class_names, message", [
+    (1, ["cat", "dog"], r"judges handwritten digits, but .*classes are \['cat', 'dog'\]"),
+    (3, None, r"unconditional model of 3-channel images, which are not the digits"),
+])
+def test_eval_gan_refuses_a_model_it_cannot_judge_before_training_the_judge(tmp_path, monkeypatch, channels,
+                                                                             class_names, message):
+    def judge_first(*args, **kwargs):
+        raise AssertionError("the judge was trained or loaded before the model was checked")
+
+    monkeypatch.setattr(gan_eval, "load_or_train_judge", judge_first)
+    gen, _ = build_gan("dcgan", image_size=8, channels=channels, class_names=class_names)
+    gen.save_pretrained(tmp_path / "model" / "generator")
+    with pytest.raises(EgakuError, match=message):
+        eval_gan_command(build(EvalGanOptions, {"model": str(tmp_path / "model"), "n": 20}))
+
+
 @pytest.mark.slow
 def test_shipped_judge_recipe_reaches_97_percent_held_out(tmp_path):
     judge, accuracy = gan_eval.load_or_train_judge(tmp_path / "judge", log=lambda *_: None)

@@ -858,6 +858,9 @@ def test_convert_through_a_single_file_keeps_the_models_default_guidance(tiny_mo
     assert main(["convert", str(tmp_path / "m.safetensors"), "--model-config", str(config),
                  "--out", str(tmp_path / "back")]) == 0
     assert recommended_guidance(load_pipeline(str(tmp_path / "back"), "cpu", "float32")) == 3.0
+    # generate reads the file's own metadata too
+    single = load_pipeline(str(tmp_path / "m.safetensors"), "cpu", "float32", model_config=str(config))
+    assert recommended_guidance(single) == 3.0
     # a single file written elsewhere (no metadata of ours): the --model-config folder's defaults
     pipe = load_pipeline(str(tiny_model_dir), "cpu", "float32")
     save_single_file(pipe, tmp_path / "plain.safetensors")

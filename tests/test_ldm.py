@@ -262,6 +262,13 @@ def test_export_only_writes_a_model_from_the_latest_checkpoint(tiny_run, tmp_pat
     ldm.train_ldm(tiny_opts(copy, export_only=True, steps=100))
     for key, value in _unet_weights(tiny_run / "model").items():
         torch.testing.assert_close(_unet_weights(copy / "model")[key], value)
+    # the run's config says what was trained (the checkpoint's), not this export's --steps
+    assert json.loads((copy / "config.json").read_text())["steps"] == 6
+    run_config = (tiny_run / "config.json").read_text()
+    (copy / "config.json").write_text(run_config)
+    shutil.rmtree(copy / "model")
+    ldm.train_ldm(tiny_opts(copy, export_only=True, steps=5000))
+    assert (copy / "config.json").read_text() == run_config
 
 
 def test_failed_checkpoint_write_leaves_the_previous_one_valid(tmp_path, monkeypatch):
@@ -351,6 +358,68 @@ def test_bad_options_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(EgakuError, match="fp16 is for CUDA devices.*use bf16 on the CPU"):
             ldm.TrainLdmOptions(mixed_precision="fp16")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lr": -1.0}, r"^--lr must be above 0, got -1.0$"),
+    ({"vae_lr": 0.0}, r"--vae-lr must be above 0"),
+    ({"text_heads": 3}, r"--text-heads 3 must divide the text width \(--cross-attention-dim 16\); use one of 1, 2, 4, 8, 16$"),
+    ({"unet_down_blocks": ["Foo", "CrossAttnDownBlock2D"]},
+     r"--unet-down-blocks Foo: not a block type .*use DownBlock2D, CrossAttnDownBlock2D, AttnDownBlock2D"),
+    ({"unet_down_blocks": ["SkipDownBlock2D", "CrossAttnDownBlock2D"]}, r"--unet-down-blocks SkipDownBlock2D"),
+    ({"latent_channels": 0}, r"--latent-channels must be at least 1, got 0"),
+    ({"text_layers": 0}, r"--text-layers must be at least 1"),
+    ({"unet_channels": [16, 0]}, r"--unet-channels \[16, 0\]: give block widths of at least 1"),
+    ({"attention_head_dim": 3}, r"--unet-channels \[16, 32\]: each width must be divisible by --attention-head-dim 3"),
+    ({"vae_crop": -8}, r"--vae-crop -8: use 0 or a multiple of 8"),
+    ({"checkpoint_every": 0}, r"--checkpoint-every must be at least 1"),
+    ({"keep_checkpoints": 0}, r"--keep-checkpoints must be at least 1"),
+    ({"ema_decay": 1.5}, r"--ema-decay 1.5: use a value in \[0, 1\]"),
+    ({"warmup_steps": -1}, r"--warmup-steps must be 0 or more"),
+])
+def test_bad_sizes_rates_and_block_types_are_refused_before_any_work(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setattr(ldm, "load_training_images", lambda opts: pytest.fail("the data was read first"))
+    with pytest.raises(EgakuError, match=message):
+        ldm.train_ldm(tiny_opts(tmp_path / "run", **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_learning_rate_is_one_line_from_the_cli(tmp_path, capsys):
+    from egaku.cli import main as cli_main
+
+    assert cli_main(["train-ldm", "--config", str(ROOT / "configs" / "ldm-tiny.toml"), "--out", str(tmp_path / "run"),
+                     "--lr", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lr must be above 0" in err[0]
+
+
+def test_a_fresh_run_without_a_vae_stage_is_refused_and_samples_always_get_a_folder(tiny_run, tmp_path):
+    import shutil
+
+    with pytest.raises(EgakuError, match=r"--vae-steps 0 skips training the VAE.*--vae-steps N.*--vae-from DIR"):
+        tiny_opts(tmp_path / "no-vae", vae_steps=0)
+    # --sample-every writes into samples/ however the run got past the VAE stage (here: a resume, whose
+    # summary already holds the VAE's PSNR, of a run whose samples folder was removed)
+    out, vae = tmp_path / "given-vae", str(tiny_run / "model" / "vae")
+    ldm.train_ldm(tiny_opts(out, vae_from=vae, vae_steps=0, lr_schedule="constant", steps=2))
+    shutil.rmtree(out / "samples")
+    shutil.rmtree(out / "model")
+    ldm.train_ldm(tiny_opts(out, vae_from=vae, vae_steps=0, lr_schedule="constant", steps=4, sample_every=1,
+                            resume="latest"))
+    assert sorted(p.name for p in (out / "samples").glob("step-*.png")) == ["step-000003.png"]
+
+
+def test_resuming_a_checkpoint_of_another_trainer_says_so(tmp_path, monkeypatch):
+    from egaku.config import to_dict
+    from egaku.training.gan import TrainGanOptions
+
+    step = tmp_path / "gan-run" / "checkpoints" / "step-000010"
+    step.mkdir(parents=True)
+    (step / "state.pt").write_bytes(b"")
+    (step / "config.json").write_text(json.dumps({**to_dict(TrainGanOptions()), "class_names": None}))
+    monkeypatch.setattr(ldm, "load_training_images", lambda opts: pytest.fail("the data was read first"))
+    with pytest.raises(EgakuError, match=r"not a train-ldm checkpoint \(it was written by train-gan"):
+        ldm.train_ldm(tiny_opts(tmp_path / "ldm-run", resume=str(tmp_path / "gan-run")))
 
 
 def test_zero_terminal_snr_model_on_a_given_vae_samples_from_pure_noise(tiny_run, tmp_path):

@@ -231,14 +231,25 @@ def sample_for_eval(gen: nn.Module, n: int, seed: int) -> tuple[torch.Tensor, to
     return images, labels
 
 
+def check_judgeable(gen: nn.Module, model: str) -> None:
+    """Refuse a generator the digit judge cannot score: conditional on classes that are not digits, or
+    unconditional and in colour (greyscale digits are all the judge knows; averaging colour images to grey
+    would score whatever they show as digits)."""
+    names = list(gen.config.class_names or []) if gen.num_classes else []
+    if names and not set(names) <= set(DIGIT_LABELS):
+        raise EgakuError(f"eval gan judges handwritten digits, but {model}'s classes are {names}; "
+                         "evaluate a model trained with --data digits (or on digit class folders 0..9)")
+    if not names and gen.config.channels != 1:
+        raise EgakuError(f"eval gan judges greyscale handwritten digits, but {model} is an unconditional model of "
+                         f"{gen.config.channels}-channel images, which are not the digits; evaluate a model trained "
+                         "with --data digits (or, in colour, conditional on digit class folders 0..9)")
+
+
 def digit_targets(gen: nn.Module, labels: torch.Tensor | None) -> torch.Tensor | None:
-    """Map a conditional model's class indices to the digits they name."""
+    """Map a conditional model's class indices to the digits they name (``check_judgeable`` passed)."""
     if labels is None:
         return None
     names = list(gen.config.class_names or [])
-    if not set(names) <= set(DIGIT_LABELS):
-        raise EgakuError(f"eval gan judges handwritten digits, but this model's classes are {names}; "
-                         "evaluate a model trained with --data digits (or on digit class folders 0..9)")
     return torch.tensor([int(names[i]) for i in labels])
 
 
@@ -252,6 +263,7 @@ def collapse_warning(result: dict, threshold: float) -> str | None:
 
 
 def evaluate_generator(gen: nn.Module, judge: DigitClassifier, reference: np.ndarray, n: int, seed: int) -> dict:
+    check_judgeable(gen, "the model")
     images, labels = sample_for_eval(gen, n, seed)
     return score_samples(judge, images, reference, requested=digit_targets(gen, labels))
 
@@ -274,6 +286,7 @@ def eval_gan_command(opts: EvalGanOptions) -> None:
     if opts.n < 10:
         raise EgakuError(f"-n {opts.n} is too few to estimate coverage and a Fréchet distance; use at least 10")
     gen = load_generator(opts.model)
+    check_judgeable(gen, opts.model)  # before the judge, which may first train for minutes
     # 2. The judge and the real-digit reference
     judge, accuracy = load_or_train_judge(opts.judge_dir or None)
     reference, ceiling = real_reference(judge, opts.n, seed=opts.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,18 @@ class SampleGanOptions:
     cols: int = option(0, help="grid columns (0 = near-square; a conditional model without --digit: one per class)")
     size: int = option(0, help="write the images at this side, scaled bilinearly as train-gan scales the digits "
                                "(0 = the model's own size; e.g. 28 for the 8x8 DCGAN preset)")
+    overwrite: bool = option(False, help="replace the images, grid.png and config.json an earlier sample-gan run "
+                                         "wrote into --out (without it, such a folder is refused)")
+
+
+# What sample-gan writes into its folder: 0000.png or 0000-LABEL.png, grid.png, config.json.
+_WRITTEN_HERE = re.compile(r"^(\d{4,}(-.+)?\.png|grid\.png|config\.json)$")
+
+
+def _earlier_run_files(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if _WRITTEN_HERE.match(p.name) and p.is_file())
 
 
 def sample_gan_command(opts: SampleGanOptions) -> None:
@@ -64,12 +77,20 @@ def sample_gan_command(opts: SampleGanOptions) -> None:
         raise EgakuError(f"--size {opts.size}: give a side in pixels, or 0 for the model's own size")
     gen = load_generator(opts.model, arch=opts.arch)
     label = resolve_label(gen.config.class_names, opts.digit, opts.model)
+    out = Path(opts.out) if opts.out else Path(opts.model) / "samples-gan"
+    # An earlier run's images would be mixed with these (its 0001-cats.png beside a 0001-dogs.png) and its
+    # grid.png replaced; numbering on would still replace its grid and config, so the folder is refused.
+    earlier = _earlier_run_files(out)
+    if earlier and not opts.overwrite:
+        raise EgakuError(f"{out} already holds the images of an earlier sample-gan run ({earlier[0].name} and "
+                         f"{len(earlier) - 1} more); pass --overwrite to replace them, or choose another --out")
     # 2. Sample
     images, labels = sample_gan(gen, opts.n, opts.seed, label)
     if opts.size:
         images = resize_batch(images, opts.size).clamp(-1, 1)
-    # 3. Write images, grid and the options used
-    out = Path(opts.out) if opts.out else Path(opts.model) / "samples-gan"
+    # 3. Write images, grid and the options used (--overwrite: in place of the earlier run's; other files stay)
+    for path in earlier:
+        path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     pil = to_pil_images(images)
     names = gen.config.class_names

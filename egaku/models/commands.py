@@ -30,9 +30,10 @@ def convert_command(opts: ConvertOptions) -> None:
         raise EgakuError(f"{out} already exists; pass --overwrite to replace it, or choose another --out", param="out")
     pipe = load_pipeline(opts.model, device="cpu", dtype="float32", model_config=opts.model_config,
                          allow_pickle=opts.allow_pickle)
+    defaults = model_defaults(pipe)  # kept in the copy: a folder's egaku_defaults.json, a single file's metadata
     if out.suffix == ".safetensors":
-        save_single_file(pipe, out, dtype=DTYPES[opts.dtype])
+        save_single_file(pipe, out, dtype=DTYPES[opts.dtype], defaults=defaults)
     else:
         save_pipeline(pipe.to(dtype=DTYPES[opts.dtype]), out)
-        write_model_defaults(out, model_defaults(pipe))
+        write_model_defaults(out, defaults)
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s")

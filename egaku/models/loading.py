@@ -40,9 +40,18 @@ MODEL_DEFAULTS_FILE = "egaku_defaults.json"
 
 
 def model_defaults(pipe) -> dict:
-    """The sampling defaults the loaded model's folder declares (empty for other sources)."""
+    """The sampling defaults the loaded model declares: its folder's egaku_defaults.json; for a single file,
+    those ``egaku convert`` recorded in its metadata, else the file of the --model-config folder it was read
+    with. Empty for other sources."""
     info = getattr(pipe, "egaku_info", None)
     path = info.path if info is not None else None
+    if path is not None and path.is_file():
+        from .single_file import single_file_defaults
+
+        recorded = single_file_defaults(path) if path.suffix.lower() == ".safetensors" else {}
+        if recorded:
+            return recorded
+        path = info.config
     if path is None or not (path / MODEL_DEFAULTS_FILE).is_file():
         return {}
     file = path / MODEL_DEFAULTS_FILE
@@ -110,6 +119,7 @@ class ModelInfo:
     kind: str  # builtin | tiny | folder | single-file | pickle | hub
     path: Path | None  # the folder or file on disk, if any
     _hash: str | None = None
+    config: Path | None = None  # a single file's --model-config folder
 
     @property
     def hash(self) -> str | None:
@@ -283,6 +293,8 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         elif suffix == ".safetensors":
             pipe = _from_single_file(path, model_config, torch_dtype)
             info = ModelInfo(path.stem, "single-file", path.resolve())
+        if model_config:
+            info.config = Path(model_config).resolve()
         else:
             raise EgakuError(f"{path}: unknown model file type {suffix!r}; use a .safetensors checkpoint or a "
                              "diffusers folder", param="model")

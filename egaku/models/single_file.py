@@ -10,6 +10,7 @@ config=folder)`` reads the result back to identical weights.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -111,7 +112,29 @@ def pipeline_to_original(pipe) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+# safetensors metadata key holding the model's sampling defaults (egaku_defaults.json) as JSON
+DEFAULTS_METADATA_KEY = "egaku_defaults"
+
+
+def single_file_defaults(path: str | Path) -> dict:
+    """The sampling defaults ``save_single_file`` recorded in a file's metadata (empty when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            text = (fh.metadata() or {}).get(DEFAULTS_METADATA_KEY)
+        defaults = json.loads(text) if text else {}
+    except (OSError, ValueError):  # a file written elsewhere: no defaults of ours
+        return {}
+    guidance = defaults.get("guidance_scale") if isinstance(defaults, dict) else None
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance >= 0:
+        return {}
+    return {"guidance_scale": float(guidance)}
+
+
+def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None, defaults: dict | None = None) -> Path:
+    """Write ``pipe`` as one original-layout file; ``defaults`` (``model_defaults``) go into its metadata, so a
+    conversion back to a folder can write them as egaku_defaults.json again."""
     extra = pipe.unet.config.get("addition_embed_type")
     if extra:
         raise EgakuError(f"this UNet adds an extra embedding to its timestep embedding (addition_embed_type="
@@ -124,4 +147,7 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     # a multi-GB write that is cut short must not leave a truncated checkpoint under the final name
-    return atomic_save_file(state, path, metadata={"format": "pt", "converted_by": "egaku"})
+    metadata = {"format": "pt", "converted_by": "egaku"}
+    if defaults:
+        metadata[DEFAULTS_METADATA_KEY] = json.dumps(defaults, sort_keys=True)
+    return atomic_save_file(state, path, metadata=metadata)

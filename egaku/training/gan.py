@@ -85,6 +85,40 @@ class TrainGanOptions:
     device: str = option("auto", help="auto (CUDA when available), cpu or cuda", choices=["auto", "cpu", "cuda"])
     progress: bool = option(True, help="show a progress bar")
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.image_size >= 4, f"--image-size must be at least 4 pixels, got {self.image_size}"),
+            (self.arch != "dcgan" or self.image_size % 4 == 0 and self.image_size >= 8,
+             f"--image-size {self.image_size}: the DCGAN needs a size divisible by 4 and at least 8; use 28 (digits), "
+             "32 or 64"),
+            (self.latent_dim >= 1, f"--latent-dim must be at least 1, got {self.latent_dim}"),
+            (self.base_channels >= 1, f"--base-channels must be at least 1, got {self.base_channels}"),
+            (self.batch_size >= 2, f"--batch-size {self.batch_size}: batch norm and the loss need at least 2 images "
+             "per step"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.max_steps >= 0, f"--max-steps must be 0 (no limit) or a number of steps, got {self.max_steps}"),
+            (self.max_minutes >= 0 and self.max_cpu_minutes >= 0,
+             f"--max-minutes and --max-cpu-minutes must be 0 (no limit) or more, got {self.max_minutes} and "
+             f"{self.max_cpu_minutes}"),
+            (self.lr > 0, f"--lr must be above 0, got {self.lr}"),
+            (0.0 <= self.beta1 < 1.0, f"--beta1 {self.beta1} must be in [0, 1); 0.5 is the DCGAN paper's"),
+            (0.0 <= self.ema_decay < 1.0, f"--ema-decay {self.ema_decay} must be in [0, 1); 0.999 is usual, 0 turns "
+             "it off"),
+            (0.0 <= self.label_smoothing < 0.5, f"--label-smoothing {self.label_smoothing} must be in [0, 0.5); 0.1 "
+             "is usual"),
+            (0 <= self.augment < self.image_size // 2, f"--augment {self.augment}: a shift in pixels from 0 (off) to "
+             "under half the image size; 2 is usual for 28x28"),
+            (self.mode_seeking >= 0 and self.lr_d >= 0, "--mode-seeking and --lr-d must be >= 0 (0 turns them off)"),
+            (self.checkpoint_every >= 1, f"--checkpoint-every must be a number of steps, at least 1, got "
+             f"{self.checkpoint_every}"),
+            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}"),
+            (self.sample_grid >= 1, f"--sample-grid must be at least 1 image, got {self.sample_grid}"),
+            (self.sample_every_epochs >= 1, f"--sample-every-epochs {self.sample_every_epochs} must be 1 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EgakuError(message)
+
 
 def fixed_latents(n: int, latent_dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The grid's latent vectors, from their own seed; conditional: classes cycle along each row."""
@@ -168,20 +202,16 @@ def _batch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def train_gan_command(opts: TrainGanOptions) -> None:
-    # 1. Check options and load the data
-    if opts.batch_size < 2:
-        raise EgakuError(f"--batch-size {opts.batch_size}: batch norm and the loss need at least 2 images per step")
-    if not 0.0 <= opts.ema_decay < 1.0:
-        raise EgakuError(f"--ema-decay {opts.ema_decay} must be in [0, 1); 0.999 is usual, 0 turns it off")
-    if not 0.0 <= opts.label_smoothing < 0.5:
-        raise EgakuError(f"--label-smoothing {opts.label_smoothing} must be in [0, 0.5); 0.1 is usual")
-    if opts.augment < 0 or opts.augment >= opts.image_size // 2:
-        raise EgakuError(f"--augment {opts.augment}: a shift in pixels from 0 (off) to under half the image size; "
-                         "2 is usual for 28x28")
-    if opts.mode_seeking < 0 or opts.lr_d < 0:
-        raise EgakuError("--mode-seeking and --lr-d must be >= 0 (0 turns them off)")
-    if opts.sample_every_epochs < 1:
-        raise EgakuError(f"--sample-every-epochs {opts.sample_every_epochs} must be 1 or more")
+    # 1. The checkpoint to resume from, then the data (TrainGanOptions checked the options)
+    out = Path(opts.out)
+    checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
+    resume_path = checkpoints.resolve(opts.resume) if opts.resume else None
+    if resume_path is not None:  # before the data is read: a checkpoint of another trainer or arch is refused at once
+        saved_arch = _saved_arch(resume_path)
+        if saved_arch != opts.arch:
+            title = ARCH_TITLES.get(saved_arch, saved_arch)
+            raise EgakuError(f"{resume_path} is a checkpoint of {title}, but --arch {opts.arch} was asked; resume "
+                             f"with --arch {saved_arch}, or start a new run in another --out folder")
     if opts.arch == "mlp" and opts.base_channels != 32:
         print("note: --base-channels only affects the DCGAN")
     data = load_gan_data(opts.data, opts.image_size, opts.channels, opts.conditional)
@@ -189,7 +219,6 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         raise EgakuError(f"--data {opts.data}: found {len(data)} image; a GAN needs at least 2 (batch norm and the "
                          "discriminator compare several per step)")
     class_names = data.label_names if opts.conditional else None
-    out = Path(opts.out)
     print(f"{data.source}: {len(data)} images, {len(data.label_names)} classes, {opts.image_size}x{opts.image_size}")
 
     # 2. Models, optimizers, the run's resolved config
@@ -206,17 +235,11 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     run_config = {**to_dict(opts), "class_names": class_names}
     may_change = {"epochs", "max_steps", "max_minutes", "max_cpu_minutes", "resume", "progress", "checkpoint_every",
                   "keep_checkpoints", "out", "device", "sample_every_epochs"}
-    checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
     step, epoch, position = 0, 0, 0
 
     # 3. Resume
-    if opts.resume:
-        path = checkpoints.resolve(opts.resume)
-        saved_arch = _saved_arch(path)
-        if saved_arch != opts.arch:
-            title = ARCH_TITLES.get(saved_arch, saved_arch)
-            raise EgakuError(f"{path} is a checkpoint of {title}, but --arch {opts.arch} was asked; resume with "
-                             f"--arch {saved_arch}, or start a new run in another --out folder")
+    if resume_path is not None:
+        path = resume_path
         weights, state = load_checkpoint(path, run_config, ignore=may_change)
         gen.load_state_dict(weights["generator"])
         disc.load_state_dict(weights["discriminator"])
@@ -227,9 +250,11 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         restore_rng(state["rng"])
         step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
         print(f"resumed from {path} at step {step} (epoch {epoch + 1}, batch {position})")
+    else:
+        checkpoints.check_fresh_start()
     out.mkdir(parents=True, exist_ok=True)
     save_config(opts, out / "config.json")
-    log = MetricsLog(out / "metrics.csv")
+    log = MetricsLog(out / "metrics.csv", start_step=step)
     k = gen.num_classes
     grid_n = -(-opts.sample_grid // k) * k if k else opts.sample_grid  # whole rows of classes
     grid_z, grid_labels = fixed_latents(grid_n, opts.latent_dim, k, opts.seed)
@@ -342,9 +367,19 @@ def train_gan_command(opts: TrainGanOptions) -> None:
 
 
 def _saved_arch(path: Path) -> str:
+    """The architecture of a train-gan checkpoint; another trainer's checkpoint is an error that names it."""
     try:
-        return json.loads((path / "config.json").read_text())["arch"]
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise EgakuError(f"{path} is not a train-gan checkpoint ({exc}); pass --resume latest or a step folder "
-                         "written by train-gan") from None
-
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise EgakuError(f"{path} is not a train-gan checkpoint (its config.json cannot be read: {exc}); pass "
+                         "--resume latest or a step folder written by train-gan") from None
+    # a checkpoint's config holds the options of the trainer that wrote it
+    if isinstance(saved, dict) and {"arch", "latent_dim", "base_channels"} <= set(saved):
+        return saved["arch"]
+    writer = ""
+    if isinstance(saved, dict) and {"vae_steps", "unet_channels"} <= set(saved):
+        writer = " (it was written by train-ldm: resume it with `egaku train-ldm --resume`)"
+    elif isinstance(saved, dict) and {"rank", "target_modules"} <= set(saved):
+        writer = " (it was written by train-lora: resume it with `egaku train-lora --resume`)"
+    raise EgakuError(f"{path} is not a train-gan checkpoint{writer}; pass --resume latest or a step folder written "
+                     "by train-gan")

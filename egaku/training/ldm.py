@@ -57,6 +57,12 @@ DEFAULT_SAMPLE_PROMPTS = [
 ]
 
 
+# diffusers' down blocks that UNet2DConditionModel builds with its mirrored up block (Down -> Up in the name); the
+# Skip and K blocks need a UNet configured otherwise, and the encoder blocks have no up block of that name.
+UNET_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "AttnDownBlock2D", "SimpleCrossAttnDownBlock2D",
+                    "ResnetDownsampleBlock2D")
+
+
 @dataclasses.dataclass
 class TrainLdmOptions:
     data: str = option("shapes", help="`shapes` (the built-in procedural world) or a folder of captioned images")
@@ -146,35 +152,78 @@ class TrainLdmOptions:
     progress: bool = option(True, help="show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.resolution % 8 or self.resolution < 16:
-            raise EgakuError(f"--resolution {self.resolution}: use a multiple of 8, at least 16")
-        if len(self.vae_channels) < 3:
-            raise EgakuError(f"--vae-channels {self.vae_channels}: give at least 3 blocks (downsampling factor 4)")
-        if self.vae_crop and (self.vae_crop > self.resolution or self.vae_crop % 8):
-            raise EgakuError(f"--vae-crop {self.vae_crop}: use 0 or a multiple of 8 up to --resolution")
-        if len(self.unet_down_blocks) != len(self.unet_channels):
-            raise EgakuError(f"--unet-down-blocks has {len(self.unet_down_blocks)} entries but --unet-channels "
-                             f"has {len(self.unet_channels)}; give one block type per width")
-        if self.max_caption_tokens < 8:
-            raise EgakuError(f"--max-caption-tokens {self.max_caption_tokens}: use at least 8")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise EgakuError(f"--caption-dropout {self.caption_dropout}: use a probability in [0, 1)")
-        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
-            raise EgakuError("--zero-terminal-snr needs --prediction-type v_prediction (at the last step there is "
-                             "no signal left, so predicting the noise says nothing about the image)")
-        if self.cooldown_steps and (self.lr_schedule != "constant" or not 0 < self.cooldown_steps <= self.steps):
-            raise EgakuError(f"--cooldown-steps {self.cooldown_steps}: use it with --lr-schedule constant (cosine "
-                             f"already decays), and at most --steps ({self.steps})")
+        # Sizes first: the checks after them divide by some of these.
+        sizes = {"shapes_images": self.shapes_images, "vae_layers_per_block": self.vae_layers_per_block,
+                 "latent_channels": self.latent_channels, "vae_batch_size": self.vae_batch_size,
+                 "unet_layers_per_block": self.unet_layers_per_block, "cross_attention_dim": self.cross_attention_dim,
+                 "attention_head_dim": self.attention_head_dim, "text_layers": self.text_layers,
+                 "text_heads": self.text_heads, "steps": self.steps, "batch_size": self.batch_size,
+                 "num_train_timesteps": self.num_train_timesteps, "checkpoint_every": self.checkpoint_every,
+                 "keep_checkpoints": self.keep_checkpoints, "sample_steps": self.sample_steps}
+        for name, value in sizes.items():
+            if value < 1:
+                raise EgakuError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for name, widths in (("vae_channels", self.vae_channels), ("unet_channels", self.unet_channels)):
+            if not widths or min(widths) < 1:
+                raise EgakuError(f"--{name.replace('_', '-')} {widths}: give block widths of at least 1")
+        heads = self.attention_head_dim
+        pooled_heads = max(1, self.cross_attention_dim // heads)  # as build_unet gives them to diffusers
+        unknown = [b for b in self.unet_down_blocks if b not in UNET_DOWN_BLOCKS]
+        checks = [
+            (self.resolution % 8 == 0 and self.resolution >= 16,
+             f"--resolution {self.resolution}: use a multiple of 8, at least 16"),
+            (len(self.vae_channels) >= 3,
+             f"--vae-channels {self.vae_channels}: give at least 3 blocks (downsampling factor 4)"),
+            (self.vae_crop == 0 or (0 < self.vae_crop <= self.resolution and self.vae_crop % 8 == 0),
+             f"--vae-crop {self.vae_crop}: use 0 or a multiple of 8 up to --resolution"),
+            (not unknown, f"--unet-down-blocks {', '.join(unknown)}: not a block type this UNet can mirror; use "
+             f"{', '.join(UNET_DOWN_BLOCKS)} (the up blocks mirror them)"),
+            (len(self.unet_down_blocks) == len(self.unet_channels),
+             f"--unet-down-blocks has {len(self.unet_down_blocks)} entries but --unet-channels has "
+             f"{len(self.unet_channels)}; give one block type per width"),
+            (all(width % heads == 0 for width in self.unet_channels),
+             f"--unet-channels {self.unet_channels}: each width must be divisible by --attention-head-dim {heads} "
+             "(the number of attention heads each block splits its channels into)"),
+            (not self.unet_pooled_text or self.cross_attention_dim % pooled_heads == 0,
+             f"--unet-pooled-text pools the caption with --cross-attention-dim / --attention-head-dim = "
+             f"{pooled_heads} heads, which must divide --cross-attention-dim {self.cross_attention_dim}; choose "
+             "an --attention-head-dim that divides it"),
+            (self.cross_attention_dim % self.text_heads == 0,
+             f"--text-heads {self.text_heads} must divide the text width (--cross-attention-dim "
+             f"{self.cross_attention_dim}); use one of "
+             f"{', '.join(str(d) for d in range(1, self.cross_attention_dim + 1) if self.cross_attention_dim % d == 0)}"),
+            (self.max_caption_tokens >= 8, f"--max-caption-tokens {self.max_caption_tokens}: use at least 8"),
+            (0.0 <= self.caption_dropout < 1.0, f"--caption-dropout {self.caption_dropout}: use a probability in [0, 1)"),
+            (self.lr > 0, f"--lr must be above 0, got {self.lr}"),
+            (self.vae_lr > 0, f"--vae-lr must be above 0, got {self.vae_lr}"),
+            (self.kl_weight >= 0, f"--kl-weight must be 0 or more, got {self.kl_weight}"),
+            (0.0 <= self.ema_decay <= 1.0, f"--ema-decay {self.ema_decay}: use a value in [0, 1]; 0.999 is usual"),
+            (self.snr_gamma >= 0, f"--snr-gamma must be 0 (off) or more, got {self.snr_gamma}"),
+            (self.sample_guidance >= 0, f"--sample-guidance must be 0 or more, got {self.sample_guidance}"),
+            (self.vae_steps >= 0, f"--vae-steps must be 0 or more, got {self.vae_steps}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {self.warmup_steps}"),
+            (self.sample_every >= 0, f"--sample-every must be 0 (only at the end) or a number of steps, "
+             f"got {self.sample_every}"),
+            (not self.zero_terminal_snr or self.prediction_type == "v_prediction",
+             "--zero-terminal-snr needs --prediction-type v_prediction (at the last step there is no signal left, "
+             "so predicting the noise says nothing about the image)"),
+            (not self.cooldown_steps or (self.lr_schedule == "constant" and 0 < self.cooldown_steps <= self.steps),
+             f"--cooldown-steps {self.cooldown_steps}: use it with --lr-schedule constant (cosine already decays), "
+             f"and at most --steps ({self.steps})"),
+            (not (self.vae_from and self.vae_steps), f"--vae-from {self.vae_from} replaces stage 1: set --vae-steps 0"),
+            # A fresh run without stage 1 would train the diffusion model in the latent space of a random VAE.
+            (self.vae_steps > 0 or self.vae_from or self.resume or self.export_only,
+             "--vae-steps 0 skips training the VAE, which only a run that has one already may do: give --vae-steps N "
+             "(e.g. 1500), or --vae-from DIR (a trained AutoencoderKL), or --resume a run past its VAE stage"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EgakuError(message)
         check_timestep_sampling(self.timestep_sampling, self.uniform_share, self.logit_std)
         parse_caption_weights(self.caption_weights)
         if self.mixed_precision == "fp16" and resolve_device(self.device).type != "cuda":
             raise EgakuError("--mixed-precision fp16 is for CUDA devices (on a CPU fp16 is slow and needs loss "
                              "scaling): use bf16 on the CPU")
-        if self.vae_from and self.vae_steps:
-            raise EgakuError(f"--vae-from {self.vae_from} replaces stage 1: set --vae-steps 0")
-        for name in ("steps", "batch_size", "vae_batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise EgakuError(f"--{name.replace('_', '-')} must be at least 1")
 
     @property
     def total_steps(self) -> int:
@@ -380,6 +429,25 @@ def _lr_lambda(warmup: int, total: int, schedule: str = "cosine", cooldown: int 
     return f
 
 
+def check_written_by_train_ldm(path: Path) -> None:
+    """Refuse a checkpoint of another trainer (train-gan, train-lora), whose config shares few options with
+    this one: comparing them would list every field as changed."""
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and {"vae_steps", "unet_channels", "cross_attention_dim"} <= set(saved):
+        return
+    writer = ""
+    if isinstance(saved, dict):
+        if {"arch", "latent_dim", "base_channels"} <= set(saved):
+            writer = " (it was written by train-gan: resume it with `egaku train-gan --resume`)"
+        elif {"rank", "target_modules"} <= set(saved):
+            writer = " (it was written by train-lora: resume it with `egaku train-lora --resume`)"
+    raise EgakuError(f"--resume {path}: not a train-ldm checkpoint{writer}; give `latest` or a checkpoint folder "
+                     "of a train-ldm run")
+
+
 def _check_schedule_change(saved: dict, opts: TrainLdmOptions, step: int, path: Path) -> None:
     """Refuse a resume whose new --steps/--cooldown-steps would change a learning rate already used."""
     saved_cooldown = saved["cooldown_steps"]
@@ -493,6 +561,12 @@ def _train(opts: TrainLdmOptions) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config = to_dict(opts)
     ckpts = Checkpoints(out, keep=opts.keep_checkpoints)
+    if not (opts.resume or opts.export_only):
+        ckpts.check_fresh_start()
+    resume = "latest" if opts.export_only and not opts.resume else opts.resume
+    resume_path = ckpts.resolve(resume) if resume else None
+    if resume_path is not None:  # before the data is read: a checkpoint of another trainer is refused at once
+        check_written_by_train_ldm(resume_path)
     started = time.time()
 
     # 1. Data and models (seeded), then the checkpoint to resume from, if any
@@ -514,13 +588,12 @@ def _train(opts: TrainLdmOptions) -> Path:
     noise_scheduler = build_noise_scheduler(opts)
     device = resolve_device(opts.device)
     step, state, weights = 0, None, {}
-    resume = "latest" if opts.export_only and not opts.resume else opts.resume
-    if resume:
+    if resume_path is not None:
         # With a constant learning rate --steps only says where to stop, so a run may be extended.
         # So may its cooldown, from the checkpoint's step on: the steps before it are the same either way.
         extendable = opts.export_only or opts.lr_schedule == "constant"
         ignore = RESUME_IGNORE | ({"steps", "cooldown_steps"} if extendable else set())
-        path = ckpts.resolve(resume)
+        path = resume_path
         defaults = to_dict(TrainLdmOptions())  # for options a checkpoint predates
         weights, state = load_checkpoint(path, config, ignore=ignore, defaults=defaults)
         step = int(state["step"])
@@ -533,8 +606,12 @@ def _train(opts: TrainLdmOptions) -> Path:
         print(f"resumed from {path} (step {step})", file=sys.stderr)
     for model in (vae, text_encoder, unet):
         model.to(device)
-    save_config(opts, out / "config.json")
-    log = MetricsLog(out / "losses.csv")
+    if not opts.export_only:
+        save_config(opts, out / "config.json")
+    elif not (out / "config.json").is_file():
+        # An export trains nothing: the run's config is the checkpoint's, not this command's (--steps may differ).
+        (out / "config.json").write_text((resume_path / "config.json").read_text())
+    log = MetricsLog(out / "losses.csv", start_step=None if opts.export_only else step)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
     base_seconds = float(summary.get("train_seconds", 0.0))  # wall time of the runs before this resume
@@ -649,6 +726,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         scaler.load_state_dict(state["grad_scaler"])
     unet.train()
     text_encoder.train()
+    (out / "samples").mkdir(exist_ok=True)  # not only made with the VAE reconstructions: a resume may skip those
     with StopOnSignal() as stop:
         while step < opts.total_steps and not opts.export_only:
             gen = step_generator(opts.seed, step)
