@@ -462,7 +462,15 @@ def test_rgb_image_folder_trains_a_colour_dcgan(tmp_path):
     with Image.open(Path(opts.out) / "samples-gan" / "0000-red.png") as im:
         assert im.mode == "RGB" and im.size == (8, 8)
     with pytest.raises(EgakuError, match="greyscale"):
-        train_gan_command(_opts(tmp_path, data="digits", channels=3))
+        train_gan_command(_opts(tmp_path, data="digits", channels=3, out=str(tmp_path / "grey")))
+    # the data changed since the checkpoint: a resume would not continue the run it belongs to
+    Image.fromarray(np.full((12, 10, 3), 128, np.uint8), "RGB").save(tmp_path / "colours" / "red" / "new.jpg")
+    with pytest.raises(EgakuError, match="the training data changed since it was written \\(6 images then, 7 now"):
+        train_gan_command(_opts(tmp_path, arch="dcgan", data=str(tmp_path / "colours"), channels=3, conditional=True,
+                                batch_size=4, max_steps=6, resume="latest"))
+    # a new run in that folder, without --resume, would prune its own checkpoints: refused before the data is read
+    with pytest.raises(EgakuError, match="already holds a run's checkpoints"):
+        train_gan_command(opts)
 
 
 def test_minibatch_std_trains_and_is_part_of_the_run_config(tmp_path):

@@ -334,6 +334,11 @@ def test_image_folder_training_skips_and_lists_undecodable_images(tmp_path, caps
     assert (model / "model_index.json").is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "PSNR is on training images" in summary["data"]
+    # a caption changed since the checkpoint: resuming would not continue the run it belongs to
+    (data / "img1.txt").write_text("another caption")
+    with pytest.raises(EgakuError, match="the training data changed since it was written \\(3 images;"):
+        ldm.train_ldm(tiny_opts(tmp_path / "run", data=str(data), vae_steps=2, steps=2, checkpoint_every=10,
+                                resume="latest"))
 
 
 def test_empty_or_missing_dataset_folder_is_a_clear_error(tmp_path):

@@ -36,8 +36,8 @@ from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
-from .runtime import (Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, load_checkpoint,
-                      permissions_by_umask, restore_rng, stop_after_signal)
+from .runtime import (Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, check_same_fingerprint,
+                      data_fingerprint, load_checkpoint, permissions_by_umask, restore_rng, stop_after_signal)
 
 
 @dataclass
@@ -212,6 +212,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
             title = ARCH_TITLES.get(saved_arch, saved_arch)
             raise EgakuError(f"{resume_path} is a checkpoint of {title}, but --arch {opts.arch} was asked; resume "
                              f"with --arch {saved_arch}, or start a new run in another --out folder")
+    if resume_path is None:
+        checkpoints.check_fresh_start()
     if opts.arch == "mlp" and opts.base_channels != 32:
         print("note: --base-channels only affects the DCGAN")
     data = load_gan_data(opts.data, opts.image_size, opts.channels, opts.conditional)
@@ -219,6 +221,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         raise EgakuError(f"--data {opts.data}: found {len(data)} image; a GAN needs at least 2 (batch norm and the "
                          "discriminator compare several per step)")
     class_names = data.label_names if opts.conditional else None
+    fingerprint = data_fingerprint(data.images, data.labels)  # a resume must find this data again
     print(f"{data.source}: {len(data)} images, {len(data.label_names)} classes, {opts.image_size}x{opts.image_size}")
 
     # 2. Models, optimizers, the run's resolved config
@@ -241,6 +244,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     if resume_path is not None:
         path = resume_path
         weights, state = load_checkpoint(path, run_config, ignore=may_change)
+        check_same_fingerprint(state, fingerprint, len(data), path)
         gen.load_state_dict(weights["generator"])
         disc.load_state_dict(weights["discriminator"])
         if gen_ema is not None:
@@ -250,8 +254,6 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         restore_rng(state["rng"])
         step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
         print(f"resumed from {path} at step {step} (epoch {epoch + 1}, batch {position})")
-    else:
-        checkpoints.check_fresh_start()
     out.mkdir(parents=True, exist_ok=True)
     save_config(opts, out / "config.json")
     log = MetricsLog(out / "metrics.csv", start_step=step)
@@ -262,7 +264,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
 
     def save(step: int) -> Path:
         state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": capture_rng(),
-                 "step": step, "epoch": epoch, "position": position}
+                 "step": step, "epoch": epoch, "position": position, "data_fingerprint": fingerprint,
+                 "data_images": len(data)}
         weights = {"generator": gen.state_dict(), "discriminator": disc.state_dict()}
         if gen_ema is not None:
             weights["generator_ema"] = gen_ema.state_dict()

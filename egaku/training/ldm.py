@@ -41,8 +41,9 @@ from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device, write_model_defaults, write_pipeline
 from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, capture_rng,
-                                check_finite, check_timestep_sampling, draw_timesteps, half_precision_attention,
-                                load_checkpoint, min_snr_weights, restore_rng, saved_config, stop_after_signal)
+                                check_finite, check_same_fingerprint, check_timestep_sampling, data_fingerprint,
+                                draw_timesteps, half_precision_attention, load_checkpoint, min_snr_weights,
+                                restore_rng, saved_config, stop_after_signal)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -572,6 +573,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     # 1. Data and models (seeded), then the checkpoint to resume from, if any
     data = load_training_images(opts)
     print(data.note, file=sys.stderr)
+    fingerprint = data_fingerprint(data.images, data.captions)  # a resume must find this data again
     draw_weights = image_weights(data.captions, parse_caption_weights(opts.caption_weights))
     if draw_weights is not None:
         print(f"--caption-weights: {', '.join(opts.caption_weights)}; images drawn by their weights "
@@ -596,6 +598,8 @@ def _train(opts: TrainLdmOptions) -> Path:
         path = resume_path
         defaults = to_dict(TrainLdmOptions())  # for options a checkpoint predates
         weights, state = load_checkpoint(path, config, ignore=ignore, defaults=defaults)
+        if not opts.export_only:
+            check_same_fingerprint(state, fingerprint, len(data.images), path)
         step = int(state["step"])
         if extendable and not opts.export_only:
             _check_schedule_change(saved_config(path, defaults), opts, step, path)
@@ -654,7 +658,8 @@ def _train(opts: TrainLdmOptions) -> Path:
                 if step % opts.checkpoint_every == 0 or step == opts.vae_steps or stop.requested:
                     ckpts.save(step, {"vae": vae.state_dict()},
                                {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
-                                "rng": capture_rng()}, config)
+                                "rng": capture_rng(), "data_fingerprint": fingerprint,
+                                "data_images": len(data.images)}, config)
                 if stop.requested:
                     bar.close()
                     stop_after_signal(step, ckpts.latest())
@@ -711,6 +716,7 @@ def _train(opts: TrainLdmOptions) -> Path:
                           "ema": dict(zip(names, ema.shadow_params))},
                    {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
                     "rng": capture_rng(), "ema_step": ema.optimization_step, "scaling_factor": scaling,
+                    "data_fingerprint": fingerprint, "data_images": len(data.images),
                     **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}, config)
 
     def ema_pipeline():

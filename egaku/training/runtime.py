@@ -253,6 +253,37 @@ class CheckpointWeights(dict):
         raise EgakuError(f"cannot resume from {self.path}: {name}.safetensors is missing; {self.fallback}")
 
 
+def data_fingerprint(*parts: Any) -> str:
+    """A sha256 of the training data as a trainer holds it (pixel arrays after resizing, captions, labels), in
+    order: a resume compares it with the checkpoint's to find out whether the data changed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().numpy()
+        if isinstance(part, np.ndarray):
+            digest.update(f"{part.dtype}{part.shape}".encode())
+            digest.update(np.ascontiguousarray(part).tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def check_same_fingerprint(state: dict[str, Any], fingerprint: str, images: int, checkpoint: Path) -> None:
+    """Refuse to resume on other training data than the checkpoint's (``data_fingerprint``): the data position
+    it restores and the weights an uninterrupted run would end with belong to that data. A checkpoint written
+    before fingerprints were recorded is taken as it is."""
+    saved = state.get("data_fingerprint")
+    if saved is None or saved == fingerprint:
+        return
+    then = state.get("data_images")
+    count = f"{then} images then, {images} now" if then is not None and int(then) != images else f"{images} images"
+    raise EgakuError(f"cannot resume from {checkpoint}: the training data changed since it was written ({count}; "
+                     "images, their order, captions or labels differ). Put the data back as it was, or start a new "
+                     "run in another --out folder")
+
+
 def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints, hint: str = "lower the learning rate") -> None:
     """Stop on NaN/inf loss, pointing at the last good checkpoint."""
     if not math.isfinite(float(loss)):
