@@ -257,7 +257,7 @@ def test_metadata_roundtrip_info_and_from(tiny_model_dir, tmp_path, capsys):
     assert params["prompt"] == "a red cat" and params["negative_prompt"] == "blurry"
     assert (params["seed"], params["steps"], params["sampler"], params["guidance_scale"]) == (43, 2, "euler", 5.0)
     text = Image.open(files[1]).text["parameters"]
-    assert text.startswith("a red cat\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 5.0, Seed: 43, Size: 64x64")
+    assert text.startswith("a red cat\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 43, Size: 64x64")
     assert "Model hash: " in text
     capsys.readouterr()
     assert main(["info", str(files[1])]) == 0
@@ -461,6 +461,8 @@ def test_bad_model_and_init_image(tmp_path, tiny_model_dir, capsys):
         (["--model", str(tmp_path / "notimg.png")], "unknown model file type"),
         (["--model", str(tiny_model_dir), "--init-image", str(tmp_path / "notimg.png")], "not an image file"),
         (["--model", str(tiny_model_dir), "--init-image", str(tmp_path / "missing.png")], "file does not exist"),
+        # a bad image is found before the model loads (this model does not exist)
+        (["--model", str(tmp_path / "nope"), "--init-image", str(tmp_path / "notimg.png")], "--init-image"),
     ]
     for args, message in cases:
         rc = main(["generate", "a cat", "--out", str(tmp_path / "o"), "--steps", "2", "--no-progress", *args])

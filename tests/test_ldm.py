@@ -44,6 +44,7 @@ def test_whole_chain_writes_a_pipeline_that_plain_diffusers_loads(tiny_run, asse
     assert json.loads((tiny_run / "config.json").read_text())["steps"] == 6
     rows = (tiny_run / "losses.csv").read_text().splitlines()
     assert rows[0].startswith("step,time") and len(rows) > 1
+    assert rows[-1].startswith("10,")  # the last step is logged, whatever the logging interval
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["step"] == 10 and np.isfinite(summary["vae_psnr"])
     assert (tiny_run / "samples" / "vae-reconstructions.png").is_file()

@@ -140,6 +140,14 @@ def generate_command(opts: GenerateOptions) -> None:
         opts = _apply_from_image(opts)
     for prompt in _prompts(opts):  # each prompt and its --parameters are checked before the model loads
         apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt))
+    from ..data.images import ImageError, decode_image
+
+    for flag, path in (("--init-image", opts.init_image), ("--mask", opts.mask)):  # so are the images
+        try:
+            if path:
+                decode_image(path).close()
+        except ImageError as exc:
+            raise EgakuError(f"{flag} {exc}", param="image" if flag == "--init-image" else "mask") from None
     out = Path(opts.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

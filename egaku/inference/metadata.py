@@ -89,6 +89,11 @@ def lora_hashes_text(lora_files: list[dict[str, Any]]) -> str | None:
     return ", ".join(f"{n}: {h}" for n, h in pairs.items()) or None
 
 
+def _a1111_number(value: Any) -> Any:
+    """7.0 as A1111 writes it: 7."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def a1111_parameters(p: dict[str, Any]) -> str:
     """A1111's text for ``p`` (the parameters ``generate`` records); a key it lacks is left out."""
     lines = [str(p.get("prompt", ""))]
@@ -97,7 +102,7 @@ def a1111_parameters(p: dict[str, Any]) -> str:
     pairs = [
         ("Steps", p.get("steps")),
         ("Sampler", p.get("sampler_label") or p.get("sampler")),
-        ("CFG scale", p.get("guidance_scale")),
+        ("CFG scale", _a1111_number(p.get("guidance_scale"))),
         ("Seed", p.get("seed")),
         ("Size", f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None),
         ("Model hash", p.get("model_hash")),

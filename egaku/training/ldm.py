@@ -768,7 +768,7 @@ def _train(opts: TrainLdmOptions) -> Path:
             step += 1
             check_finite(loss.detach(), step, ckpts)
             bar.update(1)
-            if step % 25 == 0:
+            if step % 25 == 0 or step == opts.total_steps:  # the last step too: the log ends where the run does
                 bar.set_postfix(stage="unet", loss=f"{loss.item():.4f}")
                 log.log(step, stage=2, loss=loss.item(), lr=sched.get_last_lr()[0])
             if step % opts.checkpoint_every == 0 or step == opts.total_steps or stop.requested:
