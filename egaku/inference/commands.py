@@ -141,7 +141,9 @@ def generate_command(opts: GenerateOptions) -> None:
     for prompt in _prompts(opts):  # each prompt and its --parameters are checked before the model loads
         apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt))
     from ..data.images import ImageError, decode_image
+    from .generate import _validate
 
+    _validate(opts)  # the options' own ranges first, as generate() checks them
     for flag, path in (("--init-image", opts.init_image), ("--mask", opts.mask)):  # so are the images
         try:
             if path:
