@@ -901,6 +901,10 @@ def test_the_cli_inpaints_with_a_mask_file_white_or_transparent(tiny_model_dir, 
         assert np.array_equal(pixels[:, 32:], np.asarray(init, np.int16)[:, 32:])  # kept
         assert not np.array_equal(pixels[:, :32], np.asarray(init, np.int16)[:, :32])  # repainted
         assert egaku.read_params(made)["mask"] == str(tmp_path / f"{name}.png")
+    assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--init-image", str(tmp_path / "init.png"),
+                 "--mask", str(tmp_path / "white.png"), "--steps", "2", "--seed", "1", "--out", str(tmp_path / "d"),
+                 "--no-progress"]) == 0
+    assert egaku.read_params(next((tmp_path / "d").glob("*-1.png")))["strength"] == 1.0  # without --strength
     assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--mask", str(tmp_path / "white.png"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "a mask needs an image to repaint" in capsys.readouterr().err

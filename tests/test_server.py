@@ -416,6 +416,26 @@ def test_queue_full_gives_429_and_recovers(small_queue):
     assert r.status_code == 200
 
 
+def test_a_job_id_still_in_use_is_a_409(small_queue):
+    live, worker, release = small_queue
+    results = {}
+    first = threading.Thread(target=lambda: results.update(r=httpx.post(
+        live.url + "/v1/images/generations", json={"prompt": "x", **FAST}, headers={"X-Egaku-Job": "same"},
+        timeout=60)))
+    first.start()
+    wait_until(lambda: worker.stats()["waiting"] == 1, "the first request to be queued")
+    r = httpx.post(live.url + "/v1/images/generations", json={"prompt": "y", **FAST}, headers={"X-Egaku-Job": "same"},
+                   timeout=60)
+    assert "still running" in assert_openai_error(r, 409, "X-Egaku-Job")["message"]
+    release.set()
+    first.join(60)
+    assert results["r"].status_code == 200
+    # once it is done, the id may be used again (its progress is replaced by the new job's)
+    r = httpx.post(live.url + "/v1/images/generations", json={"prompt": "y", **FAST}, headers={"X-Egaku-Job": "same"},
+                   timeout=60)
+    assert r.status_code == 200
+
+
 def test_a_client_that_leaves_frees_its_place(small_queue):
     live, worker, release = small_queue
     body = json.dumps({"prompt": "x", **FAST}).encode()

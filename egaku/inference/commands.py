@@ -138,6 +138,8 @@ def generate_command(opts: GenerateOptions) -> None:
     started = time.perf_counter()
     if opts.from_image:
         opts = _apply_from_image(opts)
+    if opts.mask and "strength" not in opts.given_options:  # an edit repaints its mask from noise, as the server's
+        opts = dataclasses.replace(opts, strength=1.0)
     for prompt in _prompts(opts):  # each prompt and its --parameters are checked before the model loads
         apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt))
     from ..data.images import ImageError, decode_image

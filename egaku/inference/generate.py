@@ -53,7 +53,8 @@ class GenerateOptions:
     init_image: str | None = option(None, help="start from this image (img2img)")
     mask: str | None = option(None, help="with --init-image: repaint only the mask's white part (or, in a mask with "
                               "transparency, its transparent part, as OpenAI's edits); the rest keeps the init "
-                              "image's pixels. --strength 1 repaints from noise")
+                              "image's pixels. The masked part is repainted from noise (strength 1, as the server's "
+                              "edits) unless --strength is given")
     strength: float = option(0.6, help="img2img: how much of the init image is re-noised (0..1]")
     lora: list[str] = option([], help="PATH[:SCALE] of a LoRA to apply; repeatable")
     lora_dir: str | None = option(None, help="folder where <lora:name:w> prompt tags are looked up")

@@ -416,6 +416,9 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         job_id = request.headers.get("x-egaku-job")
         if job_id is not None and not _JOB_ID.match(job_id):
             raise ApiError(400, "X-Egaku-Job must be 1-64 letters, digits, '-' or '_'", param="X-Egaku-Job")
+        if job_id in jobs and not jobs[job_id][1].finished.is_set():  # its progress would replace the other's
+            raise ApiError(409, f"job {job_id!r} is still running; give each request its own X-Egaku-Job id",
+                           param="X-Egaku-Job")
         job = worker.submit(_run_request(app.state.pipelines[model], req), job_id)
         jobs[job.id] = (model, job)
         while len(jobs) > 256:
