@@ -459,6 +459,7 @@ def test_bad_model_and_init_image(tmp_path, tiny_model_dir, capsys):
         (["--model", str(tmp_path / "nope")], "not found: no such file or folder"),
         (["--model", str(tmp_path / "empty")], "not a diffusers pipeline (no model_index.json)"),
         (["--model", str(tmp_path / "notimg.png")], "unknown model file type"),
+        (["--model", str(tmp_path / "notimg.png"), "--model-config", str(tiny_model_dir)], "unknown model file type"),
         (["--model", str(tiny_model_dir), "--init-image", str(tmp_path / "notimg.png")], "not an image file"),
         (["--model", str(tiny_model_dir), "--init-image", str(tmp_path / "missing.png")], "file does not exist"),
         # a bad image is found before the model loads (this model does not exist)
@@ -911,3 +912,12 @@ def test_the_cli_inpaints_with_a_mask_file_white_or_transparent(tiny_model_dir, 
     assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--init-image", str(tmp_path / "init.png"),
                  "--mask", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x")]) == 2
     assert "--mask" in capsys.readouterr().err
+
+
+def test_a_single_file_without_model_config_asks_for_its_configs(pipe, tmp_path, monkeypatch):
+    """(not "unknown model file type": the file type is known, only its configs are missing offline)"""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    path = save_single_file(pipe, tmp_path / "model.safetensors")
+    with pytest.raises(egaku.EgakuError, match="needs the configs of its architecture; pass --model-config"):
+        egaku.load_pipeline(str(path), device="cpu")

@@ -293,11 +293,11 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         elif suffix == ".safetensors":
             pipe = _from_single_file(path, model_config, torch_dtype)
             info = ModelInfo(path.stem, "single-file", path.resolve())
-        if model_config:
-            info.config = Path(model_config).resolve()
         else:
             raise EgakuError(f"{path}: unknown model file type {suffix!r}; use a .safetensors checkpoint or a "
                              "diffusers folder", param="model")
+        if model_config:
+            info.config = Path(model_config).resolve()
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix:
         pipe, info = _load_hub(spec, common)
     else:
