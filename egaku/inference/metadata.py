@@ -167,6 +167,15 @@ def params_from_text(text: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+# A1111's settings keys read as one value each: key -> (egaku's name, how to read it)
+_A1111_KEYS: dict[str, tuple[str, Any]] = {
+    "Steps": ("steps", int), "Sampler": ("sampler", str),
+    "Schedule type": ("schedule_type", str),  # A1111 1.9+ writes "DPM++ 2M" with "Schedule type: Karras"
+    "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Model": ("model_name", str),
+    "Model hash": ("model_hash", str), "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
+}
+
+
 def parse_a1111(text: str) -> dict[str, Any]:
     """Parse A1111's ``parameters`` text (prompt lines, optional negative prompt, then key: value pairs).
 
@@ -188,27 +197,12 @@ def parse_a1111(text: str) -> dict[str, Any]:
     for key, value in settings:
         key, value = key.strip(), unquote(value.strip())
         try:
-            if key == "Steps":
-                params["steps"] = int(value)
-            elif key == "Sampler":
-                params["sampler"] = value
-            elif key == "Schedule type":  # A1111 1.9+ writes "DPM++ 2M" with "Schedule type: Karras"
-                params["schedule_type"] = value
-            elif key == "CFG scale":
-                params["guidance_scale"] = float(value)
-            elif key == "Seed":
-                params["seed"] = int(value)
+            if key in _A1111_KEYS:
+                name, read = _A1111_KEYS[key]
+                params[name] = read(value)
             elif key == "Size":
                 w, h = value.split("x")
                 params["width"], params["height"] = int(w), int(h)
-            elif key == "Model":
-                params["model_name"] = value
-            elif key == "Model hash":
-                params["model_hash"] = value
-            elif key == "Denoising strength":
-                params["strength"] = float(value)
-            elif key == "Clip skip":
-                params["clip_skip"] = int(value)
             elif key == "Lora hashes":
                 pairs = (item.rpartition(":") for item in value.split(","))
                 params["lora_hashes"] = [[name.strip(), h.strip()] for name, _, h in pairs if name.strip()]
