@@ -85,7 +85,7 @@ def load_image_folder(root: str | Path, image_size: int, channels: int, conditio
         raise EgakuError(f"--data {root}: no usable images found; put images in class folders "
                          f"({root}/<class>/*.png) or use --data digits. {scan.report()}")
     for path, reason in scan.skipped:  # a run that goes ahead still says what it left out, as train-lora does
-        print(f"skipped {path.relative_to(scan.root) if path.is_relative_to(scan.root) else path}: {reason}")
+        print(f"skipped {scan.shown_path(path)}: {reason}")
     names = scan.classes
     if conditional:
         loose = [i.path for i in scan.items if i.label is None]

@@ -129,20 +129,21 @@ class FolderScan:
         if self.caption_encodings:
             lines.append(f"  {len(self.caption_encodings)} caption file(s) are not UTF-8 and were read as their "
                          "encoding; check they read right, or save them as UTF-8: "
-                         + _some([f"{self._rel(p)} ({enc})" for p, enc in self.caption_encodings]))
+                         + _some([f"{self.shown_path(p)} ({enc})" for p, enc in self.caption_encodings]))
         if self.multiline_captions:
             lines.append(f"  {len(self.multiline_captions)} caption file(s) have more than one line; only the first "
-                         "was used (as kohya's trainers do): " + _some([self._rel(p) for p in self.multiline_captions]))
+                         "was used (as kohya's trainers do): " + _some([self.shown_path(p) for p in self.multiline_captions]))
         if self.uncaptioned:
             got = next(i.caption for i in self.items if i.path == self.uncaptioned[0])
             lines.append(f"  {len(self.uncaptioned)} image(s) got no caption (no metadata row, caption file or class "
                          "folder gave one, or it was empty) and train on " + (f"the caption {got!r}" if got else "an empty caption")
-                         + ": " + _some([self._rel(p) for p in self.uncaptioned]))
+                         + ": " + _some([self.shown_path(p) for p in self.uncaptioned]))
         for path, reason in self.skipped:
-            lines.append(f"  skipped {self._rel(path)}: {reason}")
+            lines.append(f"  skipped {self.shown_path(path)}: {reason}")
         return "\n".join(lines)
 
-    def _rel(self, path: Path) -> str:
+    def shown_path(self, path: Path) -> str:
+        """``path`` as reports show it: relative to the data folder when it lies inside it."""
         return str(path.relative_to(self.root) if path.is_relative_to(self.root) else path)
 
     def load(self, item: FolderItem) -> Image.Image:
