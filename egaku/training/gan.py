@@ -37,7 +37,8 @@ from ..errors import EgakuError
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
 from .runtime import (Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, check_same_fingerprint,
-                      data_fingerprint, load_checkpoint, permissions_by_umask, restore_rng, stop_after_signal)
+                      data_fingerprint, load_checkpoint, permissions_by_umask, restore_rng, stop_after_signal,
+                      trainer_config)
 
 
 @dataclass
@@ -207,7 +208,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
     resume_path = checkpoints.resolve(opts.resume) if opts.resume else None
     if resume_path is not None:  # before the data is read: a checkpoint of another trainer or arch is refused at once
-        saved_arch = _saved_arch(resume_path)
+        saved_arch = trainer_config(resume_path, "train-gan")["arch"]
         if saved_arch != opts.arch:
             title = ARCH_TITLES.get(saved_arch, saved_arch)
             raise EgakuError(f"{resume_path} is a checkpoint of {title}, but --arch {opts.arch} was asked; resume "
@@ -367,22 +368,3 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     (out / "train-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{reason}: step {step} ({step / batches_per_epoch:.1f} epochs); checkpoint {path}; "
           f"generator in {out / 'generator'}")
-
-
-def _saved_arch(path: Path) -> str:
-    """The architecture of a train-gan checkpoint; another trainer's checkpoint is an error that names it."""
-    try:
-        saved = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise EgakuError(f"{path} is not a train-gan checkpoint (its config.json cannot be read: {exc}); pass "
-                         "--resume latest or a step folder written by train-gan") from None
-    # a checkpoint's config holds the options of the trainer that wrote it
-    if isinstance(saved, dict) and {"arch", "latent_dim", "base_channels"} <= set(saved):
-        return saved["arch"]
-    writer = ""
-    if isinstance(saved, dict) and {"vae_steps", "unet_channels"} <= set(saved):
-        writer = " (it was written by train-ldm: resume it with `egaku train-ldm --resume`)"
-    elif isinstance(saved, dict) and {"rank", "target_modules"} <= set(saved):
-        writer = " (it was written by train-lora: resume it with `egaku train-lora --resume`)"
-    raise EgakuError(f"{path} is not a train-gan checkpoint{writer}; pass --resume latest or a step folder written "
-                     "by train-gan")

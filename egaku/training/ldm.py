@@ -43,7 +43,7 @@ from ..models.loading import resolve_device, write_model_defaults, write_pipelin
 from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, capture_rng,
                                 check_finite, check_same_fingerprint, check_timestep_sampling, data_fingerprint,
                                 draw_timesteps, half_precision_attention, load_checkpoint, min_snr_weights,
-                                restore_rng, saved_config, stop_after_signal)
+                                restore_rng, saved_config, stop_after_signal, trainer_config)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -430,25 +430,6 @@ def _lr_lambda(warmup: int, total: int, schedule: str = "cosine", cooldown: int 
     return f
 
 
-def check_written_by_train_ldm(path: Path) -> None:
-    """Refuse a checkpoint of another trainer (train-gan, train-lora), whose config shares few options with
-    this one: comparing them would list every field as changed."""
-    try:
-        saved = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        saved = None
-    if isinstance(saved, dict) and {"vae_steps", "unet_channels", "cross_attention_dim"} <= set(saved):
-        return
-    writer = ""
-    if isinstance(saved, dict):
-        if {"arch", "latent_dim", "base_channels"} <= set(saved):
-            writer = " (it was written by train-gan: resume it with `egaku train-gan --resume`)"
-        elif {"rank", "target_modules"} <= set(saved):
-            writer = " (it was written by train-lora: resume it with `egaku train-lora --resume`)"
-    raise EgakuError(f"--resume {path}: not a train-ldm checkpoint{writer}; give `latest` or a checkpoint folder "
-                     "of a train-ldm run")
-
-
 def _check_schedule_change(saved: dict, opts: TrainLdmOptions, step: int, path: Path) -> None:
     """Refuse a resume whose new --steps/--cooldown-steps would change a learning rate already used."""
     saved_cooldown = saved["cooldown_steps"]
@@ -567,7 +548,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     resume = "latest" if opts.export_only and not opts.resume else opts.resume
     resume_path = ckpts.resolve(resume) if resume else None
     if resume_path is not None:  # before the data is read: a checkpoint of another trainer is refused at once
-        check_written_by_train_ldm(resume_path)
+        trainer_config(resume_path, "train-ldm")
     started = time.time()
 
     # 1. Data and models (seeded), then the checkpoint to resume from, if any

@@ -205,6 +205,30 @@ class Checkpoints:
         return path
 
 
+# options that only one trainer has: a checkpoint's config.json (the options of the run that wrote it) tells which
+TRAINER_OPTIONS = {"train-ldm": {"vae_steps", "unet_channels", "cross_attention_dim"},
+                   "train-gan": {"arch", "latent_dim", "base_channels"},
+                   "train-lora": {"rank", "target_modules"}}
+
+
+def trainer_config(path: Path, trainer: str) -> dict[str, Any]:
+    """The config of checkpoint ``path``, which ``trainer`` must have written: another trainer's checkpoint (whose
+    config, compared with this run's, would differ in every field) is an error that names the one to resume it
+    with, and so is a config.json that cannot be read."""
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        saved, why = None, f" (its config.json cannot be read: {exc})"
+    else:
+        writer = next((name for name, keys in TRAINER_OPTIONS.items()
+                       if isinstance(saved, dict) and keys <= set(saved)), None)
+        if writer == trainer:
+            return saved
+        why = f" (it was written by {writer}: resume it with `egaku {writer} --resume`)" if writer else ""
+    raise EgakuError(f"{path} is not a {trainer} checkpoint{why}; pass --resume latest or a step folder written "
+                     f"by {trainer}")
+
+
 def saved_config(path: Path, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """A checkpoint's config, with ``defaults`` for the options it predates (see ``load_checkpoint``)."""
     return {**(defaults or {}), **json.loads((path / "config.json").read_text())}
