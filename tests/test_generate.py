@@ -872,17 +872,6 @@ def test_convert_through_a_single_file_keeps_the_models_default_guidance(tiny_mo
     assert recommended_guidance(load_pipeline(str(tmp_path / "from-config"), "cpu", "float32")) == 3.0
 
 
-def test_a_prompt_longer_than_the_text_encoder_reads_gets_a_note(pipe, capsys):
-    from egaku.inference.generate import truncation_note
-
-    assert truncation_note(pipe.tokenizer, "a red circle") is None
-    note = truncation_note(pipe.tokenizer, "a red circle " * 40)
-    assert "the prompt is 122 tokens and the text encoder reads 77" in note and "chunks" in note
-    egaku.generate(pipe, "a cat", negative_prompt="blurry " * 90, seed=1, steps=2, clip_skip=2)
-    out = capsys.readouterr()
-    assert "the negative prompt is 362 tokens" in out.out and "indexing errors" not in out.err
-
-
 def test_the_cli_inpaints_with_a_mask_file_white_or_transparent(tiny_model_dir, tmp_path, capsys):
     init = Image.new("RGB", (64, 64), (250, 20, 20))
     init.save(tmp_path / "init.png")

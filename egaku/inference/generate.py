@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..config import build, option
 from ..errors import EgakuError
-from ..models.text import check_clip_skip, encode_prompts
+from ..models.text import check_clip_skip, encode_prompt_pair, needs_chunked_encoding, prompt_editing_note
 from .metadata import lora_short_hash
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, sampler_names, sampler_note, sampling_runner
 
@@ -33,7 +33,8 @@ MAX_SEED = 2**32 - 1
 class GenerateOptions:
     """Everything `egaku generate` takes; the Python API ``generate()`` reads the same fields."""
 
-    prompt: str = option("", help="what to draw (A1111 syntax: <lora:name:0.8> tags are applied)", positional=True)
+    prompt: str = option("", help="what to draw, in A1111's syntax: (word:1.3) and [word] weigh words, BREAK starts a new "
+                         "75-token chunk, <lora:name:0.8> applies a LoRA", positional=True)
     negative_prompt: str = option("", help="what to steer away from")
     model: str = option("builtin", help="builtin, tiny, a diffusers folder, a .safetensors checkpoint or a hub id")
     model_config: str | None = option(None, help="local diffusers folder whose configs describe a single-file checkpoint")
@@ -48,6 +49,8 @@ class GenerateOptions:
     height: int | None = option(None, help="image height in pixels (default: the model's native size)")
     aspect_ratio: str | None = option(None, help="W:H such as 16:9, at the model's native pixel count", aliases=["--ar"])
     sampler: str = option(DEFAULT_SAMPLER, help=f"one of {', '.join(SAMPLERS)}")
+    emphasis: bool = option(True, help="read (word), (word:1.3) and [word] as weights and BREAK as a chunk break, as "
+                            "A1111 does; off: brackets are words (prompts over 75 tokens are chunked either way)")
     clip_skip: int = option(1, help="text-encoder layer the prompt is read from, counted from the end as A1111 and "
                                     "kohya count: 1 = the last, 2 = the one before it (NovelAI-derived anime models)")
     init_image: str | None = option(None, help="start from this image (img2img)")
@@ -290,10 +293,14 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     else:
         runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
     runner = sampling_runner(pipe, runner_cls, sampler)
-    for label, words in (("prompt", text), ("negative prompt", o.negative_prompt)):
-        note = truncation_note(pipe.tokenizer, words, label)
-        if note:
-            print(f"egaku: {note}")
+    # prompts egaku encodes itself: weights, chunks past 75 tokens, or an earlier text layer (egaku.models.text)
+    own_encoding = o.clip_skip > 1 or any(needs_chunked_encoding(pipe.tokenizer, words, o.emphasis)
+                                          for words in (text, o.negative_prompt))
+    if o.emphasis:
+        for words in (text, o.negative_prompt):
+            note = prompt_editing_note(words)
+            if note:
+                print(f"egaku: {note}")
 
     info = getattr(pipe, "egaku_info", None)
     base_params = {
@@ -304,6 +311,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         # what --from needs to make it again: the model and each LoRA file (see metadata.py)
         "model_source": model_source(info), "lora_files": lora_files,
     }
+    if not o.emphasis:
+        base_params["emphasis"] = False
     if info is not None and info.kind in ("single-file", "pickle") and o.model_config:
         base_params["model_config"] = os.path.abspath(o.model_config)
     if tag_loras and o.lora_dir:  # the prompt's <lora:name:w> tags are names in this folder
@@ -336,12 +345,12 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                 num_inference_steps=o.steps, guidance_scale=o.guidance_scale, generator=generators,
                 output_type="latent", callback_on_step_end=step_callback,
             )
-            if o.clip_skip > 1:  # an earlier text layer: embeddings made here (see egaku.models.text)
+            if own_encoding:
+                del call["prompt"], call["negative_prompt"]
                 with torch.no_grad():
-                    call["prompt_embeds"] = encode_prompts(pipe.tokenizer, pipe.text_encoder, call.pop("prompt"),
-                                                           o.clip_skip)
-                    call["negative_prompt_embeds"] = encode_prompts(pipe.tokenizer, pipe.text_encoder,
-                                                                    call.pop("negative_prompt"), o.clip_skip)
+                    embeds = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, text, o.negative_prompt,
+                                                o.clip_skip, o.emphasis)
+                call["prompt_embeds"], call["negative_prompt_embeds"] = (e.repeat(count, 1, 1) for e in embeds)
             if inpainting_unet:
                 call.update(image=init, mask_image=mask, width=width, height=height, strength=o.strength)
             elif init is not None:
@@ -373,20 +382,6 @@ def repaint_mask(img: Image.Image) -> Image.Image:
     if "A" in img.getbands() or "transparency" in img.info:
         return img.convert("RGBA").getchannel("A").point(lambda a: 255 if a < 128 else 0)
     return img.convert("L").point(lambda v: 255 if v >= 128 else 0)
-
-
-def truncation_note(tokenizer, text: str, label: str = "prompt") -> str | None:
-    """A note when ``text`` is longer than the text encoder reads (77 tokens for CLIP), None otherwise. The rest
-    is cut off: A1111 and ComfyUI encode a longer prompt in chunks of 75 tokens, egaku does not."""
-    limit = tokenizer.model_max_length
-    if not text or not limit or limit > 100_000:
-        return None
-    count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
-    if count <= limit:
-        return None
-    kept = tokenizer.decode(tokenizer(text, truncation=True, max_length=limit).input_ids, skip_special_tokens=True)
-    return (f"the {label} is {count} tokens and the text encoder reads {limit} (with its start and end tokens); "
-            f"it is cut after \"{kept[-40:]}\" (A1111 encodes longer prompts in chunks; egaku does not)")
 
 
 def keep_unmasked(runner, init: Image.Image, mask: Image.Image, seeds: list[int]) -> Callable:
@@ -441,7 +436,8 @@ def _version() -> str:
 
 def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
     """Options that regenerate an image from its stored parameters."""
-    keys = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "strength", "clip_skip")
+    keys = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "strength", "clip_skip",
+            "emphasis")
     out = {k: params[k] for k in keys if params.get(k) is not None}
     if params.get("sampler"):  # one egaku does not have stays as written: --sampler may replace it, else
         # generate names it with the list of those there are

@@ -10,6 +10,8 @@ the pipelines as ``prompt_embeds``.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..errors import EgakuError
@@ -45,3 +47,148 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int =
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return encode_tokens(text_encoder, ids.to(device or text_encoder.device), clip_skip)
+
+
+# --- A1111's prompt syntax: emphasis and prompts longer than the text encoder reads ----------------------------
+#
+# A1111 and ComfyUI read ``(word)`` as the word at weight 1.1, ``(word:1.3)`` at 1.3 and ``[word]`` at 1/1.1; brackets
+# nest and multiply, ``\(`` is a literal bracket, and an unclosed bracket runs to the end of the prompt. A weight
+# scales the token's embedding away from the empty prompt's embedding at the same position (ComfyUI's rule;
+# A1111's default instead scales the embeddings and rescales the chunk to its old mean, which divides by a mean
+# near zero on text encoders whose outputs are centred, as the built-in model's are). A prompt longer than 75
+# tokens is encoded in chunks of 75 (each with its own start and end token, 77 in all) whose embeddings are laid
+# side by side, so the UNet's cross-attention reads all of them; a chunk ends at its last comma when one lies
+# within its last 20 tokens, and ``BREAK`` ends a chunk where it stands.
+
+EMPHASIS = 1.1
+COMMA_BACKTRACK = 20
+_ATTENTION = re.compile(r"\\([\\()\[\]])|(\()|(\[)|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)|(\))|(\])|([^\\()\[\]:]+|[:\\])")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*(?<!\\)[:|][^\[\]]*(?<!\\)\]")
+BREAK = None  # the marker parse_emphasis puts where the prompt says BREAK
+
+
+def parse_emphasis(text: str) -> list[tuple[str | None, float]]:
+    """``text`` as (piece, weight) in order, A1111's syntax read (see above); ``(BREAK, 1.0)`` marks a chunk break.
+    ``"a (red:1.3) [cat]"`` -> ``[("a ", 1.0), ("red", 1.3), (" ", 1.0), ("cat", 1/1.1)]``."""
+    pieces: list[list] = []
+    round_open: list[int] = []  # where each open bracket's pieces start
+    square_open: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for m in _ATTENTION.finditer(text):
+        escaped, open_round, open_square, weight, close_round, close_square, plain = m.groups()
+        if escaped:
+            pieces.append([escaped, 1.0])
+        elif open_round:
+            round_open.append(len(pieces))
+        elif open_square:
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            multiply(round_open.pop(), float(weight))
+        elif close_round and round_open:
+            multiply(round_open.pop(), EMPHASIS)
+        elif close_square and square_open:
+            multiply(square_open.pop(), 1 / EMPHASIS)
+        else:  # plain text, or a closing bracket with nothing open: kept as text, as A1111 keeps it
+            pieces.append([plain if plain is not None else m.group(0), 1.0])
+    for start in round_open:
+        multiply(start, EMPHASIS)
+    for start in square_open:
+        multiply(start, 1 / EMPHASIS)
+
+    out: list[tuple[str | None, float]] = []
+    for piece, weight in pieces:
+        for k, part in enumerate(_BREAK.split(piece)):
+            if k:
+                out.append((BREAK, 1.0))
+            if not part:
+                continue
+            if out and out[-1][0] is not BREAK and out[-1][1] == weight:
+                out[-1] = (out[-1][0] + part, weight)
+            else:
+                out.append((part, weight))
+    return out or [("", 1.0)]
+
+
+def prompt_editing_note(text: str) -> str | None:
+    """A note when ``text`` holds A1111's prompt editing ``[from:to:when]`` or alternation ``[a|b]``, which egaku
+    does not do: it reads the brackets as de-emphasis and the rest as words."""
+    found = _PROMPT_EDITING.search(text)
+    if found is None:
+        return None
+    return (f"\"{found.group(0)}\" is A1111's prompt editing or alternation, which egaku does not do: it is read as "
+            "words at weight 1/1.1 (escape the brackets as \\[ \\] to keep them as text)")
+
+
+def prompt_chunks(tokenizer, text: str, emphasis: bool = True) -> list[tuple[list[int], list[float]]]:
+    """Token ids and per-token weights of ``text`` in chunks of the tokenizer's length (77 for CLIP), each with
+    its start and end tokens and padded as the Stable Diffusion pipelines pad. ``emphasis=False`` reads brackets
+    and BREAK as plain text (the chunks are made all the same)."""
+    size = tokenizer.model_max_length - 2
+    comma = tokenizer(",", add_special_tokens=False).input_ids
+    comma_id = comma[0] if len(comma) == 1 else None
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def end_chunk() -> None:
+        pad = size - len(ids)
+        chunks.append(([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad,
+                       [1.0, *weights, 1.0] + [1.0] * pad))
+
+    for piece, weight in (parse_emphasis(text) if emphasis else [(text, 1.0)]):
+        if piece is BREAK:
+            end_chunk()
+            ids, weights, last_comma = [], [], -1
+            continue
+        for token in tokenizer(piece, add_special_tokens=False, truncation=False, verbose=False).input_ids:
+            if len(ids) == size:  # full: end it at its last comma if that is near, and carry the rest over
+                cut = last_comma + 1 if last_comma >= 0 and size - last_comma <= COMMA_BACKTRACK else size
+                carried_ids, carried_weights = ids[cut:], weights[cut:]
+                del ids[cut:], weights[cut:]
+                end_chunk()
+                ids, weights, last_comma = carried_ids, carried_weights, -1
+            if token == comma_id:
+                last_comma = len(ids)
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        end_chunk()
+    return chunks
+
+
+def needs_chunked_encoding(tokenizer, text: str, emphasis: bool = True) -> bool:
+    """Whether the pipelines' own encoding would read ``text`` otherwise than ``encode_prompt_pair``: it holds
+    A1111's syntax (even at weight 1, its brackets are not words) or is over one chunk."""
+    if emphasis and parse_emphasis(text) != [(text, 1.0)]:
+        return True
+    return len(prompt_chunks(tokenizer, text, emphasis=False)) > 1
+
+
+def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: str, clip_skip: int = 1,
+                       emphasis: bool = True, device: torch.device | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 77 * chunks, width) embeddings of a prompt and its negative prompt, read with A1111's syntax. The one
+    with fewer chunks gets empty ones, as A1111 adds them, since guidance needs both the same length. A prompt of
+    one chunk without weights gives exactly what ``encode_prompts`` gives."""
+    chunked = [prompt_chunks(tokenizer, t, emphasis) for t in (prompt, negative_prompt)]
+    count = max(len(c) for c in chunked)
+    empty = prompt_chunks(tokenizer, "", emphasis=False)[0]
+    chunked = [c + [empty] * (count - len(c)) for c in chunked]
+    device = device or text_encoder.device
+    empty_z = None
+    out = []
+    for chunks in chunked:
+        z = encode_tokens(text_encoder, torch.tensor([c[0] for c in chunks], device=device), clip_skip)
+        weights = torch.tensor([c[1] for c in chunks], dtype=z.dtype, device=z.device)[..., None]
+        if (weights != 1).any():
+            if empty_z is None:
+                empty_z = encode_tokens(text_encoder, torch.tensor([empty[0]], device=device), clip_skip)
+            z = torch.where(weights != 1, empty_z + (z - empty_z) * weights, z)
+        out.append(z.reshape(1, -1, z.shape[-1]))
+    return out[0], out[1]

@@ -1,0 +1,137 @@
+"""A1111's prompt syntax: (word:1.3) / [word] emphasis, BREAK, and prompts longer than one 75-token chunk."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import egaku
+from egaku.cli import main
+from egaku.models.text import (BREAK, encode_prompt_pair, encode_prompts, parse_emphasis, prompt_chunks,
+                               prompt_editing_note)
+
+LONG = ", ".join(f"a red circle number {k}" for k in range(20))  # about 130 tokens
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return egaku.load_pipeline(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("text, pieces", [
+    ("a (red:1.3) [cat]", [("a ", 1.0), ("red", 1.3), (" ", 1.0), ("cat", 1 / 1.1)]),
+    ("((big)) dog", [("big", 1.1 * 1.1), (" dog", 1.0)]),
+    ("(a [b] c:1.5)", [("a ", 1.5), ("b", 1.5 / 1.1), (" c", 1.5)]),
+    (r"\(literal\) and \[x\]", [("(literal) and [x]", 1.0)]),
+    ("open (bracket runs on", [("open ", 1.0), ("bracket runs on", 1.1)]),
+    ("stray ) and ] stay", [("stray ) and ] stay", 1.0)]),
+    ("time 10:30 (a:b)", [("time 10:30 ", 1.0), ("a:b", 1.1)]),
+    ("(faint:.5)", [("faint", 0.5)]),
+    ("sky BREAK sea", [("sky", 1.0), (BREAK, 1.0), ("sea", 1.0)]),
+    ("a BREAKFAST", [("a BREAKFAST", 1.0)]),
+    ("", [("", 1.0)]),
+])
+def test_emphasis_is_read_as_a1111_reads_it(text, pieces):
+    got = parse_emphasis(text)
+    assert [p for p, _ in got] == [p for p, _ in pieces]
+    assert [w for _, w in got] == pytest.approx([w for _, w in pieces])
+
+
+def test_prompt_editing_gets_a_note_and_plain_brackets_do_not():
+    assert "prompt editing" in prompt_editing_note("a [cat:dog:0.5] on grass")
+    assert "prompt editing" in prompt_editing_note("[red|blue] ball")
+    assert prompt_editing_note("a [faint] (strong:1.2) cat") is None
+    assert prompt_editing_note(r"\[a:b\]") is None
+
+
+def test_chunks_hold_75_tokens_end_at_a_near_comma_and_break_where_asked(pipe):
+    tok = pipe.tokenizer
+    chunks = prompt_chunks(tok, LONG)
+    words = tok(LONG, add_special_tokens=False, verbose=False).input_ids
+    assert len(words) > 75 and len(chunks) >= 2
+    comma = tok(",", add_special_tokens=False).input_ids[0]
+    content = []
+    for ids, weights in chunks:
+        assert len(ids) == len(weights) == 77 and ids[0] == tok.bos_token_id and weights == [1.0] * 77
+        body = ids[1:ids.index(tok.eos_token_id)]
+        content += body
+    # every token kept, in order; the first chunk ends just after a comma rather than mid-phrase
+    assert content == words
+    first = chunks[0][0][1:chunks[0][0].index(tok.eos_token_id)]
+    assert first[-1] == comma and 55 <= len(first) <= 75
+    # BREAK: a chunk per part, even for short prompts
+    broken = prompt_chunks(tok, "a red circle BREAK on black")
+    assert len(broken) == 2
+    assert tok.decode(broken[1][0], skip_special_tokens=True).strip() == "on black"
+    # emphasis off: brackets and BREAK are words, all at weight 1
+    plain = prompt_chunks(tok, "a (red:1.5) BREAK circle", emphasis=False)
+    assert len(plain) == 1 and set(plain[0][1]) == {1.0}
+    assert plain[0][0] == tok("a (red:1.5) BREAK circle", padding="max_length", max_length=77).input_ids
+
+
+def test_one_plain_chunk_encodes_exactly_as_the_pipelines_do(pipe):
+    for clip_skip in (1, 2):
+        expected = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle"], clip_skip)
+        got, negative = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, "a red circle", "", clip_skip)
+        assert torch.equal(got, expected)
+        assert torch.equal(negative, encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], clip_skip))
+    # weight 1 in brackets is the plain prompt
+    same, _ = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, "a (red:1) circle", "")
+    assert torch.equal(same, encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle"]))
+
+
+def test_a_weight_scales_its_tokens_away_from_the_empty_prompt(pipe):
+    plain = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle"])
+    empty = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    weighted, _ = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, "a (red:1.5) circle", "")
+    red = 2  # <start> a red ...
+    assert torch.allclose(weighted[0, red], empty[0, red] + 1.5 * (plain[0, red] - empty[0, red]), atol=1e-6)
+    others = [k for k in range(77) if k != red]
+    assert torch.equal(weighted[0, others], plain[0, others]) and not torch.allclose(weighted[0, red], plain[0, red])
+
+
+def test_prompt_and_negative_get_the_same_number_of_chunks(pipe):
+    prompt, negative = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, "a cat", LONG)
+    assert prompt.shape == negative.shape and prompt.shape[1] == 77 * len(prompt_chunks(pipe.tokenizer, LONG))
+    # the prompt's extra chunk is the empty prompt's
+    empty = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    assert torch.equal(prompt[:, 77:154], empty)
+
+
+def px(result):
+    return np.asarray(result.image, dtype=np.int16)
+
+
+def test_generate_reads_past_75_tokens_and_weights(pipe, capsys):
+    fast = dict(steps=2, seed=3)
+    cut = pipe.tokenizer.decode(pipe.tokenizer(LONG, truncation=True, max_length=77).input_ids,
+                                skip_special_tokens=True)
+    long_image = egaku.generate(pipe, LONG, **fast)[0]
+    assert not np.array_equal(px(long_image), px(egaku.generate(pipe, cut, **fast)[0]))  # the tail is read
+    # a batch of long prompts, and a long negative prompt beside a short prompt
+    batch = egaku.generate(pipe, LONG, num_images=2, batch_size=2, **fast)
+    assert np.abs(px(batch[0]) - px(long_image)).max() <= 1  # batched convolutions: the last float bit may differ
+    egaku.generate(pipe, "a cat", negative_prompt=LONG, **fast)
+    plain = px(egaku.generate(pipe, "a red circle", **fast)[0])
+    assert np.array_equal(plain, px(egaku.generate(pipe, "a (red:1) circle", **fast)[0]))
+    weighted = egaku.generate(pipe, "a (red:1.8) circle", **fast)[0]
+    assert not np.array_equal(plain, px(weighted)) and "emphasis" not in weighted.params
+    off = egaku.generate(pipe, "a (red:1.8) circle", emphasis=False, **fast)[0]
+    assert not np.array_equal(px(off), px(weighted)) and off.params["emphasis"] is False
+    egaku.generate(pipe, "a [cat:dog:0.5]", **fast)
+    out = capsys.readouterr()
+    assert "prompt editing" in out.out and "indexing errors" not in out.err
+
+
+def test_no_emphasis_is_stored_and_read_back_by_from(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    args = ["--model", str(tiny_model_dir), "--steps", "2", "--seed", "5", "--no-progress"]
+    assert main(["generate", "a (red:1.8) circle", "--no-emphasis", "--out", str(out), *args]) == 0
+    made = next(out.glob("*.png"))
+    stored = json.loads(Image.open(made).text["egaku"])
+    assert stored["emphasis"] is False
+    again = tmp_path / "again"
+    assert main(["generate", "--from", str(made), "--out", str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(next(again.glob("*.png")))))
