@@ -596,6 +596,18 @@ def test_resume_with_changed_config_is_refused_naming_the_difference(trained, da
         train_lora(opts)
 
 
+def test_resuming_a_checkpoint_of_another_trainer_says_so(tmp_path, data_dir, tiny_model_dir):
+    from egaku.config import to_dict
+    from egaku.training.ldm import TrainLdmOptions
+
+    step = tmp_path / "ldm-run" / "checkpoints" / "step-000010"
+    step.mkdir(parents=True)
+    (step / "state.pt").write_bytes(b"")
+    (step / "config.json").write_text(json.dumps(to_dict(TrainLdmOptions())))
+    with pytest.raises(EgakuError, match=r"not a train-lora checkpoint \(it was written by train-ldm"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "lora-run", resume=str(tmp_path / "ldm-run")))
+
+
 def test_resume_may_change_what_is_watched_and_a_finished_run_says_nothing_was_left(tmp_path, data_dir,
                                                                                    tiny_model_dir, capsys,
                                                                                    assert_plain_mode):

@@ -49,7 +49,7 @@ from ..models.text import check_clip_skip, encode_prompts
 from .runtime import (HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
                       atomic_save_file, capture_rng, check_finite, check_loss_type, check_timestep_sampling,
                       draw_timesteps, elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
-                      min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal)
+                      min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal, trainer_config)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -557,6 +557,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     resume_from = None
     if opts.resume:  # refuse a changed configuration before any slow work
         resume_from = checkpoints.resolve(opts.resume)
+        trainer_config(resume_from, "train-lora")  # another trainer's checkpoint is named as such
         resumed = load_checkpoint(resume_from, config, ignore=RESUME_MAY_CHANGE, defaults=defaults)
     else:
         checkpoints.check_fresh_start()
