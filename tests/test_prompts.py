@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+import egaku
 from egaku.errors import EgakuError
 from egaku.inference.generate import GenerateOptions
 from egaku.inference.prompts import (CHAOS_MAX_STRENGTH, CHAOS_MIN_STRENGTH, VARIATION_STRENGTH,
@@ -84,6 +85,18 @@ def test_egaku_generate_reads_prompt_parameters(tmp_path):
         size = img.size
     assert size == (128, 32)  # 4:1 at the tiny model's 64x64 pixel count
     assert (params["prompt"], params["negative_prompt"], params["steps"]) == ("a red circle", "blue", 2)
+
+
+def test_the_python_api_reads_prompt_parameters_as_the_cli_does(pipe):
+    [result] = egaku.generate(pipe, "a red circle --ar 4:1 --seed 5 --no blue", steps=2)
+    assert result.image.size == (128, 32) and result.seed == 5
+    assert (result.params["prompt"], result.params["negative_prompt"]) == ("a red circle", "blue")
+    plain = egaku.generate(pipe, "a red circle", negative_prompt="blue", aspect_ratio="4:1", seed=5, steps=2)[0]
+    assert plain.image.tobytes() == result.image.tobytes()
+    with pytest.raises(EgakuError, match="the seed is given twice"):
+        egaku.generate(pipe, "a red circle --seed 5", seed=6, steps=2)
+    with pytest.raises(EgakuError, match="unknown prompt parameter --v"):
+        egaku.generate(pipe, "a red circle --v 6", steps=2)
 
 
 def test_variations_keep_the_size_and_use_new_seeds(pipe):

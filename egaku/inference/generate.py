@@ -222,6 +222,10 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         from ..models.loading import recommended_guidance
 
         o.guidance_scale = recommended_guidance(pipe)
+    if "--" in o.prompt:  # Midjourney-style "--ar 16:9 --seed 7" read as the CLI and the server read them
+        from .prompts import apply_prompt_parameters
+
+        o = apply_prompt_parameters(o)
     if mask_image is None and o.mask:
         from ..data.images import ImageError, decode_image
 
