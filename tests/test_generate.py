@@ -174,6 +174,7 @@ def progress_of(pipe, **kwargs) -> list[tuple[int, int]]:
     (dict(steps=3, sampler="pndm"), 4),  # PLMS: steps + 1
     (dict(steps=4, sampler="heun", strength=0.5), 3),  # the last 2 of 4 steps: timesteps[2 x 2:] of 7
     (dict(steps=8, sampler="euler", strength=0.25), 2),
+    (dict(steps=3, hires_scale=1.5, hires_steps=4, hires_strength=0.5), 5),  # 3, then the hires pass's 2 of 4
 ])
 def test_progress_reaches_exactly_its_total(pipe, kwargs, per_batch):
     if "strength" in kwargs:

@@ -84,6 +84,10 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
     if o.prompt_file:  # the file's prompts, with the image's settings
         merged.pop("prompt", None)
     _check_recorded_files(source, params, merged)
+    upscaler = str(params.get("hires_upscaler") or "Lanczos")
+    if "hires_scale" in merged and upscaler.lower() != "lanczos":
+        print(f"egaku: note: {source} was upscaled by A1111's \"{upscaler}\" upscaler; egaku's hires fix upscales "
+              "with Lanczos, so the result differs")
     if not params.get("model_source"):
         _note_unrecorded(source, params, o, given)
     return dataclasses.replace(o, **merged, from_image=None)

@@ -53,6 +53,14 @@ class GenerateOptions:
                             "A1111 does; off: brackets are words (prompts over 75 tokens are chunked either way)")
     clip_skip: int = option(1, help="text-encoder layer the prompt is read from, counted from the end as A1111 and "
                                     "kohya count: 1 = the last, 2 = the one before it (NovelAI-derived anime models)")
+    hires_scale: float = option(1.0, help="A1111's hires fix: sample at the size asked, upscale by this factor "
+                                "(Lanczos) and redraw detail with an img2img pass at --hires-strength; 1 = off")
+    hires_steps: int = option(0, help="hires fix: steps of the img2img pass, of which it runs steps x strength "
+                              "as A1111 does (0 = --steps)")
+    # A1111's default of 0.7 goes with its latent upscaler, whose blur needs it; from a Lanczos upscale 0.7 redraws
+    # the composition (the built-in model draws a second shape) where 0.5 sharpens the same one
+    hires_strength: float = option(0.5, help="hires fix: how much of the upscaled image is redrawn (A1111's "
+                                   "denoising strength)")
     init_image: str | None = option(None, help="start from this image (img2img)")
     mask: str | None = option(None, help="with --init-image: repaint only the mask's white part (or, in a mask with "
                               "transparency, its transparent part, as OpenAI's edits); the rest keeps the init "
@@ -162,6 +170,18 @@ def _validate(o: GenerateOptions) -> None:
     if o.init_image is not None and int(o.steps * o.strength) < 1:
         raise EgakuError(f"{o.steps} steps at strength {o.strength} leave no denoising step (img2img runs "
                          f"steps x strength steps); use at least {int(1 / o.strength) + 1} steps", param="steps")
+    if not 1.0 <= o.hires_scale <= 4.0 or not math.isfinite(o.hires_scale):
+        raise EgakuError(f"--hires-scale must be in 1..4 (1 = no hires fix), got {o.hires_scale}", param="hires_scale")
+    if o.hires_scale > 1:
+        if o.init_image is not None:
+            raise EgakuError("--hires-scale is for text-to-image, as A1111's hires fix is; with --init-image, give "
+                             "the size wanted (--width/--height) instead", param="hires_scale")
+        if not 0.0 < o.hires_strength <= 1.0:
+            raise EgakuError(f"--hires-strength must be in (0, 1], got {o.hires_strength}", param="hires_strength")
+        hires_steps = o.hires_steps or o.steps
+        if o.hires_steps < 0 or int(hires_steps * o.hires_strength) < 1:
+            raise EgakuError(f"the hires pass runs steps x strength steps: {hires_steps} x {o.hires_strength} leaves "
+                             f"none; give --hires-steps {int(1 / o.hires_strength) + 1} or more", param="hires_steps")
     if o.clip_skip < 1:
         raise EgakuError(f"--clip-skip counts layers from the end and starts at 1 (the last), got {o.clip_skip}",
                          param="clip_skip")
@@ -258,6 +278,13 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
             raise EgakuError(f"the mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is "
                              f"{source_size[0]}x{source_size[1]}; they must be the same size", param="mask")
         mask = mask_image.convert("L").resize((width, height), Image.NEAREST)
+    hires = None
+    if o.hires_scale > 1:  # the second pass's size: the first's times the scale, at the model's multiple
+        multiple = size_multiple(pipe)
+        hires = tuple(max(multiple, round(side * o.hires_scale / multiple) * multiple) for side in (width, height))
+        if max(hires) > MAX_SIDE:
+            raise EgakuError(f"--hires-scale {o.hires_scale:g} makes {hires[0]}x{hires[1]}, over {MAX_SIDE} pixels a "
+                             "side; give a smaller scale or size", param="hires_scale")
     seed = random.randint(0, MAX_SEED - o.num_images) if o.seed is None else o.seed
 
     # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
@@ -325,8 +352,14 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         base_params.update(strength=o.strength, init_image=str(o.init_image))
     if mask is not None:
         base_params["mask"] = str(o.mask) if o.mask else "mask"
+    if hires is not None:  # width and height stay the first pass's, as A1111 records them
+        base_params.update(hires_scale=o.hires_scale, hires_steps=o.hires_steps, hires_strength=o.hires_strength,
+                           hires_upscaler="Lanczos")
+        hires_runner = sampling_runner(pipe, StableDiffusionImg2ImgPipeline, sampler)
     # img2img runs only the last `strength` fraction of the schedule
     steps_per_batch = _denoising_steps(runner, o.steps, None if init is None else o.strength)
+    if hires is not None:
+        steps_per_batch += _denoising_steps(hires_runner, o.hires_steps or o.steps, o.hires_strength)
     total_steps = steps_per_batch * math.ceil(o.num_images / o.batch_size)
     done = 0
 
@@ -355,6 +388,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                     embeds = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, text, o.negative_prompt,
                                                 o.clip_skip, o.emphasis)
                 call["prompt_embeds"], call["negative_prompt_embeds"] = (e.repeat(count, 1, 1) for e in embeds)
+            text_args = {k: call[k] for k in ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds")
+                         if k in call}
             if inpainting_unet:
                 call.update(image=init, mask_image=mask, width=width, height=height, strength=o.strength)
             elif init is not None:
@@ -372,6 +407,16 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                 # VAE decoder reads its whole latent (the built-in one mixes colours across the image), so the
                 # kept latents alone would not decode to the kept pixels
                 images = [Image.composite(img, init, mask) for img in images]
+            if hires is not None:  # the hires fix: upscale, then redraw detail from the same seeds
+                hires_call = dict(text_args, image=[img.resize(hires, Image.LANCZOS) for img in images],
+                                  strength=o.hires_strength, num_inference_steps=o.hires_steps or o.steps,
+                                  guidance_scale=o.guidance_scale, output_type="latent",
+                                  generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                                  callback_on_step_end=step_callback)
+                with torch.no_grad():
+                    latents = hires_runner(**hires_call).images
+                images = hires_runner.image_processor.postprocess(decode_latents(hires_runner, latents),
+                                                                  output_type="pil")
             for k, img in enumerate(images):
                 results.append(GeneratedImage(img, {**base_params, "seed": seeds[k], "index": start + k}))
     finally:
@@ -441,7 +486,7 @@ def _version() -> str:
 def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
     """Options that regenerate an image from its stored parameters."""
     keys = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "strength", "clip_skip",
-            "emphasis")
+            "emphasis", "hires_scale", "hires_steps", "hires_strength")
     out = {k: params[k] for k in keys if params.get(k) is not None}
     if params.get("sampler"):  # one egaku does not have stays as written: --sampler may replace it, else
         # generate names it with the list of those there are

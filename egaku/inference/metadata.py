@@ -107,8 +107,12 @@ def a1111_parameters(p: dict[str, Any]) -> str:
         ("Size", f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None),
         ("Model hash", p.get("model_hash")),
         ("Model", p.get("model_name")),
-        ("Denoising strength", p.get("strength") if p.get("init_image") else None),
+        ("Denoising strength", p.get("strength") if p.get("init_image") else p.get("hires_strength")
+         if (p.get("hires_scale") or 1) > 1 else None),  # the hires pass's, in A1111's text-to-image
         ("Clip skip", p["clip_skip"] if (p.get("clip_skip") or 1) > 1 else None),  # A1111 writes it from 2 on
+        ("Hires upscale", _a1111_number(p["hires_scale"]) if (p.get("hires_scale") or 1) > 1 else None),
+        ("Hires steps", p.get("hires_steps") or None if (p.get("hires_scale") or 1) > 1 else None),
+        ("Hires upscaler", p.get("hires_upscaler") if (p.get("hires_scale") or 1) > 1 else None),
         ("Lora hashes", lora_hashes_text(p.get("lora_files") or [])),  # the weights are in the egaku chunk
         ("Version", f"egaku {p.get('egaku_version', '')}".strip()),
     ]
@@ -173,6 +177,7 @@ _A1111_KEYS: dict[str, tuple[str, Any]] = {
     "Schedule type": ("schedule_type", str),  # A1111 1.9+ writes "DPM++ 2M" with "Schedule type: Karras"
     "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Model": ("model_name", str),
     "Model hash": ("model_hash", str), "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
+    "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str),
 }
 
 
@@ -200,14 +205,20 @@ def parse_a1111(text: str) -> dict[str, Any]:
             if key in _A1111_KEYS:
                 name, read = _A1111_KEYS[key]
                 params[name] = read(value)
-            elif key == "Size":
+            elif key in ("Size", "Hires resize"):
                 w, h = value.split("x")
-                params["width"], params["height"] = int(w), int(h)
+                prefix = "" if key == "Size" else "hires_"
+                params[prefix + "width"], params[prefix + "height"] = int(w), int(h)
             elif key == "Lora hashes":
                 pairs = (item.rpartition(":") for item in value.split(","))
                 params["lora_hashes"] = [[name.strip(), h.strip()] for name, _, h in pairs if name.strip()]
         except ValueError:
             continue  # A1111 skips a value it cannot read; so does egaku
+    if "hires_width" in params and params.get("width") and "hires_scale" not in params:
+        # a hires fix to a size: as a scale of the first pass (A1111 crops to the size where the shapes differ)
+        params["hires_scale"] = max(params["hires_width"] / params["width"], params["hires_height"] / params["height"])
+    if (params.get("hires_scale") or 1) > 1 and "strength" in params:  # text-to-image: the hires pass's strength
+        params["hires_strength"] = params.pop("strength")
     schedule = params.get("schedule_type", "")
     if params.get("sampler") and schedule and schedule.lower() not in ("automatic", "uniform"):
         params["sampler"] = f"{params['sampler']} {schedule}"  # A1111's older label: "DPM++ 2M Karras"
