@@ -112,6 +112,10 @@ def _check_recorded_files(source: str, params: dict, merged: dict) -> None:
         if not Path(path).is_file():
             raise gone(f"the LoRA {path} (weight {weight:g})",
                        "--lora PATH[:SCALE] (which replaces all the LoRAs it recorded)", "lora")
+    folder = merged.get("embedding_dir")
+    if folder and not Path(folder).is_dir():
+        raise gone(f"the embedding folder {folder}", "--embedding-dir with a folder that holds its embeddings",
+                   "embedding_dir")
     if "prompt" in merged and "lora_dir" in merged:  # its <lora:name:w> tags are read from the recorded folder
         for entry in params.get("lora_files") or []:
             if entry.get("from") == "prompt" and not Path(entry["path"]).is_file():
@@ -131,6 +135,9 @@ def _note_unrecorded(source: str, params: dict, o: GenerateOptions, given: set[s
         names = ", ".join(n for n, _ in params.get("loras") or params.get("lora_hashes") or [])
         parts.append(f"its LoRAs{f' ({names})' if names else ''} are not reapplied, except "
                      "through <lora:name:w> tags in its prompt (pass --lora to choose them)")
+    if params.get("embedding_hashes") and "embedding_dir" not in given:
+        names = ", ".join(n for n, _ in params["embedding_hashes"])
+        parts.append(f"its embeddings ({names}) are read only with --embedding-dir (a folder that holds them)")
     if parts:
         print(f"egaku: note: {source} does not record its model and LoRA files; " + "; ".join(parts))
 

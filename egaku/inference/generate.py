@@ -12,6 +12,7 @@ import math
 import os
 import random
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ class GenerateOptions:
     strength: float = option(0.6, help="img2img: how much of the init image is re-noised (0..1]")
     lora: list[str] = option([], help="PATH[:SCALE] of a LoRA to apply; repeatable")
     lora_dir: str | None = option(None, help="folder where <lora:name:w> prompt tags are looked up")
+    embedding_dir: str | None = option(None, help="folder of textual-inversion embeddings (A1111's embeddings/): a "
+                                       "prompt word that names a file there (EasyNegative) uses its vectors")
     out: str = option("outputs", help="output folder")
     overwrite: bool = option(False, help="number files from 0 again, first removing the numbered files egaku wrote "
                              "in --out (NNNNN-*.png, NNNNN-options.json); other files stay")
@@ -287,91 +290,103 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                              "side; give a smaller scale or size", param="hires_scale")
     seed = random.randint(0, MAX_SEED - o.num_images) if o.seed is None else o.seed
 
-    # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
-    text, tag_loras = o.prompt, []
-    if "<lora:" in text or o.lora:
-        from ..lora.apply import (apply_loras, parse_lora_arg, parse_prompt_loras, remove_loras, resolve_lora,
-                                  trained_clip_skip)
+    cleanup = ExitStack()  # what this call adds to the pipeline comes out again, whatever happens
+    with cleanup:
+        # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
+        text, tag_loras = o.prompt, []
+        if "<lora:" in text or o.lora:
+            from ..lora.apply import (apply_loras, parse_lora_arg, parse_prompt_loras, remove_loras, resolve_lora,
+                                      trained_clip_skip)
 
-        text, tag_loras = parse_prompt_loras(text)
-        specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
-        origins = ["prompt"] * len(specs)
-        for item in o.lora:
-            name, scale = parse_lora_arg(item)
-            # a bare name is looked up in --lora-dir (the server passes only those); anything else is a path
-            bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
-            specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))
-            origins.append("option")
-        for path, _ in specs:  # A1111 does not warn either; a LoRA read at another layer quietly does less
-            trained_at = trained_clip_skip(path)
-            if trained_at is not None and trained_at != o.clip_skip:
-                print(f"egaku: {lora_display_name(Path(path))} was trained at clip skip {trained_at}; this image "
-                      f"uses {o.clip_skip} (give --clip-skip {trained_at})")
-        lora_files = [{"name": lora_display_name(Path(p)), "path": os.path.abspath(p), "weight": float(w),
-                       "hash": lora_short_hash(p), "from": origin} for (p, w), origin in zip(specs, origins)]
-        apply_loras(pipe, specs)
-        lora_record = [(lora_display_name(Path(p)), w) for p, w in specs]
-    else:
-        remove_loras = None
-        lora_record, lora_files, tag_loras = [], [], []
+            text, tag_loras = parse_prompt_loras(text)
+            specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
+            origins = ["prompt"] * len(specs)
+            for item in o.lora:
+                name, scale = parse_lora_arg(item)
+                # a bare name is looked up in --lora-dir (the server passes only those); anything else is a path
+                bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
+                specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))
+                origins.append("option")
+            for path, _ in specs:  # A1111 does not warn either; a LoRA read at another layer quietly does less
+                trained_at = trained_clip_skip(path)
+                if trained_at is not None and trained_at != o.clip_skip:
+                    print(f"egaku: {lora_display_name(Path(path))} was trained at clip skip {trained_at}; this image "
+                          f"uses {o.clip_skip} (give --clip-skip {trained_at})")
+            lora_files = [{"name": lora_display_name(Path(p)), "path": os.path.abspath(p), "weight": float(w),
+                           "hash": lora_short_hash(p), "from": origin} for (p, w), origin in zip(specs, origins)]
+            apply_loras(pipe, specs)
+            cleanup.callback(remove_loras, pipe)
+            lora_record = [(lora_display_name(Path(p)), w) for p, w in specs]
+        else:
+            lora_record, lora_files, tag_loras = [], [], []
+        # textual-inversion embeddings the prompts name: their words become the embeddings' tokens
+        encoder_texts, embeddings = [text, o.negative_prompt], []
+        if o.embedding_dir:
+            from .embeddings import load_embeddings, unload_embeddings
 
-    # 3. A fresh scheduler per call: concurrent calls never share scheduler state. An inpainting UNet (9 input
-    # channels) takes the mask as input; any other repaints by blending (diffusers' inpaint pipeline does this
-    # for 4 latent channels only, so models with other latent sizes, like the built-in one, do it here)
-    inpainting_unet = mask is not None and pipe.unet.config.in_channels == 9
-    if inpainting_unet:
-        runner_cls = StableDiffusionInpaintPipeline
-    else:
-        runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
-    runner = sampling_runner(pipe, runner_cls, sampler)
-    # prompts egaku encodes itself: weights, chunks past 75 tokens, or an earlier text layer (egaku.models.text)
-    own_encoding = o.clip_skip > 1 or any(needs_chunked_encoding(pipe.tokenizer, words, o.emphasis)
-                                          for words in (text, o.negative_prompt))
-    if o.emphasis:
-        for words in (text, o.negative_prompt):
-            note = prompt_editing_note(words)
-            if note:
-                print(f"egaku: {note}")
+            encoder_texts, embeddings = load_embeddings(pipe, encoder_texts, o.embedding_dir, o.allow_pickle)
+            cleanup.callback(unload_embeddings, pipe, embeddings)
 
-    info = getattr(pipe, "egaku_info", None)
-    base_params = {
-        "prompt": o.prompt, "negative_prompt": o.negative_prompt, "steps": o.steps, "sampler": sampler,
-        "sampler_label": SAMPLERS[sampler].label, "guidance_scale": o.guidance_scale, "width": width,
-        "height": height, "model_name": info.name if info else None, "model_hash": info.hash if info else None,
-        "loras": lora_record, "egaku_version": _version(), "clip_skip": o.clip_skip,
-        # what --from needs to make it again: the model and each LoRA file (see metadata.py)
-        "model_source": model_source(info), "lora_files": lora_files,
-    }
-    if not o.emphasis:
-        base_params["emphasis"] = False
-    if info is not None and info.kind in ("single-file", "pickle") and o.model_config:
-        base_params["model_config"] = os.path.abspath(o.model_config)
-    if tag_loras and o.lora_dir:  # the prompt's <lora:name:w> tags are names in this folder
-        base_params["lora_dir"] = os.path.abspath(o.lora_dir)
-    if init is not None:
-        base_params.update(strength=o.strength, init_image=str(o.init_image))
-    if mask is not None:
-        base_params["mask"] = str(o.mask) if o.mask else "mask"
-    if hires is not None:  # width and height stay the first pass's, as A1111 records them
-        base_params.update(hires_scale=o.hires_scale, hires_steps=o.hires_steps, hires_strength=o.hires_strength,
-                           hires_upscaler="Lanczos")
-        hires_runner = sampling_runner(pipe, StableDiffusionImg2ImgPipeline, sampler)
-    # img2img runs only the last `strength` fraction of the schedule
-    steps_per_batch = _denoising_steps(runner, o.steps, None if init is None else o.strength)
-    if hires is not None:
-        steps_per_batch += _denoising_steps(hires_runner, o.hires_steps or o.steps, o.hires_strength)
-    total_steps = steps_per_batch * math.ceil(o.num_images / o.batch_size)
-    done = 0
+        # 3. A fresh scheduler per call: concurrent calls never share scheduler state. An inpainting UNet (9 input
+        # channels) takes the mask as input; any other repaints by blending (diffusers' inpaint pipeline does this
+        # for 4 latent channels only, so models with other latent sizes, like the built-in one, do it here)
+        inpainting_unet = mask is not None and pipe.unet.config.in_channels == 9
+        if inpainting_unet:
+            runner_cls = StableDiffusionInpaintPipeline
+        else:
+            runner_cls = StableDiffusionImg2ImgPipeline if init is not None else StableDiffusionPipeline
+        runner = sampling_runner(pipe, runner_cls, sampler)
+        # prompts egaku encodes itself: weights, chunks past 75 tokens, an earlier text layer (egaku.models.text),
+        # or embeddings (their words are already the tokens: the pipelines would expand them a second time)
+        own_encoding = o.clip_skip > 1 or bool(embeddings) or any(
+            needs_chunked_encoding(pipe.tokenizer, words, o.emphasis) for words in encoder_texts)
+        if o.emphasis:
+            for words in (text, o.negative_prompt):
+                note = prompt_editing_note(words)
+                if note:
+                    print(f"egaku: {note}")
 
-    def step_callback(_pipe, _i, _t, kwargs):
-        nonlocal done
-        done += 1
-        if on_step:
-            on_step(done, total_steps)
-        return kwargs
+        info = getattr(pipe, "egaku_info", None)
+        base_params = {
+            "prompt": o.prompt, "negative_prompt": o.negative_prompt, "steps": o.steps, "sampler": sampler,
+            "sampler_label": SAMPLERS[sampler].label, "guidance_scale": o.guidance_scale, "width": width,
+            "height": height, "model_name": info.name if info else None, "model_hash": info.hash if info else None,
+            "loras": lora_record, "egaku_version": _version(), "clip_skip": o.clip_skip,
+            # what --from needs to make it again: the model and each LoRA file (see metadata.py)
+            "model_source": model_source(info), "lora_files": lora_files,
+        }
+        if not o.emphasis:
+            base_params["emphasis"] = False
+        if embeddings:
+            base_params.update(embeddings=[e.record() for e in embeddings],
+                               embedding_dir=os.path.abspath(o.embedding_dir))
+        if info is not None and info.kind in ("single-file", "pickle") and o.model_config:
+            base_params["model_config"] = os.path.abspath(o.model_config)
+        if tag_loras and o.lora_dir:  # the prompt's <lora:name:w> tags are names in this folder
+            base_params["lora_dir"] = os.path.abspath(o.lora_dir)
+        if init is not None:
+            base_params.update(strength=o.strength, init_image=str(o.init_image))
+        if mask is not None:
+            base_params["mask"] = str(o.mask) if o.mask else "mask"
+        if hires is not None:  # width and height stay the first pass's, as A1111 records them
+            base_params.update(hires_scale=o.hires_scale, hires_steps=o.hires_steps, hires_strength=o.hires_strength,
+                               hires_upscaler="Lanczos")
+            hires_runner = sampling_runner(pipe, StableDiffusionImg2ImgPipeline, sampler)
+        # img2img runs only the last `strength` fraction of the schedule
+        steps_per_batch = _denoising_steps(runner, o.steps, None if init is None else o.strength)
+        if hires is not None:
+            steps_per_batch += _denoising_steps(hires_runner, o.hires_steps or o.steps, o.hires_strength)
+        total_steps = steps_per_batch * math.ceil(o.num_images / o.batch_size)
+        done = 0
 
-    results: list[GeneratedImage] = []
-    try:
+        def step_callback(_pipe, _i, _t, kwargs):
+            nonlocal done
+            done += 1
+            if on_step:
+                on_step(done, total_steps)
+            return kwargs
+
+        results: list[GeneratedImage] = []
         # 4. Denoise batch by batch; each image has its own generator seeded seed+i
         for start in range(0, o.num_images, o.batch_size):
             count = min(o.batch_size, o.num_images - start)
@@ -385,7 +400,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
             if own_encoding:
                 del call["prompt"], call["negative_prompt"]
                 with torch.no_grad():
-                    embeds = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, text, o.negative_prompt,
+                    embeds = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, *encoder_texts,
                                                 o.clip_skip, o.emphasis)
                 call["prompt_embeds"], call["negative_prompt_embeds"] = (e.repeat(count, 1, 1) for e in embeds)
             text_args = {k: call[k] for k in ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds")
@@ -419,9 +434,6 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                                                                   output_type="pil")
             for k, img in enumerate(images):
                 results.append(GeneratedImage(img, {**base_params, "seed": seeds[k], "index": start + k}))
-    finally:
-        if remove_loras is not None:
-            remove_loras(pipe)
     return results
 
 
@@ -486,7 +498,7 @@ def _version() -> str:
 def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
     """Options that regenerate an image from its stored parameters."""
     keys = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "strength", "clip_skip",
-            "emphasis", "hires_scale", "hires_steps", "hires_strength")
+            "emphasis", "hires_scale", "hires_steps", "hires_strength", "embedding_dir")
     out = {k: params[k] for k in keys if params.get(k) is not None}
     if params.get("sampler"):  # one egaku does not have stays as written: --sampler may replace it, else
         # generate names it with the list of those there are

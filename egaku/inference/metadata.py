@@ -114,6 +114,7 @@ def a1111_parameters(p: dict[str, Any]) -> str:
         ("Hires steps", p.get("hires_steps") or None if (p.get("hires_scale") or 1) > 1 else None),
         ("Hires upscaler", p.get("hires_upscaler") if (p.get("hires_scale") or 1) > 1 else None),
         ("Lora hashes", lora_hashes_text(p.get("lora_files") or [])),  # the weights are in the egaku chunk
+        ("TI hashes", ", ".join(f"{e['name']}: {e['hash']}" for e in p.get("embeddings") or []) or None),
         ("Version", f"egaku {p.get('egaku_version', '')}".strip()),
     ]
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in pairs if v not in (None, "")))
@@ -123,9 +124,10 @@ def a1111_parameters(p: dict[str, Any]) -> str:
 def without_local_paths(params: dict[str, Any]) -> dict[str, Any]:
     """``params`` without the machine's file paths (the model's, the LoRA files' and their folder's), for images
     and responses that leave the machine: a server's clients see names and hashes, not its file system."""
-    public = {k: v for k, v in params.items() if k not in ("model_source", "model_config", "lora_dir")}
-    if params.get("lora_files"):
-        public["lora_files"] = [{k: v for k, v in f.items() if k != "path"} for f in params["lora_files"]]
+    public = {k: v for k, v in params.items() if k not in ("model_source", "model_config", "lora_dir", "embedding_dir")}
+    for files in ("lora_files", "embeddings"):
+        if params.get(files):
+            public[files] = [{k: v for k, v in f.items() if k != "path"} for f in params[files]]
     return public
 
 
@@ -209,9 +211,10 @@ def parse_a1111(text: str) -> dict[str, Any]:
                 w, h = value.split("x")
                 prefix = "" if key == "Size" else "hires_"
                 params[prefix + "width"], params[prefix + "height"] = int(w), int(h)
-            elif key == "Lora hashes":
+            elif key in ("Lora hashes", "TI hashes"):
                 pairs = (item.rpartition(":") for item in value.split(","))
-                params["lora_hashes"] = [[name.strip(), h.strip()] for name, _, h in pairs if name.strip()]
+                params["lora_hashes" if key == "Lora hashes" else "embedding_hashes"] = [
+                    [name.strip(), h.strip()] for name, _, h in pairs if name.strip()]
         except ValueError:
             continue  # A1111 skips a value it cannot read; so does egaku
     if "hires_width" in params and params.get("width") and "hires_scale" not in params:

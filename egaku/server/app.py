@@ -50,6 +50,8 @@ class ServeOptions:
     model: list[str] = option(["builtin"], help="model to serve (builtin, tiny, a folder, a .safetensors file, "
                                                 "a hub id); repeatable, the first is the default")
     lora_dir: str | None = option(None, help="folder of LoRAs that requests may name (<lora:name:w> or 'loras')")
+    embedding_dir: str | None = option(None, help="folder of textual-inversion embeddings a prompt word may name "
+                                       "(EasyNegative), as generate --embedding-dir")
     host: str = option("127.0.0.1", help="address to bind; loopback by default")
     port: int = option(8000, help="TCP port")
     device: str = option("auto", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
@@ -232,7 +234,8 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV)
     api_key = api_key or None
-    limits = Limits(max_n=opts.max_n, max_side=opts.max_side, max_steps=opts.max_steps, lora_dir=opts.lora_dir)
+    limits = Limits(max_n=opts.max_n, max_side=opts.max_side, max_steps=opts.max_steps, lora_dir=opts.lora_dir,
+                    embedding_dir=opts.embedding_dir)
     workers = {name: ModelWorker(name, opts.queue_size) for name in pipelines}
     default_model = next(iter(pipelines))
     aliases = {alias: default_model for alias in OPENAI_MODEL_ALIASES}
@@ -606,8 +609,9 @@ def serve_command(opts: ServeOptions) -> None:
 
     if opts.queue_size < 1 or opts.max_n < 1 or opts.max_side < 8 or opts.max_steps < 1:
         raise EgakuError("--queue-size, --max-n and --max-steps must be at least 1 and --max-side at least 8")
-    if opts.lora_dir is not None and not Path(opts.lora_dir).is_dir():
-        raise EgakuError(f"--lora-dir {opts.lora_dir!r} is not a folder", param="lora_dir")
+    for flag, folder in (("--lora-dir", opts.lora_dir), ("--embedding-dir", opts.embedding_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise EgakuError(f"{flag} {folder!r} is not a folder", param=flag[2:].replace("-", "_"))
     api_key = os.environ.get(API_KEY_ENV) or None
     try:
         loopback = ipaddress.ip_address(opts.host).is_loopback

@@ -46,6 +46,7 @@ class Limits:
     max_side: int = 1024
     max_steps: int = 150
     lora_dir: str | None = None
+    embedding_dir: str | None = None
 
 
 @dataclass
@@ -355,6 +356,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     if loras or tag_names:
         options["lora"] = [f"{name}:{weight}" for name, weight in loras]
         options["lora_dir"] = str(Path(limits.lora_dir))
+    if limits.embedding_dir:
+        options["embedding_dir"] = str(Path(limits.embedding_dir))
     revised = opts.prompt
     if "<lora:" in revised:
         from ..lora.apply import parse_prompt_loras

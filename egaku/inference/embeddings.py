@@ -1,0 +1,140 @@
+"""Textual-inversion embeddings from a folder, as A1111 and ComfyUI use them (``EasyNegative`` in a negative prompt).
+
+A word of the prompt or negative prompt that names a file in ``--embedding-dir`` (its name without the extension,
+in any letter case, searched in sub-folders too as A1111 searches) stands for that file's vectors. Each used file is
+added to the tokenizer through diffusers' ``load_textual_inversion`` under a token of egaku's own (so a name that is
+also a word of the vocabulary still means the embedding), the word is replaced by the file's tokens, one per vector,
+and everything is taken out again after the call. Files are A1111's (``emb_params``, or ``string_to_param`` in its
+older .pt files) or diffusers' (one tensor under its word); .pt/.bin files are pickles, read only with
+``--allow-pickle`` and then with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import EgakuError
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".bin")
+
+
+@dataclass
+class UsedEmbedding:
+    name: str
+    path: Path
+    tokens: list[str]  # the tokens its vectors were added under, in order
+
+    def record(self) -> dict[str, str]:
+        return {"name": self.name, "path": os.path.abspath(self.path), "hash": embedding_short_hash(self.path)}
+
+
+def embedding_files(folder: str | Path) -> dict[str, list[Path]]:
+    """Embedding files under ``folder`` by lower-cased name; a name may have several files (an error when used)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise EgakuError(f"--embedding-dir {str(folder)!r} is not a folder", param="embedding_dir")
+    found: dict[str, list[Path]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES and path.is_file():
+            found.setdefault(path.stem.lower(), []).append(path)
+    return found
+
+
+def _word_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
+
+
+def names_in(texts: list[str], files: dict[str, list[Path]]) -> list[str]:
+    """The embedding names ``texts`` use, longest first (so "bad-hands-5" is found before "bad")."""
+    return [name for name in sorted(files, key=len, reverse=True) if any(_word_pattern(name).search(t) for t in texts)]
+
+
+def read_vectors(path: Path, allow_pickle: bool = False) -> torch.Tensor:
+    """(vectors, width) of one embedding file."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise EgakuError(f"embedding {path} is a pickle; pass --allow-pickle to read it (tensors only, with "
+                             "weights_only=True) or convert it to .safetensors", param="embedding_dir")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a pickle that is not plain tensors, or not a pickle at all
+            raise EgakuError(f"embedding {path} cannot be read with weights_only=True ({exc})",
+                             param="embedding_dir") from None
+    else:
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several private error types
+            raise EgakuError(f"embedding {path} is not a readable safetensors file ({exc})",
+                             param="embedding_dir") from None
+    if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111's .pt layout
+        data = data["string_to_param"]
+    if isinstance(data, dict) and "emb_params" in data:
+        vectors = data["emb_params"]
+    elif isinstance(data, dict) and len(data) == 1:
+        vectors = next(iter(data.values()))
+    elif isinstance(data, torch.Tensor):
+        vectors = data
+    else:
+        keys = sorted(data)[:4] if isinstance(data, dict) else type(data).__name__
+        hint = " (an SDXL embedding: egaku's pipelines are SD 1.x/2.x)" if isinstance(data, dict) and "clip_l" in data else ""
+        raise EgakuError(f"embedding {path} is not a textual-inversion file: expected emb_params, string_to_param "
+                         f"or one tensor, found {keys}{hint}", param="embedding_dir")
+    if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
+        raise EgakuError(f"embedding {path} does not hold a (vectors, width) tensor", param="embedding_dir")
+    return (vectors if vectors.ndim == 2 else vectors[None]).float()
+
+
+def embedding_short_hash(path: Path) -> str:
+    """A1111's "TI hashes" value: the first 12 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def load_embeddings(pipe, texts: list[str], folder: str | Path, allow_pickle: bool = False
+                    ) -> tuple[list[str], list[UsedEmbedding]]:
+    """Add the embeddings ``texts`` name to ``pipe``; returns the texts with each name replaced by its tokens, and
+    what was added (give it to ``unload_embeddings``)."""
+    files = embedding_files(folder)
+    used: list[UsedEmbedding] = []
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    try:
+        for k, name in enumerate(names_in(texts, files)):
+            if len(files[name]) > 1:
+                raise EgakuError(f"the embedding name {name!r} has {len(files[name])} files in --embedding-dir: "
+                                 f"{', '.join(map(str, files[name]))}; keep one", param="embedding_dir")
+            path = files[name][0]
+            vectors = read_vectors(path, allow_pickle)
+            if vectors.shape[1] != width:
+                raise EgakuError(f"embedding {path} has vectors of width {vectors.shape[1]}, but this model's text "
+                                 f"encoder takes {width}: it was made for another base model", param="embedding_dir")
+            token = f"<egaku-embedding-{k}>"
+            pipe.load_textual_inversion({token: vectors.to(pipe.text_encoder.dtype)}, token=token)
+            tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]  # diffusers' names for the rest
+            used.append(UsedEmbedding(path.stem, path, tokens))
+            texts = [_word_pattern(name).sub(" ".join(tokens), t) for t in texts]
+    except BaseException:
+        unload_embeddings(pipe, used)
+        raise
+    return texts, used
+
+
+def unload_embeddings(pipe, used: list[UsedEmbedding]) -> None:
+    tokens = [t for u in used for t in u.tokens]
+    if tokens:
+        pipe.unload_textual_inversion(tokens)
+
+
+__all__ = ["load_embeddings", "unload_embeddings", "embedding_files", "read_vectors", "embedding_short_hash",
+           "UsedEmbedding"]
