@@ -54,7 +54,8 @@ def _top_parser() -> argparse.ArgumentParser:
 def build_parser(name: str) -> tuple[argparse.ArgumentParser, typing.Callable, type]:
     func, opts_cls = _resolve(name)
     parser = argparse.ArgumentParser(prog=f"egaku {name}", description=COMMANDS[name][2])
-    parser.add_argument("--config", help="TOML preset whose values the flags below override")
+    parser.add_argument("--config", help="preset whose values the flags below override: TOML, YAML, or a run's "
+                        "saved config JSON (to repeat that run)")
     add_arguments(parser, opts_cls)
     return parser, func, opts_cls
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import tomllib
 import types
@@ -86,14 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def load_preset(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise EgakuError(f"config file {str(path)!r} does not exist; pass a TOML file such as configs/<name>.toml")
+        raise EgakuError(f"config file {str(path)!r} does not exist; pass a TOML, YAML or JSON file such as "
+                         "configs/<name>.toml")
     suffix = path.suffix.lower()
     if suffix == ".json":  # a run's resolved config.json: repeat that run
         kind, parse, errors = "JSON", json.loads, (json.JSONDecodeError,)
     elif suffix in (".yaml", ".yml"):
         import yaml
 
-        kind, parse, errors = "YAML", lambda text: yaml.safe_load(text) or {}, (yaml.YAMLError,)
+        kind, parse, errors = "YAML", lambda text: yaml.load(text, Loader=_yaml_loader()) or {}, (yaml.YAMLError,)
     else:
         kind, parse, errors = "TOML", tomllib.loads, (tomllib.TOMLDecodeError,)
     try:
@@ -103,6 +105,21 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise EgakuError(f"config file {str(path)!r} must hold a mapping of option: value")
     return data
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, reading ``1e-4`` as a number: YAML 1.1 wants a dot (``1.0e-4``) and PyYAML gives the
+    string "1e-4", the way learning rates are written in every training config."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
 
 
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string (in quotes)"}
@@ -147,9 +164,10 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
         for key, value in layer.items():
             key = key.replace("-", "_")
             if key not in names:
-                close = [n for n in names if n.split("_")[0] == key.split("_")[0]]
+                close = {n for n in names if n.split("_")[0] == key.split("_")[0]}
+                close |= set(difflib.get_close_matches(key, names, n=3, cutoff=0.75))  # typos: rnak -> rank
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
-                raise EgakuError(f"unknown option {key!r} for {cls.__name__}{hint}")
+                raise EgakuError(f"unknown option {key!r}{hint}")
             values[key] = value
     if "given_options" in names:  # which options were set, for commands that fill the others (generate --from)
         values["given_options"] = sorted(set(values) - {"given_options"})

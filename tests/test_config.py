@@ -54,13 +54,26 @@ def test_flags_override_preset_which_overrides_defaults(tmp_path):
 
 def test_unknown_preset_key_and_missing_file_are_clear_errors(tmp_path):
     (tmp_path / "p.toml").write_text("stepz = 3\n")
-    with pytest.raises(EgakuError, match="unknown option 'stepz'"):
+    with pytest.raises(EgakuError, match=r"unknown option 'stepz' \(did you mean steps\?\)"):
+        parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])
+    (tmp_path / "p.toml").write_text("smapler = 'euler'\n")  # a typo is matched too
+    with pytest.raises(EgakuError, match=r"unknown option 'smapler' \(did you mean sampler\?\)"):
         parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])
     with pytest.raises(EgakuError, match="does not exist"):
         parse(["generate", "a cat", "--config", str(tmp_path / "nope.toml")])
     (tmp_path / "bad.toml").write_text("steps = = 3\n")
     with pytest.raises(EgakuError, match="not valid TOML"):
         parse(["generate", "a cat", "--config", str(tmp_path / "bad.toml")])
+
+
+def test_yaml_presets_read_exponents_as_numbers(tmp_path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string; training configs write learning rates that way
+    (tmp_path / "p.yaml").write_text("steps: 7\nguidance_scale: 1e1\nnegative_prompt: 1e-3x\n")
+    _, opts = parse(["generate", "a cat", "--config", str(tmp_path / "p.yaml")])
+    assert (opts.steps, opts.guidance_scale, opts.negative_prompt) == (7, 10.0, "1e-3x")
+    (tmp_path / "lora.yml").write_text("data: d\nlearning_rate: 1e-3\ntoken_lr: -2.5E+2\n")
+    _, opts = parse(["train-lora", "--config", str(tmp_path / "lora.yml")])
+    assert (opts.learning_rate, opts.token_lr) == (1e-3, -250.0)
 
 
 def test_save_config_and_difference(tmp_path):
