@@ -590,6 +590,19 @@ def test_two_process_run_under_torchrun_on_cpu(tmp_path, data_dir, tiny_model_di
 
 # ---- bad input ---------------------------------------------------------------------------------------------
 
+def test_half_precision_with_gradient_checkpointing_trains_on_the_cpu(tmp_path, data_dir, tiny_model_dir):
+    # the recomputed forward used another attention kernel than the forward and torch refused its outputs
+    for precision in ("fp16", "bf16"):
+        common = dict(max_steps=2, mixed_precision=precision, learning_rate=1e-2, format="diffusers")
+        plain = load_file(train_lora(options(data_dir, tiny_model_dir, tmp_path / f"{precision}-plain", **common))
+                          / "pytorch_lora_weights.safetensors")
+        checkpointed = load_file(train_lora(options(data_dir, tiny_model_dir, tmp_path / f"{precision}-ckpt",
+                                                    gradient_checkpointing=True, **common))
+                                 / "pytorch_lora_weights.safetensors")
+        assert plain.keys() == checkpointed.keys()
+        assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-3) for k in plain)
+
+
 def test_resume_with_changed_config_is_refused_naming_the_difference(trained, data_dir, tiny_model_dir):
     opts = options(data_dir, tiny_model_dir, trained, **{**TRAINED, "learning_rate": 1e-3}, resume="latest")
     with pytest.raises(EgakuError, match=r"learning_rate: checkpoint has 0\.05, now 0\.001"):

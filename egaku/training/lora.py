@@ -932,7 +932,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                         weights = weights * min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma,
                                                             prediction_type)
                     loss = (per_sample * weights).mean()
-                    accelerator.backward(loss / opts.gradient_accumulation)
+                    # gradient checkpointing recomputes the forward in backward: with the same attention kernel, or
+                    # its half-precision outputs differ from the forward's and torch refuses them
+                    with half_precision_attention(device, weight_dtype):
+                        accelerator.backward(loss / opts.gradient_accumulation)
                 step_loss += float(loss.detach()) / opts.gradient_accumulation
                 micro += 1
             if opts.max_grad_norm:
