@@ -179,6 +179,44 @@ def test_a_caption_file_with_several_lines_gives_its_first_line_and_is_reported(
     assert "1 caption file(s) have more than one line; only the first was used" in scan.report()
 
 
+def test_caption_files_a_source_before_them_overrode_are_reported(tmp_path):
+    """Precedence stays metadata, then .txt, then .caption; each file passed over is named with what was used."""
+    _img(tmp_path / "dog" / "x.png")
+    (tmp_path / "dog" / "x.txt").write_text("from the caption file")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "dog/x.png", "text": "from metadata"}) + "\n")
+    _img(tmp_path / "dog" / "y.png")
+    (tmp_path / "dog" / "y.txt").write_text("from txt")
+    (tmp_path / "dog" / "y.caption").write_text("from caption")
+    _img(tmp_path / "dog" / "z.png")
+    (tmp_path / "dog" / "z.caption").write_text("only a caption file")  # one source: nothing to report
+    scan = scan_image_folder(tmp_path)
+    assert {i.path.name: i.caption for i in scan.items} == {
+        "x.png": "from metadata", "y.png": "from txt", "z.png": "only a caption file"}
+    assert [(p.name, used) for p, used in scan.overridden_captions] == [
+        ("x.txt", "its metadata.jsonl row"), ("y.caption", "y.txt")]
+    report = scan.report()
+    assert "2 caption file(s) were not used" in report and "first of metadata, .txt, .caption" in report
+    assert "dog/x.txt (used its metadata.jsonl row), dog/y.caption (used y.txt)" in report
+
+
+def test_an_empty_caption_file_falls_back_to_the_next_source_and_is_reported(tmp_path):
+    _img(tmp_path / "dog" / "a.png")
+    (tmp_path / "dog" / "a.txt").write_text("   \n")  # kohya stops on this: "caption file is empty"
+    _img(tmp_path / "dog" / "b.png")
+    (tmp_path / "dog" / "b.txt").write_text("")
+    (tmp_path / "dog" / "b.caption").write_text("a dog from the .caption file")
+    _img(tmp_path / "root.png")
+    (tmp_path / "root.txt").write_text("\n")  # no other source: an empty caption, as before
+    scan = scan_image_folder(tmp_path, caption_template="a photo of {class}")
+    assert {i.path.name: i.caption for i in scan.items} == {
+        "a.png": "a photo of dog", "b.png": "a dog from the .caption file", "root.png": ""}
+    report = scan.report()
+    assert "2 caption file(s) are empty; the image's next caption source was used: " \
+           "dog/a.txt (used the folder caption), dog/b.txt (used b.caption)" in report
+    assert "1 image(s) got no caption" in report and "train on an empty caption: root.png" in report
+    assert "were not used" not in report  # an empty file is passed over, not overridden
+
+
 def test_metadata_with_a_bom_is_read(tmp_path):
     _img(tmp_path / "y.png")
     (tmp_path / "metadata.csv").write_text("file_name,text\r\ny.png,a csv caption\r\n", encoding="utf-8-sig")
@@ -234,6 +272,18 @@ def test_trigger_is_added_unless_the_caption_holds_it_as_a_word(tmp_path):
                    "e": "dog-park"}
     assert scan_image_folder(tmp_path, trigger="sks").items[2].caption == "sks, she asks"
     assert scan_image_folder(tmp_path, trigger="<s>").items[0].caption == "<s>, a hotdog stand"
+
+
+def test_a_caption_template_may_use_only_the_class_field(tmp_path):
+    _img(tmp_path / "dog" / "a.png")
+    with pytest.raises(EgakuError, match=r"--caption-template 'a \{class\} \{0\}' has the field \{0\}; "
+                                         r"the template may use only \{class\}, remove it .*'\{\{' is no escape"):
+        scan_image_folder(tmp_path, caption_template="a {class} {0}")
+    with pytest.raises(EgakuError, match=r"has the field \{clas\}"):
+        scan_image_folder(tmp_path, caption_template="a photo of {clas}", trigger="sks")  # a trigger does not excuse it
+    with pytest.raises(EgakuError, match="has a stray brace"):
+        scan_image_folder(tmp_path, caption_template="a {class} }")
+    assert scan_image_folder(tmp_path, caption_template="{class}, a {class}").items[0].caption == "dog, a dog"
 
 
 def test_too_few_images_says_what_to_change(tmp_path):

@@ -1,17 +1,20 @@
 """Read a user's image folder: torchvision ImageFolder layout plus captions, with a report.
 
-Caption precedence, most specific first:
+Caption precedence, most specific first; an image takes its caption from the first source it has:
   1. ``metadata.jsonl`` / ``metadata.csv`` at the root (the diffusers layout: ``file_name`` + ``text``
      or ``caption`` column, paths relative to the root);
-  2. a caption file beside the image: ``img.txt`` or ``img.caption``;
+  2. a caption file beside the image: ``img.txt``, else ``img.caption``;
   3. the class folder name through ``caption_template`` (``"a photo of {class}"``), or the trigger word;
   4. the trigger word alone (images at the root, no caption).
+A caption file that is empty (or only whitespace) counts as absent, so the next source captions the image:
+kohya's trainers stop on one, and an image of a captioned class folder should not train on nothing. Caption
+files a source before them overrode, and empty ones passed over, are listed in the report.
 With ``kohya_names`` (LoRA training), class folders named kohya's way, ``10_sks dog``, give their images 10
 repeats per epoch and the class ``sks dog``: a folder laid out for kohya's trainers trains as it would there.
 Elsewhere (GAN and LDM training, where ``0_airplane`` is just a class name) folder names are taken as they are.
 Every file is decoded once by ``open_image``; what cannot be used is listed with its reason, and so is what
 was read differently from how it was written: caption files not in UTF-8, caption files with several lines,
-metadata rows that name no image, images that got no caption.
+caption files overridden or empty, metadata rows that name no image, images that got no caption.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .images import IMAGE_SUFFIXES, ImageError, open_image
 CAPTION_SUFFIXES = (".txt", ".caption")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # "<repeats>_<class>"
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+TEMPLATE_FIELD = "{class}"  # the one field a caption template may use
 SHOWN = 5  # names a report line lists before "and N more"
 
 
@@ -109,6 +113,8 @@ class FolderScan:
     uncaptioned: list[Path] = field(default_factory=list)  # images no source gave a caption text
     caption_encodings: list[tuple[Path, str]] = field(default_factory=list)  # caption files not in UTF-8
     multiline_captions: list[Path] = field(default_factory=list)  # caption files of which one line was used
+    overridden_captions: list[tuple[Path, str]] = field(default_factory=list)  # (caption file, the source used)
+    empty_captions: list[tuple[Path, str]] = field(default_factory=list)  # (empty caption file, the source used)
 
     @property
     def classes(self) -> list[str]:
@@ -133,6 +139,14 @@ class FolderScan:
         if self.multiline_captions:
             lines.append(f"  {len(self.multiline_captions)} caption file(s) have more than one line; only the first "
                          "was used (as kohya's trainers do): " + _some([self.shown_path(p) for p in self.multiline_captions]))
+        if self.overridden_captions:
+            lines.append(f"  {len(self.overridden_captions)} caption file(s) were not used: an image with several "
+                         "caption sources takes the first of metadata, .txt, .caption; check the one used is the one "
+                         "meant: " + _some([f"{self.shown_path(p)} (used {used})"
+                                            for p, used in self.overridden_captions]))
+        if self.empty_captions:
+            lines.append(f"  {len(self.empty_captions)} caption file(s) are empty; the image's next caption source was "
+                         "used: " + _some([f"{self.shown_path(p)} (used {used})" for p, used in self.empty_captions]))
         if self.uncaptioned:
             got = next(i.caption for i in self.items if i.path == self.uncaptioned[0])
             lines.append(f"  {len(self.uncaptioned)} image(s) got no caption (no metadata row, caption file or class "
@@ -251,14 +265,28 @@ def files_under(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(files), sorted(broken)
 
 
+def check_caption_template(template: str, trigger: str | None) -> None:
+    """Refuse a template that would leave text unfilled: it is filled by replacing ``{class}``, so any other
+    ``{field}`` ("{0}", a typo like "{clas}") or brace would reach every caption as written."""
+    rest = template.replace(TEMPLATE_FIELD, "")
+    other = re.search(r"\{[^{}]*\}", rest)
+    if other or "{" in rest or "}" in rest:
+        what = f"the field {other[0]}" if other else "a stray brace"
+        raise EgakuError(f"--caption-template {template!r} has {what}; the template may use only {TEMPLATE_FIELD}, "
+                         "remove it (it is not str.format, so '{{' is no escape: put captions with braces in "
+                         "caption files)")
+    if TEMPLATE_FIELD not in template and trigger is None:
+        raise EgakuError(f"--caption-template {template!r} must contain {TEMPLATE_FIELD}")
+
+
 def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigger: str | None = None,
                       min_images: int = 1, max_pixels: int | None = None, kohya_names: bool = False) -> FolderScan:
-    """Find, decode-check and caption every image under ``root`` (one level of class folders or flat)."""
+    """Find, decode-check and caption every image under ``root`` (one level of class folders or flat). Each
+    image's caption comes from the first source it has, in the precedence the module docstring gives."""
     root = Path(root)
     if not root.is_dir():
         raise EgakuError(f"data folder {str(root)!r} does not exist or is not a folder")
-    if "{class}" not in caption_template and trigger is None:
-        raise EgakuError(f"--caption-template {caption_template!r} must contain {{class}}")
+    check_caption_template(caption_template, trigger)
     metadata_file, metadata = _read_metadata(root)
     scan = FolderScan(root=root, metadata_file=metadata_file)
     files, broken_links = files_under(root)
@@ -282,19 +310,29 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
         repeats = scan.folder_repeats.get(label, 1)
         if label in scan.folder_repeats:
             label = KOHYA_FOLDER.match(label)[2]
-        caption = metadata[path.resolve()][1] if path.resolve() in metadata else None
-        if caption is None:
-            for suffix in CAPTION_SUFFIXES:
-                side = path.with_suffix(suffix)
-                if side.is_file():
-                    caption, encoding, n_lines = read_caption_file(side)
-                    if encoding != "utf-8":
-                        scan.caption_encodings.append((side, encoding))
-                    if n_lines > 1:
-                        scan.multiline_captions.append(side)
-                    break
+        caption_files = [path.with_suffix(s) for s in CAPTION_SUFFIXES if path.with_suffix(s).is_file()]
+        caption, source, used_file, empty = None, None, None, []
+        if path.resolve() in metadata:
+            caption, source = metadata[path.resolve()][1], f"its {metadata_file.name} row"
+        for side in caption_files if caption is None else []:
+            text, encoding, n_lines = read_caption_file(side)
+            if not text:
+                empty.append(side)
+                continue
+            caption, source, used_file = text, side.name, side
+            if encoding != "utf-8":
+                scan.caption_encodings.append((side, encoding))
+            if n_lines > 1:
+                scan.multiline_captions.append(side)
+            break
+        if source is not None:
+            scan.overridden_captions += [(side, source) for side in caption_files
+                                         if side != used_file and side not in empty]
         if caption is None and label is not None:
-            caption = caption_template.replace("{class}", label.replace("_", " "))
+            caption = caption_template.replace(TEMPLATE_FIELD, label.replace("_", " "))
+            source = "the folder caption"
+        if caption and empty:
+            scan.empty_captions += [(side, source) for side in empty]
         if not caption:  # no source, or an empty caption file or metadata text
             scan.uncaptioned.append(path)
             caption = trigger or ""
