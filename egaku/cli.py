@@ -19,7 +19,7 @@ from .errors import EgakuError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("egaku.inference.commands", "generate_command", "generate images from a text prompt (and an init image)"),
     "info": ("egaku.inference.commands", "info_command", "print the generation parameters stored in a PNG, or what a LoRA file holds"),
-    "convert": ("egaku.models.commands", "convert_command", "convert a diffusers folder to a single-file checkpoint"),
+    "convert": ("egaku.models.commands", "convert_command", "convert a model to a single-file .safetensors checkpoint or a diffusers folder"),
     "train-ldm": ("egaku.training.ldm", "train_ldm_command", "train a latent diffusion model (VAE + text encoder + UNet) from scratch"),
     "train-lora": ("egaku.training.lora", "train_lora_command", "fine-tune a Stable Diffusion pipeline with LoRA on an image folder"),
     "merge-lora": ("egaku.lora.commands", "merge_lora_command", "fuse a LoRA into a copy of its base model"),
