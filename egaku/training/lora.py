@@ -178,8 +178,8 @@ class TrainLoraOptions:
     checkpoint_every: int = option(500, help="write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, help="how many checkpoints to keep")
     save_every: int = option(0, help="also write the LoRA as it is every N steps (kohya's --save_every_n_steps), "
-                             "to OUT/steps/NAME-step000500/ (the step in six digits) in --format's layouts; they are kept, so that the steps can "
-                             "be compared (0: only the final LoRA)")
+                             "to OUT/steps/NAME-step000500/ (the step in six digits) in --format's layouts; they "
+                             "are kept, so that the steps can be compared (0: only the final LoRA)")
     resume: str = option("", help="resume from 'latest' or a checkpoint folder")
     stop_at: int = option(0, help="end this session after step N with a checkpoint (resume later); 0 = run to the end")
     validation_prompts: list[str] = option([], help="prompts rendered at fixed seeds every --validation-every steps")
