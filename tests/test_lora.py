@@ -108,6 +108,17 @@ def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
     assert meta["ss_output_name"] == "starlora"
+    # what kohya's training-info readers (A1111, civitai) show of the run
+    from egaku.inference.metadata import lora_short_hash
+
+    assert json.loads(meta["ss_dataset_dirs"]) == {"red_star": {"n_repeats": 1, "img_count": 3},
+                                                   "blue_circle": {"n_repeats": 1, "img_count": 3}}
+    # 6 images in 3 aspect buckets at batch 2: 3 batches an epoch, so 3 steps are 1 epoch
+    assert (meta["ss_num_epochs"], meta["ss_batch_size_per_device"], meta["ss_gradient_accumulation_steps"],
+            meta["ss_total_batch_size"]) == ("1", "2", "1", "2")
+    assert float(meta["ss_training_started_at"]) <= float(meta["ss_training_finished_at"])
+    assert meta["sshs_model_hash"][:12] == lora_short_hash(path) and len(meta["sshs_model_hash"]) == 64
+    assert meta["modelspec.resolution"] == f"{RESOLUTION}x{RESOLUTION}" and meta["modelspec.date"][:2] == "20"
 
 
 def test_info_describes_a_lora_of_either_layout_without_a_model(trained, tmp_path, capsys):
@@ -603,6 +614,67 @@ def test_half_precision_with_gradient_checkpointing_trains_on_the_cpu(tmp_path, 
         assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-3) for k in plain)
 
 
+def test_a_constant_schedule_run_resumes_longer_and_changes_its_checkpoint_interval(tmp_path, data_dir,
+                                                                                   tiny_model_dir):
+    common = dict(random_flip=True, dropout=0.1, learning_rate=1e-2, format="diffusers", lr_scheduler="constant")
+    whole = train_lora(options(data_dir, tiny_model_dir, tmp_path / "whole", max_steps=5, **common))
+    longer = tmp_path / "longer"
+    train_lora(options(data_dir, tiny_model_dir, longer, max_steps=3, checkpoint_every=1, **common))
+    # kohya's "resume to train longer": the constant rate does not depend on the run's length
+    train_lora(options(data_dir, tiny_model_dir, longer, max_steps=5, checkpoint_every=2, resume="latest", **common))
+    assert_same_lora(whole, longer)
+    assert (longer / "checkpoints" / "step-000004").is_dir()
+    # a schedule that does depend on it (cosine's decay ends at the last step) is refused, saying why
+    cosine = {**common, "lr_scheduler": "cosine"}
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "cos", max_steps=3, checkpoint_every=1, stop_at=2,
+                       **cosine))
+    with pytest.raises(EgakuError, match="another run length .* --lr-scheduler cosine schedule depends on it"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "cos", max_steps=5, resume="latest", **cosine))
+
+
+def test_resuming_a_folder_that_is_no_checkpoint_is_one_line(tmp_path, data_dir, tiny_model_dir):
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "state.pt").write_text("hi")
+    with pytest.raises(EgakuError, match="is not a train-lora checkpoint .*config.json cannot be read"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", resume=str(garbage)))
+    (garbage / "config.json").write_text("{}")
+    with pytest.raises(EgakuError, match="is not a train-lora checkpoint; pass --resume latest"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", resume=str(garbage)))
+
+
+def test_regularization_images_in_class_folders_are_counted_and_guidance_follows_the_model(tmp_path, data_dir,
+                                                                                         tiny_model_dir,
+                                                                                         monkeypatch, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    import egaku.models.loading as loading
+
+    reg = make_folder(tmp_path / "reg", per_class=2)  # kohya's reg/1_dog/ layout: 4 images in class folders
+    scales = []
+    call = StableDiffusionPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        scales.append(kwargs.get("guidance_scale"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", recording_call)
+    monkeypatch.setattr(loading, "recommended_guidance", lambda pipe: 1.25)
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", prior_data=str(reg), prior_images=4,
+                       validation_prompts=["a photo of red star"], validation_steps=2, max_steps=2))
+    assert not list(reg.glob("prior-*"))  # the 4 there were enough: none generated
+    assert scales and set(scales) == {1.25}  # validation at the model's own guidance, as generate draws
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "more", prior_data=str(reg), prior_images=5,
+                       prior_prompts=["a photo of blue circle"], max_steps=1))
+    assert len(list(reg.glob("prior-*.png"))) == 1 and scales[-1] == 1.25
+    # --resolution is rounded to what the model takes, and said so; the buckets in use are listed
+    capsys.readouterr()
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "odd", resolution=RESOLUTION + 3, max_steps=1))
+    said = capsys.readouterr().out
+    assert f"--resolution {RESOLUTION + 3} trains at {RESOLUTION}" in said
+    assert "3 bucket(s): " in said and "(2 images)" in said
+
+
 def test_resume_with_changed_config_is_refused_naming_the_difference(trained, data_dir, tiny_model_dir):
     opts = options(data_dir, tiny_model_dir, trained, **{**TRAINED, "learning_rate": 1e-3}, resume="latest")
     with pytest.raises(EgakuError, match=r"learning_rate: checkpoint has 0\.05, now 0\.001"):
@@ -846,9 +918,12 @@ def test_dora_trains_magnitudes_and_loads_in_diffusers_egaku_and_merge_lora(tmp_
     from egaku.lora.apply import apply_loras, remove_loras
     from egaku.lora.commands import MergeLoraOptions, merge_lora_command
 
-    with pytest.raises(EgakuError, match="give --format diffusers"):
-        options(data_dir, tiny_model_dir, tmp_path / "x", dora=True)  # the default format writes kohya too
-    common = dict(dora=True, format="diffusers", lora_conv=True, train_text_encoder=True, learning_rate=5e-2,
+    for layout in ("both", "kohya"):
+        with pytest.raises(EgakuError, match="give --format diffusers or leave --format out"):
+            options(data_dir, tiny_model_dir, tmp_path / "x", dora=True, format=layout)
+    assert options(data_dir, tiny_model_dir, tmp_path / "x", dora=True).format == "diffusers"  # the default follows
+    assert options(data_dir, tiny_model_dir, tmp_path / "x").format == "both"
+    common = dict(dora=True, lora_conv=True, train_text_encoder=True, learning_rate=5e-2,
                   max_steps=3, checkpoint_every=1)
     out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "dora", **common))
     weights = load_file(out / "pytorch_lora_weights.safetensors")

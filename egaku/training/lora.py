@@ -23,7 +23,9 @@ what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import datetime
 import gc
 import hashlib
 import io
@@ -31,15 +33,17 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..config import option, save_config, to_dict
 from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
 from ..data.captions import tag_frequency, vary_caption
-from ..data.folder import scan_image_folder
+from ..data.folder import files_under, scan_image_folder
 from ..data.images import image_grid
 from ..data.masks import find_mask_files, latent_masks, masked_mean
 from ..errors import EgakuError
@@ -78,7 +82,8 @@ class TrainLoraOptions:
                                "model generates the rest from --prior-prompts (and they are kept for later runs)")
     prior_prompts: list[str] = option([], help="prompts for generating regularization images (cycled)")
     prior_loss_weight: float = option(1.0, help="loss weight of regularization images relative to training images")
-    prior_guidance: float = option(7.5, help="guidance scale for generating regularization images")
+    prior_guidance: float | None = option(None, help="guidance scale for generating regularization images (default: "
+                                          "the model's own, as generate uses: 3 for the built-in model, else 7.5)")
     prior_target: str = option("data", help="what regularization images are trained towards: data (their own "
                                "noise, DreamBooth's prior preservation) or base (the frozen base model's prediction "
                                "for the same noisy latent and caption: the LoRA is pulled back exactly where it "
@@ -112,8 +117,8 @@ class TrainLoraOptions:
     alpha: float = option(0.0, help="LoRA alpha; the update is scaled by alpha/rank (0 means alpha = rank)")
     dropout: float = option(0.0, help="dropout on the LoRA branch (0.1 helps on very small folders)")
     dora: bool = option(False, help="DoRA (Liu et al. 2024): each adapted layer also learns its output channels' "
-                        "magnitude apart from their direction; written in the diffusers layout only (--format "
-                        "diffusers), which diffusers, egaku and merge-lora load")
+                        "magnitude apart from their direction; written in the diffusers layout only (the default --format "
+                        "becomes diffusers), which diffusers, egaku and merge-lora load")
     target_modules: list[str] = option(UNET_ATTENTION, help="UNet modules to adapt (default: attention q/k/v/out)")
     lora_conv: bool = option(False, help="also adapt the UNet ResNet convolutions (conv1/conv2/conv_shortcut)")
     train_text_encoder: bool = option(False, help="also add LoRA to the text encoder attention (disables text caching)")
@@ -186,8 +191,10 @@ class TrainLoraOptions:
     validation_every: int = option(0, help="render the validation grid every N steps (0: only at the end)")
     validation_seeds: list[int] = option([0, 1], help="seeds of the validation images (one column each)")
     validation_steps: int = option(20, help="sampling steps for validation images")
-    validation_guidance: float = option(7.5, help="classifier-free guidance scale for validation images")
-    format: str = option("both", help="LoRA file layout to write", choices=["diffusers", "kohya", "both"])
+    validation_guidance: float | None = option(None, help="classifier-free guidance scale for validation images "
+                                               "(default: the model's own, as generate uses)")
+    format: str | None = option(None, help="LoRA file layout to write: diffusers, kohya or both (default: both; "
+                                "diffusers alone with --dora)", choices=["diffusers", "kohya", "both"])
     save_precision: str = option("fp32", help="dtype of the written LoRA files (kohya's --save_precision): fp16 or "
                                  "bf16 halve them, as most shared LoRAs are; training and checkpoints stay fp32",
                                  choices=["fp32", "fp16", "bf16"])
@@ -200,6 +207,8 @@ class TrainLoraOptions:
         return self.shuffle_caption or self.caption_tag_dropout > 0
 
     def __post_init__(self):
+        if self.format is None:  # DoRA's kohya layout is one other tools drop (see the --dora check below)
+            self.format = "diffusers" if self.dora else "both"
         checks = [
             (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
             (self.alpha >= 0, f"--alpha must be >= 0, got {self.alpha}"),
@@ -224,7 +233,7 @@ class TrainLoraOptions:
             (self.input_perturbation >= 0, f"--input-perturbation must be >= 0, got {self.input_perturbation}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
             (not self.dora or self.format == "diffusers", "--dora writes the diffusers layout only: give --format "
-             "diffusers (diffusers cannot read DoRA in the kohya layout, so egaku cannot check such a file)"),
+             "diffusers or leave --format out (diffusers cannot read DoRA in the kohya layout, so egaku cannot check such a file)"),
             (self.optimizer != "prodigy" or self.learning_rate >= 0.1,
              f"--optimizer prodigy estimates the step size itself and --learning-rate multiplies it: give about "
              f"1.0, not {self.learning_rate:g}"),
@@ -310,22 +319,33 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
             + (f"; embeddings of {', '.join(started_words)}" if started_words else ""))
 
 
-def folder_tags(folders: list[tuple[str, list]]) -> dict[str, dict[str, int]]:
-    """kohya's ``ss_tag_frequency``: the tag counts of each image folder's captions, by the folder's name, as
-    kohya keys its subsets: a class folder (``10_sks dog``) by its own name, images at the top of ``folder`` by
-    that folder's (two folders of one name share their counts); folders without images are left out."""
-    captions: dict[str, list[str]] = {}
+def folder_subsets(folders: list[tuple[str, list]]) -> dict[str, list]:
+    """The items of each image folder by the folder's name, as kohya keys its subsets: a class folder (``10_sks
+    dog``) by its own name, images at the top of ``folder`` by that folder's (two folders of one name are one
+    subset); folders without images are left out."""
+    subsets: dict[str, list] = {}
     for folder, items in folders:
         top = Path(folder).resolve() if items else None
         for item in items:
             parent = item.path.parent.resolve()
-            captions.setdefault(parent.name if parent != top else top.name, []).append(item.caption)
+            subsets.setdefault(parent.name if parent != top else top.name, []).append(item)
+    return subsets
+
+
+def folder_tags(folders: list[tuple[str, list]]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: the tag counts of each image folder's captions (``folder_subsets``)."""
     tags: dict[str, dict[str, int]] = {}
-    for name, texts in captions.items():
+    for name, items in folder_subsets(folders).items():
         counts = tags.setdefault(name, {})
-        for tag, n in tag_frequency(texts).items():
+        for tag, n in tag_frequency([item.caption for item in items]).items():
             counts[tag] = counts.get(tag, 0) + n
     return tags
+
+
+def dataset_dirs(folders: list[tuple[str, list]], repeats: int = 1) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_dataset_dirs``: each image folder's repeats and image count (``folder_subsets``)."""
+    return {name: {"n_repeats": items[0].repeats * repeats, "img_count": len(items)}
+            for name, items in folder_subsets(folders).items()}
 
 
 def data_manifest(scan, prior_scan=None) -> list[list]:
@@ -388,8 +408,14 @@ def repeat_slots(repeats: list[int]) -> list[int]:
 # Resuming is refused when any other option differs: these only change how this session runs.
 # options that only change how a run is watched or what its final files are written as
 RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "device", "cache_dir", "out", "format", "save_precision",
-                     "save_every", "keep_checkpoints", "validation_prompts", "validation_every", "validation_seeds",
-                     "validation_steps", "validation_guidance"}
+                     "save_every", "keep_checkpoints", "checkpoint_every", "validation_prompts", "validation_every",
+                     "validation_seeds", "validation_steps", "validation_guidance",
+                     # only makes missing regularization images; changed images are refused as changed data
+                     "prior_guidance"}
+# the run's length, which only a learning-rate schedule that does not depend on it lets a resume change (kohya's
+# "resume to train longer")
+RUN_LENGTH = {"max_steps", "epochs"}
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 
 def _load_base(model: str):
@@ -490,10 +516,12 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     from diffusers import StableDiffusionPipeline
 
     from ..data.images import IMAGE_SUFFIXES
+    from ..models.loading import recommended_guidance
 
     folder = Path(opts.prior_data)
     folder.mkdir(parents=True, exist_ok=True)
-    have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    # counted as the data reader finds them: class sub-folders too (kohya's reg/1_dog/), links followed
+    have = sum(1 for p in files_under(folder)[0] if p.suffix.lower() in IMAGE_SUFFIXES)
     missing = opts.prior_images - have
     if missing <= 0:
         return 0
@@ -506,6 +534,7 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     runner.to(device)
     runner.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    guidance = recommended_guidance(pipe) if opts.prior_guidance is None else opts.prior_guidance
     say(f"generating {missing} regularization images into {folder}")
     for start in range(have, opts.prior_images, 8):
         numbers = list(range(start, min(start + 8, opts.prior_images)))
@@ -514,7 +543,7 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
             embeds = encode_prompts(runner.tokenizer, runner.text_encoder, prompts, opts.clip_skip)
             empty = encode_prompts(runner.tokenizer, runner.text_encoder, [""] * len(prompts), opts.clip_skip)
         images = runner(prompt_embeds=embeds, negative_prompt_embeds=empty, num_inference_steps=20,
-                        guidance_scale=opts.prior_guidance, height=size, width=size,
+                        guidance_scale=guidance, height=size, width=size,
                         generator=[torch.Generator().manual_seed(opts.seed + n) for n in numbers]).images
         for n, prompt, image in zip(numbers, prompts, images):
             (folder / f"prior-{n:05d}.txt").write_text(prompt + "\n")
@@ -557,8 +586,15 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     resume_from = None
     if opts.resume:  # refuse a changed configuration before any slow work
         resume_from = checkpoints.resolve(opts.resume)
-        trainer_config(resume_from, "train-lora")  # another trainer's checkpoint is named as such
-        resumed = load_checkpoint(resume_from, config, ignore=RESUME_MAY_CHANGE, defaults=defaults)
+        saved = {**defaults, **trainer_config(resume_from, "train-lora")}  # another trainer's checkpoint is named
+        may_change = set(RESUME_MAY_CHANGE)
+        if opts.lr_scheduler in LENGTH_FREE_SCHEDULES:
+            may_change |= RUN_LENGTH
+        elif any(saved.get(k) != config[k] for k in RUN_LENGTH) and saved.get("lr_scheduler") == opts.lr_scheduler:
+            raise EgakuError(f"cannot resume from {resume_from} with another run length (--max-steps/--epochs): the "
+                             f"--lr-scheduler {opts.lr_scheduler} schedule depends on it; only {' and '.join(LENGTH_FREE_SCHEDULES)} "
+                             "runs can be resumed longer. Resume with the same length, or start a new run")
+        resumed = load_checkpoint(resume_from, config, ignore=may_change, defaults=defaults)
     else:
         checkpoints.check_fresh_start()
 
@@ -577,6 +613,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     mask_files = find_mask_files(scan, opts.mask_dir) if opts.mask_dir else None  # missing masks: an error now
     pipe = _load_base(opts.model)
     check_clip_skip(opts.clip_skip, pipe.text_encoder)
+    from ..models.loading import recommended_guidance
+
+    # validation images as `egaku generate --lora` will draw them: at the model's own guidance unless given
+    validation_guidance = recommended_guidance(pipe) if opts.validation_guidance is None else opts.validation_guidance
     prior_items = []
     if opts.prior_data:
         if main:
@@ -660,6 +700,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     step_px = max(8, vae_scale * 2 ** (len(unet.config.block_out_channels) - 1))
     resolution = max(step_px, opts.resolution // step_px * step_px)
+    if resolution != opts.resolution:
+        say(f"--resolution {opts.resolution} trains at {resolution} (this model needs multiples of {step_px})")
     buckets = make_buckets(resolution, step=step_px, max_ratio=opts.max_aspect)
     bucket_of = [nearest_bucket(item.size, buckets) for item in items]
     captions = [item.caption for item in items]
@@ -758,6 +800,13 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     total_steps = opts.max_steps or math.ceil(opts.epochs * per_epoch / opts.gradient_accumulation)
     lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
                                  num_training_steps=total_steps)
+    run_metadata = {  # kohya's ss_* entries that only the run knows, for A1111's and civitai's training views
+        "ss_num_epochs": math.ceil(total_steps * opts.gradient_accumulation / per_epoch),
+        "ss_total_batch_size": opts.batch_size * opts.gradient_accumulation * world,
+        "ss_dataset_dirs": dataset_dirs([(opts.data, scan.items)], opts.repeats),
+        **({"ss_reg_dataset_dirs": dataset_dirs([(opts.prior_data, prior_items)])} if prior_items else {}),
+        "ss_training_started_at": time.time(), "ss_session_id": int.from_bytes(os.urandom(4), "little"),
+    }
     if text_trains:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
         prepared = [unet, text_encoder]
@@ -815,7 +864,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                   opts, token_embeddings=trained_embeddings() if token_ids else None,
                   num_images=sum(item.repeats for item in scan.items) * opts.repeats,  # kohya counts repeats
                   tags=folder_tags([(opts.data, scan.items), (opts.prior_data, prior_items)]),
-                  total_steps=total_steps, step=step)
+                  total_steps=total_steps, step=step, run=run_metadata)
 
     def validate() -> None:
         if not (main and opts.validation_prompts):
@@ -838,7 +887,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             for seed in opts.validation_seeds:
                 with torch.no_grad(), accelerator.autocast():
                     images.append(run(**kwargs, num_inference_steps=opts.validation_steps,
-                                      guidance_scale=opts.validation_guidance, height=resolution, width=resolution,
+                                      guidance_scale=validation_guidance, height=resolution, width=resolution,
                                       generator=torch.Generator().manual_seed(seed)).images[0])
         (out / "samples").mkdir(parents=True, exist_ok=True)
         image_grid(images, cols=len(opts.validation_seeds)).save(out / "samples" / f"step-{step:06d}.png")
@@ -860,10 +909,13 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         save_config(opts, out / "training_config.json")
     log = MetricsLog(out / "loss.csv", start_step=step) if main else None
     # the token table takes gradients whole, but only the --train-tokens rows change
+    images_in = collections.Counter(bucket_of)  # the buckets in use, as kohya lists them
+    bucket_use = f"{len(images_in)} bucket(s): " + ", ".join(f"{w}x{h} ({n} images)"
+                                                          for (w, h), n in sorted(images_in.items()))
     trained_count = sum(p.numel() for p in lora_params if p is not token_table) + len(token_ids) * token_table.shape[1]
     tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""
     say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} steps on {world} "
-        f"process(es), {len(buckets)} buckets, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation")
+        f"process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation")
     bar = tqdm(total=total_steps, initial=step, desc="train-lora", disable=not (main and opts.progress))
     for model in trained:
         accelerator.unwrap_model(model).train()
@@ -999,9 +1051,11 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images: int = 0,
               tags: dict[str, dict[str, int]] | None = None, total_steps: int = 0,
-              token_embeddings: dict[str, torch.Tensor] | None = None, step: int = 0) -> list[Path]:
+              token_embeddings: dict[str, torch.Tensor] | None = None, step: int = 0,
+              run: dict[str, Any] | None = None) -> list[Path]:
     """Write the adapter (not the pipeline) in the requested layouts, each file atomically. ``tags``: each image
-    folder's tag frequency, by folder name (kohya's ``ss_tag_frequency``)."""
+    folder's tag frequency, by folder name (kohya's ``ss_tag_frequency``); ``run``: more ``ss_*`` entries that the
+    training run knows (epochs, batch sizes, data folders, start time)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -1045,14 +1099,29 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_network_train_unet_only=str(not opts.train_text_encoder),
                 ss_tag_frequency=tags or {}, ss_sd_model_name=opts.model,
                 ss_caption_dropout_rate=opts.caption_dropout, ss_shuffle_caption=opts.shuffle_caption,
-                ss_keep_tokens=opts.keep_tokens, ss_clip_skip=opts.clip_skip, ss_optimizer=opts.optimizer, ss_caption_tag_dropout_rate=opts.caption_tag_dropout,
-                **{"modelspec.title": name})
+                ss_keep_tokens=opts.keep_tokens, ss_clip_skip=opts.clip_skip, ss_optimizer=opts.optimizer,
+                ss_caption_tag_dropout_rate=opts.caption_tag_dropout, ss_batch_size_per_device=opts.batch_size,
+                ss_gradient_accumulation_steps=opts.gradient_accumulation, ss_training_finished_at=time.time(),
+                **(run or {}),
+                **{"modelspec.title": name, "modelspec.resolution": f"{opts.resolution}x{opts.resolution}",
+                   "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")})
+            # A1111's and civitai's hash of the file, which kohya writes in: the sha256 of its tensor bytes
+            metadata["sshs_model_hash"] = tensors_hash(tensors)
             atomic_save_file(tensors, out / f"{name}.safetensors", metadata=metadata)
             written.append(out / f"{name}.safetensors")
     for word, vector in (token_embeddings or {}).items():
         written.append(save_embedding(out / EMBEDDINGS_DIR / f"{word}.safetensors", vector[None]))
     save_config(opts, out / "training_config.json")
     return written
+
+
+def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 of the tensor bytes of a safetensors file holding ``tensors``, whatever its metadata: the "addnet"
+    hash A1111 shows (its first 12 digits are the Lora hashes of an image's parameters)."""
+    from safetensors.torch import save
+
+    data = save(tensors)
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
 
 
 def train_lora_command(opts: TrainLoraOptions) -> None:
