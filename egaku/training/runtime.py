@@ -359,7 +359,7 @@ def stop_after_signal(step: int, checkpoint: Path | None, quiet: bool = False) -
 
 
 class MetricsLog:
-    """Append-only CSV of scalars per step (opens in any spreadsheet or pandas; TensorBoard optional).
+    """Append-only CSV of scalars per step (opens in any spreadsheet or pandas; no TensorBoard event files are written).
 
     ``start_step``: the step a training run starts from (a resumed checkpoint's, or 0). Rows of later steps,
     which a run stopped after its last checkpoint had logged, are dropped: those steps are trained and logged
