@@ -40,11 +40,78 @@ def test_resolve_bare_names_in_the_lora_folder(tmp_path):
     assert err.value.status == 404
 
 
-@pytest.mark.parametrize("name", ["../secret", "a/b", "/etc/passwd", "..", "x\\y"])
-def test_names_with_separators_or_dotdot_are_refused_in_a_lora_folder(tmp_path, name):
-    with pytest.raises(EgakuError, match="path separator") as err:
-        resolve_lora(name, str(tmp_path))
+@pytest.mark.parametrize("name", ["../secret", "/etc/passwd", "..", "a/../../b", "styles/..", "~/x", "..\\secret",
+                                  "\\etc\\passwd"])
+def test_names_that_leave_the_lora_folder_are_refused(tmp_path, name):
+    (tmp_path.parent / "secret.safetensors").write_bytes(b"x")
+    with pytest.raises(EgakuError, match="points outside the LoRA folder") as err:
+        resolve_lora(name, str(tmp_path / "loras"))
     assert err.value.param == "lora" and not isinstance(err.value, NotFoundError)
+
+
+def test_names_are_found_in_sub_folders_as_a1111_finds_them(tmp_path):
+    from egaku.lora.apply import lora_catalog
+
+    for file in ("star.safetensors", "styles/deep.safetensors", "styles/ink/ink.safetensors",
+                 "people/run/pytorch_lora_weights.safetensors", "people/run/embeddings/word.safetensors",
+                 "people/run/steps/run-step000002/pytorch_lora_weights.safetensors", ".hidden/secret.safetensors"):
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_bytes(b"x")
+    (tmp_path / "people" / "run" / "training_config.json").write_text("{}")
+    assert resolve_lora("deep", str(tmp_path)) == tmp_path / "styles" / "deep.safetensors"
+    assert resolve_lora("deep.safetensors", str(tmp_path)) == tmp_path / "styles" / "deep.safetensors"
+    # a path inside the folder, either separator
+    for name in ("styles/deep", "styles\\deep", "./styles/deep.safetensors"):
+        assert resolve_lora(name, str(tmp_path)) == tmp_path / "styles" / "deep.safetensors"
+    assert resolve_lora("ink", str(tmp_path)) == tmp_path / "styles" / "ink" / "ink.safetensors"
+    # a train-lora run is one LoRA named after its folder: its embeddings and steps are not LoRAs of their own
+    assert resolve_lora("run", str(tmp_path)) == tmp_path / "people" / "run" / "pytorch_lora_weights.safetensors"
+    assert resolve_lora("people/run", str(tmp_path)) == tmp_path / "people" / "run" / "pytorch_lora_weights.safetensors"
+    assert lora_catalog(tmp_path) == ["deep", "ink", "run", "star"]
+    with pytest.raises(NotFoundError, match=r"not found in .*; available: deep, ink, run, star$"):
+        resolve_lora("word", str(tmp_path))
+    with pytest.raises(NotFoundError, match="available: deep, ink, run, star$"):
+        resolve_lora("people/deep", str(tmp_path))
+    # a linked folder is followed
+    (tmp_path / "linked").symlink_to(tmp_path / "styles" / "ink")
+    (tmp_path.parent / "elsewhere").mkdir()
+    (tmp_path.parent / "elsewhere" / "far.safetensors").write_bytes(b"x")
+    (tmp_path / "shared").symlink_to(tmp_path.parent / "elsewhere")
+    assert resolve_lora("far", str(tmp_path)) == tmp_path / "shared" / "far.safetensors"
+    assert lora_catalog(tmp_path) == ["deep", "far", "ink", "run", "star"]
+
+
+def test_a_name_two_files_share_is_an_error_naming_both(tmp_path):
+    from egaku.lora.apply import lora_catalog
+
+    for file in ("deep.safetensors", "styles/deep.safetensors", "a/run/pytorch_lora_weights.safetensors",
+                 "b/run.safetensors"):
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_bytes(b"x")
+    with pytest.raises(EgakuError, match=r"^LoRA name 'deep' fits 2 files in .* \(deep.safetensors, "
+                                         r"styles/deep.safetensors\); give the one you mean by its path in the "
+                                         r"folder: ./deep or styles/deep$") as err:
+        resolve_lora("deep", str(tmp_path))
+    assert err.value.param == "lora" and not isinstance(err.value, NotFoundError)
+    with pytest.raises(EgakuError, match=r"\(a/run/pytorch_lora_weights.safetensors, b/run.safetensors\)"):
+        resolve_lora("run", str(tmp_path))
+    # each path named there takes to its own file
+    assert resolve_lora("./deep", str(tmp_path)) == tmp_path / "deep.safetensors"
+    assert resolve_lora("styles/deep", str(tmp_path)) == tmp_path / "styles" / "deep.safetensors"
+    assert resolve_lora("a/run", str(tmp_path)) == tmp_path / "a" / "run" / "pytorch_lora_weights.safetensors"
+    assert lora_catalog(tmp_path) == ["./deep", "a/run", "b/run", "styles/deep"]
+    # a run folder beside a file of its name: the run is named by its file
+    (tmp_path / "a" / "run.safetensors").write_bytes(b"x")
+    with pytest.raises(EgakuError, match="a/run or a/run/pytorch_lora_weights or b/run$"):
+        resolve_lora("run", str(tmp_path))
+    assert resolve_lora("a/run/pytorch_lora_weights", str(tmp_path)) == \
+        tmp_path / "a" / "run" / "pytorch_lora_weights.safetensors"
+    # a link to a LoRA, of its own name, is that LoRA, not a second one; under another name, it is found by that
+    (tmp_path / "star.safetensors").write_bytes(b"x")
+    (tmp_path / "styles" / "star.safetensors").symlink_to(tmp_path / "star.safetensors")
+    (tmp_path / "styles" / "also.safetensors").symlink_to(tmp_path / "star.safetensors")
+    assert resolve_lora("star", str(tmp_path)) == tmp_path / "star.safetensors"
+    assert resolve_lora("also", str(tmp_path)) == tmp_path / "styles" / "also.safetensors"
 
 
 def test_paths_without_a_lora_folder(tmp_path):

@@ -243,6 +243,39 @@ def test_loras_by_field_and_by_prompt_tag(http):
     assert np.array_equal(image({})[0], plain)  # and it is gone again for the next request
 
 
+def test_loras_in_sub_folders_are_listed_and_found_by_name_or_path_in_the_folder(http, lora_dir):
+    import shutil
+
+    import numpy as np
+
+    def image(body):
+        r = http.post("/v1/images/generations", json={"prompt": "a cat", "seed": 3, "response_format": "b64_json",
+                                                      **FAST, **body})
+        assert r.status_code == 200, r.text
+        return np.asarray(decode(r.json()["data"][0]["b64_json"]).convert("RGB"), dtype=np.int16)
+
+    sub = lora_dir / "styles"
+    sub.mkdir()
+    try:
+        shutil.copy(lora_dir / "style.safetensors", sub / "deep.safetensors")  # the same LoRA under another name
+        assert http.get("/v1/egaku/options").json()["loras"] == ["deep", "style"]
+        by_style = image({"loras": [{"name": "style", "weight": 1.0}]})
+        assert np.abs(image({}) - by_style).mean() > 0.5
+        for body in ({"prompt": "a cat <lora:deep:1>"}, {"prompt": "a cat <lora:styles/deep:1>"},
+                     {"loras": [{"name": "deep", "weight": 1.0}]}):
+            assert np.array_equal(image(body), by_style), body
+        # generate reads a --lora with a separator as a path of its own: 'loras' takes names, tags take paths
+        r = http.post("/v1/images/generations", json={"prompt": "x", "loras": [{"name": "styles/deep"}]})
+        assert "<lora:styles/deep:1>" in assert_openai_error(r, 400, "lora")["message"]
+        shutil.copy(lora_dir / "style.safetensors", sub / "style.safetensors")
+        assert http.get("/v1/egaku/options").json()["loras"] == ["./style", "deep", "styles/style"]
+        r = http.post("/v1/images/generations", json={"prompt": "a cat <lora:style:1>"})
+        assert "style.safetensors, styles/style.safetensors" in assert_openai_error(r, 400, "lora")["message"]
+        assert np.array_equal(image({"prompt": "a cat <lora:./style:1>"}), by_style)
+    finally:
+        shutil.rmtree(sub)
+
+
 # -- bad input: a 4xx in OpenAI's shape, and the server keeps serving ----------------------------------------
 
 BAD_JSON = [
@@ -272,6 +305,10 @@ BAD_JSON = [
     ({"prompt": "x <lora:../../etc/passwd:1>"}, 400, "lora"),
     ({"prompt": "x", "loras": [{"name": "../secret", "weight": 1}]}, 400, "lora"),
     ({"prompt": "x", "loras": [{"name": "/etc/passwd"}]}, 400, "lora"),
+    ({"prompt": "x <lora:/etc/passwd:1>"}, 400, "lora"),
+    ({"prompt": "x <lora:sub/../../secret:1>"}, 400, "lora"),
+    ({"prompt": "x <lora:..\\secret:1>"}, 400, "lora"),
+    ({"prompt": "x <lora:nowhere/style:1>"}, 404, "lora"),
     ({"prompt": "x", "loras": "style"}, 400, "loras"),
 ]
 

@@ -94,9 +94,25 @@ def _a1111_number(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _option_lora_tags(lora_files: list[dict[str, Any]]) -> list[str]:
+    """``<lora:name:weight>`` for each LoRA given as an option (``--lora PATH:W``), the way A1111 records every
+    LoRA: its "send to txt2img" and civitai read LoRAs and weights from the prompt's tags only. Those from the
+    prompt's own tags are in the prompt already."""
+    tags = []
+    for entry in lora_files:
+        name, weight = str(entry.get("name") or ""), entry.get("weight")
+        if entry.get("from") != "option" or not name or any(c in name for c in ":<>"):
+            continue  # a name with ':' or '>' cannot be written as a tag that reads back
+        weight = 1.0 if weight is None else float(weight)
+        tags.append(f"<lora:{name}:{_a1111_number(weight)}>")
+    return tags
+
+
 def a1111_parameters(p: dict[str, Any]) -> str:
-    """A1111's text for ``p`` (the parameters ``generate`` records); a key it lacks is left out."""
-    lines = [str(p.get("prompt", ""))]
+    """A1111's text for ``p`` (the parameters ``generate`` records); a key it lacks is left out. LoRAs given as
+    options are added to the prompt as ``<lora:name:weight>`` tags, as A1111 always has them there."""
+    prompt, tags = str(p.get("prompt", "")), _option_lora_tags(p.get("lora_files") or [])
+    lines = [" ".join([prompt.rstrip(), *tags]).lstrip() if tags else prompt]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     pairs = [
@@ -113,7 +129,7 @@ def a1111_parameters(p: dict[str, Any]) -> str:
         ("Hires upscale", _a1111_number(p["hires_scale"]) if (p.get("hires_scale") or 1) > 1 else None),
         ("Hires steps", p.get("hires_steps") or None if (p.get("hires_scale") or 1) > 1 else None),
         ("Hires upscaler", p.get("hires_upscaler") if (p.get("hires_scale") or 1) > 1 else None),
-        ("Lora hashes", lora_hashes_text(p.get("lora_files") or [])),  # the weights are in the egaku chunk
+        ("Lora hashes", lora_hashes_text(p.get("lora_files") or [])),  # the weights are in the prompt's tags
         ("TI hashes", ", ".join(f"{e['name']}: {e['hash']}" for e in p.get("embeddings") or []) or None),
         ("Version", f"egaku {p.get('egaku_version', '')}".strip()),
     ]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import warnings
 import weakref
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 from ..errors import EgakuError, NotFoundError
 from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha,
                       check_coverage, is_kohya, kohya_to_peft, model_module_name, peft_pairs, read_embedding,
-                      read_lora_file, single_token_ids)
+                      read_lora_file, refuse_lycoris, single_token_ids)
 
 # text encoder -> {token id: its base embedding}, so that remove_loras can put trained tokens back
 _TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -69,11 +71,70 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A train-lora output folder is one LoRA, named after the folder: its steps/, checkpoints/ and embeddings/
+    hold files that are not LoRAs of their own."""
+    return (folder / LORA_WEIGHTS_NAME).is_file() or (
+        (folder / "training_config.json").is_file() and lora_file_in(folder) is not None)
+
+
+def loras_under(root: Path) -> dict[str, list[tuple[str, Path]]]:
+    """Every LoRA under ``root`` by name, as A1111 lists its Lora folder: a .safetensors file's stem, or a
+    train-lora run folder's name, in any sub-folder. Each name maps to [(its path in ``root`` without
+    .safetensors, such as ``styles/deep``, its file)], one entry per distinct file.
+
+    Linked folders are followed, each real folder once (as ``egaku.data.folder.files_under`` does); hidden
+    files and folders are left out.
+    """
+    found: dict[str, list[tuple[str, Path]]] = {}
+    seen_folders, seen_files = set(), set()
+
+    def add(name: str, relative: Path, file: Path) -> None:
+        real = (name, os.path.realpath(file))
+        if real not in seen_files:  # a link to a LoRA, of the LoRA's own name, is that LoRA, not a second one
+            seen_files.add(real)
+            found.setdefault(name, []).append((relative.as_posix(), file))
+
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        here = Path(folder)
+        real = os.path.realpath(here)
+        if real in seen_folders:
+            subfolders[:] = []
+            continue
+        seen_folders.add(real)
+        if here != root and _is_run_folder(here):
+            add(here.name, here.relative_to(root), lora_file_in(here))
+            subfolders[:] = []
+            continue
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(names):
+            file = here / name
+            if name.endswith(".safetensors") and not name.startswith(".") and file.is_file():
+                add(file.stem, file.relative_to(root).with_suffix(""), file)
+    return found
+
+
+def lora_catalog(root: Path) -> list[str]:
+    """The names a prompt tag or request may give for the LoRAs under ``root``: each name, or where two files
+    share one, each file's path in the folder (``./deep``, ``styles/deep``)."""
+    names = []
+    for name, places in loras_under(root).items():
+        names += [name] if len(places) == 1 else [_sub_path(root, relative, file) for relative, file in places]
+    return sorted(names)
+
+
+def _sub_path(root: Path, relative: str, file: Path) -> str:
+    """The path in the folder that ``resolve_lora`` takes to ``file`` and to no other file."""
+    if (root / f"{relative}.safetensors").is_file() and file != root / f"{relative}.safetensors":
+        relative = file.relative_to(root).with_suffix("").as_posix()  # a run folder beside a file of its name
+    return relative if "/" in relative else f"./{relative}"
+
+
 def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "--lora-dir") -> Path:
-    """A path to a .safetensors file or a folder holding pytorch_lora_weights.safetensors; a bare name is looked up in lora_dir (name.safetensors or name/). Names with path separators or '..' are refused with EgakuError (param='lora'); a missing one raises egaku.errors.NotFoundError.
+    """A path to a .safetensors file or a folder holding pytorch_lora_weights.safetensors; with lora_dir, a name is looked up there as A1111 does: by file stem (or train-lora folder name) in the folder and all its sub-folders, or by its path inside the folder ('styles/deep'). A name two files share, and a path that leaves the folder (absolute, '~' or '..'), are refused with EgakuError (param='lora'); a missing one raises egaku.errors.NotFoundError.
 
     Without ``lora_dir`` (``--lora PATH`` on the command line) the argument is a path. With ``lora_dir``
-    (prompt tags, the server) only bare names inside that folder are accepted, so a request cannot read
+    (prompt tags, the server) only names inside that folder are accepted, so a request cannot read
     files elsewhere on the machine.
     """
     text = str(name_or_path).strip()
@@ -81,25 +142,7 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
         raise EgakuError("empty LoRA name", param="lora")
     has_separator = "/" in text or "\\" in text or text.startswith("~") or Path(text).is_absolute()
     if lora_dir is not None:
-        if has_separator or ".." in text:
-            raise EgakuError(f"LoRA name {text!r} contains a path separator or '..'; give a bare name of a file "
-                             f"in the LoRA folder {lora_dir}", param="lora")
-        root = Path(lora_dir)
-        stem = text[: -len(".safetensors")] if text.endswith(".safetensors") else text
-        for candidate in (root / f"{stem}.safetensors", root / stem):
-            if candidate.is_file():
-                return candidate
-            found = lora_file_in(candidate) if candidate.is_dir() else None
-            if found:
-                return found
-        available = sorted({p.stem for p in root.glob("*.safetensors")} | {p.name for p in root.iterdir()
-                                                                           if p.is_dir() and lora_file_in(p)}) \
-            if root.is_dir() else []
-        listing = f"; available: {', '.join(available)}" if available else " (the folder has no LoRAs)"
-        if (root / stem).is_dir():  # a folder of that name is there, but nothing in it is a LoRA file
-            raise NotFoundError(f"LoRA {text!r}: the folder {stem!r} in {root} holds no {LORA_WEIGHTS_NAME} "
-                                f"(nor {stem}.safetensors, train-lora's kohya file){listing}", param="lora")
-        raise NotFoundError(f"LoRA {text!r} not found in {root}{listing}", param="lora")
+        return _lora_in_folder(text, Path(lora_dir))
     path = Path(text).expanduser()
     if path.is_file():
         return path
@@ -112,6 +155,40 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
     hint = ("" if has_separator or not names_option else
             f"; to use a name from a LoRA folder, also give the folder ({names_option})")
     raise NotFoundError(f"LoRA {text!r} does not exist{hint}", param="lora")
+
+
+def _lora_in_folder(text: str, root: Path) -> Path:
+    """``resolve_lora`` of a name in the LoRA folder ``root``."""
+    # the name may come from a request: what it names must stay inside the folder, whatever the folder holds
+    relative = text.replace("\\", "/")
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    if relative.startswith(("/", "~")) or Path(text).is_absolute() or ".." in parts or not parts:
+        raise EgakuError(f"LoRA name {text!r} points outside the LoRA folder {root}; give a LoRA's name, or its "
+                         "path inside that folder (such as styles/deep)", param="lora")
+    if parts[-1].endswith(".safetensors"):
+        parts[-1] = parts[-1][: -len(".safetensors")]
+    if "/" in relative:  # a path inside the folder: that file (or train-lora folder) only
+        places = [candidate for candidate in (root.joinpath(*parts[:-1], f"{parts[-1]}.safetensors"),
+                                              root.joinpath(*parts)) if candidate.is_file()
+                  or candidate.is_dir() and lora_file_in(candidate)]
+        if places:
+            return places[0] if places[0].is_file() else lora_file_in(places[0])
+    else:
+        matches = loras_under(root).get(parts[0], []) if root.is_dir() else []
+        if len(matches) > 1:
+            files = ", ".join(str(file.relative_to(root)) for _, file in matches)
+            choices = " or ".join(_sub_path(root, relative, file) for relative, file in matches)
+            raise EgakuError(f"LoRA name {text!r} fits {len(matches)} files in {root} ({files}); give the one you "
+                             f"mean by its path in the folder: {choices}", param="lora")
+        if matches:
+            return matches[0][1]
+    available = lora_catalog(root) if root.is_dir() else []
+    listing = f"; available: {', '.join(available)}" if available else " (the folder has no LoRAs)"
+    folder = root.joinpath(*parts)
+    if folder.is_dir():  # a folder of that name is there, but nothing in it is a LoRA file
+        raise NotFoundError(f"LoRA {text!r}: the folder {'/'.join(parts)!r} in {root} holds no {LORA_WEIGHTS_NAME} "
+                            f"(nor {parts[-1]}.safetensors, train-lora's kohya file){listing}", param="lora")
+    raise NotFoundError(f"LoRA {text!r} not found in {root}{listing}", param="lora")
 
 
 def _adapter_name(path: Path, index: int, taken: set[str]) -> str:
@@ -195,10 +272,13 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
         unet_pairs = {k: v for k, v in pairs.items() if k.startswith("unet.")}
         te_pairs = {k: v for k, v in pairs.items() if k.startswith("text_encoder.")}
         try:
-            if unet_pairs:
-                pipe.load_lora_weights(bake_alpha(unet_pairs, alphas), adapter_name=name)
-            if te_pairs:
-                _load_text_encoder_lora(pipe.text_encoder, te_pairs, alphas, name)
+            with warnings.catch_warnings():
+                # peft warns on every adapter after the first; several adapters at once is what this is for
+                warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute in the model")
+                if unet_pairs:
+                    pipe.load_lora_weights(bake_alpha(unet_pairs, alphas), adapter_name=name)
+                if te_pairs:
+                    _load_text_encoder_lora(pipe.text_encoder, te_pairs, alphas, name)
         except (ValueError, RuntimeError) as exc:
             raise EgakuError(f"{path}: could not be loaded into this model ({str(exc).splitlines()[0]})",
                              param="lora") from None
@@ -206,7 +286,23 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
         weights.append(float(weight))
         apply_token_embeddings(pipe, embeddings, source=str(path))
     pipe.set_adapters(names, adapter_weights=weights)
+    _note_repeated_files(loras)
     return names
+
+
+def _note_repeated_files(loras: list[tuple[Path, float]]) -> None:
+    """Say when one file is in the list more than once (a tag and --lora of the same LoRA, say): it is applied
+    each time, as A1111 does, so its weights add up."""
+    weights: dict[str, list[float]] = {}
+    for path, weight in loras:
+        weights.setdefault(os.path.realpath(path), []).append(float(weight))
+    for real, repeated in weights.items():
+        if len(repeated) > 1:
+            path = next(Path(p) for p, _ in loras if os.path.realpath(p) == real)
+            name = path.parent.name if path.name == LORA_WEIGHTS_NAME else path.stem
+            times = "twice" if len(repeated) == 2 else f"{len(repeated)} times"
+            total = " + ".join(f"{w:g}" for w in repeated) + f" = {sum(repeated):g}"
+            print(f"egaku: {name} is applied {times} (weights add up: {total})")
 
 
 def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
@@ -214,6 +310,7 @@ def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
     """A LoRA file of either layout resolved against the model's modules (``adaptable_modules``):
     (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``), checked by ``check_coverage``."""
     state_dict, metadata = read_lora_file(path)
+    refuse_lycoris(state_dict, str(path))
     if is_kohya(state_dict):
         module_names: dict[str, list[str]] = {}
         for full in modules:

@@ -88,7 +88,7 @@ def describe_lora(path: str | Path) -> dict:
     import json
 
     from .apply import _alphas_of_diffusers_file, run_config, trained_embeddings
-    from .formats import is_kohya, peft_pairs, read_lora_file
+    from .formats import is_kohya, peft_pairs, read_lora_file, refuse_lycoris
 
     path = resolve_lora(str(path), None, names_option="")
     try:  # a whole checkpoint is told apart by its key names alone, before gigabytes are read
@@ -123,6 +123,7 @@ def describe_lora(path: str | Path) -> dict:
         layers = {n: {"component": n.split(".", 1)[0], "down": p["down"], "alpha": alphas[n], "dora": "magnitude" in p}
                   for n, p in pairs.items() if "down" in p}
     if not layers:
+        refuse_lycoris(state, str(path))
         raise EgakuError(f"{path} holds no LoRA layers (kohya lora_down/lora_up or diffusers lora_A/lora_B keys); "
                          "egaku info reads PNGs and LoRA files")
     ranks = sorted({int(layer["down"].shape[0]) for layer in layers.values()})

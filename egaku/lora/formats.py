@@ -61,6 +61,26 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         raise EgakuError(f"{path}: not a readable safetensors file ({exc})", param="lora") from None
 
 
+# LyCORIS's LoHa (Hadamard product) and LoKr (Kronecker product) layers, by the last part of their keys: they
+# are not a down/up pair, so they cannot be read as LoRA layers
+_LYCORIS_KEYS = {"LoHa": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
+                 "LoKr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}}
+
+
+def lycoris_kinds(keys) -> list[str]:
+    """Which of LyCORIS's LoHa and LoKr layer types a file's keys hold ([] for a LoRA file)."""
+    last_parts = {key.rpartition(".")[2] for key in keys}
+    return [kind for kind, names in _LYCORIS_KEYS.items() if last_parts & names]
+
+
+def refuse_lycoris(keys, source: str) -> None:
+    """A LoHa or LoKr file is named as one, rather than reported as keys that match no layer."""
+    kinds = lycoris_kinds(keys)
+    if kinds:
+        raise EgakuError(f"{source} is a LyCORIS {'/'.join(kinds)} file: LyCORIS LoHa/LoKr files are not supported "
+                         "(only LoRA: lora_down/lora_up or diffusers/PEFT keys)", param="lora")
+
+
 # ---- diffusers/PEFT layout -------------------------------------------------------------------------
 
 # Older diffusers spellings of the same modules, seen in files written by diffusers < 0.22.

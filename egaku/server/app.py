@@ -180,13 +180,12 @@ def png_bytes(image, params: dict[str, Any]) -> bytes:
 
 
 def _lora_catalog(lora_dir: str | None) -> list[str]:
+    """The LoRA names requests may give: those in the folder and its sub-folders, as resolve_lora finds them."""
     if not lora_dir or not Path(lora_dir).is_dir():
         return []
-    from ..lora.apply import lora_file_in
+    from ..lora.apply import lora_catalog
 
-    root = Path(lora_dir)
-    return sorted({p.stem for p in root.glob("*.safetensors")}
-                  | {p.name for p in root.iterdir() if p.is_dir() and lora_file_in(p)})
+    return lora_catalog(Path(lora_dir))
 
 
 def _run_request(pipe, req: ImageRequest):

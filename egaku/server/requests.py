@@ -129,14 +129,20 @@ def parse_size(text: str | None, pipe, limits: Limits) -> tuple[int | None, int 
     return width, height
 
 
-def lora_names(names: list[str], limits: Limits) -> None:
-    """Each name must be a bare name of a LoRA in the server's folder (never a path)."""
+def lora_names(names: list[str], limits: Limits, sub_paths: bool = True) -> None:
+    """Each name must name a LoRA in the server's folder, as resolve_lora finds it there (never a path elsewhere):
+    its name, found in sub-folders too, or, where ``sub_paths``, its path inside the folder ('styles/deep')."""
     if not names:
         return
     for name in names:
-        if "/" in name or "\\" in name or ".." in name or name.startswith("~"):
-            raise _bad(f"LoRA name {name!r} contains a path; give the bare name of a LoRA in the server's folder",
+        parts = name.replace("\\", "/").split("/")
+        if ".." in parts or name.startswith(("/", "\\", "~")) or Path(name).is_absolute():
+            raise _bad(f"LoRA name {name!r} points outside the server's LoRA folder; give the name of a LoRA in it",
                        "lora")
+        if len(parts) > 1 and not sub_paths:
+            # generate reads a --lora with a separator as a path of the server's own, not one in its LoRA folder
+            raise _bad(f"'loras' takes LoRA names (a file's name without .safetensors, found in sub-folders too), not "
+                       f"paths such as {name!r}; give that one in the prompt as <lora:{name}:1>", "lora")
     if limits.lora_dir is None:
         raise NotFoundError(f"LoRA {names[0]!r} not found: this server has no LoRA folder (start it with "
                             "`egaku serve --lora-dir DIR`)", param="lora")
@@ -346,7 +352,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         from ..lora.apply import parse_prompt_loras
 
         tag_names = [name for name, _ in parse_prompt_loras(opts.prompt)[1]]
-    lora_names(tag_names + [name for name, _ in loras], limits)
+    lora_names(tag_names, limits)
+    lora_names([name for name, _ in loras], limits, sub_paths=False)
 
     options = {k: getattr(opts, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "steps",
                                               "guidance_scale", "sampler", "width", "height", "aspect_ratio",

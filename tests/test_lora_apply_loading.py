@@ -1,0 +1,117 @@
+"""Loading LoRA files into the tiny pipeline: files egaku does not load are named for what they are, one file
+given twice is said, and several adapters load without peft's warning about several adapters."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from egaku.errors import EgakuError
+from egaku.lora.apply import apply_loras, remove_loras
+from egaku.lora.commands import describe_lora
+from egaku.lora.formats import adaptable_modules, canonical_module
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from egaku.models.tiny import tiny_pipeline
+
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def layer(pipe) -> tuple[str, torch.nn.Linear]:
+    """(kohya name, module) of one attention projection of the tiny UNet."""
+    name, module = next((n, m) for n, m in adaptable_modules(pipe).items() if n.endswith("attn1.to_k"))
+    return "lora_unet_" + name.split(".", 1)[1].replace(".", "_"), module
+
+
+def kohya_lora(path, layer, seed=0):
+    key, module = layer
+    generator = torch.Generator().manual_seed(seed)
+    save_file({f"{key}.lora_down.weight": torch.randn(4, module.in_features, generator=generator),
+               f"{key}.lora_up.weight": torch.randn(module.out_features, 4, generator=generator),
+               f"{key}.alpha": torch.tensor(4.0)}, str(path))
+    return path
+
+
+LYCORIS = {
+    "LoHa": lambda i, o: {"hada_w1_a": torch.randn(o, 4), "hada_w1_b": torch.randn(4, i),
+                          "hada_w2_a": torch.randn(o, 4), "hada_w2_b": torch.randn(4, i), "alpha": torch.tensor(4.0)},
+    "LoKr": lambda i, o: {"lokr_w1": torch.randn(2, 2), "lokr_w2": torch.randn(o // 2, i // 2),
+                          "alpha": torch.tensor(4.0)},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LYCORIS))
+def test_lycoris_loha_and_lokr_files_are_named_as_such(pipe, layer, tmp_path, kind):
+    key, module = layer
+    path = tmp_path / f"{kind}.safetensors"
+    save_file({f"{key}.{part}": t for part, t in LYCORIS[kind](module.in_features, module.out_features).items()},
+              str(path))
+    expected = f"is a LyCORIS {kind} file: LyCORIS LoHa/LoKr files are not supported \\(only LoRA: lora_down/lora_up"
+    with pytest.raises(EgakuError, match=expected) as err:
+        apply_loras(pipe, [(path, 1.0)])
+    assert err.value.param == "lora" and "match a layer" not in str(err.value)
+    with pytest.raises(EgakuError, match=expected):  # egaku info
+        describe_lora(path)
+    # a file with LoRA layers and LoHa layers is refused too: loading only its LoRA half would be a different LoRA
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({**load(kohya_lora(tmp_path / "plain.safetensors", layer)), **load(path)}, str(mixed))
+    with pytest.raises(EgakuError, match=f"LyCORIS {kind} file"):
+        apply_loras(pipe, [(mixed, 1.0)])
+    assert not pipe.get_list_adapters().get("unet")
+
+
+def load(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_one_file_given_twice_is_applied_twice_and_said(pipe, layer, tmp_path, capsys):
+    first = kohya_lora(tmp_path / "style.safetensors", layer)
+    other = kohya_lora(tmp_path / "other.safetensors", layer, seed=1)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(first)
+    capsys.readouterr()
+    try:
+        names = apply_loras(pipe, [(first, 0.5), (other, 1.0), (tmp_path / "." / "style.safetensors", 0.8)])
+        assert len(names) == 3  # stacked, as A1111 stacks them
+    finally:
+        remove_loras(pipe)
+    assert capsys.readouterr().out == "egaku: style is applied twice (weights add up: 0.5 + 0.8 = 1.3)\n"
+    try:
+        apply_loras(pipe, [(first, 1.0), (link, 1.0), (first, 1.0)])  # a link to the file is the same file
+    finally:
+        remove_loras(pipe)
+    assert capsys.readouterr().out == "egaku: style is applied 3 times (weights add up: 1 + 1 + 1 = 3)\n"
+    try:
+        apply_loras(pipe, [(first, 1.0), (other, 1.0)])
+    finally:
+        remove_loras(pipe)
+    assert capsys.readouterr().out == ""
+
+
+def test_several_adapters_load_without_peft_warning_about_several_adapters(pipe, layer, tmp_path):
+    files = [kohya_lora(tmp_path / "a.safetensors", layer), kohya_lora(tmp_path / "b.safetensors", layer, seed=1)]
+    # one with a text-encoder layer too (diffusers layout), which egaku injects with peft itself
+    name, module = next((n, m) for n, m in adaptable_modules(pipe).items() if n.endswith("self_attn.q_proj"))
+    key = "text_encoder." + canonical_module("text_encoder", name.split(".", 1)[1])
+    save_file({f"{key}.lora_A.weight": torch.randn(2, module.in_features),
+               f"{key}.lora_B.weight": torch.randn(module.out_features, 2)}, str(tmp_path / "te.safetensors"))
+    files += [tmp_path / "te.safetensors", tmp_path / "te.safetensors"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            apply_loras(pipe, [(f, 0.5) for f in files])
+            assert {len(v) for v in pipe.get_list_adapters().values()} == {2}
+        finally:
+            remove_loras(pipe)
+        warnings.warn("another warning still shows", UserWarning)
+    shown = [str(w.message) for w in caught]
+    assert not [m for m in shown if "peft_config" in m]
+    assert "another warning still shows" in shown
