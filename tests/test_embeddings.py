@@ -147,6 +147,7 @@ def test_the_server_reads_embeddings_from_its_folder(pipe, folder):
         image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         stored = json.loads(image.text["egaku"])
         assert [e["name"] for e in stored["embeddings"]] == ["EasyNeg"] and "path" not in stored["embeddings"][0]
+        assert http.get("/v1/egaku/options").json()["embeddings"] == ["EasyNeg", "bad", "bad-hands", "glow", "red"]
     with pytest.raises(EgakuError, match="--embedding-dir .* is not a folder"):
         from egaku.server.app import serve_command
 

@@ -179,6 +179,15 @@ def png_bytes(image, params: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def _embedding_catalog(embedding_dir: str | None) -> list[str]:
+    """The words that name an embedding of the server's folder (as a prompt may use them)."""
+    if not embedding_dir or not Path(embedding_dir).is_dir():
+        return []
+    from ..inference.embeddings import embedding_files
+
+    return sorted({paths[0].stem for paths in embedding_files(embedding_dir).values()})
+
+
 def _lora_catalog(lora_dir: str | None) -> list[str]:
     """The LoRA names requests may give: those in the folder and its sub-folders, as resolve_lora finds them."""
     if not lora_dir or not Path(lora_dir).is_dir():
@@ -523,6 +532,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
             "models": [{"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe)}
                        for name, pipe in pipelines.items()],
             "samplers": sampler_names(), "default_sampler": DEFAULT_SAMPLER, "loras": _lora_catalog(opts.lora_dir),
+            "embeddings": _embedding_catalog(opts.embedding_dir),
             "max_n": opts.max_n, "max_side": opts.max_side, "max_steps": opts.max_steps,
         }
 
