@@ -92,7 +92,7 @@ def test_bad_embedding_files_are_one_line_errors_and_leave_nothing_behind(pipe, 
     torch.save({"string_to_param": {"*": torch.randn(2, width)}, "name": "old"}, tmp_path / "old.pt")
     (tmp_path / "twice").mkdir()
     save_file({"emb_params": torch.randn(1, width)}, tmp_path / "twice" / "xl.safetensors")
-    cases = [("wide", "width .* made for another base model"), ("old", "is a pickle; pass --allow-pickle"),
+    cases = [("wide", "width .* made for another base model"), ("old", "is a pickle, read only with --allow-pickle"),
              ("broken", "not a readable safetensors file"), ("xl", "has 2 files")]
     for word, message in cases:
         with pytest.raises(EgakuError, match=message):
@@ -152,3 +152,40 @@ def test_the_server_reads_embeddings_from_its_folder(pipe, folder):
         from egaku.server.app import serve_command
 
         serve_command(ServeOptions(model=["tiny"], embedding_dir=str(folder / "none")))
+
+
+def test_embedding_edge_cases_qa_found(pipe, folder, tmp_path, width, capsys):
+    # no vectors, or NaN: one line, naming the file by its place in the folder (a server's answers show no paths)
+    save_file({"emb_params": torch.randn(0, width)}, tmp_path / "empty.safetensors")
+    save_file({"emb_params": torch.full((1, width), float("nan"))}, tmp_path / "nan.safetensors")
+    for word, message in (("empty", "embedding empty.safetensors holds no vectors"),
+                          ("nan", "embedding nan.safetensors holds NaN or inf values")):
+        with pytest.raises(EgakuError, match=message):
+            egaku.generate(pipe, word, embedding_dir=str(tmp_path), **FAST)
+    # a LoRA tag's name in the negative prompt is not an embedding's word, and the tag gets a note
+    [result] = egaku.generate(pipe, "a cat", negative_prompt="<lora:glow:1> ugly", embedding_dir=str(folder), **FAST)
+    assert "embeddings" not in result.params and "tags are applied from the prompt only" in capsys.readouterr().out
+    # a changed embedding is named by --from
+    made = tmp_path / "o"
+    copy = tmp_path / "emb"
+    copy.mkdir()
+    save_file({"emb_params": torch.randn(1, width)}, copy / "glow.safetensors")
+    assert main(["generate", "a glow cat", "--embedding-dir", str(copy), "--model", "tiny", "--steps", "2",
+                 "--out", str(made), "--no-progress"]) == 0
+    save_file({"emb_params": torch.randn(1, width)}, copy / "glow.safetensors")
+    capsys.readouterr()
+    assert main(["generate", "--from", str(next(made.glob("*.png"))), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    assert "the embedding glow" in capsys.readouterr().out
+
+
+def test_a_multi_vector_embedding_is_not_split_between_chunks(pipe, folder):
+    from egaku.models.text import prompt_chunks
+
+    texts, used = load_embeddings(pipe, [" ".join(["cat"] * 73) + " easyneg"], folder)
+    try:
+        tokens = [pipe.tokenizer.convert_tokens_to_ids(t) for t in used[0].tokens]
+        chunks = prompt_chunks(pipe.tokenizer, texts[0], keep_together={tokens[0]: 3})
+        assert len(chunks) == 2 and chunks[1][0][1:4] == tokens
+    finally:
+        unload_embeddings(pipe, used)

@@ -85,3 +85,18 @@ def test_from_makes_a_hires_image_again_and_names_an_upscaler_egaku_lacks(tiny_m
                  "--out", str(tmp_path / "from-a1111"), "--no-progress"]) == 0
     assert "\"Latent\" upscaler" in capsys.readouterr().out
     assert Image.open(next((tmp_path / "from-a1111").glob("*.png"))).size == (128, 128)
+
+
+def test_hires_notes_a_scale_that_rounds_back_and_an_a1111_resize_it_cannot_crop(pipe, tiny_model_dir, tmp_path,
+                                                                                 capsys):
+    assert egaku.generate(pipe, "a cat", **{**HIRES, "hires_scale": 1.05})[0].image.size == (64, 64)
+    assert "rounds back to 64x64" in capsys.readouterr().out
+    png = tmp_path / "resize.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a dog\nSteps: 2, Sampler: Euler, CFG scale: 3, Seed: 3, Size: 64x96, "
+                                "Denoising strength: 0.5, Hires resize: 128x128, Hires steps: 4, Hires upscaler: Lanczos")
+    Image.new("RGB", (128, 128)).save(png, pnginfo=info)
+    assert main(["generate", "--from", str(png), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    assert "resized to 128x128 by A1111's hires fix, cropping; egaku scales it by 2 to about 128x192" in \
+        capsys.readouterr().out

@@ -117,7 +117,7 @@ def test_generate_reads_past_75_tokens_and_weights(pipe, capsys):
     plain = px(egaku.generate(pipe, "a red circle", **fast)[0])
     assert np.array_equal(plain, px(egaku.generate(pipe, "a (red:1) circle", **fast)[0]))
     weighted = egaku.generate(pipe, "a (red:1.8) circle", **fast)[0]
-    assert not np.array_equal(plain, px(weighted)) and "emphasis" not in weighted.params
+    assert not np.array_equal(plain, px(weighted)) and weighted.params["emphasis"] is True
     off = egaku.generate(pipe, "a (red:1.8) circle", emphasis=False, **fast)[0]
     assert not np.array_equal(px(off), px(weighted)) and off.params["emphasis"] is False
     egaku.generate(pipe, "a [cat:dog:0.5]", **fast)
@@ -135,3 +135,66 @@ def test_no_emphasis_is_stored_and_read_back_by_from(tiny_model_dir, tmp_path):
     again = tmp_path / "again"
     assert main(["generate", "--from", str(made), "--out", str(again), "--no-progress"]) == 0
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(next(again.glob("*.png")))))
+
+
+def test_chunks_follow_a1111_at_a_comma_met_by_a_full_chunk_and_keep_embeddings_whole(pipe):
+    tok = pipe.tokenizer
+    word = tok("blue", add_special_tokens=False).input_ids
+    assert len(word) == 1
+    # 60 words, a comma, 14 words: the chunk is full when the second comma comes, which is only remembered (A1111)
+    text = " ".join(["blue"] * 60) + ", " + " ".join(["blue"] * 14) + ", navy"
+    lengths = [c[0].index(tok.eos_token_id) - 1 for c in prompt_chunks(tok, text)]
+    navy = len(tok("navy", add_special_tokens=False).input_ids)
+    assert lengths == [75, 1 + navy]
+    # a token group that must stay whole (a multi-vector embedding's) starts the next chunk instead of splitting
+    ids = tok(" ".join(["blue"] * 73) + " red", add_special_tokens=False).input_ids
+    red = ids[-1]
+    chunks = prompt_chunks(tok, " ".join(["blue"] * 73) + " red", keep_together={red: 3})
+    assert [c[0].index(tok.eos_token_id) - 1 for c in chunks] == [73, 1]
+
+
+def test_nested_emphasis_in_square_brackets_is_no_prompt_editing():
+    assert prompt_editing_note("[(red:1.2)] circle") is None and prompt_editing_note("[(a) b:c]") is None
+    assert prompt_editing_note("[(red:1.2)] [cat:dog:5]") is not None
+
+
+def test_the_python_api_reads_prompt_parameters_whatever_the_call_form(pipe):
+    from egaku.inference.prompts import upscale, variations
+
+    base = egaku.generate(pipe, "a red circle", seed=5, steps=2)[0]
+    for result in (egaku.generate(pipe, opts=egaku.GenerateOptions(prompt="a red circle --seed 5", steps=2))[0],
+                   egaku.generate(pipe, "a red circle --seed 5", seed=None, steps=2)[0]):
+        assert result.seed == 5 and result.image.tobytes() == base.image.tobytes()
+    assert [r.seed for r in variations(pipe, base.image, "a red circle --seed 9", num_images=1, steps=2)] == [9]
+    assert upscale(pipe, base.image, "a red circle --seed 9", steps=4).seed == 9
+    # a default given in opts is no conflict; a value away from the default is
+    assert egaku.generate(pipe, opts=egaku.GenerateOptions(prompt="a red circle --steps 3", seed=1))[0].params["steps"] == 3
+    with pytest.raises(egaku.EgakuError, match="given twice"):
+        egaku.generate(pipe, opts=egaku.GenerateOptions(prompt="a red circle --steps 3", steps=4))
+
+
+def test_from_names_what_it_cannot_make_as_it_was_made(tiny_model_dir, tmp_path, capsys):
+    from PIL import PngImagePlugin
+
+    out = tmp_path / "o"
+    args = ["--model", str(tiny_model_dir), "--steps", "2", "--seed", "5", "--no-progress"]
+    assert main(["generate", "a (red) circle", "--out", str(out), *args]) == 0
+    made = next(out.glob("*.png"))
+    params = json.loads(Image.open(made).text["egaku"])
+    # an image of an egaku from before the syntax was read: no "emphasis" in its chunk
+    old = {k: v for k, v in params.items() if k != "emphasis"}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("egaku", json.dumps(old))
+    Image.open(made).save(tmp_path / "old.png", pnginfo=info)
+    capsys.readouterr()
+    assert main(["generate", "--from", str(tmp_path / "old.png"), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert "read brackets and BREAK as words; pass --no-emphasis" in capsys.readouterr().out
+    assert main(["generate", "--from", str(made), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "--no-emphasis" not in capsys.readouterr().out
+    # A1111's Emphasis: None is written and read back
+    assert main(["generate", "a (red) circle", "--no-emphasis", "--out", str(tmp_path / "c"), *args]) == 0
+    text = Image.open(next((tmp_path / "c").glob("*.png"))).text["parameters"]
+    assert "Emphasis: None" in text
+    from egaku.inference.metadata import parse_a1111
+
+    assert parse_a1111(text)["emphasis"] is False and "emphasis" not in parse_a1111(text.replace("None", "Original"))

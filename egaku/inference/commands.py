@@ -84,13 +84,40 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
     if o.prompt_file:  # the file's prompts, with the image's settings
         merged.pop("prompt", None)
     _check_recorded_files(source, params, merged)
-    upscaler = str(params.get("hires_upscaler") or "Lanczos")
-    if "hires_scale" in merged and upscaler.lower() != "lanczos":
-        print(f"egaku: note: {source} was upscaled by A1111's \"{upscaler}\" upscaler; egaku's hires fix upscales "
-              "with Lanczos, so the result differs")
+    for note in _from_notes(source, params, merged, given):
+        print(f"egaku: note: {note}")
     if not params.get("model_source"):
         _note_unrecorded(source, params, o, given)
     return dataclasses.replace(o, **merged, from_image=None)
+
+
+def _from_notes(source: str, params: dict, merged: dict, given: set[str]) -> list[str]:
+    """What --from cannot make as the image was made, so that a different result is not a surprise."""
+    notes = []
+    upscaler = str(params.get("hires_upscaler") or "Lanczos")
+    if "hires_scale" in merged and upscaler.lower() != "lanczos":
+        notes.append(f"{source} was upscaled by A1111's \"{upscaler}\" upscaler; egaku's hires fix upscales with "
+                     "Lanczos, so the result differs")
+    if "hires_scale" in merged and params.get("hires_width") and params.get("width"):
+        scaled = tuple(round(params[k] * merged["hires_scale"]) for k in ("width", "height"))
+        if scaled != (params["hires_width"], params["hires_height"]):
+            notes.append(f"{source} was resized to {params['hires_width']}x{params['hires_height']} by A1111's hires "
+                         f"fix, cropping; egaku scales it by {merged['hires_scale']:g} to about {scaled[0]}x{scaled[1]}")
+    texts = [str(params.get(k) or "") for k in ("prompt", "negative_prompt")]
+    syntax = any(c in t for t in texts for c in "()[]\\") or any(re.search(r"\bBREAK\b", t) for t in texts)
+    if "egaku_version" in params and "emphasis" not in params and "emphasis" not in given and syntax:
+        # made before egaku read A1111's syntax (its egaku chunk has no "emphasis"): brackets were words then
+        notes.append(f"{source} was made by an egaku that read brackets and BREAK as words; pass --no-emphasis to "
+                     "read them so again (prompts over 77 tokens were also cut there)")
+    from .embeddings import embedding_short_hash
+
+    for entry in params.get("embeddings") or [] if "embedding_dir" in merged else []:
+        path = Path(str(entry.get("path") or ""))
+        now = embedding_short_hash(path) if path.is_file() and entry.get("hash") else entry.get("hash")
+        if now != entry.get("hash"):
+            notes.append(f"the embedding {entry.get('name')} ({path}) has changed since {source} was made (hash "
+                         f"{entry['hash']}, now {now})")
+    return notes
 
 
 def _check_recorded_files(source: str, params: dict, merged: dict) -> None:

@@ -48,7 +48,8 @@ def embedding_files(folder: str | Path) -> dict[str, list[Path]]:
 
 
 def _word_pattern(name: str) -> re.Pattern:
-    return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
+    # a whole word, and not a LoRA tag's name (<lora:name:w>, which a negative prompt keeps as words)
+    return re.compile(rf"(?<![\w-])(?<!<lora:){re.escape(name)}(?![\w-])", re.IGNORECASE)
 
 
 def names_in(texts: list[str], files: dict[str, list[Path]]) -> list[str]:
@@ -56,16 +57,18 @@ def names_in(texts: list[str], files: dict[str, list[Path]]) -> list[str]:
     return [name for name in sorted(files, key=len, reverse=True) if any(_word_pattern(name).search(t) for t in texts)]
 
 
-def read_vectors(path: Path, allow_pickle: bool = False) -> torch.Tensor:
-    """(vectors, width) of one embedding file."""
+def read_vectors(path: Path, allow_pickle: bool = False, shown: str | None = None) -> torch.Tensor:
+    """(vectors, width) of one embedding file; errors name it as ``shown`` (its path in the embedding folder, so
+    that a server's answers do not show its file system)."""
+    shown = shown or str(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise EgakuError(f"embedding {path} is a pickle; pass --allow-pickle to read it (tensors only, with "
-                             "weights_only=True) or convert it to .safetensors", param="embedding_dir")
+            raise EgakuError(f"embedding {shown} is a pickle, read only with --allow-pickle (tensors only, with "
+                             "weights_only=True, by egaku generate); or convert it to .safetensors", param="embedding_dir")
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a pickle that is not plain tensors, or not a pickle at all
-            raise EgakuError(f"embedding {path} cannot be read with weights_only=True ({exc})",
+            raise EgakuError(f"embedding {shown} cannot be read with weights_only=True ({exc})",
                              param="embedding_dir") from None
     else:
         from safetensors.torch import load_file
@@ -73,7 +76,7 @@ def read_vectors(path: Path, allow_pickle: bool = False) -> torch.Tensor:
         try:
             data = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - safetensors raises several private error types
-            raise EgakuError(f"embedding {path} is not a readable safetensors file ({exc})",
+            raise EgakuError(f"embedding {shown} is not a readable safetensors file ({exc})",
                              param="embedding_dir") from None
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111's .pt layout
         data = data["string_to_param"]
@@ -86,11 +89,15 @@ def read_vectors(path: Path, allow_pickle: bool = False) -> torch.Tensor:
     else:
         keys = sorted(data)[:4] if isinstance(data, dict) else type(data).__name__
         hint = " (an SDXL embedding: egaku's pipelines are SD 1.x/2.x)" if isinstance(data, dict) and "clip_l" in data else ""
-        raise EgakuError(f"embedding {path} is not a textual-inversion file: expected emb_params, string_to_param "
+        raise EgakuError(f"embedding {shown} is not a textual-inversion file: expected emb_params, string_to_param "
                          f"or one tensor, found {keys}{hint}", param="embedding_dir")
     if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
-        raise EgakuError(f"embedding {path} does not hold a (vectors, width) tensor", param="embedding_dir")
-    return (vectors if vectors.ndim == 2 else vectors[None]).float()
+        raise EgakuError(f"embedding {shown} does not hold a (vectors, width) tensor", param="embedding_dir")
+    vectors = (vectors if vectors.ndim == 2 else vectors[None]).float()
+    if vectors.shape[0] == 0 or not torch.isfinite(vectors).all():
+        raise EgakuError(f"embedding {shown} holds {'no vectors' if vectors.shape[0] == 0 else 'NaN or inf values'}; "
+                         "it cannot be used (retrain or re-export it)", param="embedding_dir")
+    return vectors
 
 
 def embedding_short_hash(path: Path) -> str:
@@ -106,18 +113,20 @@ def load_embeddings(pipe, texts: list[str], folder: str | Path, allow_pickle: bo
                     ) -> tuple[list[str], list[UsedEmbedding]]:
     """Add the embeddings ``texts`` name to ``pipe``; returns the texts with each name replaced by its tokens, and
     what was added (give it to ``unload_embeddings``)."""
+    folder = Path(folder)
     files = embedding_files(folder)
     used: list[UsedEmbedding] = []
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     try:
         for k, name in enumerate(names_in(texts, files)):
+            shown = [p.relative_to(folder).as_posix() for p in files[name]]
             if len(files[name]) > 1:
-                raise EgakuError(f"the embedding name {name!r} has {len(files[name])} files in --embedding-dir: "
-                                 f"{', '.join(map(str, files[name]))}; keep one", param="embedding_dir")
+                raise EgakuError(f"the embedding name {name!r} has {len(files[name])} files in the embedding folder: "
+                                 f"{', '.join(shown)}; keep one", param="embedding_dir")
             path = files[name][0]
-            vectors = read_vectors(path, allow_pickle)
+            vectors = read_vectors(path, allow_pickle, shown[0])
             if vectors.shape[1] != width:
-                raise EgakuError(f"embedding {path} has vectors of width {vectors.shape[1]}, but this model's text "
+                raise EgakuError(f"embedding {shown[0]} has vectors of width {vectors.shape[1]}, but this model's text "
                                  f"encoder takes {width}: it was made for another base model", param="embedding_dir")
             token = f"<egaku-embedding-{k}>"
             pipe.load_textual_inversion({token: vectors.to(pipe.text_encoder.dtype)}, token=token)

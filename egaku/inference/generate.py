@@ -241,6 +241,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     if init_image is not None:
         overrides.setdefault("init_image", (opts.init_image if opts else None) or "image")
     o = build(GenerateOptions, dataclasses.asdict(opts) if opts else {}, overrides)
+    # what the caller set: the CLI's record, and the keywords given here with a value (None is "not set", as
+    # variations() passes seed=None); apply_prompt_parameters also counts any value away from its default
+    o.given_options = sorted(set(opts.given_options if opts else []) | {k for k, v in overrides.items() if v is not None})
     if o.guidance_scale is None:
         from ..models.loading import recommended_guidance
 
@@ -285,6 +288,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     if o.hires_scale > 1:  # the second pass's size: the first's times the scale, at the model's multiple
         multiple = size_multiple(pipe)
         hires = tuple(max(multiple, round(side * o.hires_scale / multiple) * multiple) for side in (width, height))
+        if hires == (width, height):
+            print(f"egaku: --hires-scale {o.hires_scale:g} rounds back to {width}x{height} (this model needs multiples "
+                  f"of {multiple}): the hires pass redraws at the same size")
         if max(hires) > MAX_SIDE:
             raise EgakuError(f"--hires-scale {o.hires_scale:g} makes {hires[0]}x{hires[1]}, over {MAX_SIDE} pixels a "
                              "side; give a smaller scale or size", param="hires_scale")
@@ -319,6 +325,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
             lora_record = [(lora_display_name(Path(p)), w) for p, w in specs]
         else:
             lora_record, lora_files, tag_loras = [], [], []
+        if "<lora:" in o.negative_prompt.lower():
+            print("egaku: <lora:...> tags are applied from the prompt only; those in the negative prompt are read as "
+                  "words (take them out)")
         # textual-inversion embeddings the prompts name: their words become the embeddings' tokens
         encoder_texts, embeddings = [text, o.negative_prompt], []
         if o.embedding_dir:
@@ -338,6 +347,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         runner = sampling_runner(pipe, runner_cls, sampler)
         # prompts egaku encodes itself: weights, chunks past 75 tokens, an earlier text layer (egaku.models.text),
         # or embeddings (their words are already the tokens: the pipelines would expand them a second time)
+        # a multi-vector embedding is not split between two 75-token chunks (A1111 moves it whole)
+        embedding_tokens = {pipe.tokenizer.convert_tokens_to_ids(e.tokens[0]): len(e.tokens) for e in embeddings}
         own_encoding = o.clip_skip > 1 or bool(embeddings) or any(
             needs_chunked_encoding(pipe.tokenizer, words, o.emphasis) for words in encoder_texts)
         if o.emphasis:
@@ -355,8 +366,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
             # what --from needs to make it again: the model and each LoRA file (see metadata.py)
             "model_source": model_source(info), "lora_files": lora_files,
         }
-        if not o.emphasis:
-            base_params["emphasis"] = False
+        base_params["emphasis"] = o.emphasis  # (images of egaku before it read A1111's syntax lack it: see --from)
         if embeddings:
             base_params.update(embeddings=[e.record() for e in embeddings],
                                embedding_dir=os.path.abspath(o.embedding_dir))
@@ -401,7 +411,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                 del call["prompt"], call["negative_prompt"]
                 with torch.no_grad():
                     embeds = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, *encoder_texts,
-                                                o.clip_skip, o.emphasis)
+                                                o.clip_skip, o.emphasis, keep_together=embedding_tokens)
                 call["prompt_embeds"], call["negative_prompt_embeds"] = (e.repeat(count, 1, 1) for e in embeds)
             text_args = {k: call[k] for k in ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds")
                          if k in call}

@@ -126,6 +126,7 @@ def a1111_parameters(p: dict[str, Any]) -> str:
         ("Denoising strength", p.get("strength") if p.get("init_image") else p.get("hires_strength")
          if (p.get("hires_scale") or 1) > 1 else None),  # the hires pass's, in A1111's text-to-image
         ("Clip skip", p["clip_skip"] if (p.get("clip_skip") or 1) > 1 else None),  # A1111 writes it from 2 on
+        ("Emphasis", "None" if p.get("emphasis") is False else None),  # A1111's name for brackets read as words
         ("Hires upscale", _a1111_number(p["hires_scale"]) if (p.get("hires_scale") or 1) > 1 else None),
         ("Hires steps", p.get("hires_steps") or None if (p.get("hires_scale") or 1) > 1 else None),
         ("Hires upscaler", p.get("hires_upscaler") if (p.get("hires_scale") or 1) > 1 else None),
@@ -195,7 +196,7 @@ _A1111_KEYS: dict[str, tuple[str, Any]] = {
     "Schedule type": ("schedule_type", str),  # A1111 1.9+ writes "DPM++ 2M" with "Schedule type: Karras"
     "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Model": ("model_name", str),
     "Model hash": ("model_hash", str), "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
-    "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str),
+    "Emphasis": ("emphasis_mode", str), "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str),
 }
 
 
@@ -238,6 +239,8 @@ def parse_a1111(text: str) -> dict[str, Any]:
         params["hires_scale"] = max(params["hires_width"] / params["width"], params["hires_height"] / params["height"])
     if (params.get("hires_scale") or 1) > 1 and "strength" in params:  # text-to-image: the hires pass's strength
         params["hires_strength"] = params.pop("strength")
+    if params.pop("emphasis_mode", None) == "None":  # A1111's other modes weigh brackets, as egaku does
+        params["emphasis"] = False
     schedule = params.get("schedule_type", "")
     if params.get("sampler") and schedule and schedule.lower() not in ("automatic", "uniform"):
         params["sampler"] = f"{params['sampler']} {schedule}"  # A1111's older label: "DPM++ 2M Karras"

@@ -103,9 +103,10 @@ def apply_prompt_parameters(opts: GenerateOptions, has_init_image: bool | None =
 
     def take(field: str, value: Any, flag: str) -> None:
         current = getattr(opts, field)
-        # set by a flag (the CLI records which), or where that is not known, away from its default
-        given = field in opts.given_options if opts.given_options else current != getattr(defaults, field)
-        if given and current != value:
+        # set by a flag or keyword (the CLI and generate() record which, even at the default value), or away from
+        # its default; an unset value (None) is never a conflict
+        given = field in opts.given_options or current != getattr(defaults, field)
+        if given and current is not None and current != value:
             raise EgakuError(f"{flag} is given twice: {current!r} as an option and {value!r} in the prompt; keep one",
                              param=field)
         changes[field] = value

@@ -64,7 +64,8 @@ EMPHASIS = 1.1
 COMMA_BACKTRACK = 20
 _ATTENTION = re.compile(r"\\([\\()\[\]])|(\()|(\[)|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)|(\))|(\])|([^\\()\[\]:]+|[:\\])")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
-_PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*(?<!\\)[:|][^\[\]]*(?<!\\)\]")
+# [from:to:when] and [a|b]; a colon inside parentheses is a weight ("[(red:1.2)]" is emphasis only)
+_PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]()]*(?<!\\)[:|][^\[\]()]*(?<!\\)\]")
 BREAK = None  # the marker parse_emphasis puts where the prompt says BREAK
 
 
@@ -124,10 +125,13 @@ def prompt_editing_note(text: str) -> str | None:
             "words at weight 1/1.1 (escape the brackets as \\[ \\] to keep them as text)")
 
 
-def prompt_chunks(tokenizer, text: str, emphasis: bool = True) -> list[tuple[list[int], list[float]]]:
+def prompt_chunks(tokenizer, text: str, emphasis: bool = True, keep_together: dict[int, int] | None = None
+                  ) -> list[tuple[list[int], list[float]]]:
     """Token ids and per-token weights of ``text`` in chunks of the tokenizer's length (77 for CLIP), each with
     its start and end tokens and padded as the Stable Diffusion pipelines pad. ``emphasis=False`` reads brackets
-    and BREAK as plain text (the chunks are made all the same)."""
+    and BREAK as plain text (the chunks are made all the same). ``keep_together``: {first token: how many tokens
+    from it} that must not be split between chunks (a multi-vector embedding's), which start a new chunk instead."""
+    keep_together = keep_together or {}
     size = tokenizer.model_max_length - 2
     comma = tokenizer(",", add_special_tokens=False).input_ids
     comma_id = comma[0] if len(comma) == 1 else None
@@ -147,14 +151,18 @@ def prompt_chunks(tokenizer, text: str, emphasis: bool = True) -> list[tuple[lis
             ids, weights, last_comma = [], [], -1
             continue
         for token in tokenizer(piece, add_special_tokens=False, truncation=False, verbose=False).input_ids:
-            if len(ids) == size:  # full: end it at its last comma if that is near, and carry the rest over
-                cut = last_comma + 1 if last_comma >= 0 and size - last_comma <= COMMA_BACKTRACK else size
-                carried_ids, carried_weights = ids[cut:], weights[cut:]
-                del ids[cut:], weights[cut:]
-                end_chunk()
-                ids, weights, last_comma = carried_ids, carried_weights, -1
+            # in A1111's order: a comma is only remembered; a full chunk met by any other token ends at its last
+            # comma if that is near, carrying the rest over, else where it is full
             if token == comma_id:
                 last_comma = len(ids)
+            elif len(ids) == size and last_comma >= 0 and size - last_comma <= COMMA_BACKTRACK:
+                carried_ids, carried_weights = ids[last_comma + 1:], weights[last_comma + 1:]
+                del ids[last_comma + 1:], weights[last_comma + 1:]
+                end_chunk()
+                ids, weights, last_comma = carried_ids, carried_weights, -1
+            if len(ids) == size or (ids and len(ids) + keep_together.get(token, 1) > size):
+                end_chunk()
+                ids, weights, last_comma = [], [], -1
             ids.append(token)
             weights.append(weight)
     if ids or not chunks:
@@ -171,12 +179,12 @@ def needs_chunked_encoding(tokenizer, text: str, emphasis: bool = True) -> bool:
 
 
 def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: str, clip_skip: int = 1,
-                       emphasis: bool = True, device: torch.device | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       emphasis: bool = True, device: torch.device | None = None,
+                       keep_together: dict[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, 77 * chunks, width) embeddings of a prompt and its negative prompt, read with A1111's syntax. The one
     with fewer chunks gets empty ones, as A1111 adds them, since guidance needs both the same length. A prompt of
     one chunk without weights gives exactly what ``encode_prompts`` gives."""
-    chunked = [prompt_chunks(tokenizer, t, emphasis) for t in (prompt, negative_prompt)]
+    chunked = [prompt_chunks(tokenizer, t, emphasis, keep_together) for t in (prompt, negative_prompt)]
     count = max(len(c) for c in chunked)
     empty = prompt_chunks(tokenizer, "", emphasis=False)[0]
     chunked = [c + [empty] * (count - len(c)) for c in chunked]
