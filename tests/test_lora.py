@@ -675,6 +675,21 @@ def test_regularization_images_in_class_folders_are_counted_and_guidance_follows
     assert "3 bucket(s): " in said and "(2 images)" in said
 
 
+def test_the_default_resolution_is_the_models_native_size_and_a_resume_keeps_the_runs(tmp_path, data_dir,
+                                                                                     tiny_model_dir, capsys):
+    import egaku
+    from egaku.inference.generate import native_size
+
+    native = native_size(egaku.load_pipeline(str(tiny_model_dir), "cpu", "float32"))
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", resolution=None, max_steps=2,
+                             checkpoint_every=1, stop_at=1))
+    assert f"training at {native} px, the model's native size" in capsys.readouterr().out
+    assert json.loads((out / "checkpoints" / "step-000001" / "config.json").read_text())["resolution"] == native
+    train_lora(options(data_dir, tiny_model_dir, out, resolution=None, max_steps=2, checkpoint_every=1,
+                       resume="latest"))
+    assert json.loads((out / "training_config.json").read_text())["resolution"] == native
+
+
 def test_resume_with_changed_config_is_refused_naming_the_difference(trained, data_dir, tiny_model_dir):
     opts = options(data_dir, tiny_model_dir, trained, **{**TRAINED, "learning_rate": 1e-3}, resume="latest")
     with pytest.raises(EgakuError, match=r"learning_rate: checkpoint has 0\.05, now 0\.001"):

@@ -34,6 +34,7 @@ import math
 import os
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ class TrainLoraOptions:
     caption_template: str = option("{class}", help="caption for images in class folders, e.g. 'a photo of {class}'")
     trigger: str = option("", help="trigger word added to every caption (and the caption of uncaptioned images)")
     min_images: int = option(4, help="refuse to train on fewer usable images than this")
-    resolution: int = option(512, help="bucket area is at most resolution^2 (512 for SD 1.x)")
+    resolution: int | None = option(None, help="bucket area is at most resolution^2 (default: the model's native "
+                                    "size: 512 for SD 1.x, 64 for the built-in model)")
     max_aspect: float = option(2.0, help="most elongated bucket, as long side / short side")
     clip_skip: int = option(1, help="text-encoder layer captions are read from, counted from the end (kohya's "
                             "--clip_skip): 2 for NovelAI-derived anime models; generate with the same --clip-skip")
@@ -219,7 +221,7 @@ class TrainLoraOptions:
             (self.max_steps > 0 or self.epochs > 0, "give --max-steps or --epochs (> 0)"),
             (self.max_steps >= 0 and self.epochs >= 0, f"--max-steps and --epochs count steps and passes: give 0 or "
              f"more, got {self.max_steps} and {self.epochs}"),
-            (self.resolution >= 8, f"--resolution {self.resolution} is too small"),
+            (self.resolution is None or self.resolution >= 8, f"--resolution {self.resolution} is too small"),
             (self.max_aspect >= 1, f"--max-aspect must be >= 1, got {self.max_aspect}"),
             (self.min_images >= 1, "--min-images must be at least 1"),
             (0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}"),
@@ -587,6 +589,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if opts.resume:  # refuse a changed configuration before any slow work
         resume_from = checkpoints.resolve(opts.resume)
         saved = {**defaults, **trainer_config(resume_from, "train-lora")}  # another trainer's checkpoint is named
+        if opts.resolution is None:  # the run's own, which was the model's native size if it was not given
+            opts = dataclasses.replace(opts, resolution=saved.get("resolution"))
+            config = to_dict(opts)
         may_change = set(RESUME_MAY_CHANGE)
         if opts.lr_scheduler in LENGTH_FREE_SCHEDULES:
             may_change |= RUN_LENGTH
@@ -613,6 +618,10 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     mask_files = find_mask_files(scan, opts.mask_dir) if opts.mask_dir else None  # missing masks: an error now
     pipe = _load_base(opts.model)
     check_clip_skip(opts.clip_skip, pipe.text_encoder)
+    if opts.resolution is None:  # the size the model was trained at (training 64-px models at 512 is 64x the work)
+        opts = dataclasses.replace(opts, resolution=int(pipe.unet.config.sample_size * pipe.vae_scale_factor))
+        config = to_dict(opts)
+        say(f"training at {opts.resolution} px, the model's native size (--resolution to change it)")
     from ..models.loading import recommended_guidance
 
     # validation images as `egaku generate --lora` will draw them: at the model's own guidance unless given
