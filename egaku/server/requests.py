@@ -129,9 +129,9 @@ def parse_size(text: str | None, pipe, limits: Limits) -> tuple[int | None, int 
     return width, height
 
 
-def lora_names(names: list[str], limits: Limits, sub_paths: bool = True) -> None:
+def lora_names(names: list[str], limits: Limits) -> None:
     """Each name must name a LoRA in the server's folder, as resolve_lora finds it there (never a path elsewhere):
-    its name, found in sub-folders too, or, where ``sub_paths``, its path inside the folder ('styles/deep')."""
+    its name, found in sub-folders too, or its path inside the folder ('styles/deep')."""
     if not names:
         return
     for name in names:
@@ -139,10 +139,6 @@ def lora_names(names: list[str], limits: Limits, sub_paths: bool = True) -> None
         if ".." in parts or name.startswith(("/", "\\", "~")) or Path(name).is_absolute():
             raise _bad(f"LoRA name {name!r} points outside the server's LoRA folder; give the name of a LoRA in it",
                        "lora")
-        if len(parts) > 1 and not sub_paths:
-            # generate reads a --lora with a separator as a path of the server's own, not one in its LoRA folder
-            raise _bad(f"'loras' takes LoRA names (a file's name without .safetensors, found in sub-folders too), not "
-                       f"paths such as {name!r}; give that one in the prompt as <lora:{name}:1>", "lora")
     if limits.lora_dir is None:
         raise NotFoundError(f"LoRA {names[0]!r} not found: this server has no LoRA folder (start it with "
                             "`egaku serve --lora-dir DIR`)", param="lora")
@@ -352,8 +348,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         from ..lora.apply import parse_prompt_loras
 
         tag_names = [name for name, _ in parse_prompt_loras(opts.prompt)[1]]
-    lora_names(tag_names, limits)
-    lora_names([name for name, _ in loras], limits, sub_paths=False)
+    lora_names(tag_names + [name for name, _ in loras], limits)
 
     options = {k: getattr(opts, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "steps",
                                               "guidance_scale", "sampler", "width", "height", "aspect_ratio",
@@ -361,7 +356,10 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     if has_image:
         options["strength"] = opts.strength
     if loras or tag_names:
-        options["lora"] = [f"{name}:{weight}" for name, weight in loras]
+        from ..lora.apply import resolve_lora
+
+        # found in the server's folder here (sub-paths too): generate reads a name with a separator as a path
+        options["lora"] = [f"{resolve_lora(name, limits.lora_dir)}:{weight}" for name, weight in loras]
         options["lora_dir"] = str(Path(limits.lora_dir))
     if limits.embedding_dir:
         options["embedding_dir"] = str(Path(limits.embedding_dir))
