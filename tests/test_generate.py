@@ -585,6 +585,21 @@ def test_lora_is_removed_after_the_call_and_scale_matters(pipe, lora_dir):
     assert np.abs(base - half).mean() < np.abs(base - full).mean()
     with pytest.raises(egaku.EgakuError, match="not found"):
         egaku.generate(pipe, "a cat <lora:nope:1>", lora_dir=str(lora_dir), **FAST)
+    # a file that fails to load after another loaded leaves neither behind, nor do embeddings that do not load
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_nowhere.lora_down.weight": torch.zeros(4, 8), "lora_unet_nowhere.lora_up.weight":
+               torch.zeros(8, 4)}, lora_dir / "nowhere.safetensors")
+    try:
+        with pytest.raises(egaku.EgakuError, match="match"):
+            egaku.generate(pipe, "a cat", seed=1, lora=[str(lora_dir / "style"), str(lora_dir / "nowhere.safetensors")],
+                           **FAST)
+        with pytest.raises(egaku.EgakuError, match="is not a folder"):
+            egaku.generate(pipe, "a cat", seed=1, lora=[str(lora_dir / "style")], embedding_dir=str(lora_dir / "x"),
+                           **FAST)
+    finally:
+        (lora_dir / "nowhere.safetensors").unlink()
+    assert np.array_equal(base, px(egaku.generate(pipe, "a cat", seed=1, **FAST)[0]))
 
 
 def test_transformers_torchvision_fallback_notice_is_silenced_and_other_messages_are_not():

@@ -309,7 +309,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
             origins = ["prompt"] * len(specs)
             for item in o.lora:
                 name, scale = parse_lora_arg(item)
-                # a bare name is looked up in --lora-dir (the server passes only those); anything else is a path
+                # a bare name is looked up in --lora-dir; anything else is a path (the server passes paths it
+                # found in its own LoRA folder)
                 bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
                 specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))
                 origins.append("option")
@@ -320,8 +321,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                           f"uses {o.clip_skip} (give --clip-skip {trained_at})")
             lora_files = [{"name": lora_display_name(Path(p)), "path": os.path.abspath(p), "weight": float(w),
                            "hash": lora_short_hash(p), "from": origin} for (p, w), origin in zip(specs, origins)]
+            cleanup.callback(remove_loras, pipe)  # (before: a file that fails to load leaves none of the others)
             apply_loras(pipe, specs)
-            cleanup.callback(remove_loras, pipe)
             lora_record = [(lora_display_name(Path(p)), w) for p, w in specs]
         else:
             lora_record, lora_files, tag_loras = [], [], []
