@@ -397,6 +397,11 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                 on_step(done, total_steps)
             return kwargs
 
+        embeds = None
+        if own_encoding:  # the same for every batch: encoded once
+            with torch.no_grad():
+                embeds = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, *encoder_texts, o.clip_skip,
+                                            o.emphasis, keep_together=embedding_tokens)
         results: list[GeneratedImage] = []
         # 4. Denoise batch by batch; each image has its own generator seeded seed+i
         for start in range(0, o.num_images, o.batch_size):
@@ -408,11 +413,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                 num_inference_steps=o.steps, guidance_scale=o.guidance_scale, generator=generators,
                 output_type="latent", callback_on_step_end=step_callback,
             )
-            if own_encoding:
+            if embeds is not None:
                 del call["prompt"], call["negative_prompt"]
-                with torch.no_grad():
-                    embeds = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, *encoder_texts,
-                                                o.clip_skip, o.emphasis, keep_together=embedding_tokens)
                 call["prompt_embeds"], call["negative_prompt_embeds"] = (e.repeat(count, 1, 1) for e in embeds)
             text_args = {k: call[k] for k in ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds")
                          if k in call}
