@@ -115,6 +115,7 @@ def a1111_parameters(p: dict[str, Any]) -> str:
     lines = [" ".join([prompt.rstrip(), *tags]).lstrip() if tags else prompt]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
+    hires = (p.get("hires_scale") or 1) > 1
     pairs = [
         ("Steps", p.get("steps")),
         ("Sampler", p.get("sampler_label") or p.get("sampler")),
@@ -124,12 +125,12 @@ def a1111_parameters(p: dict[str, Any]) -> str:
         ("Model hash", p.get("model_hash")),
         ("Model", p.get("model_name")),
         ("Denoising strength", p.get("strength") if p.get("init_image") else p.get("hires_strength")
-         if (p.get("hires_scale") or 1) > 1 else None),  # the hires pass's, in A1111's text-to-image
+         if hires else None),  # the hires pass's, in A1111's text-to-image
         ("Clip skip", p["clip_skip"] if (p.get("clip_skip") or 1) > 1 else None),  # A1111 writes it from 2 on
         ("Emphasis", "None" if p.get("emphasis") is False else None),  # A1111's name for brackets read as words
-        ("Hires upscale", _a1111_number(p["hires_scale"]) if (p.get("hires_scale") or 1) > 1 else None),
-        ("Hires steps", p.get("hires_steps") or None if (p.get("hires_scale") or 1) > 1 else None),
-        ("Hires upscaler", p.get("hires_upscaler") if (p.get("hires_scale") or 1) > 1 else None),
+        ("Hires upscale", _a1111_number(p["hires_scale"]) if hires else None),
+        ("Hires steps", (p.get("hires_steps") or None) if hires else None),
+        ("Hires upscaler", p.get("hires_upscaler") if hires else None),
         ("Lora hashes", lora_hashes_text(p.get("lora_files") or [])),  # the weights are in the prompt's tags
         ("TI hashes", ", ".join(f"{e['name']}: {e['hash']}" for e in p.get("embeddings") or []) or None),
         ("Version", f"egaku {p.get('egaku_version', '')}".strip()),
