@@ -424,21 +424,9 @@ def _load_base(model: str):
     """The base pipeline through the project's loader; anything that is not SD 1.x-shaped is refused."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    try:
-        from ..models.loading import load_pipeline
-    except ImportError:  # the shared loader is not there yet: a diffusers folder is enough
-        load_pipeline = None
-    if load_pipeline is not None:
-        pipe = load_pipeline(model, device="cpu", dtype="float32")
-    else:
-        from diffusers import StableDiffusionPipeline
+    from ..models.loading import load_pipeline
 
-        if not (Path(model) / "model_index.json").is_file():
-            raise EgakuError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json)")
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise EgakuError(f"--model {model!r} could not be loaded as a Stable Diffusion pipeline: {exc}") from None
+    pipe = load_pipeline(model, device="cpu", dtype="float32")
     parts = {name: getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
     missing = [k for k, v in parts.items() if v is None]
     if missing or not isinstance(parts["unet"], UNet2DConditionModel) or not isinstance(parts["vae"], AutoencoderKL):
@@ -555,15 +543,262 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     return missing  # the components stay on the device: training moves them there anyway
 
 
+def resume_point(opts: TrainLoraOptions, checkpoints: Checkpoints):
+    """``--resume``'s checkpoint, read and compared with this run's options before any slow work (a changed option is
+    refused with the difference named). Returns the options (a resumed run keeps its own resolution), the
+    checkpoint folder and its (weights, state); on a fresh start, the options and None twice."""
+    if not opts.resume:
+        checkpoints.check_fresh_start()
+        return opts, None, None
+    resume_from = checkpoints.resolve(opts.resume)
+    defaults = to_dict(TrainLoraOptions())  # for options a checkpoint predates
+    saved = {**defaults, **trainer_config(resume_from, "train-lora")}  # another trainer's checkpoint is named
+    if opts.resolution is None:  # the run's own, which was the model's native size if it was not given
+        opts = dataclasses.replace(opts, resolution=saved.get("resolution"))
+    config = to_dict(opts)
+    may_change = set(RESUME_MAY_CHANGE)
+    if opts.lr_scheduler in LENGTH_FREE_SCHEDULES:
+        may_change |= RUN_LENGTH
+    elif any(saved.get(k) != config[k] for k in RUN_LENGTH) and saved.get("lr_scheduler") == opts.lr_scheduler:
+        raise EgakuError(f"cannot resume from {resume_from} with another run length (--max-steps/--epochs): the "
+                         f"--lr-scheduler {opts.lr_scheduler} schedule depends on it; only "
+                         f"{' and '.join(LENGTH_FREE_SCHEDULES)} runs can be resumed longer. Resume with the same "
+                         "length, or start a new run")
+    return opts, resume_from, load_checkpoint(resume_from, config, ignore=may_change, defaults=defaults)
+
+
+def regularization_images(pipe, opts: TrainLoraOptions, accelerator, report):
+    """``--prior-data``'s images, the missing ones generated first by the main process."""
+    if accelerator.is_main_process:
+        fill_prior_folder(pipe, opts, accelerator.device, accelerator.print)
+    accelerator.wait_for_everyone()
+    prior = scan_image_folder(opts.prior_data, caption_template=opts.caption_template, min_images=1,
+                              kohya_names=True)
+    report("regularization images: " + prior.report())
+    return prior
+
+
+def add_adapters(unet, text_encoder, opts: TrainLoraOptions) -> None:
+    """peft LoRA layers on the UNet's attention (and convolutions), and on the text encoder's attention with
+    ``--train-text-encoder``; their up matrices start at zero, so the model starts as the base."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(opts.seed)
+    alpha = opts.alpha or opts.rank
+    targets = list(opts.target_modules) + (UNET_CONV if opts.lora_conv else [])
+    unet.add_adapter(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout, use_dora=opts.dora,
+                                init_lora_weights="gaussian", target_modules=targets))
+    if opts.train_text_encoder:
+        # transformers 5's add_adapter demands peft >= 0.22; peft's own injection makes the same layers
+        inject_adapter_in_model(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
+                                           use_dora=opts.dora, init_lora_weights="gaussian",
+                                           target_modules=TEXT_ENCODER_ATTENTION),
+                                text_encoder)
+
+
+class TrainedTokens:
+    """The ``--train-tokens`` rows of the text encoder's embedding table (pivotal tuning). The whole table takes
+    gradients; after each step every other row is put back (diffusers' textual-inversion recipe), so that weight
+    decay or momentum cannot move the other words."""
+
+    def __init__(self, table: torch.nn.Parameter, words: list[str], ids: list[int], init_ids: list[int]):
+        self.table, self.words, self.ids = table, list(words), ids
+        table.requires_grad_(True)
+        if init_ids:
+            # A word the base model has never trained sits at a random point of the embedding space; started from
+            # a related word it begins on the manifold the UNet knows (resume then loads the trained rows).
+            with torch.no_grad():
+                table[ids] = table[init_ids].clone()
+        self.frozen_rows = self.original = None
+
+    def hold_the_others(self) -> None:
+        """Remember every other row as it is now (after the fp32 cast: a copy of SD 1.x's table is 150 MB)."""
+        self.frozen_rows = torch.ones(len(self.table), dtype=torch.bool, device=self.table.device)
+        self.frozen_rows[self.ids] = False
+        self.original = self.table.detach().clone()
+
+    @torch.no_grad()
+    def put_back_the_others(self) -> None:
+        self.table[self.frozen_rows] = self.original[self.frozen_rows]
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        return {word: self.table[token].detach().float().clone() for word, token in zip(self.words, self.ids)}
+
+    @torch.no_grad()
+    def load(self, embeddings: dict[str, torch.Tensor]) -> None:
+        for word, token in zip(self.words, self.ids):
+            self.table[token] = embeddings[word].to(self.table)
+
+
+class TrainingInputs:
+    """What each step feeds the UNet: the latent distribution of every item (per orientation) and the text states
+    of every caption, encoded once and cached when the augmentations allow it, else encoded each step; and the
+    per-pixel loss weights of images with loss masks."""
+
+    def __init__(self, opts: TrainLoraOptions, scan, items: list, buckets: list[tuple[int, int]], vae, text_encoder,
+                 tokenizer, device: torch.device, cache_text: bool):
+        self.opts, self.scan, self.items, self.buckets = opts, scan, items, buckets
+        self.vae, self.text_encoder, self.tokenizer, self.device = vae, text_encoder, tokenizer, device
+        self.cache_text = cache_text
+        self.flips = (False, True) if opts.random_flip else (False,)
+        # the disk cache is keyed by the encoders' weights too, so a retrained model never reuses stale latents
+        model_key = ""
+        if opts.cache_dir:
+            fingerprint = [float(sum(p.double().sum() for p in m.parameters())) for m in (vae, text_encoder)]
+            model_key = json.dumps([vae.config, text_encoder.config.to_dict(), fingerprint], default=str)
+        self.cache = _Cache(opts.cache_dir, model_key)
+        # a latent's key names the file's bytes (path, size, mtime), its bucket and its orientation
+        self.latent_key = {}
+        for i, item in enumerate(items):
+            stat = item.path.stat()
+            for flip in self.flips:
+                self.latent_key[i, flip] = (f"latent|{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|"
+                                            f"{buckets[i]}|{flip}")
+        self.masks: dict[tuple[int, bool], torch.Tensor] = {}  # on the latent grid; images without one train everywhere
+
+    def pixels(self, index: int, flip: bool) -> torch.Tensor:
+        return to_tensor(fit_to_bucket(self.scan.load(self.items[index]), self.buckets[index]), flip=flip)
+
+    def encode_latent_dist(self, batch: torch.Tensor) -> torch.Tensor:
+        dist = self.vae.encode(batch.to(self.device, torch.float32)).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return encode_prompts(self.tokenizer, self.text_encoder, texts, self.opts.clip_skip, self.device)
+
+    def text_key(self, text: str) -> str:  # another layer's embeddings are other entries of a disk cache
+        return f"text|{text}" if self.opts.clip_skip == 1 else f"text@{self.opts.clip_skip}|{text}"
+
+    @torch.no_grad()
+    def fill(self, texts: set[str], autocast, progress: bool) -> None:
+        """Encode what is cached: every latent (``--cache-latents``) and, with a frozen text encoder and fixed
+        captions, every text; then let go of the encoders that will not run again."""
+        from tqdm.auto import tqdm
+
+        if self.opts.cache_latents:
+            for i, _ in enumerate(tqdm(self.items, desc="caching latents", disable=not progress)):
+                for flip in self.flips:
+                    self.cache.get(self.latent_key[i, flip], lambda: self.encode_latent_dist(self.pixels(i, flip)[None])[0])
+        if self.cache_text:
+            for text in sorted(texts):
+                with autocast():
+                    self.cache.get(self.text_key(text), lambda: self.encode_text([text])[0])
+            self.text_encoder = None  # frozen and cached: never run again
+        if self.opts.cache_latents:  # validation only decodes: the encoder's memory (136 MB on SD 1.x) goes back
+            self.vae.encoder = self.vae.quant_conv = None
+        gc.collect()
+
+    def latents(self, indices: list[int], flips: list[bool]) -> torch.Tensor:
+        """Scaled latents drawn from each item's distribution (a fresh draw every step, cached or not)."""
+        if self.opts.cache_latents:
+            dist = torch.stack([self.cache.store[self.latent_key[i, f]] for i, f in zip(indices, flips)]).to(self.device)
+        else:
+            with torch.no_grad():
+                dist = self.encode_latent_dist(torch.stack([self.pixels(i, f) for i, f in zip(indices, flips)]))
+        mean, std = dist.chunk(2, dim=1)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (mean + std * torch.randn_like(mean) - shift) * self.vae.config.scaling_factor
+
+    def states(self, texts: list[str]) -> torch.Tensor:
+        """The text encoder's states for ``texts``: cached, or from the encoder as it is now (its LoRA and trained
+        words so far)."""
+        if self.cache_text:
+            return torch.stack([self.cache.store[self.text_key(t)] for t in texts]).to(self.device)
+        return self.encode_text(texts)
+
+    def loss_weights(self, indices: list[int], flips: list[bool], shape: torch.Size) -> torch.Tensor:
+        """(B, 1, h, w): each latent pixel's loss weight; regularization images have no mask."""
+        everywhere = torch.ones(1, *shape[-2:])
+        return torch.stack([self.masks.get((i, f), everywhere) for i, f in zip(indices, flips)]
+                           ).clamp(min=self.opts.unmasked_weight).to(self.device)
+
+
+def noised_batch(latents: torch.Tensor, opts: TrainLoraOptions, noise_scheduler, device: torch.device):
+    """The step's noisy latents, timesteps and target (the noise, or v as the scheduler predicts). The draws keep a
+    fixed order, and options that are off draw nothing, so runs made before an option existed stay reproducible."""
+    noise = torch.randn_like(latents)
+    if opts.noise_offset:
+        noise += opts.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    if opts.timestep_sampling == "uniform":
+        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=device)
+    else:
+        timesteps = draw_timesteps(latents.shape[0], num_timesteps, opts.timestep_sampling, opts.logit_mean,
+                                   opts.logit_std, opts.uniform_share).to(device)
+    if opts.input_perturbation:  # the input's noise is perturbed, the target's is not (Ning et al. 2023)
+        noisy = noise_scheduler.add_noise(latents, noise + opts.input_perturbation * torch.randn_like(noise),
+                                          timesteps)
+    else:
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return noisy, timesteps, noise
+    return noisy, timesteps, noise_scheduler.get_velocity(latents, noise, timesteps)
+
+
+def batch_captions(texts: list[str], opts: TrainLoraOptions) -> list[str]:
+    """The batch's captions after caption dropout, shuffling and tag dropout (drawn after the noise: runs without
+    these options keep their random sequence)."""
+    if opts.caption_dropout:
+        dropped = (torch.rand(len(texts)) < opts.caption_dropout).tolist()
+        texts = ["" if d else t for d, t in zip(dropped, texts)]
+    if opts.varies_captions:
+        texts = [vary_caption(t, opts.shuffle_caption, opts.keep_tokens, opts.caption_tag_dropout) for t in texts]
+    return texts
+
+
+def weighted_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, sample_weights: torch.Tensor,
+                  pixel_weights: torch.Tensor | None, opts: TrainLoraOptions, noise_scheduler) -> torch.Tensor:
+    """The batch's loss: ``--loss-type`` per element, averaged per sample over its loss mask (if any), times each
+    sample's weight (regularization images, min-SNR-gamma)."""
+    thresholds = (None if opts.loss_type in ("l2", "l1") else
+                  huber_thresholds(noise_scheduler, timesteps, opts.huber_c, opts.huber_schedule))
+    error = elementwise_loss(pred, target, opts.loss_type, thresholds)
+    per_sample = masked_mean(error, pixel_weights) if pixel_weights is not None else error.mean(dim=(1, 2, 3))
+    if opts.min_snr_gamma:
+        sample_weights = sample_weights * min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma,
+                                                          noise_scheduler.config.prediction_type)
+    return (per_sample * sample_weights).mean()
+
+
+@torch.no_grad()
+def base_prediction(unet, text_encoder, inputs: TrainingInputs, noisy: torch.Tensor, timesteps: torch.Tensor,
+                    states: torch.Tensor, texts: list[str], dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base model's output for these inputs: every adapter off. Trained token rows leave captions without
+    those words unchanged, so only a text-encoder LoRA (``text_encoder`` given) makes the text encoder run again."""
+    with adapters_off(*[m for m in (unet, text_encoder) if m is not None]):
+        if text_encoder is not None:
+            states = inputs.encode_text(texts)
+        return unet(noisy.to(dtype), timesteps, states.detach().to(dtype)).sample
+
+
+@torch.no_grad()
+def validation_grid(run, inputs: TrainingInputs, opts: TrainLoraOptions, guidance: float, resolution: int,
+                    autocast, dtype: torch.dtype):
+    """``--validation-prompts`` x ``--validation-seeds`` drawn by ``run`` (the pipeline with the adapters as they are
+    now), one row per prompt; each prompt is encoded once."""
+    images = []
+    for prompt in opts.validation_prompts:
+        with autocast():
+            embeds = [inputs.states([text]).to(inputs.device, dtype) for text in (prompt, "")]
+        for seed in opts.validation_seeds:
+            with autocast():
+                images.append(run(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1],
+                                  num_inference_steps=opts.validation_steps, guidance_scale=guidance,
+                                  height=resolution, width=resolution,
+                                  generator=torch.Generator().manual_seed(seed)).images[0])
+    return image_grid(images, cols=len(opts.validation_seeds))
+
+
 def train_lora(opts: TrainLoraOptions) -> Path:
     """Fine-tune ``opts.model`` with LoRA on ``opts.data``; returns the output folder."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
+
+    from ..models.loading import recommended_guidance
 
     if not opts.data:
         raise EgakuError("--data is required: the folder of training images")
@@ -583,63 +818,38 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = accelerator.print
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
-    config = to_dict(opts)
-    defaults = to_dict(TrainLoraOptions())  # for options a checkpoint predates
-    resume_from = None
-    if opts.resume:  # refuse a changed configuration before any slow work
-        resume_from = checkpoints.resolve(opts.resume)
-        saved = {**defaults, **trainer_config(resume_from, "train-lora")}  # another trainer's checkpoint is named
-        if opts.resolution is None:  # the run's own, which was the model's native size if it was not given
-            opts = dataclasses.replace(opts, resolution=saved.get("resolution"))
-            config = to_dict(opts)
-        may_change = set(RESUME_MAY_CHANGE)
-        if opts.lr_scheduler in LENGTH_FREE_SCHEDULES:
-            may_change |= RUN_LENGTH
-        elif any(saved.get(k) != config[k] for k in RUN_LENGTH) and saved.get("lr_scheduler") == opts.lr_scheduler:
-            raise EgakuError(f"cannot resume from {resume_from} with another run length (--max-steps/--epochs): the "
-                             f"--lr-scheduler {opts.lr_scheduler} schedule depends on it; only {' and '.join(LENGTH_FREE_SCHEDULES)} "
-                             "runs can be resumed longer. Resume with the same length, or start a new run")
-        resumed = load_checkpoint(resume_from, config, ignore=may_change, defaults=defaults)
-    else:
-        checkpoints.check_fresh_start()
-
+    opts, resume_from, resumed = resume_point(opts, checkpoints)  # a changed configuration is refused now
     if opts.init_lora:  # a wrong path is refused before the model loads
         from ..lora.apply import resolve_lora
 
         resolve_lora(opts.init_lora, None, names_option="")
+
+    def report(line: str) -> None:  # shown, and kept in the data report
+        if main:
+            with open(out / "data_report.txt", "a") as fh:
+                fh.write(line + "\n")
+        say(line)
 
     # 1. data and base model; everything in the base is frozen
     scan = scan_image_folder(opts.data, caption_template=opts.caption_template, trigger=opts.trigger or None,
                              min_images=opts.min_images, kohya_names=True)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "data_report.txt").write_text(scan.report() + "\n")
-    say(scan.report())
+        (out / "data_report.txt").write_text("")
+    report(scan.report())
     mask_files = find_mask_files(scan, opts.mask_dir) if opts.mask_dir else None  # missing masks: an error now
     pipe = _load_base(opts.model)
     check_clip_skip(opts.clip_skip, pipe.text_encoder)
     if opts.resolution is None:  # the size the model was trained at (training 64-px models at 512 is 64x the work)
         opts = dataclasses.replace(opts, resolution=int(pipe.unet.config.sample_size * pipe.vae_scale_factor))
-        config = to_dict(opts)
         say(f"training at {opts.resolution} px, the model's native size (--resolution to change it)")
-    from ..models.loading import recommended_guidance
-
+    config = to_dict(opts)
     # validation images as `egaku generate --lora` will draw them: at the model's own guidance unless given
     validation_guidance = recommended_guidance(pipe) if opts.validation_guidance is None else opts.validation_guidance
-    prior_items = []
-    if opts.prior_data:
-        if main:
-            fill_prior_folder(pipe, opts, accelerator.device, say)
-        accelerator.wait_for_everyone()
-        prior = scan_image_folder(opts.prior_data, caption_template=opts.caption_template, min_images=1,
-                                  kohya_names=True)
-        prior_items = prior.items
-        if main:
-            with open(out / "data_report.txt", "a") as fh:
-                fh.write("regularization images: " + prior.report() + "\n")
-        say("regularization images: " + prior.report())
+    prior = regularization_images(pipe, opts, accelerator, report) if opts.prior_data else None
+    prior_items = prior.items if prior else []
     items = scan.items + prior_items
-    manifest = data_manifest(scan, prior if opts.prior_data else None)  # what a resume must find again
+    manifest = data_manifest(scan, prior)  # what a resume must find again
     if mask_files:  # a changed mask changes what the rest of the run trains on, as a changed image does
         manifest += [["mask", path.relative_to(opts.mask_dir).as_posix(), path.stat().st_size, ""]
                      for path in mask_files]
@@ -653,10 +863,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     text_trains = opts.train_text_encoder or bool(token_ids)
     text_runs = text_trains or opts.varies_captions  # the text encoder runs every step (else its outputs are cached)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise EgakuError(f"the base model's scheduler predicts {prediction_type!r}; LoRA training supports "
-                         "epsilon and v_prediction models")
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise EgakuError(f"the base model's scheduler predicts {noise_scheduler.config.prediction_type!r}; LoRA "
+                         "training supports epsilon and v_prediction models")
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -667,39 +876,19 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     # refuses half-precision norm weights ("mixed dtype (CPU)"); on GPUs its frozen base is half precision.
     text_encoder.to(device, dtype=torch.float32 if text_runs and device.type == "cpu" else weight_dtype)
 
-    # 2. LoRA adapters; their parameters are the only ones that train, in fp32
-    torch.manual_seed(opts.seed)
-    alpha = opts.alpha or opts.rank
-    targets = list(opts.target_modules) + (UNET_CONV if opts.lora_conv else [])
-    unet.add_adapter(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout, use_dora=opts.dora,
-                                init_lora_weights="gaussian", target_modules=targets))
-    trained = [unet]
-    if opts.train_text_encoder:
-        # transformers 5's add_adapter demands peft >= 0.22; peft's own injection makes the same layers
-        inject_adapter_in_model(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
-                                           use_dora=opts.dora, init_lora_weights="gaussian",
-                                           target_modules=TEXT_ENCODER_ATTENTION),
-                                text_encoder)
+    # 2. LoRA adapters (and trained words); their parameters are the only ones that train, in fp32
+    add_adapters(unet, text_encoder, opts)
     token_table = text_encoder.get_input_embeddings().weight
+    tokens = None
     if token_ids:
-        # the whole table takes gradients; after each step every row but these is put back (diffusers'
-        # textual-inversion recipe), so weight decay or momentum cannot move the other words
-        token_table.requires_grad_(True)
-        if opts.token_init:
-            # A word the base model has never trained sits at a random point of the embedding space; started
-            # from a related word it begins on the manifold the UNet knows (resume then loads the trained rows).
-            init_ids = single_token_ids(tokenizer, opts.token_init, what="--token-init", unique=False)
-            with torch.no_grad():
-                token_table[token_ids] = token_table[init_ids].clone()
-    if text_trains:
-        trained.append(text_encoder)
+        init_ids = single_token_ids(tokenizer, opts.token_init, what="--token-init", unique=False) if opts.token_init else []
+        tokens = TrainedTokens(token_table, opts.train_tokens, token_ids, init_ids)
+    trained = [unet] + ([text_encoder] if text_trains else [])
     cast_training_params(trained, dtype=torch.float32)
     if opts.init_lora:  # loaded into the fp32 copies, so that no half-precision rounding touches them
         say(start_from_lora(pipe, opts, token_ids))
-    if token_ids:  # (a copy of SD 1.x's table is 150 MB: only when some of it trains)
-        frozen_rows = torch.ones(len(token_table), dtype=torch.bool, device=token_table.device)
-        frozen_rows[token_ids] = False
-        original_table = token_table.detach().clone()
+    if tokens:
+        tokens.hold_the_others()
     if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if opts.train_text_encoder:
@@ -714,87 +903,27 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     buckets = make_buckets(resolution, step=step_px, max_ratio=opts.max_aspect)
     bucket_of = [nearest_bucket(item.size, buckets) for item in items]
     captions = [item.caption for item in items]
-    # the disk cache is keyed by the encoders' weights too, so a retrained model never reuses stale latents
-    model_key = ""
-    if opts.cache_dir:
-        fingerprint = [float(sum(p.double().sum() for p in m.parameters())) for m in (vae, text_encoder)]
-        model_key = json.dumps([vae.config, text_encoder.config.to_dict(), fingerprint], default=str)
-    cache = _Cache(opts.cache_dir, model_key)
-    flips = (False, True) if opts.random_flip else (False,)
-
-    def pixels(index: int, flip: bool) -> torch.Tensor:
-        return to_tensor(fit_to_bucket(scan.load(items[index]), bucket_of[index]), flip=flip)
-
-    def encode_latent_dist(batch: torch.Tensor) -> torch.Tensor:
-        dist = vae.encode(batch.to(device, torch.float32)).latent_dist
-        return torch.cat([dist.mean, dist.std], dim=1)
-
-    def encode_text(texts: list[str]) -> torch.Tensor:
-        return encode_prompts(tokenizer, text_encoder, texts, opts.clip_skip, device)
-
-    def text_key(text: str) -> str:  # another layer's embeddings are other entries of a disk cache
-        return f"text|{text}" if opts.clip_skip == 1 else f"text@{opts.clip_skip}|{text}"
-
-    # a latent's key names the file's bytes (path, size, mtime), its bucket and its orientation
-    latent_key = {}
-    for i, item in enumerate(items):
-        stat = item.path.stat()
-        for flip in flips:
-            latent_key[i, flip] = f"latent|{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{bucket_of[i]}|{flip}"
-    with torch.no_grad():
-        if opts.cache_latents:
-            for i, _ in enumerate(tqdm(items, desc="caching latents", disable=not (main and opts.progress))):
-                for flip in flips:
-                    cache.get(latent_key[i, flip], lambda: encode_latent_dist(pixels(i, flip)[None])[0])
-        cache_text = not text_runs
-        # validation needs the empty caption for guidance, caption dropout trains on it
-        needs_empty = bool(opts.validation_prompts) or opts.caption_dropout > 0
-        other_texts = list(opts.validation_prompts) + ([""] if needs_empty else [])
-        if cache_text:
-            for text in sorted(set(captions) | set(other_texts)):
-                with accelerator.autocast():
-                    cache.get(text_key(text), lambda: encode_text([text])[0])
-            text_encoder = None  # frozen and cached: never run again, memory given back
-            pipe.text_encoder = None
-        if opts.cache_latents:  # validation only decodes: the encoder's memory (136 MB on SD 1.x) goes back
-            vae.encoder = vae.quant_conv = None
-        gc.collect()
-
-    # loss masks on the latent grid, per training image and orientation; images without one train everywhere
-    mask_of: dict[tuple[int, bool], torch.Tensor] = {}
+    inputs = TrainingInputs(opts, scan, items, bucket_of, vae, text_encoder, tokenizer, device,
+                            cache_text=not text_runs)
+    # validation needs the empty caption for guidance, caption dropout trains on it
+    needs_empty = bool(opts.validation_prompts) or opts.caption_dropout > 0
+    inputs.fill(set(captions) | set(opts.validation_prompts) | ({""} if needs_empty else set()),
+                accelerator.autocast, progress=main and opts.progress)
+    if inputs.cache_text:  # frozen and cached: memory given back
+        text_encoder = pipe.text_encoder = None
     if opts.mask_dir or opts.alpha_mask:
-        mask_of = latent_masks(scan, mask_files, bucket_of, flips, vae_scale, opts.unmasked_weight)
-        masked = len({i for i, _ in mask_of})
-        note = (f"loss masks: {masked} from {opts.mask_dir}" if opts.mask_dir else
-                f"loss masks: the transparency of {masked} image(s)"
-                + (f"; {len(scan.items) - masked} have none and train everywhere" if masked < len(scan.items) else ""))
-        if main:
-            with open(out / "data_report.txt", "a") as fh:
-                fh.write(note + "\n")
-        say(note)
-
-    def loss_weights(indices: list[int], flip_draws: list[bool], shape: torch.Size) -> torch.Tensor:
-        """(B, 1, h, w): each latent pixel's loss weight; regularization images have no mask."""
-        everywhere = torch.ones(1, *shape[-2:])
-        return torch.stack([mask_of.get((i, f), everywhere) for i, f in zip(indices, flip_draws)]
-                           ).clamp(min=opts.unmasked_weight).to(device)
-
-    def latents_of(indices: list[int], flip_draws: list[bool]) -> torch.Tensor:
-        if opts.cache_latents:
-            dist = torch.stack([cache.store[latent_key[i, f]] for i, f in zip(indices, flip_draws)]).to(device)
-        else:
-            with torch.no_grad():
-                dist = encode_latent_dist(torch.stack([pixels(i, f) for i, f in zip(indices, flip_draws)]))
-        mean, std = dist.chunk(2, dim=1)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (mean + std * torch.randn_like(mean) - shift) * vae.config.scaling_factor
+        inputs.masks = latent_masks(scan, mask_files, bucket_of, inputs.flips, vae_scale, opts.unmasked_weight)
+        masked = len({i for i, _ in inputs.masks})
+        report(f"loss masks: {masked} from {opts.mask_dir}" if opts.mask_dir else
+               f"loss masks: the transparency of {masked} image(s)"
+               + (f"; {len(scan.items) - masked} have none and train everywhere" if masked < len(scan.items) else ""))
 
     # 4. optimizer, schedule, data order
     params = lora_param_groups(unet, opts.learning_rate, opts.loraplus_lr_ratio)
     if opts.train_text_encoder:
         params += lora_param_groups(text_encoder, opts.text_encoder_lr or opts.learning_rate, opts.loraplus_lr_ratio,
                                     leave_out=token_table)
-    if token_ids:
+    if tokens:
         params.append({"params": [token_table], "lr": opts.token_lr or opts.learning_rate, "weight_decay": 0.0})
     optimizer = make_optimizer(opts, params, device)
     # an epoch holds every training image `repeats` times (times its kohya folder's count) and every
@@ -819,58 +948,50 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if text_trains:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
         prepared = [unet, text_encoder]
+        inputs.text_encoder = text_encoder  # the wrapped one: its gradients are all-reduced across processes
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
         prepared = [unet]
     lora_params = [p for group in optimizer.param_groups for p in group["params"]]
 
+    def unwrapped(model):
+        return None if model is None else accelerator.unwrap_model(model)
+
     # 5. resume
     step, micro = 0, 0
     if resume_from is not None:
-        path = resume_from
         weights, state = resumed
-        set_peft_model_state_dict(accelerator.unwrap_model(unet), weights["unet_lora"])
+        set_peft_model_state_dict(unwrapped(unet), weights["unet_lora"])
         if opts.train_text_encoder:
-            set_peft_model_state_dict(accelerator.unwrap_model(text_encoder), weights["text_encoder_lora"])
-        with torch.no_grad():
-            for word, token in zip(opts.train_tokens, token_ids):
-                token_table[token] = weights["token_embeddings"][word].to(token_table)
+            set_peft_model_state_dict(unwrapped(text_encoder), weights["text_encoder_lora"])
+        if tokens:
+            tokens.load(weights["token_embeddings"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if int(state["world"]) != world:
-            raise EgakuError(f"cannot resume from {path}: it was written by a run on {int(state['world'])} "
+            raise EgakuError(f"cannot resume from {resume_from}: it was written by a run on {int(state['world'])} "
                              f"process(es), this one has {world}; the data position depends on it. Resume with "
                              f"{int(state['world'])} process(es)")
         restore_rng(state["rng"])
         step, micro = int(state["step"]), int(state["micro"])
-        say(f"resumed from {path} at step {step}")
+        say(f"resumed from {resume_from} at step {step}")
     first_step = step
-
-    def lora_state() -> dict[str, dict[str, torch.Tensor]]:
-        weights = {"unet_lora": get_peft_model_state_dict(accelerator.unwrap_model(unet))}
-        if opts.train_text_encoder:
-            weights["text_encoder_lora"] = get_peft_model_state_dict(accelerator.unwrap_model(text_encoder))
-        if token_ids:
-            weights["token_embeddings"] = trained_embeddings()
-        return weights
-
-    def trained_embeddings() -> dict[str, torch.Tensor]:
-        return {word: token_table[token].detach().float().clone() for word, token in zip(opts.train_tokens, token_ids)}
 
     def save_checkpoint() -> None:
         if main:
-            checkpoints.save(step, lora_state(), {"optimizer": optimizer.state_dict(),
-                                                  "lr_scheduler": lr_scheduler.state_dict(), "rng": capture_rng(),
-                                                  "step": step, "micro": micro, "world": world,
-                                                  "data": manifest}, config)
+            weights = {"unet_lora": get_peft_model_state_dict(unwrapped(unet))}
+            if opts.train_text_encoder:
+                weights["text_encoder_lora"] = get_peft_model_state_dict(unwrapped(text_encoder))
+            if tokens:
+                weights["token_embeddings"] = tokens.embeddings()
+            checkpoints.save(step, weights, {"optimizer": optimizer.state_dict(),
+                                             "lr_scheduler": lr_scheduler.state_dict(), "rng": capture_rng(),
+                                             "step": step, "micro": micro, "world": world, "data": manifest}, config)
         accelerator.wait_for_everyone()
 
-    def unwrapped(model):
-        return None if model is None else accelerator.unwrap_model(model)
-
     def write_lora(folder: Path) -> None:
-        save_lora(folder, accelerator.unwrap_model(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
-                  opts, token_embeddings=trained_embeddings() if token_ids else None,
+        save_lora(folder, unwrapped(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
+                  opts, token_embeddings=tokens.embeddings() if tokens else None,
                   num_images=sum(item.repeats for item in scan.items) * opts.repeats,  # kohya counts repeats
                   tags=folder_tags([(opts.data, scan.items), (opts.prior_data, prior_items)]),
                   total_steps=total_steps, step=step, run=run_metadata)
@@ -880,54 +1001,30 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             return
         for model in trained:
             unwrapped(model).eval()
-        run = StableDiffusionPipeline(vae=vae, text_encoder=unwrapped(text_encoder),
-                                      tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
-                                      scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                      requires_safety_checker=False)
+        run = StableDiffusionPipeline(vae=vae, text_encoder=unwrapped(text_encoder), tokenizer=tokenizer,
+                                      unet=unwrapped(unet), scheduler=pipe.scheduler, safety_checker=None,
+                                      feature_extractor=None, requires_safety_checker=False)
         run.set_progress_bar_config(disable=True)
-        images = []
-        for prompt in opts.validation_prompts:
-            with torch.no_grad(), accelerator.autocast():
-                # cached, or the text encoder as it is now (its LoRA and words trained so far); once per prompt
-                embeds = ([cache.store[text_key(text)][None] for text in (prompt, "")] if cache_text
-                          else [encode_text([text]) for text in (prompt, "")])
-            kwargs = {"prompt_embeds": embeds[0].to(device, weight_dtype),
-                      "negative_prompt_embeds": embeds[1].to(device, weight_dtype)}
-            for seed in opts.validation_seeds:
-                with torch.no_grad(), accelerator.autocast():
-                    images.append(run(**kwargs, num_inference_steps=opts.validation_steps,
-                                      guidance_scale=validation_guidance, height=resolution, width=resolution,
-                                      generator=torch.Generator().manual_seed(seed)).images[0])
+        grid = validation_grid(run, inputs, opts, validation_guidance, resolution, accelerator.autocast, weight_dtype)
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        image_grid(images, cols=len(opts.validation_seeds)).save(out / "samples" / f"step-{step:06d}.png")
+        grid.save(out / "samples" / f"step-{step:06d}.png")
         for model in trained:
             unwrapped(model).train()
-
-    @torch.no_grad()
-    def base_prediction(noisy: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor,
-                        texts: list[str]) -> torch.Tensor:
-        """The frozen base model's output for these inputs: every adapter off. Trained token rows leave captions
-        without those words unchanged, so only a text-encoder LoRA makes the text encoder run again."""
-        models = [unwrapped(unet)] + ([unwrapped(text_encoder)] if opts.train_text_encoder else [])
-        with adapters_off(*models):
-            if opts.train_text_encoder:
-                states = encode_text(texts)
-            return models[0](noisy.to(weight_dtype), timesteps, states.detach().to(weight_dtype)).sample
 
     if main:
         save_config(opts, out / "training_config.json")
     log = MetricsLog(out / "loss.csv", start_step=step) if main else None
-    # the token table takes gradients whole, but only the --train-tokens rows change
     images_in = collections.Counter(bucket_of)  # the buckets in use, as kohya lists them
     bucket_use = f"{len(images_in)} bucket(s): " + ", ".join(f"{w}x{h} ({n} images)"
                                                           for (w, h), n in sorted(images_in.items()))
+    # the token table takes gradients whole, but only the --train-tokens rows change
     trained_count = sum(p.numel() for p in lora_params if p is not token_table) + len(token_ids) * token_table.shape[1]
     tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""
     say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} steps on {world} "
         f"process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation")
     bar = tqdm(total=total_steps, initial=step, desc="train-lora", disable=not (main and opts.progress))
     for model in trained:
-        accelerator.unwrap_model(model).train()
+        unwrapped(model).train()
     mean_loss = torch.tensor(float("nan"))
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
@@ -938,61 +1035,30 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 epoch, index = divmod(micro, per_epoch)
                 indices = [slots[j] for j in order.batches(epoch)[index * world + rank]]
                 torch.manual_seed(_step_seed(opts.seed, micro, rank))
-                flip_draws = ([bool(f) for f in torch.rand(len(indices)) < 0.5] if opts.random_flip
-                              else [False] * len(indices))
-                latents = latents_of(indices, flip_draws)
-                noise = torch.randn_like(latents)
-                if opts.noise_offset:
-                    noise += opts.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
-                if opts.timestep_sampling == "uniform":  # drawn as before the option, so earlier runs stay reproducible
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                              device=device)
-                else:
-                    timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps,
-                                               opts.timestep_sampling, opts.logit_mean, opts.logit_std,
-                                               opts.uniform_share).to(device)
-                if opts.input_perturbation:  # (drawn only then: runs without it keep their random sequence)
-                    noisy = noise_scheduler.add_noise(
-                        latents, noise + opts.input_perturbation * torch.randn_like(noise), timesteps)
-                else:
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                texts = [captions[i] for i in indices]
-                if opts.caption_dropout:  # drawn after the other draws: runs without it are unchanged
-                    dropped = (torch.rand(len(indices)) < opts.caption_dropout).tolist()
-                    texts = ["" if d else t for d, t in zip(dropped, texts)]
-                if opts.varies_captions:  # drawn last too, for the same reason
-                    texts = [vary_caption(t, opts.shuffle_caption, opts.keep_tokens, opts.caption_tag_dropout)
-                             for t in texts]
-                target = (noise if prediction_type == "epsilon"
-                          else noise_scheduler.get_velocity(latents, noise, timesteps))
+                flips = ([bool(f) for f in torch.rand(len(indices)) < 0.5] if opts.random_flip
+                         else [False] * len(indices))
+                latents = inputs.latents(indices, flips)
+                noisy, timesteps, target = noised_batch(latents, opts, noise_scheduler, device)
+                texts = batch_captions([captions[i] for i in indices], opts)
                 with contextlib.ExitStack() as no_sync:
                     if k < opts.gradient_accumulation - 1 and world > 1:  # all-reduce once, on the last micro-batch
                         for model in prepared:
                             no_sync.enter_context(accelerator.no_sync(model))
                     # a trained text encoder's forward belongs inside no_sync too: its gradients are all-reduced once
                     with accelerator.autocast(), half_precision_attention(device, weight_dtype):
-                        if cache_text:
-                            states = torch.stack([cache.store[text_key(t)] for t in texts]).to(device)
-                        else:
-                            states = encode_text(texts)
+                        states = inputs.states(texts)
                         prior_rows = ([row for row, i in enumerate(indices) if i >= len(scan.items)]
                                       if opts.prior_target == "base" else [])
-                        if prior_rows:
+                        if prior_rows:  # regularization images trained towards the frozen base's prediction
                             target = target.clone()
                             target[prior_rows] = base_prediction(
+                                unwrapped(unet), unwrapped(text_encoder) if opts.train_text_encoder else None, inputs,
                                 noisy[prior_rows], timesteps[prior_rows], states[prior_rows],
-                                [texts[row] for row in prior_rows]).float()
+                                [texts[row] for row in prior_rows], weight_dtype).float()
                         pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype)).sample
-                    error = elementwise_loss(pred, target, opts.loss_type, None if opts.loss_type in ("l2", "l1") else
-                                             huber_thresholds(noise_scheduler, timesteps, opts.huber_c,
-                                                              opts.huber_schedule))
-                    per_sample = (masked_mean(error, loss_weights(indices, flip_draws, latents.shape))
-                                  if mask_of else error.mean(dim=(1, 2, 3)))
-                    weights = item_weight[indices].to(device)
-                    if opts.min_snr_gamma:
-                        weights = weights * min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma,
-                                                            prediction_type)
-                    loss = (per_sample * weights).mean()
+                    loss = weighted_loss(pred, target, timesteps, item_weight[indices].to(device),
+                                         inputs.loss_weights(indices, flips, latents.shape) if inputs.masks else None,
+                                         opts, noise_scheduler)
                     # gradient checkpointing recomputes the forward in backward: with the same attention kernel, or
                     # its half-precision outputs differ from the forward's and torch refuses them
                     with half_precision_attention(device, weight_dtype):
@@ -1004,9 +1070,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if token_ids:
-                with torch.no_grad():
-                    token_table[frozen_rows] = original_table[frozen_rows]
+            if tokens:
+                tokens.put_back_the_others()
             step += 1
 
             # one gather per step carries the loss and any stop request, so every process stops at the same step
