@@ -134,3 +134,42 @@ def test_the_metrics_log_drops_the_rows_past_the_step_a_run_resumes_from(tmp_pat
     assert steps == ["1", "2", "3", "4", "5"]
     MetricsLog(tmp_path / "m.csv")  # a run that only exports keeps every row
     assert len((tmp_path / "m.csv").read_text().splitlines()) == 6
+
+
+def test_progress_in_a_log_is_plain_lines_with_rate_and_time_left(monkeypatch):
+    import io
+
+    from egaku.training import runtime
+    from egaku.training.runtime import LogProgress, progress_bar
+
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    bar = LogProgress(total=100, initial=20, desc="train-lora", interval=30.0, file=log)
+    for _ in range(10):  # 10 steps in 20 s: under the interval, nothing written
+        clock[0] += 2.0
+        bar.update(1)
+    assert log.getvalue() == ""
+    bar.set_postfix(loss="0.0412")
+    for _ in range(10):  # the interval passes at the 15th step (30 s)
+        clock[0] += 2.0
+        bar.update(1)
+    bar.close()
+    bar.close()  # a second close writes nothing more
+    at_the_end = LogProgress(total=2, interval=1.0, file=log)
+    clock[0] += 5.0
+    at_the_end.update(2)  # written by the update: close does not repeat it
+    at_the_end.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert lines == ["train-lora: 35/100 steps (35%), loss=0.0412, 0.5 steps/s, 2:10 left",
+                     "train-lora: 40/100 steps (40%), loss=0.0412, 0.5 steps/s, 2:00 left",
+                     "2/2 steps (100%), 0.4 steps/s"]
+    # a redirected stderr gets log lines, a terminal tqdm
+    monkeypatch.setattr(runtime.sys, "stderr", io.StringIO())
+    assert isinstance(progress_bar(10, desc="x"), LogProgress)
+    assert not isinstance(progress_bar(10, desc="x", disable=True), LogProgress)
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    monkeypatch.setattr(runtime.sys, "stderr", tty)
+    assert not isinstance(progress_bar(10, desc="x"), LogProgress)

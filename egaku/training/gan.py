@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..config import option, save_config, to_dict
 from ..data.digits import load_gan_data
@@ -37,8 +36,8 @@ from ..errors import EgakuError
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
 from .runtime import (Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, check_same_fingerprint,
-                      data_fingerprint, load_checkpoint, permissions_by_umask, restore_rng, stop_after_signal,
-                      trainer_config)
+                      data_fingerprint, load_checkpoint, permissions_by_umask, progress_bar, restore_rng,
+                      stop_after_signal, trainer_config)
 
 
 @dataclass
@@ -280,7 +279,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     if opts.max_steps:
         total = min(total, opts.max_steps)
     started, cpu_started = time.monotonic(), time.process_time()
-    bar = tqdm(total=total, initial=min(step, total), disable=not opts.progress, unit="step", dynamic_ncols=True)
+    bar = progress_bar(total, min(step, total), desc="train-gan", disable=not opts.progress)
     stopped_by_time = False
     last_saved = step if opts.resume else -1
     last_grid = step  # a resumed run's grid at this step, if any, was drawn before it stopped

@@ -43,7 +43,7 @@ from ..models.loading import resolve_device, write_model_defaults, write_pipelin
 from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, capture_rng,
                                 check_finite, check_same_fingerprint, check_timestep_sampling, data_fingerprint,
                                 draw_timesteps, half_precision_attention, load_checkpoint, min_snr_weights,
-                                restore_rng, saved_config, stop_after_signal, trainer_config)
+                                progress_bar, restore_rng, saved_config, stop_after_signal, trainer_config)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -521,9 +521,7 @@ def mixed_precision(precision: str, device: torch.device):
 
 
 def _progress(opts: TrainLdmOptions, start: int, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, disable=not opts.progress, desc="train-ldm", dynamic_ncols=True)
+    return progress_bar(total, start, desc="train-ldm", disable=not opts.progress)
 
 
 def train_ldm(opts: TrainLdmOptions) -> Path:

@@ -54,7 +54,7 @@ from ..models.text import check_clip_skip, encode_prompts
 from .runtime import (HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
                       atomic_save_file, capture_rng, check_finite, check_loss_type, check_timestep_sampling,
                       draw_timesteps, elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
-                      min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal, trainer_config)
+                      min_snr_weights, permissions_by_umask, progress_bar, restore_rng, stop_after_signal, trainer_config)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -673,12 +673,13 @@ class TrainingInputs:
     def fill(self, texts: set[str], autocast, progress: bool) -> None:
         """Encode what is cached: every latent (``--cache-latents``) and, with a frozen text encoder and fixed
         captions, every text; then let go of the encoders that will not run again."""
-        from tqdm.auto import tqdm
-
         if self.opts.cache_latents:
-            for i, _ in enumerate(tqdm(self.items, desc="caching latents", disable=not progress)):
+            bar = progress_bar(len(self.items), desc="caching latents", unit="image", disable=not progress)
+            for i in range(len(self.items)):
                 for flip in self.flips:
                     self.cache.get(self.latent_key[i, flip], lambda: self.encode_latent_dist(self.pixels(i, flip)[None])[0])
+                bar.update(1)
+            bar.close()
         if self.cache_text:
             for text in sorted(texts):
                 with autocast():
@@ -796,7 +797,6 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from tqdm.auto import tqdm
 
     from ..models.loading import recommended_guidance
 
@@ -1022,7 +1022,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""
     say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} steps on {world} "
         f"process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation")
-    bar = tqdm(total=total_steps, initial=step, desc="train-lora", disable=not (main and opts.progress))
+    bar = progress_bar(total_steps, step, desc="train-lora", disable=not (main and opts.progress))
     for model in trained:
         unwrapped(model).train()
     mean_loss = torch.tensor(float("nan"))
