@@ -8,6 +8,7 @@ that runs, so ``egaku --help`` and ``egaku info`` stay fast. No logic lives here
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 import typing
@@ -51,9 +52,30 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a mistyped flag is named with the flag it was probably meant to be
+    (kohya's ``--learning_rate`` is egaku's ``--learning-rate``), not buried under the whole usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                if not word.startswith("-"):
+                    continue
+                flag = word.split("=", 1)[0]
+                dashed = "--" + flag.lstrip("-").replace("_", "-")
+                close = [dashed] if dashed in known else difflib.get_close_matches(dashed, known, n=2, cutoff=0.7)
+                if close:
+                    hints.append(f"{flag} -> {' or '.join(close)}")
+            if hints:
+                message += f" (did you mean: {'; '.join(hints)}?)"
+        self.exit(2, f"{self.prog}: error: {message}\nRun `{self.prog} --help` for its options.\n")
+
+
 def build_parser(name: str) -> tuple[argparse.ArgumentParser, typing.Callable, type]:
     func, opts_cls = _resolve(name)
-    parser = argparse.ArgumentParser(prog=f"egaku {name}", description=COMMANDS[name][2])
+    parser = _Parser(prog=f"egaku {name}", description=COMMANDS[name][2])
     parser.add_argument("--config", help="preset whose values the flags below override: TOML, YAML, or a run's "
                         "saved config JSON (to repeat that run)")
     add_arguments(parser, opts_cls)

@@ -154,6 +154,19 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
     raise EgakuError(f"option {key!r} must be {want}, got {value!r}")
 
 
+def _check_choice(key: str, value: Any, choices: list[Any] | None) -> None:
+    """Flags are checked against their choices by argparse; a preset's values (``format = "kohyaa"``) are checked
+    here, with the same one-line error, before a run spends its time training towards a crash or a silent no-op."""
+    if not choices or value is None:
+        return
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item not in choices:
+            close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise EgakuError(f"option {key!r}: invalid choice {item!r}{hint}; choose from "
+                             f"{', '.join(map(str, choices))}")
+
+
 def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
     """Instantiate ``cls`` from dicts applied in order (later wins); unknown keys are an error."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -172,8 +185,10 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
     if "given_options" in names:  # which options were set, for commands that fill the others (generate --from)
         values["given_options"] = sorted(set(values) - {"given_options"})
     hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         _check_type(key, value, hints[key])
+        _check_choice(key, value, fields[key].metadata.get("choices"))
     try:
         return cls(**values)
     except TypeError as exc:

@@ -71,9 +71,9 @@ def test_yaml_presets_read_exponents_as_numbers(tmp_path):
     (tmp_path / "p.yaml").write_text("steps: 7\nguidance_scale: 1e1\nnegative_prompt: 1e-3x\n")
     _, opts = parse(["generate", "a cat", "--config", str(tmp_path / "p.yaml")])
     assert (opts.steps, opts.guidance_scale, opts.negative_prompt) == (7, 10.0, "1e-3x")
-    (tmp_path / "lora.yml").write_text("data: d\nlearning_rate: 1e-3\ntoken_lr: -2.5E+2\n")
+    (tmp_path / "lora.yml").write_text("data: d\nlearning_rate: 1e-3\nlogit_mean: -2.5E+2\n")
     _, opts = parse(["train-lora", "--config", str(tmp_path / "lora.yml")])
-    assert (opts.learning_rate, opts.token_lr) == (1e-3, -250.0)
+    assert (opts.learning_rate, opts.logit_mean) == (1e-3, -250.0)
 
 
 def test_save_config_and_difference(tmp_path):
@@ -105,3 +105,25 @@ def test_a_runs_saved_config_json_is_a_preset_that_repeats_it(tmp_path):
     (tmp_path / "bad.json").write_text("{steps: 3")
     with pytest.raises(EgakuError, match="not valid JSON"):
         parse(["train-ldm", "--config", str(tmp_path / "bad.json")])
+
+
+def test_a_preset_value_outside_an_options_choices_is_named_with_the_nearest_choice(tmp_path):
+    (tmp_path / "p.toml").write_text('dtype = "float61"\n')
+    with pytest.raises(EgakuError, match=r"option 'dtype': invalid choice 'float61' \(did you mean 'float16'\?\); "
+                                         r"choose from auto, float32, float16, bfloat16"):
+        parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])
+    (tmp_path / "p.toml").write_text('dtype = "float16"\n')
+    assert parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])[1].dtype == "float16"
+
+
+def test_a_mistyped_flag_is_one_line_naming_the_flag_it_was_meant_to_be(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["generate", "a cat", "--guidance_scale", "5", "--stpes", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--guidance_scale -> --guidance-scale" in err and "--stpes -> --steps" in err
+    assert "usage:" not in err and len(err.strip().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        parse(["generate", "a cat", "--zzzz"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --zzzz\n" in err and "did you mean" not in err

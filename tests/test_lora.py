@@ -843,9 +843,19 @@ def test_bad_option_values_are_errors():
         train_lora(TrainLoraOptions())
     for field, value, message in (("save_every", -1, "--save-every"), ("input_perturbation", -0.1,
                                   "--input-perturbation"), ("huber_c", 0.0, "--huber-c"), ("max_steps", -1,
-                                  "--max-steps and --epochs count")):
+                                  "--max-steps and --epochs count"), ("min_snr_gamma", -5.0, "gradient ascent"),
+                                  ("validation_steps", 0, "--validation-steps"), ("checkpoint_every", -1,
+                                  "--checkpoint-every"), ("validation_every", -1, "--validation-every"),
+                                  ("lr_warmup_steps", -3, "--lr-warmup-steps"), ("keep_checkpoints", 0,
+                                  "--keep-checkpoints"), ("noise_offset", -0.1, "--noise-offset"),
+                                  ("max_grad_norm", -1.0, "--max-grad-norm")):
         with pytest.raises(EgakuError, match=message):
             build(TrainLoraOptions, {field: value, "loss_type": "huber"})
+    # a preset's choice is checked as argparse checks a flag's, before any training
+    for field, value in (("format", "kohyaa"), ("save_precision", "fp8"), ("lr_scheduler", "cosinee"),
+                         ("mixed_precision", "fp8"), ("optimizer", "adam"), ("prior_target", "babe")):
+        with pytest.raises(EgakuError, match=f"option '{field}': invalid choice '{value}'"):
+            build(TrainLoraOptions, {"data": "x", field: value})
 
 
 def test_loraplus_trains_the_up_matrices_at_the_given_multiple_of_the_rate(tmp_path, data_dir, tiny_model_dir):
@@ -1414,3 +1424,13 @@ def test_bad_loss_masks_are_clear_errors(tmp_path, data_dir, tiny_model_dir):
     Image.new("L", (40, 40), 255).save(masks / "red_star" / "1.png")  # an image of 64x40
     with pytest.raises(EgakuError, match=r"1\.png is 40x40 but its image .* is 64x40"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "shape", mask_dir=str(masks)))
+
+
+def test_a_batch_size_larger_than_the_fullest_bucket_is_reported_with_the_size_batches_have(tmp_path, data_dir,
+                                                                                            tiny_model_dir, capsys):
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", batch_size=64, max_steps=1))
+    out = capsys.readouterr().out
+    fullest = int(re.search(r"batches hold at most (\d+) images, not --batch-size 64", out).group(1))
+    assert 1 <= fullest < 64
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "run2", batch_size=1, max_steps=1))
+    assert "batches hold at most" not in capsys.readouterr().out

@@ -234,6 +234,21 @@ class TrainLoraOptions:
             (self.save_every >= 0, f"--save-every must be 0 (off) or a number of steps, got {self.save_every}"),
             (self.input_perturbation >= 0, f"--input-perturbation must be >= 0, got {self.input_perturbation}"),
             (self.repeats >= 1, f"--repeats must be 1 or more, got {self.repeats}"),
+            (self.min_snr_gamma >= 0, f"--min-snr-gamma must be 0 (off) or positive (5 is the paper's value), got "
+             f"{self.min_snr_gamma}: a negative weight would turn the loss into gradient ascent"),
+            (self.noise_offset >= 0, f"--noise-offset must be 0 (off) or positive, got {self.noise_offset}"),
+            (self.checkpoint_every >= 0, f"--checkpoint-every must be 0 (only at the end) or a number of steps, got "
+             f"{self.checkpoint_every}"),
+            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be 1 or more, got {self.keep_checkpoints}"),
+            (self.validation_every >= 0, f"--validation-every must be 0 (only at the end) or a number of steps, got "
+             f"{self.validation_every}"),
+            (self.validation_steps >= 1, f"--validation-steps is the sampling steps of the validation images: give 1 "
+             f"or more (20 is the default), got {self.validation_steps}"),
+            (self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be 0 or more, got {self.lr_warmup_steps}"),
+            (self.stop_at >= 0, f"--stop-at must be 0 (run to the end) or a step, got {self.stop_at}"),
+            (self.prior_images >= 0, f"--prior-images must be 0 or more, got {self.prior_images}"),
+            (min(self.weight_decay, self.max_grad_norm, self.token_lr, self.text_encoder_lr) >= 0,
+             "--weight-decay, --max-grad-norm, --token-lr and --text-encoder-lr must be 0 or more"),
             (not self.dora or self.format == "diffusers", "--dora writes the diffusers layout only: give --format "
              "diffusers or leave --format out (diffusers cannot read DoRA in the kohya layout, so egaku cannot check such a file)"),
             (self.optimizer != "prodigy" or self.learning_rate >= 0.1,
@@ -1022,6 +1037,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""
     say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} steps on {world} "
         f"process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation")
+    fullest = max(len(batch) for batch in order.batches(0))
+    if fullest < opts.batch_size:  # a batch never mixes buckets, so a small folder caps it
+        say(f"egaku: warning: batches hold at most {fullest} images, not --batch-size {opts.batch_size}: a batch "
+            f"takes images from one aspect bucket, and the fullest holds {fullest} per epoch; lower --batch-size "
+            f"to {fullest} (and raise --gradient-accumulation for the same total) or add images")
     bar = progress_bar(total_steps, step, desc="train-lora", disable=not (main and opts.progress))
     for model in trained:
         unwrapped(model).train()
