@@ -929,3 +929,20 @@ def test_a_single_file_without_model_config_asks_for_its_configs(pipe, tmp_path,
     path = save_single_file(pipe, tmp_path / "model.safetensors")
     with pytest.raises(egaku.EgakuError, match="needs the configs of its architecture; pass --model-config"):
         egaku.load_pipeline(str(path), device="cpu")
+
+
+def test_an_error_during_generation_starts_its_own_line_after_the_progress_bar(tiny_model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    import egaku.inference.commands as commands
+
+    def fails_after_a_step(pipe, opts, on_step):
+        on_step(1, 4)
+        raise EgakuError("the sampler gave up")
+
+    monkeypatch.setattr(commands, "generate", fails_after_a_step)
+    rc = main(["generate", "a cat", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "generating" in err  # the bar was drawn
+    line = err[err.rindex("egaku: error"):]
+    assert line == "egaku: error: the sampler gave up\n"
+    assert err[err.rindex("egaku: error") - 1] in "\r\n"  # the bar was cleared, not continued

@@ -154,6 +154,10 @@ def test_a_corrupt_lora_file_is_a_clear_error_not_a_traceback(tmp_path):
     assert trained_clip_skip(garbage) is None  # generate's clip-skip note says nothing; loading refuses it
     with pytest.raises(EgakuError, match="not a readable safetensors file"):
         read_lora_file(garbage)
+    for name, why in (("image.png", r"this is not a LoRA file \(\.png\)"), ("old.ckpt", "this is a pickle")):
+        (tmp_path / name).write_bytes(b"x")
+        with pytest.raises(EgakuError, match=why):
+            read_lora_file(tmp_path / name)
 
 
 def test_the_lora_dir_hint_is_only_given_where_there_is_such_an_option(tmp_path, monkeypatch):

@@ -151,7 +151,8 @@ class FolderScan:
             got = next(i.caption for i in self.items if i.path == self.uncaptioned[0])
             lines.append(f"  {len(self.uncaptioned)} image(s) got no caption (no metadata row, caption file or class "
                          "folder gave one, or it was empty) and train on " + (f"the caption {got!r}" if got else "an empty caption")
-                         + ": " + _some([self.shown_path(p) for p in self.uncaptioned]))
+                         + ": " + _some([self.shown_path(p) for p in self.uncaptioned])
+                         + ("; caption files beside them (or train-lora's --trigger WORD) say what they show" if not got else ""))
         for path, reason in self.skipped:
             lines.append(f"  skipped {self.shown_path(path)}: {reason}")
         return "\n".join(lines)

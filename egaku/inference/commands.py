@@ -201,6 +201,9 @@ def generate_command(opts: GenerateOptions) -> None:
     # Midjourney-style "--ar 16:9 --seed 7 --no text" in each prompt (a prompt file's lines too)
     runs = [apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt)) for prompt in _prompts(opts)]
 
+    index = _next_index(out, opts.overwrite)
+    first_index = index
+    written: list[Path] = []
     bar = None
     if opts.progress:
         from tqdm import tqdm
@@ -213,24 +216,23 @@ def generate_command(opts: GenerateOptions) -> None:
             bar.n = done
             bar.refresh()
 
-    index = _next_index(out, opts.overwrite)
-    first_index = index
-    written: list[Path] = []
-    for run in runs:
-        results = generate(pipe, opts=run, on_step=on_step)
-        if opts.overwrite and not written:  # once generation has worked, so a failed run leaves the old files
-            _remove_numbered(out)
-        for r in results:
-            path = out / f"{index:05d}-{r.seed}.png"
-            save_png(r.image, path, r.params)
-            written.append(path)
-            index += 1
-        if opts.grid and len(results) > 1:
-            grid_path = out / f"{index:05d}-grid.png"
-            image_grid([r.image for r in results]).save(grid_path)
-            index += 1
-    if bar is not None:
-        bar.close()
+    try:  # a failed run clears the bar, so that its error starts a line of its own
+        for run in runs:
+            results = generate(pipe, opts=run, on_step=on_step)
+            if opts.overwrite and not written:  # once generation has worked, so a failed run leaves the old files
+                _remove_numbered(out)
+            for r in results:
+                path = out / f"{index:05d}-{r.seed}.png"
+                save_png(r.image, path, r.params)
+                written.append(path)
+                index += 1
+            if opts.grid and len(results) > 1:
+                grid_path = out / f"{index:05d}-grid.png"
+                image_grid([r.image for r in results]).save(grid_path)
+                index += 1
+    finally:
+        if bar is not None:
+            bar.close()
     save_config(opts, out / f"{first_index:05d}-options.json")
     elapsed = time.perf_counter() - started
     names = written[0].name if len(written) == 1 else f"{written[0].name} .. {written[-1].name}"

@@ -51,8 +51,9 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """Tensors and the safetensors header metadata of one LoRA file."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise EgakuError(f"{path}: LoRA files must be .safetensors (pickled .pt/.ckpt files are refused)",
-                         param="lora")
+        why = ("a pickle, which can run code when loaded: convert it to .safetensors" if path.suffix.lower() in
+               (".pt", ".pth", ".ckpt", ".bin", ".pkl") else f"not a LoRA file ({path.suffix or 'no extension'})")
+        raise EgakuError(f"{path}: LoRA files are .safetensors; this is {why}", param="lora")
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = dict(fh.metadata() or {})
