@@ -946,3 +946,13 @@ def test_an_error_during_generation_starts_its_own_line_after_the_progress_bar(t
     line = err[err.rindex("egaku: error"):]
     assert line == "egaku: error: the sampler gave up\n"
     assert err[err.rindex("egaku: error") - 1] in "\r\n"  # the bar was cleared, not continued
+
+
+def test_generate_writes_plain_progress_lines_when_stderr_is_a_log(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    assert main(["generate", "--prompt-file", str(prompts), "--model", str(tiny_model_dir), "--steps", "2",
+                 "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err  # no carriage-return redraws piling up in a log
+    assert err.splitlines()[-1].startswith("generating: 4/4 steps (100%)")  # one bar over both prompts

@@ -140,7 +140,7 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_time_left(monkeypatch):
     import io
 
     from egaku.training import runtime
-    from egaku.training.runtime import LogProgress, progress_bar
+    from egaku.progress import LogProgress, progress_bar
 
     clock = [100.0]
     monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])

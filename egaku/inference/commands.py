@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import build, option, save_config
 from ..errors import EgakuError
+from ..progress import progress_bar
 from .generate import GenerateOptions, generate, reproduce_options
 from .metadata import a1111_parameters, read_params, save_png
 from .prompts import apply_prompt_parameters
@@ -204,17 +204,17 @@ def generate_command(opts: GenerateOptions) -> None:
     index = _next_index(out, opts.overwrite)
     first_index = index
     written: list[Path] = []
-    bar = None
-    if opts.progress:
-        from tqdm import tqdm
+    # a terminal's bar is cleared when generation ends; a log gets a plain line every 30 s and the last one
+    bar = progress_bar(0, desc="generating", disable=not opts.progress, leave=False)
 
-        bar = tqdm(desc="generating", unit="step", file=sys.stderr, leave=False)
+    runs_done = {"runs": 0, "steps": 0}  # one bar over all prompts; each prompt's steps count from 1 again
 
     def on_step(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+        bar.total = runs_done["steps"] + total * (len(runs) - runs_done["runs"])  # later prompts: as many steps
+        bar.update(runs_done["steps"] + done - bar.n)
+        if done == total:
+            runs_done["runs"] += 1
+            runs_done["steps"] += total
 
     try:  # a failed run clears the bar, so that its error starts a line of its own
         for run in runs:
@@ -231,8 +231,7 @@ def generate_command(opts: GenerateOptions) -> None:
                 image_grid([r.image for r in results]).save(grid_path)
                 index += 1
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     save_config(opts, out / f"{first_index:05d}-options.json")
     elapsed = time.perf_counter() - started
     names = written[0].name if len(written) == 1 else f"{written[0].name} .. {written[-1].name}"

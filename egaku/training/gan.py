@@ -35,8 +35,9 @@ from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
+from ..progress import progress_bar
 from .runtime import (Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, check_same_fingerprint,
-                      data_fingerprint, load_checkpoint, permissions_by_umask, progress_bar, restore_rng,
+                      data_fingerprint, load_checkpoint, permissions_by_umask, restore_rng,
                       stop_after_signal, trainer_config)
 
 

@@ -40,10 +40,11 @@ from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device, write_model_defaults, write_pipeline
+from ..progress import progress_bar
 from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, capture_rng,
                                 check_finite, check_same_fingerprint, check_timestep_sampling, data_fingerprint,
                                 draw_timesteps, half_precision_attention, load_checkpoint, min_snr_weights,
-                                progress_bar, restore_rng, saved_config, stop_after_signal, trainer_config)
+                                restore_rng, saved_config, stop_after_signal, trainer_config)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",

@@ -51,10 +51,11 @@ from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
 from ..models.text import check_clip_skip, encode_prompts
+from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
                       atomic_save_file, capture_rng, check_finite, check_loss_type, check_timestep_sampling,
                       draw_timesteps, elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
-                      min_snr_weights, permissions_by_umask, progress_bar, restore_rng, stop_after_signal, trainer_config)
+                      min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal, trainer_config)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
