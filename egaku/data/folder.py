@@ -149,10 +149,11 @@ class FolderScan:
                          "used: " + _some([f"{self.shown_path(p)} (used {used})" for p, used in self.empty_captions]))
         if self.uncaptioned:
             got = next(i.caption for i in self.items if i.path == self.uncaptioned[0])
+            trained_on = f"the caption {got!r}" if got else "an empty caption"
+            fix = "" if got else "; caption files beside them (or train-lora's --trigger WORD) say what they show"
             lines.append(f"  {len(self.uncaptioned)} image(s) got no caption (no metadata row, caption file or class "
-                         "folder gave one, or it was empty) and train on " + (f"the caption {got!r}" if got else "an empty caption")
-                         + ": " + _some([self.shown_path(p) for p in self.uncaptioned])
-                         + ("; caption files beside them (or train-lora's --trigger WORD) say what they show" if not got else ""))
+                         f"folder gave one, or it was empty) and train on {trained_on}: "
+                         + _some([self.shown_path(p) for p in self.uncaptioned]) + fix)
         for path, reason in self.skipped:
             lines.append(f"  skipped {self.shown_path(path)}: {reason}")
         return "\n".join(lines)

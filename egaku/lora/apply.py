@@ -131,7 +131,11 @@ def _sub_path(root: Path, relative: str, file: Path) -> str:
 
 
 def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "--lora-dir") -> Path:
-    """A path to a .safetensors file or a folder holding pytorch_lora_weights.safetensors; with lora_dir, a name is looked up there as A1111 does: by file stem (or train-lora folder name) in the folder and all its sub-folders, or by its path inside the folder ('styles/deep'). A name two files share, and a path that leaves the folder (absolute, '~' or '..'), are refused with EgakuError (param='lora'); a missing one raises egaku.errors.NotFoundError.
+    """A path to a .safetensors file or a folder holding pytorch_lora_weights.safetensors; with lora_dir, a name is
+    looked up there as A1111 does: by file stem (or train-lora folder name) in the folder and all its sub-folders,
+    or by its path inside the folder ('styles/deep'). A name two files share, and a path that leaves the folder
+    (absolute, '~' or '..'), are refused with EgakuError (param='lora'); a missing one raises
+    egaku.errors.NotFoundError.
 
     Without ``lora_dir`` (``--lora PATH`` on the command line) the argument is a path. With ``lora_dir``
     (prompt tags, the server) only names inside that folder are accepted, so a request cannot read
@@ -242,7 +246,10 @@ def _load_text_encoder_lora(text_encoder, pairs: dict, alphas: dict, name: str) 
 
 
 def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
-    """Load each LoRA (diffusers/PEFT or kohya layout, detected from keys) into pipe's UNet (and text encoder if present) as a named adapter and activate them all with their weights (pipe.set_adapters). A file whose keys match nothing in the model, or whose shapes do not fit (trained on another base: name the mismatching layer), raises EgakuError. Returns adapter names.
+    """Load each LoRA (diffusers/PEFT or kohya layout, detected from keys) into pipe's UNet (and text encoder if
+    present) as a named adapter and activate them all with their weights (pipe.set_adapters). A file whose keys
+    match nothing in the model, or whose shapes do not fit (trained on another base: name the mismatching layer),
+    raises EgakuError. Returns adapter names.
 
     Both layouts are resolved here against the model's own module names, with alpha folded into the up
     weights, so the same numbers reach the model whichever layout a file uses.
