@@ -169,7 +169,8 @@ def _check_choice(key: str, value: Any, choices: list[Any] | None) -> None:
 
 def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
     """Instantiate ``cls`` from dicts applied in order (later wins); unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = fields.keys()
     values: dict[str, Any] = {}
     for layer in layers:
         if not layer:
@@ -185,7 +186,6 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
     if "given_options" in names:  # which options were set, for commands that fill the others (generate --from)
         values["given_options"] = sorted(set(values) - {"given_options"})
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         _check_type(key, value, hints[key])
         _check_choice(key, value, fields[key].metadata.get("choices"))

@@ -207,17 +207,15 @@ def generate_command(opts: GenerateOptions) -> None:
     # a terminal's bar is cleared when generation ends; a log gets a plain line every 30 s and the last one
     bar = progress_bar(0, desc="generating", disable=not opts.progress, leave=False)
 
-    runs_done = {"runs": 0, "steps": 0}  # one bar over all prompts; each prompt's steps count from 1 again
+    number, finished = 0, 0  # one bar over all prompts: the run in progress, and the steps of those before it
 
-    def on_step(done: int, total: int) -> None:
-        bar.total = runs_done["steps"] + total * (len(runs) - runs_done["runs"])  # later prompts: as many steps
-        bar.update(runs_done["steps"] + done - bar.n)
-        if done == total:
-            runs_done["runs"] += 1
-            runs_done["steps"] += total
+    def on_step(done: int, total: int) -> None:  # each prompt's steps count from 1 again
+        bar.total = finished + total * (len(runs) - number)  # the prompts still to come: as many steps
+        bar.update(finished + done - bar.n)
 
     try:  # a failed run clears the bar, so that its error starts a line of its own
-        for run in runs:
+        for number, run in enumerate(runs):
+            finished = bar.n
             results = generate(pipe, opts=run, on_step=on_step)
             if opts.overwrite and not written:  # once generation has worked, so a failed run leaves the old files
                 _remove_numbered(out)

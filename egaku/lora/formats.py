@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..errors import EgakuError
+from ..models.loading import PICKLE_SUFFIXES
 
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -52,7 +53,7 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     path = Path(path)
     if path.suffix != ".safetensors":
         why = ("a pickle, which can run code when loaded: convert it to .safetensors" if path.suffix.lower() in
-               (".pt", ".pth", ".ckpt", ".bin", ".pkl") else f"not a LoRA file ({path.suffix or 'no extension'})")
+               PICKLE_SUFFIXES else f"not a LoRA file ({path.suffix or 'no extension'})")
         raise EgakuError(f"{path}: LoRA files are .safetensors; this is {why}", param="lora")
     try:
         with safe_open(str(path), framework="pt") as fh:
