@@ -848,7 +848,8 @@ def test_bad_option_values_are_errors():
                                   "--checkpoint-every"), ("validation_every", -1, "--validation-every"),
                                   ("lr_warmup_steps", -3, "--lr-warmup-steps"), ("keep_checkpoints", 0,
                                   "--keep-checkpoints"), ("noise_offset", -0.1, "--noise-offset"),
-                                  ("max_grad_norm", -1.0, "--max-grad-norm")):
+                                  ("max_grad_norm", -1.0, "--max-grad-norm must be 0 or more, got -1"),
+                                  ("token_lr", -0.01, "--token-lr must be 0 or more, got -0.01")):
         with pytest.raises(EgakuError, match=message):
             build(TrainLoraOptions, {field: value, "loss_type": "huber"})
     # a preset's choice is checked as argparse checks a flag's, before any training

@@ -205,7 +205,9 @@ def generate_command(opts: GenerateOptions) -> None:
     first_index = index
     written: list[Path] = []
     # a terminal's bar is cleared when generation ends; a log gets a plain line every 30 s and the last one
-    bar = progress_bar(0, desc="generating", disable=not opts.progress, leave=False)
+    # (its total starts as the prompts' --steps; the first step of each says how many it really runs: img2img
+    # runs fewer, a hires pass more)
+    bar = progress_bar(sum(run.steps for run in runs), desc="generating", disable=not opts.progress, leave=False)
 
     number, finished = 0, 0  # one bar over all prompts: the run in progress, and the steps of those before it
 

@@ -248,8 +248,9 @@ class TrainLoraOptions:
             (self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be 0 or more, got {self.lr_warmup_steps}"),
             (self.stop_at >= 0, f"--stop-at must be 0 (run to the end) or a step, got {self.stop_at}"),
             (self.prior_images >= 0, f"--prior-images must be 0 or more, got {self.prior_images}"),
-            (min(self.weight_decay, self.max_grad_norm, self.token_lr, self.text_encoder_lr) >= 0,
-             "--weight-decay, --max-grad-norm, --token-lr and --text-encoder-lr must be 0 or more"),
+            *((value >= 0, f"{flag} must be 0 or more, got {value:g}") for flag, value in (
+                ("--weight-decay", self.weight_decay), ("--max-grad-norm", self.max_grad_norm),
+                ("--token-lr", self.token_lr), ("--text-encoder-lr", self.text_encoder_lr))),
             (not self.dora or self.format == "diffusers", "--dora writes the diffusers layout only: give --format "
              "diffusers or leave --format out (diffusers cannot read DoRA in the kohya layout, so egaku cannot check such a file)"),
             (self.optimizer != "prodigy" or self.learning_rate >= 0.1,
