@@ -570,7 +570,6 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resume_equals_uninterr
 
 def test_two_process_run_under_torchrun_on_cpu(tmp_path, data_dir, tiny_model_dir):
     """The trainer under a real 2-process launch (gloo on CPU); it checks itself that replicas agree."""
-    import os
     import signal
     import subprocess
     import sys
@@ -941,7 +940,6 @@ def test_merged_and_converted_copies_sample_on_the_timesteps_of_their_base(train
 def test_dora_trains_magnitudes_and_loads_in_diffusers_egaku_and_merge_lora(tmp_path, data_dir, tiny_model_dir):
     """--dora: peft's DoRA layers (UNet, conv and text encoder), written with their magnitudes in the diffusers
     layout; plain diffusers, egaku's apply_loras (alpha folded in) and merge-lora all give the same image."""
-    from egaku.cli import main
     from egaku.lora.apply import apply_loras, remove_loras
     from egaku.lora.commands import MergeLoraOptions, merge_lora_command
 

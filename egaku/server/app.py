@@ -225,57 +225,106 @@ def _run_request(pipe, req: ImageRequest):
     return run
 
 
-def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_key: str | None = None):
-    """The FastAPI app serving ``pipelines`` (name -> loaded pipeline; the first is the default).
+async def _read_json(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (RecursionError: nested too deep)
+        raise ApiError(400, "the request body is not valid JSON; send a JSON object such as "
+                            '{"prompt": "a red circle"}', code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}",
+                       code="invalid_json")
+    return body
 
-    ``api_key`` defaults to ``$EGAKU_API_KEY``; when set, /v1 requests need ``Authorization: Bearer KEY``.
-    """
-    from fastapi import APIRouter, Depends, FastAPI
+
+async def _read_form(request: Request) -> tuple[dict, dict[str, bytes]]:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(400, f"this endpoint takes multipart/form-data (as the OpenAI API), not "
+                            f"{content_type or 'an empty content type'!r}", code="invalid_content_type")
+    try:
+        form = await request.form(max_files=4, max_fields=64)
+    except (BodyTooLarge, ApiError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed multipart: python-multipart's messages vary
+        raise ApiError(400, f"could not parse the multipart body ({exc})", code="invalid_multipart") from None
+    fields: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        key = "image" if key == "image[]" else key
+        if key in fields or key in files:
+            raise ApiError(400, f"field {key!r} is given more than once; send one", param=key)
+        if hasattr(value, "read"):
+            files[key] = await value.read()
+        else:
+            fields[key] = value
+    for key in set(fields) & {"image", "mask"}:
+        raise ApiError(400, f"{key!r} must be an uploaded file, not a text field", param=key)
+    return fields, files
+
+
+def _open_upload(files: dict[str, bytes], key: str, max_pixels: int):
+    from ..data.images import ImageError, open_image
+
+    if key not in files:
+        return None
+    try:
+        return open_image(files[key], max_pixels=max_pixels)
+    except ImageError as exc:
+        raise ApiError(400, f"'{key}': {str(exc).removeprefix('upload: ')}", param=key,
+                       code="invalid_image") from None
+
+
+def _open_mask(files: dict[str, bytes], max_pixels: int):
+    """OpenAI masks: fully transparent pixels are the area to edit. Without alpha: white = edit."""
+    from PIL import Image
+
+    if _open_upload(files, "mask", max_pixels) is None:  # validates it (format, bombs) like any upload
+        return None
+    from ..inference.generate import repaint_mask
+
+    with Image.open(io.BytesIO(files["mask"])) as raw:
+        return repaint_mask(raw)
+
+
+def _stored_params(files: dict[str, bytes]) -> dict:
+    """The parameters an uploaded PNG was made with (egaku's or A1111's text chunk), so that variations
+    and upscales of it keep its prompt and settings; {} for an image without them."""
+    from PIL import Image
+
+    from ..inference.metadata import params_from_text
+
+    try:
+        with Image.open(io.BytesIO(files["image"])) as raw:
+            text = getattr(raw, "text", {}) or {}
+        return params_from_text(text) or {}
+    except Exception:  # noqa: BLE001 - metadata is a convenience; a foreign image just has none
+        return {}
+
+
+def _authorizer(api_key: str | None):
+    """The /v1 routes' dependency: with a key, each request must send ``Authorization: Bearer KEY``."""
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        # hmac.compare_digest: the time taken does not depend on how much of the key was right
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server "
+                                f"was started with (${API_KEY_ENV})", code="invalid_api_key")
+
+    return authorize
+
+
+def _add_error_handlers(app, opts: ServeOptions) -> None:
+    """Every error in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; a 500 names no detail."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    opts = opts or ServeOptions()
-    if not pipelines:
-        raise EgakuError("no model to serve")
-    if api_key is None:
-        api_key = os.environ.get(API_KEY_ENV)
-    api_key = api_key or None
-    limits = Limits(max_n=opts.max_n, max_side=opts.max_side, max_steps=opts.max_steps, lora_dir=opts.lora_dir,
-                    embedding_dir=opts.embedding_dir)
-    workers = {name: ModelWorker(name, opts.queue_size) for name in pipelines}
-    default_model = next(iter(pipelines))
-    aliases = {alias: default_model for alias in OPENAI_MODEL_ALIASES}
-    for name, pipe in pipelines.items():
-        info = getattr(pipe, "egaku_info", None)
-        if info is not None and info.name not in pipelines:
-            aliases[info.name] = name
-        if info is not None and info.kind == "builtin":
-            aliases["builtin"] = name
-    urls = UrlStore(opts.url_ttl, int(opts.url_cache_mb * 2**20))
-    jobs: OrderedDict[str, tuple[str, Job]] = OrderedDict()  # recent jobs, for progress polling
-    created = int(time.time())
-
-    def shutdown() -> None:
-        for worker in workers.values():
-            worker.close()
-
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        yield
-        shutdown()
-
-    # no /docs: Swagger UI loads its scripts from a CDN, which a machine serving models offline cannot reach
-    app = FastAPI(title="egaku", summary="OpenAI-compatible images API", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
-    app.state.workers = workers
-    app.state.pipelines = pipelines
-    app.state.shutdown = shutdown
-
-    # -- errors: always OpenAI's shape ---------------------------------------------------------------
     def error_response(status: int, message: str, type: str, param=None, code=None) -> JSONResponse:
         return JSONResponse(error_body(message, type, param, code), status_code=status)
 
@@ -326,18 +375,57 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         return error_response(500, "internal server error; the details are in the server's log", "server_error",
                               None, "internal_error")
 
-    # -- auth ----------------------------------------------------------------------------------------
-    async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        # hmac.compare_digest: the time taken does not depend on how much of the key was right
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server "
-                                f"was started with (${API_KEY_ENV})", code="invalid_api_key")
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_key: str | None = None):
+    """The FastAPI app serving ``pipelines`` (name -> loaded pipeline; the first is the default).
+
+    ``api_key`` defaults to ``$EGAKU_API_KEY``; when set, /v1 requests need ``Authorization: Bearer KEY``.
+    """
+    from fastapi import APIRouter, Depends, FastAPI
+    from fastapi.responses import FileResponse, Response
+    from fastapi.staticfiles import StaticFiles
+
+    opts = opts or ServeOptions()
+    if not pipelines:
+        raise EgakuError("no model to serve")
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV)
+    api_key = api_key or None
+    limits = Limits(max_n=opts.max_n, max_side=opts.max_side, max_steps=opts.max_steps, lora_dir=opts.lora_dir,
+                    embedding_dir=opts.embedding_dir)
+    workers = {name: ModelWorker(name, opts.queue_size) for name in pipelines}
+    default_model = next(iter(pipelines))
+    aliases = {alias: default_model for alias in OPENAI_MODEL_ALIASES}
+    for name, pipe in pipelines.items():
+        info = getattr(pipe, "egaku_info", None)
+        if info is not None and info.name not in pipelines:
+            aliases[info.name] = name
+        if info is not None and info.kind == "builtin":
+            aliases["builtin"] = name
+    urls = UrlStore(opts.url_ttl, int(opts.url_cache_mb * 2**20))
+    jobs: OrderedDict[str, tuple[str, Job]] = OrderedDict()  # recent jobs, for progress polling
+    created = int(time.time())
+
+    def shutdown() -> None:
+        for worker in workers.values():
+            worker.close()
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        shutdown()
+
+    # no /docs: Swagger UI loads its scripts from a CDN, which a machine serving models offline cannot reach
+    app = FastAPI(title="egaku", summary="OpenAI-compatible images API", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.workers = workers
+    app.state.pipelines = pipelines
+    app.state.shutdown = shutdown
+
+    _add_error_handlers(app, opts)
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(api_key))])
 
     # -- helpers -------------------------------------------------------------------------------------
     def pick_model(name: str | None) -> str:
@@ -348,79 +436,6 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         if name in aliases:
             return aliases[name]
         raise NotFoundError(f"model {name!r} is not served here; available: {', '.join(workers)}", param="model")
-
-    async def read_json(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (RecursionError: nested too deep)
-            raise ApiError(400, "the request body is not valid JSON; send a JSON object such as "
-                                '{"prompt": "a red circle"}', code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}",
-                           code="invalid_json")
-        return body
-
-    async def read_form(request: Request) -> tuple[dict, dict[str, bytes]]:
-        content_type = request.headers.get("content-type", "")
-        if not content_type.startswith("multipart/form-data"):
-            raise ApiError(400, f"this endpoint takes multipart/form-data (as the OpenAI API), not "
-                                f"{content_type or 'an empty content type'!r}", code="invalid_content_type")
-        try:
-            form = await request.form(max_files=4, max_fields=64)
-        except (BodyTooLarge, ApiError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - malformed multipart: python-multipart's messages vary
-            raise ApiError(400, f"could not parse the multipart body ({exc})", code="invalid_multipart") from None
-        fields: dict[str, Any] = {}
-        files: dict[str, bytes] = {}
-        for key, value in form.multi_items():
-            key = "image" if key == "image[]" else key
-            if key in fields or key in files:
-                raise ApiError(400, f"field {key!r} is given more than once; send one", param=key)
-            if hasattr(value, "read"):
-                files[key] = await value.read()
-            else:
-                fields[key] = value
-        for key in set(fields) & {"image", "mask"}:
-            raise ApiError(400, f"{key!r} must be an uploaded file, not a text field", param=key)
-        return fields, files
-
-    def open_upload(files: dict[str, bytes], key: str):
-        from ..data.images import ImageError, open_image
-
-        if key not in files:
-            return None
-        try:
-            return open_image(files[key], max_pixels=opts.max_upload_pixels)
-        except ImageError as exc:
-            raise ApiError(400, f"'{key}': {str(exc).removeprefix('upload: ')}", param=key,
-                           code="invalid_image") from None
-
-    def open_mask(files: dict[str, bytes]):
-        """OpenAI masks: fully transparent pixels are the area to edit. Without alpha: white = edit."""
-        from PIL import Image
-
-        if open_upload(files, "mask") is None:  # validates it (format, bombs) like any upload
-            return None
-        from ..inference.generate import repaint_mask
-
-        with Image.open(io.BytesIO(files["mask"])) as raw:
-            return repaint_mask(raw)
-
-    def stored_params(files: dict[str, bytes]) -> dict:
-        """The parameters an uploaded PNG was made with (egaku's or A1111's text chunk), so that variations
-        and upscales of it keep its prompt and settings; {} for an image without them."""
-        from PIL import Image
-
-        from ..inference.metadata import params_from_text
-
-        try:
-            with Image.open(io.BytesIO(files["image"])) as raw:
-                text = getattr(raw, "text", {}) or {}
-            return params_from_text(text) or {}
-        except Exception:  # noqa: BLE001 - metadata is a convenience; a foreign image just has none
-            return {}
 
     async def run(request: Request, model: str, req: ImageRequest) -> dict:
         worker = workers[model]
@@ -472,23 +487,23 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
     # -- endpoints -----------------------------------------------------------------------------------
     @api.post("/images/generations")
     async def generations(request: Request):
-        body = await read_json(request)
+        body = await _read_json(request)
         model = pick_model(body.get("model") if isinstance(body.get("model"), str) else None)
         req = parse_image_request("generation", body, pipelines[model], limits)
         return await run(request, model, req)
 
     async def image_endpoint(request: Request, kind: str):
-        fields, files = await read_form(request)
+        fields, files = await _read_form(request)
         model = pick_model(fields.get("model"))
         if kind == "edit" and "image" not in files:
             raise ApiError(400, "an 'image' file is required", param="image")
         # decoding uploads is CPU work: off the event loop, so other requests keep being answered
-        image = await asyncio.to_thread(open_upload, files, "image")
-        mask = await asyncio.to_thread(open_mask, files) if kind == "edit" else None
+        image = await asyncio.to_thread(_open_upload, files, "image", opts.max_upload_pixels)
+        mask = await asyncio.to_thread(_open_mask, files, opts.max_upload_pixels) if kind == "edit" else None
         if "mask" in files and kind != "edit":
             raise ApiError(400, "'mask' is only taken by /v1/images/edits", param="mask")
         req = parse_image_request(kind, fields, pipelines[model], limits, form=True, image=image, mask=mask,
-                                  stored=stored_params(files) if image is not None else None)
+                                  stored=_stored_params(files) if image is not None else None)
         if mask is not None and mask.size != image.size:
             raise ApiError(400, f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
                                 f"{image.size[0]}x{image.size[1]}; they must match", param="mask")
