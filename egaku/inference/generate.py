@@ -222,6 +222,52 @@ def _denoising_steps(runner, steps: int, strength: float | None) -> int:
     return len(scheduler.timesteps[t_start * scheduler.order:])
 
 
+def _hires_size(pipe, scale: float, width: int, height: int) -> tuple[int, int] | None:
+    """The hires pass's size: the first pass's times ``scale``, at the model's multiple (None: no hires pass)."""
+    if scale <= 1:
+        return None
+    multiple = size_multiple(pipe)
+    hires = tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
+    if hires == (width, height):
+        print(f"egaku: --hires-scale {scale:g} rounds back to {width}x{height} (this model needs multiples "
+              f"of {multiple}): the hires pass redraws at the same size")
+    if max(hires) > MAX_SIDE:
+        raise EgakuError(f"--hires-scale {scale:g} makes {hires[0]}x{hires[1]}, over {MAX_SIDE} pixels a "
+                         "side; give a smaller scale or size", param="hires_scale")
+    return hires
+
+
+def _apply_requested_loras(pipe, o: GenerateOptions, cleanup: ExitStack) -> tuple[str, list, list, list[dict]]:
+    """Apply ``--lora`` files and the prompt's ``<lora:name:w>`` tags to ``pipe`` (``cleanup`` takes them off
+    again); returns the prompt without its tags, the tags, (name, weight) of each LoRA, and each file's record
+    for the image's metadata."""
+    if "<lora:" not in o.prompt and not o.lora:
+        return o.prompt, [], [], []
+    from ..lora.apply import (apply_loras, parse_lora_arg, parse_prompt_loras, remove_loras, resolve_lora,
+                              trained_clip_skip)
+
+    text, tag_loras = parse_prompt_loras(o.prompt)
+    specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
+    origins = ["prompt"] * len(specs)
+    for item in o.lora:
+        name, scale = parse_lora_arg(item)
+        # a bare name is looked up in --lora-dir; anything else is a path (the server passes paths it
+        # found in its own LoRA folder)
+        bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
+        specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))
+        origins.append("option")
+    for path, _ in specs:  # A1111 does not warn either; a LoRA read at another layer quietly does less
+        trained_at = trained_clip_skip(path)
+        if trained_at is not None and trained_at != o.clip_skip:
+            print(f"egaku: {lora_display_name(Path(path))} was trained at clip skip {trained_at}; this image "
+                  f"uses {o.clip_skip} (give --clip-skip {trained_at})")
+    lora_files = [{"name": lora_display_name(Path(p)), "path": os.path.abspath(p), "weight": float(w),
+                   "hash": lora_short_hash(p), "from": origin} for (p, w), origin in zip(specs, origins)]
+    cleanup.callback(remove_loras, pipe)  # (before: a file that fails to load leaves none of the others)
+    apply_loras(pipe, specs)
+    return text, tag_loras, [(lora_display_name(Path(p)), w) for p, w in specs], lora_files
+
+
 def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = None,
              init_image: Image.Image | None = None, mask_image: Image.Image | None = None,
              on_step: Callable[[int, int], None] | None = None, **overrides: Any) -> list[GeneratedImage]:
@@ -284,48 +330,13 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
             raise EgakuError(f"the mask is {mask_image.size[0]}x{mask_image.size[1]} but the image is "
                              f"{source_size[0]}x{source_size[1]}; they must be the same size", param="mask")
         mask = mask_image.convert("L").resize((width, height), Image.NEAREST)
-    hires = None
-    if o.hires_scale > 1:  # the second pass's size: the first's times the scale, at the model's multiple
-        multiple = size_multiple(pipe)
-        hires = tuple(max(multiple, round(side * o.hires_scale / multiple) * multiple) for side in (width, height))
-        if hires == (width, height):
-            print(f"egaku: --hires-scale {o.hires_scale:g} rounds back to {width}x{height} (this model needs multiples "
-                  f"of {multiple}): the hires pass redraws at the same size")
-        if max(hires) > MAX_SIDE:
-            raise EgakuError(f"--hires-scale {o.hires_scale:g} makes {hires[0]}x{hires[1]}, over {MAX_SIDE} pixels a "
-                             "side; give a smaller scale or size", param="hires_scale")
+    hires = _hires_size(pipe, o.hires_scale, width, height)
     seed = random.randint(0, MAX_SEED - o.num_images) if o.seed is None else o.seed
 
     cleanup = ExitStack()  # what this call adds to the pipeline comes out again, whatever happens
     with cleanup:
         # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
-        text, tag_loras = o.prompt, []
-        if "<lora:" in text or o.lora:
-            from ..lora.apply import (apply_loras, parse_lora_arg, parse_prompt_loras, remove_loras, resolve_lora,
-                                      trained_clip_skip)
-
-            text, tag_loras = parse_prompt_loras(text)
-            specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
-            origins = ["prompt"] * len(specs)
-            for item in o.lora:
-                name, scale = parse_lora_arg(item)
-                # a bare name is looked up in --lora-dir; anything else is a path (the server passes paths it
-                # found in its own LoRA folder)
-                bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
-                specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))
-                origins.append("option")
-            for path, _ in specs:  # A1111 does not warn either; a LoRA read at another layer quietly does less
-                trained_at = trained_clip_skip(path)
-                if trained_at is not None and trained_at != o.clip_skip:
-                    print(f"egaku: {lora_display_name(Path(path))} was trained at clip skip {trained_at}; this image "
-                          f"uses {o.clip_skip} (give --clip-skip {trained_at})")
-            lora_files = [{"name": lora_display_name(Path(p)), "path": os.path.abspath(p), "weight": float(w),
-                           "hash": lora_short_hash(p), "from": origin} for (p, w), origin in zip(specs, origins)]
-            cleanup.callback(remove_loras, pipe)  # (before: a file that fails to load leaves none of the others)
-            apply_loras(pipe, specs)
-            lora_record = [(lora_display_name(Path(p)), w) for p, w in specs]
-        else:
-            lora_record, lora_files, tag_loras = [], [], []
+        text, tag_loras, lora_record, lora_files = _apply_requested_loras(pipe, o, cleanup)
         if "<lora:" in o.negative_prompt.lower():
             print("egaku: <lora:...> tags are applied from the prompt only; those in the negative prompt are read as "
                   "words (take them out)")
