@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--gan-minutes", type=float, default=1.0)
     parser.add_argument("--speed-batches", nargs="+", type=int, default=[8, 64])
     parser.add_argument("--device", default="cuda", help="cpu only to dry-run this script")
-    parser.add_argument("--checks", nargs="+", default=["generation", "lora", "gan"], choices=["generation", "lora", "gan"],
+    parser.add_argument("--checks", nargs="+", default=["generation", "lora", "gan"],
+                        choices=["generation", "lora", "gan"],
                         help="which paths to check (results of the others already in --out are kept)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

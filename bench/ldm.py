@@ -143,8 +143,10 @@ def main() -> int:
     parser.add_argument("--run", default=str(ROOT / "runs" / "ldm-builtin"), help="the training run's output folder")
     parser.add_argument("--preset", default=str(ROOT / "configs" / "ldm-builtin.toml"))
     # 100 prompts per split moved all-attributes by up to 0.07 between sampling seeds; 300 halve that
-    parser.add_argument("--prompts", type=int, default=300, help="prompts per split (seen, held-out); stars get a sixth")
-    parser.add_argument("--sweep-prompts", type=int, default=100, help="prompts per split at each --guidance-sweep scale")
+    parser.add_argument("--prompts", type=int, default=300,
+                        help="prompts per split (seen, held-out); stars get a sixth")
+    parser.add_argument("--sweep-prompts", type=int, default=100,
+                        help="prompts per split at each --guidance-sweep scale")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--guidance-sweep", type=float, nargs="*", default=[2.0, 5.0, 7.5],
                         help="also score seen and held-out prompts at these guidance scales (the headline "
@@ -157,7 +159,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from egaku.models.loading import load_pipeline
 
-    result: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "python": platform.python_version(),
+    result: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": args.threads,
+                                "python": platform.python_version(),
                                 "torch": torch.__version__, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
                     "model": args.model, "targets": TARGETS}
     preset = build(ldm.TrainLdmOptions, load_preset(args.preset))
@@ -195,7 +198,8 @@ def main() -> int:
     # 3b. The same prompts at other guidance scales: which CFG this model wants
     result["guidance_sweep"] = {}
     for scale in args.guidance_sweep:
-        sweep_opts = AdherenceOptions(model=args.model, seen_prompts=args.sweep_prompts, held_out_prompts=args.sweep_prompts,
+        sweep_opts = AdherenceOptions(model=args.model, seen_prompts=args.sweep_prompts,
+                                      held_out_prompts=args.sweep_prompts,
                                       star_prompts=0, guidance_scale=scale, threads=args.threads)
         swept, _ = evaluate_adherence(pipe, sweep_opts, judge)
         result["guidance_sweep"][str(scale)] = {split: swept[split] for split in ("seen", "held_out")}

@@ -46,7 +46,8 @@ def main() -> int:
         print(f"{sampler:10s} {prompts:>4s} prompts seed {seed}: seen {report['seen']['all_attributes']:.3f} "
               f"held-out {report['held_out']['all_attributes']:.3f}", flush=True)
     out = Path(args.out)
-    out.write_text(json.dumps({"model": args.model, "guidance": args.guidance, "steps": 20, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"model": args.model, "guidance": args.guidance, "steps": 20, "rows": rows},
+                              indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -298,7 +298,8 @@ def main() -> None:
             "shuffle_caption_loop_cpu_cost": statistics.median(s["loop_cpu_seconds"] / o["loop_cpu_seconds"]
                                                                for o, s in zip(runs["egaku"], runs["egaku_shuffle"])),
             "shuffle_caption_speedup_loop_cpu_time": statistics.median(
-                b["loop_cpu_seconds"] / s["loop_cpu_seconds"] for s, b in zip(runs["egaku_shuffle"], runs["diffusers_loop"])),
+                b["loop_cpu_seconds"] / s["loop_cpu_seconds"]
+                for s, b in zip(runs["egaku_shuffle"], runs["diffusers_loop"])),
         }
     result = {
         "benchmark": "LoRA training: egaku train_lora vs the diffusers train_text_to_image_lora.py loop",

@@ -10,7 +10,8 @@ from egaku.config import build, config_difference, load_preset, option, save_con
 from egaku.errors import EgakuError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-PRESET_COMMAND = {"ldm": "train-ldm", "lora": "train-lora", "gan": "train-gan", "generate": "generate", "serve": "serve"}
+PRESET_COMMAND = {"ldm": "train-ldm", "lora": "train-lora", "gan": "train-gan", "generate": "generate",
+                  "serve": "serve"}
 
 
 @pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)

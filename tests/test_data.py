@@ -213,7 +213,8 @@ def test_an_empty_caption_file_falls_back_to_the_next_source_and_is_reported(tmp
     report = scan.report()
     assert "2 caption file(s) are empty; the image's next caption source was used: " \
            "dog/a.txt (used the folder caption), dog/b.txt (used b.caption)" in report
-    assert "1 image(s) got no caption" in report and "train on an empty caption: root.png; caption files beside them (or train-lora's --trigger WORD)" in report
+    assert "1 image(s) got no caption" in report and "train on an empty caption: root.png; caption files beside " \
+           "them (or train-lora's --trigger WORD)" in report
     assert "were not used" not in report  # an empty file is passed over, not overridden
 
 

@@ -51,7 +51,8 @@ def test_a_named_embedding_changes_the_image_and_leaves_the_pipeline_as_it_was(p
     plain = egaku.generate(pipe, "a cat", negative_prompt="easyneg", **FAST)[0]
     used = egaku.generate(pipe, "a cat", negative_prompt="easyneg", embedding_dir=str(folder), **FAST)[0]
     assert not np.array_equal(px(plain), px(used))
-    assert [e["name"] for e in used.params["embeddings"]] == ["EasyNeg"] and len(used.params["embeddings"][0]["hash"]) == 12
+    assert ([e["name"] for e in used.params["embeddings"]] == ["EasyNeg"]
+            and len(used.params["embeddings"][0]["hash"]) == 12)
     assert len(pipe.tokenizer) == vocabulary and torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)
     assert np.array_equal(px(plain), px(egaku.generate(pipe, "a cat", negative_prompt="easyneg", **FAST)[0]))
     # a word of the vocabulary that names a file means the embedding, as in A1111
@@ -112,13 +113,16 @@ def test_embeddings_are_recorded_as_a1111_records_them_and_from_reads_them_again
                                                                                 tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["generate", "a glow cat", "--negative-prompt", "easyneg", "--embedding-dir", str(folder),
-                 "--model", str(tiny_model_dir), "--steps", "2", "--seed", "2", "--out", str(out), "--no-progress"]) == 0
+                 "--model", str(tiny_model_dir), "--steps", "2", "--seed", "2", "--out", str(out),
+                 "--no-progress"]) == 0
     made = next(out.glob("*.png"))
     text = Image.open(made).text["parameters"]
-    hashes = dict(item.split(": ") for item in json.loads(text.split("TI hashes: ")[1].split(", Version")[0]).split(", "))
+    hashes = dict(item.split(": ")
+                  for item in json.loads(text.split("TI hashes: ")[1].split(", Version")[0]).split(", "))
     assert set(hashes) == {"glow", "EasyNeg"} and all(len(h) == 12 for h in hashes.values())
     params = json.loads(Image.open(made).text["egaku"])
-    assert "path" not in str(without_local_paths(params)["embeddings"]) and "embedding_dir" not in without_local_paths(params)
+    assert ("path" not in str(without_local_paths(params)["embeddings"])
+            and "embedding_dir" not in without_local_paths(params))
     assert dict(parse_a1111(text)["embedding_hashes"]) == hashes
     again = tmp_path / "again"
     assert main(["generate", "--from", str(made), "--out", str(again), "--no-progress"]) == 0

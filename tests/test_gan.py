@@ -317,7 +317,8 @@ def test_conditional_sampling_honours_the_label(tmp_path):
         assert honoured.mean() >= 0.9, (label, top, bottom)
     # --size scales the 8x8 samples as the training data were scaled
     big = tmp_path / "samples-big"
-    sample_gan_command(build(SampleGanOptions, {"model": opts.out, "n": 4, "digit": "top", "size": 28, "out": str(big)}))
+    sample_gan_command(build(SampleGanOptions,
+                             {"model": opts.out, "n": 4, "digit": "top", "size": 28, "out": str(big)}))
     im = np.asarray(Image.open(sorted(big.glob("*-top.png"))[0]), dtype=np.float64)
     assert im.shape == (28, 28) and im[:14].mean() > im[14:].mean()
 
@@ -498,7 +499,8 @@ def test_mode_seeking_pairs_fakes_of_one_class_and_penalises_ignoring_z():
 def test_mode_seeking_and_discriminator_learning_rate_train_and_are_checked(tmp_path, monkeypatch):
     calls = []
     real_loss = gan_training.mode_seeking_loss
-    monkeypatch.setattr(gan_training, "mode_seeking_loss", lambda fake, z: calls.append(fake.shape) or real_loss(fake, z))
+    monkeypatch.setattr(gan_training, "mode_seeking_loss",
+                        lambda fake, z: calls.append(fake.shape) or real_loss(fake, z))
     opts = _opts(tmp_path, arch="dcgan", conditional=True, max_steps=4, checkpoint_every=4, mode_seeking=1.0,
                  lr_d=4e-4)
     train_gan_command(opts)

@@ -219,7 +219,8 @@ def test_img2img_uses_the_init_image(pipe, tmp_path):
     assert steps_seen[-1] == 2  # only the last quarter of the schedule runs
     assert np.abs(px(low) - roundtrip).mean() < np.abs(px(high) - roundtrip).mean()
     assert low.params["strength"] == 0.25
-    other = egaku.generate(pipe, "a cat", seed=1, init_image=Image.new("RGB", (64, 64), (20, 20, 250)), strength=0.25, steps=8)[0]
+    other = egaku.generate(pipe, "a cat", seed=1, init_image=Image.new("RGB", (64, 64), (20, 20, 250)),
+                           strength=0.25, steps=8)[0]
     assert np.abs(px(low) - px(other)).mean() > 1.0
 
 
@@ -258,14 +259,16 @@ def test_metadata_roundtrip_info_and_from(tiny_model_dir, tmp_path, capsys):
     assert params["prompt"] == "a red cat" and params["negative_prompt"] == "blurry"
     assert (params["seed"], params["steps"], params["sampler"], params["guidance_scale"]) == (43, 2, "euler", 5.0)
     text = Image.open(files[1]).text["parameters"]
-    assert text.startswith("a red cat\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 43, Size: 64x64")
+    assert text.startswith("a red cat\nNegative prompt: blurry\n"
+                           "Steps: 2, Sampler: Euler, CFG scale: 5, Seed: 43, Size: 64x64")
     assert "Model hash: " in text
     capsys.readouterr()
     assert main(["info", str(files[1])]) == 0
     assert "Seed: 43" in capsys.readouterr().out
     # --from regenerates the same pixels into a fresh folder
     again = tmp_path / "again"
-    assert main(["generate", "--from", str(files[1]), "--model", str(tiny_model_dir), "--out", str(again), "--no-progress"]) == 0
+    assert main(["generate", "--from", str(files[1]), "--model", str(tiny_model_dir), "--out", str(again),
+                 "--no-progress"]) == 0
     regenerated = sorted(again.glob("*.png"))[0]
     assert regenerated.name == "00000-43.png"
     assert np.abs(np.asarray(Image.open(regenerated), np.int16) - np.asarray(Image.open(files[1]), np.int16)).max() <= 1
@@ -275,7 +278,8 @@ def test_a1111_text_is_parsed_when_no_json(tmp_path):
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", "a house\nNegative prompt: ugly\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 7, Size: 512x768, Model: sd15")
+    info.add_text("parameters", "a house\nNegative prompt: ugly\nSteps: 30, Sampler: DPM++ 2M Karras, "
+                                "CFG scale: 6.5, Seed: 7, Size: 512x768, Model: sd15")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
     p = egaku.read_params(tmp_path / "a.png")
     assert p == {"prompt": "a house", "negative_prompt": "ugly", "steps": 30, "sampler": "DPM++ 2M Karras",
@@ -405,11 +409,13 @@ def test_pickles_are_refused_unless_allowed_then_loaded_weights_only(pipe, tiny_
 
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": pipeline_to_original(pipe)}, ckpt)
-    assert main(["generate", "a cat", "--model", str(ckpt), "--model-config", str(tiny_model_dir), "--out", str(tmp_path / "o")]) == 2
+    assert main(["generate", "a cat", "--model", str(ckpt), "--model-config", str(tiny_model_dir),
+                 "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "pickle" in err and "--allow-pickle" in err and "Traceback" not in err
     loaded = egaku.load_pipeline(str(ckpt), model_config=str(tiny_model_dir), allow_pickle=True, device="cpu")
-    assert np.array_equal(px(egaku.generate(pipe, "a cat", seed=1, **FAST)[0]), px(egaku.generate(loaded, "a cat", seed=1, **FAST)[0]))
+    assert np.array_equal(px(egaku.generate(pipe, "a cat", seed=1, **FAST)[0]),
+                          px(egaku.generate(loaded, "a cat", seed=1, **FAST)[0]))
     # a pickle that would run code on load is rejected by weights_only, with a message
     class Evil:
         def __reduce__(self):
@@ -446,7 +452,8 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
     (["--prompt-file", "missing.txt"], "prompt file 'missing.txt' does not exist"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, args, message):
-    rc = main(["generate", "a cat", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--no-progress", *args])
+    rc = main(["generate", "a cat", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--no-progress",
+               *args])
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err
@@ -809,7 +816,8 @@ def test_a_png_with_a_broken_egaku_chunk_is_a_clear_error(tmp_path, capsys):
 
     for name, chunk, said in [("bad.png", "{not json", "not valid JSON"), ("list.png", "[1, 2]", "not a JSON object"),
                               ("typed.png", '{"prompt": 5, "steps": "many"}', "records a value egaku cannot use"),
-                              ("loras.png", '{"prompt": "x", "lora_files": [{"from": "option", "weight": 1}]}', "cannot read")]:
+                              ("loras.png", '{"prompt": "x", "lora_files": [{"from": "option", "weight": 1}]}',
+                               "cannot read")]:
         info = PngImagePlugin.PngInfo()
         info.add_text("egaku", chunk)
         Image.new("RGB", (8, 8)).save(tmp_path / name, pnginfo=info)

@@ -78,7 +78,8 @@ def test_from_makes_a_hires_image_again_and_names_an_upscaler_egaku_lacks(tiny_m
     png = Image.open(made)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.loads(png.text["egaku"])["prompt"] + "\nSteps: 2, Sampler: Euler, CFG scale: 3, "
-                  "Seed: 3, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, Hires steps: 4, Hires upscaler: Latent")
+                  "Seed: 3, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, Hires steps: 4, "
+                  "Hires upscaler: Latent")
     png.save(tmp_path / "a1111.png", pnginfo=info)
     capsys.readouterr()
     assert main(["generate", "--from", str(tmp_path / "a1111.png"), "--model", str(tiny_model_dir),
@@ -94,7 +95,8 @@ def test_hires_notes_a_scale_that_rounds_back_and_an_a1111_resize_it_cannot_crop
     png = tmp_path / "resize.png"
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a dog\nSteps: 2, Sampler: Euler, CFG scale: 3, Seed: 3, Size: 64x96, "
-                                "Denoising strength: 0.5, Hires resize: 128x128, Hires steps: 4, Hires upscaler: Lanczos")
+                                "Denoising strength: 0.5, Hires resize: 128x128, Hires steps: 4, "
+                                "Hires upscaler: Lanczos")
     Image.new("RGB", (128, 128)).save(png, pnginfo=info)
     assert main(["generate", "--from", str(png), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 0

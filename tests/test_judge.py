@@ -15,7 +15,8 @@ from egaku.evaluation import adherence, judges
 @pytest.fixture(scope="module")
 def small_judge(tmp_path_factory):
     torch.manual_seed(0)
-    opts = judges.JudgeOptions(train_images=1500, test_images=300, steps=200, batch_size=32, lr=5e-3, width=8, threads=1)
+    opts = judges.JudgeOptions(train_images=1500, test_images=300, steps=200, batch_size=32, lr=5e-3, width=8,
+                               threads=1)
     judge, report = judges.train_shapes_judge(opts, progress=False)
     path = judges.save_judge(judge, tmp_path_factory.mktemp("judge") / "judge", report, opts)
     return judge, report, path

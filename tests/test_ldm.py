@@ -135,7 +135,8 @@ def test_bf16_mixed_precision_trains_close_to_fp32_resumes_exactly_and_exports_f
     vae = ldm.build_vae(opts)
     ldm.build_text_encoder(opts, CLIPTokenizer.from_pretrained(full / "tokenizer"))
     init = ldm.build_unet(opts, vae).state_dict()
-    moved = {name: torch.cat([(w[k] - init[k]).flatten() for k in init]) for name, w in (("fp32", fp32), ("bf16", bf16))}
+    moved = {name: torch.cat([(w[k] - init[k]).flatten() for k in init])
+             for name, w in (("fp32", fp32), ("bf16", bf16))}
     assert moved["fp32"].norm() < 0.05 * torch.cat([v.flatten() for v in init.values()]).norm()  # init rebuilt right
     assert torch.nn.functional.cosine_similarity(moved["fp32"], moved["bf16"], 0) > 0.95
     assert 0.9 < moved["bf16"].norm() / moved["fp32"].norm() < 1.1
@@ -369,7 +370,8 @@ def test_bad_options_are_refused():
 @pytest.mark.parametrize("overrides, message", [
     ({"lr": -1.0}, r"^--lr must be above 0, got -1.0$"),
     ({"vae_lr": 0.0}, r"--vae-lr must be above 0"),
-    ({"text_heads": 3}, r"--text-heads 3 must divide the text width \(--cross-attention-dim 16\); use one of 1, 2, 4, 8, 16$"),
+    ({"text_heads": 3},
+     r"--text-heads 3 must divide the text width \(--cross-attention-dim 16\); use one of 1, 2, 4, 8, 16$"),
     ({"unet_down_blocks": ["Foo", "CrossAttnDownBlock2D"]},
      r"--unet-down-blocks Foo: not a block type .*use DownBlock2D, CrossAttnDownBlock2D, AttnDownBlock2D"),
     ({"unet_down_blocks": ["SkipDownBlock2D", "CrossAttnDownBlock2D"]}, r"--unet-down-blocks SkipDownBlock2D"),

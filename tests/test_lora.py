@@ -99,7 +99,8 @@ def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
     tensors = load_file(path)
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
-    assert all(k.startswith(("lora_unet_", "lora_te_")) and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+    assert all(k.startswith(("lora_unet_", "lora_te_"))
+               and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in tensors)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
     assert "lora_unet_down_blocks_0_resnets_1_conv2.lora_up.weight" in tensors
@@ -359,7 +360,8 @@ def count_vae_encodes(monkeypatch) -> list:
 
 def test_without_latent_cache_the_vae_runs_every_step(tmp_path, data_dir, tiny_model_dir, monkeypatch):
     calls = count_vae_encodes(monkeypatch)
-    train_lora(options(data_dir, tiny_model_dir, tmp_path / "out", cache_latents=False, max_steps=3, format="diffusers"))
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "out", cache_latents=False, max_steps=3,
+                       format="diffusers"))
     assert len(calls) == 3
 
 
@@ -477,7 +479,8 @@ def test_clip_skip_trains_on_the_earlier_text_layer_and_keeps_its_own_cache_entr
 
     seen = []
     real = text_module.encode_tokens
-    monkeypatch.setattr(text_module, "encode_tokens", lambda te, ids, skip=1: (seen.append(skip), real(te, ids, skip))[1])
+    monkeypatch.setattr(text_module, "encode_tokens",
+                        lambda te, ids, skip=1: (seen.append(skip), real(te, ids, skip))[1])
     common = dict(max_steps=2, learning_rate=5e-2, format="both", cache_dir=str(tmp_path / "cache"),
                   validation_prompts=["a photo of red star"], validation_seeds=[0], validation_steps=2)
     last = train_lora(options(data_dir, tiny_model_dir, tmp_path / "last", **common))
@@ -750,7 +753,8 @@ def test_resume_on_changed_images_or_captions_is_refused_naming_them(tmp_path, d
         resume()
     (tmp_path / "1.png").rename(data / "red_star" / "1.png")
     (data / "red_star" / "2.txt").write_text("a new caption")
-    with pytest.raises(EgakuError, match=r"changed \(file or caption\): " + re.escape(str(data / "red_star" / "2.png"))):
+    with pytest.raises(EgakuError,
+                       match=r"changed \(file or caption\): " + re.escape(str(data / "red_star" / "2.png"))):
         resume()
     (data / "red_star" / "2.txt").unlink()
     assert (resume() / "pytorch_lora_weights.safetensors").is_file()  # put back as it was: resumes
@@ -800,7 +804,8 @@ def test_a_model_that_is_not_stable_diffusion_is_refused_by_the_cli(tmp_path, da
 
     not_sd = tmp_path / "not-sd"
     not_sd.mkdir()
-    (not_sd / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]}))
+    (not_sd / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                         "unet": ["diffusers", "UNet2DModel"]}))
     code = main(["train-lora", "--data", str(data_dir), "--model", str(not_sd), "--out", str(tmp_path / "o"),
                  "--min-images", "2", "--no-progress"])
     err = capsys.readouterr().err
@@ -964,7 +969,8 @@ def test_dora_trains_magnitudes_and_loads_in_diffusers_egaku_and_merge_lora(tmp_
     # plain diffusers loads the UNet half (its text-encoder path needs peft >= 0.22 under transformers 5)
     unet_only = tmp_path / "unet-only"
     unet_only.mkdir()
-    save_file({k: v for k, v in weights.items() if k.startswith("unet.")}, unet_only / "pytorch_lora_weights.safetensors")
+    save_file({k: v for k, v in weights.items() if k.startswith("unet.")},
+              unet_only / "pytorch_lora_weights.safetensors")
     reference = tiny_pipe(tiny_model_dir)
     base = render(reference)
     reference.load_lora_weights(str(unet_only))
@@ -1098,7 +1104,8 @@ def test_adapters_off_runs_the_frozen_base_and_switches_back(tiny_model_dir):
     from peft import LoraConfig
 
     unet = tiny_pipe(tiny_model_dir).unet
-    sample, t, states = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 77, unet.config.cross_attention_dim)
+    sample, t, states = (torch.randn(1, 4, 16, 16), torch.tensor([10]),
+                         torch.randn(1, 77, unet.config.cross_attention_dim))
     with torch.no_grad():
         before = unet(sample, t, states).sample
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
@@ -1242,7 +1249,8 @@ def test_init_lora_starts_from_a_finished_lora_of_either_layout(tmp_path, traine
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "noconv", init_lora=str(trained),
                            **{**still, "lora_conv": False}))
     with pytest.raises(NotFoundError, match="does not exist"):
-        train_lora(options(data_dir, tiny_model_dir, tmp_path / "none", init_lora=str(tmp_path / "missing.safetensors")))
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "none",
+                           init_lora=str(tmp_path / "missing.safetensors")))
 
 
 def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lora(tmp_path, data_dir,

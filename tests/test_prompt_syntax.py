@@ -168,7 +168,8 @@ def test_the_python_api_reads_prompt_parameters_whatever_the_call_form(pipe):
     assert [r.seed for r in variations(pipe, base.image, "a red circle --seed 9", num_images=1, steps=2)] == [9]
     assert upscale(pipe, base.image, "a red circle --seed 9", steps=4).seed == 9
     # a default given in opts is no conflict; a value away from the default is
-    assert egaku.generate(pipe, opts=egaku.GenerateOptions(prompt="a red circle --steps 3", seed=1))[0].params["steps"] == 3
+    assert egaku.generate(pipe,
+                          opts=egaku.GenerateOptions(prompt="a red circle --steps 3", seed=1))[0].params["steps"] == 3
     with pytest.raises(egaku.EgakuError, match="given twice"):
         egaku.generate(pipe, opts=egaku.GenerateOptions(prompt="a red circle --steps 3", steps=4))
 

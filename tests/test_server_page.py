@@ -48,7 +48,8 @@ def browser():
 
 def loaded_images(driver) -> int:
     return driver.execute_script(
-        "return [...document.querySelectorAll('#gallery .card img')].filter(i => i.complete && i.naturalWidth > 0).length")
+        "return [...document.querySelectorAll('#gallery .card img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length")
 
 
 def test_prompt_generate_and_variations(server, browser):

@@ -138,7 +138,8 @@ class FolderScan:
                          + _some([f"{self.shown_path(p)} ({enc})" for p, enc in self.caption_encodings]))
         if self.multiline_captions:
             lines.append(f"  {len(self.multiline_captions)} caption file(s) have more than one line; only the first "
-                         "was used (as kohya's trainers do): " + _some([self.shown_path(p) for p in self.multiline_captions]))
+                         "was used (as kohya's trainers do): "
+                         + _some([self.shown_path(p) for p in self.multiline_captions]))
         if self.overridden_captions:
             lines.append(f"  {len(self.overridden_captions)} caption file(s) were not used: an image with several "
                          "caption sources takes the first of metadata, .txt, .caption; check the one used is the one "

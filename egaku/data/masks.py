@@ -84,7 +84,8 @@ def latent_mask(mask: Image.Image, bucket: tuple[int, int], flip: bool, factor: 
 
 
 def latent_masks(scan: FolderScan, mask_files: list[Path] | None, buckets: list[tuple[int, int]],
-                 flips: tuple[bool, ...], factor: int, unmasked_weight: float = 0.0) -> dict[tuple[int, bool], torch.Tensor]:
+                 flips: tuple[bool, ...], factor: int,
+                 unmasked_weight: float = 0.0) -> dict[tuple[int, bool], torch.Tensor]:
     """Each training image's mask on the latent grid, by (image index, flip): from ``mask_files`` (one per image of
     ``scan``), or with None from each image's transparency. Images without one are left out (they train
     everywhere). A mask that would train nothing of its image is an error, unless ``unmasked_weight`` > 0."""

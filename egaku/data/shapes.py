@@ -142,7 +142,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         return ring(3, r, a - math.pi / 2)
     elif shape == "cross":
         w = 0.36 * r
-        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w),
+               (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
     elif shape == "star":
         pts = []
         for k in range(10):

@@ -132,7 +132,8 @@ def train_shapes_judge(opts: JudgeOptions, progress: bool = True) -> tuple[Shape
     images, specs = shapes.make_dataset(opts.train_images, opts.seed, "all")
     x_all, y_all = arrays_to_tensor(images), {k: torch.from_numpy(v) for k, v in label_arrays(specs).items()}
     judge = ShapesJudge(attributes={k: list(v) for k, v in shapes.ATTRIBUTES.items()},
-                        channels=(opts.width, 2 * opts.width, 4 * opts.width, 4 * opts.width), feature_dim=8 * opts.width)
+                        channels=(opts.width, 2 * opts.width, 4 * opts.width, 4 * opts.width),
+                        feature_dim=8 * opts.width)
     optim = torch.optim.AdamW(judge.parameters(), lr=opts.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=opts.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(opts.seed)
@@ -154,7 +155,8 @@ def train_shapes_judge(opts: JudgeOptions, progress: bool = True) -> tuple[Shape
     return judge, report
 
 
-def save_judge(judge: ShapesJudge, out: str | Path, report: dict | None = None, opts: JudgeOptions | None = None) -> Path:
+def save_judge(judge: ShapesJudge, out: str | Path, report: dict | None = None,
+               opts: JudgeOptions | None = None) -> Path:
     out = Path(out)
     judge.save_pretrained(out, safe_serialization=True)
     if report is not None:

@@ -73,7 +73,8 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
         raise EgakuError(f"{source} records parameters egaku cannot read ({type(exc).__name__}: {exc})") from None
     defaults = GenerateOptions()
     # built by the CLI: the options it was given; built in Python: those that differ from the defaults
-    given = set(o.given_options) or {f.name for f in dataclasses.fields(o) if getattr(o, f.name) != getattr(defaults, f.name)}
+    given = set(o.given_options) or {f.name for f in dataclasses.fields(o)
+                                     if getattr(o, f.name) != getattr(defaults, f.name)}
     merged = {k: v for k, v in stored.items() if k not in given}
     try:  # what the file holds is checked as a preset's values are
         build(GenerateOptions, merged)
@@ -102,7 +103,8 @@ def _from_notes(source: str, params: dict, merged: dict, given: set[str]) -> lis
         scaled = tuple(round(params[k] * merged["hires_scale"]) for k in ("width", "height"))
         if scaled != (params["hires_width"], params["hires_height"]):
             notes.append(f"{source} was resized to {params['hires_width']}x{params['hires_height']} by A1111's hires "
-                         f"fix, cropping; egaku scales it by {merged['hires_scale']:g} to about {scaled[0]}x{scaled[1]}")
+                         f"fix, cropping; egaku scales it by {merged['hires_scale']:g} to about "
+                         f"{scaled[0]}x{scaled[1]}")
     texts = [str(params.get(k) or "") for k in ("prompt", "negative_prompt")]
     syntax = any(c in t for t in texts for c in "()[]\\") or any(re.search(r"\bBREAK\b", t) for t in texts)
     if "egaku_version" in params and "emphasis" not in params and "emphasis" not in given and syntax:

@@ -64,7 +64,8 @@ def read_vectors(path: Path, allow_pickle: bool = False, shown: str | None = Non
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise EgakuError(f"embedding {shown} is a pickle, read only with --allow-pickle (tensors only, with "
-                             "weights_only=True, by egaku generate); or convert it to .safetensors", param="embedding_dir")
+                             "weights_only=True, by egaku generate); or convert it to .safetensors",
+                             param="embedding_dir")
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a pickle that is not plain tensors, or not a pickle at all
@@ -88,7 +89,8 @@ def read_vectors(path: Path, allow_pickle: bool = False, shown: str | None = Non
         vectors = data
     else:
         keys = sorted(data)[:4] if isinstance(data, dict) else type(data).__name__
-        hint = " (an SDXL embedding: egaku's pipelines are SD 1.x/2.x)" if isinstance(data, dict) and "clip_l" in data else ""
+        hint = (" (an SDXL embedding: egaku's pipelines are SD 1.x/2.x)"
+                if isinstance(data, dict) and "clip_l" in data else "")
         raise EgakuError(f"embedding {shown} is not a textual-inversion file: expected emb_params, string_to_param "
                          f"or one tensor, found {keys}{hint}", param="embedding_dir")
     if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):

@@ -34,11 +34,12 @@ MAX_SEED = 2**32 - 1
 class GenerateOptions:
     """Everything `egaku generate` takes; the Python API ``generate()`` reads the same fields."""
 
-    prompt: str = option("", help="what to draw, in A1111's syntax: (word:1.3) and [word] weigh words, BREAK starts a new "
-                         "75-token chunk, <lora:name:0.8> applies a LoRA", positional=True)
+    prompt: str = option("", help="what to draw, in A1111's syntax: (word:1.3) and [word] weigh words, BREAK starts "
+                         "a new 75-token chunk, <lora:name:0.8> applies a LoRA", positional=True)
     negative_prompt: str = option("", help="what to steer away from")
     model: str = option("builtin", help="builtin, tiny, a diffusers folder, a .safetensors checkpoint or a hub id")
-    model_config: str | None = option(None, help="local diffusers folder whose configs describe a single-file checkpoint")
+    model_config: str | None = option(None, help="local diffusers folder whose configs describe a single-file "
+                                      "checkpoint")
     allow_pickle: bool = option(False, help="allow .ckpt/.pt/.bin checkpoints (read with weights_only=True)")
     steps: int = option(20, help="denoising steps")
     guidance_scale: float | None = option(None, help="classifier-free guidance scale (1 = off); default: the "
@@ -48,7 +49,8 @@ class GenerateOptions:
     batch_size: int = option(4, help="images denoised together (memory vs speed); results do not depend on it")
     width: int | None = option(None, help="image width in pixels (default: the model's native size)")
     height: int | None = option(None, help="image height in pixels (default: the model's native size)")
-    aspect_ratio: str | None = option(None, help="W:H such as 16:9, at the model's native pixel count", aliases=["--ar"])
+    aspect_ratio: str | None = option(None, help="W:H such as 16:9, at the model's native pixel count",
+                                      aliases=["--ar"])
     sampler: str = option(DEFAULT_SAMPLER, help=f"one of {', '.join(SAMPLERS)}")
     emphasis: bool = option(True, help="read (word), (word:1.3) and [word] as weights and BREAK as a chunk break, as "
                             "A1111 does; off: brackets are words (prompts over 75 tokens are chunked either way)")
@@ -167,7 +169,8 @@ def _validate(o: GenerateOptions) -> None:
     if o.batch_size < 1:
         raise EgakuError(f"--batch-size must be at least 1, got {o.batch_size}", param="batch_size")
     if o.guidance_scale is not None and (o.guidance_scale < 0 or not math.isfinite(o.guidance_scale)):
-        raise EgakuError(f"--guidance-scale must be a finite number >= 0, got {o.guidance_scale}", param="guidance_scale")
+        raise EgakuError(f"--guidance-scale must be a finite number >= 0, got {o.guidance_scale}",
+                         param="guidance_scale")
     if o.init_image is not None and not 0.0 < o.strength <= 1.0:
         raise EgakuError(f"--strength must be in (0, 1], got {o.strength}", param="strength")
     if o.init_image is not None and int(o.steps * o.strength) < 1:
@@ -289,7 +292,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     o = build(GenerateOptions, dataclasses.asdict(opts) if opts else {}, overrides)
     # what the caller set: the CLI's record, and the keywords given here with a value (None is "not set", as
     # variations() passes seed=None); apply_prompt_parameters also counts any value away from its default
-    o.given_options = sorted(set(opts.given_options if opts else []) | {k for k, v in overrides.items() if v is not None})
+    o.given_options = sorted(set(opts.given_options if opts else [])
+                             | {k for k, v in overrides.items() if v is not None})
     if o.guidance_scale is None:
         from ..models.loading import recommended_guidance
 
@@ -435,7 +439,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
                 call.update(image=[init] * count, strength=o.strength)
                 if mask is not None:
                     blend = keep_unmasked(runner, init, mask, seeds)
-                    call["callback_on_step_end"] = lambda p, i, t, kwargs: step_callback(p, i, t, blend(p, i, t, kwargs))
+                    call["callback_on_step_end"] = (lambda p, i, t, kwargs:
+                                                    step_callback(p, i, t, blend(p, i, t, kwargs)))
             else:
                 call.update(width=width, height=height)
             with torch.no_grad():

@@ -197,7 +197,8 @@ _A1111_KEYS: dict[str, tuple[str, Any]] = {
     "Schedule type": ("schedule_type", str),  # A1111 1.9+ writes "DPM++ 2M" with "Schedule type: Karras"
     "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Model": ("model_name", str),
     "Model hash": ("model_hash", str), "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
-    "Emphasis": ("emphasis_mode", str), "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str),
+    "Emphasis": ("emphasis_mode", str), "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
+    "Hires upscaler": ("hires_upscaler", str),
 }
 
 

@@ -29,7 +29,8 @@ _TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 
 def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """Remove A1111-style <lora:name:weight> tags (weight optional, default 1.0) from a prompt; return (clean prompt, [(name, weight)])."""
+    ("""Remove A1111-style <lora:name:weight> tags (weight optional, default 1.0) from a prompt; """
+     """return (clean prompt, [(name, weight)]).""")
     loras: list[tuple[str, float]] = []
     for match in _TAG.finditer(prompt):
         name, weight = match[1].strip(), (match[2] or "").strip()
@@ -237,7 +238,8 @@ def _load_text_encoder_lora(text_encoder, pairs: dict, alphas: dict, name: str) 
                         target_modules=sorted(modules), init_lora_weights=False,
                         use_dora=any("magnitude" in p for p in modules.values()))
     inject_adapter_in_model(config, text_encoder, adapter_name=name)
-    baked = bake_alpha({f"x.{m}": p for m, p in modules.items()}, {f"x.{m}": alphas[f"text_encoder.{m}"] for m in modules})
+    baked = bake_alpha({f"x.{m}": p for m, p in modules.items()},
+                       {f"x.{m}": alphas[f"text_encoder.{m}"] for m in modules})
     state = {k[2:]: v.to(text_encoder.dtype) for k, v in baked.items()}
     result = set_peft_model_state_dict(text_encoder, state, adapter_name=name)
     unexpected = getattr(result, "unexpected_keys", [])

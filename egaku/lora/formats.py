@@ -158,7 +158,8 @@ def kohya_to_peft(state_dict: dict[str, torch.Tensor], module_names: dict[str, l
     (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``, kohya names that match nothing).
     """
     lookup = {kohya_name(c, canonical_module(c, m)): f"{c}.{m}" for c, names in module_names.items() for m in names}
-    lookup.update({n.replace("lora_te_", "lora_te1_", 1): full for n, full in lookup.items() if n.startswith("lora_te_")})
+    lookup.update({n.replace("lora_te_", "lora_te1_", 1): full
+                   for n, full in lookup.items() if n.startswith("lora_te_")})
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     unmatched: list[str] = []

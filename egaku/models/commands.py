@@ -13,8 +13,10 @@ from .loading import DTYPES, load_pipeline, model_defaults, save_pipeline, write
 
 @dataclass
 class ConvertOptions:
-    model: str = option(help="source: builtin, a diffusers folder, a .safetensors checkpoint or a hub id", positional=True)
-    out: str = option(help="target: NAME.safetensors for one original-layout file (A1111/ComfyUI), else a diffusers folder")
+    model: str = option(help="source: builtin, a diffusers folder, a .safetensors checkpoint or a hub id",
+                        positional=True)
+    out: str = option(help="target: NAME.safetensors for one original-layout file (A1111/ComfyUI), "
+                      "else a diffusers folder")
     model_config: str | None = option(None, help="local diffusers folder with the configs of a single-file source")
     allow_pickle: bool = option(False, help="allow a .ckpt/.pt/.bin source (read with weights_only=True)")
     dtype: str = option("float32", help="precision of the written weights", choices=["float32", "float16", "bfloat16"])

@@ -149,9 +149,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise EgakuError(f"unknown device {device!r}; use auto, cpu, cuda or mps", param="device")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EgakuError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto", param="device")
+        raise EgakuError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto",
+                         param="device")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise EgakuError("--device mps was asked for but MPS is not available; use --device cpu or auto", param="device")
+        raise EgakuError("--device mps was asked for but MPS is not available; use --device cpu or auto",
+                         param="device")
     return torch.device(device)
 
 
@@ -185,7 +187,8 @@ def _check_pipeline_folder(folder: Path) -> None:
     index = folder / "model_index.json"
     if not index.is_file():
         raise EgakuError(f"{folder} is a folder but not a diffusers pipeline (no model_index.json); "
-                         "pass a Stable Diffusion pipeline folder, a .safetensors checkpoint or a hub id", param="model")
+                         "pass a Stable Diffusion pipeline folder, a .safetensors checkpoint or a hub id",
+                         param="model")
     try:
         spec = json.loads(index.read_text())
     except json.JSONDecodeError as exc:
@@ -324,6 +327,7 @@ def _load_hub(repo_id: str, common: dict):
         try:
             pipe = StableDiffusionPipeline.from_pretrained(repo_id, **common)
         except Exception as exc:  # noqa: BLE001
-            raise EgakuError(f"could not load {repo_id!r} from the hub: {str(exc).splitlines()[0]}", param="model") from None
+            raise EgakuError(f"could not load {repo_id!r} from the hub: {str(exc).splitlines()[0]}",
+                             param="model") from None
     snapshot = getattr(pipe, "name_or_path", None)
     return pipe, ModelInfo(repo_id, "hub", Path(snapshot) if snapshot and Path(snapshot).is_dir() else None)

@@ -84,7 +84,8 @@ def vae_to_original(sd: dict[str, torch.Tensor], config) -> dict[str, torch.Tens
             if kind == "resnets":
                 new = f"{parts[0]}.{name}.{level}.block.{parts[4]}.{'.'.join(parts[5:])}"
             else:  # downsamplers.0.conv / upsamplers.0.conv
-                new = f"{parts[0]}.{name}.{level}.{'downsample' if name == 'down' else 'upsample'}.{'.'.join(parts[5:])}"
+                new = (f"{parts[0]}.{name}.{level}."
+                       f"{'downsample' if name == 'down' else 'upsample'}.{'.'.join(parts[5:])}")
         elif parts[0] in ("encoder", "decoder") and parts[1] == "mid_block":
             if parts[2] == "resnets":
                 new = f"{parts[0]}.mid.block_{int(parts[3]) + 1}.{'.'.join(parts[4:])}"

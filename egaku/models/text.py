@@ -62,7 +62,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int =
 
 EMPHASIS = 1.1
 COMMA_BACKTRACK = 20
-_ATTENTION = re.compile(r"\\([\\()\[\]])|(\()|(\[)|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)|(\))|(\])|([^\\()\[\]:]+|[:\\])")
+_ATTENTION = re.compile(r"\\([\\()\[\]])|(\()|(\[)|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)"
+                        r"|(\))|(\])|([^\\()\[\]:]+|[:\\])")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 # [from:to:when] and [a|b]; a colon inside parentheses is a weight ("[(red:1.2)]" is emphasis only)
 _PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]()]*(?<!\\)[:|][^\[\]()]*(?<!\\)\]")

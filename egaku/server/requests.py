@@ -155,7 +155,8 @@ def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise _bad("'loras' must be a JSON list such as [{\"name\": \"style\", \"weight\": 0.8}]", "loras") from None
+            raise _bad("'loras' must be a JSON list such as [{\"name\": \"style\", \"weight\": 0.8}]",
+                       "loras") from None
     if not isinstance(value, list) or len(value) > 8:
         raise _bad("'loras' must be a list of at most 8 {\"name\", \"weight\"} objects", "loras")
     out = []
@@ -171,7 +172,8 @@ def default_size(image: Image.Image, pipe, limits: Limits) -> tuple[int, int]:
     """An uploaded image's own size, scaled down to the server's limit and rounded to the model's multiple."""
     multiple = size_multiple(pipe)
     scale = min(1.0, limits.max_side / max(image.size))
-    return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in image.size)  # type: ignore[return-value]
+    return tuple(max(multiple, int(side * scale) // multiple * multiple)  # type: ignore[return-value]
+                 for side in image.size)
 
 
 def _usable_prompt(prompt: str, limits: Limits) -> str:
@@ -318,8 +320,9 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     if kind in ("generation", "edit") and not opts.prompt.strip():
         raise _bad("the prompt is empty once its --parameters are taken out; say what to draw", "prompt")
     if opts.seed is not None and opts.seed + opts.num_images - 1 > MAX_SEED:  # image i uses seed + i
-        raise _bad(f"'seed' {opts.seed} with n={opts.num_images} would use seeds up to {opts.seed + opts.num_images - 1}, "
-                   f"past the largest seed {MAX_SEED}; use a seed of at most {MAX_SEED - opts.num_images + 1}", "seed")
+        raise _bad(f"'seed' {opts.seed} with n={opts.num_images} would use seeds up to "
+                   f"{opts.seed + opts.num_images - 1}, past the largest seed {MAX_SEED}; use a seed of at most "
+                   f"{MAX_SEED - opts.num_images + 1}", "seed")
     if opts.steps > limits.max_steps:
         raise _bad(f"steps {opts.steps} is over this server's limit of {limits.max_steps}", "steps")
     if opts.aspect_ratio:

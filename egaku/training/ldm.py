@@ -193,9 +193,10 @@ class TrainLdmOptions:
             (self.cross_attention_dim % self.text_heads == 0,
              f"--text-heads {self.text_heads} must divide the text width (--cross-attention-dim "
              f"{self.cross_attention_dim}); use one of "
-             f"{', '.join(str(d) for d in range(1, self.cross_attention_dim + 1) if self.cross_attention_dim % d == 0)}"),
+             + ", ".join(str(d) for d in range(1, self.cross_attention_dim + 1) if self.cross_attention_dim % d == 0)),
             (self.max_caption_tokens >= 8, f"--max-caption-tokens {self.max_caption_tokens}: use at least 8"),
-            (0.0 <= self.caption_dropout < 1.0, f"--caption-dropout {self.caption_dropout}: use a probability in [0, 1)"),
+            (0.0 <= self.caption_dropout < 1.0,
+             f"--caption-dropout {self.caption_dropout}: use a probability in [0, 1)"),
             (self.lr > 0, f"--lr must be above 0, got {self.lr}"),
             (self.vae_lr > 0, f"--vae-lr must be above 0, got {self.vae_lr}"),
             (self.kl_weight >= 0, f"--kl-weight must be 0 or more, got {self.kl_weight}"),
@@ -674,7 +675,8 @@ def _train(opts: TrainLdmOptions) -> Path:
     # 4. Stage 2: text encoder + UNet
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = EMAModel(params, decay=opts.ema_decay, use_ema_warmup=True, power=2 / 3)
-    names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
+    names = ([f"unet.{n}" for n, _ in unet.named_parameters()]
+             + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()])
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(opts.warmup_steps, opts.steps, opts.lr_schedule,
                                                                     opts.cooldown_steps))
@@ -687,7 +689,8 @@ def _train(opts: TrainLdmOptions) -> Path:
             optim.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["lr_scheduler"])
             restore_rng(state["rng"])
-    prompts = opts.sample_prompts or (DEFAULT_SAMPLE_PROMPTS if opts.data == "shapes" else sorted(set(data.captions))[:8])
+    prompts = opts.sample_prompts or (DEFAULT_SAMPLE_PROMPTS if opts.data == "shapes"
+                                      else sorted(set(data.captions))[:8])
 
     def checkpoint() -> None:
         summary.update(step=step, train_seconds=round(base_seconds + time.time() - started, 1))

@@ -67,7 +67,8 @@ UNET_CONV = ["conv1", "conv2", "conv_shortcut"]
 class TrainLoraOptions:
     data: str = option("", help="image folder: class sub-folders, caption files (.txt/.caption) or metadata.jsonl/csv")
     out: str = option("lora-out", help="output folder for the LoRA, checkpoints, samples and logs")
-    model: str = option("builtin", help="base pipeline: built-in name, diffusers folder, single .safetensors file or hub id")
+    model: str = option("builtin", help="base pipeline: built-in name, diffusers folder, single .safetensors file "
+                        "or hub id")
     # data
     caption_template: str = option("{class}", help="caption for images in class folders, e.g. 'a photo of {class}'")
     trigger: str = option("", help="trigger word added to every caption (and the caption of uncaptioned images)")
@@ -120,8 +121,8 @@ class TrainLoraOptions:
     alpha: float = option(0.0, help="LoRA alpha; the update is scaled by alpha/rank (0 means alpha = rank)")
     dropout: float = option(0.0, help="dropout on the LoRA branch (0.1 helps on very small folders)")
     dora: bool = option(False, help="DoRA (Liu et al. 2024): each adapted layer also learns its output channels' "
-                        "magnitude apart from their direction; written in the diffusers layout only (the default --format "
-                        "becomes diffusers), which diffusers, egaku and merge-lora load")
+                        "magnitude apart from their direction; written in the diffusers layout only (the default "
+                        "--format becomes diffusers), which diffusers, egaku and merge-lora load")
     target_modules: list[str] = option(UNET_ATTENTION, help="UNet modules to adapt (default: attention q/k/v/out)")
     lora_conv: bool = option(False, help="also adapt the UNet ResNet convolutions (conv1/conv2/conv_shortcut)")
     train_text_encoder: bool = option(False, help="also add LoRA to the text encoder attention (disables text caching)")
@@ -218,7 +219,8 @@ class TrainLoraOptions:
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"),
             (self.loraplus_lr_ratio >= 0, f"--loraplus-lr-ratio must be >= 0, got {self.loraplus_lr_ratio}"),
-            (self.batch_size >= 1 and self.gradient_accumulation >= 1, "--batch-size and --gradient-accumulation must be >= 1"),
+            (self.batch_size >= 1 and self.gradient_accumulation >= 1,
+             "--batch-size and --gradient-accumulation must be >= 1"),
             (self.max_steps > 0 or self.epochs > 0, "give --max-steps or --epochs (> 0)"),
             (self.max_steps >= 0 and self.epochs >= 0, f"--max-steps and --epochs count steps and passes: give 0 or "
              f"more, got {self.max_steps} and {self.epochs}"),
@@ -252,7 +254,8 @@ class TrainLoraOptions:
                 ("--weight-decay", self.weight_decay), ("--max-grad-norm", self.max_grad_norm),
                 ("--token-lr", self.token_lr), ("--text-encoder-lr", self.text_encoder_lr))),
             (not self.dora or self.format == "diffusers", "--dora writes the diffusers layout only: give --format "
-             "diffusers or leave --format out (diffusers cannot read DoRA in the kohya layout, so egaku cannot check such a file)"),
+             "diffusers or leave --format out (diffusers cannot read DoRA in the kohya layout, so egaku cannot "
+             "check such a file)"),
             (self.optimizer != "prodigy" or self.learning_rate >= 0.1,
              f"--optimizer prodigy estimates the step size itself and --learning-rate multiplies it: give about "
              f"1.0, not {self.learning_rate:g}"),
@@ -275,7 +278,8 @@ class TrainLoraOptions:
             raise EgakuError(f"--token-init gives {len(self.token_init)} word(s) for {len(self.train_tokens)} "
                              "--train-tokens word(s): give one initializer word per trained word, in the same order")
         if not self.target_modules:
-            raise EgakuError("--target-modules is empty; the default adapts UNet attention (to_q, to_k, to_v, to_out.0)")
+            raise EgakuError("--target-modules is empty; the default adapts UNet attention "
+                             "(to_q, to_k, to_v, to_out.0)")
 
 
 def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
@@ -382,7 +386,8 @@ def check_same_data(saved: list[list], current: list[list], checkpoint: Path, ro
         return
     before, now = {tuple(r[:2]): r for r in saved}, {tuple(r[:2]): r for r in current}
     parts = []
-    for label, names in (("added", [k for k in now if k not in before]), ("removed", [k for k in before if k not in now]),
+    for label, names in (("added", [k for k in now if k not in before]),
+                         ("removed", [k for k in before if k not in now]),
                          ("changed (file or caption)", [k for k in now if k in before and list(before[k]) != now[k]])):
         if names:
             shown = ", ".join(str(Path(roots.get(kind) or kind) / name) for kind, name in names[:3])
@@ -694,7 +699,8 @@ class TrainingInputs:
             bar = progress_bar(len(self.items), desc="caching latents", unit="image", disable=not progress)
             for i in range(len(self.items)):
                 for flip in self.flips:
-                    self.cache.get(self.latent_key[i, flip], lambda: self.encode_latent_dist(self.pixels(i, flip)[None])[0])
+                    self.cache.get(self.latent_key[i, flip],
+                                   lambda: self.encode_latent_dist(self.pixels(i, flip)[None])[0])
                 bar.update(1)
             bar.close()
         if self.cache_text:
@@ -709,7 +715,8 @@ class TrainingInputs:
     def latents(self, indices: list[int], flips: list[bool]) -> torch.Tensor:
         """Scaled latents drawn from each item's distribution (a fresh draw every step, cached or not)."""
         if self.opts.cache_latents:
-            dist = torch.stack([self.cache.store[self.latent_key[i, f]] for i, f in zip(indices, flips)]).to(self.device)
+            dist = torch.stack([self.cache.store[self.latent_key[i, f]]
+                                for i, f in zip(indices, flips)]).to(self.device)
         else:
             with torch.no_grad():
                 dist = self.encode_latent_dist(torch.stack([self.pixels(i, f) for i, f in zip(indices, flips)]))
@@ -898,7 +905,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     token_table = text_encoder.get_input_embeddings().weight
     tokens = None
     if token_ids:
-        init_ids = single_token_ids(tokenizer, opts.token_init, what="--token-init", unique=False) if opts.token_init else []
+        init_ids = (single_token_ids(tokenizer, opts.token_init, what="--token-init", unique=False)
+                    if opts.token_init else [])
         tokens = TrainedTokens(token_table, opts.train_tokens, token_ids, init_ids)
     trained = [unet] + ([text_encoder] if text_trains else [])
     cast_training_params(trained, dtype=torch.float32)

@@ -308,7 +308,8 @@ def check_same_fingerprint(state: dict[str, Any], fingerprint: str, images: int,
                      "run in another --out folder")
 
 
-def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints, hint: str = "lower the learning rate") -> None:
+def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints,
+                 hint: str = "lower the learning rate") -> None:
     """Stop on NaN/inf loss, pointing at the last good checkpoint."""
     if not math.isfinite(float(loss)):
         last = checkpoints.latest()
@@ -401,7 +402,8 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 def check_timestep_sampling(sampling: str, uniform_share: float, logit_std: float = 1.0) -> None:
-    """The options of ``draw_timesteps`` as a trainer's --timestep-sampling, --uniform-share and --logit-std give them."""
+    ("""The options of ``draw_timesteps`` as a trainer's --timestep-sampling, --uniform-share and --logit-std """
+     """give them.""")
     if not 0.0 <= uniform_share <= 1.0 or (uniform_share and sampling != "logit_normal"):
         raise EgakuError(f"--uniform-share {uniform_share}: a share in [0, 1], with --timestep-sampling logit_normal")
     if not logit_std > 0:
