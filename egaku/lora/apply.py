@@ -29,8 +29,8 @@ _TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 
 def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    ("""Remove A1111-style <lora:name:weight> tags (weight optional, default 1.0) from a prompt; """
-     """return (clean prompt, [(name, weight)]).""")
+    """Remove A1111-style <lora:name:weight> tags (weight optional, default 1.0) from a prompt; return
+    (clean prompt, [(name, weight)])."""
     loras: list[tuple[str, float]] = []
     for match in _TAG.finditer(prompt):
         name, weight = match[1].strip(), (match[2] or "").strip()

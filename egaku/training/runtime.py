@@ -402,8 +402,8 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 def check_timestep_sampling(sampling: str, uniform_share: float, logit_std: float = 1.0) -> None:
-    ("""The options of ``draw_timesteps`` as a trainer's --timestep-sampling, --uniform-share and --logit-std """
-     """give them.""")
+    """The options of ``draw_timesteps`` as a trainer's --timestep-sampling, --uniform-share and --logit-std
+    give them."""
     if not 0.0 <= uniform_share <= 1.0 or (uniform_share and sampling != "logit_normal"):
         raise EgakuError(f"--uniform-share {uniform_share}: a share in [0, 1], with --timestep-sampling logit_normal")
     if not logit_std > 0:
