@@ -47,6 +47,24 @@ def ctrl_c_at_step(monkeypatch):
 
 
 @pytest.fixture
+def tensorboard_events():
+    """``tensorboard_events(folder)``: what TensorBoard shows of the event files in ``folder``, each scalar's
+    (step, value) and each image's steps, read by tensorboard's own reader (which hides the events that a resumed
+    run's ``purge_step`` replaced)."""
+    return _tensorboard_events
+
+
+def _tensorboard_events(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[int]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    images = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    return scalars, images
+
+
+@pytest.fixture
 def assert_plain_mode():
     """``assert_plain_mode(*paths)``: each has the mode a plain open() or mkdir() gives under this process's
     umask, not tempfile's private 0600/0700 nor the 0600 safetensors writes its files with."""

@@ -244,15 +244,21 @@ def test_augment_shifts_what_the_discriminator_sees_in_training(tmp_path, monkey
             train_gan_command(_opts(tmp_path, augment=bad))
 
 
-def test_resume_continues_the_step_count_exactly(tmp_path):
+def test_resume_continues_the_step_count_exactly(tmp_path, tensorboard_events):
     straight = _opts(tmp_path, out=str(tmp_path / "straight"), max_steps=16, checkpoint_every=10)
     train_gan_command(straight)
-    first = _opts(tmp_path, out=str(tmp_path / "resumed"), max_steps=10, checkpoint_every=10)
+    first = _opts(tmp_path, out=str(tmp_path / "resumed"), max_steps=10, checkpoint_every=10, log_with="tensorboard")
     train_gan_command(first)
     train_gan_command(_opts(tmp_path, out=str(tmp_path / "resumed"), max_steps=16, checkpoint_every=10,
-                            resume="latest"))
+                            resume="latest", log_with="tensorboard"))
     steps, losses = _losses(tmp_path / "resumed")
     assert steps == list(range(1, 17))
+    # --log-with tensorboard: the same numbers as the CSV, across the resume, and the sample grids
+    scalars, images = tensorboard_events(tmp_path / "resumed" / "logs")
+    assert {"d_loss", "g_loss", "d_of_fake", "epoch"} <= set(scalars)
+    assert [step for step, _ in scalars["d_loss"]] == steps
+    np.testing.assert_allclose([value for _, value in scalars["d_loss"]], losses, rtol=1e-6)
+    assert images["samples"] == [10, 16]  # each run's last generator (no epoch ends within 16 steps)
     assert Checkpoints(tmp_path / "resumed").latest().name == "step-000016"
     # same batches, noise and optimizer state as the uninterrupted run
     np.testing.assert_allclose(losses, _losses(tmp_path / "straight")[1], rtol=1e-5)

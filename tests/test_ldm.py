@@ -401,7 +401,8 @@ def test_bad_learning_rate_is_one_line_from_the_cli(tmp_path, capsys):
     assert len(err) == 1 and "--lr must be above 0" in err[0]
 
 
-def test_a_fresh_run_without_a_vae_stage_is_refused_and_samples_always_get_a_folder(tiny_run, tmp_path):
+def test_a_fresh_run_without_a_vae_stage_is_refused_and_samples_always_get_a_folder(tiny_run, tmp_path,
+                                                                                     tensorboard_events):
     import shutil
 
     with pytest.raises(EgakuError, match=r"--vae-steps 0 skips training the VAE.*--vae-steps N.*--vae-from DIR"):
@@ -413,8 +414,13 @@ def test_a_fresh_run_without_a_vae_stage_is_refused_and_samples_always_get_a_fol
     shutil.rmtree(out / "samples")
     shutil.rmtree(out / "model")
     ldm.train_ldm(tiny_opts(out, vae_from=vae, vae_steps=0, lr_schedule="constant", steps=4, sample_every=1,
-                            resume="latest"))
+                            resume="latest", log_with="tensorboard"))
     assert sorted(p.name for p in (out / "samples").glob("step-*.png")) == ["step-000003.png"]
+    # --log-with tensorboard from the resume on: the steps it logged to losses.csv, and the grid
+    scalars, images = tensorboard_events(out / "logs")
+    rows = [line.split(",") for line in (out / "losses.csv").read_text().splitlines()[1:]]
+    assert [step for step, _ in scalars["loss"]] == [int(r[0]) for r in rows if int(r[0]) > 2] == [4]
+    assert images == {"samples": [3]}
 
 
 def test_resuming_a_checkpoint_of_another_trainer_says_so(tmp_path, monkeypatch):

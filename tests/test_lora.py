@@ -57,7 +57,7 @@ def trained(tmp_path_factory, data_dir, tiny_model_dir) -> Path:
 
 
 TRAINED = dict(learning_rate=5e-2, checkpoint_every=2, validation_prompts=["a photo of red star"],
-               validation_seeds=[0, 1], validation_steps=2, random_flip=True, lora_conv=True)
+               validation_seeds=[0, 1], validation_steps=2, random_flip=True, lora_conv=True, log_with="tensorboard")
 
 
 def tiny_pipe(model_dir):
@@ -75,7 +75,7 @@ def render(pipe) -> np.ndarray:
 
 # ---- what training writes ----------------------------------------------------------------------------
 
-def test_run_writes_adapter_kohya_config_log_grid_and_checkpoints(trained):
+def test_run_writes_adapter_kohya_config_log_grid_and_checkpoints(trained, tensorboard_events):
     files = sorted(p.name for p in trained.iterdir())
     for name in ("pytorch_lora_weights.safetensors", "starlora.safetensors", "training_config.json", "loss.csv",
                  "data_report.txt", "samples", "checkpoints"):
@@ -83,6 +83,11 @@ def test_run_writes_adapter_kohya_config_log_grid_and_checkpoints(trained):
     lines = (trained / "loss.csv").read_text().splitlines()
     assert lines[0].startswith("step,time,loss,lr") and len(lines) == 4
     assert all(np.isfinite(float(line.split(",")[2])) for line in lines[1:])
+    # --log-with tensorboard: the same loss and learning rate in OUT/logs, and the validation grid
+    scalars, images = tensorboard_events(trained / "logs")
+    assert scalars["loss"] == [(int(r.split(",")[0]), pytest.approx(float(r.split(",")[2]))) for r in lines[1:]]
+    assert [step for step, _ in scalars["lr"]] == [1, 2, 3]
+    assert images == {"validation": [3]}
     grid = Image.open(trained / "samples" / "step-000003.png")
     assert grid.width > 2 * RESOLUTION  # two seeds side by side
     assert (trained / "checkpoints" / "latest").read_text().strip() == "step-000003"

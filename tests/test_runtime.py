@@ -136,6 +136,46 @@ def test_the_metrics_log_drops_the_rows_past_the_step_a_run_resumes_from(tmp_pat
     assert len((tmp_path / "m.csv").read_text().splitlines()) == 6
 
 
+def test_the_metrics_log_writes_tensorboard_events_that_a_resume_replaces_as_the_csv_rows(tmp_path,
+                                                                                         tensorboard_events):
+    from PIL import Image
+
+    from egaku.training.runtime import MetricsLog
+
+    log = MetricsLog(tmp_path / "m.csv", start_step=0, tensorboard_dir=tmp_path / "logs")
+    for step in range(1, 6):
+        log.log(step, loss=step, lr=0.1)
+    log.image(5, "validation", Image.new("RGB", (8, 4), "red"))
+    log.close()
+    # the run resumes from its checkpoint at step 3: steps 4 and 5 are trained and logged again, with new values
+    log = MetricsLog(tmp_path / "m.csv", start_step=3, tensorboard_dir=tmp_path / "logs")
+    for step in (4, 5):
+        log.log(step, loss=10 * step, lr=0.1)
+    log.close()
+    scalars, images = tensorboard_events(tmp_path / "logs")
+    assert scalars["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert [step for step, _ in scalars["lr"]] == [1, 2, 3, 4, 5]
+    assert images == {"validation": []}  # the image of step 5 was logged before the resume: hidden with it
+    rows = [line.split(",") for line in (tmp_path / "m.csv").read_text().splitlines()[1:]]
+    assert [(int(r[0]), float(r[2])) for r in rows] == scalars["loss"]
+
+
+def test_tensorboard_logging_without_the_package_is_refused_before_training(monkeypatch):
+    import importlib.util
+
+    from egaku.config import build
+    from egaku.training.gan import TrainGanOptions
+    from egaku.training.ldm import TrainLdmOptions
+    from egaku.training.lora import TrainLoraOptions
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    for options in (TrainLoraOptions, TrainLdmOptions, TrainGanOptions):
+        with pytest.raises(EgakuError, match=r"--log-with tensorboard needs the tensorboard package: pip install"):
+            build(options, {"log_with": "tensorboard"})
+        assert build(options, {}).log_with == "csv"
+
+
 def test_progress_in_a_log_is_plain_lines_with_rate_and_time_left(monkeypatch):
     import io
 

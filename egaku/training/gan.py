@@ -36,9 +36,9 @@ from ..errors import EgakuError
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
 from ..progress import progress_bar
-from .runtime import (Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, check_same_fingerprint,
-                      data_fingerprint, load_checkpoint, permissions_by_umask, restore_rng,
-                      stop_after_signal, trainer_config)
+from .runtime import (TENSORBOARD_DIR, Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite,
+                      check_log_with, check_same_fingerprint, data_fingerprint, load_checkpoint, permissions_by_umask,
+                      restore_rng, stop_after_signal, trainer_config)
 
 
 @dataclass
@@ -85,8 +85,11 @@ class TrainGanOptions:
     resume: str = option("", help="'latest' or a checkpoint folder: continue that run with the same options")
     device: str = option("auto", help="auto (CUDA when available), cpu or cuda", choices=["auto", "cpu", "cuda"])
     progress: bool = option(True, help="show a progress bar")
+    log_with: str = option("csv", help="csv: the step log as CSV only; tensorboard: also TensorBoard event files "
+                           "in OUT/logs (needs the tensorboard package)", choices=["csv", "tensorboard"])
 
     def __post_init__(self) -> None:
+        check_log_with(self.log_with)
         checks = [
             (self.image_size >= 4, f"--image-size must be at least 4 pixels, got {self.image_size}"),
             (self.arch != "dcgan" or self.image_size % 4 == 0 and self.image_size >= 8,
@@ -237,8 +240,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     opt_d = torch.optim.Adam(disc.parameters(), lr=opts.lr_d or opts.lr, betas=(opts.beta1, 0.999))
     # what a resumed run must share with the checkpoint (stopping criteria and bookkeeping may change)
     run_config = {**to_dict(opts), "class_names": class_names}
-    may_change = {"epochs", "max_steps", "max_minutes", "max_cpu_minutes", "resume", "progress", "checkpoint_every",
-                  "keep_checkpoints", "out", "device", "sample_every_epochs"}
+    may_change = {"epochs", "max_steps", "max_minutes", "max_cpu_minutes", "resume", "progress", "log_with",
+                  "checkpoint_every", "keep_checkpoints", "out", "device", "sample_every_epochs"}
     step, epoch, position = 0, 0, 0
 
     # 3. Resume
@@ -257,7 +260,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         print(f"resumed from {path} at step {step} (epoch {epoch + 1}, batch {position})")
     out.mkdir(parents=True, exist_ok=True)
     save_config(opts, out / "config.json")
-    log = MetricsLog(out / "metrics.csv", start_step=step)
+    log = MetricsLog(out / "metrics.csv", start_step=step,
+                     tensorboard_dir=out / TENSORBOARD_DIR if opts.log_with == "tensorboard" else None)
     k = gen.num_classes
     grid_n = -(-opts.sample_grid // k) * k if k else opts.sample_grid  # whole rows of classes
     grid_z, grid_labels = fixed_latents(grid_n, opts.latent_dim, k, opts.seed)
@@ -291,7 +295,9 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         with torch.no_grad():
             images = shown(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
         cols = gen.num_classes if gen.num_classes else None
-        image_grid(to_pil_images(images), cols=cols).save(out / "samples" / name)
+        grid = image_grid(to_pil_images(images), cols=cols)
+        grid.save(out / "samples" / name)
+        log.image(step, "samples", grid)
     with StopOnSignal() as stop:
         while step < total and not stopped_by_time:
             order = _batch_order(len(data), opts.seed, epoch)
@@ -353,6 +359,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     bar.close()
     if last_grid != step:  # stopped mid-epoch (time limit or --max-steps): the final generator gets a grid too
         save_grid(f"final-step-{step:06d}.png")
+    log.close()
 
     # 5. Final checkpoint and export
     if step != last_saved:

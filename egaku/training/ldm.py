@@ -41,8 +41,9 @@ from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device, write_model_defaults, write_pipeline
 from ..progress import progress_bar
-from ..training.runtime import (TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, capture_rng,
-                                check_finite, check_same_fingerprint, check_timestep_sampling, data_fingerprint,
+from ..training.runtime import (TENSORBOARD_DIR, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
+                                capture_rng, check_finite, check_log_with, check_same_fingerprint,
+                                check_timestep_sampling, data_fingerprint,
                                 draw_timesteps, half_precision_attention, load_checkpoint, min_snr_weights,
                                 restore_rng, saved_config, stop_after_signal, trainer_config)
 
@@ -152,8 +153,11 @@ class TrainLdmOptions:
                          "CPU, so a run is the same draw of data, noise and timesteps on either",
                          choices=["auto", "cpu", "cuda"])
     progress: bool = option(True, help="show a progress bar")
+    log_with: str = option("csv", help="csv: the step log as CSV only; tensorboard: also TensorBoard event files "
+                           "in OUT/logs (needs the tensorboard package)", choices=["csv", "tensorboard"])
 
     def __post_init__(self) -> None:
+        check_log_with(self.log_with)
         # Sizes first: the checks after them divide by some of these.
         sizes = {"shapes_images": self.shapes_images, "vae_layers_per_block": self.vae_layers_per_block,
                  "latent_channels": self.latent_channels, "vae_batch_size": self.vae_batch_size,
@@ -234,8 +238,8 @@ class TrainLdmOptions:
 
 
 # Options that may change between a run and its resume without changing what is computed.
-RESUME_IGNORE = {"resume", "export_only", "threads", "progress", "out", "checkpoint_every", "keep_checkpoints",
-                 "sample_every", "sample_guidance", "device"}
+RESUME_IGNORE = {"resume", "export_only", "threads", "progress", "log_with", "out", "checkpoint_every",
+                 "keep_checkpoints", "sample_every", "sample_guidance", "device"}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -596,7 +600,8 @@ def _train(opts: TrainLdmOptions) -> Path:
     elif not (out / "config.json").is_file():
         # An export trains nothing: the run's config is the checkpoint's, not this command's (--steps may differ).
         (out / "config.json").write_text((resume_path / "config.json").read_text())
-    log = MetricsLog(out / "losses.csv", start_step=None if opts.export_only else step)
+    log = MetricsLog(out / "losses.csv", start_step=None if opts.export_only else step,
+                     tensorboard_dir=out / TENSORBOARD_DIR if opts.log_with == "tensorboard" else None)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
     base_seconds = float(summary.get("train_seconds", 0.0))  # wall time of the runs before this resume
@@ -761,9 +766,12 @@ def _train(opts: TrainLdmOptions) -> Path:
                 stop_after_signal(step, ckpts.latest())
             done = step - opts.vae_steps
             if opts.sample_every and done % opts.sample_every == 0 and step < opts.total_steps:
-                sample_grid(ema_pipeline(), prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
-                            opts.resolution).save(out / "samples" / f"step-{step:06d}.png")
+                grid = sample_grid(ema_pipeline(), prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
+                                   opts.resolution)
+                grid.save(out / "samples" / f"step-{step:06d}.png")
+                log.image(step, "samples", grid)
     bar.close()
+    log.close()
 
     # 5. Export the EMA weights as a standard pipeline
     pipe = ema_pipeline()

@@ -52,10 +52,11 @@ from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module,
                             peft_to_kohya, save_embedding, single_token_ids)
 from ..models.text import check_clip_skip, encode_prompts
 from ..progress import progress_bar
-from .runtime import (HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
-                      atomic_save_file, capture_rng, check_finite, check_loss_type, check_timestep_sampling,
-                      draw_timesteps, elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
-                      min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal, trainer_config)
+from .runtime import (HUBER_SCHEDULES, LOSS_TYPES, TENSORBOARD_DIR, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
+                      StopOnSignal, atomic_save_file, capture_rng, check_finite, check_log_with, check_loss_type,
+                      check_timestep_sampling, draw_timesteps, elementwise_loss, half_precision_attention,
+                      huber_thresholds, load_checkpoint, min_snr_weights, permissions_by_umask, restore_rng,
+                      stop_after_signal, trainer_config)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -205,6 +206,9 @@ class TrainLoraOptions:
     seed: int = option(0, help="seed for LoRA init, data order, noise and timesteps")
     device: str = option("auto", help="auto, cpu or cuda (under accelerate launch, accelerate decides)")
     progress: bool = option(True, help="show a progress bar")
+    log_with: str = option("csv", help="csv: the loss log as CSV only; tensorboard: also TensorBoard event files "
+                           "in OUT/logs (needs the tensorboard package), validation grids included",
+                           choices=["csv", "tensorboard"])
 
     @property
     def varies_captions(self) -> bool:
@@ -213,6 +217,7 @@ class TrainLoraOptions:
     def __post_init__(self):
         if self.format is None:  # DoRA's kohya layout is one other tools drop (see the --dora check below)
             self.format = "diffusers" if self.dora else "both"
+        check_log_with(self.log_with)
         checks = [
             (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
             (self.alpha >= 0, f"--alpha must be >= 0, got {self.alpha}"),
@@ -431,9 +436,9 @@ def repeat_slots(repeats: list[int]) -> list[int]:
 
 # Resuming is refused when any other option differs: these only change how this session runs.
 # options that only change how a run is watched or what its final files are written as
-RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "device", "cache_dir", "out", "format", "save_precision",
-                     "save_every", "keep_checkpoints", "checkpoint_every", "validation_prompts", "validation_every",
-                     "validation_seeds", "validation_steps", "validation_guidance",
+RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "log_with", "device", "cache_dir", "out", "format",
+                     "save_precision", "save_every", "keep_checkpoints", "checkpoint_every", "validation_prompts",
+                     "validation_every", "validation_seeds", "validation_steps", "validation_guidance",
                      # only makes missing regularization images; changed images are refused as changed data
                      "prior_guidance"}
 # the run's length, which only a learning-rate schedule that does not depend on it lets a resume change (kohya's
@@ -1033,12 +1038,14 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         grid = validation_grid(run, inputs, opts, validation_guidance, resolution, accelerator.autocast, weight_dtype)
         (out / "samples").mkdir(parents=True, exist_ok=True)
         grid.save(out / "samples" / f"step-{step:06d}.png")
+        log.image(step, "validation", grid)
         for model in trained:
             unwrapped(model).train()
 
     if main:
         save_config(opts, out / "training_config.json")
-    log = MetricsLog(out / "loss.csv", start_step=step) if main else None
+    tensorboard_dir = out / TENSORBOARD_DIR if opts.log_with == "tensorboard" else None
+    log = MetricsLog(out / "loss.csv", start_step=step, tensorboard_dir=tensorboard_dir) if main else None
     images_in = collections.Counter(bucket_of)  # the buckets in use, as kohya lists them
     bucket_use = f"{len(images_in)} bucket(s): " + ", ".join(f"{w}x{h} ({n} images)"
                                                           for (w, h), n in sorted(images_in.items()))
@@ -1127,6 +1134,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     bar.close()
 
     if step < total_steps:
+        if main:
+            log.close()
         say(f"stopped at step {step} of {total_steps} (--stop-at); continue with --resume latest")
         return out
     # replicas must agree, or the saved adapter is one process's private version
@@ -1139,6 +1148,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if not (opts.validation_every and step % opts.validation_every == 0):
         validate()
     if main:
+        log.close()
         write_lora(out)
         if step == first_step:  # resumed from the last checkpoint: no loss of this session to show
             say(f"wrote {out} (the checkpoint was at step {step} of {total_steps}: nothing was left to train)")

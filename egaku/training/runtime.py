@@ -359,15 +359,35 @@ def stop_after_signal(step: int, checkpoint: Path | None, quiet: bool = False) -
     raise KeyboardInterrupt
 
 
+LOG_WITH = ("csv", "tensorboard")
+TENSORBOARD_DIR = "logs"  # under the run's output folder, where diffusers' training scripts write theirs
+
+
+def check_log_with(log_with: str) -> None:
+    """--log-with tensorboard needs the tensorboard package, which egaku does not install by default: say so before
+    any training, not after the first step."""
+    if log_with not in LOG_WITH:
+        raise EgakuError(f"--log-with must be one of {', '.join(LOG_WITH)}, got {log_with!r}")
+    if log_with == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise EgakuError("--log-with tensorboard needs the tensorboard package: pip install tensorboard (or "
+                             "pip install 'egaku[tensorboard]'), or leave --log-with out for the CSV log alone",
+                             param="log_with")
+
+
 class MetricsLog:
-    """Append-only CSV of scalars per step (opens in any spreadsheet or pandas; no TensorBoard event files are written).
+    """Append-only CSV of scalars per step (opens in any spreadsheet or pandas), and with ``tensorboard_dir`` the
+    same scalars as TensorBoard event files (``tensorboard --logdir DIR``), each value under its own name.
 
     ``start_step``: the step a training run starts from (a resumed checkpoint's, or 0). Rows of later steps,
     which a run stopped after its last checkpoint had logged, are dropped: those steps are trained and logged
-    again. None (a run that only exports) keeps every row.
+    again. TensorBoard hides its events of those steps the same way (``purge_step``). None (a run that only
+    exports) keeps every row.
     """
 
-    def __init__(self, path: str | Path, start_step: int | None = None):
+    def __init__(self, path: str | Path, start_step: int | None = None, tensorboard_dir: str | Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fields: list[str] | None = None
@@ -380,6 +400,12 @@ class MetricsLog:
             with open(self.path) as fh:
                 header = fh.readline().strip()
             self._fields = header.split(",") if header else None
+        self._writer = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(tensorboard_dir),
+                                         purge_step=None if start_step is None else start_step + 1)
 
     def log(self, step: int, **values: float) -> None:
         row = {"step": step, "time": round(time.time(), 3), **{k: float(v) for k, v in values.items()}}
@@ -389,6 +415,22 @@ class MetricsLog:
                 csv.writer(fh).writerow(self._fields)
         with open(self.path, "a", newline="") as fh:
             csv.writer(fh).writerow([row.get(k, "") for k in self._fields])
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(name, float(value), step, walltime=row["time"])
+            self._writer.flush()  # a run stopped by a signal or a crash keeps what it logged, as the CSV does
+
+    def image(self, step: int, name: str, image) -> None:
+        """A PIL image (a validation grid) in TensorBoard's images tab; nothing without ``tensorboard_dir``."""
+        if self._writer is not None:
+            import numpy as np
+
+            self._writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _row_step(line: str) -> float:
