@@ -492,3 +492,19 @@ def test_kohya_folder_names_give_repeats_and_the_class(tmp_path):
     (tmp_path / "data" / "10_sks dog").rename(tmp_path / "data" / "0_sks dog")
     with pytest.raises(EgakuError, match="0_sks dog ask for 0 repeats"):
         scan_image_folder(tmp_path / "data", kohya_names=True)
+
+
+def test_the_report_shows_the_captions_training_reads(tmp_path):
+    """The first caption of each class (or the first images of a flat folder), as the template and trigger made
+    them, so that a wrong template is seen before the run is spent."""
+    for cls in ("red_star", "blue_star", "cat", "dog"):
+        for name in ("a", "b"):
+            _img(tmp_path / "classes" / cls / f"{name}.png")
+    report = scan_image_folder(tmp_path / "classes", caption_template="a photo of {class}", trigger="sks").report()
+    assert ("  captions (the first image of each class): blue_star/a.png: 'sks, a photo of blue star'; "
+            "cat/a.png: 'sks, a photo of cat'; dog/a.png: 'sks, a photo of dog' and 1 more") in report
+    for name in ("x", "y"):
+        _img(tmp_path / "flat" / f"{name}.png")
+        (tmp_path / "flat" / f"{name}.txt").write_text(f"a drawing of {name}")
+    report = scan_image_folder(tmp_path / "flat").report()
+    assert "  captions (the first images): x.png: 'a drawing of x'; y.png: 'a drawing of y'\n" in report + "\n"

@@ -125,6 +125,15 @@ class FolderScan:
         if self.classes:
             counts = {c: sum(1 for i in self.items if i.label == c) for c in self.classes}
             lines.append("  classes: " + ", ".join(f"{c} ({n})" for c, n in counts.items()))
+        # the captions as training reads them (template, trigger, caption files), to check before the run is spent
+        first_of_each: dict[str | None, FolderItem] = {}
+        for item in self.items:
+            first_of_each.setdefault(item.label, item)
+        shown = list(first_of_each.values()) if self.classes else self.items
+        if shown:
+            lines.append(f"  captions ({'the first image of each class' if self.classes else 'the first images'}): "
+                         + "; ".join(f"{self.shown_path(i.path)}: {i.caption!r}" for i in shown[:3])
+                         + (f" and {len(shown) - 3} more" if len(shown) > 3 else ""))
         if self.folder_repeats:
             lines.append("  kohya folder names: " + ", ".join(f"{name} -> {n} repeat(s) of class "
                                                            f"'{KOHYA_FOLDER.match(name)[2]}'"
