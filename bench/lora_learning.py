@@ -42,6 +42,8 @@ def main() -> None:
                         help="training images spread over every size, background, colour and position (and pair of "
                              "them) instead of drawn independently (the 20 independent draws hold 6 small stars, none "
                              "on white, and no orange one)")
+    parser.add_argument("--image-seed", type=int, default=11,
+                        help="seed of the training images' attributes (another seed: another folder of stars)")
     parser.add_argument("--renders-per-image", type=int, default=1,
                         help="render each training image's attributes this many times, with new jitter and rotation "
                              "(what geometric augmentation of a photo gives: more images, no new combinations)")
@@ -149,7 +151,7 @@ def main() -> None:
     pipe = load_pipeline(args.model, device="cpu", dtype="float32")
     judge = load_judge(args.judge)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    specs = shapes.sample_attributes(args.images, seed=11, split=args.data_split, balanced=args.balanced)
+    specs = shapes.sample_attributes(args.images, seed=args.image_seed, split=args.data_split, balanced=args.balanced)
     if args.renders_per_image > 1:  # the same attributes drawn again with new jitter and rotation
         again = shapes.sample_attributes(len(specs) * (args.renders_per_image - 1), seed=12, split=args.data_split)
         specs = specs + [dataclasses.replace(specs[i % len(specs)], dx=a.dx, dy=a.dy, angle=a.angle)
