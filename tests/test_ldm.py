@@ -261,7 +261,8 @@ def test_export_only_writes_a_model_from_the_latest_checkpoint(tiny_run, tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(tiny_run / "checkpoints", copy / "checkpoints")
     # a cut-short run is exported as it stands, even if --steps now says more
-    ldm.train_ldm(tiny_opts(copy, export_only=True, steps=100))
+    ldm.train_ldm(tiny_opts(copy, export_only=True, steps=100, log_with="tensorboard"))
+    assert not (copy / "logs").exists()  # an export logs nothing: no empty TensorBoard run beside the real one
     for key, value in _unet_weights(tiny_run / "model").items():
         torch.testing.assert_close(_unet_weights(copy / "model")[key], value)
     # the run's config says what was trained (the checkpoint's), not this export's --steps

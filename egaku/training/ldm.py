@@ -601,7 +601,8 @@ def _train(opts: TrainLdmOptions) -> Path:
         # An export trains nothing: the run's config is the checkpoint's, not this command's (--steps may differ).
         (out / "config.json").write_text((resume_path / "config.json").read_text())
     log = MetricsLog(out / "losses.csv", start_step=None if opts.export_only else step,
-                     tensorboard_dir=out / TENSORBOARD_DIR if opts.log_with == "tensorboard" else None)
+                     tensorboard_dir=out / TENSORBOARD_DIR if opts.log_with == "tensorboard" and not opts.export_only
+                     else None)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
     base_seconds = float(summary.get("train_seconds", 0.0))  # wall time of the runs before this resume
