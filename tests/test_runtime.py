@@ -142,13 +142,13 @@ def test_the_metrics_log_writes_tensorboard_events_that_a_resume_replaces_as_the
 
     from egaku.training.runtime import MetricsLog
 
-    log = MetricsLog(tmp_path / "m.csv", start_step=0, tensorboard_dir=tmp_path / "logs")
+    log = MetricsLog(tmp_path / "m.csv", start_step=0, tensorboard=True)
     for step in range(1, 6):
         log.log(step, loss=step, lr=0.1)
     log.image(5, "validation", Image.new("RGB", (8, 4), "red"))
     log.close()
     # the run resumes from its checkpoint at step 3: steps 4 and 5 are trained and logged again, with new values
-    log = MetricsLog(tmp_path / "m.csv", start_step=3, tensorboard_dir=tmp_path / "logs")
+    log = MetricsLog(tmp_path / "m.csv", start_step=3, tensorboard=True)
     for step in (4, 5):
         log.log(step, loss=10 * step, lr=0.1)
     log.close()

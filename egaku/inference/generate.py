@@ -268,7 +268,7 @@ def _apply_requested_loras(pipe, o: GenerateOptions, cleanup: ExitStack) -> tupl
                    "hash": lora_short_hash(p), "from": origin} for (p, w), origin in zip(specs, origins)]
     cleanup.callback(remove_loras, pipe)  # (before: a file that fails to load leaves none of the others)
     apply_loras(pipe, specs)
-    return text, tag_loras, [(lora_display_name(Path(p)), w) for p, w in specs], lora_files
+    return text, tag_loras, [(f["name"], w) for f, (_, w) in zip(lora_files, specs)], lora_files
 
 
 def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = None,

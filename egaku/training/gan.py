@@ -36,8 +36,8 @@ from ..errors import EgakuError
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
 from ..progress import progress_bar
-from .runtime import (TENSORBOARD_DIR, Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite,
-                      check_log_with, check_same_fingerprint, data_fingerprint, load_checkpoint, permissions_by_umask,
+from .runtime import (LOG_WITH, Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, check_log_with,
+                      check_same_fingerprint, data_fingerprint, load_checkpoint, permissions_by_umask,
                       restore_rng, stop_after_signal, trainer_config)
 
 
@@ -86,7 +86,7 @@ class TrainGanOptions:
     device: str = option("auto", help="auto (CUDA when available), cpu or cuda", choices=["auto", "cpu", "cuda"])
     progress: bool = option(True, help="show a progress bar")
     log_with: str = option("csv", help="csv: the step log as CSV only; tensorboard: also TensorBoard event files "
-                           "in OUT/logs (needs the tensorboard package)", choices=["csv", "tensorboard"])
+                           "in OUT/logs (needs the tensorboard package)", choices=list(LOG_WITH))
 
     def __post_init__(self) -> None:
         check_log_with(self.log_with)
@@ -260,8 +260,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         print(f"resumed from {path} at step {step} (epoch {epoch + 1}, batch {position})")
     out.mkdir(parents=True, exist_ok=True)
     save_config(opts, out / "config.json")
-    log = MetricsLog(out / "metrics.csv", start_step=step,
-                     tensorboard_dir=out / TENSORBOARD_DIR if opts.log_with == "tensorboard" else None)
+    log = MetricsLog(out / "metrics.csv", start_step=step, tensorboard=opts.log_with == "tensorboard")
     k = gen.num_classes
     grid_n = -(-opts.sample_grid // k) * k if k else opts.sample_grid  # whole rows of classes
     grid_z, grid_labels = fixed_latents(grid_n, opts.latent_dim, k, opts.seed)

@@ -41,7 +41,7 @@ from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device, write_model_defaults, write_pipeline
 from ..progress import progress_bar
-from ..training.runtime import (TENSORBOARD_DIR, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
+from ..training.runtime import (LOG_WITH, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
                                 capture_rng, check_finite, check_log_with, check_same_fingerprint,
                                 check_timestep_sampling, data_fingerprint,
                                 draw_timesteps, half_precision_attention, load_checkpoint, min_snr_weights,
@@ -154,7 +154,7 @@ class TrainLdmOptions:
                          choices=["auto", "cpu", "cuda"])
     progress: bool = option(True, help="show a progress bar")
     log_with: str = option("csv", help="csv: the step log as CSV only; tensorboard: also TensorBoard event files "
-                           "in OUT/logs (needs the tensorboard package)", choices=["csv", "tensorboard"])
+                           "in OUT/logs (needs the tensorboard package)", choices=list(LOG_WITH))
 
     def __post_init__(self) -> None:
         check_log_with(self.log_with)
@@ -601,8 +601,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         # An export trains nothing: the run's config is the checkpoint's, not this command's (--steps may differ).
         (out / "config.json").write_text((resume_path / "config.json").read_text())
     log = MetricsLog(out / "losses.csv", start_step=None if opts.export_only else step,
-                     tensorboard_dir=out / TENSORBOARD_DIR if opts.log_with == "tensorboard" and not opts.export_only
-                     else None)
+                     tensorboard=opts.log_with == "tensorboard" and not opts.export_only)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
     base_seconds = float(summary.get("train_seconds", 0.0))  # wall time of the runs before this resume

@@ -52,7 +52,7 @@ from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module,
                             peft_to_kohya, save_embedding, single_token_ids)
 from ..models.text import check_clip_skip, encode_prompts
 from ..progress import progress_bar
-from .runtime import (HUBER_SCHEDULES, LOSS_TYPES, TENSORBOARD_DIR, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
+from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
                       StopOnSignal, atomic_save_file, capture_rng, check_finite, check_log_with, check_loss_type,
                       check_timestep_sampling, draw_timesteps, elementwise_loss, half_precision_attention,
                       huber_thresholds, load_checkpoint, min_snr_weights, permissions_by_umask, restore_rng,
@@ -208,7 +208,7 @@ class TrainLoraOptions:
     progress: bool = option(True, help="show a progress bar")
     log_with: str = option("csv", help="csv: the loss log as CSV only; tensorboard: also TensorBoard event files "
                            "in OUT/logs (needs the tensorboard package), validation grids included",
-                           choices=["csv", "tensorboard"])
+                           choices=list(LOG_WITH))
 
     @property
     def varies_captions(self) -> bool:
@@ -1044,8 +1044,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     if main:
         save_config(opts, out / "training_config.json")
-    tensorboard_dir = out / TENSORBOARD_DIR if opts.log_with == "tensorboard" else None
-    log = MetricsLog(out / "loss.csv", start_step=step, tensorboard_dir=tensorboard_dir) if main else None
+    log = MetricsLog(out / "loss.csv", start_step=step, tensorboard=opts.log_with == "tensorboard") if main else None
     images_in = collections.Counter(bucket_of)  # the buckets in use, as kohya lists them
     bucket_use = f"{len(images_in)} bucket(s): " + ", ".join(f"{w}x{h} ({n} images)"
                                                           for (w, h), n in sorted(images_in.items()))

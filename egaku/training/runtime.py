@@ -378,8 +378,9 @@ def check_log_with(log_with: str) -> None:
 
 
 class MetricsLog:
-    """Append-only CSV of scalars per step (opens in any spreadsheet or pandas), and with ``tensorboard_dir`` the
-    same scalars as TensorBoard event files (``tensorboard --logdir DIR``), each value under its own name.
+    """Append-only CSV of scalars per step (opens in any spreadsheet or pandas), and with ``tensorboard`` the same
+    scalars as TensorBoard event files in ``logs/`` beside it (``tensorboard --logdir OUT/logs``), each value under
+    its own name.
 
     ``start_step``: the step a training run starts from (a resumed checkpoint's, or 0). Rows of later steps,
     which a run stopped after its last checkpoint had logged, are dropped: those steps are trained and logged
@@ -387,7 +388,7 @@ class MetricsLog:
     exports) keeps every row.
     """
 
-    def __init__(self, path: str | Path, start_step: int | None = None, tensorboard_dir: str | Path | None = None):
+    def __init__(self, path: str | Path, start_step: int | None = None, tensorboard: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fields: list[str] | None = None
@@ -401,10 +402,10 @@ class MetricsLog:
                 header = fh.readline().strip()
             self._fields = header.split(",") if header else None
         self._writer = None
-        if tensorboard_dir is not None:
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(tensorboard_dir),
+            self._writer = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR),
                                          purge_step=None if start_step is None else start_step + 1)
 
     def log(self, step: int, **values: float) -> None:
@@ -421,7 +422,7 @@ class MetricsLog:
             self._writer.flush()  # a run stopped by a signal or a crash keeps what it logged, as the CSV does
 
     def image(self, step: int, name: str, image) -> None:
-        """A PIL image (a validation grid) in TensorBoard's images tab; nothing without ``tensorboard_dir``."""
+        """A PIL image (a validation grid) in TensorBoard's images tab; nothing without ``tensorboard``."""
         if self._writer is not None:
             import numpy as np
 
