@@ -50,14 +50,15 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir, tiny_model_dir) -> Path:
-    """One fp32 run shared by the loading tests: alpha != rank, UNet attention + conv LoRA, both layouts,
-    validation, checkpoints."""
+    """One fp32 run shared by the loading tests: alpha != rank, UNet attention + conv LoRA (the convolutions at
+    another rank and alpha), both layouts, validation, checkpoints."""
     out = tmp_path_factory.mktemp("lora-run") / "starlora"
     return train_lora(options(data_dir, tiny_model_dir, out, **TRAINED))
 
 
 TRAINED = dict(learning_rate=5e-2, checkpoint_every=2, validation_prompts=["a photo of red star"],
-               validation_seeds=[0, 1], validation_steps=2, random_flip=True, lora_conv=True, log_with="tensorboard")
+               validation_seeds=[0, 1], validation_steps=2, random_flip=True, lora_conv=True, conv_rank=2, conv_alpha=1.0,
+               log_with="tensorboard")
 
 
 def tiny_pipe(model_dir):
@@ -96,7 +97,8 @@ def test_run_writes_adapter_kohya_config_log_grid_and_checkpoints(trained, tenso
     weights = load_file(trained / "pytorch_lora_weights.safetensors")
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
     assert {k.split(".")[0] for k in weights} == {"unet"}
-    assert any(".resnets.0.conv1.lora_A" in k for k in weights)
+    assert {v.shape[0] for k, v in weights.items() if ".resnets.0.conv1.lora_A" in k} == {2}  # --conv-rank
+    assert {v.shape[0] for k, v in weights.items() if ".to_q.lora_A" in k} == {4}  # --rank
 
 
 def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
@@ -109,10 +111,12 @@ def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
                for k in tensors)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
     assert "lora_unet_down_blocks_0_resnets_1_conv2.lora_up.weight" in tensors
-    alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
-    assert alphas and set(alphas) == {2.0}
+    alphas = {k: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    assert alphas and {a for k, a in alphas.items() if "_conv" in k} == {1.0}  # --conv-alpha
+    assert {a for k, a in alphas.items() if "_conv" not in k} == {2.0}
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": 2, "conv_alpha": 1.0}
     assert meta["ss_output_name"] == "starlora"
     # what kohya's training-info readers (A1111, civitai) show of the run
     from egaku.inference.metadata import lora_short_hash
@@ -141,12 +145,12 @@ def test_info_describes_a_lora_of_either_layout_without_a_model(trained, tmp_pat
     for d in (folder, kohya):
         assert d["unet_layers"] == n_layers and d["text_encoder_layers"] == 0
         assert 0 < d["convolution_layers"] < n_layers  # TRAINED adapts the ResNet convolutions too
-        assert d["ranks"] == [4] and d["alphas"] == [2.0] and d["unrecognised_keys"] == 0
+        assert d["ranks"] == [2, 4] and d["alphas"] == [1.0, 2.0] and d["unrecognised_keys"] == 0
         assert d["training"]["learning rate"] in (0.05, "0.05") and str(d["training"]["steps"]) == "3"
     assert kohya["top_tags"] == {"a photo of blue circle": 3, "a photo of red star": 3}
     assert main(["info", str(kohya_file)]) == 0
     text = capsys.readouterr().out
-    assert "rank: 4, alpha: 2" in text and f"layers: {n_layers} UNet, 0 text encoder" in text
+    assert "rank: 2/4, alpha: 1/2" in text and f"layers: {n_layers} UNet, 0 text encoder" in text
     save_file({"model.weight": torch.zeros(2, 2)}, tmp_path / "not-a-lora.safetensors")
     assert main(["info", str(tmp_path / "not-a-lora.safetensors")]) == 2
     assert "holds no LoRA layers" in capsys.readouterr().err
@@ -262,7 +266,7 @@ def test_save_precision_halves_the_files_which_load_everywhere_like_the_fp32_one
         else:
             apply_loras(pipe, [(out / "starlora.safetensors", 1.0)])
         np.testing.assert_allclose(render(pipe), expected, atol=tolerance)
-    assert describe_lora(out / "starlora.safetensors")["ranks"] == [4]
+    assert describe_lora(out / "starlora.safetensors")["ranks"] == [2, 4]
 
 
 def test_text_encoder_lora_uses_the_names_other_tools_use_and_applies(tmp_path, data_dir, tiny_model_dir):
@@ -858,7 +862,9 @@ def test_bad_option_values_are_errors():
                                   ("lr_warmup_steps", -3, "--lr-warmup-steps"), ("keep_checkpoints", 0,
                                   "--keep-checkpoints"), ("noise_offset", -0.1, "--noise-offset"),
                                   ("max_grad_norm", -1.0, "--max-grad-norm must be 0 or more, got -1"),
-                                  ("token_lr", -0.01, "--token-lr must be 0 or more, got -0.01")):
+                                  ("token_lr", -0.01, "--token-lr must be 0 or more, got -0.01"),
+                                  ("conv_rank", -1, "--conv-rank must be 0"), ("conv_alpha", -1.0, "--conv-alpha"),
+                                  ("conv_rank", 8, "size the convolution layers' LoRA: add --lora-conv")):
         with pytest.raises(EgakuError, match=message):
             build(TrainLoraOptions, {field: value, "loss_type": "huber"})
     # a preset's choice is checked as argparse checks a flag's, before any training
@@ -1229,30 +1235,35 @@ def test_init_lora_starts_from_a_finished_lora_of_either_layout(tmp_path, traine
     file that does not fit this run's rank or layers is refused, naming what to change."""
     from egaku.errors import NotFoundError
 
-    def delta(folder, alpha):  # every layer's up @ down at its alpha/rank
+    def delta(folder, alpha, conv_alpha):  # every layer's up @ down at its alpha/rank
         weights = load_file(folder / "pytorch_lora_weights.safetensors")
         out = {}
         for key, down in weights.items():
             if ".lora_A." in key:
                 up = weights[key.replace(".lora_A.", ".lora_B.")]
-                out[key] = (up.flatten(1) @ down.flatten(1)) * (alpha / down.shape[0])
+                scale = (conv_alpha if ".conv" in key else alpha) / down.shape[0]
+                out[key] = (up.flatten(1) @ down.flatten(1)) * scale
         return out
 
-    source = delta(trained, 2.0)  # TRAINED: rank 4, alpha 2
+    source = delta(trained, 2.0, 1.0)  # TRAINED: rank 4, alpha 2; convolutions rank 2, alpha 1
     # a learning rate of ~0 and no weight decay: the one step leaves the weights where they started
-    still = dict(max_steps=1, learning_rate=1e-12, weight_decay=0.0, lora_conv=True, alpha=4.0, format="diffusers")
+    still = dict(max_steps=1, learning_rate=1e-12, weight_decay=0.0, lora_conv=True, alpha=4.0, conv_rank=2,
+                 conv_alpha=3.0, format="diffusers")
     for layout, precision in (("pytorch_lora_weights.safetensors", "no"), ("starlora.safetensors", "bf16")):
         out = train_lora(options(data_dir, tiny_model_dir, tmp_path / layout, init_lora=str(trained / layout),
                                  mixed_precision=precision, **still))
-        started = delta(out, 4.0)
+        started = delta(out, 4.0, 3.0)
         assert started.keys() == source.keys()
         assert all(torch.allclose(started[k], source[k], atol=1e-6) for k in source)
     assert any(v.abs().max() > 0 for v in source.values())
-    with pytest.raises(EgakuError, match=r"rank 4, this run --rank 8"):
+    with pytest.raises(EgakuError, match=r"has rank 4 at unet\..*to_.*, this run --rank gives 8"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "r8", init_lora=str(trained), **{**still, "rank": 8}))
+    with pytest.raises(EgakuError, match=r"has rank 2 at unet\..*conv.*, this run --conv-rank gives 4"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "c4", init_lora=str(trained),
+                           **{**still, "conv_rank": 4}))
     with pytest.raises(EgakuError, match=r"does not train .*--lora-conv"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "noconv", init_lora=str(trained),
-                           **{**still, "lora_conv": False}))
+                           **{**still, "lora_conv": False, "conv_rank": 0, "conv_alpha": 0.0}))
     with pytest.raises(NotFoundError, match="does not exist"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "none",
                            init_lora=str(tmp_path / "missing.safetensors")))

@@ -126,6 +126,9 @@ class TrainLoraOptions:
                         "--format becomes diffusers), which diffusers, egaku and merge-lora load")
     target_modules: list[str] = option(UNET_ATTENTION, help="UNet modules to adapt (default: attention q/k/v/out)")
     lora_conv: bool = option(False, help="also adapt the UNet ResNet convolutions (conv1/conv2/conv_shortcut)")
+    conv_rank: int = option(0, help="rank of the --lora-conv layers (kohya's conv_dim; 0 = --rank)")
+    conv_alpha: float = option(0.0, help="alpha of the --lora-conv layers (kohya's conv_alpha; 0 keeps the scale "
+                               "alpha/rank of the attention layers)")
     train_text_encoder: bool = option(False, help="also add LoRA to the text encoder attention (disables text caching)")
     train_tokens: list[str] = option([], help="words whose token embeddings train beside the LoRA (pivotal tuning): "
                                               "a concept the base has no text for gets its own embedding, saved in "
@@ -214,6 +217,15 @@ class TrainLoraOptions:
     def varies_captions(self) -> bool:
         return self.shuffle_caption or self.caption_tag_dropout > 0
 
+    def rank_and_alpha(self, module: str) -> tuple[int, float]:
+        """The rank and alpha of the adapter on ``module`` (a module path): --conv-rank/--conv-alpha for the
+        ResNet convolutions, --rank/--alpha for every other layer."""
+        alpha = float(self.alpha or self.rank)
+        if module.rsplit(".", 1)[-1] not in UNET_CONV:
+            return self.rank, alpha
+        rank = self.conv_rank or self.rank
+        return rank, float(self.conv_alpha or alpha * rank / self.rank)
+
     def __post_init__(self):
         if self.format is None:  # DoRA's kohya layout is one other tools drop (see the --dora check below)
             self.format = "diffusers" if self.dora else "both"
@@ -221,6 +233,10 @@ class TrainLoraOptions:
         checks = [
             (self.rank >= 1, f"--rank must be at least 1, got {self.rank}"),
             (self.alpha >= 0, f"--alpha must be >= 0, got {self.alpha}"),
+            (self.conv_rank >= 0, f"--conv-rank must be 0 (= --rank) or more, got {self.conv_rank}"),
+            (self.conv_alpha >= 0, f"--conv-alpha must be >= 0, got {self.conv_alpha}"),
+            (self.lora_conv or not (self.conv_rank or self.conv_alpha),
+             "--conv-rank and --conv-alpha size the convolution layers' LoRA: add --lora-conv"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"),
             (self.loraplus_lr_ratio >= 0, f"--loraplus-lr-ratio must be >= 0, got {self.loraplus_lr_ratio}"),
@@ -311,18 +327,20 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
         raise EgakuError(f"--init-lora {path} is a {'DoRA' if not opts.dora else 'plain LoRA'} file and this run "
                          f"{'trains DoRA' if opts.dora else 'does not'}: give {'--no-dora' if opts.dora else '--dora'}",
                          param="init_lora")
-    ranks = sorted({int(pair["down"].shape[0]) for pair in pairs.values()})
-    if ranks != [opts.rank]:
-        raise EgakuError(f"--init-lora {path} has rank {'/'.join(map(str, ranks))}, this run --rank {opts.rank}; "
-                         "train it further at its own rank", param="init_lora")
-    scale = (opts.alpha or opts.rank) / opts.rank
+    for full, pair in pairs.items():
+        rank = opts.rank_and_alpha(full)[0]
+        if pair["down"].shape[0] != rank:
+            flag = "--conv-rank" if full.rsplit(".", 1)[-1] in UNET_CONV else "--rank"
+            raise EgakuError(f"--init-lora {path} has rank {pair['down'].shape[0]} at {full}, this run {flag} gives "
+                             f"{rank}; train it further at its own rank", param="init_lora")
     for component in ("unet", "text_encoder"):
         state = {}
         for full, pair in pairs.items():
             if full.startswith(component + "."):
                 module = full.split(".", 1)[1]
+                # the file's delta at this run's alpha (the ranks are the same)
                 state[f"{module}.lora_A.weight"] = pair["down"].float()
-                state[f"{module}.lora_B.weight"] = pair["up"].float() * (alphas[full] / opts.rank / scale)
+                state[f"{module}.lora_B.weight"] = pair["up"].float() * (alphas[full] / opts.rank_and_alpha(full)[1])
                 if "magnitude" in pair:
                     state[f"{module}.lora_magnitude_vector"] = pair["magnitude"].float()
         if state:
@@ -611,10 +629,15 @@ def add_adapters(unet, text_encoder, opts: TrainLoraOptions) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(opts.seed)
-    alpha = opts.alpha or opts.rank
+    rank, alpha = opts.rank_and_alpha("")
     targets = list(opts.target_modules) + (UNET_CONV if opts.lora_conv else [])
-    unet.add_adapter(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout, use_dora=opts.dora,
-                                init_lora_weights="gaussian", target_modules=targets))
+    conv_rank, conv_alpha = opts.rank_and_alpha(UNET_CONV[0])
+    # peft matches these names at the end of a module path; diffusers writes them into the file's metadata
+    rank_pattern = {name: conv_rank for name in UNET_CONV} if opts.lora_conv and conv_rank != rank else {}
+    alpha_pattern = {name: conv_alpha for name in UNET_CONV} if opts.lora_conv and conv_alpha != alpha else {}
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=opts.dropout, use_dora=opts.dora,
+                                init_lora_weights="gaussian", target_modules=targets, rank_pattern=rank_pattern,
+                                alpha_pattern=alpha_pattern))
     if opts.train_text_encoder:
         # transformers 5's add_adapter demands peft >= 0.22; peft's own injection makes the same layers
         inject_adapter_in_model(LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout,
@@ -1191,13 +1214,15 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
             prefixed = {f"unet.{k}": v for k, v in layers["unet_lora_layers"].items()}
             prefixed.update({f"text_encoder.{k}": v for k, v in layers.get("text_encoder_lora_layers", {}).items()})
             pairs, _ = peft_pairs(prefixed)
-            alpha = float(opts.alpha or opts.rank)
-            tensors = {k: v.to(dtype) for k, v in peft_to_kohya(pairs, {name: alpha for name in pairs}).items()}
+            alpha = opts.rank_and_alpha("")[1]
+            conv_rank, conv_alpha = opts.rank_and_alpha(UNET_CONV[0])
+            alphas = {name: opts.rank_and_alpha(name)[1] for name in pairs}
+            tensors = {k: v.to(dtype) for k, v in peft_to_kohya(pairs, alphas).items()}
             # A1111 and ComfyUI list a LoRA by its file name
             name = out.resolve().name if out.resolve().name != LORA_WEIGHTS_NAME.split(".")[0] else "lora"
             metadata = kohya_metadata(
                 ss_output_name=name, ss_network_dim=opts.rank, ss_network_alpha=alpha,
-                ss_network_args={**({"conv_dim": opts.rank, "conv_alpha": alpha} if opts.lora_conv else {}),
+                ss_network_args={**({"conv_dim": conv_rank, "conv_alpha": conv_alpha} if opts.lora_conv else {}),
                                  **({"loraplus_lr_ratio": opts.loraplus_lr_ratio} if opts.loraplus_lr_ratio else {})},
                 ss_num_train_images=num_images, ss_resolution=f"({opts.resolution}, {opts.resolution})",
                 ss_learning_rate=opts.learning_rate, ss_max_train_steps=total_steps or opts.max_steps,
