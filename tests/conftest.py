@@ -77,3 +77,34 @@ def assert_plain_mode():
             assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
 
     return check
+
+
+@pytest.fixture
+def torchrun():
+    """Runs ``torchrun --standalone --nproc_per_node 2 -m egaku ARGS...`` (2 CPU processes, gloo); returns
+    (stdout, stderr) after checking that it succeeded. A run that hangs is ended with all its workers."""
+    return _torchrun
+
+
+def _torchrun(*args: str, timeout: int = 300) -> tuple[str, str]:
+    import signal
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone: a rendezvous on a free local port, so that another job's torchrun on the same machine
+    # (the default master port is 29500 for everyone) cannot meet this one
+    command = [str(launcher), "--standalone", "--nproc_per_node", "2", "-m", "egaku", *args]
+    # its own process group, so that a hang is ended with every worker, and reported with what it printed
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the 2-process run did not end in {timeout} s\nstdout:\n{stdout[-3000:]}\n"
+                    f"stderr:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-2000:]
+    return stdout, stderr

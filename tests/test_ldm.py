@@ -105,7 +105,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_run, tmp_path, 
 def test_ctrl_c_checkpoints_the_step_it_finishes_and_resume_equals_uninterrupted(tiny_run, tmp_path, ctrl_c_at_step,
                                                                                  stop_step):
     out = tmp_path / "stopped"
-    ctrl_c_at_step(ldm, stop_step)
+    # the signal lands after the step's stop requests were gathered (check_finite comes after): the next step is
+    # the last
+    ctrl_c_at_step(ldm, stop_step - 1)
     with pytest.raises(KeyboardInterrupt):
         ldm.train_ldm(tiny_opts(out))
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{stop_step:06d}"
@@ -559,3 +561,27 @@ def test_caption_weights_draw_matching_images_more_often_and_bad_ones_are_refuse
     model = ldm.train_ldm(tiny_opts(tmp_path / "weighted", caption_weights=["small=4"], vae_steps=2, steps=2))
     assert (model / "model_index.json").is_file()
     assert "--caption-weights: small=4; images drawn by their weights" in capsys.readouterr().err
+
+
+def test_two_process_run_under_torchrun_on_cpu(tiny_run, tmp_path, torchrun):
+    """Under a real 2-process launch (gloo on CPU) each process draws its own batches and DDP averages their
+    gradients; the run checks at the end that the replicas agree, only the main process writes, and a resume must
+    use as many processes."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "ddp"
+    _, stderr = torchrun("train-ldm", "--config", str(ROOT / "configs" / "ldm-tiny.toml"), "--out", str(out),
+                         "--threads", "1", "--no-progress")
+    assert stderr.count(f"wrote {out / 'model'}") == 1 and stderr.count("VAE: held-out PSNR") == 1
+    one, two = ((run / "losses.csv").read_text().splitlines() for run in (tiny_run, out))
+    assert [row.split(",")[0] for row in two] == [row.split(",")[0] for row in one]
+    # the same seed, config and step: with the same batch on both processes (or one process training alone) the
+    # VAE stage's last loss would be the one-process run's
+    assert float(two[1].split(",")[3]) != pytest.approx(float(one[1].split(",")[3]), rel=1e-4)
+    assert torch.load(out / "checkpoints" / "step-000010" / "state.pt", weights_only=True)["world"] == 2
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model")
+    image = pipe("a large red circle in the center on a white background", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.isfinite(image).all()
+    with pytest.raises(EgakuError, match=r"written by a run on 2 process\(es\), this one has 1"):
+        ldm.train_ldm(tiny_opts(out, resume="latest"))

@@ -18,6 +18,10 @@ The result, ``OUT/model``, is a standard ``StableDiffusionPipeline`` folder (no 
 scheduler is DPM-Solver++ built from the training noise schedule. Each step's batch, noise and
 timesteps come from a generator seeded by (seed, step), so ``--resume`` reproduces the uninterrupted
 run exactly.
+
+Under ``accelerate launch`` or ``torchrun`` each process draws its own batch (seeded by seed, step and its
+rank; ``--batch-size`` is per process) and DistributedDataParallel averages the gradients, so every process
+holds the same weights; only the main process writes files.
 """
 
 from __future__ import annotations
@@ -41,10 +45,10 @@ from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
 from ..models.loading import resolve_device, write_model_defaults, write_pipeline
 from ..progress import progress_bar
-from ..training.runtime import (LOG_WITH, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal,
-                                capture_rng, check_finite, check_log_with, check_same_fingerprint,
-                                check_timestep_sampling, data_fingerprint,
-                                draw_timesteps, half_precision_attention, load_checkpoint, min_snr_weights,
+from ..training.runtime import (LOG_WITH, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, agree_on_step,
+                                capture_rng, check_finite, check_log_with, check_replicas_agree,
+                                check_same_fingerprint, check_timestep_sampling, data_fingerprint, draw_timesteps,
+                                half_precision_attention, load_checkpoint, make_accelerator, min_snr_weights,
                                 restore_rng, saved_config, stop_after_signal, trainer_config)
 
 DEFAULT_SAMPLE_PROMPTS = [
@@ -82,7 +86,7 @@ class TrainLdmOptions:
     vae_from: str = option("", help="an AutoencoderKL folder to train the diffusion stage on instead of "
                            "training a VAE here (stage 1 is skipped; --vae-steps must be 0)")
     vae_steps: int = option(1500, help="VAE optimizer steps (0: skip stage 1 only when resuming past it)")
-    vae_batch_size: int = option(16, help="VAE images per step")
+    vae_batch_size: int = option(16, help="VAE images per step (per process under accelerate launch or torchrun)")
     vae_crop: int = option(32, help="VAE trains on random crops of this size (0 = whole images)")
     vae_lr: float = option(1e-3, help="VAE peak learning rate (warmup then cosine)")
     kl_weight: float = option(1e-6, help="weight of the KL term (small: we want a sharp autoencoder)")
@@ -107,7 +111,7 @@ class TrainLdmOptions:
     text_layers: int = option(2, help="CLIP text encoder transformer layers")
     text_heads: int = option(4, help="CLIP text encoder attention heads")
     steps: int = option(6000, help="diffusion (UNet + text encoder) optimizer steps")
-    batch_size: int = option(32, help="diffusion images per step")
+    batch_size: int = option(32, help="diffusion images per step (per process under accelerate launch or torchrun)")
     lr: float = option(6e-4, help="diffusion peak learning rate (warmup then cosine)")
     warmup_steps: int = option(200, help="linear learning-rate warmup steps (both stages)")
     lr_schedule: str = option("cosine", help="diffusion stage after warmup: cosine decay, or constant (with EMA, "
@@ -331,9 +335,11 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """Everything random in a step comes from here, so a resumed run draws the same numbers."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """Everything random in a step comes from here, so a resumed run draws the same numbers; each process of a
+    distributed run (``rank``) draws its own."""
+    # torch seeds its CPU generator with the low 32 bits only: the rank's offset must change those
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + rank * 0x9E3779B9)
 
 
 def sample_timesteps(opts: TrainLdmOptions, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -405,9 +411,9 @@ def build_noise_scheduler(opts: TrainLdmOptions):
                          timestep_spacing="trailing" if opts.zero_terminal_snr else "leading")
 
 
-def run_tokenizer(out: Path, vocabulary: list[str], opts: TrainLdmOptions, resuming: bool):
-    """The run's tokenizer: built from the captions once and kept in ``OUT/tokenizer``, so a resumed run
-    keeps its token ids even when the tokenizer builder has changed since it started."""
+def run_tokenizer(out: Path, vocabulary: list[str], opts: TrainLdmOptions, resuming: bool, save: bool = True):
+    """The run's tokenizer: built from the captions once and kept in ``OUT/tokenizer`` (``save``: by the main
+    process), so a resumed run keeps its token ids even when the tokenizer builder has changed since it started."""
     from transformers import CLIPTokenizer
 
     from ..models.tokenizer import build_clip_tokenizer
@@ -417,7 +423,8 @@ def run_tokenizer(out: Path, vocabulary: list[str], opts: TrainLdmOptions, resum
         return CLIPTokenizer.from_pretrained(folder)
     tokenizer = build_clip_tokenizer(vocabulary, model_max_length=opts.max_caption_tokens,
                                      merge_order=opts.tokenizer_merges)
-    tokenizer.save_pretrained(folder)
+    if save:
+        tokenizer.save_pretrained(folder)
     return tokenizer
 
 
@@ -526,8 +533,23 @@ def mixed_precision(precision: str, device: torch.device):
     return forward_context, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def _progress(opts: TrainLdmOptions, start: int, total: int):
-    return progress_bar(total, start, desc="train-ldm", disable=not opts.progress)
+def _progress(opts: TrainLdmOptions, start: int, total: int, main: bool = True):
+    return progress_bar(total, start, desc="train-ldm", disable=not (opts.progress and main))
+
+
+class VaeRoundTrip(torch.nn.Module):
+    """The VAE stage's forward (encode, sample a latent, decode) as one module call, which is what
+    DistributedDataParallel needs to all-reduce the VAE's gradients."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample(generator=gen)).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+        return recon, kl
 
 
 def train_ldm(opts: TrainLdmOptions) -> Path:
@@ -546,6 +568,17 @@ def _train(opts: TrainLdmOptions) -> Path:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     config = to_dict(opts)
+    resolve_device(opts.device)  # --device cuda without a GPU is an error before anything else
+    accelerator = make_accelerator(opts.device)  # mixed precision stays this trainer's own (see mixed_precision)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+
+    def say(line: str) -> None:
+        if main:
+            print(line, file=sys.stderr)
+
+    def ddp(model):  # one process trains the model itself; several, a DistributedDataParallel wrapper of it
+        return accelerator.prepare(model) if world > 1 else model
+
     ckpts = Checkpoints(out, keep=opts.keep_checkpoints)
     if not (opts.resume or opts.export_only):
         ckpts.check_fresh_start()
@@ -557,13 +590,13 @@ def _train(opts: TrainLdmOptions) -> Path:
 
     # 1. Data and models (seeded), then the checkpoint to resume from, if any
     data = load_training_images(opts)
-    print(data.note, file=sys.stderr)
+    say(data.note)
     fingerprint = data_fingerprint(data.images, data.captions)  # a resume must find this data again
     draw_weights = image_weights(data.captions, parse_caption_weights(opts.caption_weights))
     if draw_weights is not None:
-        print(f"--caption-weights: {', '.join(opts.caption_weights)}; images drawn by their weights "
-              f"({int((draw_weights != 1).sum())} of {len(draw_weights)} weighted)", file=sys.stderr)
-    tokenizer = run_tokenizer(out, data.vocabulary, opts, resuming=bool(opts.resume or opts.export_only))
+        say(f"--caption-weights: {', '.join(opts.caption_weights)}; images drawn by their weights "
+            f"({int((draw_weights != 1).sum())} of {len(draw_weights)} weighted)")
+    tokenizer = run_tokenizer(out, data.vocabulary, opts, resuming=bool(opts.resume or opts.export_only), save=main)
     torch.manual_seed(opts.seed)
     vae = build_vae(opts)  # built even when replaced: text encoder and UNet then start from the same seeded weights
     if opts.vae_from:
@@ -573,7 +606,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     text_encoder = build_text_encoder(opts, tokenizer)
     unet = build_unet(opts, vae)
     noise_scheduler = build_noise_scheduler(opts)
-    device = resolve_device(opts.device)
+    device = resolve_device(opts.device) if world == 1 else accelerator.device
     step, state, weights = 0, None, {}
     if resume_path is not None:
         # With a constant learning rate --steps only says where to stop, so a run may be extended.
@@ -586,26 +619,30 @@ def _train(opts: TrainLdmOptions) -> Path:
         if not opts.export_only:
             check_same_fingerprint(state, fingerprint, len(data.images), path)
         step = int(state["step"])
+        if int(state.get("world", 1)) != world and not opts.export_only:
+            raise EgakuError(f"cannot resume from {path}: it was written by a run on {int(state.get('world', 1))} "
+                             f"process(es), this one has {world}; each process draws its own batches. Resume with "
+                             f"{int(state.get('world', 1))} process(es)")
         if extendable and not opts.export_only:
             _check_schedule_change(saved_config(path, defaults), opts, step, path)
         if opts.export_only and step <= opts.vae_steps:
             raise EgakuError(f"--export-only: {path} is from the VAE stage (step {step} of {opts.vae_steps}); "
                              "there is no diffusion model to export yet. Resume training instead")
         vae.load_state_dict(weights["vae"])
-        print(f"resumed from {path} (step {step})", file=sys.stderr)
+        say(f"resumed from {path} (step {step})")
     for model in (vae, text_encoder, unet):
         model.to(device)
-    if not opts.export_only:
+    if main and not opts.export_only:
         save_config(opts, out / "config.json")
-    elif not (out / "config.json").is_file():
+    elif main and not (out / "config.json").is_file():
         # An export trains nothing: the run's config is the checkpoint's, not this command's (--steps may differ).
         (out / "config.json").write_text((resume_path / "config.json").read_text())
     log = MetricsLog(out / "losses.csv", start_step=None if opts.export_only else step,
-                     tensorboard=opts.log_with == "tensorboard" and not opts.export_only)
+                     tensorboard=opts.log_with == "tensorboard" and not opts.export_only) if main else None
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
     base_seconds = float(summary.get("train_seconds", 0.0))  # wall time of the runs before this resume
-    bar = _progress(opts, 0 if opts.export_only else step, opts.total_steps)
+    bar = _progress(opts, 0 if opts.export_only else step, opts.total_steps, main)
 
     # 2. Stage 1: the VAE
     if step < opts.vae_steps and not opts.export_only:
@@ -618,16 +655,15 @@ def _train(opts: TrainLdmOptions) -> Path:
             restore_rng(state["rng"])
         x_all = arrays_to_tensor(data.images)
         crop = opts.vae_crop or opts.resolution
+        round_trip = ddp(VaeRoundTrip(vae))
         with StopOnSignal() as stop:
             while step < opts.vae_steps:
-                gen = step_generator(opts.seed, step)
+                gen = step_generator(opts.seed, step, rank)
                 idx = torch.randint(0, len(x_all), (opts.vae_batch_size,), generator=gen)
                 top, left = torch.randint(0, opts.resolution - crop + 1, (2,), generator=gen).tolist()
                 x = x_all[idx, :, top:top + crop, left:left + crop].to(device)
-                posterior = vae.encode(x).latent_dist
-                recon = vae.decode(posterior.sample(generator=gen)).sample
+                recon, kl = round_trip(x, gen)
                 rec_loss = F.mse_loss(recon, x)
-                kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
                 loss = rec_loss + opts.kl_weight * kl
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
@@ -635,25 +671,29 @@ def _train(opts: TrainLdmOptions) -> Path:
                 optim.step()
                 sched.step()
                 step += 1
-                check_finite(loss.detach(), step, ckpts)
+                (mean_loss, mean_recon, mean_kl), interrupted = agree_on_step(
+                    accelerator, stop.requested, loss.item(), rec_loss.item(), kl.item())
+                check_finite(mean_loss, step, ckpts)
                 bar.update(1)
-                if step % 25 == 0 or step == opts.vae_steps:
-                    bar.set_postfix(stage="vae", loss=f"{rec_loss.item():.5f}")
-                    log.log(step, stage=1, loss=loss.item(), recon=rec_loss.item(), kl=kl.item(),
+                if main and (step % 25 == 0 or step == opts.vae_steps):
+                    bar.set_postfix(stage="vae", loss=f"{float(mean_recon):.5f}")
+                    log.log(step, stage=1, loss=float(mean_loss), recon=float(mean_recon), kl=float(mean_kl),
                             lr=sched.get_last_lr()[0])
-                if step % opts.checkpoint_every == 0 or step == opts.vae_steps or stop.requested:
-                    ckpts.save(step, {"vae": vae.state_dict()},
-                               {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
-                                "rng": capture_rng(), "data_fingerprint": fingerprint,
-                                "data_images": len(data.images)}, config)
-                if stop.requested:
+                if step % opts.checkpoint_every == 0 or step == opts.vae_steps or interrupted:
+                    if main:
+                        ckpts.save(step, {"vae": vae.state_dict()},
+                                   {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
+                                    "rng": capture_rng(), "data_fingerprint": fingerprint,
+                                    "data_images": len(data.images), "world": world}, config)
+                    accelerator.wait_for_everyone()
+                if interrupted:
                     bar.close()
-                    stop_after_signal(step, ckpts.latest())
-        del optim, sched, x_all
+                    stop_after_signal(step, ckpts.latest(), quiet=not main)
+        del optim, sched, x_all, round_trip
         state = None  # the diffusion stage starts fresh from here
 
     vae.eval().requires_grad_(False)
-    if "vae_psnr" not in summary and (opts.vae_steps > 0 or opts.vae_from):
+    if main and "vae_psnr" not in summary and (opts.vae_steps > 0 or opts.vae_from):
         summary["vae_psnr"] = round(measure_vae(vae, data.heldout), 3)
         summary["vae_psnr_images"] = len(data.heldout)
         summary["vae_seconds"] = round(base_seconds + time.time() - started, 1)
@@ -661,7 +701,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         (out / "samples").mkdir(exist_ok=True)
         image_grid(to_pil_images(heldout) + to_pil_images(recon), cols=8).save(
             out / "samples" / "vae-reconstructions.png")
-        print(f"VAE: {psnr_label(data)} {summary['vae_psnr']:.2f} dB", file=sys.stderr)
+        say(f"VAE: {psnr_label(data)} {summary['vae_psnr']:.2f} dB")
 
     # 3. Latents of every training image, scaled to unit variance
     bar.set_postfix(stage="encoding")
@@ -698,14 +738,16 @@ def _train(opts: TrainLdmOptions) -> Path:
                                       else sorted(set(data.captions))[:8])
 
     def checkpoint() -> None:
-        summary.update(step=step, train_seconds=round(base_seconds + time.time() - started, 1))
-        summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        ckpts.save(step, {"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                          "ema": dict(zip(names, ema.shadow_params))},
-                   {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
-                    "rng": capture_rng(), "ema_step": ema.optimization_step, "scaling_factor": scaling,
-                    "data_fingerprint": fingerprint, "data_images": len(data.images),
-                    **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}, config)
+        if main:
+            summary.update(step=step, train_seconds=round(base_seconds + time.time() - started, 1))
+            summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            ckpts.save(step, {"vae": vae.state_dict(), "unet": unet.state_dict(),
+                              "text_encoder": text_encoder.state_dict(), "ema": dict(zip(names, ema.shadow_params))},
+                       {"step": step, "optimizer": optim.state_dict(), "lr_scheduler": sched.state_dict(),
+                        "rng": capture_rng(), "ema_step": ema.optimization_step, "scaling_factor": scaling,
+                        "data_fingerprint": fingerprint, "data_images": len(data.images), "world": world,
+                        **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}, config)
+        accelerator.wait_for_everyone()
 
     def ema_pipeline():
         """A pipeline holding copies of the EMA weights (the training weights stay untouched)."""
@@ -720,10 +762,13 @@ def _train(opts: TrainLdmOptions) -> Path:
         scaler.load_state_dict(state["grad_scaler"])
     unet.train()
     text_encoder.train()
+    # the models' forward passes go through these (DDP wrappers when there are several processes); their weights,
+    # EMA, checkpoints and samples through the models themselves
+    unet_forward, text_forward = (ddp(unet), ddp(text_encoder)) if not opts.export_only else (unet, text_encoder)
     (out / "samples").mkdir(exist_ok=True)  # not only made with the VAE reconstructions: a resume may skip those
     with StopOnSignal() as stop:
         while step < opts.total_steps and not opts.export_only:
-            gen = step_generator(opts.seed, step)
+            gen = step_generator(opts.seed, step, rank)
             idx = draw_batch(len(means), opts.batch_size, draw_weights, gen)
             latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
             if opts.flip:
@@ -738,8 +783,8 @@ def _train(opts: TrainLdmOptions) -> Path:
             target = (noise if opts.prediction_type == "epsilon"
                       else noise_scheduler.get_velocity(latents, noise, timesteps))
             with forward_context():
-                hidden = text_encoder(input_ids)[0]
-                pred = unet(noisy, timesteps, hidden).sample.float()
+                hidden = text_forward(input_ids)[0]
+                pred = unet_forward(noisy, timesteps, hidden).sample.float()
             if opts.snr_gamma > 0:
                 weight = min_snr_weights(noise_scheduler, timesteps, opts.snr_gamma, opts.prediction_type)
                 loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean()
@@ -754,23 +799,30 @@ def _train(opts: TrainLdmOptions) -> Path:
             sched.step()
             ema.step(params)
             step += 1
-            check_finite(loss.detach(), step, ckpts)
+            (mean_loss,), interrupted = agree_on_step(accelerator, stop.requested, loss.item())
+            check_finite(mean_loss, step, ckpts)
             bar.update(1)
-            if step % 25 == 0 or step == opts.total_steps:  # the last step too: the log ends where the run does
-                bar.set_postfix(stage="unet", loss=f"{loss.item():.4f}")
-                log.log(step, stage=2, loss=loss.item(), lr=sched.get_last_lr()[0])
-            if step % opts.checkpoint_every == 0 or step == opts.total_steps or stop.requested:
+            # the last step too: the log ends where the run does
+            if main and (step % 25 == 0 or step == opts.total_steps):
+                bar.set_postfix(stage="unet", loss=f"{mean_loss:.4f}")
+                log.log(step, stage=2, loss=mean_loss, lr=sched.get_last_lr()[0])
+            if step % opts.checkpoint_every == 0 or step == opts.total_steps or interrupted:
                 checkpoint()
-            if stop.requested:
+            if interrupted:
                 bar.close()
-                stop_after_signal(step, ckpts.latest())
+                stop_after_signal(step, ckpts.latest(), quiet=not main)
             done = step - opts.vae_steps
-            if opts.sample_every and done % opts.sample_every == 0 and step < opts.total_steps:
+            if main and opts.sample_every and done % opts.sample_every == 0 and step < opts.total_steps:
                 grid = sample_grid(ema_pipeline(), prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
                                    opts.resolution)
                 grid.save(out / "samples" / f"step-{step:06d}.png")
                 log.image(step, "samples", grid)
     bar.close()
+    if not opts.export_only:
+        check_replicas_agree(accelerator, list(vae.parameters()) + params, "the VAE, UNet and text encoder weights")
+    if not main:
+        accelerator.wait_for_everyone()  # until the main process has exported the model
+        return out / "model"
     log.close()
 
     # 5. Export the EMA weights as a standard pipeline
@@ -785,8 +837,8 @@ def _train(opts: TrainLdmOptions) -> Path:
         summary["train_seconds"] = round(base_seconds + time.time() - started, 1)
     summary.update(step=step, scaling_factor=scaling, data=data.note, model=str(model_dir))
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {model_dir} (step {step}); VAE {psnr_label(data)} {summary.get('vae_psnr', float('nan')):.2f} dB",
-          file=sys.stderr)
+    say(f"wrote {model_dir} (step {step}); VAE {psnr_label(data)} {summary.get('vae_psnr', float('nan')):.2f} dB")
+    accelerator.wait_for_everyone()
     return model_dir
 
 

@@ -53,10 +53,11 @@ from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module,
 from ..models.text import check_clip_skip, encode_prompts
 from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
-                      StopOnSignal, atomic_save_file, capture_rng, check_finite, check_log_with, check_loss_type,
-                      check_timestep_sampling, draw_timesteps, elementwise_loss, half_precision_attention,
-                      huber_thresholds, load_checkpoint, min_snr_weights, permissions_by_umask, restore_rng,
-                      stop_after_signal, trainer_config)
+                      StopOnSignal, agree_on_step, atomic_save_file, capture_rng, check_finite, check_log_with,
+                      check_loss_type, check_replicas_agree, check_timestep_sampling, draw_timesteps,
+                      elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
+                      make_accelerator, min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal,
+                      trainer_config)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -844,7 +845,6 @@ def validation_grid(run, inputs: TrainingInputs, opts: TrainLoraOptions, guidanc
 
 def train_lora(opts: TrainLoraOptions) -> Path:
     """Fine-tune ``opts.model`` with LoRA on ``opts.data``; returns the output folder."""
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
@@ -859,14 +859,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
         resolve_device(opts.device)  # --device cuda without a GPU is an error, not a silent CPU run
     out = Path(opts.out)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # a second run in the same process (Python API, tests) may use another precision
-        from accelerate.state import AcceleratorState
-        AcceleratorState._reset_state(reset_partial_state=True)
-    # accelerate only sets up multi-process CPU training (gloo) when told cpu=True
-    on_cpu = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available()
-                                      and not torch.backends.mps.is_available())
-    accelerator = Accelerator(mixed_precision=opts.mixed_precision, cpu=on_cpu)
+    accelerator = make_accelerator(opts.device, opts.mixed_precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = accelerator.print
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
@@ -1084,7 +1077,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     bar = progress_bar(total_steps, step, desc="train-lora", disable=not (main and opts.progress))
     for model in trained:
         unwrapped(model).train()
-    mean_loss = torch.tensor(float("nan"))
+    mean_loss = float("nan")
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
     with StopOnSignal() as stop:
@@ -1133,9 +1126,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 tokens.put_back_the_others()
             step += 1
 
-            # one gather per step carries the loss and any stop request, so every process stops at the same step
-            stats = accelerator.gather(torch.tensor([[step_loss, float(stop.requested)]], device=device))
-            mean_loss, interrupted = stats[:, 0].mean(), bool(stats[:, 1].any())
+            (mean_loss,), interrupted = agree_on_step(accelerator, stop.requested, step_loss)
             finite_weights = all(bool(torch.isfinite(p).all()) for p in lora_params)
             check_finite(mean_loss if finite_weights else torch.tensor(float("nan")), step, checkpoints,
                          hint=f"lower --learning-rate (now {opts.learning_rate:g}), use --mixed-precision bf16 or no "
@@ -1160,11 +1151,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             log.close()
         say(f"stopped at step {step} of {total_steps} (--stop-at); continue with --resume latest")
         return out
-    # replicas must agree, or the saved adapter is one process's private version
-    checksum = torch.stack([p.detach().double().sum() for p in lora_params]).sum()[None]
-    sums = accelerator.gather(checksum)
-    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-6, atol=1e-9):
-        raise RuntimeError(f"LoRA weights differ between processes after training: {sums.tolist()}")
+    check_replicas_agree(accelerator, lora_params, "LoRA weights")
     if not (opts.checkpoint_every and step % opts.checkpoint_every == 0):
         save_checkpoint()
     if not (opts.validation_every and step % opts.validation_every == 0):

@@ -1,4 +1,5 @@
-"""What every training loop shares: atomic checkpoints, exact resume, RNG state, stop on Ctrl-C, NaN guard, logs.
+"""What every training loop shares: atomic checkpoints, exact resume, RNG state, stop on Ctrl-C, NaN guard, logs,
+and the processes of a distributed run (accelerate).
 
 Checkpoint layout (one folder per step, written atomically)::
 
@@ -306,6 +307,36 @@ def check_same_fingerprint(state: dict[str, Any], fingerprint: str, images: int,
     raise EgakuError(f"cannot resume from {checkpoint}: the training data changed since it was written ({count}; "
                      "images, their order, captions or labels differ). Put the data back as it was, or start a new "
                      "run in another --out folder")
+
+
+def make_accelerator(device: str, mixed_precision: str = "no"):
+    """The run's ``accelerate.Accelerator``: one process, or one of those ``accelerate launch`` / ``torchrun``
+    started (then accelerate picks each process's device). ``device`` is the trainer's --device option."""
+    from accelerate import Accelerator
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # a second run in the same process (Python API, tests) may use another precision
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # accelerate only sets up multi-process CPU training (gloo) when told cpu=True
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available()
+                                 and not torch.backends.mps.is_available())
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu)
+
+
+def agree_on_step(accelerator, stop_requested: bool, *values: float) -> tuple[list[float], bool]:
+    """The step's ``values`` (losses) averaged over the processes, and whether any process was asked to stop: one
+    gather per step, so that every process logs the same losses and stops (or fails on NaN) at the same step."""
+    stats = accelerator.gather(torch.tensor([[*values, float(stop_requested)]], device=accelerator.device))
+    return stats[:, :-1].mean(0).tolist(), bool(stats[:, -1].any())
+
+
+def check_replicas_agree(accelerator, params, what: str) -> None:
+    """Every process must hold the same weights at the end, or a saved file is one process's private version."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum()[None]
+    sums = accelerator.gather(checksum)
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-6, atol=1e-9):
+        raise RuntimeError(f"{what} differ between processes after training: {sums.tolist()}")
 
 
 def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints,
