@@ -676,9 +676,8 @@ def _train(opts: TrainLdmOptions) -> Path:
                 check_finite(mean_loss, step, ckpts)
                 bar.update(1)
                 if main and (step % 25 == 0 or step == opts.vae_steps):
-                    bar.set_postfix(stage="vae", loss=f"{float(mean_recon):.5f}")
-                    log.log(step, stage=1, loss=float(mean_loss), recon=float(mean_recon), kl=float(mean_kl),
-                            lr=sched.get_last_lr()[0])
+                    bar.set_postfix(stage="vae", loss=f"{mean_recon:.5f}")
+                    log.log(step, stage=1, loss=mean_loss, recon=mean_recon, kl=mean_kl, lr=sched.get_last_lr()[0])
                 if step % opts.checkpoint_every == 0 or step == opts.vae_steps or interrupted:
                     if main:
                         ckpts.save(step, {"vae": vae.state_dict()},
