@@ -565,23 +565,33 @@ def test_caption_weights_draw_matching_images_more_often_and_bad_ones_are_refuse
 
 def test_two_process_run_under_torchrun_on_cpu(tiny_run, tmp_path, torchrun):
     """Under a real 2-process launch (gloo on CPU) each process draws its own batches and DDP averages their
-    gradients; the run checks at the end that the replicas agree, only the main process writes, and a resume must
-    use as many processes."""
+    gradients; the run checks at the end that the replicas agree, only the main process writes, a run resumed on
+    2 processes ends where an uninterrupted one does, and a resume must use as many processes."""
     from diffusers import StableDiffusionPipeline
 
+    # a constant schedule, so that a run of 3 diffusion steps can be resumed to 6
+    common = ("train-ldm", "--config", str(ROOT / "configs" / "ldm-tiny.toml"), "--threads", "1", "--no-progress",
+              "--lr-schedule", "constant")
     out = tmp_path / "ddp"
-    _, stderr = torchrun("train-ldm", "--config", str(ROOT / "configs" / "ldm-tiny.toml"), "--out", str(out),
-                         "--threads", "1", "--no-progress")
+    _, stderr = torchrun(*common, "--out", str(out))
     assert stderr.count(f"wrote {out / 'model'}") == 1 and stderr.count("VAE: held-out PSNR") == 1
     one, two = ((run / "losses.csv").read_text().splitlines() for run in (tiny_run, out))
     assert [row.split(",")[0] for row in two] == [row.split(",")[0] for row in one]
-    # the same seed, config and step: with the same batch on both processes (or one process training alone) the
-    # VAE stage's last loss would be the one-process run's
+    # the same seed, config and step (the VAE stage's schedule is the same): with the same batch on both processes
+    # (or one process training alone) the VAE stage's last loss would be the one-process run's
     assert float(two[1].split(",")[3]) != pytest.approx(float(one[1].split(",")[3]), rel=1e-4)
     assert torch.load(out / "checkpoints" / "step-000010" / "state.pt", weights_only=True)["world"] == 2
     pipe = StableDiffusionPipeline.from_pretrained(out / "model")
     image = pipe("a large red circle in the center on a white background", num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert np.isfinite(image).all()
+
+    split = tmp_path / "split"
+    torchrun(*common, "--out", str(split), "--steps", "3")
+    torchrun(*common, "--out", str(split), "--steps", "6", "--resume", "latest")
+    whole, resumed = _unet_weights(out / "model"), _unet_weights(split / "model")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+
     with pytest.raises(EgakuError, match=r"written by a run on 2 process\(es\), this one has 1"):
-        ldm.train_ldm(tiny_opts(out, resume="latest"))
+        ldm.train_ldm(tiny_opts(out, resume="latest", lr_schedule="constant"))
