@@ -339,7 +339,7 @@ def check_replicas_agree(accelerator, params, what: str) -> None:
         raise RuntimeError(f"{what} differ between processes after training: {sums.tolist()}")
 
 
-def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints,
+def check_finite(loss: torch.Tensor | float, step: int, checkpoints: Checkpoints,
                  hint: str = "lower the learning rate") -> None:
     """Stop on NaN/inf loss, pointing at the last good checkpoint."""
     if not math.isfinite(float(loss)):
