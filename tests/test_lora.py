@@ -854,6 +854,31 @@ def test_bad_option_values_are_errors():
             build(TrainLoraOptions, {"data": "x", field: value})
 
 
+def test_8bit_adamw_is_bitsandbytes_on_cuda_only_and_plain_adamw_without_it(monkeypatch):
+    """--adam-8bit (the default) takes bitsandbytes' AdamW8bit on a CUDA device when the package is there; on the
+    CPU, or without the package, the run trains with torch's AdamW (the run's first lines name the class)."""
+    import sys
+    import types
+
+    from egaku.training.lora import make_optimizer
+
+    class AdamW8bit(torch.optim.AdamW):
+        pass
+
+    params = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
+    opts = build(TrainLoraOptions, {"weight_decay": 0.02})
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    cuda = torch.device("cuda")
+    optimizer = make_optimizer(opts, params, cuda)
+    assert type(optimizer) is AdamW8bit and optimizer.defaults["weight_decay"] == 0.02
+    assert type(make_optimizer(opts, params, torch.device("cpu"))) is torch.optim.AdamW
+    assert type(make_optimizer(build(TrainLoraOptions, {"adam_8bit": False}), params, cuda)) is torch.optim.AdamW
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed: import fails
+    assert type(make_optimizer(opts, params, cuda)) is torch.optim.AdamW
+
+
 def test_loraplus_trains_the_up_matrices_at_the_given_multiple_of_the_rate(tmp_path, data_dir, tiny_model_dir):
     out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "plus", max_steps=1, learning_rate=1e-3,
                              loraplus_lr_ratio=16, train_text_encoder=True, text_encoder_lr=2e-4,

@@ -1068,7 +1068,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     trained_count = sum(p.numel() for p in lora_params if p is not token_table) + len(token_ids) * token_table.shape[1]
     tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""
     say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} steps on {world} "
-        f"process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation")
+        f"process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation, "
+        f"optimizer {type(optimizer).__name__}")
     fullest = max(len(batch) for batch in order.batches(0))
     if fullest < opts.batch_size:  # a batch never mixes buckets, so a small folder caps it
         say(f"egaku: warning: batches hold at most {fullest} images, not --batch-size {opts.batch_size}: a batch "
