@@ -117,6 +117,7 @@ def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": 2, "conv_alpha": 1.0}
     assert meta["ss_output_name"] == "starlora"
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"
     # what kohya's training-info readers (A1111, civitai) show of the run
     from egaku.inference.metadata import lora_short_hash
 
@@ -538,7 +539,10 @@ def test_prodigy_and_adafactor_train_resume_exactly_and_are_recorded(tmp_path, d
     train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
     assert_same_lora(whole, split)
     with safe_open(str(whole / "whole.safetensors"), framework="pt") as fh:
-        assert fh.metadata()["ss_optimizer"] == optimizer
+        # as kohya records it: the optimizer's class path and its arguments
+        assert fh.metadata()["ss_optimizer"] == {"prodigy": "prodigyopt.prodigy.Prodigy(weight_decay=0.01)",
+                                                 "adafactor": "transformers.optimization.Adafactor(weight_decay=0.01)"
+                                                 }[optimizer]
     if optimizer == "prodigy":
         with pytest.raises(EgakuError, match="give about 1.0, not 0.0001"):
             options(data_dir, tiny_model_dir, tmp_path / "x", optimizer="prodigy", learning_rate=1e-4)

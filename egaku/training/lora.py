@@ -990,6 +990,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         "ss_dataset_dirs": dataset_dirs([(opts.data, scan.items)], opts.repeats),
         **({"ss_reg_dataset_dirs": dataset_dirs([(opts.prior_data, prior_items)])} if prior_items else {}),
         "ss_training_started_at": time.time(), "ss_session_id": int.from_bytes(os.urandom(4), "little"),
+        # as kohya writes it: the class that trained (AdamW8bit when bitsandbytes served --adam-8bit) and its args
+        "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}(weight_decay={opts.weight_decay:g})",
     }
     if text_trains:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
@@ -1225,10 +1227,10 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_network_train_unet_only=str(not opts.train_text_encoder),
                 ss_tag_frequency=tags or {}, ss_sd_model_name=opts.model,
                 ss_caption_dropout_rate=opts.caption_dropout, ss_shuffle_caption=opts.shuffle_caption,
-                ss_keep_tokens=opts.keep_tokens, ss_clip_skip=opts.clip_skip, ss_optimizer=opts.optimizer,
+                ss_keep_tokens=opts.keep_tokens, ss_clip_skip=opts.clip_skip,
                 ss_caption_tag_dropout_rate=opts.caption_tag_dropout, ss_batch_size_per_device=opts.batch_size,
                 ss_gradient_accumulation_steps=opts.gradient_accumulation, ss_training_finished_at=time.time(),
-                **(run or {}),
+                **{"ss_optimizer": opts.optimizer, **(run or {})},
                 **{"modelspec.title": name, "modelspec.resolution": f"{opts.resolution}x{opts.resolution}",
                    "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")})
             # A1111's and civitai's hash of the file, which kohya writes in: the sha256 of its tensor bytes
