@@ -47,9 +47,10 @@ from ..models.loading import resolve_device, write_model_defaults, write_pipelin
 from ..progress import progress_bar
 from ..training.runtime import (LOG_WITH, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, agree_on_step,
                                 capture_rng, check_finite, check_log_with, check_replicas_agree,
-                                check_same_fingerprint, check_timestep_sampling, data_fingerprint, draw_timesteps,
-                                half_precision_attention, load_checkpoint, make_accelerator, min_snr_weights,
-                                restore_rng, saved_config, stop_after_signal, trainer_config)
+                                check_same_fingerprint, check_same_world, check_timestep_sampling,
+                                data_fingerprint, draw_timesteps, half_precision_attention, load_checkpoint,
+                                make_accelerator, min_snr_weights, restore_rng, saved_config, stop_after_signal,
+                                trainer_config)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -619,10 +620,8 @@ def _train(opts: TrainLdmOptions) -> Path:
         if not opts.export_only:
             check_same_fingerprint(state, fingerprint, len(data.images), path)
         step = int(state["step"])
-        if int(state.get("world", 1)) != world and not opts.export_only:
-            raise EgakuError(f"cannot resume from {path}: it was written by a run on {int(state.get('world', 1))} "
-                             f"process(es), this one has {world}; each process draws its own batches. Resume with "
-                             f"{int(state.get('world', 1))} process(es)")
+        if not opts.export_only:
+            check_same_world(state, world, path, "each process draws its own batches")
         if extendable and not opts.export_only:
             _check_schedule_change(saved_config(path, defaults), opts, step, path)
         if opts.export_only and step <= opts.vae_steps:

@@ -54,7 +54,7 @@ from ..models.text import check_clip_skip, encode_prompts
 from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
                       StopOnSignal, agree_on_step, atomic_save_file, capture_rng, check_finite, check_log_with,
-                      check_loss_type, check_replicas_agree, check_timestep_sampling, draw_timesteps,
+                      check_loss_type, check_replicas_agree, check_same_world, check_timestep_sampling, draw_timesteps,
                       elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
                       make_accelerator, min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal,
                       trainer_config)
@@ -1016,10 +1016,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             tokens.load(weights["token_embeddings"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if int(state["world"]) != world:
-            raise EgakuError(f"cannot resume from {resume_from}: it was written by a run on {int(state['world'])} "
-                             f"process(es), this one has {world}; the data position depends on it. Resume with "
-                             f"{int(state['world'])} process(es)")
+        check_same_world(state, world, resume_from, "the data position depends on it")
         restore_rng(state["rng"])
         step, micro = int(state["step"]), int(state["micro"])
         say(f"resumed from {resume_from} at step {step}")

@@ -331,6 +331,15 @@ def agree_on_step(accelerator, stop_requested: bool, *values: float) -> tuple[li
     return stats[:, :-1].mean(0).tolist(), bool(stats[:, -1].any())
 
 
+def check_same_world(state: dict[str, Any], world: int, checkpoint: Path, why: str) -> None:
+    """A checkpoint resumes only on as many processes as wrote it (``why``: what depends on the count); checkpoints
+    that predate the count were written by one process."""
+    saved = int(state.get("world", 1))
+    if saved != world:
+        raise EgakuError(f"cannot resume from {checkpoint}: it was written by a run on {saved} process(es), this one "
+                         f"has {world}; {why}. Resume with {saved} process(es)")
+
+
 def check_replicas_agree(accelerator, params, what: str) -> None:
     """Every process must hold the same weights at the end, or a saved file is one process's private version."""
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum()[None]
