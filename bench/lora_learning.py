@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--renders-per-image", type=int, default=1,
                         help="render each training image's attributes this many times, with new jitter and rotation "
                              "(what geometric augmentation of a photo gives: more images, no new combinations)")
+    parser.add_argument("--mirrored", action="store_true",
+                        help="add each training image mirrored left to right, its caption's left and right swapped")
     parser.add_argument("--masks", action="store_true",
                         help="write each star image's shape mask (the renderer's) and train with them as loss masks "
                              "(--mask-dir); --set unmasked_weight=W keeps some loss on the background")
@@ -92,6 +94,10 @@ def main() -> None:
     parser.add_argument("--average-last", type=int, default=0,
                         help="also judge the mean of the last K checkpoints' LoRAs (each at weight 1/K) and token "
                              "embeddings, a stand-in for an EMA of the LoRA weights (needs --eval-every)")
+    parser.add_argument("--soup", type=int, default=0, metavar="N",
+                        help="also train with seeds 1..N-1 and judge the N LoRAs applied together at weight 1/N, their "
+                             "trained words averaged (a model soup: the seeds' own errors average out); the training "
+                             "time reported is all N runs'")
     parser.add_argument("--guidance-sweep", nargs="+", type=float, default=[], metavar="G",
                         help="also judge the base model and the finished LoRA at these guidance scales")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -156,6 +162,10 @@ def main() -> None:
         again = shapes.sample_attributes(len(specs) * (args.renders_per_image - 1), seed=12, split=args.data_split)
         specs = specs + [dataclasses.replace(specs[i % len(specs)], dx=a.dx, dy=a.dy, angle=a.angle)
                          for i, a in enumerate(again)]
+    if args.mirrored:
+        swap = {"left": "right", "right": "left"}
+        specs = specs + [dataclasses.replace(s, position=" ".join(swap.get(w, w) for w in s.position.split()),
+                                             dx=-s.dx, angle=-s.angle) for s in specs]
     shapes.write_caption_folder(specs, data, size, "star" if args.data_split == "novel" else "old",
                                 mask_folder=work / "masks" if args.masks else None)
     old_prompts = prompt_set("seen", args.eval_prompts)
@@ -210,7 +220,7 @@ def main() -> None:
     def checkpoint_lora(ckpt: Path) -> tuple[Path, dict]:
         """A train-lora checkpoint as a LoRA file apply_loras reads, and its trained words' embeddings."""
         lora = load_file(ckpt / "unet_lora.safetensors")  # alpha = rank (the default): no metadata needed
-        path = work / f"{ckpt.name}.safetensors"
+        path = work / f"{ckpt.parents[1].name}-{ckpt.name}.safetensors"  # runs of several seeds share step names
         save_file({f"unet.{k}": v for k, v in lora.items()}, path)
         return path, (load_file(ckpt / "token_embeddings.safetensors") if args.train_tokens else {})
 
@@ -227,6 +237,20 @@ def main() -> None:
         averaged = {"checkpoints": [c.name for c in checkpoints[-args.average_last:]],
                     **judged([(path, 1.0 / len(chosen)) for path, _ in chosen], mean_words)}
         print("averaged", json.dumps(averaged), flush=True)
+    soup = None
+    if args.soup > 1:
+        runs = [out]
+        for seed in range(1, args.soup):
+            train_start = time.perf_counter()
+            runs.append(train_lora(config.build(
+                TrainLoraOptions, {**options, "resolution": size, "out": str(work / f"lora-seed{seed}"), "seed": seed},
+                extra)))
+            train_minutes += (time.perf_counter() - train_start) / 60
+        chosen = [checkpoint_lora(sorted((run / "checkpoints").glob("step-*"))[-1]) for run in runs]
+        vectors = [embeddings for _, embeddings in chosen if embeddings]
+        mean_words = {w: torch.stack([v[w] for v in vectors]).mean(0) for w in vectors[0]} if vectors else {}
+        soup = {"seeds": list(range(args.soup)), **judged([(path, 1.0 / len(chosen)) for path, _ in chosen], mean_words)}
+        print("soup", json.dumps(soup), flush=True)
     for weight in args.lora_scales:
         point(out / "pytorch_lora_weights.safetensors", args.train_steps, weight)
     shutil.rmtree(work, ignore_errors=True)
@@ -244,6 +268,7 @@ def main() -> None:
         "curve": curve,
         "guidance_sweep": sweep,
         "averaged_checkpoints": averaged,
+        "soup": soup,
         "details": {"before": before, "after": after},
         "total_minutes": (time.perf_counter() - started) / 60,
     }

@@ -1464,5 +1464,6 @@ def test_a_batch_size_larger_than_the_fullest_bucket_is_reported_with_the_size_b
     out = capsys.readouterr().out
     fullest = int(re.search(r"batches hold at most (\d+) images, not --batch-size 64", out).group(1))
     assert 1 <= fullest < 64
+    assert "optimizer AdamW\n" in out  # the class that trains, not accelerate's wrapper around it
     train_lora(options(data_dir, tiny_model_dir, tmp_path / "run2", batch_size=1, max_steps=1))
     assert "batches hold at most" not in capsys.readouterr().out

@@ -993,6 +993,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         # as kohya writes it: the class that trained (AdamW8bit when bitsandbytes served --adam-8bit) and its args
         "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}(weight_decay={opts.weight_decay:g})",
     }
+    optimizer_name = type(optimizer).__name__  # accelerate.prepare wraps it in its AcceleratedOptimizer
     if text_trains:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
         prepared = [unet, text_encoder]
@@ -1068,7 +1069,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""
     say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} steps on {world} "
         f"process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation, "
-        f"optimizer {type(optimizer).__name__}")
+        f"optimizer {optimizer_name}")
     fullest = max(len(batch) for batch in order.batches(0))
     if fullest < opts.batch_size:  # a batch never mixes buckets, so a small folder caps it
         say(f"egaku: warning: batches hold at most {fullest} images, not --batch-size {opts.batch_size}: a batch "
