@@ -98,6 +98,9 @@ def main() -> None:
                         help="also train with seeds 1..N-1 and judge the N LoRAs applied together at weight 1/N, their "
                              "trained words averaged (a model soup: the seeds' own errors average out); the training "
                              "time reported is all N runs'")
+    parser.add_argument("--star-weights", nargs="+", type=float, default=[], metavar="W",
+                        help="also judge the finished LoRA on the star prompts with the word written (star:W), "
+                             "A1111's emphasis (the old prompts, which hold no star, are unchanged by it)")
     parser.add_argument("--guidance-sweep", nargs="+", type=float, default=[], metavar="G",
                         help="also judge the base model and the finished LoRA at these guidance scales")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -183,6 +186,14 @@ def main() -> None:
     started = time.perf_counter()
     before = measure()
     print("before", json.dumps(before), flush=True)
+
+    def emphasised_star(weight: float) -> dict:
+        star = measure_concept(pipe, shape="star", n=args.eval_prompts, judge=judge, shape_weight=weight, **sampling)
+        return {"star_accuracy": star["per_attribute"]["shape"], "star_all_attributes": star["all_attributes"],
+                "star_per_attribute": star["per_attribute"], "star_shape_by_size": star["shape_by_size"],
+                "star_read_as": star["shape_read_as"]}
+
+    base_emphasised = {weight: emphasised_star(weight) for weight in args.star_weights}  # the word alone, no LoRA
     train_start = time.perf_counter()
     out = train_lora(config.build(TrainLoraOptions, {**options, "resolution": size}, extra))
     train_minutes = (time.perf_counter() - train_start) / 60
@@ -201,6 +212,11 @@ def main() -> None:
                       "old_prompt_adherence_after": lora_side["old"]["all_attributes"],
                       "star_shape_by_size_after": lora_side["star"]["shape_by_size"]})
         print("guidance", json.dumps(sweep[-1]), flush=True)
+    emphasised = []  # the finished LoRA on the star prompts written with (star:W)
+    for weight in args.star_weights:
+        emphasised.append({"star_weight": weight, "star_accuracy_before": base_emphasised[weight]["star_accuracy"],
+                           "before": base_emphasised[weight], **emphasised_star(weight)})
+        print("emphasis", json.dumps(emphasised[-1]), flush=True)
     remove_loras(pipe)
     curve = []  # (step, LoRA weight) -> star accuracy and old-prompt adherence
 
@@ -267,6 +283,7 @@ def main() -> None:
         "targets": {"star_accuracy_after": ">= 0.8", "train_minutes": "<= 10", "adherence_drop_points": "<= 5"},
         "curve": curve,
         "guidance_sweep": sweep,
+        "star_weights": emphasised,
         "averaged_checkpoints": averaged,
         "soup": soup,
         "details": {"before": before, "after": after},

@@ -109,6 +109,35 @@ def test_a_perfect_generator_scores_full_marks(monkeypatch):
     assert result["all_attributes"] == 1.0 and result["n"] == 12
 
 
+def test_concept_prompts_can_emphasise_the_shape_word():
+    specs, plain = adherence.concept_prompts("star", 6)
+    same_specs, weighted = adherence.concept_prompts("star", 6, shape_weight=1.3)
+    assert specs == same_specs  # the same attribute sets, only the word written otherwise
+    assert weighted == [p.replace("star", "(star:1.3)") for p in plain]
+    assert all(p.count("(star:1.3)") == 1 for p in weighted)
+
+
+def test_evaluation_prompts_are_read_with_a1111_emphasis_and_past_77_tokens(tiny_model_dir):
+    from egaku.models.loading import load_pipeline
+
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype="float32")
+
+    def pixels(prompts):
+        return [np.asarray(im, dtype=np.float64) for im in adherence.generate_images(pipe, prompts, steps=2, batch_size=2)]
+
+    plain = pixels(["a red circle", "a blue square"])
+    weight_one = pixels(["a red circle", "a blue (square:1)"])  # emphasis syntax at weight 1: the same text
+    emphasised = pixels(["a red circle", "a blue (square:3)"])
+    assert np.array_equal(weight_one[1], plain[1])  # the embeddings path draws what the pipeline's own does
+    assert np.array_equal(emphasised[0], plain[0])  # the weight is the second prompt's alone
+    assert np.abs(emphasised[1] - plain[1]).mean() > 0.5  # (the tiny model's images follow its text weakly)
+    long_prompt = "a blue square " + ", ".join(["on a plain background"] * 20)
+    assert len(pipe.tokenizer(long_prompt).input_ids) > pipe.tokenizer.model_max_length
+    mixed = pixels(["a red circle", long_prompt])  # one chunk beside two: drawn one by one, same seeds
+    assert np.abs(mixed[0] - plain[0]).max() <= 2
+    assert np.abs(mixed[1] - plain[1]).mean() > 0.5
+
+
 def test_eval_adherence_command_writes_its_report(tiny_model_dir, small_judge, tmp_path, capsys):
     _, _, judge_path = small_judge
     out = tmp_path / "adherence.json"

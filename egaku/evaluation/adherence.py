@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid
 from ..errors import EgakuError
 from ..inference.samplers import DEFAULT_SAMPLER, SAMPLERS, sampling_runner
+from ..models.text import encode_prompt_pair, needs_chunked_encoding
 from .judges import ShapesJudge, label_arrays, load_judge
 from .metrics import frechet_distance
 
@@ -69,19 +71,29 @@ def prompt_set(split: str, n: int) -> list[shapes.ShapeSpec]:
 def generate_images(pipe, prompts: list[str], steps: int = 20, guidance_scale: float = 7.5,
                     sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 8,
                     size: int | None = None) -> list[Image.Image]:
-    """One image per prompt, image i seeded ``seed + i``, with a fresh scheduler of ``sampler``."""
+    """One image per prompt, image i seeded ``seed + i``, with a fresh scheduler of ``sampler``. Prompts are read
+    as ``egaku generate`` reads them: A1111's emphasis, e.g. ``"a small red (star:1.3)"``, and more than 77 tokens."""
     from diffusers import StableDiffusionPipeline
 
     runner = sampling_runner(pipe, StableDiffusionPipeline, sampler)
-    device = pipe.unet.device
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         gens = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
         kwargs = {"height": size, "width": size} if size else {}
-        out = runner(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, **kwargs)
-        images.extend(out.images)
-    del device
+        texts = [{"prompt": chunk}]
+        if any(needs_chunked_encoding(pipe.tokenizer, p) for p in chunk):
+            pairs = [encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, p, "") for p in chunk]
+            if len({positive.shape for positive, _ in pairs}) == 1:
+                texts = [{"prompt_embeds": torch.cat([positive for positive, _ in pairs]),
+                          "negative_prompt_embeds": torch.cat([negative for _, negative in pairs])}]
+            else:  # prompts of different chunk counts cannot share a batch
+                texts = [{"prompt_embeds": positive, "negative_prompt_embeds": negative} for positive, negative in pairs]
+        for k, text in enumerate(texts):
+            batch_gens = gens if len(texts) == 1 else gens[k:k + 1]
+            out = runner(**text, num_inference_steps=steps, guidance_scale=guidance_scale, generator=batch_gens,
+                         **kwargs)
+            images.extend(out.images)
     return images
 
 
@@ -142,19 +154,29 @@ def measure_prompts(pipe, specs: list[shapes.ShapeSpec], judge: ShapesJudge | No
     return {**score(preds, specs), "images": images, "features": feats}
 
 
-def measure_concept(pipe, shape: str = "star", n: int = 40, judge: ShapesJudge | None = None,
-                    prompt_template: str = "{caption}", **kwargs) -> dict:
-    """Adherence on ``n`` fixed prompts of one shape (e.g. the star a LoRA was trained on).
-
-    ``prompt_template`` may wrap the caption, e.g. ``"sks, {caption}"``. Returns per-attribute and
-    all-attributes accuracy (no images), so before/after a LoRA can be compared on the same prompts.
-    """
+def concept_prompts(shape: str, n: int, prompt_template: str = "{caption}", shape_weight: float = 1.0
+                    ) -> tuple[list[shapes.ShapeSpec], list[str]]:
+    """The ``n`` fixed prompts of one shape and their attribute sets. ``shape_weight`` other than 1 writes the shape's
+    word with A1111's emphasis, ``(star:1.3)``: the weight a user gives a concept a LoRA taught weakly."""
     if shape not in shapes.SHAPES:
         raise EgakuError(f"unknown shape {shape!r}; choose from {', '.join(shapes.SHAPES)}")
     rng = np.random.default_rng(PROMPT_SEED + 97)
     pool = shapes.all_specs((shape,))
     specs = [pool[int(i)] for i in rng.integers(0, len(pool), size=n)]
-    prompts = [prompt_template.format(caption=s.caption) for s in specs]
+    captions = [s.caption if shape_weight == 1 else re.sub(rf"\b{shape}\b", f"({shape}:{shape_weight:g})", s.caption)
+                for s in specs]
+    return specs, [prompt_template.format(caption=c) for c in captions]
+
+
+def measure_concept(pipe, shape: str = "star", n: int = 40, judge: ShapesJudge | None = None,
+                    prompt_template: str = "{caption}", shape_weight: float = 1.0, **kwargs) -> dict:
+    """Adherence on ``n`` fixed prompts of one shape (e.g. the star a LoRA was trained on).
+
+    ``prompt_template`` may wrap the caption, e.g. ``"sks, {caption}"``; ``shape_weight`` emphasises the shape's
+    word (see ``concept_prompts``). Returns per-attribute and all-attributes accuracy (no images), so before/after
+    a LoRA can be compared on the same prompts.
+    """
+    specs, prompts = concept_prompts(shape, n, prompt_template, shape_weight)
     result = measure_prompts(pipe, specs, judge=judge, prompts=prompts, **kwargs)
     return {k: v for k, v in result.items() if k not in ("images", "features")}
 
