@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--star-weights", nargs="+", type=float, default=[], metavar="W",
                         help="also judge the finished LoRA on the star prompts with the word written (star:W), "
                              "A1111's emphasis (the old prompts, which hold no star, are unchanged by it)")
+    parser.add_argument("--token-scales", nargs="+", type=float, default=[], metavar="S",
+                        help="also judge the finished LoRA on the star prompts with its trained words' input "
+                             "embeddings multiplied by S (a file-side stand-in for the prompt weight)")
     parser.add_argument("--guidance-sweep", nargs="+", type=float, default=[], metavar="G",
                         help="also judge the base model and the finished LoRA at these guidance scales")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -217,6 +220,14 @@ def main() -> None:
         emphasised.append({"star_weight": weight, "star_accuracy_before": base_emphasised[weight]["star_accuracy"],
                            "before": base_emphasised[weight], **emphasised_star(weight)})
         print("emphasis", json.dumps(emphasised[-1]), flush=True)
+    scaled_tokens = []  # the finished LoRA with its words' embeddings scaled, plain star prompts
+    if args.token_scales:
+        trained = load_file(sorted((out / "checkpoints").glob("step-*"))[-1] / "token_embeddings.safetensors")
+        for scale in args.token_scales:
+            apply_token_embeddings(pipe, {w: v * scale for w, v in trained.items()}, source="token scale")
+            scaled_tokens.append({"token_scale": scale, **emphasised_star(1.0)})
+            print("token scale", json.dumps(scaled_tokens[-1]), flush=True)
+        apply_token_embeddings(pipe, trained, source="trained tokens")
     remove_loras(pipe)
     curve = []  # (step, LoRA weight) -> star accuracy and old-prompt adherence
 
@@ -284,6 +295,7 @@ def main() -> None:
         "curve": curve,
         "guidance_sweep": sweep,
         "star_weights": emphasised,
+        "token_scales": scaled_tokens,
         "averaged_checkpoints": averaged,
         "soup": soup,
         "details": {"before": before, "after": after},

@@ -140,7 +140,8 @@ class TrainLoraOptions:
                             "have this run's --rank and adapt only layers this run trains; its trained words' "
                             "embeddings start their --train-tokens rows")
     token_init: list[str] = option([], help="one word per --train-tokens word whose embedding it starts from (textual "
-                                            "inversion's initializer token, e.g. a related shape); default: its own")
+                                            "inversion's initializer token, e.g. a related shape; a word of several "
+                                            "tokens gives the mean of theirs); default: its own")
     # optimisation
     learning_rate: float = option(1e-4, help="AdamW learning rate (1e-4 is the diffusers LoRA default)")
     text_encoder_lr: float = option(0.0, help="learning rate for text-encoder LoRA (0 = same as --learning-rate)")
@@ -647,19 +648,28 @@ def add_adapters(unet, text_encoder, opts: TrainLoraOptions) -> None:
                                 text_encoder)
 
 
+def init_word_ids(tokenizer, word: str) -> list[int]:
+    """The token ids of a ``--token-init`` word (one or several); an empty word is an error."""
+    pieces = tokenizer(word, add_special_tokens=False).input_ids if word.strip() else []
+    if not pieces:
+        raise EgakuError(f"--token-init: {word!r} holds no token; give a word related to the trained one")
+    return pieces
+
+
 class TrainedTokens:
     """The ``--train-tokens`` rows of the text encoder's embedding table (pivotal tuning). The whole table takes
     gradients; after each step every other row is put back (diffusers' textual-inversion recipe), so that weight
     decay or momentum cannot move the other words."""
 
-    def __init__(self, table: torch.nn.Parameter, words: list[str], ids: list[int], init_ids: list[int]):
+    def __init__(self, table: torch.nn.Parameter, words: list[str], ids: list[int], init_ids: list[list[int]]):
         self.table, self.words, self.ids = table, list(words), ids
         table.requires_grad_(True)
-        if init_ids:
-            # A word the base model has never trained sits at a random point of the embedding space; started from
-            # a related word it begins on the manifold the UNet knows (resume then loads the trained rows).
-            with torch.no_grad():
-                table[ids] = table[init_ids].clone()
+        # A word the base model has never trained sits at a random point of the embedding space; started from
+        # a related word it begins on the manifold the UNet knows (resume then loads the trained rows). A related
+        # word the tokenizer splits gives the mean of its pieces, which one vector can hold of it.
+        with torch.no_grad():
+            for token, pieces in zip(ids, init_ids):
+                table[token] = table[pieces].mean(0)
         self.frozen_rows = self.original = None
 
     def hold_the_others(self) -> None:
@@ -926,8 +936,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     token_table = text_encoder.get_input_embeddings().weight
     tokens = None
     if token_ids:
-        init_ids = (single_token_ids(tokenizer, opts.token_init, what="--token-init", unique=False)
-                    if opts.token_init else [])
+        init_ids = [init_word_ids(tokenizer, word) for word in opts.token_init]
+        for word, trained_word, pieces in zip(opts.token_init, opts.train_tokens, init_ids):
+            if len(pieces) > 1:
+                say(f"--token-init {word!r} is {len(pieces)} tokens for this tokenizer "
+                    f"({' '.join(tokenizer.convert_ids_to_tokens(pieces))}): {trained_word!r} starts from their mean")
         tokens = TrainedTokens(token_table, opts.train_tokens, token_ids, init_ids)
     trained = [unet] + ([text_encoder] if text_trains else [])
     cast_training_params(trained, dtype=torch.float32)
