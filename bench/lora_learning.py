@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--star-weights", nargs="+", type=float, default=[], metavar="W",
                         help="also judge the finished LoRA on the star prompts with the word written (star:W), "
                              "A1111's emphasis (the old prompts, which hold no star, are unchanged by it)")
+    parser.add_argument("--star-caption-weight", type=float, default=1.0, metavar="W",
+                        help="write the star images' captions with (star:W) and train with --weighted-captions")
     parser.add_argument("--token-scales", nargs="+", type=float, default=[], metavar="S",
                         help="also judge the finished LoRA on the star prompts with its trained words' input "
                              "embeddings multiplied by S (a file-side stand-in for the prompt weight)")
@@ -174,6 +176,10 @@ def main() -> None:
                                              dx=-s.dx, angle=-s.angle) for s in specs]
     shapes.write_caption_folder(specs, data, size, "star" if args.data_split == "novel" else "old",
                                 mask_folder=work / "masks" if args.masks else None)
+    if args.star_caption_weight != 1:
+        metadata = data / "metadata.jsonl"
+        metadata.write_text(metadata.read_text().replace(" star ", f" (star:{args.star_caption_weight:g}) "))
+        options["weighted_captions"] = True
     old_prompts = prompt_set("seen", args.eval_prompts)
     sampling = {"steps": args.sample_steps, "guidance_scale": args.guidance}
 

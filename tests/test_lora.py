@@ -1363,6 +1363,22 @@ def test_token_init_starts_a_trained_word_from_another_words_embedding(tmp_path,
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["star"], token_init=[" "]))
 
 
+def test_weighted_captions_read_a1111_emphasis_in_captions(tmp_path, data_dir, tiny_model_dir):
+    """--weighted-captions (kohya's weighted_captions): "(word:1.8)" in a caption is a weight, as in a prompt."""
+    def lora(name: str, **overrides) -> dict:
+        out = train_lora(options(data_dir, tiny_model_dir, tmp_path / name, max_steps=2, **overrides))
+        return load_file(out / "pytorch_lora_weights.safetensors")
+
+    plain = lora("plain")
+    flag_only = lora("flag-only", weighted_captions=True)  # no brackets in the captions: the same training
+    assert all(torch.equal(plain[k], flag_only[k]) for k in plain)
+    weighted = dict(caption_template="a photo of ({class}:1.8)")
+    as_words = lora("as-words", **weighted)  # without the flag the brackets and the number are words
+    read = lora("read", weighted_captions=True, **weighted)
+    assert any(not torch.allclose(read[k], as_words[k]) for k in read)
+    assert any(not torch.allclose(read[k], plain[k]) for k in read)
+
+
 def test_a_token_init_word_of_several_tokens_starts_from_their_mean(tmp_path, data_dir, tiny_model_dir, capsys):
     pipe = tiny_pipe(tiny_model_dir)
     table = pipe.text_encoder.get_input_embeddings().weight

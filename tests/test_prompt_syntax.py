@@ -9,8 +9,8 @@ from PIL import Image
 
 import egaku
 from egaku.cli import main
-from egaku.models.text import (BREAK, encode_prompt_pair, encode_prompts, parse_emphasis, prompt_chunks,
-                               prompt_editing_note)
+from egaku.models.text import (BREAK, encode_prompt_pair, encode_prompts, encode_weighted_prompts, parse_emphasis,
+                               prompt_chunks, prompt_editing_note)
 
 LONG = ", ".join(f"a red circle number {k}" for k in range(20))  # about 130 tokens
 
@@ -90,6 +90,17 @@ def test_a_weight_scales_its_tokens_away_from_the_empty_prompt(pipe):
     assert torch.allclose(weighted[0, red], empty[0, red] + 1.5 * (plain[0, red] - empty[0, red]), atol=1e-6)
     others = [k for k in range(77) if k != red]
     assert torch.equal(weighted[0, others], plain[0, others]) and not torch.allclose(weighted[0, red], plain[0, red])
+
+
+def test_weighted_captions_encode_as_generation_reads_the_prompt_in_one_chunk(pipe):
+    texts = ["a (red:1.5) circle", "a blue [square]", "a green star"]
+    batch = encode_weighted_prompts(pipe.tokenizer, pipe.text_encoder, texts)
+    for k, text in enumerate(texts):
+        alone, _ = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, text, "")
+        assert torch.allclose(batch[k], alone[0], atol=1e-6)
+    assert torch.equal(batch[2], encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a green star"])[0])
+    # a caption past one chunk is cut there, as encode_prompts cuts it
+    assert encode_weighted_prompts(pipe.tokenizer, pipe.text_encoder, [LONG]).shape == (1, 77, batch.shape[-1])
 
 
 def test_prompt_and_negative_get_the_same_number_of_chunks(pipe):

@@ -179,6 +179,28 @@ def needs_chunked_encoding(tokenizer, text: str, emphasis: bool = True) -> bool:
     return len(prompt_chunks(tokenizer, text, emphasis=False)) > 1
 
 
+def weighted_states(tokenizer, text_encoder, z: torch.Tensor, weights: torch.Tensor, clip_skip: int = 1,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """``z`` (chunks, tokens, width) with each token's weight applied: moved away from the empty prompt's embedding
+    at the same position by its weight (see above)."""
+    weights = weights.to(z)[..., None]
+    if not (weights != 1).any():
+        return z
+    empty = prompt_chunks(tokenizer, "", emphasis=False)[0]
+    empty_z = encode_tokens(text_encoder, torch.tensor([empty[0]], device=device or text_encoder.device), clip_skip)
+    return torch.where(weights != 1, empty_z + (z - empty_z) * weights, z)
+
+
+def encode_weighted_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int = 1,
+                            device: torch.device | None = None) -> torch.Tensor:
+    """``encode_prompts`` with A1111's emphasis read in each prompt, as generation reads it (kohya's weighted
+    captions, for training): each prompt is its first chunk of 75 tokens, as ``encode_prompts`` cuts it."""
+    chunks = [prompt_chunks(tokenizer, text)[0] for text in prompts]
+    z = encode_tokens(text_encoder, torch.tensor([c[0] for c in chunks], device=device or text_encoder.device),
+                      clip_skip)
+    return weighted_states(tokenizer, text_encoder, z, torch.tensor([c[1] for c in chunks]), clip_skip, device)
+
+
 def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: str, clip_skip: int = 1,
                        emphasis: bool = True, device: torch.device | None = None,
                        keep_together: dict[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,14 +212,9 @@ def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: st
     empty = prompt_chunks(tokenizer, "", emphasis=False)[0]
     chunked = [c + [empty] * (count - len(c)) for c in chunked]
     device = device or text_encoder.device
-    empty_z = None
     out = []
     for chunks in chunked:
         z = encode_tokens(text_encoder, torch.tensor([c[0] for c in chunks], device=device), clip_skip)
-        weights = torch.tensor([c[1] for c in chunks], dtype=z.dtype, device=z.device)[..., None]
-        if (weights != 1).any():
-            if empty_z is None:
-                empty_z = encode_tokens(text_encoder, torch.tensor([empty[0]], device=device), clip_skip)
-            z = torch.where(weights != 1, empty_z + (z - empty_z) * weights, z)
+        z = weighted_states(tokenizer, text_encoder, z, torch.tensor([c[1] for c in chunks]), clip_skip, device)
         out.append(z.reshape(1, -1, z.shape[-1]))
     return out[0], out[1]

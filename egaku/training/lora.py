@@ -50,7 +50,7 @@ from ..data.masks import find_mask_files, latent_masks, masked_mean
 from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
-from ..models.text import check_clip_skip, encode_prompts
+from ..models.text import check_clip_skip, encode_prompts, encode_weighted_prompts
 from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
                       StopOnSignal, agree_on_step, atomic_save_file, capture_rng, check_finite, check_log_with,
@@ -102,6 +102,9 @@ class TrainLoraOptions:
     caption_dropout: float = option(0.0, help="share of images trained on the empty caption (kohya's "
                                     "caption_dropout_rate): keeps the unconditional prediction that "
                                     "classifier-free guidance subtracts in step with the adapter")
+    weighted_captions: bool = option(False, help="read A1111's emphasis in captions, \"a (sks:1.2) dog\", as generate "
+                                     "reads it in prompts (kohya's weighted_captions); a caption is cut at its first "
+                                     "75 tokens. Off: brackets are words")
     # tag captions ("sks dog, sitting, grass"): varied each step, so the concept is not tied to one tag order
     shuffle_caption: bool = option(False, help="shuffle each caption's comma-separated tags every step, after the "
                                    "first --keep-tokens (kohya's shuffle_caption); the text encoder then runs "
@@ -725,10 +728,13 @@ class TrainingInputs:
         return torch.cat([dist.mean, dist.std], dim=1)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
+        if self.opts.weighted_captions:
+            return encode_weighted_prompts(self.tokenizer, self.text_encoder, texts, self.opts.clip_skip, self.device)
         return encode_prompts(self.tokenizer, self.text_encoder, texts, self.opts.clip_skip, self.device)
 
-    def text_key(self, text: str) -> str:  # another layer's embeddings are other entries of a disk cache
-        return f"text|{text}" if self.opts.clip_skip == 1 else f"text@{self.opts.clip_skip}|{text}"
+    def text_key(self, text: str) -> str:  # another layer's or reading's embeddings are other entries of a disk cache
+        reading = ("@" + str(self.opts.clip_skip)) * (self.opts.clip_skip != 1) + "~weighted" * self.opts.weighted_captions
+        return f"text{reading}|{text}"
 
     @torch.no_grad()
     def fill(self, texts: set[str], autocast, progress: bool) -> None:
