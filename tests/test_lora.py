@@ -595,6 +595,19 @@ def test_two_process_run_under_torchrun_on_cpu(tmp_path, data_dir, tiny_model_di
     assert len((out / "loss.csv").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
+def test_two_processes_train_the_text_encoder_on_weighted_captions(tmp_path, data_dir, tiny_model_dir, torchrun):
+    """Weighted captions encode the empty prompt beside each caption: a second forward of a distributed text
+    encoder in one step, which the replicas must still agree on."""
+    out = tmp_path / "ddp-weighted"
+    stdout, _ = torchrun("train-lora", "--data", str(data_dir), "--model", str(tiny_model_dir), "--out", str(out),
+                         "--resolution", str(RESOLUTION), "--max-steps", "2", "--batch-size", "1", "--min-images",
+                         "2", "--no-progress", "--format", "diffusers", "--train-text-encoder", "--train-tokens",
+                         "star", "--weighted-captions", "--caption-template", "a photo of ({class}:1.5)")
+    assert "on 2 process(es)" in stdout and "'a photo of (red star:1.5)'" in stdout
+    assert any(k.startswith("text_encoder.") for k in load_file(out / "pytorch_lora_weights.safetensors"))
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 def test_half_precision_with_gradient_checkpointing_trains_on_the_cpu(tmp_path, data_dir, tiny_model_dir):

@@ -733,8 +733,9 @@ class TrainingInputs:
         return encode_prompts(self.tokenizer, self.text_encoder, texts, self.opts.clip_skip, self.device)
 
     def text_key(self, text: str) -> str:  # another layer's or reading's embeddings are other entries of a disk cache
-        reading = ("@" + str(self.opts.clip_skip)) * (self.opts.clip_skip != 1) + "~weighted" * self.opts.weighted_captions
-        return f"text{reading}|{text}"
+        layer = "" if self.opts.clip_skip == 1 else f"@{self.opts.clip_skip}"
+        reading = "~weighted" if self.opts.weighted_captions else ""
+        return f"text{layer}{reading}|{text}"
 
     @torch.no_grad()
     def fill(self, texts: set[str], autocast, progress: bool) -> None:
