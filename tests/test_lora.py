@@ -1392,6 +1392,32 @@ def test_weighted_captions_read_a1111_emphasis_in_captions(tmp_path, data_dir, t
     assert any(not torch.allclose(read[k], plain[k]) for k in read)
 
 
+def test_max_token_length_reads_captions_past_75_tokens(tmp_path, data_dir, tiny_model_dir, capsys):
+    """--max-token-length (kohya's max_token_length): a long caption's end is read, in chunks as generate reads it."""
+    tokenizer = tiny_pipe(tiny_model_dir).tokenizer
+    filler = "a photo"
+    while len(tokenizer(filler, add_special_tokens=False).input_ids) <= 80:
+        filler += " of a photo"
+    assert len(tokenizer(filler + " red star", add_special_tokens=False).input_ids) < 140
+
+    def lora(name: str, template: str, **overrides) -> dict:
+        out = train_lora(options(data_dir, tiny_model_dir, tmp_path / name, max_steps=2, caption_template=template,
+                                 format="both", **overrides))
+        return load_file(out / "pytorch_lora_weights.safetensors")
+
+    once, twice = filler + " {class}", filler + " {class} {class}"  # the same first 75 tokens
+    cut_once, cut_twice = lora("cut-once", once), lora("cut-twice", twice)
+    out = capsys.readouterr().out
+    assert "6 caption(s) run past 75 tokens and are cut there" in out and "--max-token-length 150 or 225" in out
+    assert all(torch.equal(cut_once[k], cut_twice[k]) for k in cut_once)  # what differs was never read
+    read_once = lora("read-once", once, max_token_length=150)
+    read_twice = lora("read-twice", twice, max_token_length=150)
+    assert "run past" not in capsys.readouterr().out
+    assert any(not torch.allclose(read_once[k], read_twice[k]) for k in read_once)
+    with safe_open(str(tmp_path / "read-once" / "read-once.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["ss_max_token_length"] == "150"  # as kohya records it
+
+
 def test_a_token_init_word_of_several_tokens_starts_from_their_mean(tmp_path, data_dir, tiny_model_dir, capsys):
     pipe = tiny_pipe(tiny_model_dir)
     table = pipe.text_encoder.get_input_embeddings().weight

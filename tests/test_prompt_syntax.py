@@ -9,8 +9,8 @@ from PIL import Image
 
 import egaku
 from egaku.cli import main
-from egaku.models.text import (BREAK, encode_prompt_pair, encode_prompts, encode_weighted_prompts, parse_emphasis,
-                               prompt_chunks, prompt_editing_note)
+from egaku.models.text import (BREAK, encode_captions, encode_prompt_pair, encode_prompts, parse_emphasis, prompt_chunks,
+                               prompt_editing_note)
 
 LONG = ", ".join(f"a red circle number {k}" for k in range(20))  # about 130 tokens
 
@@ -92,15 +92,32 @@ def test_a_weight_scales_its_tokens_away_from_the_empty_prompt(pipe):
     assert torch.equal(weighted[0, others], plain[0, others]) and not torch.allclose(weighted[0, red], plain[0, red])
 
 
-def test_weighted_captions_encode_as_generation_reads_the_prompt_in_one_chunk(pipe):
+def test_training_reads_captions_as_generation_reads_prompts(pipe):
     texts = ["a (red:1.5) circle", "a blue [square]", "a green star"]
-    batch = encode_weighted_prompts(pipe.tokenizer, pipe.text_encoder, texts)
+    batch = encode_captions(pipe.tokenizer, pipe.text_encoder, texts)
     for k, text in enumerate(texts):
         alone, _ = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, text, "")
         assert torch.allclose(batch[k], alone[0], atol=1e-6)
     assert torch.equal(batch[2], encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a green star"])[0])
     # a caption past one chunk is cut there, as encode_prompts cuts it
-    assert encode_weighted_prompts(pipe.tokenizer, pipe.text_encoder, [LONG]).shape == (1, 77, batch.shape[-1])
+    assert encode_captions(pipe.tokenizer, pipe.text_encoder, [LONG]).shape == (1, 77, batch.shape[-1])
+    # more chunks (kohya's max_token_length): the long caption whole, as generate reads it; the short one padded
+    # with the empty prompt's chunks, so that the batch shares one length
+    long_states, _ = encode_prompt_pair(pipe.tokenizer, pipe.text_encoder, LONG, "")
+    n = long_states.shape[1] // 77
+    assert n >= 2
+    read = encode_captions(pipe.tokenizer, pipe.text_encoder, [LONG, "a (red:1.5) circle"], chunks=n + 1)
+    empty = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])[0]
+    assert read.shape == (2, 77 * (n + 1), batch.shape[-1])
+    assert torch.allclose(read[0, :77 * n], long_states[0], atol=1e-6) and torch.allclose(read[0, 77 * n:], empty, atol=1e-6)
+    assert torch.allclose(read[1, :77], batch[0], atol=1e-6)
+    assert all(torch.allclose(read[1, 77 * k:77 * (k + 1)], empty, atol=1e-6) for k in range(1, n + 1))
+    # fewer chunks than the caption holds: its first ones
+    assert torch.allclose(encode_captions(pipe.tokenizer, pipe.text_encoder, [LONG], chunks=2)[0],
+                          long_states[0, :154], atol=1e-6)
+    # without emphasis the brackets are words
+    plain = encode_captions(pipe.tokenizer, pipe.text_encoder, ["a (red:1.5) circle"], emphasis=False)
+    assert torch.equal(plain, encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a (red:1.5) circle"]))
 
 
 def test_prompt_and_negative_get_the_same_number_of_chunks(pipe):

@@ -191,14 +191,18 @@ def weighted_states(tokenizer, text_encoder, z: torch.Tensor, weights: torch.Ten
     return torch.where(weights != 1, empty_z + (z - empty_z) * weights, z)
 
 
-def encode_weighted_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int = 1,
-                            device: torch.device | None = None) -> torch.Tensor:
-    """``encode_prompts`` with A1111's emphasis read in each prompt, as generation reads it (kohya's weighted
-    captions, for training): each prompt is its first chunk of 75 tokens, as ``encode_prompts`` cuts it."""
-    chunks = [prompt_chunks(tokenizer, text)[0] for text in prompts]
-    z = encode_tokens(text_encoder, torch.tensor([c[0] for c in chunks], device=device or text_encoder.device),
+def encode_captions(tokenizer, text_encoder, captions: list[str], chunks: int = 1, emphasis: bool = True,
+                    clip_skip: int = 1, device: torch.device | None = None) -> torch.Tensor:
+    """(batch, 77 * chunks, width): training's reading of captions, as generation reads a prompt (kohya's
+    max_token_length and weighted captions). Each caption is its first ``chunks`` chunks of 75 tokens laid side by
+    side, padded with the empty prompt's chunks so that a batch shares one length (kohya pads to
+    max_token_length too); ``emphasis`` reads A1111's weights. One chunk without weights is ``encode_prompts``."""
+    empty = prompt_chunks(tokenizer, "", emphasis=False)[0]
+    flat = [c for text in captions for c in (prompt_chunks(tokenizer, text, emphasis) + [empty] * chunks)[:chunks]]
+    z = encode_tokens(text_encoder, torch.tensor([c[0] for c in flat], device=device or text_encoder.device),
                       clip_skip)
-    return weighted_states(tokenizer, text_encoder, z, torch.tensor([c[1] for c in chunks]), clip_skip, device)
+    z = weighted_states(tokenizer, text_encoder, z, torch.tensor([c[1] for c in flat]), clip_skip, device)
+    return z.reshape(len(captions), chunks * z.shape[1], z.shape[-1])
 
 
 def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: str, clip_skip: int = 1,

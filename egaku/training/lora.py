@@ -50,7 +50,7 @@ from ..data.masks import find_mask_files, latent_masks, masked_mean
 from ..errors import EgakuError
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
                             peft_to_kohya, save_embedding, single_token_ids)
-from ..models.text import check_clip_skip, encode_prompts, encode_weighted_prompts
+from ..models.text import check_clip_skip, encode_captions, encode_prompts, prompt_chunks
 from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
                       StopOnSignal, agree_on_step, atomic_save_file, capture_rng, check_finite, check_log_with,
@@ -103,8 +103,11 @@ class TrainLoraOptions:
                                     "caption_dropout_rate): keeps the unconditional prediction that "
                                     "classifier-free guidance subtracts in step with the adapter")
     weighted_captions: bool = option(False, help="read A1111's emphasis in captions, \"a (sks:1.2) dog\", as generate "
-                                     "reads it in prompts (kohya's weighted_captions); a caption is cut at its first "
-                                     "75 tokens. Off: brackets are words")
+                                     "reads it in prompts (kohya's weighted_captions). Off: brackets are words")
+    max_token_length: int = option(75, help="caption tokens the text encoder reads (kohya's max_token_length): 150 "
+                                   "or 225 read a longer caption in chunks of 75 laid side by side, as generate "
+                                   "reads a long prompt; the data report counts the captions cut",
+                                   choices=[75, 150, 225])
     # tag captions ("sks dog, sitting, grass"): varied each step, so the concept is not tied to one tag order
     shuffle_caption: bool = option(False, help="shuffle each caption's comma-separated tags every step, after the "
                                    "first --keep-tokens (kohya's shuffle_caption); the text encoder then runs "
@@ -651,6 +654,17 @@ def add_adapters(unet, text_encoder, opts: TrainLoraOptions) -> None:
                                 text_encoder)
 
 
+def report_long_captions(tokenizer, items: list, opts: TrainLoraOptions, report) -> None:
+    """Name the captions that run past --max-token-length: the text encoder does not read their ends."""
+    chunks = opts.max_token_length // 75
+    cut = [item for item in items if len(prompt_chunks(tokenizer, item.caption, opts.weighted_captions)) > chunks]
+    if cut:
+        first = cut[0]
+        more = "" if opts.max_token_length == 225 else " (--max-token-length 150 or 225 reads more, as kohya's does)"
+        report(f"{len(cut)} caption(s) run past {opts.max_token_length} tokens and are cut there, e.g. {first.path}: "
+               f"{len(tokenizer(first.caption, add_special_tokens=False).input_ids)} tokens{more}")
+
+
 def init_word_ids(tokenizer, word: str) -> list[int]:
     """The token ids of a ``--token-init`` word (one or several); an empty word is an error."""
     pieces = tokenizer(word, add_special_tokens=False).input_ids if word.strip() else []
@@ -728,13 +742,15 @@ class TrainingInputs:
         return torch.cat([dist.mean, dist.std], dim=1)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        if self.opts.weighted_captions:
-            return encode_weighted_prompts(self.tokenizer, self.text_encoder, texts, self.opts.clip_skip, self.device)
+        if self.opts.weighted_captions or self.opts.max_token_length > 75:
+            return encode_captions(self.tokenizer, self.text_encoder, texts, self.opts.max_token_length // 75,
+                                   self.opts.weighted_captions, self.opts.clip_skip, self.device)
         return encode_prompts(self.tokenizer, self.text_encoder, texts, self.opts.clip_skip, self.device)
 
     def text_key(self, text: str) -> str:  # another layer's or reading's embeddings are other entries of a disk cache
         layer = "" if self.opts.clip_skip == 1 else f"@{self.opts.clip_skip}"
-        reading = "~weighted" if self.opts.weighted_captions else ""
+        reading = ("~weighted" if self.opts.weighted_captions else "") + (
+            f"~{self.opts.max_token_length}" if self.opts.max_token_length > 75 else "")
         return f"text{layer}{reading}|{text}"
 
     @torch.no_grad()
@@ -921,6 +937,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     # per-image loss weight: regularization images count --prior-loss-weight times a training image
     item_weight = torch.tensor([1.0] * len(scan.items) + [opts.prior_loss_weight] * len(prior_items))
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    report_long_captions(tokenizer, items, opts, report)
     token_ids = single_token_ids(tokenizer, opts.train_tokens)
     text_trains = opts.train_text_encoder or bool(token_ids)
     text_runs = text_trains or opts.varies_captions  # the text encoder runs every step (else its outputs are cached)
@@ -1246,6 +1263,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_tag_frequency=tags or {}, ss_sd_model_name=opts.model,
                 ss_caption_dropout_rate=opts.caption_dropout, ss_shuffle_caption=opts.shuffle_caption,
                 ss_keep_tokens=opts.keep_tokens, ss_clip_skip=opts.clip_skip,
+                ss_max_token_length=opts.max_token_length if opts.max_token_length > 75 else None,
                 ss_caption_tag_dropout_rate=opts.caption_tag_dropout, ss_batch_size_per_device=opts.batch_size,
                 ss_gradient_accumulation_steps=opts.gradient_accumulation, ss_training_finished_at=time.time(),
                 **{"ss_optimizer": opts.optimizer, **(run or {})},
