@@ -399,6 +399,34 @@ def test_v_prediction_min_snr_noise_offset_and_checkpointing_run(tmp_path, data_
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_debiased_estimation_weights_each_sample_by_its_snr_and_is_recorded(tmp_path, data_dir, tiny_model_dir):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from egaku.training.runtime import debiased_weights, min_snr_weights
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 500, 999])
+    snr = compute_snr(scheduler, t)
+    assert snr[0] > 1000  # kohya's cap applies at the first step
+    eps, v = debiased_weights(scheduler, t, "epsilon"), debiased_weights(scheduler, t, "v_prediction")
+    torch.testing.assert_close(eps, torch.stack([torch.tensor(1000 ** -0.5), snr[1] ** -0.5, snr[2] ** -0.5]))
+    torch.testing.assert_close(v, torch.stack([torch.tensor(1 / 1001), 1 / (snr[1] + 1), 1 / (snr[2] + 1)]))
+    zero_terminal = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  rescale_betas_zero_snr=True)
+    assert torch.isfinite(debiased_weights(zero_terminal, t, "epsilon")).all()
+    # the batch loss: each sample's error times its weight, on top of min-SNR-gamma's
+    pred, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    opts = options(data_dir, tiny_model_dir, tmp_path / "x", min_snr_gamma=5.0, debiased_estimation=True)
+    got = lora_training.weighted_loss(pred, target, t, torch.ones(3), None, opts, scheduler)
+    expected = (per_sample * min_snr_weights(scheduler, t, 5.0, "epsilon") * eps).mean()
+    torch.testing.assert_close(got, expected)
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", max_steps=1, debiased_estimation=True))
+    with safe_open(str(out / "run.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["ss_debiased_estimation"] == "True"  # as kohya records it
+
+
 def test_huber_loss_trains_is_recorded_and_with_a_far_threshold_trains_as_l2(tmp_path, data_dir, tiny_model_dir):
     common = dict(learning_rate=5e-2, min_snr_gamma=5.0)
     l2 = train_lora(options(data_dir, tiny_model_dir, tmp_path / "l2", **common))

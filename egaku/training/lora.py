@@ -54,8 +54,8 @@ from ..models.text import check_clip_skip, encode_captions, encode_prompts, prom
 from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
                       StopOnSignal, agree_on_step, atomic_save_file, capture_rng, check_finite, check_log_with,
-                      check_loss_type, check_replicas_agree, check_same_world, check_timestep_sampling, draw_timesteps,
-                      elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
+                      check_loss_type, check_replicas_agree, check_same_world, check_timestep_sampling, debiased_weights,
+                      draw_timesteps, elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
                       make_accelerator, min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal,
                       trainer_config)
 
@@ -172,6 +172,9 @@ class TrainLoraOptions:
                                   choices=["no", "fp16", "bf16"])
     # objective
     min_snr_gamma: float = option(0.0, help="min-SNR-gamma loss weighting (5.0 is the paper's value; 0 = off)")
+    debiased_estimation: bool = option(False, help="weight each sample's loss by 1/sqrt(SNR) (1/(SNR+1) for "
+                                       "v-prediction): debiased estimation, kohya's debiased_estimation_loss; with "
+                                       "--min-snr-gamma both weights apply, as in kohya's trainer")
     noise_offset: float = option(0.0, help="noise offset (0.05-0.1 helps very dark/bright images; 0 = off)")
     input_perturbation: float = option(0.0, help="input perturbation gamma (Ning et al. 2023; diffusers' "
                                        "--input_perturbation, kohya's --ip_noise_gamma): the noisy input gets extra "
@@ -836,7 +839,7 @@ def batch_captions(texts: list[str], opts: TrainLoraOptions) -> list[str]:
 def weighted_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, sample_weights: torch.Tensor,
                   pixel_weights: torch.Tensor | None, opts: TrainLoraOptions, noise_scheduler) -> torch.Tensor:
     """The batch's loss: ``--loss-type`` per element, averaged per sample over its loss mask (if any), times each
-    sample's weight (regularization images, min-SNR-gamma)."""
+    sample's weight (regularization images, min-SNR-gamma, debiased estimation)."""
     thresholds = (None if opts.loss_type in ("l2", "l1") else
                   huber_thresholds(noise_scheduler, timesteps, opts.huber_c, opts.huber_schedule))
     error = elementwise_loss(pred, target, opts.loss_type, thresholds)
@@ -844,6 +847,9 @@ def weighted_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Ten
     if opts.min_snr_gamma:
         sample_weights = sample_weights * min_snr_weights(noise_scheduler, timesteps, opts.min_snr_gamma,
                                                           noise_scheduler.config.prediction_type)
+    if opts.debiased_estimation:
+        sample_weights = sample_weights * debiased_weights(noise_scheduler, timesteps,
+                                                           noise_scheduler.config.prediction_type)
     return (per_sample * sample_weights).mean()
 
 
@@ -1254,6 +1260,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_steps=step or total_steps or opts.max_steps,
                 ss_lr_scheduler=opts.lr_scheduler, ss_seed=opts.seed, ss_mixed_precision=opts.mixed_precision,
                 ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset, ss_loss_type=opts.loss_type,
+                ss_debiased_estimation=opts.debiased_estimation,
                 ss_ip_noise_gamma=opts.input_perturbation or None,
                 **({"ss_huber_c": opts.huber_c, "ss_huber_schedule": opts.huber_schedule}
                    if opts.loss_type in ("huber", "smooth_l1") else {}),

@@ -525,6 +525,16 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, pred
     return torch.clamp(snr, max=gamma) / divisor.clamp_min(1e-8)
 
 
+def debiased_weights(noise_scheduler, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of debiased estimation (Yu et al. 2024, "Unmasking Bias in Diffusion Model Training";
+    kohya's --debiased_estimation_loss): 1 / sqrt(SNR) for epsilon, 1 / (SNR + 1) for v-prediction, SNR capped at
+    1000 as kohya caps it (near timestep 0 it is huge). A zero-terminal-SNR schedule's last timestep has SNR 0: there
+    epsilon's weight is taken at SNR 1e-3 (about 32), not infinity."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).clamp(max=1000)
+    return 1 / (snr + 1) if prediction_type == "v_prediction" else snr.clamp_min(1e-3).rsqrt()
+
 
 LOSS_TYPES = ("l2", "huber", "smooth_l1", "l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
