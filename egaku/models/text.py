@@ -179,15 +179,10 @@ def needs_chunked_encoding(tokenizer, text: str, emphasis: bool = True) -> bool:
     return len(prompt_chunks(tokenizer, text, emphasis=False)) > 1
 
 
-def weighted_states(tokenizer, text_encoder, z: torch.Tensor, weights: torch.Tensor, clip_skip: int = 1,
-                    device: torch.device | None = None) -> torch.Tensor:
-    """``z`` (chunks, tokens, width) with each token's weight applied: moved away from the empty prompt's embedding
-    at the same position by its weight (see above)."""
+def apply_weights(z: torch.Tensor, weights: torch.Tensor, empty_z: torch.Tensor) -> torch.Tensor:
+    """``z`` (chunks, tokens, width) with each token's weight applied: moved away from ``empty_z``, the empty prompt's
+    states at the same position, by its weight (see above); tokens at weight 1 are kept exactly."""
     weights = weights.to(z)[..., None]
-    if not (weights != 1).any():
-        return z
-    empty = prompt_chunks(tokenizer, "", emphasis=False)[0]
-    empty_z = encode_tokens(text_encoder, torch.tensor([empty[0]], device=device or text_encoder.device), clip_skip)
     return torch.where(weights != 1, empty_z + (z - empty_z) * weights, z)
 
 
@@ -197,11 +192,13 @@ def encode_captions(tokenizer, text_encoder, captions: list[str], chunks: int = 
     max_token_length and weighted captions). Each caption is its first ``chunks`` chunks of 75 tokens laid side by
     side, padded with the empty prompt's chunks so that a batch shares one length (kohya pads to
     max_token_length too); ``emphasis`` reads A1111's weights. One chunk without weights is ``encode_prompts``."""
+    device = device or text_encoder.device
     empty = prompt_chunks(tokenizer, "", emphasis=False)[0]
     flat = [c for text in captions for c in (prompt_chunks(tokenizer, text, emphasis) + [empty] * chunks)[:chunks]]
-    z = encode_tokens(text_encoder, torch.tensor([c[0] for c in flat], device=device or text_encoder.device),
-                      clip_skip)
-    z = weighted_states(tokenizer, text_encoder, z, torch.tensor([c[1] for c in flat]), clip_skip, device)
+    z = encode_tokens(text_encoder, torch.tensor([c[0] for c in flat], device=device), clip_skip)
+    weights = torch.tensor([c[1] for c in flat])
+    if (weights != 1).any():
+        z = apply_weights(z, weights, encode_tokens(text_encoder, torch.tensor([empty[0]], device=device), clip_skip))
     return z.reshape(len(captions), chunks * z.shape[1], z.shape[-1])
 
 
@@ -216,9 +213,14 @@ def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: st
     empty = prompt_chunks(tokenizer, "", emphasis=False)[0]
     chunked = [c + [empty] * (count - len(c)) for c in chunked]
     device = device or text_encoder.device
+    weights = [torch.tensor([c[1] for c in chunks]) for chunks in chunked]
+    empty_z = None
+    if any((w != 1).any() for w in weights):  # one encoding of the empty prompt serves both texts
+        empty_z = encode_tokens(text_encoder, torch.tensor([empty[0]], device=device), clip_skip)
     out = []
-    for chunks in chunked:
+    for chunks, w in zip(chunked, weights):
         z = encode_tokens(text_encoder, torch.tensor([c[0] for c in chunks], device=device), clip_skip)
-        z = weighted_states(tokenizer, text_encoder, z, torch.tensor([c[1] for c in chunks]), clip_skip, device)
+        if empty_z is not None:
+            z = apply_weights(z, w, empty_z)
         out.append(z.reshape(1, -1, z.shape[-1]))
     return out[0], out[1]
