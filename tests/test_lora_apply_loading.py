@@ -115,3 +115,62 @@ def test_several_adapters_load_without_peft_warning_about_several_adapters(pipe,
     shown = [str(w.message) for w in caught]
     assert not [m for m in shown if "peft_config" in m]
     assert "another warning still shows" in shown
+
+
+def hub_cache(monkeypatch, root, repo_id: str, files: dict) -> None:
+    """A Hugging Face hub cache under ``root`` holding ``files`` (name -> source path) of ``repo_id`` at one
+    commit, laid out as huggingface_hub lays out what it downloaded, which it then reads without a network."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # anything not in the cache must fail here, not go to the network
+
+
+def test_hub_lora_ids_load_from_the_hub_cache(pipe, layer, tmp_path, monkeypatch):
+    from egaku.errors import NotFoundError
+    from egaku.lora.apply import resolve_lora
+
+    local = kohya_lora(tmp_path / "star.safetensors", layer)
+    other = kohya_lora(tmp_path / "other.safetensors", layer, seed=1)
+    hub_cache(monkeypatch, tmp_path / "hub", "someone/star-lora", {"pytorch_lora_weights.safetensors": local})
+    hub_cache(monkeypatch, tmp_path / "hub", "someone/one-file", {"star_v2.safetensors": local, "README.md": local})
+    hub_cache(monkeypatch, tmp_path / "hub", "someone/two-files",
+              {"star.safetensors": local, "other.safetensors": other, "old/star.safetensors": other})
+    monkeypatch.chdir(tmp_path)  # hub ids are read as such only where no local path has that name
+
+    found = resolve_lora("someone/star-lora", None)
+    assert found.name == "pytorch_lora_weights.safetensors" and found.read_bytes() == local.read_bytes()
+    assert resolve_lora("someone/one-file", None).name == "star_v2.safetensors"  # the only .safetensors file
+    with pytest.raises(EgakuError, match=r"holds 2 .safetensors files \(other.safetensors, star.safetensors\); "
+                                         r"say which: someone/two-files/other.safetensors"):
+        resolve_lora("someone/two-files", None)
+    assert resolve_lora("someone/two-files/old/star.safetensors", None).read_bytes() == other.read_bytes()
+    with pytest.raises(NotFoundError, match="'someone/absent' is not a local file or folder, nor in the hub cache, "
+                                            "and the hub cannot be reached"):
+        resolve_lora("someone/absent", None)
+    with pytest.raises(NotFoundError, match="nor in the hub cache"):
+        resolve_lora("someone/star-lora/absent.safetensors", None)
+    (tmp_path / "someone").mkdir()  # a local folder of that name wins, as with --model
+    (tmp_path / "someone" / "star-lora.safetensors").write_bytes(other.read_bytes())
+    assert resolve_lora("someone/star-lora.safetensors", None).resolve() == tmp_path / "someone" / "star-lora.safetensors"
+    with pytest.raises(NotFoundError, match="does not exist"):  # a relative path is never a hub id
+        resolve_lora("./someone/star-lora", None)
+
+    # the hub file applies as the local one does
+    images = []
+    for path in (local, resolve_lora("someone/star-lora", None)):
+        try:
+            apply_loras(pipe, [(path, 1.0)])
+            images.append(pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                               output_type="np").images)
+        finally:
+            remove_loras(pipe)
+    assert (images[0] == images[1]).all()

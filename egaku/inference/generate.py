@@ -70,7 +70,8 @@ class GenerateOptions:
                               "image's pixels. The masked part is repainted from noise (strength 1, as the server's "
                               "edits) unless --strength is given")
     strength: float = option(0.6, help="img2img: how much of the init image is re-noised (0..1]")
-    lora: list[str] = option([], help="PATH[:SCALE] of a LoRA to apply; repeatable")
+    lora: list[str] = option([], help="PATH[:SCALE] of a LoRA to apply (a .safetensors file, a train-lora "
+                                "folder or a hub id org/name[/FILE.safetensors]); repeatable")
     lora_dir: str | None = option(None, help="folder where <lora:name:w> prompt tags are looked up")
     embedding_dir: str | None = option(None, help="folder of textual-inversion embeddings (A1111's embeddings/): a "
                                        "prompt word that names a file there (EasyNegative) uses its vectors")

@@ -157,9 +157,67 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
             return found
         raise NotFoundError(f"LoRA folder {path} has no {LORA_WEIGHTS_NAME} (nor {path.resolve().name}.safetensors, "
                             "train-lora's kohya file); give the LoRA file itself", param="lora")
+    if HUB_LORA.fullmatch(text):
+        return hub_lora(text)
     hint = ("" if has_separator or not names_option else
             f"; to use a name from a LoRA folder, also give the folder ({names_option})")
     raise NotFoundError(f"LoRA {text!r} does not exist{hint}", param="lora")
+
+
+# org/name, or org/name/path/in/repo.safetensors: what diffusers' load_lora_weights takes as a repo id and weight_name
+HUB_LORA = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[^:]+\.safetensors)?")
+
+
+def hub_lora(spec: str) -> Path:
+    """The LoRA file of a hub id (``org/name``: its pytorch_lora_weights.safetensors, or the repository's only
+    .safetensors file; ``org/name/file.safetensors``: that file), from the local cache first, so that a LoRA
+    downloaded once loads offline. Only safetensors files are fetched."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from ..models.loading import hub_reachable
+
+    parts = spec.split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:  # the cache
+        if filename:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.safetensors"]))
+    except LocalEntryNotFoundError:
+        pass
+    else:
+        cached = sorted(p.name for p in snapshot.glob("*.safetensors"))
+        if cached:
+            return snapshot / _hub_weight_name(repo_id, cached)
+    if not hub_reachable():
+        raise NotFoundError(f"LoRA {spec!r} is not a local file or folder, nor in the hub cache, and the hub cannot "
+                            "be reached (no network); give the path of a LoRA file, or download it on a connected "
+                            "machine", param="lora") from None
+    from huggingface_hub import HfApi
+
+    try:
+        if not filename:
+            files = [f for f in HfApi().list_repo_files(repo_id) if "/" not in f]
+            filename = _hub_weight_name(repo_id, [f for f in files if f.endswith(".safetensors")])
+        return Path(hf_hub_download(repo_id, filename))
+    except EgakuError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - no such repository or file, no access: the hub's first line says which
+        raise NotFoundError(f"LoRA {spec!r}: not a local path, and the hub says: {str(exc).splitlines()[0]}",
+                            param="lora") from None
+
+
+def _hub_weight_name(repo_id: str, names: list[str]) -> str:
+    """Which of a hub repository's top-level .safetensors files is its LoRA (diffusers' choice of weight_name)."""
+    if LORA_WEIGHTS_NAME in names:
+        return LORA_WEIGHTS_NAME
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise NotFoundError(f"hub repository {repo_id!r} holds no .safetensors file at its top level; give the "
+                            f"file's path in it ({repo_id}/FOLDER/FILE.safetensors)", param="lora")
+    raise EgakuError(f"hub repository {repo_id!r} holds {len(names)} .safetensors files ({', '.join(sorted(names))}); "
+                     f"say which: {repo_id}/{sorted(names)[0]}", param="lora")
 
 
 def _lora_in_folder(text: str, root: Path) -> Path:

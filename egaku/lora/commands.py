@@ -16,7 +16,7 @@ from .apply import apply_loras, parse_lora_arg, remove_loras, resolve_lora
 @dataclass
 class MergeLoraOptions:
     model: str = option("builtin", help="base pipeline: built-in name, diffusers folder, single file or hub id")
-    lora: list[str] = option([], help="LoRA file or folder, optionally PATH:SCALE (repeatable)", repeat=True)
+    lora: list[str] = option([], help="LoRA file, folder or hub id (org/name), optionally PATH:SCALE (repeatable)", repeat=True)
     out: str = option("", help="new diffusers folder for the merged model (must not exist)")
     lora_dir: str = option("", help="folder where bare LoRA names are looked up")
 

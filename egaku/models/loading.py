@@ -170,7 +170,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     from huggingface_hub import constants
@@ -227,7 +227,7 @@ def _from_single_file(path: Path, model_config: str | None, dtype: torch.dtype):
         cfg = Path(model_config)
         _check_pipeline_folder(cfg)
         kwargs.update(config=str(cfg), local_files_only=True)
-    elif not _hub_reachable():
+    elif not hub_reachable():
         raise EgakuError(f"{path.name}: a single-file checkpoint needs the configs of its architecture; "
                          "pass --model-config DIR (a local diffusers folder of the same architecture, e.g. "
                          "one made by `egaku convert` or any SD 1.x/2.x pipeline folder), since the hub "
@@ -320,7 +320,7 @@ def _load_hub(repo_id: str, common: dict):
     try:  # the cache first: works offline for anything downloaded before
         pipe = StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **common)
     except Exception:  # noqa: BLE001 - not cached (or incomplete): fall through to the network
-        if not _hub_reachable():
+        if not hub_reachable():
             raise EgakuError(f"model {repo_id!r} is not a local path and is not in the hub cache, and the hub "
                              "cannot be reached (no network); download it on a connected machine and pass its "
                              "folder with --model DIR", param="model") from None
