@@ -160,7 +160,8 @@ def test_hub_lora_ids_load_from_the_hub_cache(pipe, layer, tmp_path, monkeypatch
         resolve_lora("someone/star-lora/absent.safetensors", None)
     (tmp_path / "someone").mkdir()  # a local folder of that name wins, as with --model
     (tmp_path / "someone" / "star-lora.safetensors").write_bytes(other.read_bytes())
-    assert resolve_lora("someone/star-lora.safetensors", None).resolve() == tmp_path / "someone" / "star-lora.safetensors"
+    local_file = tmp_path / "someone" / "star-lora.safetensors"
+    assert resolve_lora("someone/star-lora.safetensors", None).resolve() == local_file
     with pytest.raises(NotFoundError, match="does not exist"):  # a relative path is never a hub id
         resolve_lora("./someone/star-lora", None)
 

@@ -16,21 +16,16 @@ from .apply import apply_loras, parse_lora_arg, remove_loras, resolve_lora
 @dataclass
 class MergeLoraOptions:
     model: str = option("builtin", help="base pipeline: built-in name, diffusers folder, single file or hub id")
-    lora: list[str] = option([], help="LoRA file, folder or hub id (org/name), optionally PATH:SCALE (repeatable)", repeat=True)
+    lora: list[str] = option([], help="LoRA file, folder or hub id (org/name), optionally PATH:SCALE (repeatable)",
+                             repeat=True)
     out: str = option("", help="new diffusers folder for the merged model (must not exist)")
     lora_dir: str = option("", help="folder where bare LoRA names are looked up")
 
 
 def _load(model: str):
-    try:
-        from ..models.loading import load_pipeline
-    except ImportError:
-        load_pipeline = None
-    if load_pipeline is not None:
-        return load_pipeline(model, device="cpu", dtype="float32")
-    from ..training.lora import _load_base
+    from ..models.loading import load_pipeline
 
-    return _load_base(model)
+    return load_pipeline(model, device="cpu", dtype="float32")
 
 
 def _resolve(arg: str, lora_dir: str) -> Path:
