@@ -950,7 +950,7 @@ def test_loraplus_trains_the_up_matrices_at_the_given_multiple_of_the_rate(tmp_p
 # ---- merge --------------------------------------------------------------------------------------------------
 
 def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained, tiny_model_dir, tmp_path,
-                                                                         assert_plain_mode):
+                                                                         assert_plain_mode, monkeypatch):
     import shutil
 
     from egaku.lora.commands import MergeLoraOptions, merge_lora_command
@@ -970,6 +970,15 @@ def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained
     with pytest.raises(EgakuError, match="already exists"):
         merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(trained)], out=str(merged)))
     assert_plain_mode(merged, *merged.rglob("*.safetensors"))
+
+    # a bare name with --lora-dir is the folder's LoRA, as generate reads it, not a namesake in the working directory
+    (tmp_path / "loras").mkdir()
+    shutil.copytree(trained, tmp_path / "loras" / "star")
+    (tmp_path / "star").mkdir()
+    (tmp_path / "star" / "pytorch_lora_weights.safetensors").write_bytes(b"not this one")
+    monkeypatch.chdir(tmp_path)
+    merge_lora_command(MergeLoraOptions(model=str(base), lora=["star:0.7"], lora_dir="loras", out="merged-by-name"))
+    np.testing.assert_allclose(render(tiny_pipe(tmp_path / "merged-by-name")), render(fused), atol=1e-5)
 
 
 def test_merged_and_converted_copies_sample_on_the_timesteps_of_their_base(trained, tiny_model_dir, tmp_path):

@@ -143,6 +143,22 @@ def test_lora_argument_scale(tmp_path, monkeypatch):
         assert not isinstance(err.value, NotFoundError)
     (tmp_path / "odd:name").mkdir()  # a name with a colon in it is still a name
     assert parse_lora_arg("odd:name") == ("odd:name", 1.0)
+    (tmp_path / "run:2").mkdir()  # even where what follows the colon reads as a scale, when the path is there
+    assert parse_lora_arg("run:2") == ("run:2", 1.0)
+    assert parse_lora_arg("run:2:0.5") == ("run:2", 0.5)
+
+
+def test_a_bare_lora_option_name_is_looked_up_in_the_lora_folder_first(tmp_path, monkeypatch):
+    from egaku.lora.apply import resolve_lora_option
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("star", "loras/star"):  # the working directory holds a LoRA of the same name
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    in_folder = tmp_path / "loras" / "star" / "pytorch_lora_weights.safetensors"
+    assert resolve_lora_option("star", "loras").resolve() == in_folder  # as a <lora:star> tag finds it
+    assert resolve_lora_option("star", None).resolve() == tmp_path / "star" / "pytorch_lora_weights.safetensors"
+    assert resolve_lora_option("./star", "loras").resolve() == tmp_path / "star" / "pytorch_lora_weights.safetensors"
 
 
 def test_a_corrupt_lora_file_is_a_clear_error_not_a_traceback(tmp_path):

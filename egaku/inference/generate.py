@@ -248,17 +248,15 @@ def _apply_requested_loras(pipe, o: GenerateOptions, cleanup: ExitStack) -> tupl
     if "<lora:" not in o.prompt and not o.lora:
         return o.prompt, [], [], []
     from ..lora.apply import (apply_loras, parse_lora_arg, parse_prompt_loras, remove_loras, resolve_lora,
-                              trained_clip_skip)
+                              resolve_lora_option, trained_clip_skip)
 
     text, tag_loras = parse_prompt_loras(o.prompt)
     specs = [(resolve_lora(n, o.lora_dir), w) for n, w in tag_loras]
     origins = ["prompt"] * len(specs)
     for item in o.lora:
         name, scale = parse_lora_arg(item)
-        # a bare name is looked up in --lora-dir; anything else is a path (the server passes paths it
-        # found in its own LoRA folder)
-        bare = o.lora_dir is not None and not any(c in name for c in "/\\~")
-        specs.append((resolve_lora(name, o.lora_dir if bare else None), scale))
+        # the server passes paths it found in its own LoRA folder
+        specs.append((resolve_lora_option(name, o.lora_dir), scale))
         origins.append("option")
     for path, _ in specs:  # A1111 does not warn either; a LoRA read at another layer quietly does less
         trained_at = trained_clip_skip(path)

@@ -61,7 +61,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     """``PATH`` or ``PATH:SCALE`` of ``--lora`` (generate, merge-lora, the server's names): a Windows drive
     letter's colon is not a scale."""
     head, sep, tail = text.rpartition(":")
-    if sep and head and not tail.startswith(("\\", "/")):
+    if sep and head and not tail.startswith(("\\", "/")) and not Path(text).expanduser().exists():
         try:
             return head, float(tail)
         except ValueError:
@@ -218,6 +218,14 @@ def _hub_weight_name(repo_id: str, names: list[str]) -> str:
                             f"file's path in it ({repo_id}/FOLDER/FILE.safetensors)", param="lora")
     raise EgakuError(f"hub repository {repo_id!r} holds {len(names)} .safetensors files ({', '.join(sorted(names))}); "
                      f"say which: {repo_id}/{sorted(names)[0]}", param="lora")
+
+
+def resolve_lora_option(name: str, lora_dir: str | None) -> Path:
+    """``resolve_lora`` of a ``--lora`` value (generate, merge-lora): with a LoRA folder, a bare name (no path
+    separator) is looked up in it as a prompt tag is, even where the working directory holds a file of that
+    name; anything else is a path or a hub id."""
+    bare = bool(lora_dir) and not any(c in name for c in "/\\~")
+    return resolve_lora(name, lora_dir if bare else None)
 
 
 def _lora_in_folder(text: str, root: Path) -> Path:

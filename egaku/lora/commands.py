@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import option, save_config
 from ..errors import EgakuError
-from .apply import apply_loras, parse_lora_arg, remove_loras, resolve_lora
+from .apply import apply_loras, parse_lora_arg, remove_loras, resolve_lora, resolve_lora_option
 
 
 @dataclass
@@ -28,12 +28,6 @@ def _load(model: str):
     return load_pipeline(model, device="cpu", dtype="float32")
 
 
-def _resolve(arg: str, lora_dir: str) -> Path:
-    """On the command line a path is trusted; a bare name that is not a path is looked up in --lora-dir."""
-    is_path = Path(arg).exists() or "/" in arg or "\\" in arg
-    return resolve_lora(arg, None if is_path or not lora_dir else lora_dir)
-
-
 def merge_lora_command(opts: MergeLoraOptions) -> None:
     from ..models.loading import model_defaults, save_pipeline, write_model_defaults
     from ..training.runtime import permissions_by_umask
@@ -45,7 +39,7 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     out = Path(opts.out)
     if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
         raise EgakuError(f"--out {out} already exists; merge into a new folder (the base model is never overwritten)")
-    loras = [(_resolve(path, opts.lora_dir), scale) for path, scale in map(parse_lora_arg, opts.lora)]
+    loras = [(resolve_lora_option(path, opts.lora_dir), scale) for path, scale in map(parse_lora_arg, opts.lora)]
     pipe = _load(opts.model)
     names = apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the per-adapter scales were set by apply_loras
