@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import tomllib
 import types
 import typing
@@ -62,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", "")
+        if is_list and not f.metadata.get("positional"):
+            help_text += "; repeat the flag for several"
         if default not in (None, "", [], dataclasses.MISSING) and tp is not bool:
             help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %: "~30% slower" would break it
@@ -216,11 +219,38 @@ def save_config(obj: Any, path: str | Path) -> Path:
     return path
 
 
+# options that name files or folders: the same one written two ways ('d2', './d2/', '/home/me/d2') is the same
+PATH_OPTIONS = frozenset({"data", "prior_data", "mask_dir", "init_lora", "model", "vae_from"})
+# names these options take that are not paths (the built-in model and data sets)
+RESERVED_NAMES = frozenset({"builtin", "tiny", "shapes", "digits"})
+
+
+def _same_path_form(value: Any) -> Any:
+    if isinstance(value, str) and value and value not in RESERVED_NAMES:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def absolute_paths(opts: T) -> T:
+    """``opts`` with each ``PATH_OPTIONS`` field that names an existing file or folder made absolute, so that the
+    run's saved config finds it again from another working directory (a resume from a batch script)."""
+    changes = {}
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if f.name in PATH_OPTIONS and isinstance(value, str) and value not in RESERVED_NAMES and value \
+                and os.path.exists(os.path.expanduser(value)):
+            changes[f.name] = _same_path_form(value)
+    return dataclasses.replace(opts, **changes) if any(changes[k] != getattr(opts, k) for k in changes) else opts
+
+
 def config_difference(saved: dict[str, Any], current: dict[str, Any], ignore: set[str] = frozenset()) -> list[str]:
-    """Human-readable list of fields whose values differ (used to refuse resuming a changed config)."""
+    """Human-readable list of fields whose values differ (used to refuse resuming a changed config); a path
+    written another way (relative, with a trailing slash) is the same path."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
+            continue
+        if key in PATH_OPTIONS and _same_path_form(saved.get(key)) == _same_path_form(current.get(key)):
             continue
         if saved.get(key) != current.get(key):
             diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}")

@@ -766,6 +766,50 @@ def test_resume_may_change_what_is_watched_and_a_finished_run_says_nothing_was_l
         train_lora(options(data_dir, tiny_model_dir, out, **common))
 
 
+def apply_loras_to_nothing(path):
+    from egaku.lora.apply import apply_loras, resolve_lora
+
+    apply_loras(None, [(resolve_lora(str(path), None), 1.0)])  # refused before the model is touched
+
+
+def test_a_resume_finds_its_folders_written_another_way_and_replaces_the_other_layouts_file(tmp_path, data_dir,
+                                                                                            tiny_model_dir, capsys,
+                                                                                            monkeypatch):
+    import shutil
+
+    from egaku.lora.apply import resolve_lora
+    from egaku.lora.commands import describe_lora
+
+    shutil.copytree(data_dir, tmp_path / "work" / "data")
+    monkeypatch.chdir(tmp_path / "work")
+    common = dict(max_steps=2, checkpoint_every=1, learning_rate=5e-2)
+    out = train_lora(options("data", tiny_model_dir, tmp_path / "run", stop_at=1, format="diffusers", **common))
+    # the run's config names its folders whole, so that a batch script may resume it from anywhere
+    assert json.loads((out / "training_config.json").read_text())["data"] == str(tmp_path / "work" / "data")
+    monkeypatch.chdir(tmp_path)
+    train_lora(options("work/./data/", tiny_model_dir, out, resume="latest", format="diffusers", **common))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+    # a resume that writes the other layout takes the first layout's file away: `--lora OUT` would read it
+    capsys.readouterr()
+    train_lora(options(str(tmp_path / "work" / "data"), tiny_model_dir, out, resume="latest", format="kohya",
+                       **common))
+    assert f"removed {out / 'pytorch_lora_weights.safetensors'}: an earlier run's LoRA" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["run.safetensors"]
+    assert resolve_lora(str(out), None) == out / "run.safetensors"
+    # info reads the file's own header before its folder's config (which a later run may have rewritten)
+    config = json.loads((out / "training_config.json").read_text())
+    (out / "training_config.json").write_text(json.dumps({**config, "learning_rate": 1.0}))
+    assert describe_lora(out / "run.safetensors")["training"]["learning rate"] == "0.05"
+
+    # a checkpoint is training state, not a LoRA file: said so, with where the LoRA files are
+    step = out / "checkpoints" / "step-000002"
+    for path in (step, step / "unet_lora.safetensors"):
+        for read in (describe_lora, apply_loras_to_nothing):  # egaku info; generate --lora
+            with pytest.raises(EgakuError, match="is a train-lora checkpoint .*--save-every N every N steps"):
+                read(path)
+
+
 def test_resume_on_changed_images_or_captions_is_refused_naming_them(tmp_path, data_dir, tiny_model_dir):
     import shutil
 
@@ -897,6 +941,38 @@ def test_bad_option_values_are_errors():
                          ("mixed_precision", "fp8"), ("optimizer", "adam"), ("prior_target", "babe")):
         with pytest.raises(EgakuError, match=f"option '{field}': invalid choice '{value}'"):
             build(TrainLoraOptions, {"data": "x", field: value})
+
+
+def test_target_modules_that_match_no_layer_and_an_out_that_is_a_file_are_clear_errors(tmp_path, data_dir,
+                                                                                        tiny_model_dir):
+    # kohya's and the GUIs' comma-separated habit is read as several names
+    assert build(TrainLoraOptions, {"target_modules": ["to_q, to_k", "to_v"]}).target_modules == ["to_q", "to_k",
+                                                                                                    "to_v"]
+    with pytest.raises(EgakuError, match=r"--target-modules nosuch: no linear or convolution layer of the UNet has a "
+                                         r"name ending so; the layers' names end in: .*to_out\.0, to_q"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", target_modules=["to_q", "nosuch"]))
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    a_file = tmp_path / "img.png"
+    a_file.write_bytes(b"x")
+    for out in (a_file, a_file / "run"):
+        with pytest.raises(EgakuError, match=f"--out {out}: {a_file} is a file, not a folder"):
+            train_lora(options(data_dir, tiny_model_dir, out))
+
+
+def test_kohya_subsets_are_keyed_by_their_folder_inside_the_data(tmp_path):
+    from types import SimpleNamespace
+
+    from egaku.training.lora import dataset_dirs, folder_tags
+
+    def item(path, repeats, caption):
+        return SimpleNamespace(path=tmp_path / path, repeats=repeats, caption=caption)
+
+    items = [item("data/10_dog/sub/a.png", 10, "dog"), item("data/10_dog/sub/b.png", 10, "dog"),
+             item("data/5_cat/sub/c.png", 5, "cat"), item("data/5_cat/d.png", 5, "cat"), item("data/e.png", 1, "x")]
+    assert dataset_dirs([(str(tmp_path / "data"), items)]) == {
+        "10_dog/sub": {"n_repeats": 10, "img_count": 2}, "5_cat/sub": {"n_repeats": 5, "img_count": 1},
+        "5_cat": {"n_repeats": 5, "img_count": 1}, "data": {"n_repeats": 1, "img_count": 1}}
+    assert folder_tags([(str(tmp_path / "data"), items)])["5_cat/sub"] == {"cat": 1}
 
 
 def test_8bit_adamw_is_bitsandbytes_on_cuda_only_and_plain_adamw_without_it(monkeypatch):

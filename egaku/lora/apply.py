@@ -19,7 +19,7 @@ import torch
 from ..errors import EgakuError, NotFoundError
 from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha,
                       check_coverage, is_kohya, kohya_to_peft, model_module_name, peft_pairs, read_embedding,
-                      read_lora_file, refuse_lycoris, single_token_ids)
+                      read_lora_file, refuse_lycoris, refuse_training_checkpoint, single_token_ids)
 
 # text encoder -> {token id: its base embedding}, so that remove_loras can put trained tokens back
 _TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -155,6 +155,7 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
         found = lora_file_in(path)
         if found:
             return found
+        refuse_training_checkpoint(path)
         raise NotFoundError(f"LoRA folder {path} has no {LORA_WEIGHTS_NAME} (nor {path.resolve().name}.safetensors, "
                             "train-lora's kohya file); give the LoRA file itself", param="lora")
     if HUB_LORA.fullmatch(text):

@@ -118,12 +118,14 @@ def describe_lora(path: str | Path) -> dict:
     ranks = sorted({int(layer["down"].shape[0]) for layer in layers.values()})
     alphas_seen = sorted({layer.get("alpha", float(layer["down"].shape[0])) for layer in layers.values()})
     count = {c: sum(1 for layer in layers.values() if layer["component"] == c) for c in ("unet", "text_encoder")}
+    # the file's own header first: its folder's training_config.json may be a later run's (or a resume's)
+    training = {label: metadata[key] for key, label in _KOHYA_SHOWN.items()
+                if metadata.get(key) not in (None, "", "None", "0", "0.0")}
     config = run_config(path)
     # an option at 0 is off (min-SNR) or unset (max_steps when --epochs counts)
-    training = {label: config[key] for key, label in _CONFIG_SHOWN.items() if config.get(key) not in (None, "", 0)}
-    for key, label in _KOHYA_SHOWN.items():
-        if metadata.get(key) not in (None, "", "None", "0", "0.0"):
-            training.setdefault(label, metadata[key])
+    for key, label in _CONFIG_SHOWN.items():
+        if config.get(key) not in (None, "", 0):
+            training.setdefault(label, config[key])
     tags: dict[str, int] = {}
     try:
         for folder in json.loads(metadata.get("ss_tag_frequency") or "{}").values():

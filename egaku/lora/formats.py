@@ -48,9 +48,20 @@ def is_kohya(state_dict: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in state_dict)
 
 
+def refuse_training_checkpoint(path: Path) -> None:
+    """A train-lora checkpoint (a folder with state.pt, or a file in one) holds training state, not a LoRA file
+    other tools read: say where the run's LoRA files are instead."""
+    folder = path if path.is_dir() else path.parent
+    if (folder / "state.pt").is_file():
+        raise EgakuError(f"{path} is a train-lora checkpoint (training state, not a LoRA file); a run writes its "
+                         "LoRA files into its --out folder when it ends, and with --save-every N every N steps "
+                         f"into OUT/steps/; `egaku train-lora ... --resume {folder}` continues this one", param="lora")
+
+
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and the safetensors header metadata of one LoRA file."""
     path = Path(path)
+    refuse_training_checkpoint(path)
     if path.suffix != ".safetensors":
         why = ("a pickle, which can run code when loaded: convert it to .safetensors" if path.suffix.lower() in
                PICKLE_SUFFIXES else f"not a LoRA file ({path.suffix or 'no extension'})")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import option, save_config, to_dict
+from ..config import absolute_paths, option, save_config, to_dict
 from ..data.digits import load_gan_data
 from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
@@ -207,6 +207,7 @@ def _batch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def train_gan_command(opts: TrainGanOptions) -> None:
     # 1. The checkpoint to resume from, then the data (TrainGanOptions checked the options)
+    opts = absolute_paths(opts)  # a resume from another working directory finds the same folder
     out = Path(opts.out)
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
     resume_path = checkpoints.resolve(opts.resume) if opts.resume else None

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..config import option, save_config, to_dict
+from ..config import absolute_paths, option, save_config, to_dict
 from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
@@ -566,7 +566,9 @@ def train_ldm(opts: TrainLdmOptions) -> Path:
 def _train(opts: TrainLdmOptions) -> Path:
     from diffusers.training_utils import EMAModel
 
+    opts = absolute_paths(opts)  # a resume from another working directory finds the same folders
     out = Path(opts.out)
+    ckpts = Checkpoints(out, keep=opts.keep_checkpoints)  # (an --out that is a file is refused here)
     out.mkdir(parents=True, exist_ok=True)
     config = to_dict(opts)
     resolve_device(opts.device)  # --device cuda without a GPU is an error before anything else
@@ -580,7 +582,6 @@ def _train(opts: TrainLdmOptions) -> Path:
     def ddp(model):  # one process trains the model itself; several, a DistributedDataParallel wrapper of it
         return accelerator.prepare(model) if world > 1 else model
 
-    ckpts = Checkpoints(out, keep=opts.keep_checkpoints)
     if not (opts.resume or opts.export_only):
         ckpts.check_fresh_start()
     resume = "latest" if opts.export_only and not opts.resume else opts.resume

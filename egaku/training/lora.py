@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..config import option, save_config, to_dict
+from ..config import absolute_paths, option, save_config, to_dict
 from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
 from ..data.captions import tag_frequency, vary_caption
 from ..data.folder import files_under, scan_image_folder
@@ -131,7 +131,9 @@ class TrainLoraOptions:
     dora: bool = option(False, help="DoRA (Liu et al. 2024): each adapted layer also learns its output channels' "
                         "magnitude apart from their direction; written in the diffusers layout only (the default "
                         "--format becomes diffusers), which diffusers, egaku and merge-lora load")
-    target_modules: list[str] = option(UNET_ATTENTION, help="UNet modules to adapt (default: attention q/k/v/out)")
+    target_modules: list[str] = option(UNET_ATTENTION, help="UNet modules to adapt, by the end of their names "
+                                       "(peft's target_modules; default: attention q/k/v/out); a comma-separated "
+                                       "list is read as several")
     lora_conv: bool = option(False, help="also adapt the UNet ResNet convolutions (conv1/conv2/conv_shortcut)")
     conv_rank: int = option(0, help="rank of the --lora-conv layers (kohya's conv_dim; 0 = --rank)")
     conv_alpha: float = option(0.0, help="alpha of the --lora-conv layers (kohya's conv_alpha; 0 keeps the scale "
@@ -309,6 +311,8 @@ class TrainLoraOptions:
         if self.token_init and len(self.token_init) != len(self.train_tokens):
             raise EgakuError(f"--token-init gives {len(self.token_init)} word(s) for {len(self.train_tokens)} "
                              "--train-tokens word(s): give one initializer word per trained word, in the same order")
+        # kohya's and many GUIs' habit: one comma-separated value
+        self.target_modules = [name.strip() for item in self.target_modules for name in item.split(",") if name.strip()]
         if not self.target_modules:
             raise EgakuError("--target-modules is empty; the default adapts UNet attention "
                              "(to_q, to_k, to_v, to_out.0)")
@@ -378,14 +382,14 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
 
 def folder_subsets(folders: list[tuple[str, list]]) -> dict[str, list]:
     """The items of each image folder by the folder's name, as kohya keys its subsets: a class folder (``10_sks
-    dog``) by its own name, images at the top of ``folder`` by that folder's (two folders of one name are one
-    subset); folders without images are left out."""
+    dog``) by its own name, a folder inside one by its path from the top (``10_sks dog/close-ups``: its repeats
+    are its class folder's), images at the top of ``folder`` by that folder's name (two folders of one name are
+    one subset); folders without images are left out."""
     subsets: dict[str, list] = {}
     for folder, items in folders:
-        top = Path(folder).resolve() if items else None
-        for item in items:
-            parent = item.path.parent.resolve()
-            subsets.setdefault(parent.name if parent != top else top.name, []).append(item)
+        for item in items:  # (a linked folder is named by where it is in the tree, not where it points)
+            inside = Path(os.path.relpath(item.path.parent, folder)).as_posix()
+            subsets.setdefault(Path(folder).resolve().name if inside == "." else inside, []).append(item)
     return subsets
 
 
@@ -641,6 +645,7 @@ def add_adapters(unet, text_encoder, opts: TrainLoraOptions) -> None:
 
     torch.manual_seed(opts.seed)
     rank, alpha = opts.rank_and_alpha("")
+    check_target_modules(unet, opts.target_modules)
     targets = list(opts.target_modules) + (UNET_CONV if opts.lora_conv else [])
     conv_rank, conv_alpha = opts.rank_and_alpha(UNET_CONV[0])
     # peft matches these names at the end of a module path; diffusers writes them into the file's metadata
@@ -655,6 +660,20 @@ def add_adapters(unet, text_encoder, opts: TrainLoraOptions) -> None:
                                            use_dora=opts.dora, init_lora_weights="gaussian",
                                            target_modules=TEXT_ENCODER_ATTENTION),
                                 text_encoder)
+
+
+def check_target_modules(unet, targets: list[str]) -> None:
+    """Each --target-modules name ends the name of a linear or convolution layer of the UNet, as peft matches
+    it; a name that matches nothing is an error (peft would drop it silently, or fail with a traceback when
+    none matches), naming the layer names there are."""
+    layers = [name for name, module in unet.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    unmatched = [t for t in targets if not any(name == t or name.endswith("." + t) for name in layers)]
+    if unmatched:
+        ends = sorted({".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
+                       for name in layers})
+        raise EgakuError(f"--target-modules {', '.join(unmatched)}: no linear or convolution layer of the UNet has "
+                         f"a name ending so; the layers' names end in: {', '.join(ends)} (one flag per name, or names "
+                         "separated by commas: --target-modules to_q,to_v)")
 
 
 def report_long_captions(tokenizer, items: list, opts: TrainLoraOptions, report) -> None:
@@ -893,6 +912,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     if not opts.data:
         raise EgakuError("--data is required: the folder of training images")
+    opts = absolute_paths(opts)  # a resume from another working directory finds the same folders
     if opts.device != "auto":
         from ..models.loading import resolve_device
 
@@ -1249,8 +1269,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
             conv_rank, conv_alpha = opts.rank_and_alpha(UNET_CONV[0])
             alphas = {name: opts.rank_and_alpha(name)[1] for name in pairs}
             tensors = {k: v.to(dtype) for k, v in peft_to_kohya(pairs, alphas).items()}
-            # A1111 and ComfyUI list a LoRA by its file name
-            name = out.resolve().name if out.resolve().name != LORA_WEIGHTS_NAME.split(".")[0] else "lora"
+            name = kohya_file(out).stem
             metadata = kohya_metadata(
                 ss_output_name=name, ss_network_dim=opts.rank, ss_network_alpha=alpha,
                 ss_network_args={**({"conv_dim": conv_rank, "conv_alpha": conv_alpha} if opts.lora_conv else {}),
@@ -1280,10 +1299,24 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
             metadata["sshs_model_hash"] = tensors_hash(tensors)
             atomic_save_file(tensors, out / f"{name}.safetensors", metadata=metadata)
             written.append(out / f"{name}.safetensors")
+    # the other layout's file, left by an earlier run in this folder (or before a resume with another --format),
+    # would be what `--lora OUT` and `info` read: it goes
+    for stale in {out / LORA_WEIGHTS_NAME, kohya_file(out)} - set(written):
+        if stale.is_file():
+            stale.unlink()
+            print(f"removed {stale}: an earlier run's LoRA in the layout this run does not write (--format "
+                  f"{opts.format})")
     for word, vector in (token_embeddings or {}).items():
         written.append(save_embedding(out / EMBEDDINGS_DIR / f"{word}.safetensors", vector[None]))
     save_config(opts, out / "training_config.json")
     return written
+
+
+def kohya_file(out: Path) -> Path:
+    """The kohya-layout file of a LoRA folder, named after the folder: A1111 and ComfyUI list a LoRA by its file
+    name."""
+    name = out.resolve().name
+    return out / f"{name if name != LORA_WEIGHTS_NAME.split('.')[0] else 'lora'}.safetensors"
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -1299,6 +1332,6 @@ def train_lora_command(opts: TrainLoraOptions) -> None:
     path = train_lora(opts)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    files = sorted(p.name for p in path.glob("*.safetensors"))
+    files = [p.name for p in (path / LORA_WEIGHTS_NAME, kohya_file(path)) if p.is_file()]  # this run's, not others
     if files:
         print(f"LoRA files in {path}: {', '.join(files)}")
