@@ -342,6 +342,14 @@ def test_overwrite_replaces_the_numbered_files_egaku_wrote_and_nothing_else(tiny
     for name in users:
         (out / name).write_text("the user's")
     (out / "00009-folder.png").mkdir()  # not a file egaku wrote
+    # A1111's images are named NNNNN-SEED.png too: one without egaku's chunk (A1111's parameters only) stays
+    from PIL import Image, PngImagePlugin
+
+    a1111 = PngImagePlugin.PngInfo()
+    a1111.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 12, Size: 64x64")
+    Image.new("RGB", (8, 8)).save(out / "00012-12.png", pnginfo=a1111)
+    Image.new("RGB", (8, 8)).save(out / "00013-photo.png")
+    users += ["00012-12.png", "00013-photo.png"]
     assert run(9, "--overwrite") == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["00000-9.png", "00000-options.json", "00009-folder.png", *users])

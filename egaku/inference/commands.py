@@ -31,10 +31,24 @@ def _next_index(out: Path, overwrite: bool) -> int:
 
 def _remove_numbered(out: Path) -> None:
     """--overwrite: numbering starts at 0 again, so the files of earlier runs go (their seeds, and so their
-    names, may differ from the new ones); a file egaku does not name this way is the user's and stays."""
+    names, may differ from the new ones); a file egaku does not name this way is the user's and stays, and so
+    does an image named this way that egaku did not write (A1111 names its images NNNNN-SEED.png too)."""
     for path in out.iterdir():
-        if _WRITTEN_HERE.match(path.name) and path.is_file():
+        if _WRITTEN_HERE.match(path.name) and path.is_file() and _written_by_egaku(path):
             path.unlink()
+
+
+def _written_by_egaku(path: Path) -> bool:
+    """An options file or grid of egaku's naming, or an image that carries egaku's parameters chunk."""
+    if path.name.endswith(("-options.json", "-grid.png")):
+        return True
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return "egaku" in getattr(img, "text", {})
+    except Exception:  # noqa: BLE001 - not a readable PNG: not one egaku wrote
+        return False
 
 
 def _prompts(o: GenerateOptions) -> list[str]:
