@@ -274,6 +274,54 @@ def test_metadata_roundtrip_info_and_from(tiny_model_dir, tmp_path, capsys):
     assert np.abs(np.asarray(Image.open(regenerated), np.int16) - np.asarray(Image.open(files[1]), np.int16)).max() <= 1
 
 
+def test_from_an_img2img_or_inpainting_image_uses_its_init_image_and_mask_again(tiny_model_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths given, whole paths recorded
+    Image.new("RGB", (64, 64), (30, 200, 30)).save("init.png")
+    Image.new("L", (64, 64), 255).crop((0, 0, 32, 64)).resize((64, 64)).save("mask.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save("mask.png")
+    common = ["--model", str(tiny_model_dir), "--steps", "4", "--seed", "3", "--no-progress"]
+    assert main(["generate", "a blue square", "--init-image", "init.png", "--mask", "mask.png", "--strength", "0.75",
+                 "--out", "made", *common]) == 0
+    made = tmp_path / "made" / "00000-3.png"
+    params = egaku.read_params(made)
+    assert (params["init_image"], params["mask"]) == (str(tmp_path / "init.png"), str(tmp_path / "mask.png"))
+    monkeypatch.chdir(tmp_path / "made")  # from elsewhere
+    assert main(["generate", "--from", str(made), "--model", str(tiny_model_dir), "--out", "again",
+                 "--no-progress"]) == 0
+    again = tmp_path / "made" / "again" / "00000-3.png"
+    assert np.abs(np.asarray(Image.open(again), np.int16) - np.asarray(Image.open(made), np.int16)).max() <= 1
+    # a new init image replaces the recorded one, and the recorded mask with it (it belongs to the old image)
+    Image.new("RGB", (48, 64), (200, 30, 30)).save(tmp_path / "other.png")
+    assert main(["generate", "--from", str(made), "--model", str(tiny_model_dir), "--init-image",
+                 str(tmp_path / "other.png"), "--out", "other", "--no-progress"]) == 0
+    other = egaku.read_params(tmp_path / "made" / "other" / "00000-3.png")
+    assert other["init_image"] == str(tmp_path / "other.png") and "mask" not in other
+    # a recorded file that is gone is an error that says what to give
+    (tmp_path / "mask.png").unlink()
+    capsys.readouterr()
+    assert main(["generate", "--from", str(made), "--model", str(tiny_model_dir), "--out", "gone",
+                 "--no-progress"]) == 2
+    assert f"made with the mask {tmp_path / 'mask.png'}, which no longer exists; pass --mask FILE" in \
+        capsys.readouterr().err
+
+
+def test_from_an_image_whose_init_image_was_handed_in_says_it_is_not_reused(pipe, tmp_path, capsys):
+    from egaku.inference.commands import _apply_from_image
+    from egaku.inference.metadata import save_png
+
+    result = egaku.generate(pipe, "a cat", seed=1, init_image=Image.new("RGB", (64, 64)), strength=0.5, steps=4)[0]
+    assert result.params["init_image"] == "image"
+    save_png(result.image, tmp_path / "a.png", result.params)
+    capsys.readouterr()
+    applied = _apply_from_image(egaku.GenerateOptions(from_image=str(tmp_path / "a.png"), model="tiny"))
+    assert applied.init_image is None
+    assert "handed in as an image, not read from a file, so it is not made again from it; give --init-image FILE" \
+        in capsys.readouterr().out
+
+
 def test_a1111_text_is_parsed_when_no_json(tmp_path):
     from PIL import PngImagePlugin
 

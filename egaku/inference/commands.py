@@ -13,7 +13,7 @@ from ..config import build, option, save_config
 from ..errors import EgakuError
 from ..progress import progress_bar
 from .generate import GenerateOptions, generate, reproduce_options
-from .metadata import a1111_parameters, read_params, save_png
+from .metadata import a1111_parameters, read_params, read_text_chunks, save_png
 from .prompts import apply_prompt_parameters
 
 _NUMBERED = re.compile(r"^(\d{5})-")
@@ -98,12 +98,15 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
         merged.pop("model_config", None)
     if o.prompt_file:  # the file's prompts, with the image's settings
         merged.pop("prompt", None)
+    if "init_image" in given:  # the recorded mask belongs to the recorded init image
+        merged.pop("mask", None)
     _check_recorded_files(source, params, merged)
     for note in _from_notes(source, params, merged, given):
         print(f"egaku: note: {note}")
     if not params.get("model_source"):
         _note_unrecorded(source, params, o, given)
-    return dataclasses.replace(o, **merged, from_image=None)
+    # what the image recorded counts as set, as a flag would (an inpainting image's strength is not then reset to 1)
+    return dataclasses.replace(o, **merged, from_image=None, given_options=sorted(set(o.given_options) | set(merged)))
 
 
 def _from_notes(source: str, params: dict, merged: dict, given: set[str]) -> list[str]:
@@ -119,6 +122,12 @@ def _from_notes(source: str, params: dict, merged: dict, given: set[str]) -> lis
             notes.append(f"{source} was resized to {params['hires_width']}x{params['hires_height']} by A1111's hires "
                          f"fix, cropping; egaku scales it by {merged['hires_scale']:g} to about "
                          f"{scaled[0]}x{scaled[1]}")
+    from .generate import IMAGE_PLACEHOLDERS
+
+    for key, what, flag in (("init_image", "an init image", "--init-image"), ("mask", "a mask", "--mask")):
+        if params.get(key) == IMAGE_PLACEHOLDERS[key] and key not in given:
+            notes.append(f"{source} was made from {what} handed in as an image, not read from a file, so it is not "
+                         f"made again from it; give {flag} FILE")
     texts = [str(params.get(k) or "") for k in ("prompt", "negative_prompt")]
     syntax = any(c in t for t in texts for c in "()[]\\") or any(re.search(r"\bBREAK\b", t) for t in texts)
     if "egaku_version" in params and "emphasis" not in params and "emphasis" not in given and syntax:
@@ -155,6 +164,10 @@ def _check_recorded_files(source: str, params: dict, merged: dict) -> None:
         if not Path(path).is_file():
             raise gone(f"the LoRA {path} (weight {weight:g})",
                        "--lora PATH[:SCALE] (which replaces all the LoRAs it recorded)", "lora")
+    for key, flag in (("init_image", "--init-image"), ("mask", "--mask")):
+        if merged.get(key) and not Path(merged[key]).is_file():
+            raise gone(f"the {'init image' if key == 'init_image' else 'mask'} {merged[key]}",
+                       f"{flag} FILE", key)
     folder = merged.get("embedding_dir")
     if folder and not Path(folder).is_dir():
         raise gone(f"the embedding folder {folder}", "--embedding-dir with a folder that holds its embeddings",
@@ -270,12 +283,15 @@ def info_command(opts: InfoOptions) -> None:
         found = describe_lora(path)
         print(json.dumps(found, indent=2) if opts.json else format_lora_description(found))
         return
-    params = read_params(opts.image)
+    chunks = read_text_chunks(opts.image)
+    params = read_params(opts.image, chunks)
     if opts.json:
         print(json.dumps(params, indent=2, sort_keys=True))
-    elif "sampler_label" in params:
+    elif "sampler_label" in params:  # egaku's own parameters: its A1111 text, written as generate writes it
         print(a1111_parameters(params))
-    else:
+    elif "parameters" in chunks:  # A1111's (or another tool's) text: as it is, keys egaku does not read too
+        print(str(chunks["parameters"]))
+    else:  # an egaku chunk without the sampler's label and no text beside it: nothing to write A1111's text from
         print(json.dumps(params, indent=2, sort_keys=True))
 
 

@@ -301,6 +301,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         from .prompts import apply_prompt_parameters
 
         o = apply_prompt_parameters(o)
+    # files are recorded whole, so that --from finds them again; images handed in (Python, the server) are not files
+    recorded_files = {"init_image": os.path.abspath(o.init_image) if init_image is None and o.init_image else None,
+                      "mask": os.path.abspath(o.mask) if mask_image is None and o.mask else None}
     if mask_image is None and o.mask:
         from ..data.images import ImageError, decode_image
 
@@ -390,9 +393,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         if tag_loras and o.lora_dir:  # the prompt's <lora:name:w> tags are names in this folder
             base_params["lora_dir"] = os.path.abspath(o.lora_dir)
         if init is not None:
-            base_params.update(strength=o.strength, init_image=str(o.init_image))
+            base_params.update(strength=o.strength, init_image=recorded_files["init_image"] or "image")
         if mask is not None:
-            base_params["mask"] = str(o.mask) if o.mask else "mask"
+            base_params["mask"] = recorded_files["mask"] or "mask"
         if hires is not None:  # width and height stay the first pass's, as A1111 records them
             base_params.update(hires_scale=o.hires_scale, hires_steps=o.hires_steps, hires_strength=o.hires_strength,
                                hires_upscaler="Lanczos")
@@ -543,7 +546,14 @@ def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
         out["lora"] = [f"{f['path']}:{f['weight']!r}" for f in params["lora_files"] if f.get("from") == "option"]
     if params.get("lora_dir"):
         out["lora_dir"] = params["lora_dir"]
+    for key in ("init_image", "mask"):  # files; "image" and "mask" stand for images handed in, which are not
+        if params.get(key) and params[key] != IMAGE_PLACEHOLDERS[key]:
+            out[key] = str(params[key])
     return out
+
+
+# what an image records in place of the init image's or mask's path when it was handed in, not read from a file
+IMAGE_PLACEHOLDERS = {"init_image": "image", "mask": "mask"}
 
 
 __all__ = ["GenerateOptions", "GeneratedImage", "generate", "resolve_size", "decode_latents", "sampler_names",
