@@ -52,6 +52,11 @@ def test_palette_cmyk_16bit_and_grey_convert_to_rgb(tmp_path):
     assert np.asarray(open_image(tmp_path / "deep.png")).min() == 255  # full 16-bit white stays white
     grey = open_image(tmp_path / "grey.png")
     assert grey.mode == "RGB" and tuple(np.asarray(grey)[0, 0]) == (77, 77, 77)
+    # floating-point TIFFs hold 0..1 (or, written from 8-bit data, 0..255)
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), "F").save(tmp_path / "unit.tiff")
+    Image.fromarray(np.full((4, 4), 200.0, dtype=np.float32), "F").save(tmp_path / "bytes.tiff")
+    assert tuple(np.asarray(open_image(tmp_path / "unit.tiff"))[0, 0]) == (128, 128, 128)
+    assert tuple(np.asarray(open_image(tmp_path / "bytes.tiff"))[0, 0]) == (200, 200, 200)
 
 
 def test_broken_files_raise_image_error_with_a_reason(tmp_path):

@@ -40,12 +40,21 @@ def test_the_hires_fix_upscales_and_redraws_from_the_same_seeds(pipe):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(hires_scale=5), "--hires-scale must be in 1..4"),
     (dict(hires_scale=2, hires_strength=0), "--hires-strength must be in"),
-    (dict(hires_scale=2, hires_steps=1, hires_strength=0.5), "give --hires-steps 3 or more"),
+    (dict(hires_scale=2, hires_steps=1, hires_strength=0.5), "give --hires-steps 2 or more"),
+    (dict(hires_scale=2, hires_steps=2, hires_strength=0.3), "give --hires-steps 4 or more"),
     (dict(hires_scale=2, init_image=Image.new("RGB", (64, 64))), "for text-to-image"),
 ])
 def test_bad_hires_options_are_refused(pipe, kwargs, message):
     with pytest.raises(EgakuError, match=message):
         egaku.generate(pipe, "a cat", steps=2, **kwargs)
+
+
+def test_the_fewest_steps_named_are_the_fewest_that_run_one():
+    from egaku.inference.generate import min_steps_at
+
+    for strength in [i / 100 for i in range(1, 101)] + [1 / 3, 0.7, 0.55, 1e-3]:
+        steps = min_steps_at(strength)
+        assert int(steps * strength) >= 1 and int((steps - 1) * strength) < 1, strength
 
 
 def test_a1111_hires_text_is_written_and_read_back():

@@ -176,7 +176,7 @@ def _validate(o: GenerateOptions) -> None:
         raise EgakuError(f"--strength must be in (0, 1], got {o.strength}", param="strength")
     if o.init_image is not None and int(o.steps * o.strength) < 1:
         raise EgakuError(f"{o.steps} steps at strength {o.strength} leave no denoising step (img2img runs "
-                         f"steps x strength steps); use at least {int(1 / o.strength) + 1} steps", param="steps")
+                         f"steps x strength steps); use at least {min_steps_at(o.strength)} steps", param="steps")
     if not 1.0 <= o.hires_scale <= 4.0 or not math.isfinite(o.hires_scale):
         raise EgakuError(f"--hires-scale must be in 1..4 (1 = no hires fix), got {o.hires_scale}", param="hires_scale")
     if o.hires_scale > 1:
@@ -188,7 +188,7 @@ def _validate(o: GenerateOptions) -> None:
         hires_steps = o.hires_steps or o.steps
         if o.hires_steps < 0 or int(hires_steps * o.hires_strength) < 1:
             raise EgakuError(f"the hires pass runs steps x strength steps: {hires_steps} x {o.hires_strength} leaves "
-                             f"none; give --hires-steps {int(1 / o.hires_strength) + 1} or more", param="hires_steps")
+                             f"none; give --hires-steps {min_steps_at(o.hires_strength)} or more", param="hires_steps")
     if o.clip_skip < 1:
         raise EgakuError(f"--clip-skip counts layers from the end and starts at 1 (the last), got {o.clip_skip}",
                          param="clip_skip")
@@ -199,6 +199,14 @@ def _validate(o: GenerateOptions) -> None:
         raise EgakuError(f"{o.num_images} images from --seed {o.seed} would use seeds {o.seed}.."
                          f"{o.seed + o.num_images - 1}, past the largest seed {MAX_SEED}; use --seed "
                          f"{MAX_SEED - o.num_images + 1} or lower, or fewer images", param="seed")
+
+
+def min_steps_at(strength: float) -> int:
+    """The fewest steps that leave img2img at ``strength`` one denoising step (it runs int(steps x strength))."""
+    steps = max(1, math.ceil(1 / strength))
+    while int(steps * strength) < 1:  # 1 / strength rounded down in floating point
+        steps += 1
+    return steps
 
 
 def _load_init_image(source: str | Image.Image | None) -> Image.Image | None:
