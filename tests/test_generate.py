@@ -208,6 +208,14 @@ def vae_roundtrip(pipe, image):
         return np.asarray(pipe.image_processor.postprocess(decode_latents(pipe, z))[0], dtype=np.int16)
 
 
+def test_an_init_image_too_far_from_square_names_its_shape(pipe):
+    with pytest.raises(egaku.EgakuError, match="the init image's shape 2000:4 is too far from square .*give --width"):
+        egaku.generate(pipe, "a cat", init_image=Image.new("RGB", (2000, 4)), strength=0.5, steps=2)
+    # with a size given, its shape is no matter
+    assert egaku.generate(pipe, "a cat", init_image=Image.new("RGB", (2000, 4)), strength=0.5, steps=2, width=64,
+                          height=32)[0].image.size == (64, 32)
+
+
 def test_img2img_uses_the_init_image(pipe, tmp_path):
     init = Image.new("RGB", (64, 64), (250, 20, 20))
     init.save(tmp_path / "init.png")
@@ -500,6 +508,8 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
     (["--width", "-64"], "width -64 is outside"),
     (["--height", "100000"], "height 100000 is outside"),
     (["--aspect-ratio", "wide"], "aspect ratio 'wide' is not W:H"),
+    (["--ar", "1:100"], "aspect ratio 1:100 is too far from square for this model: at its native pixel count "
+                        "(64x64) it gives 6x640, and a side must be 8..4096 pixels; give --width and --height"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--steps", "-3"], "--steps must be at least 1"),
     (["-n", "0"], "--num-images must be at least 1"),

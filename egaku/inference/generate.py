@@ -111,8 +111,10 @@ def native_size(pipe) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def resolve_size(pipe, width: int | None, height: int | None, aspect_ratio: str | None) -> tuple[int, int, str | None]:
-    """(width, height, note): fill defaults, apply W:H, round to the model's multiple."""
+def resolve_size(pipe, width: int | None, height: int | None, aspect_ratio: str | None,
+                 ratio_from: str = "aspect ratio") -> tuple[int, int, str | None]:
+    """(width, height, note): fill defaults, apply W:H, round to the model's multiple. ``ratio_from`` names where
+    the W:H came from, for the error when it is too far from square for the model."""
     base = native_size(pipe)
     multiple = size_multiple(pipe)
     if aspect_ratio:
@@ -127,6 +129,10 @@ def resolve_size(pipe, width: int | None, height: int | None, aspect_ratio: str 
                              param="size") from None
         width = int(round(base * math.sqrt(aw / ah)))
         height = int(round(base * math.sqrt(ah / aw)))
+        if min(width, height) < multiple or max(width, height) > MAX_SIDE:
+            raise EgakuError(f"{ratio_from} {aspect_ratio} is too far from square for this model: at its native "
+                             f"pixel count ({base}x{base}) it gives {width}x{height}, and a side must be "
+                             f"{multiple}..{MAX_SIDE} pixels; give --width and --height", param="size")
     width = base if width is None else width
     height = base if height is None else height
     for name, value in (("width", width), ("height", height)):
@@ -328,7 +334,8 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     source = _load_init_image(init_image if init_image is not None else o.init_image)
     if source is not None and o.width is None and o.height is None and not o.aspect_ratio:
         # img2img keeps the init image's shape, at the model's native pixel count (as --ar W:H does)
-        width, height, note = resolve_size(pipe, None, None, f"{source.width}:{source.height}")
+        width, height, note = resolve_size(pipe, None, None, f"{source.width}:{source.height}",
+                                           ratio_from="the init image's shape")
     else:
         width, height, note = resolve_size(pipe, o.width, o.height, o.aspect_ratio)
     for note in (note, sampler_note(sampler, pipe.scheduler.config, o.steps)):

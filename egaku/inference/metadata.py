@@ -156,16 +156,24 @@ def save_png(image: Image.Image, path: Path, params: dict[str, Any]) -> None:
     image.save(path, pnginfo=info)
 
 
-def read_params(path: str | Path) -> dict[str, Any]:
-    """The parameters stored in an image: egaku's JSON if present, else parsed from A1111's text."""
+def read_text_chunks(path: str | Path) -> dict[str, Any]:
+    """An image's text chunks as they are stored (``parameters``, ``egaku``, ...)."""
     path = Path(path)
     if not path.is_file():
         raise EgakuError(f"{path} does not exist")
     try:
         with Image.open(path) as img:
-            text = dict(img.text) if hasattr(img, "text") else dict(img.info)
+            return dict(img.text) if hasattr(img, "text") else dict(img.info)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         raise EgakuError(f"{path} is not a readable image ({exc})") from None
+
+
+def read_params(path: str | Path, text: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The parameters stored in an image: egaku's JSON if present, else parsed from A1111's text. ``text``: the
+    image's chunks when the caller has read them already (``read_text_chunks``)."""
+    path = Path(path)
+    if text is None:
+        text = read_text_chunks(path)
     try:
         params = params_from_text(text)
     except EgakuError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,32 +11,63 @@ from ..config import option
 from ..errors import EgakuError
 from .loading import DTYPES, load_pipeline, model_defaults, save_pipeline, write_model_defaults
 
+_OUT_FORMS = "NAME.safetensors for one original-layout file (A1111/ComfyUI), or a folder for a diffusers pipeline"
+
 
 @dataclass
 class ConvertOptions:
     model: str = option(help="source: builtin, a diffusers folder, a .safetensors checkpoint or a hub id",
                         positional=True)
-    out: str = option(help="target: NAME.safetensors for one original-layout file (A1111/ComfyUI), "
-                      "else a diffusers folder")
+    # "" and checked in convert_command, as other commands' required options: a --config preset may give it
+    out: str = option("", help=f"required; the target: {_OUT_FORMS}")
     model_config: str | None = option(None, help="local diffusers folder with the configs of a single-file source")
     allow_pickle: bool = option(False, help="allow a .ckpt/.pt/.bin source (read with weights_only=True)")
     dtype: str = option("float32", help="precision of the written weights", choices=["float32", "float16", "bfloat16"])
     overwrite: bool = option(False, help="replace the target if it exists")
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """An --out that cannot be written is named before the model loads, which can take minutes."""
+    single = out.suffix == ".safetensors"
+    if single and out.is_dir():
+        raise EgakuError(f"--out {out} is a folder, and a NAME.safetensors --out is written as one file; choose "
+                         "another --out, or one without .safetensors to write a diffusers folder", param="out")
+    if not single and out.exists() and not out.is_dir():
+        raise EgakuError(f"--out {out} is a file, and an --out that does not end in .safetensors is written as a "
+                         f"diffusers folder; choose another --out: {_OUT_FORMS}", param="out")
+    if out.exists() and not overwrite:
+        raise EgakuError(f"{out} already exists; pass --overwrite to replace it, or choose another --out", param="out")
+    # the nearest path that exists is where the files or the missing folders are made: it must be a writable folder
+    start = out if not single else out.parent
+    folder = next((p for p in (start, *start.parents) if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise EgakuError(f"--out {out} cannot be written: {folder} is a file, not a folder; choose another --out",
+                         param="out")
+    try:  # permissions alone do not say it (root may write anywhere, but not in /proc or on a read-only disk)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise EgakuError(f"--out {out} cannot be written: no file can be made in {folder} ({exc.strerror}); "
+                         "choose another --out", param="out") from None
+
+
 def convert_command(opts: ConvertOptions) -> None:
     from .single_file import save_single_file
 
     started = time.perf_counter()
+    if not opts.out:
+        raise EgakuError(f"--out is required: {_OUT_FORMS}", param="out")
     out = Path(opts.out)
-    if out.exists() and not opts.overwrite:
-        raise EgakuError(f"{out} already exists; pass --overwrite to replace it, or choose another --out", param="out")
+    _check_out(out, opts.overwrite)
     pipe = load_pipeline(opts.model, device="cpu", dtype="float32", model_config=opts.model_config,
                          allow_pickle=opts.allow_pickle)
     defaults = model_defaults(pipe)  # kept in the copy: a folder's egaku_defaults.json, a single file's metadata
-    if out.suffix == ".safetensors":
-        save_single_file(pipe, out, dtype=DTYPES[opts.dtype], defaults=defaults)
-    else:
-        save_pipeline(pipe.to(dtype=DTYPES[opts.dtype]), out)
-        write_model_defaults(out, defaults)
+    try:  # what the check above cannot foresee: a full disk, a folder made read-only meanwhile
+        if out.suffix == ".safetensors":
+            save_single_file(pipe, out, dtype=DTYPES[opts.dtype], defaults=defaults)
+        else:
+            save_pipeline(pipe.to(dtype=DTYPES[opts.dtype]), out)
+            write_model_defaults(out, defaults)
+    except OSError as exc:
+        raise EgakuError(f"could not write --out {out}: {exc}", param="out") from None
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s")

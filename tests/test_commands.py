@@ -1,0 +1,98 @@
+"""`egaku convert` and `egaku info` on the command line: a wrong --out is one line before any loading, and info
+prints an A1111 image's own text."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+import egaku.models.commands as convert_module
+from egaku.cli import build_parser, main
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading the model is an error: each mistake in --out must be named before it."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(convert_module, "load_pipeline", load)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def test_convert_names_an_out_it_cannot_write_before_loading(tmp_path, capsys, no_loading):
+    (tmp_path / "some.png").write_text("an image")
+    (tmp_path / "folder.safetensors").mkdir()
+    for out, said in [
+        (tmp_path / "some.png" / "x.safetensors", f"{tmp_path / 'some.png'} is a file, not a folder"),
+        (tmp_path / "some.png" / "deeper" / "pipe", f"{tmp_path / 'some.png'} is a file, not a folder"),
+        (tmp_path / "some.png", "is a file, and an --out that does not end in .safetensors is written as a "
+                                "diffusers folder"),
+        (tmp_path / "folder.safetensors", "is a folder, and a NAME.safetensors --out is written as one file"),
+    ]:
+        for extra in ([], ["--overwrite"]):  # --overwrite replaces a target; it cannot make a file a folder
+            err = one_line_error(capsys, ["convert", "tiny", "--out", str(out), *extra])
+            assert said in err and "choose another --out" in err, err
+    # a folder that takes no files, whoever runs it (root too): /proc
+    if Path("/proc").is_dir():
+        for out in ("/proc/x.safetensors", "/proc/new/pipe"):
+            err = one_line_error(capsys, ["convert", "tiny", "--out", out])
+            assert "cannot be written: no file can be made in /proc" in err, err
+    # a target that exists still needs --overwrite
+    (tmp_path / "old.safetensors").write_text("")
+    err = one_line_error(capsys, ["convert", "tiny", "--out", str(tmp_path / "old.safetensors")])
+    assert "already exists; pass --overwrite" in err
+
+
+def test_convert_without_out_says_what_it_takes(capsys, no_loading):
+    err = one_line_error(capsys, ["convert", "tiny"])
+    assert "--out is required: NAME.safetensors for one original-layout file" in err
+    assert "or a folder for a diffusers pipeline" in err and "__init__" not in err
+    help_text = " ".join(build_parser("convert")[0].format_help().split())
+    assert "--out OUT required; the target: NAME.safetensors" in help_text
+
+
+def test_convert_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    class Pipe:
+        def to(self, dtype):
+            return self
+
+    def full_disk(pipe, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(convert_module, "load_pipeline", lambda *a, **k: Pipe())
+    monkeypatch.setattr(convert_module, "model_defaults", lambda pipe: {})
+    monkeypatch.setattr(convert_module, "save_pipeline", full_disk)
+    err = one_line_error(capsys, ["convert", "tiny", "--out", str(tmp_path / "pipe")])
+    assert f"could not write --out {tmp_path / 'pipe'}" in err and "No space left on device" in err
+
+
+def test_convert_makes_missing_folders_of_a_good_out(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "tiny.safetensors"
+    assert main(["convert", "tiny", "--out", str(out)]) == 0
+    assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
+
+
+A1111_TEXT = ("a cat, <lora:x:0.8>\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, "
+              "CFG scale: 7, Seed: 12, Size: 512x768, Model hash: abc, Model: sd15, ADetailer model: face, "
+              "Version: v1.9.4")
+
+
+def test_info_prints_an_a1111_image_s_own_text(tmp_path, capsys):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", A1111_TEXT)  # as A1111 writes it: no egaku chunk
+    Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
+    assert main(["info", str(tmp_path / "a1111.png")]) == 0
+    assert capsys.readouterr().out == A1111_TEXT + "\n"  # verbatim: keys egaku does not read are kept
+    assert main(["info", str(tmp_path / "a1111.png"), "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert (params["seed"], params["sampler"], params["width"]) == (12, "DPM++ 2M Karras", 512)
