@@ -57,6 +57,11 @@ def names_in(texts: list[str], files: dict[str, list[Path]]) -> list[str]:
     return [name for name in sorted(files, key=len, reverse=True) if any(_word_pattern(name).search(t) for t in texts)]
 
 
+class ForAnotherModel(EgakuError):
+    """An embedding made for another base model: skipped, as A1111 skips it, so that one embedding folder can serve
+    several models."""
+
+
 def read_vectors(path: Path, allow_pickle: bool = False, shown: str | None = None) -> torch.Tensor:
     """(vectors, width) of one embedding file; errors name it as ``shown`` (its path in the embedding folder, so
     that a server's answers do not show its file system)."""
@@ -87,12 +92,13 @@ def read_vectors(path: Path, allow_pickle: bool = False, shown: str | None = Non
         vectors = next(iter(data.values()))
     elif isinstance(data, torch.Tensor):
         vectors = data
+    elif isinstance(data, dict) and "clip_l" in data:
+        raise ForAnotherModel(f"embedding {shown} is an SDXL embedding (clip_l/clip_g): egaku's pipelines are SD "
+                              "1.x/2.x", param="embedding_dir")
     else:
         keys = sorted(data)[:4] if isinstance(data, dict) else type(data).__name__
-        hint = (" (an SDXL embedding: egaku's pipelines are SD 1.x/2.x)"
-                if isinstance(data, dict) and "clip_l" in data else "")
         raise EgakuError(f"embedding {shown} is not a textual-inversion file: expected emb_params, string_to_param "
-                         f"or one tensor, found {keys}{hint}", param="embedding_dir")
+                         f"or one tensor, found {keys}", param="embedding_dir")
     if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
         raise EgakuError(f"embedding {shown} does not hold a (vectors, width) tensor", param="embedding_dir")
     vectors = (vectors if vectors.ndim == 2 else vectors[None]).float()
@@ -126,10 +132,14 @@ def load_embeddings(pipe, texts: list[str], folder: str | Path, allow_pickle: bo
                 raise EgakuError(f"the embedding name {name!r} has {len(files[name])} files in the embedding folder: "
                                  f"{', '.join(shown)}; keep one", param="embedding_dir")
             path = files[name][0]
-            vectors = read_vectors(path, allow_pickle, shown[0])
-            if vectors.shape[1] != width:
-                raise EgakuError(f"embedding {shown[0]} has vectors of width {vectors.shape[1]}, but this model's text "
-                                 f"encoder takes {width}: it was made for another base model", param="embedding_dir")
+            try:
+                vectors = read_vectors(path, allow_pickle, shown[0])
+                if vectors.shape[1] != width:
+                    raise ForAnotherModel(f"embedding {shown[0]} has vectors of width {vectors.shape[1]}, but this "
+                                          f"model's text encoder takes {width}: it was made for another base model")
+            except ForAnotherModel as exc:  # the word stays a word, as in A1111 (which lists such files as skipped)
+                print(f"egaku: note: {exc}; {name!r} is read as a word")
+                continue
             token = f"<egaku-embedding-{k}>"
             pipe.load_textual_inversion({token: vectors.to(pipe.text_encoder.dtype)}, token=token)
             tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]  # diffusers' names for the rest
