@@ -74,6 +74,21 @@ def test_convert_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(convert_module, "save_pipeline", full_disk)
     err = one_line_error(capsys, ["convert", "tiny", "--out", str(tmp_path / "pipe")])
     assert f"could not write --out {tmp_path / 'pipe'}" in err and "No space left on device" in err
+    assert list(tmp_path.iterdir()) == []  # no half-written folder is left
+
+
+def test_convert_overwrite_replaces_a_pipeline_folder_whole_and_no_other_folder(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "pipe"
+    assert main(["convert", str(tiny_model_dir), "--out", str(out)]) == 0
+    (out / "unet" / "old-weights.safetensors").write_text("from an earlier conversion")
+    assert main(["convert", str(tiny_model_dir), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "unet" / "old-weights.safetensors").exists() and (out / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # the temporary folder is gone
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_text("a photo")
+    err = one_line_error(capsys, ["convert", str(tiny_model_dir), "--out", str(photos), "--overwrite"])
+    assert "is a folder that is not a diffusers pipeline" in err and (photos / "a.jpg").is_file()
 
 
 def test_convert_makes_missing_folders_of_a_good_out(tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,6 +39,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          f"diffusers folder; choose another --out: {_OUT_FORMS}", param="out")
     if out.exists() and not overwrite:
         raise EgakuError(f"{out} already exists; pass --overwrite to replace it, or choose another --out", param="out")
+    if not single and out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        # --overwrite replaces a pipeline folder whole; a folder of other files is never removed
+        raise EgakuError(f"--out {out} is a folder that is not a diffusers pipeline (no model_index.json), and "
+                         "--overwrite replaces the folder whole; choose another --out", param="out")
     # the nearest path that exists is where the files or the missing folders are made: it must be a writable folder
     start = out if not single else out.parent
     folder = next((p for p in (start, *start.parents) if p.exists()), Path("."))
@@ -52,6 +58,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def convert_command(opts: ConvertOptions) -> None:
+    from ..training.runtime import permissions_by_umask
     from .single_file import save_single_file
 
     started = time.perf_counter()
@@ -65,9 +72,20 @@ def convert_command(opts: ConvertOptions) -> None:
     try:  # what the check above cannot foresee: a full disk, a folder made read-only meanwhile
         if out.suffix == ".safetensors":
             save_single_file(pipe, out, dtype=DTYPES[opts.dtype], defaults=defaults)
-        else:
-            save_pipeline(pipe.to(dtype=DTYPES[opts.dtype]), out)
-            write_model_defaults(out, defaults)
+        else:  # written beside it and then swapped in: a failure leaves no half-written folder, and nothing of
+            # the folder it replaces stays behind
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+            try:
+                save_pipeline(pipe.to(dtype=DTYPES[opts.dtype]), tmp)
+                write_model_defaults(tmp, defaults)
+                permissions_by_umask(tmp)  # mkdtemp made it private
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     except OSError as exc:
         raise EgakuError(f"could not write --out {out}: {exc}", param="out") from None
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s")
