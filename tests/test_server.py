@@ -12,6 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from egaku.errors import EgakuError
 from egaku.server.app import LiveServer, ServeOptions, create_app
 from egaku.server.queue import ModelWorker
 
@@ -140,7 +141,8 @@ def test_openai_variation_reuses_the_stored_prompt_and_settings(openai_client):
     image = ("src.png", base64.b64decode(source.data[0].b64_json), "image/png")
     result = openai_client.images.create_variation(image=image, n=2, response_format="b64_json",
                                                    extra_body={"steps": 4})
-    assert [decode(d.b64_json).size for d in result.data] == [(48, 64), (48, 64)]
+    # no size: the image's 3:4 shape at the model's native pixel count (64x64 for tiny), as the CLI's img2img
+    assert [decode(d.b64_json).size for d in result.data] == [(56, 72), (56, 72)]
     assert result.data[0].revised_prompt == "a yellow bird"
     used = result.data[0].model_extra["egaku"]
     assert used["strength"] == 0.6 and used["steps"] == 4
@@ -533,6 +535,53 @@ def test_web_page_and_options_are_served(http):
     options = http.get("/v1/egaku/options").json()
     assert options["models"][0] == {"id": "tiny", "native_size": 64, "multiple": 8}
     assert "euler-a" in options["samplers"] and options["loras"] == ["style"]
+    assert options["default_steps"] == 20  # under the limit: the CLI's default
+
+
+def test_requests_without_steps_get_the_default_capped_at_the_limit(pipe):
+    """OpenAI's API has no 'steps': its clients must not be refused for a default they never sent."""
+    opts = ServeOptions(model=["tiny"], max_steps=2)
+    with LiveServer(create_app({"tiny": pipe}, opts, api_key="")) as live, \
+            httpx.Client(base_url=live.url, timeout=120) as client:
+        assert client.get("/v1/egaku/options").json()["default_steps"] == 2
+        r = client.post("/v1/images/generations", json={"prompt": "a", "response_format": "b64_json"})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["egaku"]["steps"] == 2
+        r = client.post("/v1/images/variations", files={"image": ("a.png", png((64, 64)), "image/png")})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["egaku"]["steps"] == 2
+        r = client.post("/v1/images/generations", json={"prompt": "a --steps 1"})  # not a clash with the default
+        assert r.status_code == 200 and r.json()["data"][0]["egaku"]["steps"] == 1, r.text
+        # asking for more than the limit, as a field or in the prompt, is still refused with the reason
+        for body in ({"prompt": "a", "steps": 3}, {"prompt": "a --steps 3"}):
+            error = assert_openai_error(client.post("/v1/images/generations", json=body), 400, "steps")
+            assert "3" in error["message"] and "20" not in error["message"]  # the value asked for, not a default
+
+
+def test_edits_and_variations_without_size_keep_the_shape_at_the_native_pixel_count(pipe, http):
+    from egaku.inference.generate import generate
+    from egaku.server.requests import Limits, parse_image_request
+
+    wide = Image.new("RGB", (1000, 500), (30, 90, 200))
+
+    def size(image, kind="variation", limits=Limits(), **fields):
+        req = parse_image_request(kind, {"prompt": "x", **fields}, pipe, limits, form=True, image=image)
+        return req.options["width"], req.options["height"]
+
+    # as `egaku generate --init-image` sizes it: W:H at the model's native 64x64 pixels, not the upload's size
+    cli = generate(pipe, "x", init_image=wide, steps=2, seed=0)[0].image.size
+    assert size(wide) == size(wide, "edit") == cli == (88, 48)
+    assert size(Image.new("RGB", (4000, 4000))) == (64, 64)
+    assert size(wide, limits=Limits(max_side=48)) == (48, 24)  # still within --max-side, shape kept
+    assert size(wide, size="32x32") == (32, 32)  # a size given wins
+    with pytest.raises(EgakuError) as info:  # too thin for the model at its native size: say so
+        size(Image.new("RGB", (4000, 8)))
+    assert info.value.param == "size"
+    # through the API: the response's size and the image's
+    r = http.post("/v1/images/edits", files={"image": ("w.png", png((1000, 500)), "image/png")},
+                  data={"prompt": "a", "steps": "2", "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["size"] == "88x48" and decode(r.json()["data"][0]["b64_json"]).size == (88, 48)
 
 
 # -- the command ---------------------------------------------------------------------------------------------

@@ -80,3 +80,18 @@ def test_prompt_generate_and_variations(server, browser):
     newest = browser.find_elements(By.CSS_SELECTOR, "#gallery .params")[0].text
     assert "Strength: 0.6" in newest and "a red circle on a blue background" in newest
     assert "done" in browser.find_element(By.ID, "status").text
+
+
+def test_the_steps_field_starts_at_the_servers_default_within_its_limit(browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from egaku.models.loading import load_pipeline
+
+    app = create_app({"tiny": load_pipeline("tiny", "cpu", "float32")},
+                     ServeOptions(model=["tiny"], max_steps=10), api_key="")
+    with LiveServer(app) as live:
+        browser.get(live.url + "/")
+        WebDriverWait(browser, 60).until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 3)
+        steps = browser.find_element(By.ID, "steps")
+        assert (steps.get_attribute("value"), steps.get_attribute("max")) == ("10", "10")  # 20 would be refused

@@ -538,10 +538,11 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
 
     @api.get("/egaku/options")
     async def server_options():
-        """What the web page offers: samplers, LoRAs, sizes and limits."""
+        """What the web page offers: samplers, LoRAs, sizes, limits and the defaults within them."""
         from ..inference.generate import native_size
         from ..inference.generate import size_multiple
         from ..inference.samplers import DEFAULT_SAMPLER, sampler_names
+        from .requests import default_steps
 
         return {
             "models": [{"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe)}
@@ -549,6 +550,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
             "samplers": sampler_names(), "default_sampler": DEFAULT_SAMPLER, "loras": _lora_catalog(opts.lora_dir),
             "embeddings": _embedding_catalog(opts.embedding_dir),
             "max_n": opts.max_n, "max_side": opts.max_side, "max_steps": opts.max_steps,
+            "default_steps": default_steps(limits),  # what a request without 'steps' gets
         }
 
     @api.get("/egaku/jobs/{job_id}")

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import EgakuError, NotFoundError
-from ..inference.generate import MAX_SEED, GenerateOptions, resolve_size, size_multiple
+from ..inference.generate import MAX_SEED, GenerateOptions, min_steps_at, resolve_size, size_multiple
 from ..inference.prompts import UPSCALE_STRENGTH, VARIATION_STRENGTH, apply_prompt_parameters
 from ..inference.samplers import canonical_sampler
 from ..models.loading import recommended_guidance
@@ -169,11 +169,24 @@ def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
 
 
 def default_size(image: Image.Image, pipe, limits: Limits) -> tuple[int, int]:
-    """An uploaded image's own size, scaled down to the server's limit and rounded to the model's multiple."""
+    """The size of an edit or variation that gives none: the upload's shape at the model's native pixel count,
+    as `egaku generate --init-image` makes it (``resolve_size`` with the image's W:H), then scaled down to fit
+    the server's limit. (The upload's own size would let a 4000x4000 image start a job of the largest size.)"""
+    try:
+        width, height, _ = resolve_size(pipe, None, None, f"{image.width}:{image.height}")
+    except EgakuError:  # so long and thin that one side falls outside what the model takes
+        raise _bad(f"the image's shape {image.width}x{image.height} is too far from square for this model at its "
+                   "native size; give 'size'", "size") from None
     multiple = size_multiple(pipe)
-    scale = min(1.0, limits.max_side / max(image.size))
+    scale = min(1.0, limits.max_side / max(width, height))
     return tuple(max(multiple, int(side * scale) // multiple * multiple)  # type: ignore[return-value]
-                 for side in image.size)
+                 for side in (width, height))
+
+
+def default_steps(limits: Limits) -> int:
+    """The steps of a request that gives none: the CLI's default, capped at the server's limit (OpenAI's API has
+    no steps field, so its clients never send one and must not be refused for a value they did not ask for)."""
+    return min(GenerateOptions.steps, limits.max_steps)
 
 
 def _usable_prompt(prompt: str, limits: Limits) -> str:
@@ -300,8 +313,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         raise _bad("an 'image' file is required", "image")
     opts = GenerateOptions(prompt=prompt or "", negative_prompt=negative, num_images=n or 1, seed=seed,
                            width=width, height=height, progress=False)
-    if steps is not None:
-        opts.steps = steps
+    opts.steps = steps  # None until the prompt's --steps has had its say: unset is never a conflict with it
     # the model's own default guidance, before --chaos in the prompt scales it
     opts.guidance_scale = recommended_guidance(pipe) if guidance is None else guidance
     if sampler is not None:
@@ -317,6 +329,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         opts = apply_prompt_parameters(opts, has_init_image=has_image and mask is None)
     except EgakuError as exc:
         raise EgakuError(str(exc), param=exc.param if exc.param in ("prompt", "size") else "prompt") from None
+    if opts.steps is None:
+        opts.steps = default_steps(limits)
     if kind in ("generation", "edit") and not opts.prompt.strip():
         raise _bad("the prompt is empty once its --parameters are taken out; say what to draw", "prompt")
     if opts.seed is not None and opts.seed + opts.num_images - 1 > MAX_SEED:  # image i uses seed + i
@@ -334,7 +348,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
             raise _bad(f"--ar {opts.aspect_ratio} gives {w}x{h}, over this server's {limits.max_side}-pixel limit",
                        "size")
         opts.width, opts.height, opts.aspect_ratio = w, h, None
-    if has_image and opts.width is None and opts.aspect_ratio is None:
+    if kind in ("edit", "variation") and opts.width is None:
         opts.width, opts.height = default_size(image, pipe, limits)
     if kind == "upscale":
         opts.width, opts.height = image.width, image.height
@@ -343,7 +357,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
                        f"{limits.max_side}-pixel limit per side", "image")
     if has_image and int(opts.steps * opts.strength) < 1:
         raise _bad(f"{opts.steps} steps at strength {opts.strength} leave no denoising step (img2img runs "
-                   f"steps x strength steps); use at least {int(1 / opts.strength) + 1} steps", "steps")
+                   f"steps x strength steps); use at least {min_steps_at(opts.strength)} steps", "steps")
 
     # LoRAs: explicit list and <lora:name:w> prompt tags, all bare names inside the server's folder
     tag_names: list[str] = []

@@ -41,6 +41,7 @@ async function loadOptions() {
   fill($("sampler"), options.samplers, options.default_sampler);
   $("n").max = options.max_n;
   $("steps").max = options.max_steps;
+  $("steps").value = options.default_steps;  // the server's default, within its limit
   $("lora-none").hidden = options.loras.length > 0;
   $("add-lora").hidden = options.loras.length === 0;
 }
