@@ -577,6 +577,11 @@ def test_edits_and_variations_without_size_keep_the_shape_at_the_native_pixel_co
     with pytest.raises(EgakuError) as info:  # too thin for the model at its native size: say so
         size(Image.new("RGB", (4000, 8)))
     assert info.value.param == "size"
+    # steps given, even at the default value, and steps in the prompt are one value twice
+    from egaku.server.requests import parse_image_request as parse
+
+    with pytest.raises(EgakuError, match="the number of steps is given twice: 20 as an option and 5 in the prompt"):
+        parse("generation", {"prompt": "a --steps 5", "steps": 20}, pipe, Limits(), form=False)
     # through the API: the response's size and the image's
     r = http.post("/v1/images/edits", files={"image": ("w.png", png((1000, 500)), "image/png")},
                   data={"prompt": "a", "steps": "2", "response_format": "b64_json"})

@@ -314,6 +314,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     opts = GenerateOptions(prompt=prompt or "", negative_prompt=negative, num_images=n or 1, seed=seed,
                            width=width, height=height, progress=False)
     opts.steps = steps  # None until the prompt's --steps has had its say: unset is never a conflict with it
+    opts.given_options = ["steps"] if steps is not None else []  # an explicit 20 and "--steps 5" conflict too
     # the model's own default guidance, before --chaos in the prompt scales it
     opts.guidance_scale = recommended_guidance(pipe) if guidance is None else guidance
     if sampler is not None:
