@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import option
 from ..errors import EgakuError
+from ..paths import check_output
 from .loading import DTYPES, load_pipeline, model_defaults, save_pipeline, write_model_defaults
 
 _OUT_FORMS = "NAME.safetensors for one original-layout file (A1111/ComfyUI), or a folder for a diffusers pipeline"
@@ -43,18 +44,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         # --overwrite replaces a pipeline folder whole; a folder of other files is never removed
         raise EgakuError(f"--out {out} is a folder that is not a diffusers pipeline (no model_index.json), and "
                          "--overwrite replaces the folder whole; choose another --out", param="out")
-    # the nearest path that exists is where the files or the missing folders are made: it must be a writable folder
-    start = out if not single else out.parent
-    folder = next((p for p in (start, *start.parents) if p.exists()), Path("."))
-    if not folder.is_dir():
-        raise EgakuError(f"--out {out} cannot be written: {folder} is a file, not a folder; choose another --out",
-                         param="out")
-    try:  # permissions alone do not say it (root may write anywhere, but not in /proc or on a read-only disk)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise EgakuError(f"--out {out} cannot be written: no file can be made in {folder} ({exc.strerror}); "
-                         "choose another --out", param="out") from None
+    check_output(out, folder=not single)
 
 
 def convert_command(opts: ConvertOptions) -> None:

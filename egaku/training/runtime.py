@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import config_difference
+from ..paths import check_output
 from ..errors import EgakuError
 
 
@@ -137,13 +138,7 @@ class Checkpoints:
         if keep < 1:  # 0 would delete each checkpoint as it is written, the one a resume needs too
             raise EgakuError(f"--keep-checkpoints must be at least 1 (the newest is what --resume continues from), "
                              f"got {keep}")
-        out = Path(out_dir)
-        for folder in (out, *out.parents):  # the first path that exists must be a folder, or nothing can be written
-            if folder.exists():
-                if not folder.is_dir():
-                    raise EgakuError(f"--out {out_dir}: {folder} is a file, not a folder; give a folder for the "
-                                     "run's outputs (it is created when missing)")
-                break
+        out = check_output(out_dir)  # a file, an unwritable place or "" is named before any work
         self.root = out / "checkpoints"
         self.keep = keep
 

@@ -1,0 +1,49 @@
+"""Where a command writes: checked before any work, so that a wrong path costs no minutes of training or
+sampling and ends in one line that says what to change, not a traceback after the work is done."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import EgakuError
+
+
+def check_output(path: str | Path, flag: str = "--out", folder: bool = True) -> Path:
+    """``path`` can be written as a folder (``folder=True``: it is one, or can be made) or as a file (it is not
+    a folder, and its folder can be made): the nearest part of it that exists is a folder in which a file can
+    be created. Returns it as a Path."""
+    if not str(path).strip():
+        raise EgakuError(f"{flag} is empty; give a {'folder' if folder else 'file'} to write to", param="out")
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise EgakuError(f"{flag} {path} is a file, not a folder; give a folder (it is created when missing)",
+                         param="out")
+    if not folder and path.is_dir():
+        raise EgakuError(f"{flag} {path} is a folder; give a file name (such as {path / 'report.json'})", param="out")
+    start = path if folder else path.parent
+    nearest = next((p for p in (start, *start.parents) if p.exists()), Path("."))
+    if not nearest.is_dir():
+        raise EgakuError(f"{flag} {path} cannot be written: {nearest} is a file, not a folder; choose another "
+                         f"{flag}", param="out")
+    try:  # permissions alone do not say it (root may write anywhere, but not in /proc or on a read-only disk)
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as exc:
+        raise EgakuError(f"{flag} {path} cannot be written: no file can be made in {nearest} ({exc.strerror}); "
+                         f"choose another {flag}", param="out") from None
+    return path
+
+
+def check_outside(out: str | Path, inputs: dict[str, str], flag: str = "--out") -> None:
+    """A run's output folder may not lie in one of its input folders (``inputs``: flag -> folder): its sample
+    grids and checkpoints would be read as data by the next run, or by the same run when it resumes."""
+    real_out = os.path.realpath(out)
+    for input_flag, folder in inputs.items():
+        if not folder or not os.path.isdir(folder):
+            continue
+        real_in = os.path.realpath(folder)
+        if real_out == real_in or real_out.startswith(real_in.rstrip(os.sep) + os.sep):
+            raise EgakuError(f"{flag} {out} lies inside {input_flag} {folder}: the run's samples and checkpoints "
+                             f"would be read as training images; give an {flag} outside it", param="out")
