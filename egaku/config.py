@@ -107,7 +107,14 @@ def load_preset(path: str | Path) -> dict[str, Any]:
         raise EgakuError(f"config file {str(path)!r} is not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise EgakuError(f"config file {str(path)!r} must hold a mapping of option: value")
+    if suffix == ".json":  # a run's saved config repeats the run, not the session that wrote it (a resume of it)
+        for key in SESSION_OPTIONS:
+            data.pop(key, None)
     return data
+
+
+# options of one session of a run, which its saved config records but a new run from that config does not take
+SESSION_OPTIONS = ("resume", "export_only", "stop_at")
 
 
 def _yaml_loader():

@@ -103,6 +103,13 @@ def test_a_runs_saved_config_json_is_a_preset_that_repeats_it(tmp_path):
     saved = save_config(first, tmp_path / "config.json")
     _, again = parse(["train-ldm", "--config", str(saved), "--out", "b"])
     assert dataclasses.replace(again, out="a") == first
+    # the config a resumed session saved repeats the run, not the resume (nor a lora run's --stop-at)
+    _, resumed = parse(["train-ldm", "--config", str(CONFIGS / "ldm-tiny.toml"), "--resume", "latest", "--out", "a"])
+    _, again = parse(["train-ldm", "--config", str(save_config(resumed, tmp_path / "resumed.json")), "--out", "c"])
+    assert not again.resume and not again.export_only
+    _, stopped = parse(["train-lora", "--data", "d", "--stop-at", "3", "--resume", "latest"])
+    _, again = parse(["train-lora", "--config", str(save_config(stopped, tmp_path / "training_config.json"))])
+    assert not again.resume and not again.stop_at and again.data == "d"
     (tmp_path / "bad.json").write_text("{steps: 3")
     with pytest.raises(EgakuError, match="not valid JSON"):
         parse(["train-ldm", "--config", str(tmp_path / "bad.json")])

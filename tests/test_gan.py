@@ -337,6 +337,14 @@ def test_empty_folder_is_refused(tmp_path):
         train_gan_command(_opts(tmp_path, data=str(tmp_path / "empty")))
 
 
+def test_an_out_inside_the_data_folder_or_empty_is_refused(tmp_path):
+    data = _write_folder(tmp_path / "digits", {"top": _halves(4)["top"]})
+    with pytest.raises(EgakuError, match=f"--out {data / 'run'} lies inside --data {data}"):
+        train_gan_command(_opts(tmp_path, data=str(data), out=str(data / "run")))
+    with pytest.raises(EgakuError, match="--out is empty"):
+        train_gan_command(_opts(tmp_path, out=""))
+
+
 def test_conditional_needs_two_classes(tmp_path):
     data = _write_folder(tmp_path / "one", {"only": _halves(4)["top"]})
     with pytest.raises(EgakuError, match="at least two classes.*'only'"):

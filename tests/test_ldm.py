@@ -410,6 +410,22 @@ def test_a_fresh_run_without_a_vae_stage_is_refused_and_samples_always_get_a_fol
 
     with pytest.raises(EgakuError, match=r"--vae-steps 0 skips training the VAE.*--vae-steps N.*--vae-from DIR"):
         tiny_opts(tmp_path / "no-vae", vae_steps=0)
+    with pytest.raises(EgakuError, match=r"--vae-steps 0 skips training the VAE"):  # a resume keeps the run's own
+        tiny_opts(tmp_path / "no-vae", vae_steps=0, resume="latest")
+    # --vae-from names a VAE folder: a whole pipeline, or another model's folder, is named as such before any work
+    with pytest.raises(EgakuError, match=f"is a whole pipeline; give its VAE: --vae-from {tiny_run / 'model' / 'vae'}"):
+        ldm.train_ldm(tiny_opts(tmp_path / "x", vae_from=str(tiny_run / "model"), vae_steps=0))
+    with pytest.raises(EgakuError, match="is a UNet2DConditionModel folder; give a trained AutoencoderKL folder"):
+        ldm.train_ldm(tiny_opts(tmp_path / "x", vae_from=str(tiny_run / "model" / "unet"), vae_steps=0))
+    with pytest.raises(EgakuError, match="holds no checkpoint to export; train a run there first"):
+        ldm.train_ldm(tiny_opts(tmp_path / "never-trained", export_only=True))
+    # an --out inside the data folder: its sample grids would be read as training images on the next run
+    data = tmp_path / "images"
+    (data / "red").mkdir(parents=True)
+    with pytest.raises(EgakuError, match=f"--out {data / 'run'} lies inside --data {data}"):
+        ldm.train_ldm(tiny_opts(data / "run", data=str(data)))
+    with pytest.raises(EgakuError, match="--out is empty"):
+        ldm.train_ldm(tiny_opts(""))
     # --sample-every writes into samples/ however the run got past the VAE stage (here: a resume, whose
     # summary already holds the VAE's PSNR, of a run whose samples folder was removed)
     out, vae = tmp_path / "given-vae", str(tiny_run / "model" / "vae")

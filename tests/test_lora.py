@@ -957,6 +957,10 @@ def test_target_modules_that_match_no_layer_and_an_out_that_is_a_file_are_clear_
     for out in (a_file, a_file / "run"):
         with pytest.raises(EgakuError, match=f"--out {out}( cannot be written: {a_file})? is a file, not a folder"):
             train_lora(options(data_dir, tiny_model_dir, out))
+    # inside the data folder its samples would be read as a class of training images
+    with pytest.raises(EgakuError, match=f"--out {data_dir / 'red_star' / 'run'} lies inside --data {data_dir}"):
+        train_lora(options(data_dir, tiny_model_dir, data_dir / "red_star" / "run"))
+    assert not (data_dir / "red_star" / "run").exists()
 
 
 def test_kohya_subsets_are_keyed_by_their_folder_inside_the_data(tmp_path):

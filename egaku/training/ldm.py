@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..config import absolute_paths, option, save_config, to_dict
+from ..paths import check_output, check_outside
 from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
@@ -86,7 +87,7 @@ class TrainLdmOptions:
     latent_channels: int = option(4, help="channels of the latent space")
     vae_from: str = option("", help="an AutoencoderKL folder to train the diffusion stage on instead of "
                            "training a VAE here (stage 1 is skipped; --vae-steps must be 0)")
-    vae_steps: int = option(1500, help="VAE optimizer steps (0: skip stage 1 only when resuming past it)")
+    vae_steps: int = option(1500, help="VAE optimizer steps (0 only with --vae-from, whose VAE replaces stage 1)")
     vae_batch_size: int = option(16, help="VAE images per step (per process under accelerate launch or torchrun)")
     vae_crop: int = option(32, help="VAE trains on random crops of this size (0 = whole images)")
     vae_lr: float = option(1e-3, help="VAE peak learning rate (warmup then cosine)")
@@ -224,9 +225,9 @@ class TrainLdmOptions:
              f"and at most --steps ({self.steps})"),
             (not (self.vae_from and self.vae_steps), f"--vae-from {self.vae_from} replaces stage 1: set --vae-steps 0"),
             # A fresh run without stage 1 would train the diffusion model in the latent space of a random VAE.
-            (self.vae_steps > 0 or self.vae_from or self.resume or self.export_only,
-             "--vae-steps 0 skips training the VAE, which only a run that has one already may do: give --vae-steps N "
-             "(e.g. 1500), or --vae-from DIR (a trained AutoencoderKL), or --resume a run past its VAE stage"),
+            (self.vae_steps > 0 or self.vae_from,
+             "--vae-steps 0 skips training the VAE, which only a run given one may do: give --vae-steps N (e.g. "
+             "1500), or --vae-from DIR (a trained AutoencoderKL); a resume keeps the run's own --vae-steps"),
         ]
         for ok, message in checks:
             if not ok:
@@ -244,7 +245,7 @@ class TrainLdmOptions:
 
 # Options that may change between a run and its resume without changing what is computed.
 RESUME_IGNORE = {"resume", "export_only", "threads", "progress", "log_with", "out", "checkpoint_every",
-                 "keep_checkpoints", "sample_every", "sample_guidance", "device"}
+                 "keep_checkpoints", "sample_every", "sample_guidance", "sample_steps", "device"}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -563,11 +564,29 @@ def train_ldm(opts: TrainLdmOptions) -> Path:
         torch.set_num_threads(threads_before)
 
 
+def check_vae_folder(folder: str) -> None:
+    """--vae-from names a diffusers AutoencoderKL folder; a pipeline folder, or another model's, is named as such."""
+    path = Path(folder)
+    if (path / "model_index.json").is_file() and (path / "vae" / "config.json").is_file():
+        raise EgakuError(f"--vae-from {folder} is a whole pipeline; give its VAE: --vae-from {path / 'vae'}")
+    try:
+        kind = json.loads((path / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        kind = None
+    if kind != "AutoencoderKL":
+        what = f"a {kind} folder" if kind else "not a diffusers model folder (no readable config.json)"
+        raise EgakuError(f"--vae-from {folder} is {what}; give a trained AutoencoderKL folder, such as an earlier "
+                         "run's OUT/model/vae")
+
+
 def _train(opts: TrainLdmOptions) -> Path:
     from diffusers.training_utils import EMAModel
 
     opts = absolute_paths(opts)  # a resume from another working directory finds the same folders
-    out = Path(opts.out)
+    out = check_output(opts.out)  # before any work: an empty, unwritable or file --out
+    check_outside(out, {"--data": opts.data if opts.data != "shapes" else ""})
+    if opts.vae_from:
+        check_vae_folder(opts.vae_from)
     ckpts = Checkpoints(out, keep=opts.keep_checkpoints)  # (an --out that is a file is refused here)
     out.mkdir(parents=True, exist_ok=True)
     config = to_dict(opts)
@@ -584,6 +603,9 @@ def _train(opts: TrainLdmOptions) -> Path:
 
     if not (opts.resume or opts.export_only):
         ckpts.check_fresh_start()
+    if opts.export_only and not opts.resume and ckpts.latest() is None:
+        raise EgakuError(f"--export-only: {out} holds no checkpoint to export; train a run there first (without "
+                         "--export-only)")
     resume = "latest" if opts.export_only and not opts.resume else opts.resume
     resume_path = ckpts.resolve(resume) if resume else None
     if resume_path is not None:  # before the data is read: a checkpoint of another trainer is refused at once
