@@ -540,7 +540,10 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, a
 def test_bad_model_and_init_image(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "notimg.png").write_text("hello")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "model").mkdir(parents=True)  # a train-ldm run folder: its pipeline is in model/
+    (tmp_path / "run" / "model" / "model_index.json").write_text("{}")
     cases = [
+        (["--model", str(tmp_path / "run")], f"is a train-ldm run; its pipeline is {tmp_path / 'run' / 'model'}"),
         (["--model", str(tmp_path / "nope")], "not found: no such file or folder"),
         (["--model", str(tmp_path / "empty")], "not a diffusers pipeline (no model_index.json)"),
         (["--model", str(tmp_path / "notimg.png")], "unknown model file type"),

@@ -185,6 +185,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def _check_pipeline_folder(folder: Path) -> None:
     index = folder / "model_index.json"
+    if not index.is_file() and (folder / "model" / "model_index.json").is_file():
+        raise EgakuError(f"{folder} is a train-ldm run; its pipeline is {folder / 'model'}: pass --model "
+                         f"{folder / 'model'}", param="model")
     if not index.is_file():
         raise EgakuError(f"{folder} is a folder but not a diffusers pipeline (no model_index.json); "
                          "pass a Stable Diffusion pipeline folder, a .safetensors checkpoint or a hub id",
