@@ -32,8 +32,9 @@ from ..config import option, to_dict
 from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid
 from ..errors import EgakuError
-from ..inference.samplers import DEFAULT_SAMPLER, SAMPLERS, sampling_runner
+from ..inference.samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, sampling_runner
 from ..models.text import encode_prompt_pair, needs_chunked_encoding
+from ..paths import check_output
 from .judges import ShapesJudge, label_arrays, load_judge
 from .metrics import frechet_distance
 
@@ -58,6 +59,22 @@ class AdherenceOptions:
     seed: int = option(0, help="seed of the first image; image i uses seed+i")
     device: str = option("auto", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
     threads: int = option(2, help="torch CPU threads")
+
+    def __post_init__(self) -> None:
+        # refused here, before minutes of generating: 0 steps would score undenoised noise, and no prompts
+        # would write an empty report
+        counts = {"seen_prompts": self.seen_prompts, "held_out_prompts": self.held_out_prompts,
+                  "star_prompts": self.star_prompts}
+        for name, value in counts.items():
+            if value < 0:
+                raise EgakuError(f"--{name.replace('_', '-')} must be 0 or more, got {value}", param=name)
+        if not any(counts.values()):
+            raise EgakuError("--seen-prompts, --held-out-prompts and --star-prompts are all 0: ask for at least one "
+                             "prompt (e.g. --seen-prompts 100)", param="seen_prompts")
+        for name, value in (("steps", self.steps), ("batch_size", self.batch_size)):
+            if value < 1:
+                raise EgakuError(f"--{name.replace('_', '-')} must be at least 1, got {value}", param=name)
+        canonical_sampler(self.sampler)  # an unknown name is an error that lists the samplers
 
 
 def prompt_set(split: str, n: int) -> list[shapes.ShapeSpec]:
@@ -232,9 +249,14 @@ def _jitter(k: int, offset: int) -> dict:
 def eval_adherence_command(opts: AdherenceOptions) -> None:
     from ..models.loading import load_pipeline
 
+    # 1. Check inputs (the options checked themselves) and where the report goes, before any loading or generating
+    out = check_output(opts.out, folder=False)
+    if out.suffix.lower() == ".png":
+        raise EgakuError(f"--out {out} ends in .png, the name of the contact sheet written beside the report, which "
+                         f"would replace it; give the report a .json name, such as {out.with_suffix('.json')}",
+                         param="out")
+    check_output(out.with_suffix(".png"), folder=False)  # the contact sheet
     torch.set_num_threads(max(1, opts.threads))
-    if min(opts.seen_prompts, opts.held_out_prompts, opts.star_prompts) < 0:
-        raise EgakuError("prompt counts must be zero or more")
     judge = load_judge(opts.judge)
     pipe = load_pipeline(opts.model, device=opts.device, dtype="float32")
     report, images = evaluate_adherence(pipe, opts, judge)
@@ -245,7 +267,6 @@ def eval_adherence_command(opts: AdherenceOptions) -> None:
     report_path = report_path or BUILTIN_JUDGE / "report.json"
     if report_path.is_file():
         report["judge_accuracy_on_renders"] = json.loads(report_path.read_text()).get("test_accuracy")
-    out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     sheet = [im for split in SPLITS for im in images.get(split, [])[:16]]

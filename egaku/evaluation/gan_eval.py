@@ -35,7 +35,9 @@ from torch import nn
 from ..config import option, save_config
 from ..data.digits import DIGIT_LABELS, load_digits_split, resize_batch
 from ..errors import EgakuError
+from ..gan.commands import gan_folder
 from ..gan.models import load_generator
+from ..paths import check_output
 from .metrics import class_coverage, frechet_distance
 
 JUDGE_SIZE = 28
@@ -139,16 +141,24 @@ def default_judge_dir() -> Path:
     return Path(cache) / "egaku" / "digit-judge"
 
 
+def judge_is_cached(folder: Path, recipe: JudgeRecipe = JudgeRecipe()) -> bool:
+    """Whether ``folder`` holds a judge trained with ``recipe`` (then it is only read, not written)."""
+    try:
+        report = json.loads((folder / "training.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("recipe") == recipe.__dict__
+
+
 def load_or_train_judge(folder: str | Path | None = None, recipe: JudgeRecipe = JudgeRecipe(),
                         log=print) -> tuple[DigitClassifier, float]:
     """The cached judge in ``folder`` when it was trained with ``recipe``; otherwise train and save it."""
     folder = Path(folder) if folder else default_judge_dir()
     report_path = folder / "training.json"
-    wanted = recipe.__dict__
-    if report_path.is_file():
+    if judge_is_cached(folder, recipe):
         report = json.loads(report_path.read_text())
-        if report.get("recipe") == wanted:
-            return DigitClassifier.from_pretrained(folder).eval(), float(report["held_out_accuracy"])
+        return DigitClassifier.from_pretrained(folder).eval(), float(report["held_out_accuracy"])
+    wanted = recipe.__dict__
     log(f"training the digit judge (once; cached in {folder})")
     model, accuracy = train_digit_classifier(recipe, log=log)
     model.save_pretrained(folder)
@@ -285,6 +295,12 @@ def eval_gan_command(opts: EvalGanOptions) -> None:
         raise EgakuError("eval gan needs --model DIR, the --out folder of `egaku train-gan`")
     if opts.n < 10:
         raise EgakuError(f"-n {opts.n} is too few to estimate coverage and a Fréchet distance; use at least 10")
+    gan_folder(opts.model)  # a diffusion model, or no model, is named before --out is judged by it
+    out = check_output(opts.out if opts.out else Path(opts.model) / "eval-gan.json", folder=False)
+    check_output(out.with_name(out.stem + ".config.json"), folder=False)  # the options, written beside it
+    judge_dir = Path(opts.judge_dir) if opts.judge_dir else default_judge_dir()
+    if not judge_is_cached(judge_dir):  # trained and written there: where it is only read, it need not be writable
+        check_output(judge_dir, "--judge-dir")
     gen = load_generator(opts.model)
     check_judgeable(gen, opts.model)  # before the judge, which may first train for minutes
     # 2. The judge and the real-digit reference
@@ -307,7 +323,6 @@ def eval_gan_command(opts: EvalGanOptions) -> None:
     print(f"predicted digits: {result['predicted_counts']}")
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
-    out = Path(opts.out) if opts.out else Path(opts.model) / "eval-gan.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     save_config(opts, out.with_name(out.stem + ".config.json"))

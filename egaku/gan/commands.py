@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,53 @@ from ..config import option, save_config
 from ..data.digits import resize_batch
 from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
-from .models import ARCHITECTURES, load_generator
+from ..paths import check_output
+from ..training.runtime import TRAINER_OPTIONS
+from .models import ARCHITECTURES, generator_dir, load_generator
+
+
+def _written_by(run: Path) -> str | None:
+    """The trainer (train-ldm, train-gan, train-lora) whose options ``run`` holds (config.json; train-lora's run
+    folder: training_config.json), if any."""
+    for name in ("config.json", "training_config.json"):
+        try:
+            saved = json.loads((run / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict):
+            found = next((trainer for trainer, keys in TRAINER_OPTIONS.items() if keys <= set(saved)), None)
+            if found:
+                return found
+    return None
+
+
+def gan_folder(model: str | Path) -> Path:
+    """``generator_dir``, with a diffusion model given where a GAN goes (a train-ldm run, its model/ folder, a
+    train-lora run) named as what it is and sent to the commands that read it. Reads no weights."""
+    try:
+        return generator_dir(model)
+    except EgakuError:
+        path = Path(model)
+        checkpoint = (path / "state.pt").is_file()  # RUN/checkpoints/step-N
+        run = path.parent.parent if checkpoint else path
+        pipeline = path if (path / "model_index.json").is_file() else run / "model"
+        writer = _written_by(path)
+        if (pipeline / "model_index.json").is_file() and (pipeline == path or writer in (None, "train-ldm")):
+            what = ("a diffusers pipeline folder" if pipeline == path else
+                    "a train-ldm checkpoint" if checkpoint else "a train-ldm run")
+            it = "its run's model" if checkpoint else "it"
+            raise EgakuError(f"{path} is {what} (a diffusion model, not a GAN); generate from {it} with `egaku "
+                             f"generate --model {pipeline}`, or score {it} with `egaku eval adherence --model "
+                             f"{pipeline}`") from None
+        if writer == "train-ldm":
+            raise EgakuError(f"{path} is a train-ldm {'checkpoint' if checkpoint else 'run'} (a diffusion model, not "
+                             f"a GAN) whose model is not written yet; when train-ldm finishes, generate with `egaku "
+                             f"generate --model {pipeline}` or score it with `egaku eval adherence --model "
+                             f"{pipeline}`") from None
+        if writer == "train-lora":
+            raise EgakuError(f"{path} is a train-lora run (a LoRA for a diffusion model, not a GAN); apply it with "
+                             f"`egaku generate --lora {path}`") from None
+        raise
 
 
 def resolve_label(class_names: list[str] | None, digit: str | None, model: str) -> int | None:
@@ -75,9 +122,10 @@ def sample_gan_command(opts: SampleGanOptions) -> None:
         raise EgakuError(f"-n {opts.n}: ask for at least one image")
     if opts.size < 0:
         raise EgakuError(f"--size {opts.size}: give a side in pixels, or 0 for the model's own size")
+    gan_folder(opts.model)  # a diffusion model, or no model, is named before --out is judged by it
+    out = check_output(opts.out if opts.out else Path(opts.model) / "samples-gan")
     gen = load_generator(opts.model, arch=opts.arch)
     label = resolve_label(gen.config.class_names, opts.digit, opts.model)
-    out = Path(opts.out) if opts.out else Path(opts.model) / "samples-gan"
     # An earlier run's images would be mixed with these (its 0001-cats.png beside a 0001-dogs.png) and its
     # grid.png replaced; numbering on would still replace its grid and config, so the folder is refused.
     earlier = _earlier_run_files(out)
