@@ -234,6 +234,14 @@ def test_an_unfinished_train_ldm_run_and_a_gan_run_keep_their_own_messages(tmp_p
     (gan_run / "config.json").write_text(json.dumps({key: 1 for key in TRAINER_OPTIONS["train-gan"]}))
     with pytest.raises(EgakuError, match="no exported generator yet; let train-gan finish"):
         eval_gan_command(build(EvalGanOptions, {"model": str(gan_run), "n": 10}))
+    # a checkpoint of a run that has exported its generator points at the run
+    step = gan_run / "checkpoints" / "step-000020"
+    step.mkdir()
+    (step / "state.pt").write_bytes(b"")
+    (gan_run / "generator").mkdir()
+    (gan_run / "generator" / "config.json").write_text("{}")
+    with pytest.raises(EgakuError, match=f"is a training checkpoint; the run's generator .* pass --model {gan_run}"):
+        eval_gan_command(build(EvalGanOptions, {"model": str(step), "n": 10}))
 
 
 def test_a_train_lora_run_is_named_as_a_lora(tmp_path, no_gan_work):

@@ -274,6 +274,10 @@ def generator_dir(path: str | Path) -> Path:
         return path / "generator"
     if (path / "config.json").is_file() and (path / "diffusion_pytorch_model.safetensors").is_file():
         return path
+    run = path.parent.parent  # RUN/checkpoints/step-N
+    if (path / "state.pt").is_file() and (run / "generator" / "config.json").is_file():
+        raise EgakuError(f"{path} is a training checkpoint; the run's generator (as of its last export) is "
+                         f"{run / 'generator'}: pass --model {run}")
     if (path / "checkpoints").is_dir() or (path / "state.pt").is_file():
         raise EgakuError(f"{path} holds training checkpoints but no exported generator yet; let train-gan finish, "
                          "or resume it with --resume latest")
