@@ -209,7 +209,7 @@ def vae_roundtrip(pipe, image):
 
 
 def test_an_init_image_too_far_from_square_names_its_shape(pipe):
-    with pytest.raises(egaku.EgakuError, match="the init image's shape 2000:4 is too far from square .*give --width"):
+    with pytest.raises(egaku.EgakuError, match="the init image's shape 2000:4 is too far from square .*--width and --height"):
         egaku.generate(pipe, "a cat", init_image=Image.new("RGB", (2000, 4)), strength=0.5, steps=2)
     # with a size given, its shape is no matter
     assert egaku.generate(pipe, "a cat", init_image=Image.new("RGB", (2000, 4)), strength=0.5, steps=2, width=64,
@@ -520,7 +520,8 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
     (["--height", "100000"], "height 100000 is outside"),
     (["--aspect-ratio", "wide"], "aspect ratio 'wide' is not W:H"),
     (["--ar", "1:100"], "aspect ratio 1:100 is too far from square for this model: at its native pixel count "
-                        "(64x64) it gives 6x640, and a side must be 8..4096 pixels; give --width and --height"),
+                        "(64x64) it gives 6x640, and a side must be 8..4096 pixels; give the size in pixels "
+                        "(--width and --height; the API's size)"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--steps", "-3"], "--steps must be at least 1"),
     (["-n", "0"], "--num-images must be at least 1"),

@@ -245,6 +245,42 @@ def test_loras_by_field_and_by_prompt_tag(http):
     assert np.array_equal(image({})[0], plain)  # and it is gone again for the next request
 
 
+def test_requests_qa_found_get_a_4xx_that_names_no_server_path(http, lora_dir):
+    (lora_dir / "broken.safetensors").write_bytes(b"not a safetensors file")
+    try:
+        cases = [
+            ({"loras": [{"name": "nope"}]}, 404, "lora", "not found in the LoRA folder"),
+            ({"prompt": "a <lora:nope:1>"}, 404, "lora", "not found in the LoRA folder"),
+            ({"loras": [{"name": "broken"}]}, 400, "lora", "broken.safetensors: not a readable safetensors file"),
+            ({"loras": [{"name": "x" * 300}]}, 400, "lora", "not a name a LoRA file can have"),
+            ({"prompt": "a" + "<lora:style:0.1>" * 9}, 400, "lora", "9 LoRAs asked for"),
+            ({"prompt": "a <lora::1>"}, 400, "prompt", "tag without a name"),
+            ({"prompt": "a\ud800b"}, 400, "prompt", "not valid Unicode"),
+            ({"negative_prompt": "\udfff"}, 400, "negative_prompt", "not valid Unicode"),
+        ]
+        for body, status, param, said in cases:
+            r = http.post("/v1/images/generations", content=json.dumps({"prompt": "a cat", **FAST, **body}),
+                          headers={"Content-Type": "application/json"})  # (json.dumps escapes the lone surrogates)
+            error = assert_openai_error(r, status, param)
+            assert said in error["message"] and str(lora_dir) not in error["message"], (body, error)
+        # the connection is still good (a 500 would have closed it)
+        assert http.get("/v1/models").status_code == 200
+    finally:
+        (lora_dir / "broken.safetensors").unlink()
+
+
+def test_a_page_of_another_site_cannot_start_work(http, server):
+    body = {"prompt": "a cat", **FAST}
+    for content in ({"json": body}, {"content": json.dumps(body), "headers": {"Content-Type": "text/plain"}}):
+        headers = {"Origin": "https://elsewhere.example", **content.pop("headers", {})}
+        r = http.post("/v1/images/generations", headers=headers, **content)
+        assert assert_openai_error(r, 403)["code"] == "cross_origin"
+    # the server's own page sends its own origin; programs send none
+    own = server.url.rstrip("/")
+    assert http.post("/v1/images/generations", json=body, headers={"Origin": own}).status_code == 200
+    assert http.get("/v1/models", headers={"Origin": "https://elsewhere.example"}).status_code == 200
+
+
 def test_loras_in_sub_folders_are_listed_and_found_by_name_or_path_in_the_folder(http, lora_dir):
     import shutil
 
@@ -632,10 +668,13 @@ def test_url_images_expire_and_memory_is_bounded():
     from egaku.server.app import UrlStore
 
     store = UrlStore(ttl=3600, max_bytes=250)
-    first = store.put(b"a" * 100)
-    second = store.put(b"b" * 100)
+    [first] = store.put(b"a" * 100)
+    [second] = store.put(b"b" * 100)
     assert store.get(first) == b"a" * 100 and len(first) >= 32
-    third = store.put(b"c" * 100)  # 300 bytes > 250: the oldest goes
+    [third] = store.put(b"c" * 100)  # 300 bytes > 250: the oldest goes
     assert store.get(first) is None and store.get(second) and store.get(third)
+    # one response's images stay together, even over the budget: the URLs it hands out are never already gone
+    batch = store.put(b"d" * 100, b"e" * 100, b"f" * 100)
+    assert all(store.get(token) for token in batch) and store.get(second) is None and store.get(third) is None
     expired = UrlStore(ttl=-1, max_bytes=1000)
-    assert expired.get(expired.put(b"x")) is None
+    assert expired.get(expired.put(b"x")[0]) is None

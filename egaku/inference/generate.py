@@ -132,7 +132,8 @@ def resolve_size(pipe, width: int | None, height: int | None, aspect_ratio: str 
         if min(width, height) < multiple or max(width, height) > MAX_SIDE:
             raise EgakuError(f"{ratio_from} {aspect_ratio} is too far from square for this model: at its native "
                              f"pixel count ({base}x{base}) it gives {width}x{height}, and a side must be "
-                             f"{multiple}..{MAX_SIDE} pixels; give --width and --height", param="size")
+                             f"{multiple}..{MAX_SIDE} pixels; give the size in pixels (--width and --height; the "
+                             "API's size)", param="size")
     width = base if width is None else width
     height = base if height is None else height
     for name, value in (("width", width), ("height", height)):

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations here
 
@@ -97,16 +98,20 @@ class UrlStore:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, data: bytes) -> str:
-        token = secrets.token_urlsafe(24)
+    def put(self, *images: bytes) -> list[str]:
+        """Tokens for ``images``, which stay until they expire even when together they are over the budget: the
+        older images go first, and a response never hands out a URL that is already gone."""
+        tokens = [secrets.token_urlsafe(24) for _ in images]
         now = time.monotonic()
         with self._lock:
-            self._items[token] = (now + self.ttl, data)
-            self._bytes += len(data)
-            while self._items and (self._bytes > self.max_bytes or next(iter(self._items.values()))[0] < now):
+            for token, data in zip(tokens, images):
+                self._items[token] = (now + self.ttl, data)
+                self._bytes += len(data)
+            while len(self._items) > len(images) and (self._bytes > self.max_bytes
+                                                       or next(iter(self._items.values()))[0] < now):
                 _, (_, old) = self._items.popitem(last=False)
                 self._bytes -= len(old)
-        return token
+        return tokens
 
     def get(self, token: str) -> bytes | None:
         with self._lock:
@@ -307,6 +312,12 @@ def _authorizer(api_key: str | None):
     """The /v1 routes' dependency: with a key, each request must send ``Authorization: Bearer KEY``."""
 
     async def authorize(request: Request) -> None:
+        # a page of another site may POST a form or text/plain here without asking first (no CORS preflight):
+        # a browser says whose page it is in Origin, and only this server's own page may start work
+        origin = request.headers.get("origin")
+        if origin and request.method not in ("GET", "HEAD") and urlparse(origin).netloc != request.headers.get("host"):
+            raise ApiError(403, f"requests from another site's page ({origin}) are refused; call the API from a "
+                                "program, or from this server's own page", code="cross_origin")
         if api_key is None:
             return
         header = request.headers.get("authorization", "")
@@ -317,6 +328,18 @@ def _authorizer(api_key: str | None):
                                 f"was started with (${API_KEY_ENV})", code="invalid_api_key")
 
     return authorize
+
+
+def hide_paths(message: str, opts: ServeOptions) -> str:
+    """An error names a file by its place in the server's LoRA or embedding folder, never by the server's own
+    paths: 'LoRA 'x' not found in the LoRA folder', 'styles/broken.safetensors: not a readable ...'."""
+    for folder, label in ((opts.lora_dir, "the LoRA folder"), (opts.embedding_dir, "the embedding folder")):
+        if not folder:
+            continue
+        forms = {str(folder).rstrip(os.sep), os.path.abspath(folder), os.path.realpath(folder)}
+        for form in sorted(forms, key=len, reverse=True):  # the longest first: a path may hold a shorter one
+            message = message.replace(form + os.sep, "").replace(form, label)
+    return message
 
 
 def _add_error_handlers(app, opts: ServeOptions) -> None:
@@ -339,7 +362,7 @@ def _add_error_handlers(app, opts: ServeOptions) -> None:
     @app.exception_handler(EgakuError)
     async def _egaku_error(_request, exc: EgakuError):
         code = "not_found" if exc.status == 404 else "invalid_value"
-        return error_response(exc.status, str(exc), "invalid_request_error", exc.param, code)
+        return error_response(exc.status, hide_paths(str(exc), opts), "invalid_request_error", exc.param, code)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_request, exc: QueueFull):
@@ -472,12 +495,13 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         if job.error is not None:
             raise job.error  # EgakuError -> its 4xx; anything else -> a logged 500
         data = []
-        for png, params in job.result:
+        tokens = urls.put(*(png for png, _ in job.result)) if req.response_format != "b64_json" else []
+        for k, (png, params) in enumerate(job.result):
             item: dict[str, Any] = {"revised_prompt": req.revised_prompt}
             if req.response_format == "b64_json":
                 item["b64_json"] = base64.b64encode(png).decode()
             else:
-                item["url"] = str(request.base_url) + f"v1/files/{urls.put(png)}.png"
+                item["url"] = str(request.base_url) + f"v1/files/{tokens[k]}.png"
             item["egaku"] = params
             data.append(item)
         first = job.result[0][1]

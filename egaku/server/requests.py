@@ -107,6 +107,10 @@ def _as_str(body: Mapping[str, Any], key: str, max_len: int = 4000) -> str | Non
         raise _bad(f"'{key}' must be a string, got {type(value).__name__}", key)
     if len(value) > max_len:
         raise _bad(f"'{key}' is {len(value)} characters long; the limit is {max_len}", key)
+    try:  # JSON may carry lone UTF-16 surrogates ("\ud800"), which no tokenizer takes
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(f"'{key}' is not valid Unicode text (it holds a lone surrogate such as \\ud800)", key) from None
     return value
 
 
@@ -134,7 +138,11 @@ def lora_names(names: list[str], limits: Limits) -> None:
     its name, found in sub-folders too, or its path inside the folder ('styles/deep')."""
     if not names:
         return
+    if len(names) > MAX_LORAS:
+        raise _bad(f"{len(names)} LoRAs asked for ('loras' and <lora:...> tags together); the limit is {MAX_LORAS}",
+                   "lora")
     for name in names:
+        _check_lora_name(name)
         parts = name.replace("\\", "/").split("/")
         if ".." in parts or name.startswith(("/", "\\", "~")) or Path(name).is_absolute():
             raise _bad(f"LoRA name {name!r} points outside the server's LoRA folder; give the name of a LoRA in it",
@@ -145,7 +153,10 @@ def lora_names(names: list[str], limits: Limits) -> None:
     from ..lora.apply import resolve_lora
 
     for name in names:
-        resolve_lora(name, limits.lora_dir)
+        try:
+            resolve_lora(name, limits.lora_dir)
+        except OSError:  # a name the file system cannot even look up
+            raise NotFoundError(f"LoRA {name[:40]!r} not found in the server's LoRA folder", param="lora") from None
 
 
 def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
@@ -157,15 +168,30 @@ def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
         except json.JSONDecodeError:
             raise _bad("'loras' must be a JSON list such as [{\"name\": \"style\", \"weight\": 0.8}]",
                        "loras") from None
-    if not isinstance(value, list) or len(value) > 8:
-        raise _bad("'loras' must be a list of at most 8 {\"name\", \"weight\"} objects", "loras")
+    if not isinstance(value, list) or len(value) > MAX_LORAS:
+        raise _bad(f"'loras' must be a list of at most {MAX_LORAS} {{\"name\", \"weight\"}} objects", "loras")
     out = []
     for item in value:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "weight"}:
             raise _bad(f"each entry of 'loras' must be {{\"name\": str, \"weight\": number}}, got {item!r}", "loras")
+        _check_lora_name(item["name"])
         weight = _as_float(item, "weight", -10.0, 10.0, form=False)
         out.append((item["name"], 1.0 if weight is None else weight))
     return out
+
+
+MAX_LORAS = 8  # per request: the 'loras' field and the prompt's <lora:name:w> tags together
+
+
+def _check_lora_name(name: str) -> None:
+    """A LoRA name a request may give: not empty, of a length a file name can have, valid text."""
+    if not name.strip() or len(name) > 255:
+        raise _bad(f"LoRA name {name[:40]!r}{'...' if len(name) > 40 else ''} is not a name a LoRA file can have "
+                   "(empty, or over 255 characters)", "lora")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad("a LoRA name is not valid Unicode text", "lora") from None
 
 
 def default_size(image: Image.Image, pipe, limits: Limits) -> tuple[int, int]:
@@ -366,6 +392,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         from ..lora.apply import parse_prompt_loras
 
         tag_names = [name for name, _ in parse_prompt_loras(opts.prompt)[1]]
+        if re.search(r"<lora:\s*[:>]", opts.prompt):
+            raise _bad("the prompt has a <lora:...> tag without a name; write <lora:NAME:WEIGHT>", "prompt")
     lora_names(tag_names + [name for name, _ in loras], limits)
 
     options = {k: getattr(opts, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "steps",
