@@ -207,6 +207,9 @@ def test_models_and_health(openai_client, http):
     assert openai_client.models.retrieve("tiny").id == "tiny"
     assert http.get("/v1/models/tiny").json() == listed
     assert assert_openai_error(http.get("/v1/models/dall-e-9"), 404, "model")["code"] == "model_not_found"
+    assert http.get("/v1/models/dall-e-3").json()["id"] == "tiny"  # a name requests may use is served
+    unknown = http.post("/v1/images/generations", json={"prompt": "a cat", "model": "dall-e-9", **FAST})
+    assert assert_openai_error(unknown, 404, "model")["code"] == "model_not_found"  # as OpenAI names it
     assert_openai_error(http.get("/v1/models/org/some-model"), 404, "model")
     health = http.get("/health").json()
     assert health["models"]["tiny"]["max_waiting"] == 8 and health["auth"] is False

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations here
 
 from ..config import option
-from ..errors import EgakuError, NotFoundError
+from ..errors import EgakuError
 from .queue import Job, ModelWorker, QueueFull
 from .requests import ImageRequest, Limits, parse_image_request
 
@@ -458,7 +458,8 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
             return name
         if name in aliases:
             return aliases[name]
-        raise NotFoundError(f"model {name!r} is not served here; available: {', '.join(workers)}", param="model")
+        raise ApiError(404, f"model {name!r} is not served here; available: {', '.join(workers)}", param="model",
+                       code="model_not_found")  # OpenAI's code for it
 
     async def run(request: Request, model: str, req: ImageRequest) -> dict:
         worker = workers[model]
@@ -555,6 +556,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
 
     @api.get("/models/{model_id:path}")  # (a path: a model named after its hub id has a slash in it)
     async def retrieve_model(model_id: str):
+        model_id = aliases.get(model_id, model_id)  # the names requests may use ("dall-e-3", "builtin")
         if model_id not in workers:
             raise ApiError(404, f"model {model_id!r} is not served here; available: {', '.join(workers)}",
                            param="model", code="model_not_found")
