@@ -111,3 +111,12 @@ def test_info_prints_an_a1111_image_s_own_text(tmp_path, capsys):
     assert main(["info", str(tmp_path / "a1111.png"), "--json"]) == 0
     params = json.loads(capsys.readouterr().out)
     assert (params["seed"], params["sampler"], params["width"]) == (12, "DPM++ 2M Karras", 512)
+
+
+def test_info_takes_a_lora_hub_id_and_a_missing_image_stays_an_image(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["info", "someone/star-lora"])
+    assert "LoRA 'someone/star-lora' is not a local file or folder, nor in the hub cache" in err
+    err = one_line_error(capsys, ["info", "outputs/missing.png"])
+    assert "outputs/missing.png does not exist" in err and "hub" not in err

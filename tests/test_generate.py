@@ -307,6 +307,7 @@ def test_from_an_img2img_or_inpainting_image_uses_its_init_image_and_mask_again(
                  str(tmp_path / "other.png"), "--out", "other", "--no-progress"]) == 0
     other = egaku.read_params(tmp_path / "made" / "other" / "00000-3.png")
     assert other["init_image"] == str(tmp_path / "other.png") and "mask" not in other
+    assert other["strength"] == egaku.GenerateOptions().strength  # img2img's, not the inpainting's 0.75
     # a recorded file that is gone is an error that says what to give
     (tmp_path / "mask.png").unlink()
     capsys.readouterr()

@@ -98,8 +98,8 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
         merged.pop("model_config", None)
     if o.prompt_file:  # the file's prompts, with the image's settings
         merged.pop("prompt", None)
-    if "init_image" in given:  # the recorded mask belongs to the recorded init image
-        merged.pop("mask", None)
+    if "init_image" in given and merged.pop("mask", None):  # the recorded mask belongs to the recorded init image,
+        merged.pop("strength", None)  # and so does the inpainting's strength (1): the new image is kept in part
     _check_recorded_files(source, params, merged)
     for note in _from_notes(source, params, merged, given):
         print(f"egaku: note: {note}")
@@ -275,12 +275,19 @@ class InfoOptions:
     json: bool = option(False, help="print the parameters as JSON instead of A1111 text")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def info_command(opts: InfoOptions) -> None:
+    from ..lora.apply import HUB_LORA
+
     path = Path(opts.image)
-    if path.suffix.lower() == ".safetensors" or path.is_dir():
+    # a LoRA: a .safetensors file, a train-lora folder, or a hub id (org/name) that is no local path nor image name
+    hub_id = not path.exists() and HUB_LORA.fullmatch(opts.image) and path.suffix.lower() not in IMAGE_SUFFIXES
+    if path.suffix.lower() == ".safetensors" or path.is_dir() or hub_id:
         from ..lora.commands import describe_lora, format_lora_description
 
-        found = describe_lora(path)
+        found = describe_lora(opts.image)
         print(json.dumps(found, indent=2) if opts.json else format_lora_description(found))
         return
     chunks = read_text_chunks(opts.image)
