@@ -14,7 +14,7 @@ from ..data.digits import resize_batch
 from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
 from ..paths import check_output
-from ..training.runtime import TRAINER_OPTIONS
+from ..training.runtime import config_writer
 from .models import ARCHITECTURES, generator_dir, load_generator
 
 
@@ -26,10 +26,9 @@ def _written_by(run: Path) -> str | None:
             saved = json.loads((run / name).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(saved, dict):
-            found = next((trainer for trainer, keys in TRAINER_OPTIONS.items() if keys <= set(saved)), None)
-            if found:
-                return found
+        found = config_writer(saved)
+        if found:
+            return found
     return None
 
 

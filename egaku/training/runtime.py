@@ -214,6 +214,12 @@ TRAINER_OPTIONS = {"train-ldm": {"vae_steps", "unet_channels", "cross_attention_
                    "train-lora": {"rank", "target_modules"}}
 
 
+def config_writer(saved: Any) -> str | None:
+    """The trainer (train-ldm, train-gan, train-lora) whose options a saved config holds, if any."""
+    return next((name for name, keys in TRAINER_OPTIONS.items() if isinstance(saved, dict) and keys <= set(saved)),
+                None)
+
+
 def trainer_config(path: Path, trainer: str) -> dict[str, Any]:
     """The config of checkpoint ``path``, which ``trainer`` must have written: another trainer's checkpoint (whose
     config, compared with this run's, would differ in every field) is an error that names the one to resume it
@@ -223,8 +229,7 @@ def trainer_config(path: Path, trainer: str) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         saved, why = None, f" (its config.json cannot be read: {exc})"
     else:
-        writer = next((name for name, keys in TRAINER_OPTIONS.items()
-                       if isinstance(saved, dict) and keys <= set(saved)), None)
+        writer = config_writer(saved)
         if writer == trainer:
             return saved
         why = f" (it was written by {writer}: resume it with `egaku {writer} --resume`)" if writer else ""
