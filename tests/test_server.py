@@ -563,8 +563,17 @@ def test_progress_of_a_job_can_be_polled(http):
     assert r.status_code == 200
     progress = http.get("/v1/egaku/jobs/my-job-1").json()
     assert progress["state"] == "done" and progress["step"] == progress["total"] == 2
-    assert_openai_error(http.post("/v1/images/generations", json={"prompt": "x"},
-                                  headers={"X-Egaku-Job": "../bad id"}), 400)
+    bad = assert_openai_error(http.post("/v1/images/generations", json={"prompt": "x"},
+                                        headers={"X-Egaku-Job": "../bad id"}), 400)
+    assert bad["code"] == "invalid_value"
+    # an empty header is no header
+    assert http.post("/v1/images/generations", json={"prompt": "x", **FAST}, headers={"X-Egaku-Job": ""}).status_code \
+        == 200
+    # HEAD, as link checkers and proxies send it
+    assert http.head("/health").status_code == 200
+    url = http.post("/v1/images/generations", json={"prompt": "x", **FAST}).json()["data"][0]["url"]
+    head = http.head(url)
+    assert head.status_code == 200 and head.headers["content-type"] == "image/png"
 
 
 def test_web_page_and_options_are_served(http):

@@ -463,12 +463,13 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
 
     async def run(request: Request, model: str, req: ImageRequest) -> dict:
         worker = workers[model]
-        job_id = request.headers.get("x-egaku-job")
+        job_id = request.headers.get("x-egaku-job", "").strip() or None  # an empty header is no header
         if job_id is not None and not _JOB_ID.match(job_id):
-            raise ApiError(400, "X-Egaku-Job must be 1-64 letters, digits, '-' or '_'", param="X-Egaku-Job")
+            raise ApiError(400, "X-Egaku-Job must be 1-64 letters, digits, '-' or '_'", param="X-Egaku-Job",
+                           code="invalid_value")
         if job_id in jobs and not jobs[job_id][1].finished.is_set():  # its progress would replace the other's
             raise ApiError(409, f"job {job_id!r} is still running; give each request its own X-Egaku-Job id",
-                           param="X-Egaku-Job")
+                           param="X-Egaku-Job", code="job_running")
         job = worker.submit(_run_request(app.state.pipelines[model], req), job_id)
         jobs[job.id] = (model, job)
         while len(jobs) > 256:
@@ -531,7 +532,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
                                   stored=_stored_params(files) if image is not None else None)
         if mask is not None and mask.size != image.size:
             raise ApiError(400, f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
-                                f"{image.size[0]}x{image.size[1]}; they must match", param="mask")
+                                f"{image.size[0]}x{image.size[1]}; they must match", param="mask", code="invalid_value")
         return await run(request, model, req)
 
     @api.post("/images/edits")
@@ -589,7 +590,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
 
     app.include_router(api)
 
-    @app.get("/v1/files/{name}")
+    @app.api_route("/v1/files/{name}", methods=["GET", "HEAD"])
     async def file(name: str):
         # capability URLs: the unguessable token is the permission, so <img src> works without a header
         data = urls.get(name.removesuffix(".png"))
@@ -598,7 +599,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
                            code="not_found")
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "models": {name: w.stats() for name, w in workers.items()},
                 "auth": api_key is not None}
