@@ -418,7 +418,7 @@ def test_a_crash_is_a_500_without_traceback(http, monkeypatch):
     monkeypatch.setattr(generate_module, "generate", broken)
     r = http.post("/v1/images/generations", json={"prompt": "x", **FAST})
     error = assert_openai_error(r, 500)
-    assert error["type"] == "server_error"
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
     assert "secret" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
     monkeypatch.undo()
     assert_still_serving(http)

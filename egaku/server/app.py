@@ -494,8 +494,12 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
                 worker.cancel(job)  # the client left (or the server is stopping): free the place
         if not finished.done() or job.state == "cancelled":
             raise ClientGone()
-        if job.error is not None:
-            raise job.error  # EgakuError -> its 4xx; anything else -> a logged 500
+        if isinstance(job.error, EgakuError):
+            raise job.error  # its 4xx
+        if job.error is not None:  # answered here rather than by Starlette's last handler, which drops the connection
+            log.error("internal error in a %s job", model, exc_info=job.error)
+            raise ApiError(500, "internal server error; the details are in the server's log", type="server_error",
+                           code="internal_error")
         data = []
         tokens = urls.put(*(png for png, _ in job.result)) if req.response_format != "b64_json" else []
         for k, (png, params) in enumerate(job.result):
