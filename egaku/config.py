@@ -238,6 +238,14 @@ def _same_path_form(value: Any) -> Any:
     return value
 
 
+def _moved(saved: Any, current: Any) -> bool:
+    """A saved absolute path that no longer exists, and a current one of the same name that does: the project was
+    moved (or mounted elsewhere). The checks of the data's content say whether it is still the same."""
+    return (isinstance(saved, str) and isinstance(current, str) and os.path.isabs(saved)
+            and not os.path.exists(saved) and os.path.exists(os.path.expanduser(current))
+            and os.path.basename(saved.rstrip(os.sep)) == os.path.basename(_same_path_form(current)))
+
+
 def absolute_paths(opts: T) -> T:
     """``opts`` with each ``PATH_OPTIONS`` field that names an existing file or folder made absolute, so that the
     run's saved config finds it again from another working directory (a resume from a batch script)."""
@@ -258,6 +266,8 @@ def config_difference(saved: dict[str, Any], current: dict[str, Any], ignore: se
         if key in ignore:
             continue
         if key in PATH_OPTIONS and _same_path_form(saved.get(key)) == _same_path_form(current.get(key)):
+            continue
+        if key in PATH_OPTIONS and _moved(saved.get(key), current.get(key)):
             continue
         if saved.get(key) != current.get(key):
             diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}")

@@ -77,7 +77,8 @@ def test_convert_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no half-written folder is left
 
 
-def test_convert_overwrite_replaces_a_pipeline_folder_whole_and_no_other_folder(tmp_path, capsys, tiny_model_dir):
+def test_convert_overwrite_replaces_a_pipeline_folder_whole_and_no_other_folder(tmp_path, capsys, tiny_model_dir,
+                                                                                monkeypatch):
     out = tmp_path / "pipe"
     assert main(["convert", str(tiny_model_dir), "--out", str(out)]) == 0
     (out / "unet" / "old-weights.safetensors").write_text("from an earlier conversion")
@@ -89,6 +90,9 @@ def test_convert_overwrite_replaces_a_pipeline_folder_whole_and_no_other_folder(
     (photos / "a.jpg").write_text("a photo")
     err = one_line_error(capsys, ["convert", str(tiny_model_dir), "--out", str(photos), "--overwrite"])
     assert "is a folder that is not a diffusers pipeline" in err and (photos / "a.jpg").is_file()
+    monkeypatch.chdir(out)  # the working folder itself would be removed
+    err = one_line_error(capsys, ["convert", str(tiny_model_dir), "--out", ".", "--overwrite"])
+    assert "is the working folder" in err and (out / "model_index.json").is_file()
 
 
 def test_convert_makes_missing_folders_of_a_good_out(tmp_path, capsys):

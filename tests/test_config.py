@@ -97,6 +97,15 @@ def test_two_word_command_needs_its_second_word():
         parse(["eval"])
 
 
+def test_a_moved_folder_is_the_same_folder_to_a_resume(tmp_path, monkeypatch):
+    (tmp_path / "new" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "new")
+    saved = {"data": str(tmp_path / "old" / "data"), "seed": 1}  # the project was moved from old/ to new/
+    assert config_difference(saved, {"data": "data", "seed": 1}) == []
+    (tmp_path / "old" / "data").mkdir(parents=True)  # while the old folder is there, the other one is another
+    assert config_difference(saved, {"data": "data", "seed": 1})[0].startswith("data: checkpoint has")
+
+
 def test_a_runs_saved_config_json_is_a_preset_that_repeats_it(tmp_path):
     _, first = parse(["train-ldm", "--config", str(CONFIGS / "ldm-tiny.toml"), "--steps", "7",
                       "--unet-channels", "8", "--unet-channels", "16", "--out", "a"])

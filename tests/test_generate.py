@@ -368,6 +368,14 @@ def test_from_an_image_with_a_sampler_egaku_lacks_takes_sampler_or_names_it(tmp_
     applied = _apply_from_image(opts)
     with pytest.raises(egaku.EgakuError, match="unknown sampler 'DPM\\+\\+ SDE Karras'; choose one of"):
         canonical_sampler(applied.sampler)
+    # a new prompt's --steps replaces the image's steps, as a flag would (the recorded value is no flag)
+    from egaku.inference.prompts import apply_prompt_parameters
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a house\nSteps: 20, Sampler: Euler, CFG scale: 6, Seed: 7")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png", pnginfo=info)
+    _, opts = parse(["generate", "a dog --steps 30", "--from", str(tmp_path / "b.png"), "--model", "tiny"])
+    assert apply_prompt_parameters(_apply_from_image(opts)).steps == 30
 
 
 def test_existing_files_are_not_overwritten(tiny_model_dir, tmp_path):
@@ -407,10 +415,10 @@ def test_overwrite_replaces_the_numbered_files_egaku_wrote_and_nothing_else(tiny
     Image.new("RGB", (8, 8)).save(out / "00012-12.png", pnginfo=a1111)
     Image.new("RGB", (8, 8)).save(out / "00013-photo.png")
     users += ["00012-12.png", "00013-photo.png"]
-    assert run(9, "--overwrite") == 0
+    assert run(9, "--overwrite") == 0  # numbered after what stays, so that nothing kept is written over
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["00000-9.png", "00000-options.json", "00009-folder.png", *users])
-    assert egaku.read_params(out / "00000-9.png")["seed"] == 9
+        ["00014-9.png", "00014-options.json", "00009-folder.png", *users])
+    assert egaku.read_params(out / "00014-9.png")["seed"] == 9
 
 
 def test_prompt_file(tiny_model_dir, tmp_path):

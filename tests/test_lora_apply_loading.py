@@ -164,6 +164,9 @@ def test_hub_lora_ids_load_from_the_hub_cache(pipe, layer, tmp_path, monkeypatch
     assert resolve_lora("someone/star-lora.safetensors", None).resolve() == local_file
     with pytest.raises(NotFoundError, match="does not exist"):  # a relative path is never a hub id
         resolve_lora("./someone/star-lora", None)
+    for missing in ("old/my--lora", "ab/c..d", "loras/x.safetensors"):  # no repository is named so: a missing path
+        with pytest.raises(NotFoundError, match=f"LoRA '{missing}' does not exist"):
+            resolve_lora(missing, None)
 
     # the hub file applies as the local one does
     images = []

@@ -272,6 +272,16 @@ def test_requests_qa_found_get_a_4xx_that_names_no_server_path(http, lora_dir):
         (lora_dir / "broken.safetensors").unlink()
 
 
+def test_error_messages_name_whole_server_paths_only():
+    from egaku.server.app import hide_paths
+
+    relative = ServeOptions(model=["tiny"], lora_dir="./loras")
+    assert hide_paths("LoRA 'x' not found in loras; available: loras_anime", relative) == \
+        "LoRA 'x' not found in the LoRA folder; available: loras_anime"
+    here = ServeOptions(model=["tiny"], lora_dir=".")
+    assert hide_paths("styles/x.safetensors: not readable", here) == "styles/x.safetensors: not readable"
+
+
 def test_a_page_of_another_site_cannot_start_work(http, server):
     body = {"prompt": "a cat", **FAST}
     for content in ({"json": body}, {"content": json.dumps(body), "headers": {"Content-Type": "text/plain"}}):
@@ -630,6 +640,10 @@ def test_edits_and_variations_without_size_keep_the_shape_at_the_native_pixel_co
 
     with pytest.raises(EgakuError, match="the number of steps is given twice: 20 as an option and 5 in the prompt"):
         parse("generation", {"prompt": "a --steps 5", "steps": 20}, pipe, Limits(), form=False)
+    # but the steps an uploaded image was made with are no request field: the prompt's --steps replaces them
+    varied = parse("variation", {"prompt": "a cat --steps 5"}, pipe, Limits(), form=True, image=wide,
+                   stored={"prompt": "a cat", "steps": 20})
+    assert varied.options["steps"] == 5
     # through the API: the response's size and the image's
     r = http.post("/v1/images/edits", files={"image": ("w.png", png((1000, 500)), "image/png")},
                   data={"prompt": "a", "steps": "2", "response_format": "b64_json"})

@@ -23,9 +23,11 @@ _WRITTEN_HERE = re.compile(r"^\d{5}-(.+\.png|options\.json)$")
 
 def _next_index(out: Path, overwrite: bool) -> int:
     """First free file number in ``out`` (A1111-style counter), so earlier images are never replaced."""
-    if overwrite or not out.is_dir():
+    if not out.is_dir():
         return 0
-    numbers = [int(m.group(1)) for p in out.iterdir() if (m := _NUMBERED.match(p.name))]
+    # with --overwrite egaku's own numbered files go, and numbering starts after those that stay (another tool's)
+    numbers = [int(m.group(1)) for p in out.iterdir() if (m := _NUMBERED.match(p.name))
+               and not (overwrite and _WRITTEN_HERE.match(p.name) and p.is_file() and _written_by_egaku(p))]
     return max(numbers, default=-1) + 1
 
 
@@ -105,8 +107,10 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
         print(f"egaku: note: {note}")
     if not params.get("model_source"):
         _note_unrecorded(source, params, o, given)
-    # what the image recorded counts as set, as a flag would (an inpainting image's strength is not then reset to 1)
-    return dataclasses.replace(o, **merged, from_image=None, given_options=sorted(set(o.given_options) | set(merged)))
+    # the recorded strength counts as set, so that an inpainting image's is not reset to 1 (other recorded values
+    # are not: "--steps 30" in a new prompt replaces the image's steps, as a flag would)
+    given_after = set(o.given_options) | ({"strength"} & set(merged))
+    return dataclasses.replace(o, **merged, from_image=None, given_options=sorted(given_after))
 
 
 def _from_notes(source: str, params: dict, merged: dict, given: set[str]) -> list[str]:

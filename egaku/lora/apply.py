@@ -158,8 +158,8 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
         refuse_training_checkpoint(path)
         raise NotFoundError(f"LoRA folder {path} has no {LORA_WEIGHTS_NAME} (nor {path.resolve().name}.safetensors, "
                             "train-lora's kohya file); give the LoRA file itself", param="lora")
-    if HUB_LORA.fullmatch(text):
-        return hub_lora(text)
+    if HUB_LORA.fullmatch(text) and not (text.count("/") == 1 and Path(text).suffix.lower() in MODEL_FILE_SUFFIXES):
+        return hub_lora(text)  # (a missing "loras/x.safetensors" is a local path, not a repository named so)
     hint = ("" if has_separator or not names_option else
             f"; to use a name from a LoRA folder, also give the folder ({names_option})")
     raise NotFoundError(f"LoRA {text!r} does not exist{hint}", param="lora")
@@ -167,6 +167,7 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
 
 # org/name, or org/name/path/in/repo.safetensors: what diffusers' load_lora_weights takes as a repo id and weight_name
 HUB_LORA = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[^:]+\.safetensors)?")
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def hub_lora(spec: str) -> Path:
@@ -174,12 +175,18 @@ def hub_lora(spec: str) -> Path:
     .safetensors file; ``org/name/file.safetensors``: that file), from the local cache first, so that a LoRA
     downloaded once loads offline. Only safetensors files are fetched."""
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     from ..models.loading import hub_reachable
 
     parts = spec.split("/")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo_id)
+    except HFValidationError:  # "old/my--lora": no repository can be named so, so it is a missing local path
+        raise NotFoundError(f"LoRA {spec!r} does not exist", param="lora") from None
     try:  # the cache
         if filename:
             return Path(hf_hub_download(repo_id, filename, local_files_only=True))

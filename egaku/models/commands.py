@@ -40,6 +40,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          f"diffusers folder; choose another --out: {_OUT_FORMS}", param="out")
     if out.exists() and not overwrite:
         raise EgakuError(f"{out} already exists; pass --overwrite to replace it, or choose another --out", param="out")
+    if not single and out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise EgakuError(f"--out {out} is the working folder (or holds it), which --overwrite would remove; give a "
+                         "folder of its own", param="out")
     if not single and out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         # --overwrite replaces a pipeline folder whole; a folder of other files is never removed
         raise EgakuError(f"--out {out} is a folder that is not a diffusers pipeline (no model_index.json), and "
@@ -70,7 +73,9 @@ def convert_command(opts: ConvertOptions) -> None:
                 save_pipeline(pipe.to(dtype=DTYPES[opts.dtype]), tmp)
                 write_model_defaults(tmp, defaults)
                 permissions_by_umask(tmp)  # mkdtemp made it private
-                if out.exists():
+                if out.is_symlink():  # the link goes, not what it points to
+                    out.unlink()
+                elif out.exists():
                     shutil.rmtree(out)
                 os.replace(tmp, out)
             except BaseException:

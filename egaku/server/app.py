@@ -336,9 +336,12 @@ def hide_paths(message: str, opts: ServeOptions) -> str:
     for folder, label in ((opts.lora_dir, "the LoRA folder"), (opts.embedding_dir, "the embedding folder")):
         if not folder:
             continue
-        forms = {str(folder).rstrip(os.sep), os.path.abspath(folder), os.path.realpath(folder)}
-        for form in sorted(forms, key=len, reverse=True):  # the longest first: a path may hold a shorter one
-            message = message.replace(form + os.sep, "").replace(form, label)
+        forms = {str(folder).rstrip(os.sep), str(Path(folder)), os.path.abspath(folder), os.path.realpath(folder)}
+        for form in sorted(forms - {"", ".", os.sep}, key=len, reverse=True):  # the longest first
+            # whole paths only: the folder's name inside a word ("loras" in "loras_anime") is left alone
+            whole = rf"(?<![\w.-]){re.escape(form)}"
+            message = re.sub(whole + re.escape(os.sep), "", message)
+            message = re.sub(whole + r"(?![\w.-])", label, message)
     return message
 
 

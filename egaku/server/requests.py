@@ -318,6 +318,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     if kind == "upscale" and n not in (None, 1):
         raise _bad("upscale makes one image per request; leave 'n' out or set it to 1", "n")
     steps = _as_int(body, "steps", 1, limits.max_steps, form)
+    steps_asked = steps is not None  # (not the uploaded image's: a prompt's --steps may replace those)
     steps = reused.get("steps") if steps is None else steps
     seed = _as_int(body, "seed", 0, MAX_SEED, form)
     guidance = _as_float(body, "guidance_scale", 0.0, 50.0, form)
@@ -340,7 +341,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     opts = GenerateOptions(prompt=prompt or "", negative_prompt=negative, num_images=n or 1, seed=seed,
                            width=width, height=height, progress=False)
     opts.steps = steps  # None until the prompt's --steps has had its say: unset is never a conflict with it
-    opts.given_options = ["steps"] if steps is not None else []  # an explicit 20 and "--steps 5" conflict too
+    opts.given_options = ["steps"] if steps_asked else []  # an explicit 20 and "--steps 5" conflict too
     # the model's own default guidance, before --chaos in the prompt scales it
     opts.guidance_scale = recommended_guidance(pipe) if guidance is None else guidance
     if sampler is not None:

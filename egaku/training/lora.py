@@ -1289,7 +1289,9 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 # 0 reads as "text encoder not trained" to kohya's tools: the rate it trains at (the LoRA's unless set)
                 ss_text_encoder_lr=(opts.text_encoder_lr or opts.learning_rate) if opts.train_text_encoder else 0,
                 ss_network_train_unet_only=str(not opts.train_text_encoder),
-                ss_tag_frequency=tags or {}, ss_sd_model_name=opts.model,
+                # kohya's: a local model by its file or folder name, not the trainer's path (which names its user)
+                ss_tag_frequency=tags or {}, ss_sd_model_name=Path(opts.model).name if os.path.exists(opts.model)
+                else opts.model,
                 ss_caption_dropout_rate=opts.caption_dropout, ss_shuffle_caption=opts.shuffle_caption,
                 ss_keep_tokens=opts.keep_tokens, ss_clip_skip=opts.clip_skip,
                 ss_max_token_length=opts.max_token_length if opts.max_token_length > 75 else None,
