@@ -174,7 +174,6 @@ def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
     for item in value:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "weight"}:
             raise _bad(f"each entry of 'loras' must be {{\"name\": str, \"weight\": number}}, got {item!r}", "loras")
-        _check_lora_name(item["name"])
         weight = _as_float(item, "weight", -10.0, 10.0, form=False)
         out.append((item["name"], 1.0 if weight is None else weight))
     return out

@@ -587,7 +587,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     check_outside(out, {"--data": opts.data if opts.data != "shapes" else ""})
     if opts.vae_from:
         check_vae_folder(opts.vae_from)
-    ckpts = Checkpoints(out, keep=opts.keep_checkpoints)  # (an --out that is a file is refused here)
+    ckpts = Checkpoints(out, keep=opts.keep_checkpoints)
     out.mkdir(parents=True, exist_ok=True)
     config = to_dict(opts)
     resolve_device(opts.device)  # --device cuda without a GPU is an error before anything else

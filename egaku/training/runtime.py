@@ -35,7 +35,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import config_difference
-from ..paths import check_output
 from ..errors import EgakuError
 
 
@@ -134,14 +133,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 class Checkpoints:
     """Save and find training checkpoints under ``out_dir/checkpoints``, keeping the newest ``keep``."""
 
-    def __init__(self, out_dir: str | Path, keep: int = 2, writing: bool = True):
+    def __init__(self, out_dir: str | Path, keep: int = 2):
         if keep < 1:  # 0 would delete each checkpoint as it is written, the one a resume needs too
             raise EgakuError(f"--keep-checkpoints must be at least 1 (the newest is what --resume continues from), "
                              f"got {keep}")
-        # where a run writes, a file, an unwritable place or "" is named before any work (a run only read from,
-        # --resume's, may be anyone's)
-        out = check_output(out_dir) if writing else Path(out_dir)
-        self.root = out / "checkpoints"
+        self.root = Path(out_dir) / "checkpoints"  # (each trainer checks its --out with check_output first)
         self.keep = keep
 
     def check_fresh_start(self) -> None:
@@ -201,7 +197,7 @@ class Checkpoints:
             return path
         path = Path(resume)
         if (path / "checkpoints").is_dir():
-            found = Checkpoints(path, writing=False).latest()
+            found = Checkpoints(path).latest()
             if found is None:
                 raise EgakuError(f"--resume {resume}: no complete checkpoint under {path / 'checkpoints'}")
             return found
