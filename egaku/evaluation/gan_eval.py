@@ -141,28 +141,28 @@ def default_judge_dir() -> Path:
     return Path(cache) / "egaku" / "digit-judge"
 
 
-def judge_is_cached(folder: Path, recipe: JudgeRecipe = JudgeRecipe()) -> bool:
-    """Whether ``folder`` holds a judge trained with ``recipe`` (then it is only read, not written)."""
+def cached_judge_report(folder: Path, recipe: JudgeRecipe = JudgeRecipe()) -> dict | None:
+    """The training report of the judge in ``folder`` when it was trained with ``recipe`` (then it is only read,
+    not written); None otherwise."""
     try:
         report = json.loads((folder / "training.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and report.get("recipe") == recipe.__dict__
+        return None
+    return report if isinstance(report, dict) and report.get("recipe") == recipe.__dict__ else None
 
 
 def load_or_train_judge(folder: str | Path | None = None, recipe: JudgeRecipe = JudgeRecipe(),
                         log=print) -> tuple[DigitClassifier, float]:
     """The cached judge in ``folder`` when it was trained with ``recipe``; otherwise train and save it."""
     folder = Path(folder) if folder else default_judge_dir()
-    report_path = folder / "training.json"
-    if judge_is_cached(folder, recipe):
-        report = json.loads(report_path.read_text())
+    report = cached_judge_report(folder, recipe)
+    if report is not None:
         return DigitClassifier.from_pretrained(folder).eval(), float(report["held_out_accuracy"])
     wanted = recipe.__dict__
     log(f"training the digit judge (once; cached in {folder})")
     model, accuracy = train_digit_classifier(recipe, log=log)
     model.save_pretrained(folder)
-    report_path.write_text(json.dumps({"recipe": wanted, "held_out_accuracy": accuracy,
+    (folder / "training.json").write_text(json.dumps({"recipe": wanted, "held_out_accuracy": accuracy,
                                        "trained_by": "egaku.evaluation.gan_eval.train_digit_classifier"}, indent=2))
     return model, accuracy
 
@@ -299,7 +299,7 @@ def eval_gan_command(opts: EvalGanOptions) -> None:
     out = check_output(opts.out if opts.out else Path(opts.model) / "eval-gan.json", folder=False)
     check_output(out.with_name(out.stem + ".config.json"), folder=False)  # the options, written beside it
     judge_dir = Path(opts.judge_dir) if opts.judge_dir else default_judge_dir()
-    if not judge_is_cached(judge_dir):  # trained and written there: where it is only read, it need not be writable
+    if cached_judge_report(judge_dir) is None:  # trained and written there: where it is only read, it need not be writable
         check_output(judge_dir, "--judge-dir")
     gen = load_generator(opts.model)
     check_judgeable(gen, opts.model)  # before the judge, which may first train for minutes

@@ -21,35 +21,29 @@ _NUMBERED = re.compile(r"^(\d{5})-")
 _WRITTEN_HERE = re.compile(r"^\d{5}-(.+\.png|options\.json)$")
 
 
-def _next_index(out: Path, overwrite: bool) -> int:
-    """First free file number in ``out`` (A1111-style counter), so earlier images are never replaced."""
+def _next_index(out: Path, replaced: list[Path]) -> int:
+    """First free file number in ``out`` (A1111-style counter), so earlier images are never replaced; the files
+    ``replaced`` (--overwrite's) do not count."""
     if not out.is_dir():
         return 0
-    # with --overwrite egaku's own numbered files go, and numbering starts after those that stay (another tool's)
-    numbers = [int(m.group(1)) for p in out.iterdir() if (m := _NUMBERED.match(p.name))
-               and not (overwrite and _WRITTEN_HERE.match(p.name) and p.is_file() and _written_by_egaku(p))]
+    numbers = [int(m.group(1)) for p in out.iterdir() if (m := _NUMBERED.match(p.name)) and p not in replaced]
     return max(numbers, default=-1) + 1
 
 
-def _remove_numbered(out: Path) -> None:
-    """--overwrite: numbering starts at 0 again, so the files of earlier runs go (their seeds, and so their
-    names, may differ from the new ones); a file egaku does not name this way is the user's and stays, and so
-    does an image named this way that egaku did not write (A1111 names its images NNNNN-SEED.png too)."""
-    for path in out.iterdir():
-        if _WRITTEN_HERE.match(path.name) and path.is_file() and _written_by_egaku(path):
-            path.unlink()
+def _numbered_by_egaku(out: Path) -> list[Path]:
+    """--overwrite's files: the numbered files of earlier runs (their seeds, and so their names, may differ from
+    the new ones). A file egaku does not name this way is the user's and stays, and so does an image named this
+    way that egaku did not write (A1111 names its images NNNNN-SEED.png too)."""
+    if not out.is_dir():
+        return []
+    return [path for path in out.iterdir() if _WRITTEN_HERE.match(path.name) and path.is_file()
+            and (path.name.endswith(("-options.json", "-grid.png")) or _has_egaku_chunk(path))]
 
 
-def _written_by_egaku(path: Path) -> bool:
-    """An options file or grid of egaku's naming, or an image that carries egaku's parameters chunk."""
-    if path.name.endswith(("-options.json", "-grid.png")):
-        return True
-    from PIL import Image
-
+def _has_egaku_chunk(path: Path) -> bool:
     try:
-        with Image.open(path) as img:
-            return "egaku" in getattr(img, "text", {})
-    except Exception:  # noqa: BLE001 - not a readable PNG: not one egaku wrote
+        return "egaku" in read_text_chunks(path)
+    except EgakuError:  # not a readable image: not one egaku wrote
         return False
 
 
@@ -234,7 +228,8 @@ def generate_command(opts: GenerateOptions) -> None:
     # Midjourney-style "--ar 16:9 --seed 7 --no text" in each prompt (a prompt file's lines too)
     runs = [apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt)) for prompt in _prompts(opts)]
 
-    index = _next_index(out, opts.overwrite)
+    replaced = _numbered_by_egaku(out) if opts.overwrite else []  # numbering starts after the files that stay
+    index = _next_index(out, replaced)
     first_index = index
     written: list[Path] = []
     # a terminal's bar is cleared when generation ends; a log gets a plain line every 30 s and the last one
@@ -253,7 +248,8 @@ def generate_command(opts: GenerateOptions) -> None:
             finished = bar.n
             results = generate(pipe, opts=run, on_step=on_step)
             if opts.overwrite and not written:  # once generation has worked, so a failed run leaves the old files
-                _remove_numbered(out)
+                for path in replaced:
+                    path.unlink(missing_ok=True)
             for r in results:
                 path = out / f"{index:05d}-{r.seed}.png"
                 save_png(r.image, path, r.params)
