@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +26,7 @@ def _load(model: str):
 
 
 def merge_lora_command(opts: MergeLoraOptions) -> None:
-    from ..models.loading import model_defaults, save_pipeline, write_model_defaults
-    from ..training.runtime import permissions_by_umask
+    from ..models.loading import folder_in_place_of, model_defaults, save_pipeline, write_model_defaults
 
     if not opts.lora:
         raise EgakuError("give at least one --lora PATH[:SCALE] to merge")
@@ -44,19 +40,10 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     names = apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the per-adapter scales were set by apply_loras
     remove_loras(pipe, keep_embeddings=True)  # drops the adapter modules; fused deltas and embeddings stay
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with folder_in_place_of(out) as tmp:  # (an empty --out folder is replaced)
         save_pipeline(pipe, tmp)
         write_model_defaults(tmp, model_defaults(pipe))  # the base's recommended guidance holds for the merge
         save_config(opts, tmp / "merge_config.json")
-        permissions_by_umask(tmp)  # mkdtemp made it private
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"merged {', '.join(f'{p}:{s:g}' for p, s in loras)} into {out}")
 
 

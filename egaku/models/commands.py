@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +9,7 @@ from pathlib import Path
 from ..config import option
 from ..errors import EgakuError
 from ..paths import check_output
-from .loading import DTYPES, load_pipeline, model_defaults, save_pipeline, write_model_defaults
+from .loading import DTYPES, folder_in_place_of, load_pipeline, model_defaults, save_pipeline, write_model_defaults
 
 _OUT_FORMS = "NAME.safetensors for one original-layout file (A1111/ComfyUI), or a folder for a diffusers pipeline"
 
@@ -51,7 +48,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def convert_command(opts: ConvertOptions) -> None:
-    from ..training.runtime import permissions_by_umask
     from .single_file import save_single_file
 
     started = time.perf_counter()
@@ -65,22 +61,10 @@ def convert_command(opts: ConvertOptions) -> None:
     try:  # what the check above cannot foresee: a full disk, a folder made read-only meanwhile
         if out.suffix == ".safetensors":
             save_single_file(pipe, out, dtype=DTYPES[opts.dtype], defaults=defaults)
-        else:  # written beside it and then swapped in: a failure leaves no half-written folder, and nothing of
-            # the folder it replaces stays behind
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-            try:
+        else:  # nothing of the folder it replaces stays behind
+            with folder_in_place_of(out) as tmp:
                 save_pipeline(pipe.to(dtype=DTYPES[opts.dtype]), tmp)
                 write_model_defaults(tmp, defaults)
-                permissions_by_umask(tmp)  # mkdtemp made it private
-                if out.is_symlink():  # the link goes, not what it points to
-                    out.unlink()
-                elif out.exists():
-                    shutil.rmtree(out)
-                os.replace(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
     except OSError as exc:
         raise EgakuError(f"could not write --out {out}: {exc}", param="out") from None
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s")

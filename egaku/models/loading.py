@@ -14,9 +14,11 @@ A model is one of:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -64,6 +66,27 @@ def model_defaults(pipe) -> dict:
         raise EgakuError(f'{file} must hold {{"guidance_scale": G}} with G a number >= 0, got {defaults!r}',
                          param="model")
     return {"guidance_scale": float(guidance)}
+
+
+@contextlib.contextmanager
+def folder_in_place_of(out: Path):
+    """A new folder beside ``out`` to write into; when the block ends without an error it takes ``out``'s place (a
+    folder there goes whole, a link as a link), else it is removed: a failure leaves no half-written folder."""
+    from ..training.runtime import permissions_by_umask
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        permissions_by_umask(tmp)  # mkdtemp made it private
+        if out.is_symlink():
+            out.unlink()
+        elif out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_pipeline(pipe, folder: str | os.PathLike) -> None:
