@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import EgakuError
+from .paths import RESERVED_NAMES
 
 T = TypeVar("T")
 
@@ -228,8 +229,6 @@ def save_config(obj: Any, path: str | Path) -> Path:
 
 # options that name files or folders: the same one written two ways ('d2', './d2/', '/home/me/d2') is the same
 PATH_OPTIONS = frozenset({"data", "prior_data", "mask_dir", "init_lora", "model", "vae_from"})
-# names these options take that are not paths (the built-in model and data sets)
-RESERVED_NAMES = frozenset({"builtin", "tiny", "shapes", "digits"})
 
 
 def _same_path_form(value: Any) -> Any:

@@ -6,8 +6,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import EgakuError
+
+T = TypeVar("T")
+
+# names that --data and --model take that are not paths: the built-in model and data sets
+RESERVED_NAMES = frozenset({"builtin", "tiny", "shapes", "digits"})
 
 
 def check_output(path: str | Path, flag: str = "--out", folder: bool = True) -> Path:
@@ -41,9 +47,22 @@ def check_outside(out: str | Path, inputs: dict[str, str], flag: str = "--out") 
     grids and checkpoints would be read as data by the next run, or by the same run when it resumes."""
     real_out = os.path.realpath(out)
     for input_flag, folder in inputs.items():
-        if not folder or not os.path.isdir(folder):
+        # a built-in data set's name ('shapes') is no folder, even where the working directory holds one of that name
+        if not folder or folder in RESERVED_NAMES or not os.path.isdir(folder):
             continue
         real_in = os.path.realpath(folder)
         if real_out == real_in or real_out.startswith(real_in.rstrip(os.sep) + os.sep):
             raise EgakuError(f"{flag} {out} lies inside {input_flag} {folder}: the run's samples and checkpoints "
                              f"would be read as training images; give an {flag} outside it", param="out")
+
+
+def checked_run_paths(opts: T, inputs: dict[str, str]) -> T:
+    """A trainer's options with their paths made absolute (``config.absolute_paths``: a resume from another
+    working directory finds the same folders), after its ``--out`` is checked, before any work: writable, and
+    outside each input folder (``inputs``: flag -> option name, such as ``{"--data": "data"}``)."""
+    from .config import absolute_paths
+
+    opts = absolute_paths(opts)
+    check_output(opts.out)
+    check_outside(opts.out, {flag: getattr(opts, name) for flag, name in inputs.items()})
+    return opts

@@ -144,3 +144,26 @@ def test_a_mistyped_flag_is_one_line_naming_the_flag_it_was_meant_to_be(capsys):
         parse(["generate", "a cat", "--zzzz"])
     err = capsys.readouterr().err
     assert "unrecognized arguments: --zzzz\n" in err and "did you mean" not in err
+
+
+def test_run_paths_are_absolute_and_out_is_checked_against_input_folders_not_builtin_names(tmp_path, monkeypatch):
+    from egaku.paths import checked_run_paths
+
+    @dataclasses.dataclass
+    class RunOptions:
+        out: str = "run"
+        data: str = "shapes"
+        prior_data: str = ""
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()  # a folder named like the built-in data set: --data shapes is not this folder
+    assert checked_run_paths(RunOptions(out="shapes/run"), {"--data": "data"}).data == "shapes"
+    (tmp_path / "mine" / "a").mkdir(parents=True)
+    opts = checked_run_paths(RunOptions(data="mine/", prior_data="mine/a"), {"--data": "data", "--prior-data": "prior_data"})
+    assert opts.data == str(tmp_path / "mine") and opts.prior_data == str(tmp_path / "mine" / "a")
+    with pytest.raises(EgakuError, match="--out mine/a/run lies inside --prior-data"):
+        checked_run_paths(RunOptions(out="mine/a/run", data="elsewhere", prior_data="mine/a"),
+                          {"--data": "data", "--prior-data": "prior_data"})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EgakuError, match="--out file is a file, not a folder"):
+        checked_run_paths(RunOptions(out="file"), {"--data": "data"})

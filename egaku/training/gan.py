@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import absolute_paths, option, save_config, to_dict
-from ..paths import check_output, check_outside
+from ..config import option, save_config, to_dict
+from ..paths import checked_run_paths
 from ..data.digits import load_gan_data
 from ..data.images import image_grid, to_pil_images
 from ..errors import EgakuError
@@ -208,9 +208,8 @@ def _batch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def train_gan_command(opts: TrainGanOptions) -> None:
     # 1. The checkpoint to resume from, then the data (TrainGanOptions checked the options)
-    opts = absolute_paths(opts)  # a resume from another working directory finds the same folder
-    out = check_output(opts.out)  # before any work: an empty, unwritable or file --out
-    check_outside(out, {"--data": opts.data if opts.data != "digits" else ""})
+    opts = checked_run_paths(opts, {"--data": "data"})
+    out = Path(opts.out)
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
     resume_path = checkpoints.resolve(opts.resume) if opts.resume else None
     if resume_path is not None:  # before the data is read: a checkpoint of another trainer or arch is refused at once

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..config import absolute_paths, option, save_config, to_dict
-from ..paths import check_output, check_outside
+from ..config import option, save_config, to_dict
+from ..paths import checked_run_paths
 from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
@@ -582,9 +582,8 @@ def check_vae_folder(folder: str) -> None:
 def _train(opts: TrainLdmOptions) -> Path:
     from diffusers.training_utils import EMAModel
 
-    opts = absolute_paths(opts)  # a resume from another working directory finds the same folders
-    out = check_output(opts.out)  # before any work: an empty, unwritable or file --out
-    check_outside(out, {"--data": opts.data if opts.data != "shapes" else ""})
+    opts = checked_run_paths(opts, {"--data": "data"})
+    out = Path(opts.out)
     if opts.vae_from:
         check_vae_folder(opts.vae_from)
     ckpts = Checkpoints(out, keep=opts.keep_checkpoints)

@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from ..config import absolute_paths, option, save_config, to_dict
-from ..paths import check_output, check_outside
+from ..config import option, save_config, to_dict
+from ..paths import checked_run_paths
 from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
 from ..data.captions import tag_frequency, vary_caption
 from ..data.folder import files_under, scan_image_folder
@@ -913,9 +913,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     if not opts.data:
         raise EgakuError("--data is required: the folder of training images")
-    opts = absolute_paths(opts)  # a resume from another working directory finds the same folders
-    check_output(opts.out)  # before any work: an empty, unwritable or file --out
-    check_outside(opts.out, {"--data": opts.data, "--prior-data": opts.prior_data, "--mask-dir": opts.mask_dir})
+    opts = checked_run_paths(opts, {"--data": "data", "--prior-data": "prior_data", "--mask-dir": "mask_dir"})
     if opts.device != "auto":
         from ..models.loading import resolve_device
 
