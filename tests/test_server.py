@@ -391,6 +391,19 @@ def test_uploads_that_are_not_images(http):
     assert_still_serving(http)
 
 
+def test_form_text_fields_must_be_utf8(http):
+    image = {"image": ("a.png", png(), "image/png")}
+    for field, value in (("prompt", b"a caf\xe9"), ("negative_prompt", b"\xff\xfe"), ("sampler", b"\xed\xa0\x80")):
+        r = http.post("/v1/images/edits", files=image, data={"prompt": "a cat", "steps": "2", field: value})
+        error = assert_openai_error(r, 400, field)
+        assert f"field '{field}' must be UTF-8 text" in error["message"], error
+    # (Latin-1 would have read b"a caf\xe9" as "a café"; the same text in UTF-8 is what the model gets)
+    r = http.post("/v1/images/edits", files=image, data={"prompt": "a café ☕".encode(), "steps": "2",
+                                                         "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["revised_prompt"] == "a café ☕"
+
+
 def test_decompression_bomb_is_refused(http):
     bomb = png((2048, 2048), 0, mode="L")  # a few KB of PNG, 4 Mpixels decoded: over this server's 1 Mpixel limit
     assert len(bomb) < 64 * 1024
@@ -419,19 +432,36 @@ def test_unknown_route_and_method_keep_the_error_shape(http):
     assert_openai_error(http.get("/v1/images/generations"), 405)
 
 
-def test_a_crash_is_a_500_without_traceback(http, monkeypatch):
-    import egaku.inference.generate as generate_module
+CRASH_SITES = {  # where an unexpected exception is raised: what is broken, and the request that reaches it
+    "in a job": ("egaku.inference.generate.generate", "POST", "/v1/images/generations"),
+    "parsing a request": ("egaku.server.app.parse_image_request", "POST", "/v1/images/generations"),
+    "in a GET route": ("egaku.server.app._lora_catalog", "GET", "/v1/egaku/options"),
+}
+
+
+@pytest.mark.parametrize("site", CRASH_SITES)
+def test_a_crash_is_a_logged_500_without_traceback_on_a_connection_that_stays_open(server, monkeypatch, caplog,
+                                                                                   site):
+    target, method, path = CRASH_SITES[site]
+    crash = RuntimeError("secret internal detail at /home/somebody/model.py line 3")
 
     def broken(*args, **kwargs):
-        raise RuntimeError("secret internal detail at /home/somebody/model.py line 3")
+        raise crash
 
-    monkeypatch.setattr(generate_module, "generate", broken)
-    r = http.post("/v1/images/generations", json={"prompt": "x", **FAST})
-    error = assert_openai_error(r, 500)
-    assert error["type"] == "server_error" and error["code"] == "internal_error"
-    assert "secret" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
-    monkeypatch.undo()
-    assert_still_serving(http)
+    monkeypatch.setattr(target, broken)
+    with httpx.Client(base_url=server.url, timeout=120) as client:  # one keep-alive connection
+        r = client.request(method, path, json={"prompt": "x", **FAST} if method == "POST" else None)
+        error = assert_openai_error(r, 500)
+        assert error["type"] == "server_error" and error["code"] == "internal_error"
+        assert "secret" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
+        monkeypatch.undo()
+        after = client.get("/health")
+        assert after.status_code == 200
+        assert after.extensions["network_stream"] is r.extensions["network_stream"]  # answered on the same connection
+    # the server's log has what the client does not: the exception, with its traceback
+    logged = [record for record in caplog.records if record.name == "egaku.server" and record.exc_info]
+    assert [record.exc_info[1] for record in logged] == [crash]
+    assert path in logged[0].getMessage()
 
 
 # -- auth ----------------------------------------------------------------------------------------------------
@@ -614,6 +644,34 @@ def test_requests_without_steps_get_the_default_capped_at_the_limit(pipe):
         for body in ({"prompt": "a", "steps": 3}, {"prompt": "a --steps 3"}):
             error = assert_openai_error(client.post("/v1/images/generations", json=body), 400, "steps")
             assert "3" in error["message"] and "20" not in error["message"]  # the value asked for, not a default
+
+
+def test_a_step_limit_too_low_for_the_strength_says_which_strength_works(pipe):
+    """img2img runs int(steps x strength) steps: at --max-steps 1 a variation's default 0.6 runs none, and no step
+    count the server allows helps, so the error asks for the strength that does (1 step at strength 1 runs)."""
+    from egaku.server.requests import Limits, parse_image_request
+
+    opts = ServeOptions(model=["tiny"], max_steps=1)
+    image = {"image": ("a.png", png((32, 32)), "image/png")}
+    with LiveServer(create_app({"tiny": pipe}, opts, api_key="")) as live, \
+            httpx.Client(base_url=live.url, timeout=120) as client:
+        for endpoint in ("variations", "upscale"):
+            error = assert_openai_error(client.post(f"/v1/images/{endpoint}", files=image), 400, "strength")
+            assert "over this server's limit of 1; give a 'strength' of at least 1.0" in error["message"], error
+        r = client.post("/v1/images/variations", files=image, data={"strength": "1", "response_format": "b64_json"})
+        assert r.status_code == 200, r.text
+        used = r.json()["data"][0]["egaku"]
+        assert (used["steps"], used["strength"]) == (1, 1.0)
+    # the strength asked for is the lowest that works at the limit: an upscale's 0.3 needs 4 steps, 0.34 runs 3 x 0.34
+    upscale = Image.new("RGB", (32, 32))
+    with pytest.raises(EgakuError, match="'strength' of at least 0.34, or start the server with --max-steps 4"):
+        parse_image_request("upscale", {}, pipe, Limits(max_steps=3), form=True, image=upscale)
+    assert parse_image_request("upscale", {"strength": "0.34"}, pipe, Limits(max_steps=3), form=True,
+                               image=upscale).options["steps"] == 3
+    # within the limit, more steps is still the advice
+    with pytest.raises(EgakuError, match="use at least 4 steps") as info:
+        parse_image_request("upscale", {"steps": "3"}, pipe, Limits(max_steps=10), form=True, image=upscale)
+    assert info.value.param == "steps"
 
 
 def test_edits_and_variations_without_size_keep_the_shape_at_the_native_pixel_count(pipe, http):

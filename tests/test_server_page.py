@@ -95,3 +95,41 @@ def test_the_steps_field_starts_at_the_servers_default_within_its_limit(browser)
         WebDriverWait(browser, 60).until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 3)
         steps = browser.find_element(By.ID, "steps")
         assert (steps.get_attribute("value"), steps.get_attribute("max")) == ("10", "10")  # 20 would be refused
+
+
+def test_variations_and_upscale_use_the_forms_steps_and_sampler(server, browser):
+    """A card's Variations and Upscale send the form's settings, which win over those stored in the image."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(server.url + "/")
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 3)
+
+    def set_form(steps: str, sampler: str) -> None:
+        for field, value in (("steps", steps), ("n", "1")):
+            element = browser.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        Select(browser.find_element(By.ID, "sampler")).select_by_value(sampler)
+
+    def newest_params() -> str:
+        assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+        return browser.find_elements(By.CSS_SELECTOR, "#gallery .params")[0].text
+
+    set_form("4", "lms")
+    browser.find_element(By.ID, "prompt").send_keys("a green square")
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d) == 1)
+    assert "Steps: 4, Sampler: LMS," in newest_params()
+
+    set_form("5", "ddim")  # not what the image was made with
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery .card")
+    source.find_element(By.CSS_SELECTOR, ".variations").click()
+    wait.until(lambda d: loaded_images(d) == 2)
+    varied = newest_params()
+    assert "Steps: 5, Sampler: DDIM," in varied and "Strength: 0.6" in varied and "a green square" in varied
+    source.find_element(By.CSS_SELECTOR, ".upscale").click()
+    wait.until(lambda d: loaded_images(d) == 3)
+    upscaled = newest_params()
+    assert "Steps: 5, Sampler: DDIM," in upscaled and "Strength: 0.3" in upscaled and "Upscaled from: 64x64" in upscaled

@@ -24,12 +24,14 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations here
+from starlette.formparsers import MultiPartParser
 
 from ..config import option
 from ..errors import EgakuError
@@ -171,6 +173,41 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class AnswerInternalErrors:
+    """ASGI middleware: an exception that no handler answered (a bug, in a route or in a job) is logged with its
+    traceback and answered as a 500 in OpenAI's shape that names no detail; the connection stays open.
+
+    Not Starlette's ``exception_handler(Exception)``: that one answers, but then raises the exception again for
+    the server to log, and uvicorn closes the connection of a request that raised, so a keep-alive client's next
+    request on it fails.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:
+            if started:  # part of a response is out: only closing the connection can tell the client
+                raise
+            log.exception("internal error on %s %s", scope["method"], scope["path"])
+            from fastapi.responses import JSONResponse
+
+            body = error_body("internal server error; the details are in the server's log", "server_error", None,
+                              "internal_error")
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
 def png_bytes(image, params: dict[str, Any]) -> bytes:
     from PIL import PngImagePlugin
 
@@ -243,13 +280,31 @@ async def _read_json(request: Request) -> dict:
     return body
 
 
+class Utf8MultiPartParser(MultiPartParser):
+    """Starlette's multipart parser (as ``request.form()`` runs it), except that a text field must be UTF-8, as the
+    OpenAI API's text is, whatever charset the body declares: Starlette decodes one that is not as Latin-1, which
+    would hand the model a garbled prompt. The check is made here, where the field's bytes still are."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part  # (the part just read; Starlette's parser keeps no other record of its bytes)
+        if part.file is not None:
+            return super().on_part_end()
+        try:
+            text = part.data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, f"field {part.field_name!r} must be UTF-8 text; the bytes sent are not valid UTF-8",
+                           param=part.field_name, code="invalid_value") from None
+        self.items.append((part.field_name, text))
+
+
 async def _read_form(request: Request) -> tuple[dict, dict[str, bytes]]:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(400, f"this endpoint takes multipart/form-data (as the OpenAI API), not "
                             f"{content_type or 'an empty content type'!r}", code="invalid_content_type")
     try:
-        form = await request.form(max_files=4, max_fields=64)
+        async with aclosing(request.stream()) as stream:
+            form = await Utf8MultiPartParser(request.headers, stream, max_files=4, max_fields=64).parse()
     except (BodyTooLarge, ApiError):
         raise
     except Exception as exc:  # noqa: BLE001 - malformed multipart: python-multipart's messages vary
@@ -394,12 +449,7 @@ def _add_error_handlers(app, opts: ServeOptions) -> None:
         param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
         return error_response(400, f"invalid request: {first.get('msg', 'bad input')}", "invalid_request_error", param)
 
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):
-        # the traceback goes to the server's log (Starlette re-raises after this response), never to the client
-        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
-        return error_response(500, "internal server error; the details are in the server's log", "server_error",
-                              None, "internal_error")
+    app.add_middleware(AnswerInternalErrors)  # the rest: a logged 500
 
 
 def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_key: str | None = None):
@@ -497,12 +547,8 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
                 worker.cancel(job)  # the client left (or the server is stopping): free the place
         if not finished.done() or job.state == "cancelled":
             raise ClientGone()
-        if isinstance(job.error, EgakuError):
-            raise job.error  # its 4xx
-        if job.error is not None:  # answered here rather than by Starlette's last handler, which drops the connection
-            log.error("internal error in a %s job", model, exc_info=job.error)
-            raise ApiError(500, "internal server error; the details are in the server's log", type="server_error",
-                           code="internal_error")
+        if job.error is not None:
+            raise job.error  # EgakuError -> its 4xx; anything else -> a logged 500 (AnswerInternalErrors)
         data = []
         tokens = urls.put(*(png for png, _ in job.result)) if req.response_format != "b64_json" else []
         for k, (png, params) in enumerate(job.result):

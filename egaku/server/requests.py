@@ -214,6 +214,15 @@ def default_steps(limits: Limits) -> int:
     return min(GenerateOptions.steps, limits.max_steps)
 
 
+def min_strength_at(steps: int) -> float:
+    """The lowest strength, in hundredths, at which img2img with ``steps`` steps runs one denoising step (it runs
+    int(steps x strength)): what to ask for where the server's step limit is below ``min_steps_at(strength)``."""
+    hundredths = math.ceil(100 / steps)
+    while int(steps * (hundredths / 100)) < 1:  # 1 / steps rounded down in floating point
+        hundredths += 1
+    return hundredths / 100
+
+
 def _usable_prompt(prompt: str, limits: Limits) -> str:
     """A prompt from an uploaded image without what this server would refuse in it: --parameters it does not
     know (Midjourney's --v 6) and <lora:name> tags of LoRAs its folder does not have."""
@@ -383,8 +392,14 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
             raise _bad(f"upscaling {image.width}x{image.height} would give more than this server's "
                        f"{limits.max_side}-pixel limit per side", "image")
     if has_image and int(opts.steps * opts.strength) < 1:
+        needed = min_steps_at(opts.strength)
+        if needed > limits.max_steps:  # no step count this server allows works: only more strength does
+            raise _bad(f"img2img at strength {opts.strength} needs at least {needed} steps (it runs steps x strength "
+                       f"steps), over this server's limit of {limits.max_steps}; give a 'strength' of at least "
+                       f"{min_strength_at(limits.max_steps)}, or start the server with --max-steps {needed}",
+                       "strength")
         raise _bad(f"{opts.steps} steps at strength {opts.strength} leave no denoising step (img2img runs "
-                   f"steps x strength steps); use at least {min_steps_at(opts.strength)} steps", "steps")
+                   f"steps x strength steps); use at least {needed} steps", "steps")
 
     # LoRAs: explicit list and <lora:name:w> prompt tags, all bare names inside the server's folder
     tag_names: list[str] = []
