@@ -108,6 +108,8 @@ def main() -> None:
                              "embeddings multiplied by S (a file-side stand-in for the prompt weight)")
     parser.add_argument("--guidance-sweep", nargs="+", type=float, default=[], metavar="G",
                         help="also judge the base model and the finished LoRA at these guidance scales")
+    parser.add_argument("--steps-sweep", nargs="+", type=int, default=[], metavar="N",
+                        help="also judge the base model and the finished LoRA at these numbers of sampling steps")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="any other train-lora option, by its TrainLoraOptions field name (a JSON value or a "
                              "string), e.g. dropout=0.1 noise_offset=0.05 min_snr_gamma=5")
@@ -183,8 +185,9 @@ def main() -> None:
     old_prompts = prompt_set("seen", args.eval_prompts)
     sampling = {"steps": args.sample_steps, "guidance_scale": args.guidance}
 
-    def measure(guidance: float | None = None) -> dict:
-        at = sampling if guidance is None else {**sampling, "guidance_scale": guidance}
+    def measure(**changed: float) -> dict:
+        """Star accuracy and old-prompt adherence, sampled with the bench's settings and ``changed``."""
+        at = {**sampling, **changed}
         star = measure_concept(pipe, shape="star", n=args.eval_prompts, judge=judge, **at)
         old = measure_prompts(pipe, old_prompts, judge=judge, **at)
         return {"star": star, "old": {k: v for k, v in old.items() if k not in ("images", "features")}}
@@ -208,19 +211,20 @@ def main() -> None:
     train_minutes = (time.perf_counter() - train_start) / 60
     apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
     after = measure()
-    sweep = []  # the same LoRA and the base model sampled at other guidance scales
-    for guidance in args.guidance_sweep:
-        lora_side = measure(guidance)
+    sweeps = {"guidance": [], "steps": []}  # the same LoRA and the base model sampled with other settings
+    for name, value in [("guidance", g) for g in args.guidance_sweep] + [("steps", n) for n in args.steps_sweep]:
+        setting = {"guidance_scale" if name == "guidance" else "steps": value}
+        lora_side = measure(**setting)
         remove_loras(pipe)
-        base_side = measure(guidance)
+        base_side = measure(**setting)
         apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
-        sweep.append({"guidance": guidance,
-                      "star_accuracy_before": base_side["star"]["per_attribute"]["shape"],
-                      "star_accuracy_after": lora_side["star"]["per_attribute"]["shape"],
-                      "old_prompt_adherence_before": base_side["old"]["all_attributes"],
-                      "old_prompt_adherence_after": lora_side["old"]["all_attributes"],
-                      "star_shape_by_size_after": lora_side["star"]["shape_by_size"]})
-        print("guidance", json.dumps(sweep[-1]), flush=True)
+        sweeps[name].append({name: value,
+                             "star_accuracy_before": base_side["star"]["per_attribute"]["shape"],
+                             "star_accuracy_after": lora_side["star"]["per_attribute"]["shape"],
+                             "old_prompt_adherence_before": base_side["old"]["all_attributes"],
+                             "old_prompt_adherence_after": lora_side["old"]["all_attributes"],
+                             "star_shape_by_size_after": lora_side["star"]["shape_by_size"]})
+        print(name, json.dumps(sweeps[name][-1]), flush=True)
     emphasised = []  # the finished LoRA on the star prompts written with (star:W)
     for weight in args.star_weights:
         emphasised.append({"star_weight": weight, "star_accuracy_before": base_emphasised[weight]["star_accuracy"],
@@ -299,7 +303,8 @@ def main() -> None:
         "old_prompt_adherence_drop_points": 100 * (before["old"]["all_attributes"] - after["old"]["all_attributes"]),
         "targets": {"star_accuracy_after": ">= 0.8", "train_minutes": "<= 10", "adherence_drop_points": "<= 5"},
         "curve": curve,
-        "guidance_sweep": sweep,
+        "guidance_sweep": sweeps["guidance"],
+        "steps_sweep": sweeps["steps"],
         "star_weights": emphasised,
         "token_scales": scaled_tokens,
         "averaged_checkpoints": averaged,
