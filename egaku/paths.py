@@ -42,9 +42,11 @@ def check_output(path: str | Path, flag: str = "--out", folder: bool = True) -> 
     return path
 
 
-def check_outside(out: str | Path, inputs: dict[str, str], flag: str = "--out") -> None:
+def check_outside(out: str | Path, inputs: dict[str, str], flag: str = "--out",
+                  why: str = "the run's samples and checkpoints would be read as training images") -> None:
     """A run's output folder may not lie in one of its input folders (``inputs``: flag -> folder): its sample
-    grids and checkpoints would be read as data by the next run, or by the same run when it resumes."""
+    grids and checkpoints would be read as data by the next run, or by the same run when it resumes. (With
+    another ``flag`` and ``why``: one input folder that may not lie in another.)"""
     real_out = os.path.realpath(out)
     for input_flag, folder in inputs.items():
         # a built-in data set's name ('shapes') is no folder, even where the working directory holds one of that name
@@ -52,8 +54,8 @@ def check_outside(out: str | Path, inputs: dict[str, str], flag: str = "--out") 
             continue
         real_in = os.path.realpath(folder)
         if real_out == real_in or real_out.startswith(real_in.rstrip(os.sep) + os.sep):
-            raise EgakuError(f"{flag} {out} lies inside {input_flag} {folder}: the run's samples and checkpoints "
-                             f"would be read as training images; give an {flag} outside it", param="out")
+            raise EgakuError(f"{flag} {out} lies inside {input_flag} {folder}: {why}; give {flag} a folder "
+                             f"outside it", param=flag.lstrip("-").replace("-", "_"))
 
 
 def checked_run_paths(opts: T, inputs: dict[str, str]) -> T:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -376,7 +377,6 @@ def test_without_latent_cache_the_vae_runs_every_step(tmp_path, data_dir, tiny_m
 
 def test_v_prediction_min_snr_noise_offset_and_checkpointing_run(tmp_path, data_dir, tiny_model_dir, monkeypatch,
                                                                 capfd):
-    import shutil
 
     from diffusers import DDPMScheduler
 
@@ -753,8 +753,10 @@ def test_resume_may_change_what_is_watched_and_a_finished_run_says_nothing_was_l
     before = load_file(out / "pytorch_lora_weights.safetensors")
     capsys.readouterr()
     # validation and checkpoint keeping change no weight: a resume may change them
+    # (gradient checkpointing gives the same gradients with less memory: the usual fix for running out of it)
     train_lora(options(data_dir, tiny_model_dir, out, **common, resume="latest", keep_checkpoints=5,
-                       validation_prompts=["a photo of red star"], validation_steps=2, validation_seeds=[4]))
+                       validation_prompts=["a photo of red star"], validation_steps=2, validation_seeds=[4],
+                       gradient_checkpointing=True, min_images=1))
     said = capsys.readouterr().out
     assert "nothing was left to train" in said and "nan" not in said
     after = load_file(out / "pytorch_lora_weights.safetensors")
@@ -775,7 +777,6 @@ def apply_loras_to_nothing(path):
 def test_a_resume_finds_its_folders_written_another_way_and_replaces_the_other_layouts_file(tmp_path, data_dir,
                                                                                             tiny_model_dir, capsys,
                                                                                             monkeypatch):
-    import shutil
 
     from egaku.lora.apply import resolve_lora
     from egaku.lora.commands import describe_lora
@@ -811,7 +812,6 @@ def test_a_resume_finds_its_folders_written_another_way_and_replaces_the_other_l
 
 
 def test_resume_on_changed_images_or_captions_is_refused_naming_them(tmp_path, data_dir, tiny_model_dir):
-    import shutil
 
     data = tmp_path / "photos"  # the error names the images under the folder given as --data
     shutil.copytree(data_dir, data)
@@ -863,6 +863,10 @@ def test_nan_loss_stops_at_the_step_keeping_the_last_good_checkpoint(tmp_path, d
                            checkpoint_every=1, max_steps=6, format="diffusers"))
     message = str(err.value)
     assert "at step 2" in message and "step-000001" in message and "learning-rate" in message
+    # the fixes change the run's options, which a resume refuses: the message says to train again, and offers
+    # only what this run lacks (it has no fp16 to leave, and no gradient clipping)
+    assert "train again into a new --out" in message and "resume with" not in message
+    assert "set --max-grad-norm 1.0" in message and "fp16" not in message
     saved = load_file(out / "checkpoints" / "step-000001" / "unet_lora.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert not (out / "pytorch_lora_weights.safetensors").exists()
@@ -1031,7 +1035,6 @@ def test_loraplus_trains_the_up_matrices_at_the_given_multiple_of_the_rate(tmp_p
 
 def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained, tiny_model_dir, tmp_path,
                                                                          assert_plain_mode, monkeypatch):
-    import shutil
 
     from egaku.lora.commands import MergeLoraOptions, merge_lora_command
 
@@ -1064,7 +1067,6 @@ def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained
 def test_merged_and_converted_copies_sample_on_the_timesteps_of_their_base(trained, tiny_model_dir, tmp_path):
     """SD 1.x's scheduler_config.json leaves timestep_spacing to defaults; the copies must leave it so too, or
     DPM++ built from them steps on PNDM's "leading" timesteps instead of its own "linspace" ones."""
-    import shutil
 
     import egaku
     from egaku.lora.commands import MergeLoraOptions, merge_lora_command
@@ -1232,9 +1234,11 @@ def test_prior_target_base_trains_regularization_images_towards_the_frozen_model
     """--prior-target base: a regularization image's target is the base model's own prediction. At the first
     step the LoRA is still zero, so those rows add exactly nothing (the loss equals a run that weights them 0);
     after that they pull the LoRA back, unlike a zero weight; the adapters are back on for the training rows."""
+    prior = shutil.copytree(data_dir, tmp_path / "prior")  # the training images again, in a folder of their own
+
     def losses(name, **kw):
         out = train_lora(options(data_dir, tiny_model_dir, tmp_path / name, max_steps=3, batch_size=4,
-                                 learning_rate=5e-2, prior_data=str(data_dir), format="diffusers", **kw))
+                                 learning_rate=5e-2, prior_data=str(prior), format="diffusers", **kw))
         rows = (out / "loss.csv").read_text().splitlines()[1:]
         return [float(r.split(",")[2]) for r in rows], load_file(out / "pytorch_lora_weights.safetensors")
 
@@ -1277,12 +1281,12 @@ def test_repeats_count_training_images_per_epoch_and_regularization_images_once(
 
     n = steps_of_one_epoch("once")
     assert n >= 2
-    # the same folder as regularization images: 3 x n training slots + n regularization slots
-    assert steps_of_one_epoch("three", repeats=3, prior_data=str(data_dir)) == 4 * n
+    # the same images as regularization images: 3 x n training slots + n regularization slots
+    prior = shutil.copytree(data_dir, tmp_path / "prior")
+    assert steps_of_one_epoch("three", repeats=3, prior_data=str(prior)) == 4 * n
     with pytest.raises(EgakuError, match="--repeats"):
         options(data_dir, tiny_model_dir, tmp_path / "x", repeats=0)
     # kohya's folder names: "3_red_star" holds its images 3 times per epoch, times --repeats
-    import shutil
 
     kohya = tmp_path / "kohya"
     shutil.copytree(data_dir / "red_star", kohya / "3_red_star")
@@ -1295,7 +1299,15 @@ def test_repeats_count_training_images_per_epoch_and_regularization_images_once(
         assert fh.metadata()["ss_num_train_images"] == str(2 * (3 * 3 + 3))  # kohya counts the repeats
 
 
-def test_prior_images_without_a_folder_or_prompts_are_refused(tmp_path, data_dir, tiny_model_dir):
+def test_prior_images_without_a_folder_or_prompts_or_inside_the_data_are_refused(tmp_path, data_dir, tiny_model_dir):
+    # each folder is read whole: regularization images inside --data would also train as the concept
+    for prior in (data_dir, data_dir / "red_star"):
+        with pytest.raises(EgakuError, match=f"--prior-data {re.escape(str(prior))} lies inside --data "
+                                             f"{re.escape(str(data_dir))}: its images would also train as the concept"):
+            train_lora(options(data_dir, tiny_model_dir, tmp_path / "p", prior_data=str(prior)))
+    with pytest.raises(EgakuError, match="--data .* lies inside --prior-data .*: the training images would also be "
+                                         "read as regularization images"):
+        train_lora(options(data_dir / "red_star", tiny_model_dir, tmp_path / "p", prior_data=str(data_dir)))
     with pytest.raises(EgakuError, match="need --prior-data"):
         options(data_dir, tiny_model_dir, tmp_path / "a", prior_images=4)
     (tmp_path / "empty").mkdir()
@@ -1323,7 +1335,6 @@ def test_shuffled_and_dropped_tags_are_encoded_each_step_and_resume_exactly(tmp_
     """--shuffle-caption / --keep-tokens / --caption-tag-dropout: each step encodes its own version of a tag
     caption (the text encoder is not cached), the run is reproducible across a resume, and the kohya file
     records the options and each folder's tag frequency."""
-    import shutil
 
     tagged = tmp_path / "tagged"
     shutil.copytree(data_dir, tagged)

@@ -104,8 +104,8 @@ def test_a_damaged_or_missing_checkpoint_file_names_it_and_the_older_checkpoint(
     older, newer = _checkpoint(tmp_path, 1), _checkpoint(tmp_path, 2)
     weights, state = load_checkpoint(newer, {"lr": 1.0})
     assert state["step"] == 2 and float(weights["model"]["w"][0]) == 2.0
-    with pytest.raises(EgakuError, match=f"ema.safetensors is missing; resume from an older checkpoint "
-                                         f"\\(--resume {re.escape(str(older))}\\)"):
+    with pytest.raises(EgakuError, match=f"ema.safetensors is missing; move {re.escape(str(newer))} aside and resume "
+                                         f"from an older checkpoint \\(--resume {re.escape(str(older))}\\)"):
         weights["ema"]
     (newer / "model.safetensors").write_bytes(b"\x01\x02")  # truncated
     with pytest.raises(EgakuError, match="model.safetensors cannot be read .*--resume .*step-000001"):
@@ -213,3 +213,21 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_time_left(monkeypatch):
     tty.isatty = lambda: True
     monkeypatch.setattr(runtime.sys, "stderr", tty)
     assert not isinstance(progress_bar(10, desc="x"), LogProgress)
+
+
+def test_a_resume_from_an_earlier_step_than_the_folder_holds_is_refused_before_it_mixes_two_runs(tmp_path):
+    from egaku.training.runtime import Checkpoints
+
+    for step in (2, 5, 6):
+        _checkpoint(tmp_path / "run", step)
+    checkpoints = Checkpoints(tmp_path / "run")
+    assert checkpoints.resolve("latest").name == "step-000006"
+    assert checkpoints.resolve(str(tmp_path / "run")).name == "step-000006"  # the run folder: its latest
+    # step 3 would be written and then pruned as the oldest, and 'latest' would name it
+    with pytest.raises(EgakuError, match="already holds step-000005, step-000006, as late as or later than it"):
+        checkpoints.resolve(str(tmp_path / "run" / "checkpoints" / "step-000002"))
+    elsewhere = _checkpoint(tmp_path / "other", 2)  # another folder's checkpoint: the same
+    with pytest.raises(EgakuError, match="resume into a new --out, or delete those step folders first"):
+        checkpoints.resolve(str(elsewhere))
+    assert Checkpoints(tmp_path / "new").resolve(str(elsewhere)) == elsewhere  # into an empty --out: fine
+    assert Checkpoints(tmp_path / "other").resolve(str(elsewhere)) == elsewhere  # the folder's own latest

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ..config import option, save_config, to_dict
-from ..paths import checked_run_paths
+from ..paths import check_outside, checked_run_paths
 from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
 from ..data.captions import tag_frequency, vary_caption
 from ..data.folder import files_under, scan_image_folder
@@ -474,7 +474,10 @@ RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "log_with", "device", "cac
                      "save_precision", "save_every", "keep_checkpoints", "checkpoint_every", "validation_prompts",
                      "validation_every", "validation_seeds", "validation_steps", "validation_guidance",
                      # only makes missing regularization images; changed images are refused as changed data
-                     "prior_guidance"}
+                     "prior_guidance",
+                     # recomputes activations in the backward pass (the same gradients, less memory): the usual fix
+                     # for running out of memory on resume; and a threshold on the data, which is checked itself
+                     "gradient_checkpointing", "min_images"}
 # the run's length, which only a learning-rate schedule that does not depend on it lets a resume change (kohya's
 # "resume to train longer")
 RUN_LENGTH = {"max_steps", "epochs"}
@@ -602,6 +605,16 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
             image.save(tmp, format="PNG")
             os.replace(tmp, folder / f"prior-{n:05d}.png")  # a cut-short run never leaves half an image
     return missing  # the components stay on the device: training moves them there anyway
+
+
+def nan_fixes(opts: TrainLoraOptions) -> str:
+    """What to change after a NaN/inf loss: only the fixes this run does not already have."""
+    fixes = [f"lower --learning-rate (now {opts.learning_rate:g})"]
+    if opts.mixed_precision == "fp16":
+        fixes.append("use --mixed-precision bf16 or no instead of fp16")
+    if not opts.max_grad_norm:
+        fixes.append("set --max-grad-norm 1.0")
+    return ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
 
 
 def resume_point(opts: TrainLoraOptions, checkpoints: Checkpoints):
@@ -914,6 +927,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if not opts.data:
         raise EgakuError("--data is required: the folder of training images")
     opts = checked_run_paths(opts, {"--data": "data", "--prior-data": "prior_data", "--mask-dir": "mask_dir"})
+    if opts.prior_data:  # each folder is read whole, subfolders included
+        check_outside(opts.prior_data, {"--data": opts.data}, "--prior-data",
+                      why="its images would also train as the concept, with --data's captions and trigger")
+        check_outside(opts.data, {"--prior-data": opts.prior_data}, "--data",
+                      why="the training images would also be read as regularization images")
     if opts.device != "auto":
         from ..models.loading import resolve_device
 
@@ -1194,8 +1212,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             (mean_loss,), interrupted = agree_on_step(accelerator, stop.requested, step_loss)
             finite_weights = all(bool(torch.isfinite(p).all()) for p in lora_params)
             check_finite(mean_loss if finite_weights else torch.tensor(float("nan")), step, checkpoints,
-                         hint=f"lower --learning-rate (now {opts.learning_rate:g}), use --mixed-precision bf16 or no "
-                              "instead of fp16, or set --max-grad-norm 1.0")
+                         hint=nan_fixes(opts))
             if main:
                 log.log(step, loss=float(mean_loss), lr=lr_scheduler.get_last_lr()[0])
                 bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")

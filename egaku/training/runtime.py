@@ -200,10 +200,25 @@ class Checkpoints:
             found = Checkpoints(path).latest()
             if found is None:
                 raise EgakuError(f"--resume {resume}: no complete checkpoint under {path / 'checkpoints'}")
+            self._check_nothing_newer_than(found)
             return found
         if not (path / "state.pt").is_file():
             raise EgakuError(f"--resume {resume}: not a checkpoint folder (expected {path / 'state.pt'})")
+        self._check_nothing_newer_than(path)
         return path
+
+    def _check_nothing_newer_than(self, resume_from: Path) -> None:
+        """Resuming from an older step (or another folder's checkpoint) into a folder holding later steps would
+        mix two runs: the new checkpoints would be pruned as the oldest, and ``latest`` would name a deleted one."""
+        if not resume_from.name.startswith("step-") or not resume_from.name[5:].isdigit():
+            return
+        newer = sorted(p.name for p in self.root.glob("step-*")
+                       if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) >= int(resume_from.name[5:])
+                       and p.resolve() != resume_from.resolve())
+        if newer:
+            raise EgakuError(f"--resume {resume_from}: {self.root} already holds {', '.join(newer)}, as late as or "
+                             "later than it, and the resumed run's checkpoints would be mixed with them; resume "
+                             f"into a new --out, or delete those step folders first")
 
 
 # options that only one trainer has: a checkpoint's config.json (the options of the run that wrote it) tells which
@@ -254,7 +269,8 @@ def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str]
         raise EgakuError(f"cannot resume from {path}: the configuration changed ({'; '.join(diffs)}). "
                          "Resume with the same options, or start a new run in another --out folder")
     older = sorted(p for p in path.parent.glob("step-*") if p != path and (p / "state.pt").is_file())
-    fallback = (f"resume from an older checkpoint (--resume {older[-1]})" if older else
+    # (this one moved aside first: a resume refuses to write beside checkpoints later than its own)
+    fallback = (f"move {path} aside and resume from an older checkpoint (--resume {older[-1]})" if older else
                 "start the run again in another --out folder")
     weights = CheckpointWeights(path, fallback)
     current = path / "state.pt"
@@ -359,8 +375,10 @@ def check_finite(loss: torch.Tensor | float, step: int, checkpoints: Checkpoints
     if not math.isfinite(float(loss)):
         last = checkpoints.latest()
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        # the fixes change the run's options, which a resume must repeat (it would reach the same loss again)
         raise EgakuError(f"loss became {float(loss)} at step {step}; training stopped, {where}. "
-                         f"Try: {hint}, then resume with --resume latest")
+                         f"Try: {hint}, and train again into a new --out (or into this one after deleting "
+                         f"{checkpoints.root}): a resume repeats the run's options")
 
 
 class StopOnSignal:
