@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from egaku.data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
 from egaku.data.folder import scan_image_folder
@@ -38,6 +39,22 @@ def test_transparency_is_composited_on_white(tmp_path):
     half = np.asarray(open_image(tmp_path / "grey_alpha.png"))
     assert 120 <= half.mean() <= 135  # black at 50% over white
 
+
+
+def test_greyscale_trns_transparency_is_composited_on_white(tmp_path):
+    # a greyscale PNG's tRNS chunk names the transparent grey value: 0 here, 8- and 16-bit
+    grey = np.zeros((64, 64), np.uint8)
+    grey[:, 32:] = 128
+    Image.fromarray(grey, "L").save(tmp_path / "l_trns.png", transparency=0)
+    deep = np.zeros((64, 64), np.uint16)
+    deep[:, 32:] = 40000
+    Image.fromarray(deep).save(tmp_path / "i16_trns.png", transparency=0)
+    for name, opaque in (("l_trns.png", 128), ("i16_trns.png", round(40000 / 65535 * 255))):
+        out = np.asarray(open_image(tmp_path / name))
+        assert out[0, 0].tolist() == [255, 255, 255], name  # transparent: white, not black
+        assert out[0, 40].tolist() == [opaque] * 3, name
+        alpha = np.asarray(alpha_channel(decode_image(tmp_path / name)))
+        assert alpha[0, 0] == 0 and alpha[0, 40] == 255, name  # the mask reading agrees
 
 def test_palette_cmyk_16bit_and_grey_convert_to_rgb(tmp_path):
     pal = Image.new("P", (4, 4))
@@ -145,6 +162,32 @@ def test_bad_metadata_and_missing_folder_are_errors(tmp_path):
     with pytest.raises(EgakuError, match="line 1 is not valid JSON"):
         scan_image_folder(tmp_path)
 
+
+
+@pytest.mark.parametrize("caption", [["tag1", "tag2"], 3, None, {"en": "a dog"}])
+def test_metadata_caption_that_is_not_a_string_is_an_error(tmp_path, caption):
+    _img(tmp_path / "x.png")
+    rows = [{"file_name": "x.png", "text": "a dog"}, {"file_name": "y.png", "text": caption}]
+    _img(tmp_path / "y.png")
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # str() would have trained on "['tag1', 'tag2']", "3", "None": the error names the file, line and value
+    match = rf"metadata.jsonl line 2: the caption of 'y.png' is {re.escape(json.dumps(caption))}, not a string"
+    with pytest.raises(EgakuError, match=match):
+        scan_image_folder(tmp_path)
+
+
+def test_metadata_csv_row_without_a_caption_value_is_an_error(tmp_path):
+    _img(tmp_path / "x.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\nx.png\n")
+    with pytest.raises(EgakuError, match=r"metadata.csv line 2: the row of 'x.png' has no text value"):
+        scan_image_folder(tmp_path)
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow was built without AVIF")
+def test_avif_images_are_read_when_pillow_decodes_them(tmp_path):
+    Image.new("RGB", (16, 16), "blue").save(tmp_path / "photo.avif")
+    scan = scan_image_folder(tmp_path)
+    assert [i.path.name for i in scan.items] == ["photo.avif"] and not scan.skipped
 
 def test_caption_files_in_other_encodings_are_decoded_and_the_report_says_how(tmp_path):
     files = {"sig": "\ufeffa dog, café".encode("utf-8"),  # Notepad's "UTF-8 with BOM"

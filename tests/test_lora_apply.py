@@ -221,3 +221,49 @@ def test_coverage_refuses_partial_matches_and_half_pairs():
         check_coverage({"unet.a": good, "unet.b": good}, modules, "f")
     with pytest.raises(EgakuError, match="only its down half"):
         check_coverage({"unet.a": {"down": good["down"]}}, modules, "f")
+
+
+def _diffusers_lora(prefix: str = "unet.") -> dict[str, torch.Tensor]:
+    module = f"{prefix}down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    return {f"{module}.lora_A.weight": torch.randn(4, 32), f"{module}.lora_B.weight": torch.randn(32, 4)}
+
+
+def test_info_refuses_lora_keys_of_no_known_layout(tmp_path):
+    from safetensors.torch import save_file
+
+    from egaku.lora.commands import describe_lora
+
+    # a diffusers LoRA with its unet. prefix stripped: generate and merge-lora match none of its layers
+    save_file(_diffusers_lora(prefix=""), str(tmp_path / "noprefix.safetensors"))
+    with pytest.raises(EgakuError, match="noprefix.safetensors matches no known LoRA layout"):
+        describe_lora(tmp_path / "noprefix.safetensors")
+    save_file(_diffusers_lora(), str(tmp_path / "prefixed.safetensors"))
+    assert describe_lora(tmp_path / "prefixed.safetensors")["unet_layers"] == 1
+
+
+def test_info_reports_the_steps_a_save_every_lora_was_trained_for(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from egaku.lora.commands import describe_lora, format_lora_description
+    from egaku.lora.formats import kohya_metadata
+
+    # train-lora --max-steps 4 --save-every 2 writes OUT/steps/NAME-step000002/ in both layouts
+    folder = tmp_path / "steps" / "run-step000002"
+    folder.mkdir(parents=True)
+    (folder / "training_config.json").write_text(json.dumps({"max_steps": 4, "learning_rate": 1e-4}))
+    pairs, _ = peft_pairs(_diffusers_lora())
+    save_file(peft_to_kohya(pairs, dict.fromkeys(pairs, 4.0)), str(folder / "run-step000002.safetensors"),
+              metadata=kohya_metadata(ss_steps=2, ss_max_train_steps=4))
+    kohya = describe_lora(folder / "run-step000002.safetensors")["training"]
+    assert (kohya["steps"], kohya["planned steps"]) == ("2", "4")
+    save_file(_diffusers_lora(), str(folder / "pytorch_lora_weights.safetensors"))
+    diffusers = describe_lora(folder / "pytorch_lora_weights.safetensors")
+    assert (diffusers["training"]["steps"], diffusers["training"]["planned steps"]) == (2, 4)
+    assert "steps 2, " in format_lora_description(diffusers)
+    # a finished run's file shows the one number
+    (folder / "run-step000002.safetensors").unlink()
+    save_file(_diffusers_lora(), str(tmp_path / "pytorch_lora_weights.safetensors"))
+    (tmp_path / "training_config.json").write_text(json.dumps({"max_steps": 4}))
+    assert describe_lora(tmp_path / "pytorch_lora_weights.safetensors")["training"] == {"steps": 4}

@@ -190,22 +190,35 @@ def _read_metadata(root: Path) -> tuple[Path | None, dict[Path, tuple[str, str]]
     except UnicodeDecodeError as exc:
         raise EgakuError(f"{source} is not UTF-8 (byte {exc.start}); save it as UTF-8 (in Excel: "
                          "'CSV UTF-8'), so that its captions are read as written") from None
-    rows: list[dict] = []
+    rows: list[tuple[int, dict]] = []  # (line number, row)
     if source == jsonl:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((n, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise EgakuError(f"{jsonl} line {n} is not valid JSON ({exc}); fix or remove that line") from None
     else:
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    for row in rows:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = [(reader.line_num, row) for row in reader]
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise EgakuError(f"{source} line {n} is not a JSON object ({row!r}); write it as "
+                             '{"file_name": ..., "text": ...}')
         name = row.get("file_name")
-        caption = row.get("text", row.get("caption"))
-        if name is None or caption is None:
+        column = "text" if "text" in row else "caption" if "caption" in row else None
+        if name is None or column is None:
             raise EgakuError(f"{source}: every row needs 'file_name' and 'text' (or 'caption'), got {sorted(row)}")
+        caption = row[column]
+        if caption is None and source == csv_path:  # csv's DictReader fills a short row's missing columns with None
+            raise EgakuError(f"{source} line {n}: the row of {name!r} has no {column} value; give it one (or an "
+                             "empty one, \"\") in that column")
+        # str() would train on a list's or number's Python repr ("['tag1', 'tag2']"); JSON has no one right
+        # reading of them, so the row is refused rather than guessed at (CSV values are always strings)
+        if not isinstance(caption, str):
+            raise EgakuError(f"{source} line {n}: the caption of {name!r} is {json.dumps(caption)}, not a string; "
+                             'write it as one string, e.g. "tag1, tag2"')
         captions[(root / name).resolve()] = (str(name), str(caption).strip())
     return source, captions
 

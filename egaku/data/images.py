@@ -14,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 # Pillow's own bomb limit is a warning at 89M pixels; we refuse at 64M (8192x8192), well above any
 # training resolution, and say so.
 MAX_PIXELS = 64 * 1024 * 1024
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Pillow decodes AVIF only from 11.2 and when built with libavif (its wheels are); older ones know no such module
+if "avif" in features.modules and features.check_module("avif"):
+    IMAGE_SUFFIXES.add(".avif")
 
 
 class ImageError(ValueError):
@@ -36,8 +39,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
             hi = 1.0
         else:
             hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+        grey = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        if "transparency" in img.info:
+            # a 16-bit PNG's tRNS names one grey value in 16-bit units: mark its pixels before scaling to 8 bits,
+            # where other values would round onto it
+            grey.putalpha(Image.fromarray(np.where(arr == img.info["transparency"], 0, 255).astype(np.uint8), "L"))
+        img = grey
+    # a greyscale or RGB PNG's tRNS chunk makes one colour transparent, as an alpha channel does the others
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,13 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
 # ---- `egaku info` on a LoRA file ----------------------------------------------------------------------
 
 # training settings worth showing, from a kohya file's ss_* header or a train-lora folder's training_config.json
-_KOHYA_SHOWN = {"ss_sd_model_name": "base model", "ss_max_train_steps": "steps", "ss_learning_rate": "learning rate",
+# ss_steps is the steps the file was trained for, ss_max_train_steps the run's plan (more, for a --save-every file)
+_KOHYA_SHOWN = {"ss_sd_model_name": "base model", "ss_steps": "steps", "ss_max_train_steps": "planned steps",
+                "ss_learning_rate": "learning rate",
                 "ss_num_train_images": "training images (with repeats)", "ss_resolution": "resolution",
                 "ss_clip_skip": "clip skip", "ss_min_snr_gamma": "min-SNR gamma", "ss_seed": "seed"}
+_COMPONENTS = ("unet", "text_encoder")  # the models a diffusers-layout key names first
+_SAVED_AT_STEP = re.compile(r"-step(\d+)$")  # train-lora's --save-every folders: OUT/steps/NAME-step000500
 _CONFIG_SHOWN = {"model": "base model", "max_steps": "steps", "learning_rate": "learning rate",
                  "resolution": "resolution", "clip_skip": "clip skip", "min_snr_gamma": "min-SNR gamma", "seed": "seed"}
 
@@ -98,13 +103,19 @@ def describe_lora(path: str | Path) -> dict:
         alphas = _alphas_of_diffusers_file(pairs, state, metadata) if pairs else {}
         layers = {n: {"component": n.split(".", 1)[0], "down": p["down"], "alpha": alphas[n], "dora": "magnitude" in p}
                   for n, p in pairs.items() if "down" in p}
+        # diffusers keys name their model first (unet., text_encoder.); without that prefix (a file saved from
+        # one model's state dict) generate and merge-lora match none of its layers, so it is no usable LoRA
+        if layers and not any(layer["component"] in _COMPONENTS for layer in layers.values()):
+            raise EgakuError(f"{path} matches no known LoRA layout: its lora keys (first: {next(iter(layers))}) "
+                             "start with neither unet./text_encoder. (diffusers) nor lora_unet_/lora_te_ (kohya), "
+                             "so generate and merge-lora refuse it; re-save it with its keys prefixed unet.")
     if not layers:
         refuse_lycoris(state, str(path))
         raise EgakuError(f"{path} holds no LoRA layers (kohya lora_down/lora_up or diffusers lora_A/lora_B keys); "
                          "egaku info reads PNGs and LoRA files")
     ranks = sorted({int(layer["down"].shape[0]) for layer in layers.values()})
     alphas_seen = sorted({layer.get("alpha", float(layer["down"].shape[0])) for layer in layers.values()})
-    count = {c: sum(1 for layer in layers.values() if layer["component"] == c) for c in ("unet", "text_encoder")}
+    count = {c: sum(1 for layer in layers.values() if layer["component"] == c) for c in _COMPONENTS}
     # the file's own header first: its folder's training_config.json may be a later run's (or a resume's)
     training = {label: metadata[key] for key, label in _KOHYA_SHOWN.items()
                 if metadata.get(key) not in (None, "", "None", "0", "0.0")}
@@ -113,6 +124,15 @@ def describe_lora(path: str | Path) -> dict:
     for key, label in _CONFIG_SHOWN.items():
         if config.get(key) not in (None, "", 0):
             training.setdefault(label, config[key])
+    # a --save-every LoRA was written at its folder's step, before the run's planned total: the config's max_steps
+    # is that plan. (A diffusers-layout file records no step of its own, so its folder name is the record.)
+    saved_at = _SAVED_AT_STEP.search(Path(path).parent.name) if config else None
+    if saved_at and "steps" in training and "ss_steps" not in metadata:
+        planned = training["steps"]
+        training = {k: int(saved_at[1]) if k == "steps" else v for k, v in training.items()}
+        training["planned steps"] = planned
+    if "planned steps" in training and training["planned steps"] == training.get("steps"):
+        del training["planned steps"]  # a finished run: the one number says it
     tags: dict[str, int] = {}
     try:
         for folder in json.loads(metadata.get("ss_tag_frequency") or "{}").values():
