@@ -228,7 +228,7 @@ def save_config(obj: Any, path: str | Path) -> Path:
 
 
 # options that name files or folders: the same one written two ways ('d2', './d2/', '/home/me/d2') is the same
-PATH_OPTIONS = frozenset({"data", "prior_data", "mask_dir", "init_lora", "model", "vae_from"})
+PATH_OPTIONS = frozenset({"data", "prior_data", "mask_dir", "init_lora", "model", "model_config", "vae_from"})
 
 
 def _same_path_form(value: Any) -> Any:

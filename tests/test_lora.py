@@ -1663,3 +1663,23 @@ def test_a_batch_size_larger_than_the_fullest_bucket_is_reported_with_the_size_b
     assert "optimizer AdamW\n" in out  # the class that trains, not accelerate's wrapper around it
     train_lora(options(data_dir, tiny_model_dir, tmp_path / "run2", batch_size=1, max_steps=1))
     assert "batches hold at most" not in capsys.readouterr().out
+
+
+def test_train_and_merge_lora_read_a_single_file_model_through_its_model_config(tmp_path, data_dir, tiny_model_dir,
+                                                                                monkeypatch):
+    """A civitai-style single .safetensors base offline: its configs come from --model-config, as in generate."""
+    from egaku.cli import main
+    from egaku.models.loading import load_pipeline
+    from egaku.models.single_file import save_single_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    single = save_single_file(load_pipeline(str(tiny_model_dir), "cpu", "float32"), tmp_path / "base.safetensors")
+    with pytest.raises(EgakuError, match="pass --model-config"):
+        train_lora(options(data_dir, single, tmp_path / "no-config", max_steps=1))
+    out = train_lora(options(data_dir, single, tmp_path / "lora", model_config=str(tiny_model_dir), max_steps=1,
+                             format="diffusers"))
+    assert json.loads((out / "training_config.json").read_text())["model_config"] == str(tiny_model_dir)
+    assert main(["merge-lora", "--model", str(single), "--model-config", str(tiny_model_dir), "--lora", str(out),
+                 "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "unet").is_dir()

@@ -72,6 +72,8 @@ class TrainLoraOptions:
     out: str = option("lora-out", help="output folder for the LoRA, checkpoints, samples and logs")
     model: str = option("builtin", help="base pipeline: built-in name, diffusers folder, single .safetensors file "
                         "or hub id")
+    model_config: str = option("", help="with a single-file --model: a local diffusers folder of the same "
+                               "architecture whose configs describe it (needed offline)")
     # data
     caption_template: str = option("{class}", help="caption for images in class folders, e.g. 'a photo of {class}'")
     trigger: str = option("", help="trigger word added to every caption (and the caption of uncaptioned images)")
@@ -484,13 +486,13 @@ RUN_LENGTH = {"max_steps", "epochs"}
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 
-def _load_base(model: str):
+def _load_base(model: str, model_config: str = ""):
     """The base pipeline through the project's loader; anything that is not SD 1.x-shaped is refused."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..models.loading import load_pipeline
 
-    pipe = load_pipeline(model, device="cpu", dtype="float32")
+    pipe = load_pipeline(model, device="cpu", dtype="float32", model_config=model_config or None)
     parts = {name: getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
     missing = [k for k, v in parts.items() if v is None]
     if missing or not isinstance(parts["unet"], UNet2DConditionModel) or not isinstance(parts["vae"], AutoencoderKL):
@@ -961,7 +963,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         (out / "data_report.txt").write_text("")
     report(scan.report())
     mask_files = find_mask_files(scan, opts.mask_dir) if opts.mask_dir else None  # missing masks: an error now
-    pipe = _load_base(opts.model)
+    pipe = _load_base(opts.model, opts.model_config)
     check_clip_skip(opts.clip_skip, pipe.text_encoder)
     if opts.resolution is None:  # the size the model was trained at (training 64-px models at 512 is 64x the work)
         opts = dataclasses.replace(opts, resolution=int(pipe.unet.config.sample_size * pipe.vae_scale_factor))
