@@ -1680,6 +1680,15 @@ def test_train_and_merge_lora_read_a_single_file_model_through_its_model_config(
     out = train_lora(options(data_dir, single, tmp_path / "lora", model_config=str(tiny_model_dir), max_steps=1,
                              format="diffusers"))
     assert json.loads((out / "training_config.json").read_text())["model_config"] == str(tiny_model_dir)
-    assert main(["merge-lora", "--model", str(single), "--model-config", str(tiny_model_dir), "--lora", str(out),
-                 "--out", str(tmp_path / "merged")]) == 0
-    assert (tmp_path / "merged" / "unet").is_dir()
+    monkeypatch.chdir(tmp_path)  # relative paths, recorded absolute: the merge's config repeats it from anywhere
+    assert main(["merge-lora", "--model", "base.safetensors", "--model-config", str(tiny_model_dir), "--lora",
+                 "lora:0.5", "--out", "merged"]) == 0
+    recorded = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert recorded["lora"] == [f"{out / 'pytorch_lora_weights.safetensors'}:0.5"]
+    assert recorded["model"] == str(single)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["merge-lora", "--config", str(tmp_path / "merged" / "merge_config.json"), "--out", "again"]) == 0
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    first, again = load_file(tmp_path / "merged" / weights), load_file(tmp_path / "elsewhere" / "again" / weights)
+    assert all(torch.equal(first[k], again[k]) for k in first)

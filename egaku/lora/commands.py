@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import option, save_config
+from ..config import absolute_paths, option, save_config
 from ..errors import EgakuError
 from .apply import apply_loras, parse_lora_arg, remove_loras, resolve_lora, resolve_lora_option
 
@@ -46,7 +47,9 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     with folder_in_place_of(out) as tmp:  # (an empty --out folder is replaced)
         save_pipeline(pipe, tmp)
         write_model_defaults(tmp, model_defaults(pipe))  # the base's recommended guidance holds for the merge
-        save_config(opts, tmp / "merge_config.json")
+        # the files merged, as absolute paths: `--config merge_config.json` repeats the merge from anywhere
+        save_config(absolute_paths(dataclasses.replace(
+            opts, lora=[f"{p.resolve()}:{s:g}" for p, s in loras], lora_dir="")), tmp / "merge_config.json")
     print(f"merged {', '.join(f'{p}:{s:g}' for p, s in loras)} into {out}")
 
 
