@@ -313,8 +313,8 @@ def test_only_lora_trains_in_fp32_under_bf16_and_caches_skip_the_encoders(tmp_pa
     held, calls = {}, {"vae": 0, "text": 0}
     original_load = lora_training._load_base
 
-    def load_and_count(model):
-        pipe = original_load(model)
+    def load_and_count(model, model_config=""):
+        pipe = original_load(model, model_config)
         held["pipe"] = pipe
         held["before"] = {f"{c}.{k}": v.detach().clone() for c in ("unet", "vae", "text_encoder")
                           for k, v in getattr(pipe, c).state_dict().items()}
@@ -358,8 +358,8 @@ def count_vae_encodes(monkeypatch) -> list:
     calls = []
     original_load = lora_training._load_base
 
-    def load_and_count(model):
-        pipe = original_load(model)
+    def load_and_count(model, model_config=""):
+        pipe = original_load(model, model_config)
         encode = pipe.vae.encode
         monkeypatch.setattr(pipe.vae, "encode", lambda *a, **kw: calls.append(1) or encode(*a, **kw))
         return pipe
