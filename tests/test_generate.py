@@ -459,6 +459,21 @@ def test_single_file_checkpoint_generates_the_same_image(pipe, tiny_model_dir, t
     assert np.array_equal(a, b)
 
 
+def test_a_folder_of_fp16_variant_weights_only_loads_as_its_variant(pipe, tiny_model_dir, tmp_path):
+    """A hub download limited to *.fp16.safetensors: diffusers reads it only with variant="fp16"."""
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "variant")
+    renamed = 0
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+        renamed += 1
+    assert renamed >= 3  # unet, vae, text encoder
+    variant = egaku.load_pipeline(str(folder), device="cpu", dtype="float32")
+    assert np.array_equal(px(egaku.generate(pipe, "a red cat", seed=5, **FAST)[0]),
+                          px(egaku.generate(variant, "a red cat", seed=5, **FAST)[0]))
+
+
 def test_single_file_export_refuses_a_unet_the_original_layout_cannot_hold(tiny_model_dir, tmp_path):
     pipe = egaku.load_pipeline(str(tiny_model_dir), device="cpu")
     pipe.unet.register_to_config(addition_embed_type="text")  # as a --unet-pooled-text model has

@@ -267,6 +267,20 @@ def _from_single_file(path: Path, model_config: str | None, dtype: torch.dtype):
                          param="model") from None
 
 
+def _weights_variant(folder: Path) -> str | None:
+    """The variant ("fp16") of a pipeline folder whose UNet holds only variant weights, as a hub download limited to
+    ``*.fp16.safetensors`` leaves it: diffusers reads those only when told, and otherwise asks for a .bin file.
+    None where the plain weights are there (diffusers' own default, which they then stay)."""
+    names = [p.name for p in (folder / "unet").glob("diffusion_pytorch_model*")]
+    if not names or any(n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                              "diffusion_pytorch_model.safetensors.index.json") for n in names):
+        return None
+    for variant in ("fp16", "bf16"):
+        if any(f".{variant}." in n or f".{variant}-" in n for n in names):
+            return variant
+    return None
+
+
 def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "auto", dtype: str = "auto",
                   model_config: str | None = None, allow_pickle: bool = False, quiet: bool = True):
     """Load a ``StableDiffusionPipeline`` from any source egaku accepts, on ``device`` in ``dtype``.
@@ -303,8 +317,10 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         info = ModelInfo("egaku-builtin", "builtin", BUILTIN_DIR)
     elif path.is_dir():
         _check_pipeline_folder(path)
+        variant = _weights_variant(path)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common)
+            pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common,
+                                                           **({"variant": variant} if variant else {}))
         except Exception as exc:  # noqa: BLE001
             raise EgakuError(f"{path} could not be loaded as a Stable Diffusion pipeline: {str(exc).splitlines()[0]}",
                              param="model") from None
