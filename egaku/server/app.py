@@ -91,6 +91,13 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def error_response(status: int, message: str, type: str, param=None, code=None):
+    """``error_body`` as a JSON response with its status."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
+
+
 class UrlStore:
     """PNG bytes behind unguessable, expiring URLs; bounded in bytes (oldest evicted first)."""
 
@@ -201,11 +208,8 @@ class AnswerInternalErrors:
             if started:  # part of a response is out: only closing the connection can tell the client
                 raise
             log.exception("internal error on %s %s", scope["method"], scope["path"])
-            from fastapi.responses import JSONResponse
-
-            body = error_body("internal server error; the details are in the server's log", "server_error", None,
-                              "internal_error")
-            await JSONResponse(body, status_code=500)(scope, receive, send)
+            await error_response(500, "internal server error; the details are in the server's log", "server_error",
+                                 None, "internal_error")(scope, receive, send)
 
 
 def png_bytes(image, params: dict[str, Any]) -> bytes:
@@ -403,11 +407,8 @@ def hide_paths(message: str, opts: ServeOptions) -> str:
 def _add_error_handlers(app, opts: ServeOptions) -> None:
     """Every error in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; a 500 names no detail."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    def error_response(status: int, message: str, type: str, param=None, code=None) -> JSONResponse:
-        return JSONResponse(error_body(message, type, param, code), status_code=status)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
