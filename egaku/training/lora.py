@@ -1163,6 +1163,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     for model in trained:
         unwrapped(model).train()
     mean_loss = float("nan")
+    nan_hint = nan_fixes(opts)  # what a NaN stop suggests, built once rather than every step
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
     with StopOnSignal() as stop:
@@ -1214,7 +1215,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             (mean_loss,), interrupted = agree_on_step(accelerator, stop.requested, step_loss)
             finite_weights = all(bool(torch.isfinite(p).all()) for p in lora_params)
             check_finite(mean_loss if finite_weights else torch.tensor(float("nan")), step, checkpoints,
-                         hint=nan_fixes(opts))
+                         hint=nan_hint)
             if main:
                 log.log(step, loss=float(mean_loss), lr=lr_scheduler.get_last_lr()[0])
                 bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
