@@ -1064,6 +1064,35 @@ def test_merge_lora_writes_a_fused_copy_that_renders_like_base_plus_lora(trained
     np.testing.assert_allclose(render(tiny_pipe(tmp_path / "merged-by-name")), render(fused), atol=1e-5)
 
 
+def test_merge_lora_keeps_the_precision_of_an_fp16_base_unless_told(trained, tiny_model_dir, tmp_path):
+    """An fp16 base merges (in fp32) into an fp16 copy, as big as its base; --save-precision picks another dtype."""
+    from egaku.lora.commands import MergeLoraOptions, merge_lora_command
+
+    def unet_dtypes(folder):
+        with safe_open(str(next((folder / "unet").glob("*.safetensors"))), framework="pt") as fh:
+            return {fh.get_slice(k).get_dtype() for k in fh.keys()}
+
+    half = tmp_path / "half"
+    tiny_pipe(tiny_model_dir).to(dtype=torch.float16).save_pretrained(half, safe_serialization=True)
+    assert unet_dtypes(half) == {"F16"}
+    merge_lora_command(MergeLoraOptions(model=str(half), lora=[str(trained)], out=str(tmp_path / "merged")))
+    assert unet_dtypes(tmp_path / "merged") == {"F16"}
+    merge_lora_command(MergeLoraOptions(model=str(half), lora=[str(trained)], out=str(tmp_path / "merged32"),
+                                        save_precision="fp32"))
+    assert unet_dtypes(tmp_path / "merged32") == {"F32"}
+    # an fp32 base stays fp32, and bf16 is there when asked for
+    merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(trained)], out=str(tmp_path / "m32")))
+    assert unet_dtypes(tmp_path / "m32") == {"F32"}
+    merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(trained)], out=str(tmp_path / "bf"),
+                                        save_precision="bf16"))
+    assert unet_dtypes(tmp_path / "bf") == {"BF16"}
+    # the fp16 copy is the fp32 merge rounded: the LoRA's change is in it
+    merged16 = tiny_pipe(tmp_path / "merged").unet.state_dict()
+    merged32 = tiny_pipe(tmp_path / "merged32").unet.state_dict()
+    for key, value in merged32.items():
+        torch.testing.assert_close(merged16[key].float(), value, rtol=2e-3, atol=2e-3)
+
+
 def test_merged_and_converted_copies_sample_on_the_timesteps_of_their_base(trained, tiny_model_dir, tmp_path):
     """SD 1.x's scheduler_config.json leaves timestep_spacing to defaults; the copies must leave it so too, or
     DPM++ built from them steps on PNDM's "leading" timesteps instead of its own "linspace" ones."""

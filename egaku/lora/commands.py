@@ -21,6 +21,9 @@ class MergeLoraOptions:
                              repeat=True)
     out: str = option("", help="new diffusers folder for the merged model (must not exist)")
     lora_dir: str = option("", help="folder where bare LoRA names are looked up")
+    save_precision: str = option("", help="dtype of the merged weights (fp32, fp16, bf16); default: the dtype the "
+                                 "base model's weights are stored in (the merge itself is computed in fp32)",
+                                 choices=["", "fp32", "fp16", "bf16"])
 
 
 def _load(model: str, model_config: str = ""):
@@ -30,7 +33,10 @@ def _load(model: str, model_config: str = ""):
 
 
 def merge_lora_command(opts: MergeLoraOptions) -> None:
-    from ..models.loading import folder_in_place_of, model_defaults, save_pipeline, write_model_defaults
+    import torch
+
+    from ..models.loading import (DTYPES, folder_in_place_of, model_defaults, save_pipeline, stored_weights_dtype,
+                                  write_model_defaults)
 
     if not opts.lora:
         raise EgakuError("give at least one --lora PATH[:SCALE] to merge")
@@ -44,13 +50,17 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     names = apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the per-adapter scales were set by apply_loras
     remove_loras(pipe, keep_embeddings=True)  # drops the adapter modules; fused deltas and embeddings stay
+    save_dtype = DTYPES[opts.save_precision] if opts.save_precision else stored_weights_dtype(pipe.egaku_info)
+    if save_dtype not in (None, torch.float32):  # an fp16 base stays half the size of an fp32 copy
+        pipe.to(dtype=save_dtype)
     with folder_in_place_of(out) as tmp:  # (an empty --out folder is replaced)
         save_pipeline(pipe, tmp)
         write_model_defaults(tmp, model_defaults(pipe))  # the base's recommended guidance holds for the merge
         # the files merged, as absolute paths: `--config merge_config.json` repeats the merge from anywhere
         save_config(absolute_paths(dataclasses.replace(
             opts, lora=[f"{p.resolve()}:{s:g}" for p, s in loras], lora_dir="")), tmp / "merge_config.json")
-    print(f"merged {', '.join(f'{p}:{s:g}' for p, s in loras)} into {out}")
+    print(f"merged {', '.join(f'{p}:{s:g}' for p, s in loras)} into {out}"
+          + (f" ({str(save_dtype).removeprefix('torch.')})" if save_dtype not in (None, torch.float32) else ""))
 
 
 # ---- `egaku info` on a LoRA file ----------------------------------------------------------------------

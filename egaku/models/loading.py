@@ -162,6 +162,30 @@ class ModelInfo:
         return self._hash
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def stored_weights_dtype(info: ModelInfo) -> torch.dtype | None:
+    """The dtype a model's UNet weights are stored in on disk (a pipeline is loaded in whatever dtype was asked
+    for, so this reads the safetensors header of its source); None where there is no such file to read."""
+    from safetensors import safe_open
+
+    target = info.path
+    if target is not None and target.is_dir():
+        files = sorted((target / "unet").glob("*.safetensors"))
+        target = files[0] if files else None
+    if target is None or not target.is_file() or target.suffix != ".safetensors":
+        return None
+    with safe_open(str(target), framework="pt") as fh:
+        for key in fh.keys():
+            # a single file holds every model: the UNet's keys name it; a component file holds only its own
+            if info.path.is_dir() or key.startswith("model.diffusion_model."):
+                dtype = _SAFETENSORS_DTYPES.get(fh.get_slice(key).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
