@@ -1,6 +1,7 @@
 """Generation on the tiny pipeline: every option, reproducibility, metadata, formats, bad input."""
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -689,6 +690,31 @@ def test_lora_flag_and_prompt_tag_apply_the_same_lora_and_are_removed_after(tiny
     assert egaku.read_params(by_path)["loras"] == [["style", 1.0]]
     # a bare name given to --lora is looked up in --lora-dir
     assert np.abs(load(run("bare", "--lora", "style:1.0", "--lora-dir", str(lora_dir))) - load(by_path)).max() <= 1
+
+
+def test_options_json_names_files_absolute_so_its_config_repeats_the_run_from_anywhere(tiny_model_dir, lora_dir,
+                                                                                       tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "model")
+    shutil.copytree(lora_dir / "style", work / "style")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(work / "init.png")
+    monkeypatch.chdir(work)
+    assert main(["generate", "a cat", "--model", "model", "--steps", "4", "--seed", "3", "--init-image", "init.png",
+                 "--lora", "style:0.8", "--out", "first", "--no-progress"]) == 0
+    saved = json.loads((work / "first" / "00000-options.json").read_text())
+    assert saved["model"] == str(work / "model") and saved["init_image"] == str(work / "init.png")
+    assert saved["lora"] == [f"{work / 'style'}:0.8"]
+    monkeypatch.chdir(tmp_path)  # elsewhere, where none of the relative names exist
+    assert main(["generate", "--config", str(work / "first" / "00000-options.json"), "--out", "again",
+                 "--no-progress"]) == 0
+    first = np.asarray(Image.open(work / "first" / "00000-3.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "00000-3.png")), first)
+    # a name looked up in --lora-dir stays a name, its folder absolute
+    monkeypatch.chdir(work)
+    assert main(["generate", "a cat", "--model", "model", "--steps", "2", "--seed", "3", "--lora", "style:0.8",
+                 "--lora-dir", ".", "--out", "by-name", "--no-progress"]) == 0
+    saved = json.loads((work / "by-name" / "00000-options.json").read_text())
+    assert saved["lora"] == ["style:0.8"] and saved["lora_dir"] == str(work)
 
 
 def test_lora_is_removed_after_the_call_and_scale_matters(pipe, lora_dir):

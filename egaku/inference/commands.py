@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import build, option, save_config
+from ..config import absolute_paths, build, option, save_config
 from ..errors import EgakuError
 from ..progress import progress_bar
 from .generate import GenerateOptions, generate, reproduce_options
@@ -196,6 +197,30 @@ def _note_unrecorded(source: str, params: dict, o: GenerateOptions, given: set[s
         print(f"egaku: note: {source} does not record its model and LoRA files; " + "; ".join(parts))
 
 
+
+# generate's options that name a file or folder, besides PATH_OPTIONS (model, model_config)
+_GENERATE_FILES = ("init_image", "mask", "lora_dir", "embedding_dir", "prompt_file", "from_image")
+
+
+def recorded_options(opts: GenerateOptions) -> GenerateOptions:
+    """``opts`` as NNNNN-options.json keeps them: every file they name that exists made absolute, so that
+    ``--config`` of it repeats the run from any working directory. A ``--lora`` looked up by name in
+    ``--lora-dir`` stays a name (its folder is made absolute), and a hub id stays as typed."""
+    from ..lora.apply import parse_lora_arg
+
+    def absolute(value: str | None) -> str | None:
+        return os.path.abspath(os.path.expanduser(value)) if value and os.path.exists(os.path.expanduser(value)) \
+            else value
+
+    loras = []
+    for item in opts.lora:
+        name, scale = parse_lora_arg(item)
+        by_name = bool(opts.lora_dir) and not any(c in name for c in "/\\~")  # as resolve_lora_option reads it
+        loras.append(item if by_name or absolute(name) == name else f"{absolute(name)}:{scale:g}")
+    return dataclasses.replace(absolute_paths(opts), lora=loras,
+                               **{field: absolute(getattr(opts, field)) for field in _GENERATE_FILES})
+
+
 def generate_command(opts: GenerateOptions) -> None:
     from ..data.images import image_grid
     from ..models.loading import load_pipeline, recommended_guidance
@@ -261,7 +286,7 @@ def generate_command(opts: GenerateOptions) -> None:
                 index += 1
     finally:
         bar.close()
-    save_config(opts, out / f"{first_index:05d}-options.json")
+    save_config(recorded_options(opts), out / f"{first_index:05d}-options.json")
     elapsed = time.perf_counter() - started
     names = written[0].name if len(written) == 1 else f"{written[0].name} .. {written[-1].name}"
     print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {out}/ ({names}) "
