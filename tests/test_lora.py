@@ -219,8 +219,18 @@ def test_save_every_writes_loadable_loras_of_the_steps_beside_the_final_one(tmp_
             meta = fh.metadata()
         assert (meta["ss_steps"], meta["ss_max_train_steps"], meta["ss_output_name"]) == (
             str(step), "5", f"starlora-step{step:06d}")
-    with safe_open(str(out / "starlora.safetensors"), framework="pt") as fh:
-        assert fh.metadata()["ss_steps"] == "5"
+        # the diffusers file records its step in its own header too, beside what diffusers reads there
+        with safe_open(str(folder / "pytorch_lora_weights.safetensors"), framework="pt") as fh:
+            meta = fh.metadata()
+        assert (meta["ss_steps"], meta["ss_max_train_steps"]) == (str(step), "5") and "lora_adapter_metadata" in meta
+    for name in ("starlora.safetensors", "pytorch_lora_weights.safetensors"):
+        with safe_open(str(out / name), framework="pt") as fh:
+            assert (fh.metadata()["ss_steps"], fh.metadata()["ss_max_train_steps"]) == ("5", "5"), name
+    # info reads it from there, wherever the file is taken
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copy(steps / "starlora-step000002" / "pytorch_lora_weights.safetensors", moved)
+    assert describe(moved / "pytorch_lora_weights.safetensors")["training"]["steps"] == "2"
     # diffusers loads a step's folder; egaku finds it by name in the steps folder (<lora:starlora-step000002>),
     # and reads its kohya file to the same effect
     pipe = tiny_pipe(tiny_model_dir)
@@ -1125,7 +1135,8 @@ def test_merged_and_converted_copies_sample_on_the_timesteps_of_their_base(train
 
 def test_dora_trains_magnitudes_and_loads_in_diffusers_egaku_and_merge_lora(tmp_path, data_dir, tiny_model_dir):
     """--dora: peft's DoRA layers (UNet, conv and text encoder), written with their magnitudes in the diffusers
-    layout; plain diffusers, egaku's apply_loras (alpha folded in) and merge-lora all give the same image."""
+    layout (the text encoder's as lora_magnitude_vector.weight, the name transformers loads); plain diffusers,
+    egaku's apply_loras (alpha folded in) and merge-lora all give the same image and text-encoder output."""
     from egaku.lora.apply import apply_loras, remove_loras
     from egaku.lora.commands import MergeLoraOptions, merge_lora_command
 
@@ -1138,8 +1149,9 @@ def test_dora_trains_magnitudes_and_loads_in_diffusers_egaku_and_merge_lora(tmp_
                   max_steps=3, checkpoint_every=1)
     out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "dora", **common))
     weights = load_file(out / "pytorch_lora_weights.safetensors")
-    magnitudes = [k for k in weights if k.endswith("lora_magnitude_vector")]
+    magnitudes = [k for k in weights if "lora_magnitude_vector" in k]
     assert any(k.startswith("unet.") for k in magnitudes) and any(k.startswith("text_encoder.") for k in magnitudes)
+    assert all(k.endswith(".weight") == k.startswith("text_encoder.") for k in magnitudes)
     assert len(magnitudes) == len([k for k in weights if ".lora_A." in k])
     # resume restores the magnitudes with the rest
     split = tmp_path / "split"
@@ -1147,26 +1159,34 @@ def test_dora_trains_magnitudes_and_loads_in_diffusers_egaku_and_merge_lora(tmp_
     train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
     assert_same_lora(out, split)
 
-    # plain diffusers loads the UNet half (its text-encoder path needs peft >= 0.22 under transformers 5)
-    unet_only = tmp_path / "unet-only"
-    unet_only.mkdir()
-    save_file({k: v for k, v in weights.items() if k.startswith("unet.")},
-              unet_only / "pytorch_lora_weights.safetensors")
+    # plain diffusers loads the whole file, text-encoder DoRA included, as egaku does; so does egaku a file written
+    # before the text encoder's magnitudes had their .weight
     reference = tiny_pipe(tiny_model_dir)
+    ids = reference.tokenizer(["a photo of red star"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_text = reference.text_encoder(ids)[0]
     base = render(reference)
-    reference.load_lora_weights(str(unet_only))
+    reference.load_lora_weights(str(out))
+    with torch.no_grad():
+        expected_text = reference.text_encoder(ids)[0]
     expected = render(reference)
-    assert np.abs(expected - base).max() > 1e-3
+    assert np.abs(expected - base).max() > 1e-3 and (expected_text - base_text).abs().max() > 1e-3
+    older = tmp_path / "older"
+    older.mkdir()
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as fh:
+        header = fh.metadata()
+    save_file({k.removesuffix(".weight") if "lora_magnitude_vector" in k else k: v for k, v in weights.items()},
+              older / "pytorch_lora_weights.safetensors", metadata=header)
     pipe = tiny_pipe(tiny_model_dir)
-    apply_loras(pipe, [(unet_only / "pytorch_lora_weights.safetensors", 1.0)])
-    np.testing.assert_allclose(render(pipe), expected, atol=1e-5)
-    remove_loras(pipe)
+    for written in (out, older):
+        apply_loras(pipe, [(written / "pytorch_lora_weights.safetensors", 1.0)])
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.text_encoder(ids)[0], expected_text, atol=1e-5, rtol=1e-5)
+        applied = render(pipe)
+        np.testing.assert_allclose(applied, expected, atol=1e-5)
+        remove_loras(pipe)
     np.testing.assert_allclose(render(pipe), base, atol=1e-6)
-    # the whole file, text-encoder DoRA included: egaku's adapters and merge-lora's fused copy agree
-    apply_loras(pipe, [(out / "pytorch_lora_weights.safetensors", 1.0)])
-    applied = render(pipe)
-    remove_loras(pipe)
-    assert np.abs(applied - expected).max() > 1e-4  # the text-encoder half does something
+    # merge-lora's fused copy agrees
     merge_lora_command(MergeLoraOptions(model=str(tiny_model_dir), lora=[str(out)], out=str(tmp_path / "merged")))
     np.testing.assert_allclose(render(tiny_pipe(tmp_path / "merged")), applied, atol=1e-4)
     # --init-lora checks the adapter kind; info says what it is

@@ -267,3 +267,42 @@ def test_info_reports_the_steps_a_save_every_lora_was_trained_for(tmp_path):
     save_file(_diffusers_lora(), str(tmp_path / "pytorch_lora_weights.safetensors"))
     (tmp_path / "training_config.json").write_text(json.dumps({"max_steps": 4}))
     assert describe_lora(tmp_path / "pytorch_lora_weights.safetensors")["training"] == {"steps": 4}
+
+
+def test_info_reads_the_step_from_a_diffusers_files_own_header(tmp_path):
+    """train-lora records the step in the diffusers file's header too (finish_diffusers_file with steps_metadata, as
+    in the kohya file): info shows it wherever the file is, before the --save-every folder's name."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from egaku.lora.commands import describe_lora
+    from egaku.lora.formats import finish_diffusers_file, kohya_metadata, steps_metadata
+
+    assert steps_metadata(2, 4) == {"ss_steps": 2, "ss_max_train_steps": 4}
+    assert steps_metadata(0, 4) == {"ss_steps": 4, "ss_max_train_steps": 4}  # step 0: the run's end
+    assert kohya_metadata(**steps_metadata(2, 4))["ss_steps"] == "2"  # one source for both layouts
+    # a --save-every file taken out of its steps/NAME-step000002 folder, beside its run's training_config.json
+    (tmp_path / "training_config.json").write_text(json.dumps({"max_steps": 4, "learning_rate": 1e-4}))
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    lora = _diffusers_lora()
+    save_file(lora, str(path), metadata={"format": "pt", "lora_adapter_metadata": "{}"})
+    assert describe_lora(path)["training"]["steps"] == 4  # written before: the config's planned total
+    finish_diffusers_file(path, **steps_metadata(2, 4))
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata() == {"format": "pt", "lora_adapter_metadata": "{}", "ss_steps": "2",
+                                 "ss_max_train_steps": "4"}
+        assert {k: fh.get_tensor(k) for k in fh.keys()}.keys() == lora.keys()
+    training = describe_lora(path)["training"]
+    assert (training["steps"], training["planned steps"]) == ("2", "4")
+    # the header wins over a folder name that says another step
+    folder = tmp_path / "steps" / "run-step000003"
+    folder.mkdir(parents=True)
+    (folder / "training_config.json").write_text(json.dumps({"max_steps": 4}))
+    path.rename(folder / path.name)
+    training = describe_lora(folder / path.name)["training"]
+    assert (training["steps"], training["planned steps"]) == ("2", "4")
+    # a finished run's file: the one number
+    finish_diffusers_file(folder / path.name, **steps_metadata(4, 4))
+    assert describe_lora(folder / path.name)["training"] == {"steps": "4"}

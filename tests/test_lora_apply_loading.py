@@ -178,3 +178,97 @@ def test_hub_lora_ids_load_from_the_hub_cache(pipe, layer, tmp_path, monkeypatch
         finally:
             remove_loras(pipe)
     assert (images[0] == images[1]).all()
+
+
+# ---- DoRA with a text encoder: what train-lora --dora --train-text-encoder writes ---------------------------
+
+def _dora_model(model_dir):
+    """The tiny pipeline with DoRA adapters on the UNet's and text encoder's attention, as train-lora adds them,
+    moved away from their start (B != 0, magnitudes off the base's norms) as training moves them."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, use_dora=True, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, use_dora=True, init_lora_weights="gaussian",
+                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), pipe.text_encoder)
+    with torch.no_grad():
+        for name, param in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * torch.rand_like(param))
+    return pipe
+
+
+def _outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text-encoder output of a prompt, UNet output on fixed inputs) of a pipeline."""
+    ids = pipe.tokenizer(["a photo of red star"], padding="max_length", return_tensors="pt").input_ids
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=generator)
+    states = torch.randn(1, ids.shape[1], pipe.unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0], pipe.unet(latents, 10, states).sample
+
+
+def _save_as_train_lora(pipe, folder):
+    """What train-lora's save_lora hands diffusers (text-encoder keys under text_model.): the file as diffusers'
+    save_lora_weights writes it, before finish_diffusers_file."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers={canonical_module("text_encoder", k): v
+                                  for k, v in get_peft_model_state_dict(pipe.text_encoder).items()},
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
+        safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_a_dora_file_with_a_text_encoder_loads_in_plain_diffusers_as_in_egaku(tiny_model_dir, tmp_path):
+    """transformers drops a text encoder's bare ``lora_magnitude_vector`` keys: the file egaku writes names them
+    ``lora_magnitude_vector.weight``, so plain diffusers' load_lora_weights and egaku's apply_loras both give the
+    trained model's text encoder and UNet; a file written before (bare keys) still loads in egaku."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from egaku.lora.formats import finish_diffusers_file, steps_metadata
+
+    trained = _dora_model(tiny_model_dir)
+    trained_text, trained_unet = _outputs(trained)
+    old_file = _save_as_train_lora(trained, tmp_path / "old")
+    new_file = _save_as_train_lora(trained, tmp_path / "new")
+    finish_diffusers_file(new_file, **steps_metadata(2, 4))
+
+    old, new = load_file(old_file), load_file(new_file)
+    assert len(old) == len(new)
+    magnitudes = [k for k in new if "lora_magnitude_vector" in k]
+    assert {k.split(".")[0] for k in magnitudes} == {"unet", "text_encoder"}
+    for key in magnitudes:  # the UNet's keep peft's spelling, which diffusers' UNet path loads
+        assert key.endswith(".weight") == key.startswith("text_encoder."), key
+        assert torch.equal(new[key], old[key.removesuffix(".weight")])
+    with safe_open(str(new_file), framework="pt") as fh, safe_open(str(old_file), framework="pt") as before:
+        header = fh.metadata()
+        assert header["lora_adapter_metadata"] == before.metadata()["lora_adapter_metadata"]
+    assert (header["ss_steps"], header["ss_max_train_steps"]) == ("2", "4")
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    base_text, base_unet = _outputs(base)
+    assert (trained_text - base_text).abs().max() > 0.1 and (trained_unet - base_unet).abs().max() > 0.01
+    base.load_lora_weights(str(tmp_path / "new"))  # plain diffusers, as any diffusers user loads the folder
+    diffusers_text, diffusers_unet = _outputs(base)
+    torch.testing.assert_close(diffusers_text, trained_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diffusers_unet, trained_unet, atol=1e-5, rtol=1e-5)
+    for file in (new_file, old_file):
+        ours = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
+                                                       requires_safety_checker=False)
+        apply_loras(ours, [(file, 1.0)])
+        ours_text, ours_unet = _outputs(ours)
+        torch.testing.assert_close(ours_text, trained_text, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours_unet, trained_unet, atol=1e-5, rtol=1e-5)
+        assert describe_lora(file)["adapter"] == "DoRA"

@@ -140,7 +140,8 @@ def describe_lora(path: str | Path) -> dict:
         if config.get(key) not in (None, "", 0):
             training.setdefault(label, config[key])
     # a --save-every LoRA was written at its folder's step, before the run's planned total: the config's max_steps
-    # is that plan. (A diffusers-layout file records no step of its own, so its folder name is the record.)
+    # is that plan. (Files written since record ss_steps in their header, in both layouts; for a diffusers-layout
+    # file written before, its folder name is the record.)
     saved_at = _SAVED_AT_STEP.search(Path(path).parent.name) if config else None
     if saved_at and "steps" in training and "ss_steps" not in metadata:
         planned = training["steps"]

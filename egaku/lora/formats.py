@@ -105,7 +105,8 @@ _OLD_SUFFIXES = [
     (re.compile(r"\.lora_linear_layer\.(down|up)\.weight$"), lambda m: ("", m[1])),
     (re.compile(r"\.lora\.(down|up)\.weight$"), lambda m: ("", m[1])),
     (re.compile(r"\.lora_([AB])\.weight$"), lambda m: ("", "down" if m[1] == "A" else "up")),
-    # DoRA's per-output-channel magnitude (peft writes it without ".weight")
+    # DoRA's per-output-channel magnitude: peft writes it without ".weight"; egaku writes a text encoder's with it
+    # (see diffusers_file_key), and wrote it without before
     (re.compile(r"\.lora_magnitude_vector(\.weight)?$"), lambda m: ("", "magnitude")),
 ]
 
@@ -282,15 +283,57 @@ def model_module_name(full: str, modules: dict[str, torch.nn.Module]) -> str:
     return flat if flat in modules else full
 
 
+def header_entries(**values) -> dict[str, str]:
+    """Safetensors header entries as kohya spells them: ``ss_``-prefixed (unless ``modelspec.``), every value a
+    string (dicts and lists as JSON)."""
+    return {key if key.startswith(("ss_", "modelspec.")) else f"ss_{key}":
+            json.dumps(value) if isinstance(value, (dict, list)) else str(value) for key, value in values.items()}
+
+
 def kohya_metadata(**values) -> dict[str, str]:
     """``ss_*`` header entries (kohya writes every value as a string; A1111 reads ss_network_* from it)."""
-    out = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "ss_v2": "False",
-           "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.implementation": "diffusers",
-           "modelspec.sai_model_spec": "1.0.0"}
-    for key, value in values.items():
-        out[key if key.startswith(("ss_", "modelspec.")) else f"ss_{key}"] = (
-            json.dumps(value) if isinstance(value, (dict, list)) else str(value))
-    return out
+    return {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "ss_v2": "False",
+            "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.implementation": "diffusers",
+            "modelspec.sai_model_spec": "1.0.0", **header_entries(**values)}
+
+
+def steps_metadata(step: int, planned: int) -> dict[str, int]:
+    """The header entries that say how far a LoRA was trained, in both layouts' files: ``ss_steps``, the steps its
+    weights were trained for (a --save-every file's step; ``step`` 0: the run's end), and ``ss_max_train_steps``,
+    the run's plan (more than ``ss_steps`` for a --save-every file). ``egaku info`` shows both."""
+    return {"ss_steps": step or planned, "ss_max_train_steps": planned}
+
+
+# ---- writing the diffusers layout ------------------------------------------------------------------
+
+# peft's state dict names a DoRA magnitude ``<module>.lora_magnitude_vector``. diffusers loads a text encoder's
+# adapter through transformers, which (transformers 5) places each key on the parameter of that name with the
+# adapter's name put in before ``.weight`` (``lora_magnitude_vector.<adapter>.weight``): a bare
+# ``lora_magnitude_vector`` matches nothing and is dropped, leaving the text encoder's magnitudes at the base's norms.
+# ``...lora_magnitude_vector.weight`` loads there, and in peft's own set_peft_model_state_dict (transformers 4's
+# path) and ``peft_pairs`` too. diffusers' UNet path loads peft's spelling, which UNet keys keep.
+_MAGNITUDE = ".lora_magnitude_vector"
+
+
+def diffusers_file_key(key: str) -> str:
+    """The key a tensor of a diffusers-layout file should have for plain diffusers to load it: a text-encoder
+    DoRA magnitude gets ``.weight``; every other key stays as it is."""
+    if key.startswith("text_encoder.") and key.endswith(_MAGNITUDE):
+        return key + ".weight"
+    return key
+
+
+def finish_diffusers_file(path: str | Path, **values) -> Path:
+    """Rewrite, atomically, a LoRA file that diffusers' ``save_lora_weights`` wrote: its keys as
+    ``diffusers_file_key`` names them, and ``values`` (such as ``steps_metadata``) added to its header, spelled as
+    ``header_entries`` spells them, beside the ``lora_adapter_metadata`` diffusers reads."""
+    from ..training.runtime import atomic_save_file
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+        tensors = {diffusers_file_key(key): fh.get_tensor(key) for key in fh.keys()}
+    return atomic_save_file(tensors, path, metadata={**metadata, **header_entries(**values)})
 
 
 # ---- token embeddings (pivotal tuning) --------------------------------------------------------------

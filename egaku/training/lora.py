@@ -49,8 +49,9 @@ from ..data.folder import files_under, scan_image_folder
 from ..data.images import image_grid
 from ..data.masks import find_mask_files, latent_masks, masked_mean
 from ..errors import EgakuError
-from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, kohya_metadata, peft_pairs,
-                            peft_to_kohya, save_embedding, single_token_ids)
+from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, finish_diffusers_file,
+                            kohya_metadata, peft_pairs, peft_to_kohya, save_embedding, single_token_ids,
+                            steps_metadata)
 from ..models.text import check_clip_skip, encode_captions, encode_prompts, prompt_chunks
 from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
@@ -1276,9 +1277,11 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                                               for k, v in get_peft_model_state_dict(text_encoder).items()}
         meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
     written = []
+    trained_for = steps_metadata(step, total_steps or opts.max_steps)  # ss_steps, ss_max_train_steps: both layouts
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-lora-") as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, **layers, **meta, safe_serialization=True)
         if opts.format in ("diffusers", "both"):
+            finish_diffusers_file(Path(tmp) / LORA_WEIGHTS_NAME, **trained_for)
             permissions_by_umask(Path(tmp) / LORA_WEIGHTS_NAME)  # safetensors writes 0600
             os.replace(Path(tmp) / LORA_WEIGHTS_NAME, out / LORA_WEIGHTS_NAME)
             written.append(out / LORA_WEIGHTS_NAME)
@@ -1296,8 +1299,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_network_args={**({"conv_dim": conv_rank, "conv_alpha": conv_alpha} if opts.lora_conv else {}),
                                  **({"loraplus_lr_ratio": opts.loraplus_lr_ratio} if opts.loraplus_lr_ratio else {})},
                 ss_num_train_images=num_images, ss_resolution=f"({opts.resolution}, {opts.resolution})",
-                ss_learning_rate=opts.learning_rate, ss_max_train_steps=total_steps or opts.max_steps,
-                ss_steps=step or total_steps or opts.max_steps,
+                ss_learning_rate=opts.learning_rate, **trained_for,
                 ss_lr_scheduler=opts.lr_scheduler, ss_seed=opts.seed, ss_mixed_precision=opts.mixed_precision,
                 ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset, ss_loss_type=opts.loss_type,
                 ss_debiased_estimation=opts.debiased_estimation,
