@@ -738,9 +738,36 @@ def test_the_default_resolution_is_the_models_native_size_and_a_resume_keeps_the
 
 
 def test_resume_with_changed_config_is_refused_naming_the_difference(trained, data_dir, tiny_model_dir):
-    opts = options(data_dir, tiny_model_dir, trained, **{**TRAINED, "learning_rate": 1e-3}, resume="latest")
-    with pytest.raises(EgakuError, match=r"learning_rate: checkpoint has 0\.05, now 0\.001"):
+    opts = options(data_dir, tiny_model_dir, trained, **{**TRAINED, "weight_decay": 0.1}, resume="latest")
+    with pytest.raises(EgakuError, match=r"weight_decay: checkpoint has 0\.01, now 0\.1"):
         train_lora(opts)
+
+
+def test_a_resume_may_change_the_learning_rate_which_the_restored_optimizer_takes(tmp_path, data_dir,
+                                                                                  tiny_model_dir, capsys):
+    """Adam's step is proportional to its rate: from the same checkpoint, half the rate moves each weight half as
+    far in the next step. The schedule keeps its place (warmup here) and the token's group gets its own rate."""
+    common = dict(max_steps=4, checkpoint_every=1, format="diffusers", lr_scheduler="constant_with_warmup",
+                  lr_warmup_steps=4, train_tokens=["star"], weight_decay=0.0)
+    run = tmp_path / "run"
+    train_lora(options(data_dir, tiny_model_dir, run, stop_at=2, learning_rate=1e-2, token_lr=2e-2, **common))
+    half = tmp_path / "half"
+    shutil.copytree(run, half)
+    train_lora(options(data_dir, tiny_model_dir, run, stop_at=3, resume="latest", learning_rate=1e-2,
+                       token_lr=2e-2, **common))
+    capsys.readouterr()
+    train_lora(options(data_dir, tiny_model_dir, half, stop_at=3, resume="latest", learning_rate=5e-3,
+                       token_lr=1e-2, **common))
+    assert "learning rates changed on resume: 0.01, 0.02 -> 0.005, 0.01" in capsys.readouterr().out
+    start = load_file(run / "checkpoints" / "step-000002" / "unet_lora.safetensors")
+    full, halved = (load_file(r / "checkpoints" / "step-000003" / "unet_lora.safetensors") for r in (run, half))
+    moved = [k for k in start if not torch.equal(full[k], start[k])]
+    assert moved
+    for key in moved:
+        torch.testing.assert_close(halved[key] - start[key], (full[key] - start[key]) / 2, rtol=1e-4, atol=1e-7)
+    state = torch.load(half / "checkpoints" / "step-000003" / "state.pt", weights_only=True)
+    # step 3 of 4 warmup steps: three quarters of each group's new rate
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([5e-3 * 3 / 4, 1e-2 * 3 / 4])
 
 
 def test_resuming_a_checkpoint_of_another_trainer_says_so(tmp_path, data_dir, tiny_model_dir):
@@ -873,13 +900,40 @@ def test_nan_loss_stops_at_the_step_keeping_the_last_good_checkpoint(tmp_path, d
                            checkpoint_every=1, max_steps=6, format="diffusers"))
     message = str(err.value)
     assert "at step 2" in message and "step-000001" in message and "learning-rate" in message
-    # the fixes change the run's options, which a resume refuses: the message says to train again, and offers
-    # only what this run lacks (it has no fp16 to leave, and no gradient clipping)
-    assert "train again into a new --out" in message and "resume with" not in message
-    assert "set --max-grad-norm 1.0" in message and "fp16" not in message
+    # no checkpoint to go back to: the message says to train again, and offers only what this run lacks (it has
+    # no fp16 to leave, and no gradient clipping)
+    assert "no checkpoint was written yet" not in message
     saved = load_file(out / "checkpoints" / "step-000001" / "unet_lora.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert "--resume latest with a lower --learning-rate (now 1e+30) or --max-grad-norm 1.0" in message
+    assert "fp16" not in message
+
+
+def test_after_a_nan_stop_a_resume_with_a_lower_rate_ends_as_the_run_that_had_it(tmp_path, data_dir,
+                                                                                tiny_model_dir):
+    """The NaN session writes nothing; its checkpoint resumed with the rate the message asks for ends with the
+    weights of a run that had that rate from its last good step on."""
+    common = dict(checkpoint_every=1, max_steps=3, format="diffusers")
+    whole = train_lora(options(data_dir, tiny_model_dir, tmp_path / "whole", learning_rate=1e-2, **common))
+    out = tmp_path / "run"
+    train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e-2, stop_at=1, **common))
+    with pytest.raises(EgakuError) as err:
+        # (this session writes no checkpoint: the weights of its first step are finite and already ruined)
+        train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e30, max_grad_norm=0.0, resume="latest",
+                           **{**common, "checkpoint_every": 0}))
+    assert "step-000001" in str(err.value) and "--resume latest with a lower --learning-rate" in str(err.value)
+    train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e-2, resume="latest", **common))
+    assert_same_lora(whole, out)
+
+
+def test_a_nan_stop_before_any_checkpoint_says_to_train_again(tmp_path, data_dir, tiny_model_dir):
+    with pytest.raises(EgakuError) as err:
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "nan", learning_rate=1e30, max_grad_norm=0.0,
+                           checkpoint_every=0, max_steps=3, format="diffusers", mixed_precision="no"))
+    message = str(err.value)
+    assert "no checkpoint was written yet" in message and "--resume" not in message
+    assert "lower --learning-rate (now 1e+30) or --max-grad-norm 1.0, and train again into a new --out" in message
 
 
 def test_too_few_images_is_a_clear_error(tmp_path, tiny_model_dir):

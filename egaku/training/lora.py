@@ -480,7 +480,10 @@ RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "log_with", "device", "cac
                      "prior_guidance",
                      # recomputes activations in the backward pass (the same gradients, less memory): the usual fix
                      # for running out of memory on resume; and a threshold on the data, which is checked itself
-                     "gradient_checkpointing", "min_images"}
+                     "gradient_checkpointing", "min_images",
+                     # the step sizes: the usual fix after a NaN stop, or for a run that learns too slowly. The
+                     # restored optimizer and schedule take the new rates (rescale_learning_rates)
+                     "learning_rate", "text_encoder_lr", "token_lr", "max_grad_norm"}
 # the run's length, which only a learning-rate schedule that does not depend on it lets a resume change (kohya's
 # "resume to train longer")
 RUN_LENGTH = {"max_steps", "epochs"}
@@ -517,6 +520,16 @@ def adapters_off(*models: torch.nn.Module):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def rescale_learning_rates(lr_scheduler, rates: list[float]) -> None:
+    """Give a restored optimizer and LambdaLR schedule the base ``rates`` of this session's options, one per
+    parameter group, at the schedule's restored step: a resume may change the learning rates."""
+    for group, rate, lr_lambda in zip(lr_scheduler.optimizer.param_groups, rates, lr_scheduler.lr_lambdas):
+        group["initial_lr"] = rate
+        group["lr"] = rate * lr_lambda(lr_scheduler.last_epoch)
+    lr_scheduler.base_lrs = list(rates)
+    lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
 
 
 def lora_param_groups(model: torch.nn.Module, lr: float, loraplus_lr_ratio: float = 0.0,
@@ -610,14 +623,14 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     return missing  # the components stay on the device: training moves them there anyway
 
 
-def nan_fixes(opts: TrainLoraOptions) -> str:
-    """What to change after a NaN/inf loss: only the fixes this run does not already have."""
-    fixes = [f"lower --learning-rate (now {opts.learning_rate:g})"]
-    if opts.mixed_precision == "fp16":
-        fixes.append("use --mixed-precision bf16 or no instead of fp16")
+def nan_fixes(opts: TrainLoraOptions) -> tuple[list[str], str]:
+    """What to change after a NaN/inf loss, only the fixes this run does not already have: those a resume may make
+    (the learning rates and clipping, RESUME_MAY_CHANGE), and the one that needs a new run (leaving fp16)."""
+    resumable = [f"a lower --learning-rate (now {opts.learning_rate:g})"]
     if not opts.max_grad_norm:
-        fixes.append("set --max-grad-norm 1.0")
-    return ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
+        resumable.append("--max-grad-norm 1.0")
+    fresh = "use --mixed-precision bf16 or no instead of fp16" if opts.mixed_precision == "fp16" else ""
+    return resumable, fresh
 
 
 def resume_point(opts: TrainLoraOptions, checkpoints: Checkpoints):
@@ -1100,8 +1113,13 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             set_peft_model_state_dict(unwrapped(text_encoder), weights["text_encoder_lora"])
         if tokens:
             tokens.load(weights["token_embeddings"])
+        rates = list(lr_scheduler.base_lrs)  # this session's, which loading the saved state replaces
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if list(lr_scheduler.base_lrs) != rates:
+            say(f"learning rates changed on resume: {', '.join(f'{r:g}' for r in lr_scheduler.base_lrs)} -> "
+                f"{', '.join(f'{r:g}' for r in rates)} (per parameter group)")
+        rescale_learning_rates(lr_scheduler, rates)
         check_same_world(state, world, resume_from, "the data position depends on it")
         restore_rng(state["rng"])
         step, micro = int(state["step"]), int(state["micro"])
@@ -1164,7 +1182,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     for model in trained:
         unwrapped(model).train()
     mean_loss = float("nan")
-    nan_hint = nan_fixes(opts)  # what a NaN stop suggests, built once rather than every step
+    nan_resume_with, nan_hint = nan_fixes(opts)  # what a NaN stop suggests, built once rather than every step
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
     with StopOnSignal() as stop:
@@ -1216,7 +1234,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             (mean_loss,), interrupted = agree_on_step(accelerator, stop.requested, step_loss)
             finite_weights = all(bool(torch.isfinite(p).all()) for p in lora_params)
             check_finite(mean_loss if finite_weights else torch.tensor(float("nan")), step, checkpoints,
-                         hint=nan_hint)
+                         hint=nan_hint, resume_with=nan_resume_with)
             if main:
                 log.log(step, loss=float(mean_loss), lr=lr_scheduler.get_last_lr()[0])
                 bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")

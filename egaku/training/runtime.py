@@ -369,16 +369,27 @@ def check_replicas_agree(accelerator, params, what: str) -> None:
         raise RuntimeError(f"{what} differ between processes after training: {sums.tolist()}")
 
 
+def either(choices: list[str]) -> str:
+    """``a, b or c``."""
+    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else "".join(choices)
+
+
 def check_finite(loss: torch.Tensor | float, step: int, checkpoints: Checkpoints,
-                 hint: str = "lower the learning rate") -> None:
-    """Stop on NaN/inf loss, pointing at the last good checkpoint."""
+                 hint: str = "lower the learning rate", resume_with: list[str] = ()) -> None:
+    """Stop on NaN/inf loss, pointing at the last good checkpoint. ``resume_with``: fixes a resume may make (a
+    trainer that lets them change on resume); ``hint``: fixes that need a new run, since a resume repeats the other
+    options (and would reach the same loss again)."""
     if not math.isfinite(float(loss)):
         last = checkpoints.latest()
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        # the fixes change the run's options, which a resume must repeat (it would reach the same loss again)
-        raise EgakuError(f"loss became {float(loss)} at step {step}; training stopped, {where}. "
-                         f"Try: {hint}, and train again into a new --out (or into this one after deleting "
-                         f"{checkpoints.root}): a resume repeats the run's options")
+        again = f"train again into a new --out (or into this one after deleting {checkpoints.root})"
+        if last and resume_with:
+            advice = f"Try: --resume latest with {either(resume_with)}" + (f"; or {hint}, and {again}" if hint else "")
+        elif resume_with:
+            advice = f"Try: {either([*resume_with, hint] if hint else resume_with)}, and {again}"
+        else:
+            advice = f"Try: {hint}, and {again}: a resume repeats the run's options"
+        raise EgakuError(f"loss became {float(loss)} at step {step}; training stopped, {where}. {advice}")
 
 
 class StopOnSignal:
