@@ -494,6 +494,50 @@ def test_api_key_comes_from_the_environment(pipe, monkeypatch):
         assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
 
 
+def test_several_api_keys_separated_by_commas_are_each_accepted(pipe, monkeypatch):
+    """A new key beside the old one while clients move over; spaces around a key and empty entries do not count."""
+    monkeypatch.setenv("EGAKU_API_KEY", " old-key, new-key ,")
+    with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]))) as live:
+        for key, status in (("old-key", 200), ("new-key", 200), ("old-key, new-key", 401), ("x", 401),
+                            ("old-keynew-key", 401)):
+            r = httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == status, key
+        assert httpx.get(live.url + "/v1/models").status_code == 401
+    monkeypatch.setenv("EGAKU_API_KEY", " , ")  # no key at all: auth off, as with the variable unset
+    with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]))) as live:
+        assert httpx.get(live.url + "/v1/models").status_code == 200
+
+
+def test_allow_pickle_serves_a_ckpt_model_and_pt_embeddings_that_are_refused_without_it(pipe, tmp_path):
+    import torch
+
+    from egaku.models.single_file import pipeline_to_original
+    from egaku.server.app import load_pipelines
+
+    model_dir = tmp_path / "config"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": pipeline_to_original(pipe)}, ckpt)
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    torch.save({"string_to_param": {"*": torch.randn(2, width)}, "name": "old"}, embeddings / "old.pt")
+    common = dict(model=[str(ckpt)], model_config=str(model_dir), embedding_dir=str(embeddings), device="cpu",
+                  dtype="float32")
+    with pytest.raises(EgakuError, match="--allow-pickle"):
+        load_pipelines(ServeOptions(**common))
+    opts = ServeOptions(**common, allow_pickle=True)
+    served = load_pipelines(opts)
+    with LiveServer(create_app(served, opts)) as live:
+        body = {"prompt": "a cat old", "response_format": "b64_json", "seed": 1, **FAST}
+        r = httpx.post(live.url + "/v1/images/generations", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+    refusing = ServeOptions(**{**common, "model": ["tiny"]})
+    with LiveServer(create_app({"tiny": pipe}, refusing)) as live:
+        r = httpx.post(live.url + "/v1/images/generations", json=body, timeout=60)
+        assert r.status_code == 400 and "allow-pickle" in r.text
+
+
 # -- the queue -----------------------------------------------------------------------------------------------
 
 def wait_until(condition, what: str, seconds: float = 60.0) -> None:

@@ -55,6 +55,8 @@ class ServeOptions:
     lora_dir: str | None = option(None, help="folder of LoRAs that requests may name (<lora:name:w> or 'loras')")
     embedding_dir: str | None = option(None, help="folder of textual-inversion embeddings a prompt word may name "
                                        "(EasyNegative), as generate --embedding-dir")
+    allow_pickle: bool = option(False, help="also load .ckpt/.pt/.bin models and --embedding-dir embeddings "
+                                "(pickles, read with weights_only=True): only files you trust")
     host: str = option("127.0.0.1", help="address to bind; loopback by default")
     port: int = option(8000, help="TCP port")
     device: str = option("auto", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
@@ -367,8 +369,16 @@ def _stored_params(files: dict[str, bytes]) -> dict:
         return {}
 
 
+def api_keys(setting: str | None) -> list[str]:
+    """The keys of ``$EGAKU_API_KEY``: one, or several separated by commas (a new key beside the old while clients
+    move over); none where it is unset or empty."""
+    return [key.strip() for key in (setting or "").split(",") if key.strip()]
+
+
 def _authorizer(api_key: str | None):
-    """The /v1 routes' dependency: with a key, each request must send ``Authorization: Bearer KEY``."""
+    """The /v1 routes' dependency: with a key, each request must send ``Authorization: Bearer KEY`` (one of the
+    keys, where ``api_key`` holds several separated by commas)."""
+    keys = [key.encode() for key in api_keys(api_key)]
 
     async def authorize(request: Request) -> None:
         # a page of another site may POST a form or text/plain here without asking first (no CORS preflight):
@@ -377,12 +387,13 @@ def _authorizer(api_key: str | None):
         if origin and request.method not in ("GET", "HEAD") and urlparse(origin).netloc != request.headers.get("host"):
             raise ApiError(403, f"requests from another site's page ({origin}) are refused; call the API from a "
                                 "program, or from this server's own page", code="cross_origin")
-        if api_key is None:
+        if not keys:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        # hmac.compare_digest: the time taken does not depend on how much of the key was right
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        # hmac.compare_digest: the time taken does not depend on how much of a key was right; every key is compared
+        matches = [hmac.compare_digest(given.strip().encode(), key) for key in keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server "
                                 f"was started with (${API_KEY_ENV})", code="invalid_api_key")
 
@@ -456,7 +467,8 @@ def _add_error_handlers(app, opts: ServeOptions) -> None:
 def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_key: str | None = None):
     """The FastAPI app serving ``pipelines`` (name -> loaded pipeline; the first is the default).
 
-    ``api_key`` defaults to ``$EGAKU_API_KEY``; when set, /v1 requests need ``Authorization: Bearer KEY``.
+    ``api_key`` defaults to ``$EGAKU_API_KEY``; when set, /v1 requests need ``Authorization: Bearer KEY`` (with
+    several keys separated by commas, any one of them).
     """
     from fastapi import APIRouter, Depends, FastAPI
     from fastapi.responses import FileResponse, Response
@@ -467,9 +479,9 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
         raise EgakuError("no model to serve")
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV)
-    api_key = api_key or None
+    api_key = ",".join(api_keys(api_key)) or None
     limits = Limits(max_n=opts.max_n, max_side=opts.max_side, max_steps=opts.max_steps, lora_dir=opts.lora_dir,
-                    embedding_dir=opts.embedding_dir)
+                    embedding_dir=opts.embedding_dir, allow_pickle=opts.allow_pickle)
     workers = {name: ModelWorker(name, opts.queue_size) for name in pipelines}
     default_model = next(iter(pipelines))
     aliases = {alias: default_model for alias in OPENAI_MODEL_ALIASES}
@@ -672,7 +684,7 @@ def load_pipelines(opts: ServeOptions) -> dict[str, Any]:
 
     pipelines: dict[str, Any] = {}
     for spec in opts.model:
-        pipe = load_pipeline(spec, opts.device, opts.dtype, opts.model_config)
+        pipe = load_pipeline(spec, opts.device, opts.dtype, opts.model_config, allow_pickle=opts.allow_pickle)
         name = pipe.egaku_info.name
         if name in pipelines:
             raise EgakuError(f"model {spec!r} is given twice", param="model")
@@ -719,7 +731,7 @@ def serve_command(opts: ServeOptions) -> None:
     for flag, folder in (("--lora-dir", opts.lora_dir), ("--embedding-dir", opts.embedding_dir)):
         if folder is not None and not Path(folder).is_dir():
             raise EgakuError(f"{flag} {folder!r} is not a folder", param=flag[2:].replace("-", "_"))
-    api_key = os.environ.get(API_KEY_ENV) or None
+    api_key = ",".join(api_keys(os.environ.get(API_KEY_ENV))) or None
     try:
         loopback = ipaddress.ip_address(opts.host).is_loopback
     except ValueError:

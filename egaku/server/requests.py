@@ -47,6 +47,7 @@ class Limits:
     max_steps: int = 150
     lora_dir: str | None = None
     embedding_dir: str | None = None
+    allow_pickle: bool = False  # serve --allow-pickle: embeddings in pickle files load too
 
 
 @dataclass
@@ -424,6 +425,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         options["lora_dir"] = str(Path(limits.lora_dir))
     if limits.embedding_dir:
         options["embedding_dir"] = str(Path(limits.embedding_dir))
+        options["allow_pickle"] = limits.allow_pickle
     revised = opts.prompt
     if "<lora:" in revised:
         from ..lora.apply import parse_prompt_loras
