@@ -276,6 +276,24 @@ def test_export_only_writes_a_model_from_the_latest_checkpoint(tiny_run, tmp_pat
     assert (copy / "config.json").read_text() == run_config
 
 
+def test_an_export_keeps_a_default_guidance_edited_by_hand_and_says_so(tiny_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run / "checkpoints", copy / "checkpoints")
+    ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=4.0))
+    defaults = copy / "model" / "egaku_defaults.json"
+    assert json.loads(defaults.read_text()) == {"guidance_scale": 4.0}
+    defaults.write_text('{"guidance_scale": 6.5}')  # measured after the export, written in by hand
+    capsys.readouterr()
+    ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=4.0))  # a later export (a resume's too)
+    assert json.loads(defaults.read_text()) == {"guidance_scale": 6.5}
+    assert f"kept {defaults} as it was (guidance 6.5)" in capsys.readouterr().err
+    defaults.unlink()  # as the message says: deleted, the export writes --sample-guidance
+    ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=5.0))
+    assert json.loads(defaults.read_text()) == {"guidance_scale": 5.0}
+
+
 def test_failed_checkpoint_write_leaves_the_previous_one_valid(tmp_path, monkeypatch):
     from egaku.training import runtime
 

@@ -44,7 +44,7 @@ from ..paths import checked_run_paths
 from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
-from ..models.loading import resolve_device, write_model_defaults, write_pipeline
+from ..models.loading import MODEL_DEFAULTS_FILE, resolve_device, write_model_defaults, write_pipeline
 from ..progress import progress_bar
 from ..training.runtime import (LOG_WITH, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, agree_on_step,
                                 capture_rng, check_finite, check_log_with, check_replicas_agree,
@@ -848,8 +848,16 @@ def _train(opts: TrainLdmOptions) -> Path:
     # 5. Export the EMA weights as a standard pipeline
     pipe = ema_pipeline()
     model_dir = out / "model"
+    defaults = model_dir / MODEL_DEFAULTS_FILE
+    # a guidance measured and written in by hand after an earlier export is kept: a resume's export must not lose it
+    kept = json.loads(defaults.read_text()) if defaults.is_file() else None
+    if kept is not None and kept.get("guidance_scale") == opts.sample_guidance:
+        kept = None
     write_pipeline(pipe, model_dir)
-    write_model_defaults(model_dir, {"guidance_scale": opts.sample_guidance})
+    write_model_defaults(model_dir, kept or {"guidance_scale": opts.sample_guidance})
+    if kept:
+        say(f"kept {defaults} as it was (guidance {kept.get('guidance_scale')}), not --sample-guidance "
+            f"{opts.sample_guidance:g}; delete it and export again (--export-only) to write that instead")
     (out / "samples").mkdir(exist_ok=True)
     sample_grid(pipe, prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
                 opts.resolution).save(out / "samples" / f"final-step-{step:06d}.png")
