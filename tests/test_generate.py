@@ -715,6 +715,18 @@ def test_options_json_names_files_absolute_so_its_config_repeats_the_run_from_an
                  "--lora-dir", ".", "--out", "by-name", "--no-progress"]) == 0
     saved = json.loads((work / "by-name" / "00000-options.json").read_text())
     assert saved["lora"] == ["style:0.8"] and saved["lora_dir"] == str(work)
+    # a drawn seed is recorded, so the config repeats the images; a LoRA's scale keeps every digit
+    assert main(["generate", "a cat", "--model", "model", "--steps", "2", "-n", "2", "--lora", "style:0.33333333",
+                 "--out", "drawn", "--no-progress"]) == 0
+    saved = json.loads((work / "drawn" / "00000-options.json").read_text())
+    assert saved["lora"] == [f"{work / 'style'}:0.33333333"]
+    drawn = sorted((work / "drawn").glob("0000[01]-*.png"))
+    assert saved["seed"] == int(drawn[0].stem.split("-")[1])
+    assert main(["generate", "--config", str(work / "drawn" / "00000-options.json"), "--out", "redrawn",
+                 "--no-progress"]) == 0
+    for first, again in zip(drawn, sorted((work / "redrawn").glob("0000[01]-*.png"))):
+        assert first.name == again.name
+        assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
 
 
 def test_lora_is_removed_after_the_call_and_scale_matters(pipe, lora_dir):

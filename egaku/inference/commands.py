@@ -202,10 +202,11 @@ def _note_unrecorded(source: str, params: dict, o: GenerateOptions, given: set[s
 _GENERATE_FILES = ("init_image", "mask", "lora_dir", "embedding_dir", "prompt_file", "from_image")
 
 
-def recorded_options(opts: GenerateOptions) -> GenerateOptions:
+def recorded_options(opts: GenerateOptions, seed: int | None = None) -> GenerateOptions:
     """``opts`` as NNNNN-options.json keeps them: every file they name that exists made absolute, so that
     ``--config`` of it repeats the run from any working directory. A ``--lora`` looked up by name in
-    ``--lora-dir`` stays a name (its folder is made absolute), and a hub id stays as typed."""
+    ``--lora-dir`` stays a name (its folder is made absolute), and a hub id stays as typed. ``seed``: the one
+    drawn for a run without ``--seed``, recorded in its place."""
     from ..lora.apply import parse_lora_arg
 
     def absolute(value: str | None) -> str | None:
@@ -216,8 +217,8 @@ def recorded_options(opts: GenerateOptions) -> GenerateOptions:
     for item in opts.lora:
         name, scale = parse_lora_arg(item)
         by_name = bool(opts.lora_dir) and not any(c in name for c in "/\\~")  # as resolve_lora_option reads it
-        loras.append(item if by_name or absolute(name) == name else f"{absolute(name)}:{scale:g}")
-    return dataclasses.replace(absolute_paths(opts), lora=loras,
+        loras.append(item if by_name or absolute(name) == name else f"{absolute(name)}:{scale!r}")
+    return dataclasses.replace(absolute_paths(opts), lora=loras, seed=opts.seed if seed is None else seed,
                                **{field: absolute(getattr(opts, field)) for field in _GENERATE_FILES})
 
 
@@ -257,6 +258,7 @@ def generate_command(opts: GenerateOptions) -> None:
     index = _next_index(out, replaced)
     first_index = index
     written: list[Path] = []
+    written_seeds: list[int] = []
     # a terminal's bar is cleared when generation ends; a log gets a plain line every 30 s and the last one
     # (its total starts as the prompts' --steps; the first step of each says how many it really runs: img2img
     # runs fewer, a hires pass more)
@@ -279,6 +281,7 @@ def generate_command(opts: GenerateOptions) -> None:
                 path = out / f"{index:05d}-{r.seed}.png"
                 save_png(r.image, path, r.params)
                 written.append(path)
+                written_seeds.append(r.seed)
                 index += 1
             if opts.grid and len(results) > 1:
                 grid_path = out / f"{index:05d}-grid.png"
@@ -286,7 +289,9 @@ def generate_command(opts: GenerateOptions) -> None:
                 index += 1
     finally:
         bar.close()
-    save_config(recorded_options(opts), out / f"{first_index:05d}-options.json")
+    # a drawn seed is recorded where one prompt ran (each of several prompts draws its own: those stay unset)
+    drawn = written_seeds[0] if opts.seed is None and len(runs) == 1 and written_seeds else None
+    save_config(recorded_options(opts, seed=drawn), out / f"{first_index:05d}-options.json")
     elapsed = time.perf_counter() - started
     names = written[0].name if len(written) == 1 else f"{written[0].name} .. {written[-1].name}"
     print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {out}/ ({names}) "
