@@ -284,14 +284,23 @@ def test_an_export_keeps_a_default_guidance_edited_by_hand_and_says_so(tiny_run,
     ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=4.0))
     defaults = copy / "model" / "egaku_defaults.json"
     assert json.loads(defaults.read_text()) == {"guidance_scale": 4.0}
-    defaults.write_text('{"guidance_scale": 6.5}')  # measured after the export, written in by hand
-    capsys.readouterr()
-    ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=4.0))  # a later export (a resume's too)
-    assert json.loads(defaults.read_text()) == {"guidance_scale": 6.5}
-    assert f"kept {defaults} as it was (guidance 6.5)" in capsys.readouterr().err
-    defaults.unlink()  # as the message says: deleted, the export writes --sample-guidance
+    # not edited: a later export (a resume's too) writes its own --sample-guidance
     ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=5.0))
     assert json.loads(defaults.read_text()) == {"guidance_scale": 5.0}
+    defaults.write_text('{"guidance_scale": 6.5}')  # measured after the export, written in by hand
+    capsys.readouterr()
+    ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=4.0))
+    assert json.loads(defaults.read_text()) == {"guidance_scale": 6.5}
+    assert f"kept {defaults} as edited (guidance 6.5)" in capsys.readouterr().err
+    ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=4.0))  # and kept again
+    assert json.loads(defaults.read_text()) == {"guidance_scale": 6.5}
+    # a file that cannot be read is an error before any work, not a traceback after training
+    defaults.write_text('{"guidance_scale": 6.5,}')
+    with pytest.raises(EgakuError, match="egaku_defaults.json is not readable JSON"):
+        ldm.train_ldm(tiny_opts(copy, export_only=True))
+    defaults.unlink()  # as the message says: deleted, the export writes --sample-guidance
+    ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=5.5))
+    assert json.loads(defaults.read_text()) == {"guidance_scale": 5.5}
 
 
 def test_failed_checkpoint_write_leaves_the_previous_one_valid(tmp_path, monkeypatch):

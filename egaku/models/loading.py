@@ -54,9 +54,15 @@ def model_defaults(pipe) -> dict:
         if recorded:
             return recorded
         path = info.config
-    if path is None or not (path / MODEL_DEFAULTS_FILE).is_file():
+    return read_model_defaults(path) if path is not None else {}
+
+
+def read_model_defaults(folder: Path) -> dict:
+    """A pipeline folder's egaku_defaults.json, checked ({} where there is none): a file that is not JSON or holds no
+    usable guidance is an error that names it."""
+    file = folder / MODEL_DEFAULTS_FILE
+    if not file.is_file():
         return {}
-    file = path / MODEL_DEFAULTS_FILE
     try:
         defaults = json.loads(file.read_text())
     except (OSError, ValueError) as exc:

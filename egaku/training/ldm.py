@@ -44,7 +44,8 @@ from ..paths import checked_run_paths
 from ..data import shapes
 from ..data.images import arrays_to_tensor, image_grid, to_pil_images
 from ..errors import EgakuError
-from ..models.loading import MODEL_DEFAULTS_FILE, resolve_device, write_model_defaults, write_pipeline
+from ..models.loading import (MODEL_DEFAULTS_FILE, read_model_defaults, resolve_device, write_model_defaults,
+                              write_pipeline)
 from ..progress import progress_bar
 from ..training.runtime import (LOG_WITH, TIMESTEP_SAMPLING, Checkpoints, MetricsLog, StopOnSignal, agree_on_step,
                                 capture_rng, check_finite, check_log_with, check_replicas_agree,
@@ -609,6 +610,15 @@ def _train(opts: TrainLdmOptions) -> Path:
     resume_path = ckpts.resolve(resume) if resume else None
     if resume_path is not None:  # before the data is read: a checkpoint of another trainer is refused at once
         trainer_config(resume_path, "train-ldm")
+    # a guidance measured after an earlier export and written into its egaku_defaults.json is kept by this run's
+    # export: the file differs from what that export wrote (the guidance of its run, where older runs did not record
+    # it). A broken file is an error now, not after training.
+    written = read_model_defaults(out / "model") if resume_path is not None else {}
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
+    exported = summary.get("exported_guidance", trainer_config(resume_path, "train-ldm").get("sample_guidance")
+                           if resume_path is not None else None)
+    hand_edited = written if written and written["guidance_scale"] != exported else {}
     started = time.time()
 
     # 1. Data and models (seeded), then the checkpoint to resume from, if any
@@ -660,8 +670,6 @@ def _train(opts: TrainLdmOptions) -> Path:
         (out / "config.json").write_text((resume_path / "config.json").read_text())
     log = MetricsLog(out / "losses.csv", start_step=None if opts.export_only else step,
                      tensorboard=opts.log_with == "tensorboard" and not opts.export_only) if main else None
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
     base_seconds = float(summary.get("train_seconds", 0.0))  # wall time of the runs before this resume
     bar = _progress(opts, 0 if opts.export_only else step, opts.total_steps, main)
 
@@ -848,16 +856,13 @@ def _train(opts: TrainLdmOptions) -> Path:
     # 5. Export the EMA weights as a standard pipeline
     pipe = ema_pipeline()
     model_dir = out / "model"
-    defaults = model_dir / MODEL_DEFAULTS_FILE
-    # a guidance measured and written in by hand after an earlier export is kept: a resume's export must not lose it
-    kept = json.loads(defaults.read_text()) if defaults.is_file() else None
-    if kept is not None and kept.get("guidance_scale") == opts.sample_guidance:
-        kept = None
     write_pipeline(pipe, model_dir)
-    write_model_defaults(model_dir, kept or {"guidance_scale": opts.sample_guidance})
-    if kept:
-        say(f"kept {defaults} as it was (guidance {kept.get('guidance_scale')}), not --sample-guidance "
-            f"{opts.sample_guidance:g}; delete it and export again (--export-only) to write that instead")
+    write_model_defaults(model_dir, hand_edited or {"guidance_scale": opts.sample_guidance})
+    if hand_edited:
+        say(f"kept {model_dir / MODEL_DEFAULTS_FILE} as edited (guidance {hand_edited['guidance_scale']:g}), not "
+            f"--sample-guidance {opts.sample_guidance:g}; delete it and export again (--export-only) to write that")
+    else:
+        summary["exported_guidance"] = opts.sample_guidance  # what a later export compares the file with
     (out / "samples").mkdir(exist_ok=True)
     sample_grid(pipe, prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
                 opts.resolution).save(out / "samples" / f"final-step-{step:06d}.png")
