@@ -758,7 +758,7 @@ def test_a_resume_may_change_the_learning_rate_which_the_restored_optimizer_take
     capsys.readouterr()
     train_lora(options(data_dir, tiny_model_dir, half, stop_at=3, resume="latest", learning_rate=5e-3,
                        token_lr=1e-2, **common))
-    assert "learning rates changed on resume: 0.01, 0.02 -> 0.005, 0.01" in capsys.readouterr().out
+    assert "changed on resume: UNet 0.01 -> 0.005; token embeddings 0.02 -> 0.01" in capsys.readouterr().out
     start = load_file(run / "checkpoints" / "step-000002" / "unet_lora.safetensors")
     full, halved = (load_file(r / "checkpoints" / "step-000003" / "unet_lora.safetensors") for r in (run, half))
     moved = [k for k in start if not torch.equal(full[k], start[k])]
@@ -899,10 +899,8 @@ def test_nan_loss_stops_at_the_step_keeping_the_last_good_checkpoint(tmp_path, d
         train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e30, max_grad_norm=0.0,
                            checkpoint_every=1, max_steps=6, format="diffusers"))
     message = str(err.value)
-    assert "at step 2" in message and "step-000001" in message and "learning-rate" in message
-    # no checkpoint to go back to: the message says to train again, and offers only what this run lacks (it has
-    # no fp16 to leave, and no gradient clipping)
-    assert "no checkpoint was written yet" not in message
+    assert "at step 2" in message and "the last checkpoint is" in message and "step-000001" in message
+    # it offers only what this run lacks: it has no fp16 to leave, and no gradient clipping
     saved = load_file(out / "checkpoints" / "step-000001" / "unet_lora.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert not (out / "pytorch_lora_weights.safetensors").exists()
@@ -925,6 +923,41 @@ def test_after_a_nan_stop_a_resume_with_a_lower_rate_ends_as_the_run_that_had_it
     assert "step-000001" in str(err.value) and "--resume latest with a lower --learning-rate" in str(err.value)
     train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e-2, resume="latest", **common))
     assert_same_lora(whole, out)
+
+
+def test_a_resume_that_leaves_the_rates_out_keeps_the_runs_own(tmp_path, data_dir, tiny_model_dir, capsys):
+    """Only a rate given again changes: a resume command without --learning-rate continues at the run's (which is
+    not the default), as the uninterrupted run does."""
+    common = dict(max_steps=3, checkpoint_every=1, format="diffusers")
+    whole = train_lora(options(data_dir, tiny_model_dir, tmp_path / "whole", learning_rate=1e-2, max_grad_norm=0.5,
+                               **common))
+    out = tmp_path / "run"
+    train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e-2, max_grad_norm=0.5, stop_at=1, **common))
+    capsys.readouterr()
+    resumed = options(data_dir, tiny_model_dir, out, resume="latest", max_steps=3, format="diffusers")
+    assert resumed.learning_rate != 1e-2 and "learning_rate" not in resumed.given_options
+    train_lora(resumed)
+    assert "changed on resume" not in capsys.readouterr().out
+    assert_same_lora(whole, out)
+    assert json.loads((out / "training_config.json").read_text())["learning_rate"] == 1e-2
+    # given again, a rate changes, and the run says so: the clipping too
+    train_lora(options(data_dir, tiny_model_dir, out, resume="latest", **{**common, "max_steps": 4},
+                       max_grad_norm=1.0))  # (a constant schedule: the run may grow on resume)
+    assert "changed on resume: --max-grad-norm 0.5 -> 1" in capsys.readouterr().out
+
+
+def test_a_nan_right_after_a_resume_says_the_checkpoint_may_have_diverged(tmp_path, data_dir, tiny_model_dir):
+    """A step at a far too high rate saves finite, already ruined weights; the NaN comes a step later. Resuming from
+    that checkpoint fails at once, and the message then points before it, not at the same resume again."""
+    common = dict(checkpoint_every=1, max_steps=6, format="diffusers", max_grad_norm=0.0)
+    out = tmp_path / "run"
+    with pytest.raises(EgakuError, match=r"at step 2; training stopped, the last checkpoint is .*step-000001"):
+        train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e4, **common))
+    with pytest.raises(EgakuError) as err:
+        train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e-3, resume="latest", **common))
+    message = str(err.value)
+    assert "first step after resuming from step-000001" in message and "may already have diverged" in message
+    assert "--resume latest" not in message and "train again into a new --out" in message
 
 
 def test_a_nan_stop_before_any_checkpoint_says_to_train_again(tmp_path, data_dir, tiny_model_dir):

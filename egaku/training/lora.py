@@ -59,7 +59,7 @@ from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, 
                       check_loss_type, check_replicas_agree, check_same_world, check_timestep_sampling, debiased_weights,
                       draw_timesteps, elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
                       make_accelerator, min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal,
-                      trainer_config)
+                      train_again, trainer_config)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -229,6 +229,8 @@ class TrainLoraOptions:
     log_with: str = option("csv", help="csv: the loss log as CSV only; tensorboard: also TensorBoard event files "
                            "in OUT/logs (needs the tensorboard package), validation grids included",
                            choices=list(LOG_WITH))
+    given_options: list[str] = option([], cli=False, help="the options a flag or preset set (filled by the CLI): a "
+                                      "resume takes a new learning rate only from these")
 
     @property
     def varies_captions(self) -> bool:
@@ -471,6 +473,9 @@ def repeat_slots(repeats: list[int]) -> list[int]:
     return [i for r in range(max(repeats, default=0)) for i, n in enumerate(repeats) if r < n]
 
 
+# the options of the optimizer's step size that a resume may change when they are given again (a resume that leaves
+# them out keeps the checkpoint's): the usual fix after a NaN stop, or for a run that learns too slowly
+STEP_SIZES = ("learning_rate", "text_encoder_lr", "token_lr", "max_grad_norm")
 # Resuming is refused when any other option differs: these only change how this session runs.
 # options that only change how a run is watched or what its final files are written as
 RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "log_with", "device", "cache_dir", "out", "format",
@@ -481,9 +486,8 @@ RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "log_with", "device", "cac
                      # recomputes activations in the backward pass (the same gradients, less memory): the usual fix
                      # for running out of memory on resume; and a threshold on the data, which is checked itself
                      "gradient_checkpointing", "min_images",
-                     # the step sizes: the usual fix after a NaN stop, or for a run that learns too slowly. The
-                     # restored optimizer and schedule take the new rates (rescale_learning_rates)
-                     "learning_rate", "text_encoder_lr", "token_lr", "max_grad_norm"}
+                     # the restored optimizer and schedule take new rates (rescale_learning_rates)
+                     *STEP_SIZES, "given_options"}
 # the run's length, which only a learning-rate schedule that does not depend on it lets a resume change (kohya's
 # "resume to train longer")
 RUN_LENGTH = {"max_steps", "epochs"}
@@ -520,6 +524,11 @@ def adapters_off(*models: torch.nn.Module):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def group_labels(model: str, groups: list[dict]) -> list[str]:
+    """Names of ``lora_param_groups``' groups of ``model``, for messages."""
+    return [model] if len(groups) == 1 else [f"{model} LoRA down", f"{model} LoRA up (LoRA+)"]
 
 
 def rescale_learning_rates(lr_scheduler, rates: list[float]) -> None:
@@ -623,14 +632,31 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     return missing  # the components stay on the device: training moves them there anyway
 
 
-def nan_fixes(opts: TrainLoraOptions) -> tuple[list[str], str]:
-    """What to change after a NaN/inf loss, only the fixes this run does not already have: those a resume may make
-    (the learning rates and clipping, RESUME_MAY_CHANGE), and the one that needs a new run (leaving fp16)."""
-    resumable = [f"a lower --learning-rate (now {opts.learning_rate:g})"]
-    if not opts.max_grad_norm:
-        resumable.append("--max-grad-norm 1.0")
-    fresh = "use --mixed-precision bf16 or no instead of fp16" if opts.mixed_precision == "fp16" else ""
-    return resumable, fresh
+def nan_advice(opts: TrainLoraOptions, checkpoints: Checkpoints, resumed_from: Path | None = None):
+    """What a NaN/inf stop says to do (``check_finite``'s advice), offering only the fixes this run lacks: a lower
+    rate or clipping, which a resume may change (STEP_SIZES), or leaving fp16, which needs a new run.
+    ``resumed_from``: the checkpoint this session started from, when the NaN came at its first step: its weights,
+    saved while the loss was still finite, may already have diverged, so the advice goes back further."""
+    fixes = [f"a lower --learning-rate (now {opts.learning_rate:g})"] + (
+        [] if opts.max_grad_norm else ["--max-grad-norm 1.0"])
+    fixes_text = ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
+    fp16 = opts.mixed_precision == "fp16"
+    leave_fp16 = "--mixed-precision bf16 or no instead of fp16"
+
+    def advice(last: Path | None) -> str:
+        new_run = f"; or use {leave_fp16} and {train_again(checkpoints)} (a resume keeps the precision)" if fp16 else ""
+        if resumed_from is not None:
+            earlier = sorted(p.name for p in resumed_from.parent.glob("step-*") if p.name < resumed_from.name)
+            back = (f"resume from an earlier checkpoint (--resume {resumed_from.parent / earlier[-1]}, with "
+                    f"{resumed_from.name} and any later one moved aside) with {fixes_text}" if earlier else
+                    f"{train_again(checkpoints)} with {fixes_text}")
+            return (f"The loss failed at the first step after resuming from {resumed_from.name}: its weights, saved "
+                    f"while the loss was still finite, may already have diverged. Try: {back}{new_run}")
+        if last is None:
+            return f"Try: {fixes_text}{f' or {leave_fp16}' if fp16 else ''}, and {train_again(checkpoints)}"
+        return f"Try: --resume latest with {fixes_text}{new_run}"
+
+    return advice
 
 
 def resume_point(opts: TrainLoraOptions, checkpoints: Checkpoints):
@@ -645,6 +671,9 @@ def resume_point(opts: TrainLoraOptions, checkpoints: Checkpoints):
     saved = {**defaults, **trainer_config(resume_from, "train-lora")}  # another trainer's checkpoint is named
     if opts.resolution is None:  # the run's own, which was the model's native size if it was not given
         opts = dataclasses.replace(opts, resolution=saved.get("resolution"))
+    # a step size this command does not give is the run's own, not the default (options built in Python give all)
+    given = set(opts.given_options) or {f.name for f in dataclasses.fields(opts)}
+    opts = dataclasses.replace(opts, **{k: saved[k] for k in STEP_SIZES if k not in given and k in saved})
     config = to_dict(opts)
     may_change = set(RESUME_MAY_CHANGE)
     if opts.lr_scheduler in LENGTH_FREE_SCHEDULES:
@@ -1064,11 +1093,15 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     # 4. optimizer, schedule, data order
     params = lora_param_groups(unet, opts.learning_rate, opts.loraplus_lr_ratio)
+    group_names = group_labels("UNet", params)  # for the messages of a resume that changes their rates
     if opts.train_text_encoder:
-        params += lora_param_groups(text_encoder, opts.text_encoder_lr or opts.learning_rate, opts.loraplus_lr_ratio,
-                                    leave_out=token_table)
+        text_groups = lora_param_groups(text_encoder, opts.text_encoder_lr or opts.learning_rate,
+                                        opts.loraplus_lr_ratio, leave_out=token_table)
+        params += text_groups
+        group_names += group_labels("text encoder", text_groups)
     if tokens:
         params.append({"params": [token_table], "lr": opts.token_lr or opts.learning_rate, "weight_decay": 0.0})
+        group_names.append("token embeddings")
     optimizer = make_optimizer(opts, params, device)
     # an epoch holds every training image `repeats` times (times its kohya folder's count) and every
     # regularization image once (or its folder's count); batches hold positions in `slots`, which name items
@@ -1116,9 +1149,13 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         rates = list(lr_scheduler.base_lrs)  # this session's, which loading the saved state replaces
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if list(lr_scheduler.base_lrs) != rates:
-            say(f"learning rates changed on resume: {', '.join(f'{r:g}' for r in lr_scheduler.base_lrs)} -> "
-                f"{', '.join(f'{r:g}' for r in rates)} (per parameter group)")
+        changed = [f"{name} {old:g} -> {new:g}" for name, old, new in zip(group_names, lr_scheduler.base_lrs, rates)
+                   if old != new]
+        clipped = trainer_config(resume_from, "train-lora").get("max_grad_norm", opts.max_grad_norm)
+        if clipped != opts.max_grad_norm:
+            changed.append(f"--max-grad-norm {clipped:g} -> {opts.max_grad_norm:g}")
+        if changed:
+            say(f"changed on resume: {'; '.join(changed)}")
         rescale_learning_rates(lr_scheduler, rates)
         check_same_world(state, world, resume_from, "the data position depends on it")
         restore_rng(state["rng"])
@@ -1182,7 +1219,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     for model in trained:
         unwrapped(model).train()
     mean_loss = float("nan")
-    nan_resume_with, nan_hint = nan_fixes(opts)  # what a NaN stop suggests, built once rather than every step
+    # what a NaN stop suggests, built once rather than every step (at the first step after a resume: go back further)
+    nan_hint = nan_advice(opts, checkpoints)
+    nan_hint_resumed = nan_advice(opts, checkpoints, resumed_from=resume_from) if resume_from else nan_hint
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
     with StopOnSignal() as stop:
@@ -1234,7 +1273,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             (mean_loss,), interrupted = agree_on_step(accelerator, stop.requested, step_loss)
             finite_weights = all(bool(torch.isfinite(p).all()) for p in lora_params)
             check_finite(mean_loss if finite_weights else torch.tensor(float("nan")), step, checkpoints,
-                         hint=nan_hint, resume_with=nan_resume_with)
+                         advice=nan_hint_resumed if step == first_step + 1 else nan_hint)
             if main:
                 log.log(step, loss=float(mean_loss), lr=lr_scheduler.get_last_lr()[0])
                 bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")

@@ -375,21 +375,20 @@ def either(choices: list[str]) -> str:
 
 
 def check_finite(loss: torch.Tensor | float, step: int, checkpoints: Checkpoints,
-                 hint: str = "lower the learning rate", resume_with: list[str] = ()) -> None:
-    """Stop on NaN/inf loss, pointing at the last good checkpoint. ``resume_with``: fixes a resume may make (a
-    trainer that lets them change on resume); ``hint``: fixes that need a new run, since a resume repeats the other
-    options (and would reach the same loss again)."""
+                 advice: Callable[[Path | None], str] | None = None) -> None:
+    """Stop on NaN/inf loss, pointing at the last checkpoint. ``advice(last checkpoint or None)`` says what to do
+    (a trainer whose resume may change the fixes says so); by default a lower learning rate in a new run, since a
+    resume repeats the run's options (and would reach the same loss again)."""
     if not math.isfinite(float(loss)):
         last = checkpoints.latest()
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        again = f"train again into a new --out (or into this one after deleting {checkpoints.root})"
-        if last and resume_with:
-            advice = f"Try: --resume latest with {either(resume_with)}" + (f"; or {hint}, and {again}" if hint else "")
-        elif resume_with:
-            advice = f"Try: {either([*resume_with, hint] if hint else resume_with)}, and {again}"
-        else:
-            advice = f"Try: {hint}, and {again}: a resume repeats the run's options"
-        raise EgakuError(f"loss became {float(loss)} at step {step}; training stopped, {where}. {advice}")
+        where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+        text = advice(last) if advice else (f"Try: lower the learning rate, and {train_again(checkpoints)}: a resume "
+                                            "repeats the run's options")
+        raise EgakuError(f"loss became {float(loss)} at step {step}; training stopped, {where}. {text}")
+
+
+def train_again(checkpoints: Checkpoints) -> str:
+    return f"train again into a new --out (or into this one after deleting {checkpoints.root})"
 
 
 class StopOnSignal:
