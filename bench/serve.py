@@ -58,6 +58,7 @@ def free_port() -> int:
 def start_server(port: int, threads: int, queue_size: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("EGAKU_API_KEY", None)
+    env.pop("EGAKU_API_KEYS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "egaku", "serve", "--model", "tiny", "--device", "cpu", "--host", "127.0.0.1",
          "--port", str(port), "--queue-size", str(queue_size), "--log-level", "warning"],

@@ -486,6 +486,7 @@ def test_api_key_is_required_when_set(pipe):
 
 
 def test_api_key_comes_from_the_environment(pipe, monkeypatch):
+    monkeypatch.delenv("EGAKU_API_KEYS", raising=False)
     monkeypatch.setenv("EGAKU_API_KEY", "from-env")
     app = create_app({"tiny": pipe}, ServeOptions(model=["tiny"]))
     with LiveServer(app) as live:
@@ -494,18 +495,88 @@ def test_api_key_comes_from_the_environment(pipe, monkeypatch):
         assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
 
 
-def test_several_api_keys_separated_by_commas_are_each_accepted(pipe, monkeypatch):
-    """A new key beside the old one while clients move over; spaces around a key and empty entries do not count."""
-    monkeypatch.setenv("EGAKU_API_KEY", " old-key, new-key ,")
+def test_api_key_with_a_comma_is_one_key_taken_whole(pipe, monkeypatch):
+    """$EGAKU_API_KEY is one key: a generated password with a comma in it is not split into shorter keys."""
+    monkeypatch.delenv("EGAKU_API_KEYS", raising=False)
+    monkeypatch.setenv("EGAKU_API_KEY", "  Xk3,9q!,zZ  ")  # spaces around it are not part of it
+    with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]))) as live:
+        for key, status in (("Xk3,9q!,zZ", 200), ("Xk3", 401), ("9q!", 401), ("zZ", 401), ("", 401),
+                            ("  Xk3,9q!,zZ", 200)):  # (the header's own spaces are not part of the key either)
+            r = httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {key}".rstrip()})
+            assert r.status_code == status, key
+    # the argument too: a string is one key, a list several
+    with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]), api_key="a,b")) as live:
+        assert [httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+                for key in ("a,b", "a", "b")] == [200, 401, 401]
+    with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]), api_key=["one", "two,2"])) as live:
+        assert [httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+                for key in ("one", "two,2", "two", "one,two,2")] == [200, 200, 401, 401]
+        assert httpx.get(live.url + "/health").json()["auth"] is True
+    with pytest.raises(EgakuError, match="an API key in the list is empty"):
+        create_app({"tiny": pipe}, ServeOptions(model=["tiny"]), api_key=["one", " "])
+
+
+def test_several_api_keys_in_egaku_api_keys_are_each_accepted_beside_egaku_api_key(pipe, monkeypatch):
+    """$EGAKU_API_KEYS: keys separated by commas, to rotate keys; spaces around a key and empty entries do not
+    count; with $EGAKU_API_KEY set as well, its key is accepted too."""
+    from egaku.server.app import api_keys_from_environment
+
+    monkeypatch.delenv("EGAKU_API_KEY", raising=False)
+    monkeypatch.setenv("EGAKU_API_KEYS", " old-key, new-key ,")
+    assert api_keys_from_environment() == ["old-key", "new-key"]
     with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]))) as live:
         for key, status in (("old-key", 200), ("new-key", 200), ("old-key, new-key", 401), ("x", 401),
-                            ("old-keynew-key", 401)):
-            r = httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+                            ("old-keynew-key", 401), ("", 401)):
+            r = httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {key}".rstrip()})
             assert r.status_code == status, key
         assert httpx.get(live.url + "/v1/models").status_code == 401
-    monkeypatch.setenv("EGAKU_API_KEY", " , ")  # no key at all: auth off, as with the variable unset
+    monkeypatch.setenv("EGAKU_API_KEY", "single,with-comma")
+    assert api_keys_from_environment() == ["single,with-comma", "old-key", "new-key"]
     with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]))) as live:
-        assert httpx.get(live.url + "/v1/models").status_code == 200
+        for key, status in (("single,with-comma", 200), ("single", 401), ("old-key", 200), ("new-key", 200)):
+            r = httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == status, key
+    monkeypatch.setenv("EGAKU_API_KEY", "old-key")  # a key in both counts once
+    assert api_keys_from_environment() == ["old-key", "new-key"]
+
+
+@pytest.mark.parametrize("variable, value", [("EGAKU_API_KEY", ""), ("EGAKU_API_KEY", "  "),
+                                             ("EGAKU_API_KEYS", ","), ("EGAKU_API_KEYS", " , "),
+                                             ("EGAKU_API_KEYS", "")])
+def test_an_api_key_variable_set_to_no_key_is_an_error_not_auth_off(pipe, monkeypatch, variable, value):
+    from egaku.server.app import serve_command
+
+    monkeypatch.delenv("EGAKU_API_KEY", raising=False)
+    monkeypatch.setenv("EGAKU_API_KEYS", "a-real-key")  # the other variable holding a key does not excuse it
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(EgakuError, match=rf"\${variable} is set but holds no key"):
+        serve_command(ServeOptions(model=["tiny"]))
+    with pytest.raises(EgakuError, match=rf"\${variable} is set but holds no key"):
+        create_app({"tiny": pipe}, ServeOptions(model=["tiny"]))
+
+
+def test_serve_says_whether_auth_is_on_and_warns_off_loopback_only_without_keys(pipe, monkeypatch, capsys):
+    import uvicorn
+
+    from egaku.server import app as app_module
+
+    monkeypatch.setattr(app_module, "load_pipelines", lambda opts: {"tiny": pipe})
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs["host"]))
+    for env, host, said in (({}, "127.0.0.1", "auth off"), ({}, "0.0.0.0", "auth off"),
+                            ({"EGAKU_API_KEY": "a,b"}, "0.0.0.0", "auth on (1 key)"),
+                            ({"EGAKU_API_KEYS": "a,b"}, "0.0.0.0", "auth on (2 keys)"),
+                            ({"EGAKU_API_KEY": "k1", "EGAKU_API_KEYS": "c, d ,k1"}, "0.0.0.0", "auth on (3 keys)")):
+        for variable in ("EGAKU_API_KEY", "EGAKU_API_KEYS"):
+            monkeypatch.delenv(variable, raising=False)
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+        app_module.serve_command(ServeOptions(model=["tiny"], host=host))
+        out = capsys.readouterr().out
+        assert f"(API at /v1, {said})" in out, out
+        warned = "warning: serving on 0.0.0.0 without an API key ($EGAKU_API_KEY or $EGAKU_API_KEYS unset)" in out
+        assert warned == (host != "127.0.0.1" and not env), out
+    assert len(served) == 5
 
 
 def test_allow_pickle_serves_a_ckpt_model_and_pt_embeddings_that_are_refused_without_it(pipe, tmp_path):
@@ -528,14 +599,59 @@ def test_allow_pickle_serves_a_ckpt_model_and_pt_embeddings_that_are_refused_wit
         load_pipelines(ServeOptions(**common))
     opts = ServeOptions(**common, allow_pickle=True)
     served = load_pipelines(opts)
-    with LiveServer(create_app(served, opts)) as live:
+    with LiveServer(create_app(served, opts, api_key="")) as live:
         body = {"prompt": "a cat old", "response_format": "b64_json", "seed": 1, **FAST}
         r = httpx.post(live.url + "/v1/images/generations", json=body, timeout=60)
         assert r.status_code == 200, r.text
-    refusing = ServeOptions(**{**common, "model": ["tiny"]})
-    with LiveServer(create_app({"tiny": pipe}, refusing)) as live:
+        assert httpx.get(live.url + "/v1/egaku/options").json()["embeddings"] == ["old"]
+
+
+def test_without_allow_pickle_pickle_embeddings_are_neither_offered_nor_loaded(pipe, tmp_path, monkeypatch, capsys):
+    """The page offers only what the server loads, and the 400 for a pickle embedding says that the server was
+    started without --allow-pickle (the operator's choice), not that the client should pass it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from egaku.server import app as app_module
+
+    embeddings = tmp_path / "embeddings"
+    (embeddings / "styles").mkdir(parents=True)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    torch.save({"string_to_param": {"*": torch.randn(2, width)}, "name": "old"}, embeddings / "old.pt")
+    torch.save({"<older>": torch.randn(1, width)}, embeddings / "styles" / "Older.bin")
+    save_file({"emb_params": torch.randn(1, width)}, embeddings / "glow.safetensors")
+    refusing = ServeOptions(model=["tiny"], embedding_dir=str(embeddings))
+    with LiveServer(create_app({"tiny": pipe}, refusing, api_key="")) as live:
+        assert httpx.get(live.url + "/v1/egaku/options").json()["embeddings"] == ["glow"]
+        for field, text in (("prompt", "a cat, old"), ("negative_prompt", "ugly, OLDER")):
+            body = {"prompt": "a glow cat", "response_format": "b64_json", "seed": 1, **FAST, field: text}
+            r = httpx.post(live.url + "/v1/images/generations", json=body, timeout=60)
+            error = assert_openai_error(r, 400)
+            assert error["param"] == field
+            assert "this server was started without --allow-pickle" in error["message"]
+            assert "operator" in error["message"] and "read only with" not in error["message"]
+            assert str(tmp_path) not in error["message"]
+        assert "(styles/Older.bin)" in error["message"]
+        # the other embeddings, and words that merely contain a pickle's name, still work
+        body = {"prompt": "a glow cat, golden", "negative_prompt": "bold", "response_format": "b64_json", **FAST}
         r = httpx.post(live.url + "/v1/images/generations", json=body, timeout=60)
-        assert r.status_code == 400 and "allow-pickle" in r.text
+        assert r.status_code == 200, r.text
+        assert [e["name"] for e in r.json()["data"][0]["egaku"]["embeddings"]] == ["glow"]
+        # an edit is checked the same way
+        r = httpx.post(live.url + "/v1/images/edits", files={"image": ("i.png", png((64, 64)), "image/png")},
+                       data={"prompt": "old", "steps": "2", "response_format": "b64_json"}, timeout=60)
+        assert "started without --allow-pickle" in assert_openai_error(r, 400)["message"]
+    # at start-up: how many are left out, and what would load them
+    monkeypatch.setattr(app_module, "load_pipelines", lambda opts: {"tiny": pipe})
+    monkeypatch.setattr(__import__("uvicorn"), "run", lambda app, **kwargs: None)
+    monkeypatch.delenv("EGAKU_API_KEY", raising=False)
+    monkeypatch.delenv("EGAKU_API_KEYS", raising=False)
+    app_module.serve_command(refusing)
+    out = capsys.readouterr().out
+    assert "2 pickle embeddings in --embedding-dir left out (old.pt, styles/Older.bin)" in out
+    assert "--allow-pickle would load them" in out
+    app_module.serve_command(ServeOptions(model=["tiny"], embedding_dir=str(embeddings), allow_pickle=True))
+    assert "pickle embedding" not in capsys.readouterr().out
 
 
 # -- the queue -----------------------------------------------------------------------------------------------
@@ -762,7 +878,7 @@ def test_egaku_serve_command_serves_on_loopback(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "EGAKU_API_KEY"}
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("EGAKU_API_KEY", "EGAKU_API_KEYS")}
     proc = subprocess.Popen([sys.executable, "-m", "egaku", "serve", "--model", "tiny", "--device", "cpu",
                              "--port", str(port), "--log-level", "warning"], env={**env, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

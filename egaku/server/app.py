@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,12 @@ from starlette.formparsers import MultiPartParser
 from ..config import option
 from ..errors import EgakuError
 from .queue import Job, ModelWorker, QueueFull
-from .requests import ImageRequest, Limits, parse_image_request
+from .requests import ImageRequest, Limits, parse_image_request, pickle_embeddings
 
 log = logging.getLogger("egaku.server")
 PAGE_DIR = Path(__file__).parent / "page"
-API_KEY_ENV = "EGAKU_API_KEY"
+API_KEY_ENV = "EGAKU_API_KEY"  # one key, taken whole (a comma in it is part of it)
+API_KEYS_ENV = "EGAKU_API_KEYS"  # several keys separated by commas (a new key beside the old while clients move over)
 # Names existing OpenAI client code sends; they mean "the server's default model".
 OPENAI_MODEL_ALIASES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -227,13 +229,15 @@ def png_bytes(image, params: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _embedding_catalog(embedding_dir: str | None) -> list[str]:
-    """The words that name an embedding of the server's folder (as a prompt may use them)."""
+def _embedding_catalog(embedding_dir: str | None, allow_pickle: bool = False) -> list[str]:
+    """The words that name an embedding of the server's folder (as a prompt may use them); without --allow-pickle,
+    not those whose files are all pickles (.pt/.bin), which the server would refuse."""
     if not embedding_dir or not Path(embedding_dir).is_dir():
         return []
     from ..inference.embeddings import embedding_files
 
-    return sorted({paths[0].stem for paths in embedding_files(embedding_dir).values()})
+    refused = set() if allow_pickle else set(pickle_embeddings(embedding_dir))
+    return sorted({paths[0].stem for name, paths in embedding_files(embedding_dir).items() if name not in refused})
 
 
 def _lora_catalog(lora_dir: str | None) -> list[str]:
@@ -369,16 +373,48 @@ def _stored_params(files: dict[str, bytes]) -> dict:
         return {}
 
 
-def api_keys(setting: str | None) -> list[str]:
-    """The keys of ``$EGAKU_API_KEY``: one, or several separated by commas (a new key beside the old while clients
-    move over); none where it is unset or empty."""
-    return [key.strip() for key in (setting or "").split(",") if key.strip()]
+def api_keys_from_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The keys /v1 requests may send: ``$EGAKU_API_KEY`` (one key, taken whole: a comma is part of it; spaces
+    around it are not) and ``$EGAKU_API_KEYS`` (several separated by commas, to rotate keys), every one of both.
+
+    Neither set: no key (auth off). A variable that is set but holds no key (empty, spaces, only commas) is an
+    error, never a quiet "auth off".
+    """
+    environ = os.environ if environ is None else environ
+    keys: list[str] = []
+    one = environ.get(API_KEY_ENV)
+    if one is not None:
+        if not one.strip():
+            raise EgakuError(f"${API_KEY_ENV} is set but holds no key; set it to the key clients must send, or unset "
+                             "it to serve without a key", param="api_key")
+        keys.append(one.strip())
+    several = environ.get(API_KEYS_ENV)
+    if several is not None:
+        listed = [key.strip() for key in several.split(",") if key.strip()]
+        if not listed:
+            raise EgakuError(f"${API_KEYS_ENV} is set but holds no key; set it to the keys clients may send, "
+                             "separated by commas, or unset it", param="api_key")
+        keys += listed
+    return list(dict.fromkeys(keys))  # a key in both counts once
 
 
-def _authorizer(api_key: str | None):
-    """The /v1 routes' dependency: with a key, each request must send ``Authorization: Bearer KEY`` (one of the
-    keys, where ``api_key`` holds several separated by commas)."""
-    keys = [key.encode() for key in api_keys(api_key)]
+def _given_keys(api_key: str | Sequence[str] | None) -> list[str]:
+    """create_app's ``api_key``: None reads the environment; a string is one key, taken whole ('' is no key: auth
+    off); a list holds several, none of them empty."""
+    if api_key is None:
+        return api_keys_from_environment()
+    if isinstance(api_key, str):
+        return [api_key.strip()] if api_key.strip() else []
+    keys = [key.strip() for key in api_key]
+    if not all(keys):
+        raise EgakuError("an API key in the list is empty; give only keys clients must send", param="api_key")
+    return list(dict.fromkeys(keys))
+
+
+def _authorizer(keys: list[str]):
+    """The /v1 routes' dependency: with keys, each request must send ``Authorization: Bearer KEY`` with one of
+    them."""
+    encoded = [key.encode() for key in keys]
 
     async def authorize(request: Request) -> None:
         # a page of another site may POST a form or text/plain here without asking first (no CORS preflight):
@@ -387,15 +423,16 @@ def _authorizer(api_key: str | None):
         if origin and request.method not in ("GET", "HEAD") and urlparse(origin).netloc != request.headers.get("host"):
             raise ApiError(403, f"requests from another site's page ({origin}) are refused; call the API from a "
                                 "program, or from this server's own page", code="cross_origin")
-        if not keys:
+        if not encoded:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         # hmac.compare_digest: the time taken does not depend on how much of a key was right; every key is compared
-        matches = [hmac.compare_digest(given.strip().encode(), key) for key in keys]
+        # (no early exit at the first match, so the time does not tell which key matched)
+        matches = [hmac.compare_digest(given.strip().encode(), key) for key in encoded]
         if scheme.lower() != "bearer" or not any(matches):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server "
-                                f"was started with (${API_KEY_ENV})", code="invalid_api_key")
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with a key the server "
+                                f"was started with (${API_KEY_ENV} or ${API_KEYS_ENV})", code="invalid_api_key")
 
     return authorize
 
@@ -464,11 +501,13 @@ def _add_error_handlers(app, opts: ServeOptions) -> None:
     app.add_middleware(AnswerInternalErrors)  # the rest: a logged 500
 
 
-def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_key: str | None = None):
+def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None,
+               api_key: str | Sequence[str] | None = None):
     """The FastAPI app serving ``pipelines`` (name -> loaded pipeline; the first is the default).
 
-    ``api_key`` defaults to ``$EGAKU_API_KEY``; when set, /v1 requests need ``Authorization: Bearer KEY`` (with
-    several keys separated by commas, any one of them).
+    ``api_key`` is one key (a string, taken whole) or a list of keys; with any, /v1 requests need
+    ``Authorization: Bearer KEY`` with one of them. ``""`` or ``[]``: no key. None (the default): the keys of
+    ``$EGAKU_API_KEY`` and ``$EGAKU_API_KEYS`` (see ``api_keys_from_environment``).
     """
     from fastapi import APIRouter, Depends, FastAPI
     from fastapi.responses import FileResponse, Response
@@ -477,9 +516,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
     opts = opts or ServeOptions()
     if not pipelines:
         raise EgakuError("no model to serve")
-    if api_key is None:
-        api_key = os.environ.get(API_KEY_ENV)
-    api_key = ",".join(api_keys(api_key)) or None
+    keys = _given_keys(api_key)
     limits = Limits(max_n=opts.max_n, max_side=opts.max_side, max_steps=opts.max_steps, lora_dir=opts.lora_dir,
                     embedding_dir=opts.embedding_dir, allow_pickle=opts.allow_pickle)
     workers = {name: ModelWorker(name, opts.queue_size) for name in pipelines}
@@ -514,7 +551,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
     app.state.shutdown = shutdown
 
     _add_error_handlers(app, opts)
-    api = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(api_key))])
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(keys))])
 
     # -- helpers -------------------------------------------------------------------------------------
     def pick_model(name: str | None) -> str:
@@ -641,7 +678,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
             "models": [{"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe)}
                        for name, pipe in pipelines.items()],
             "samplers": sampler_names(), "default_sampler": DEFAULT_SAMPLER, "loras": _lora_catalog(opts.lora_dir),
-            "embeddings": _embedding_catalog(opts.embedding_dir),
+            "embeddings": _embedding_catalog(opts.embedding_dir, opts.allow_pickle),
             "max_n": opts.max_n, "max_side": opts.max_side, "max_steps": opts.max_steps,
             "default_steps": default_steps(limits),  # what a request without 'steps' gets
         }
@@ -668,7 +705,7 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None, api_
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "models": {name: w.stats() for name, w in workers.items()},
-                "auth": api_key is not None}
+                "auth": bool(keys)}
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -731,17 +768,26 @@ def serve_command(opts: ServeOptions) -> None:
     for flag, folder in (("--lora-dir", opts.lora_dir), ("--embedding-dir", opts.embedding_dir)):
         if folder is not None and not Path(folder).is_dir():
             raise EgakuError(f"{flag} {folder!r} is not a folder", param=flag[2:].replace("-", "_"))
-    api_key = ",".join(api_keys(os.environ.get(API_KEY_ENV))) or None
+    keys = api_keys_from_environment()  # a variable set to no key is an error here, before any model loads
     try:
         loopback = ipaddress.ip_address(opts.host).is_loopback
     except ValueError:
         loopback = opts.host == "localhost"
-    if not loopback and api_key is None:
-        print(f"egaku: warning: serving on {opts.host} without ${API_KEY_ENV}: anyone who can reach it can use it")
+    if not loopback and not keys:
+        print(f"egaku: warning: serving on {opts.host} without an API key (${API_KEY_ENV} or ${API_KEYS_ENV} "
+              "unset): anyone who can reach it can use it")
+    if opts.embedding_dir and not opts.allow_pickle:
+        refused = sorted(paths[0].relative_to(opts.embedding_dir).as_posix()
+                         for paths in pickle_embeddings(opts.embedding_dir).values())
+        if refused:
+            shown = ", ".join(refused[:5]) + (f", ... ({len(refused) - 5} more)" if len(refused) > 5 else "")
+            print(f"egaku: note: {len(refused)} pickle embedding{'s' if len(refused) != 1 else ''} in --embedding-dir "
+                  f"left out ({shown}): requests cannot use them and the page does not offer them; --allow-pickle "
+                  "would load them (read with weights_only=True; only files you trust)")
     pipelines = load_pipelines(opts)
-    app = create_app(pipelines, opts, api_key)
-    print(f"egaku: serving {', '.join(pipelines)} at http://{opts.host}:{opts.port}/ "
-          f"(API at /v1, auth {'on' if api_key else 'off'})")
+    app = create_app(pipelines, opts, keys)
+    auth = f"auth on ({len(keys)} key{'s' if len(keys) != 1 else ''})" if keys else "auth off"
+    print(f"egaku: serving {', '.join(pipelines)} at http://{opts.host}:{opts.port}/ (API at /v1, {auth})")
     uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level)
 
 

@@ -68,6 +68,34 @@ def _bad(message: str, param: str) -> EgakuError:
     return EgakuError(message, param=param)
 
 
+def pickle_embeddings(embedding_dir: str | Path) -> dict[str, list[Path]]:
+    """The embeddings of the folder (lower-cased name -> files) whose files are all pickles (.pt/.bin): what a server
+    without --allow-pickle neither offers nor loads."""
+    from ..inference.embeddings import PICKLE_SUFFIXES, embedding_files
+
+    return {name: paths for name, paths in embedding_files(embedding_dir).items()
+            if all(path.suffix.lower() in PICKLE_SUFFIXES for path in paths)}
+
+
+def refuse_pickle_embeddings(prompt: str, negative_prompt: str, limits: Limits) -> None:
+    """A 400 for a prompt word that names a pickle embedding on a server started without --allow-pickle: the
+    operator's choice, which a request cannot change (so the message does not ask the client for the flag)."""
+    if not limits.embedding_dir or limits.allow_pickle:
+        return
+    from ..inference.embeddings import names_in
+
+    refused = pickle_embeddings(limits.embedding_dir)
+    for param, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        used = names_in([text], refused)
+        if used:
+            name = used[0]
+            shown = refused[name][0].relative_to(limits.embedding_dir).as_posix()
+            raise _bad(f"the embedding {refused[name][0].stem!r} ({shown}) is a pickle file, and this server was "
+                       "started without --allow-pickle, so it loads only .safetensors embeddings (its operator's "
+                       f"choice); take the word out of the {param.replace('_', ' ')}, or use an embedding that GET "
+                       "/v1/egaku/options lists", param)
+
+
 def _as_int(body: Mapping[str, Any], key: str, low: int, high: int, form: bool) -> int | None:
     value = body.get(key)
     if value is None or (form and value == ""):
@@ -431,4 +459,5 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         from ..lora.apply import parse_prompt_loras
 
         revised = parse_prompt_loras(revised)[0]
+    refuse_pickle_embeddings(revised, opts.negative_prompt, limits)  # the texts generate() looks for embeddings in
     return ImageRequest(kind, model, options, response_format, revised, image, mask)
