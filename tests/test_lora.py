@@ -147,7 +147,8 @@ def test_info_describes_a_lora_of_either_layout_without_a_model(trained, tmp_pat
         assert d["unet_layers"] == n_layers and d["text_encoder_layers"] == 0
         assert 0 < d["convolution_layers"] < n_layers  # TRAINED adapts the ResNet convolutions too
         assert d["ranks"] == [2, 4] and d["alphas"] == [1.0, 2.0] and d["unrecognised_keys"] == 0
-        assert d["training"]["learning rate"] in (0.05, "0.05") and str(d["training"]["steps"]) == "3"
+        # numbers as numbers, from a kohya header as from a training_config.json
+        assert d["training"]["learning rate"] == 0.05 and d["training"]["steps"] == 3
     assert kohya["top_tags"] == {"a photo of blue circle": 3, "a photo of red star": 3}
     assert main(["info", str(kohya_file)]) == 0
     text = capsys.readouterr().out
@@ -230,7 +231,7 @@ def test_save_every_writes_loadable_loras_of_the_steps_beside_the_final_one(tmp_
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     shutil.copy(steps / "starlora-step000002" / "pytorch_lora_weights.safetensors", moved)
-    assert describe(moved / "pytorch_lora_weights.safetensors")["training"]["steps"] == "2"
+    assert describe(moved / "pytorch_lora_weights.safetensors")["training"]["steps"] == 2
     # diffusers loads a step's folder; egaku finds it by name in the steps folder (<lora:starlora-step000002>),
     # and reads its kohya file to the same effect
     pipe = tiny_pipe(tiny_model_dir)
@@ -838,7 +839,7 @@ def test_a_resume_finds_its_folders_written_another_way_and_replaces_the_other_l
     # info reads the file's own header before its folder's config (which a later run may have rewritten)
     config = json.loads((out / "training_config.json").read_text())
     (out / "training_config.json").write_text(json.dumps({**config, "learning_rate": 1.0}))
-    assert describe_lora(out / "run.safetensors")["training"]["learning rate"] == "0.05"
+    assert describe_lora(out / "run.safetensors")["training"]["learning rate"] == 0.05
 
     # a checkpoint is training state, not a LoRA file: said so, with where the LoRA files are
     step = out / "checkpoints" / "step-000002"
@@ -1188,6 +1189,77 @@ def test_merge_lora_keeps_the_precision_of_an_fp16_base_unless_told(trained, tin
     merged32 = tiny_pipe(tmp_path / "merged32").unet.state_dict()
     for key, value in merged32.items():
         torch.testing.assert_close(merged16[key].float(), value, rtol=2e-3, atol=2e-3)
+
+
+def _stored_dtypes(folder) -> dict[str, set[str]]:
+    """The dtypes of each model's weight files in a pipeline folder, as stored (safetensors header)."""
+    found = {}
+    for component in ("unet", "text_encoder", "vae"):
+        dtypes = set()
+        for file in (folder / component).glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as fh:
+                dtypes |= {fh.get_slice(k).get_dtype() for k in fh.keys()} - {"I64"}
+        found[component] = dtypes
+    return found
+
+
+def test_merge_lora_follows_the_plain_weights_of_a_folder_that_holds_fp16_variants_too(trained, tiny_model_dir,
+                                                                                      tmp_path, capsys):
+    """A full hub download of SD 1.5 holds diffusion_pytorch_model.safetensors (fp32) and .fp16.safetensors side by
+    side; load_pipeline loads the plain file, so the merge is fp32 like it, and the model hash is of that file."""
+    import hashlib
+
+    from egaku.lora.commands import MergeLoraOptions, merge_lora_command
+    from egaku.models.loading import ModelInfo, _weights_variant, load_pipeline
+
+    full = tmp_path / "full"
+    shutil.copytree(tiny_model_dir, full)
+    tiny_pipe(tiny_model_dir).to(dtype=torch.float16).save_pretrained(full, safe_serialization=True, variant="fp16")
+    plain = full / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (full / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file() and plain.is_file()
+    loaded = load_pipeline(str(full), "cpu", "float32")
+    assert _weights_variant(full) is None  # diffusers reads the plain files
+    assert loaded.egaku_info.hash == hashlib.sha256(plain.read_bytes()).hexdigest()[:10]
+    assert ModelInfo("full", "folder", full).hash == ModelInfo("tiny", "folder", tiny_model_dir).hash
+    capsys.readouterr()
+    merge_lora_command(MergeLoraOptions(model=str(full), lora=[str(trained)], out=str(tmp_path / "merged")))
+    assert _stored_dtypes(tmp_path / "merged") == {"unet": {"F32"}, "text_encoder": {"F32"}, "vae": {"F32"}}
+    assert capsys.readouterr().out.rstrip().endswith(str(tmp_path / "merged"))  # no dtype said: fp32
+
+
+def test_merge_lora_keeps_the_precision_of_each_model_of_its_base(trained, tiny_model_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A base with an fp16 UNet and an fp32 text encoder and VAE keeps each one's dtype, as a folder and as a single
+    file; --save-precision (spelt fp16 or float16, as convert --dtype spells it) puts them all in one."""
+    from egaku.cli import main
+    from egaku.lora.commands import MergeLoraOptions, merge_lora_command
+    from egaku.models.single_file import save_single_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    pipe = tiny_pipe(tiny_model_dir)
+    pipe.unet.to(dtype=torch.float16)
+    mixed = tmp_path / "mixed"
+    pipe.save_pretrained(mixed, safe_serialization=True)
+    single = save_single_file(pipe, tmp_path / "mixed.safetensors")
+    kept = {"unet": {"F16"}, "text_encoder": {"F32"}, "vae": {"F32"}}
+    assert _stored_dtypes(mixed) == kept
+    capsys.readouterr()
+    merge_lora_command(MergeLoraOptions(model=str(mixed), lora=[str(trained)], out=str(tmp_path / "merged")))
+    assert _stored_dtypes(tmp_path / "merged") == kept
+    assert capsys.readouterr().out.rstrip().endswith("(UNet fp16, text encoder fp32, VAE fp32)")
+    merge_lora_command(MergeLoraOptions(model=str(single), model_config=str(tiny_model_dir), lora=[str(trained)],
+                                        out=str(tmp_path / "merged-single")))
+    assert _stored_dtypes(tmp_path / "merged-single") == kept
+    capsys.readouterr()
+    assert main(["merge-lora", "--model", str(mixed), "--lora", str(trained), "--out", str(tmp_path / "half"),
+                 "--save-precision", "float16"]) == 0
+    assert _stored_dtypes(tmp_path / "half") == {"unet": {"F16"}, "text_encoder": {"F16"}, "vae": {"F16"}}
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("(fp16)") and "float16" not in out
+    with pytest.raises(SystemExit):
+        main(["merge-lora", "--help"])
+    assert "{auto,fp32,fp16,bf16,float32,float16,bfloat16}" in capsys.readouterr().out
 
 
 def test_merged_and_converted_copies_sample_on_the_timesteps_of_their_base(trained, tiny_model_dir, tmp_path):

@@ -257,7 +257,7 @@ def test_info_reports_the_steps_a_save_every_lora_was_trained_for(tmp_path):
     save_file(peft_to_kohya(pairs, dict.fromkeys(pairs, 4.0)), str(folder / "run-step000002.safetensors"),
               metadata=kohya_metadata(ss_steps=2, ss_max_train_steps=4))
     kohya = describe_lora(folder / "run-step000002.safetensors")["training"]
-    assert (kohya["steps"], kohya["planned steps"]) == ("2", "4")
+    assert (kohya["steps"], kohya["planned steps"]) == (2, 4)
     save_file(_diffusers_lora(), str(folder / "pytorch_lora_weights.safetensors"))
     diffusers = describe_lora(folder / "pytorch_lora_weights.safetensors")
     assert (diffusers["training"]["steps"], diffusers["training"]["planned steps"]) == (2, 4)
@@ -295,14 +295,105 @@ def test_info_reads_the_step_from_a_diffusers_files_own_header(tmp_path):
                                  "ss_max_train_steps": "4"}
         assert {k: fh.get_tensor(k) for k in fh.keys()}.keys() == lora.keys()
     training = describe_lora(path)["training"]
-    assert (training["steps"], training["planned steps"]) == ("2", "4")
+    assert (training["steps"], training["planned steps"]) == (2, 4)
     # the header wins over a folder name that says another step
     folder = tmp_path / "steps" / "run-step000003"
     folder.mkdir(parents=True)
     (folder / "training_config.json").write_text(json.dumps({"max_steps": 4}))
     path.rename(folder / path.name)
     training = describe_lora(folder / path.name)["training"]
-    assert (training["steps"], training["planned steps"]) == ("2", "4")
+    assert (training["steps"], training["planned steps"]) == (2, 4)
     # a finished run's file: the one number
     finish_diffusers_file(folder / path.name, **steps_metadata(4, 4))
-    assert describe_lora(folder / path.name)["training"] == {"steps": "4"}
+    assert describe_lora(folder / path.name)["training"] == {"steps": 4}
+
+
+def test_info_gives_the_numbers_of_a_header_as_numbers(tmp_path, capsys):
+    """A safetensors header holds strings; `egaku info --json` gives its numbers as numbers, the type the same field
+    has when it comes from a training_config.json, and other strings as they are."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from egaku.cli import main
+    from egaku.lora.commands import describe_lora
+    from egaku.lora.formats import kohya_metadata
+
+    pairs, _ = peft_pairs(_diffusers_lora())
+    kohya = peft_to_kohya(pairs, dict.fromkeys(pairs, 4.0))
+    header = dict(ss_steps=3, ss_learning_rate="1e-4", ss_min_snr_gamma="5.0", ss_seed="-1", ss_clip_skip="None",
+                  ss_resolution="(512, 512)", ss_sd_model_name="1234", ss_num_train_images="0.00")
+    save_file(kohya, str(tmp_path / "header.safetensors"), metadata=kohya_metadata(**header))
+    training = describe_lora(tmp_path / "header.safetensors")["training"]
+    assert training == {"base model": "1234", "steps": 3, "learning rate": 1e-4, "resolution": "(512, 512)",
+                        "min-SNR gamma": 5.0, "seed": -1}
+    assert type(training["steps"]) is int and type(training["min-SNR gamma"]) is float
+    # the same fields from a folder's training_config.json: the same types
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "training_config.json").write_text(json.dumps({"max_steps": 3, "learning_rate": 1e-4, "seed": 7}))
+    save_file(kohya, str(folder / "run.safetensors"))
+    from_config = describe_lora(folder / "run.safetensors")["training"]
+    assert {k: type(v) for k, v in from_config.items()} == {k: type(training[k]) for k in from_config}
+    assert main(["info", str(tmp_path / "header.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"]["learning rate"] == 1e-4
+    assert main(["info", str(tmp_path / "header.safetensors")]) == 0
+    assert ("  trained: base model 1234, steps 3, learning rate 0.0001, resolution (512, 512), min-SNR gamma 5.0, "
+            "seed -1\n") in capsys.readouterr().out
+
+
+def test_the_weights_file_of_a_model_is_the_one_diffusers_loads(tmp_path):
+    """merge-lora's dtypes and the model hash read the file load_pipeline loads: the plain weights where a folder
+    holds .fp16. variants beside them, the variant only where the UNet has no plain weights (and a component
+    without one then its plain file), the first shard of sharded weights; a single file's keys of each model."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    from egaku.models.loading import ModelInfo, component_weights_file, stored_weights_dtype
+
+    def write(path, dtype):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.zeros(2, dtype=dtype)}, str(path))
+        return path
+
+    folder = tmp_path / "sd15"
+    unet = write(folder / "unet" / "diffusion_pytorch_model.safetensors", torch.float32)
+    unet16 = write(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors", torch.float16)
+    text = write(folder / "text_encoder" / "model.safetensors", torch.float32)
+    write(folder / "text_encoder" / "model.fp16.safetensors", torch.float16)
+    vae = write(folder / "vae" / "diffusion_pytorch_model.safetensors", torch.float32)
+    info = ModelInfo("sd15", "folder", folder)
+    assert [component_weights_file(folder, c) for c in ("unet", "text_encoder", "vae")] == [unet, text, vae]
+    assert {c: stored_weights_dtype(info, c) for c in ("unet", "text_encoder", "vae")} == dict.fromkeys(
+        ("unet", "text_encoder", "vae"), torch.float32)
+    assert stored_weights_dtype(info) == torch.float32  # the UNet's, as before
+    assert info.hash == hashlib.sha256(unet.read_bytes()).hexdigest()[:10]
+    # a download limited to *.fp16.safetensors: the variant, and the plain file of a component without one
+    unet.unlink()
+    assert component_weights_file(folder, "unet") == unet16
+    assert component_weights_file(folder, "text_encoder") == folder / "text_encoder" / "model.fp16.safetensors"
+    assert component_weights_file(folder, "vae") == vae
+    assert ModelInfo("sd15", "folder", folder).hash == hashlib.sha256(unet16.read_bytes()).hexdigest()[:10]
+    assert stored_weights_dtype(info, "unet") == torch.float16 and stored_weights_dtype(info, "vae") == torch.float32
+    # sharded weights: the first shard of the index
+    sharded = tmp_path / "sharded" / "unet"
+    first = write(sharded / "diffusion_pytorch_model-00001-of-00002.safetensors", torch.bfloat16)
+    write(sharded / "diffusion_pytorch_model-00002-of-00002.safetensors", torch.float32)
+    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "b": "diffusion_pytorch_model-00002-of-00002.safetensors",
+        "a": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
+    assert component_weights_file(sharded.parent, "unet") == first
+    assert stored_weights_dtype(ModelInfo("s", "folder", sharded.parent)) == torch.bfloat16
+    assert component_weights_file(sharded.parent, "vae") is None
+    assert stored_weights_dtype(ModelInfo("s", "folder", sharded.parent), "vae") is None
+    # a single file: each model's own keys
+    single = tmp_path / "model.safetensors"
+    save_file({"cond_stage_model.transformer.w": torch.zeros(2, dtype=torch.float32),
+               "first_stage_model.decoder.w": torch.zeros(2, dtype=torch.bfloat16),
+               "model.diffusion_model.input_blocks.w": torch.zeros(2, dtype=torch.float16)}, str(single))
+    one = ModelInfo("model", "single-file", single)
+    assert [stored_weights_dtype(one, c) for c in ("unet", "text_encoder", "vae")] == [
+        torch.float16, torch.float32, torch.bfloat16]
+    assert stored_weights_dtype(ModelInfo("tiny", "tiny", None), "vae") is None

@@ -12,6 +12,11 @@ from ..errors import EgakuError
 from .apply import apply_loras, parse_lora_arg, remove_loras, resolve_lora, resolve_lora_option
 
 
+# the spellings of egaku.models.loading.DTYPES (convert --dtype float16, train-lora --save-precision fp16)
+SAVE_PRECISIONS = ["auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16"]
+_MERGED_COMPONENTS = {"unet": "UNet", "text_encoder": "text encoder", "vae": "VAE"}
+
+
 @dataclass
 class MergeLoraOptions:
     model: str = option("builtin", help="base pipeline: built-in name, diffusers folder, single file or hub id")
@@ -21,15 +26,20 @@ class MergeLoraOptions:
                              repeat=True)
     out: str = option("", help="new diffusers folder for the merged model (must not exist)")
     lora_dir: str = option("", help="folder where bare LoRA names are looked up")
-    save_precision: str = option("", help="dtype of the merged weights (fp32, fp16, bf16); default: the dtype the "
-                                 "base model's weights are stored in (the merge itself is computed in fp32)",
-                                 choices=["", "fp32", "fp16", "bf16"])
+    save_precision: str = option("auto", help="dtype of the merged weights: fp32, fp16 or bf16 (or float32, float16, "
+                                 "bfloat16); auto: each model (UNet, text encoder, VAE) in the dtype the base stores "
+                                 "it in (the merge itself is computed in fp32)", choices=SAVE_PRECISIONS)
 
 
 def _load(model: str, model_config: str = ""):
     from ..models.loading import load_pipeline
 
     return load_pipeline(model, device="cpu", dtype="float32", model_config=model_config or None)
+
+
+def _dtype_name(dtype) -> str:
+    """A dtype as --save-precision spells it (fp16), not as torch does (float16)."""
+    return str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
 
 
 def merge_lora_command(opts: MergeLoraOptions) -> None:
@@ -50,17 +60,27 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     names = apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the per-adapter scales were set by apply_loras
     remove_loras(pipe, keep_embeddings=True)  # drops the adapter modules; fused deltas and embeddings stay
-    save_dtype = DTYPES[opts.save_precision] if opts.save_precision else stored_weights_dtype(pipe.egaku_info)
-    if save_dtype not in (None, torch.float32):  # an fp16 base stays half the size of an fp32 copy
-        pipe.to(dtype=save_dtype)
+    # each model as its base stores it (an fp16 base stays half the size of an fp32 copy; a base with an fp16 UNet
+    # and an fp32 VAE keeps both), fp32 where that cannot be read; or all in the --save-precision asked for
+    auto = opts.save_precision in ("auto", "")
+    save_dtypes = {name: (stored_weights_dtype(pipe.egaku_info, name) if auto else DTYPES[opts.save_precision])
+                   or torch.float32 for name in _MERGED_COMPONENTS}
+    for name, dtype in save_dtypes.items():
+        if dtype != torch.float32:
+            getattr(pipe, name).to(dtype=dtype)
     with folder_in_place_of(out) as tmp:  # (an empty --out folder is replaced)
         save_pipeline(pipe, tmp)
         write_model_defaults(tmp, model_defaults(pipe))  # the base's recommended guidance holds for the merge
         # the files merged, as absolute paths: `--config merge_config.json` repeats the merge from anywhere
         save_config(absolute_paths(dataclasses.replace(
-            opts, lora=[f"{p.resolve()}:{s:g}" for p, s in loras], lora_dir="")), tmp / "merge_config.json")
-    print(f"merged {', '.join(f'{p}:{s:g}' for p, s in loras)} into {out}"
-          + (f" ({str(save_dtype).removeprefix('torch.')})" if save_dtype not in (None, torch.float32) else ""))
+            opts, lora=[f"{p.resolve()}:{s!r}" for p, s in loras], lora_dir="")), tmp / "merge_config.json")
+
+    if len(set(save_dtypes.values())) > 1:
+        saved = " (" + ", ".join(f"{_MERGED_COMPONENTS[n]} {_dtype_name(d)}" for n, d in save_dtypes.items()) + ")"
+    else:
+        dtype = next(iter(save_dtypes.values()))
+        saved = f" ({_dtype_name(dtype)})" if dtype != torch.float32 else ""
+    print(f"merged {', '.join(f'{p}:{s:g}' for p, s in loras)} into {out}{saved}")
 
 
 # ---- `egaku info` on a LoRA file ----------------------------------------------------------------------
@@ -75,6 +95,19 @@ _COMPONENTS = ("unet", "text_encoder")  # the models a diffusers-layout key name
 _SAVED_AT_STEP = re.compile(r"-step(\d+)$")  # train-lora's --save-every folders: OUT/steps/NAME-step000500
 _CONFIG_SHOWN = {"model": "base model", "max_steps": "steps", "learning_rate": "learning rate",
                  "resolution": "resolution", "clip_skip": "clip skip", "min_snr_gamma": "min-SNR gamma", "seed": "seed"}
+
+
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
+def _header_value(key: str, value: str):
+    """A safetensors header holds strings only: a number there ("3", "0.05", "1e-4") as the int or float it spells,
+    as training_config.json gives the same settings, so that a field of `egaku info --json` keeps its type from one
+    file to the next. Other strings ("(512, 512)") and the base model's name stay as they are."""
+    if key == "ss_sd_model_name" or not isinstance(value, str) or not _NUMBER.fullmatch(value.strip()):
+        return value
+    text = value.strip()
+    return int(text) if text.lstrip("+-").isdigit() else float(text)
 
 
 def describe_lora(path: str | Path) -> dict:
@@ -132,8 +165,9 @@ def describe_lora(path: str | Path) -> dict:
     alphas_seen = sorted({layer.get("alpha", float(layer["down"].shape[0])) for layer in layers.values()})
     count = {c: sum(1 for layer in layers.values() if layer["component"] == c) for c in _COMPONENTS}
     # the file's own header first: its folder's training_config.json may be a later run's (or a resume's)
-    training = {label: metadata[key] for key, label in _KOHYA_SHOWN.items()
+    training = {label: _header_value(key, metadata[key]) for key, label in _KOHYA_SHOWN.items()
                 if metadata.get(key) not in (None, "", "None", "0", "0.0")}
+    training = {label: value for label, value in training.items() if value != 0}  # "0.00" too: off or unset
     config = run_config(path)
     # an option at 0 is off (min-SNR) or unset (max_steps when --epochs counts)
     for key, label in _CONFIG_SHOWN.items():

@@ -153,12 +153,9 @@ class ModelInfo:
     @property
     def hash(self) -> str | None:
         """A1111's short model hash: first 10 hex digits of the sha256 of the weights file (for a
-        folder: of the UNet weights, the part that identifies a fine-tune)."""
+        folder: of the UNet weights that load_pipeline loads, the part that identifies a fine-tune)."""
         if self._hash is None and self.path is not None:
-            target = self.path
-            if target.is_dir():
-                unet = sorted((target / "unet").glob("*.safetensors")) or sorted((target / "unet").glob("*.bin"))
-                target = unet[0] if unet else None
+            target = component_weights_file(self.path, "unet") if self.path.is_dir() else self.path
             if target is not None and target.is_file():
                 digest = hashlib.sha256()
                 with open(target, "rb") as fh:
@@ -169,23 +166,68 @@ class ModelInfo:
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# the keys of each model in an original-layout single file (SD 1.x and 2.x)
+SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                        "text_encoder": "cond_stage_model."}
+# the weight file names diffusers (unet, vae) and transformers (text_encoder) look for, safetensors first
+_WEIGHTS_NAMES = {"text_encoder": ("model.safetensors", "pytorch_model.bin")}
+_DIFFUSERS_WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-def stored_weights_dtype(info: ModelInfo) -> torch.dtype | None:
-    """The dtype a model's UNet weights are stored in on disk (a pipeline is loaded in whatever dtype was asked
-    for, so this reads the safetensors header of its source); None where there is no such file to read."""
+def _with_variant(name: str, variant: str | None) -> str:
+    """diffusers' ``_add_variant``: model.safetensors -> model.fp16.safetensors, x.safetensors.index.json ->
+    x.safetensors.index.fp16.json."""
+    if not variant:
+        return name
+    head, _, last = name.rpartition(".")
+    return f"{head}.{variant}.{last}"
+
+
+def component_weights_file(folder: Path, component: str) -> Path | None:
+    """The weights file of ``component`` (unet, vae, text_encoder) in the pipeline folder ``folder``: the one
+    load_pipeline loads, so variant-aware like it (``_weights_variant``). A full hub download holds
+    diffusion_pytorch_model.safetensors and diffusion_pytorch_model.fp16.safetensors side by side; the plain
+    file is the one loaded, the variant only where the UNet has no plain weights (and then, for a component
+    without the variant, its plain file, as diffusers falls back). For sharded weights: the first shard.
+    None where the folder holds no weights for it."""
+    sub = Path(folder) / component
+    if not sub.is_dir():
+        return None
+    variant = _weights_variant(Path(folder))
+    for name in _WEIGHTS_NAMES.get(component, _DIFFUSERS_WEIGHTS_NAMES):
+        for v in ((variant, None) if variant else (None,)):
+            file = sub / _with_variant(name, v)
+            if file.is_file():
+                return file
+            index = sub / _with_variant(name + ".index.json", v)
+            if index.is_file():
+                try:
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    shards = []
+                if shards and (sub / shards[0]).is_file():
+                    return sub / shards[0]
+    return None
+
+
+def stored_weights_dtype(info: ModelInfo, component: str = "unet") -> torch.dtype | None:
+    """The dtype ``component``'s weights (unet, vae, text_encoder) are stored in on disk (a pipeline is loaded in
+    whatever dtype was asked for, so this reads the safetensors header of its source: the file load_pipeline
+    loaded, or a single file's keys of that model); None where there is no such file to read."""
     from safetensors import safe_open
 
-    target = info.path
+    target, prefix = info.path, ""
     if target is not None and target.is_dir():
-        files = sorted((target / "unet").glob("*.safetensors"))
-        target = files[0] if files else None
-    if target is None or not target.is_file() or target.suffix != ".safetensors":
+        target = component_weights_file(target, component)
+    elif component in SINGLE_FILE_PREFIXES:
+        prefix = SINGLE_FILE_PREFIXES[component]  # a single file holds every model: the keys name each
+    else:
+        return None
+    if target is None or not target.is_file() or target.suffix.lower() != ".safetensors":
         return None
     with safe_open(str(target), framework="pt") as fh:
         for key in fh.keys():
-            # a single file holds every model: the UNet's keys name it; a component file holds only its own
-            if info.path.is_dir() or key.startswith("model.diffusion_model."):
+            if key.startswith(prefix):
                 dtype = _SAFETENSORS_DTYPES.get(fh.get_slice(key).get_dtype())
                 if dtype is not None:
                     return dtype
