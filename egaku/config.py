@@ -220,10 +220,14 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def save_config(obj: Any, path: str | Path) -> Path:
-    """Write the resolved options as JSON (readable by humans and by ``build``)."""
+    """Write the resolved options as JSON (readable by humans and by ``build``). Fields the CLI fills for itself
+    (``cli=False``: which options a command gave) are left out: ``build`` of the file fills them again."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n")
+    own = {f.name for f in dataclasses.fields(obj) if f.metadata.get("cli") is False} \
+        if dataclasses.is_dataclass(obj) else set()
+    values = {k: v for k, v in to_dict(obj).items() if k not in own}
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     return path
 
 

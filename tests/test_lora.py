@@ -901,11 +901,14 @@ def test_nan_loss_stops_at_the_step_keeping_the_last_good_checkpoint(tmp_path, d
                            checkpoint_every=1, max_steps=6, format="diffusers"))
     message = str(err.value)
     assert "at step 2" in message and "the last checkpoint is" in message and "step-000001" in message
-    # it offers only what this run lacks: it has no fp16 to leave, and no gradient clipping
     saved = load_file(out / "checkpoints" / "step-000001" / "unet_lora.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert not (out / "pytorch_lora_weights.safetensors").exists()
-    assert "--resume latest with a lower --learning-rate (now 1e+30) or --max-grad-norm 1.0" in message
+    # the first step at that rate already ruined the weights step 2's loss was computed from: no checkpoint before
+    # it to go back to. It offers only what this run lacks: it has no fp16 to leave, and no gradient clipping
+    assert "computed from the weights of step-000001" in message and "--resume latest" not in message
+    assert ("train again into a new --out (or into this one after deleting " in message
+            and "with a lower --learning-rate than the one that trained it or --max-grad-norm 1.0" in message)
     assert "fp16" not in message
 
 
@@ -940,25 +943,34 @@ def test_a_resume_that_leaves_the_rates_out_keeps_the_runs_own(tmp_path, data_di
     train_lora(resumed)
     assert "changed on resume" not in capsys.readouterr().out
     assert_same_lora(whole, out)
-    assert json.loads((out / "training_config.json").read_text())["learning_rate"] == 1e-2
+    saved = json.loads((out / "training_config.json").read_text())
+    assert saved["learning_rate"] == 1e-2 and "given_options" not in saved  # the CLI's bookkeeping stays out
     # given again, a rate changes, and the run says so: the clipping too
     train_lora(options(data_dir, tiny_model_dir, out, resume="latest", **{**common, "max_steps": 4},
                        max_grad_norm=1.0))  # (a constant schedule: the run may grow on resume)
     assert "changed on resume: --max-grad-norm 0.5 -> 1" in capsys.readouterr().out
 
 
-def test_a_nan_right_after_a_resume_says_the_checkpoint_may_have_diverged(tmp_path, data_dir, tiny_model_dir):
-    """A step at a far too high rate saves finite, already ruined weights; the NaN comes a step later. Resuming from
-    that checkpoint fails at once, and the message then points before it, not at the same resume again."""
-    common = dict(checkpoint_every=1, max_steps=6, format="diffusers", max_grad_norm=0.0)
+def test_a_nan_from_a_diverged_checkpoint_points_before_it_and_that_resume_ends_as_the_run(tmp_path, data_dir,
+                                                                                           tiny_model_dir):
+    """A step at a far too high rate saves finite, already ruined weights; the loss of the next step, computed from
+    them, is NaN, and would be again after any resume from them. The message names the checkpoint before, and the
+    resume it describes ends with the weights of the run that never had the high rate."""
+    common = dict(checkpoint_every=1, max_steps=4, format="diffusers", max_grad_norm=0.0)
+    whole = train_lora(options(data_dir, tiny_model_dir, tmp_path / "whole", learning_rate=1e-2, **common))
     out = tmp_path / "run"
-    with pytest.raises(EgakuError, match=r"at step 2; training stopped, the last checkpoint is .*step-000001"):
-        train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e4, **common))
+    train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e-2, stop_at=2, **common))
     with pytest.raises(EgakuError) as err:
-        train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e-3, resume="latest", **common))
+        train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e30, resume="latest", **common))
     message = str(err.value)
-    assert "first step after resuming from step-000001" in message and "may already have diverged" in message
-    assert "--resume latest" not in message and "train again into a new --out" in message
+    assert "at step 4; training stopped, the last checkpoint is" in message
+    assert "computed from the weights of step-000003" in message and "have already diverged" in message
+    before = out / "checkpoints" / "step-000002"
+    assert f"resume from the checkpoint before it (--resume {before}, with step-000003 moved aside)" in message
+    assert "lower --learning-rate than the one that trained it" in message and "--resume latest" not in message
+    shutil.move(out / "checkpoints" / "step-000003", tmp_path / "aside")
+    train_lora(options(data_dir, tiny_model_dir, out, learning_rate=1e-2, resume=str(before), **common))
+    assert_same_lora(whole, out)
 
 
 def test_a_nan_stop_before_any_checkpoint_says_to_train_again(tmp_path, data_dir, tiny_model_dir):
@@ -967,7 +979,7 @@ def test_a_nan_stop_before_any_checkpoint_says_to_train_again(tmp_path, data_dir
                            checkpoint_every=0, max_steps=3, format="diffusers", mixed_precision="no"))
     message = str(err.value)
     assert "no checkpoint was written yet" in message and "--resume" not in message
-    assert "lower --learning-rate (now 1e+30) or --max-grad-norm 1.0, and train again into a new --out" in message
+    assert "Try: a lower --learning-rate or --max-grad-norm 1.0, and train again (into the same --out)" in message
 
 
 def test_too_few_images_is_a_clear_error(tmp_path, tiny_model_dir):
@@ -1034,6 +1046,8 @@ def test_bad_option_values_are_errors():
                                   "--keep-checkpoints"), ("noise_offset", -0.1, "--noise-offset"),
                                   ("max_grad_norm", -1.0, "--max-grad-norm must be 0 or more, got -1"),
                                   ("token_lr", -0.01, "--token-lr must be 0 or more, got -0.01"),
+                                  ("learning_rate", 1e39, "--learning-rate 1e\\+39 is beyond float32's range"),
+                                  ("token_lr", float("inf"), "--token-lr inf is beyond float32's range"),
                                   ("conv_rank", -1, "--conv-rank must be 0"), ("conv_alpha", -1.0, "--conv-alpha"),
                                   ("conv_rank", 8, "size the convolution layers' LoRA: add --lora-conv")):
         with pytest.raises(EgakuError, match=message):

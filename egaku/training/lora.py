@@ -258,6 +258,11 @@ class TrainLoraOptions:
              "--conv-rank and --conv-alpha size the convolution layers' LoRA: add --lora-conv"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"),
+            # the optimizers hold the rates in float32, past whose range they fail with a traceback
+            *((math.isfinite(value) and value * max(self.loraplus_lr_ratio, 1) < 3e38,
+               f"{flag} {value:g} is beyond float32's range, in which the optimizer holds it") for flag, value in (
+                ("--learning-rate", self.learning_rate), ("--token-lr", self.token_lr),
+                ("--text-encoder-lr", self.text_encoder_lr))),
             (self.loraplus_lr_ratio >= 0, f"--loraplus-lr-ratio must be >= 0, got {self.loraplus_lr_ratio}"),
             (self.batch_size >= 1 and self.gradient_accumulation >= 1,
              "--batch-size and --gradient-accumulation must be >= 1"),
@@ -632,31 +637,42 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     return missing  # the components stay on the device: training moves them there anyway
 
 
-def nan_advice(opts: TrainLoraOptions, checkpoints: Checkpoints, resumed_from: Path | None = None):
-    """What a NaN/inf stop says to do (``check_finite``'s advice), offering only the fixes this run lacks: a lower
-    rate or clipping, which a resume may change (STEP_SIZES), or leaving fp16, which needs a new run.
-    ``resumed_from``: the checkpoint this session started from, when the NaN came at its first step: its weights,
-    saved while the loss was still finite, may already have diverged, so the advice goes back further."""
-    fixes = [f"a lower --learning-rate (now {opts.learning_rate:g})"] + (
-        [] if opts.max_grad_norm else ["--max-grad-norm 1.0"])
-    fixes_text = ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
+def nan_advice(opts: TrainLoraOptions, checkpoints: Checkpoints):
+    """What a NaN/inf stop says to do: ``advice(last checkpoint, step, whether the loss itself failed)``, offering only
+    the fixes this run lacks: a lower rate or clipping, which a resume may change (STEP_SIZES), or leaving fp16, which
+    needs a new run. A loss that fails one step after the last checkpoint was computed from that checkpoint's weights
+    (on the batch a resume replays): they were saved while the loss was still finite, but have already diverged, so
+    the advice goes back to the checkpoint before it."""
+    clip = [] if opts.max_grad_norm else ["--max-grad-norm 1.0"]
     fp16 = opts.mixed_precision == "fp16"
-    leave_fp16 = "--mixed-precision bf16 or no instead of fp16"
 
-    def advice(last: Path | None) -> str:
-        new_run = f"; or use {leave_fp16} and {train_again(checkpoints)} (a resume keeps the precision)" if fp16 else ""
-        if resumed_from is not None:
-            earlier = sorted(p.name for p in resumed_from.parent.glob("step-*") if p.name < resumed_from.name)
-            back = (f"resume from an earlier checkpoint (--resume {resumed_from.parent / earlier[-1]}, with "
-                    f"{resumed_from.name} and any later one moved aside) with {fixes_text}" if earlier else
-                    f"{train_again(checkpoints)} with {fixes_text}")
-            return (f"The loss failed at the first step after resuming from {resumed_from.name}: its weights, saved "
-                    f"while the loss was still finite, may already have diverged. Try: {back}{new_run}")
+    def either(choices: list[str]) -> str:
+        return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+
+    def advice(last: Path | None, step: int, loss_failed: bool) -> str:
+        fixes = either([f"a lower --learning-rate (now {opts.learning_rate:g})", *clip])
+        leave_fp16 = f"; or use --mixed-precision bf16 or no instead of fp16 and {train_again(checkpoints)}" \
+            if fp16 else ""
         if last is None:
-            return f"Try: {fixes_text}{f' or {leave_fp16}' if fp16 else ''}, and {train_again(checkpoints)}"
-        return f"Try: --resume latest with {fixes_text}{new_run}"
+            new_run = ["a lower --learning-rate", *clip, *(["--mixed-precision bf16 or no instead of fp16"] * fp16)]
+            return f"Try: {either(new_run)}, and {train_again(checkpoints)}"
+        if not (loss_failed and checkpoint_step(last) == step - 1):
+            return f"Try: --resume latest with {fixes}{leave_fp16}"
+        # the rate that ruined them is the one they were trained at, which may not be this session's
+        fixes = either(["a lower --learning-rate than the one that trained it", *clip])
+        earlier = sorted(p for p in last.parent.glob("step-*") if p.name < last.name and (p / "state.pt").is_file())
+        back = (f"resume from the checkpoint before it (--resume {earlier[-1]}, with {last.name} moved aside) with "
+                f"{fixes}{leave_fp16}" if earlier else
+                f"{train_again(checkpoints)} with {fixes}" + (" or --mixed-precision bf16 or no" if fp16 else ""))
+        return (f"The loss was computed from the weights of {last.name}: saved while the loss was still finite, they "
+                f"have already diverged, and a resume from it fails again. Try: {back}")
 
     return advice
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a checkpoint folder, ``step-000123``."""
+    return int(folder.name.rsplit("-", 1)[1])
 
 
 def resume_point(opts: TrainLoraOptions, checkpoints: Checkpoints):
@@ -1219,9 +1235,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     for model in trained:
         unwrapped(model).train()
     mean_loss = float("nan")
-    # what a NaN stop suggests, built once rather than every step (at the first step after a resume: go back further)
-    nan_hint = nan_advice(opts, checkpoints)
-    nan_hint_resumed = nan_advice(opts, checkpoints, resumed_from=resume_from) if resume_from else nan_hint
+    nan_hint = nan_advice(opts, checkpoints)  # what a NaN stop suggests: built once, its text only when needed
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
     with StopOnSignal() as stop:
@@ -1273,7 +1287,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             (mean_loss,), interrupted = agree_on_step(accelerator, stop.requested, step_loss)
             finite_weights = all(bool(torch.isfinite(p).all()) for p in lora_params)
             check_finite(mean_loss if finite_weights else torch.tensor(float("nan")), step, checkpoints,
-                         advice=nan_hint_resumed if step == first_step + 1 else nan_hint)
+                         advice=lambda last: nan_hint(last, step, not math.isfinite(float(mean_loss))))
             if main:
                 log.log(step, loss=float(mean_loss), lr=lr_scheduler.get_last_lr()[0])
                 bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")

@@ -388,6 +388,9 @@ def check_finite(loss: torch.Tensor | float, step: int, checkpoints: Checkpoints
 
 
 def train_again(checkpoints: Checkpoints) -> str:
+    """How to start a run again where ``checkpoints`` are: a fresh start refuses a folder that holds some."""
+    if checkpoints.latest() is None:
+        return "train again (into the same --out)"
     return f"train again into a new --out (or into this one after deleting {checkpoints.root})"
 
 
