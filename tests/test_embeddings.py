@@ -4,6 +4,8 @@ import base64
 import io
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,13 @@ def test_bad_embedding_files_are_one_line_errors_and_leave_nothing_behind(pipe, 
     # A1111's .pt layout, with --allow-pickle (read with weights_only=True)
     [result] = egaku.generate(pipe, "old", embedding_dir=str(tmp_path), allow_pickle=True, **FAST)
     assert [e["name"] for e in result.params["embeddings"]] == ["old"] and len(pipe.tokenizer) == vocabulary
+    # beside a safetensors file of its name, a pickle is the file it cannot read without --allow-pickle: the
+    # safetensors one is used; with --allow-pickle both could be meant
+    save_file({"emb_params": torch.randn(1, width)}, tmp_path / "old.safetensors")
+    [result] = egaku.generate(pipe, "old", embedding_dir=str(tmp_path), **FAST)
+    assert [Path(e["path"]).name for e in result.params["embeddings"]] == ["old.safetensors"]
+    with pytest.raises(EgakuError, match="has 2 files"):
+        egaku.generate(pipe, "old", embedding_dir=str(tmp_path), allow_pickle=True, **FAST)
 
 
 def test_embeddings_are_recorded_as_a1111_records_them_and_from_reads_them_again(pipe, folder, tiny_model_dir,

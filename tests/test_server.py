@@ -637,6 +637,13 @@ def test_without_allow_pickle_pickle_embeddings_are_neither_offered_nor_loaded(p
         r = httpx.post(live.url + "/v1/images/generations", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert [e["name"] for e in r.json()["data"][0]["egaku"]["embeddings"]] == ["glow"]
+        # a name with a safetensors file beside its pickle is offered, and served from the safetensors file
+        save_file({"emb_params": torch.randn(1, width)}, embeddings / "old.safetensors")
+        assert httpx.get(live.url + "/v1/egaku/options").json()["embeddings"] == ["glow", "old"]
+        body = {"prompt": "a cat, old", "response_format": "b64_json", **FAST}
+        r = httpx.post(live.url + "/v1/images/generations", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        (embeddings / "old.safetensors").unlink()
         # an edit is checked the same way
         r = httpx.post(live.url + "/v1/images/edits", files={"image": ("i.png", png((64, 64)), "image/png")},
                        data={"prompt": "old", "steps": "2", "response_format": "b64_json"}, timeout=60)

@@ -35,8 +35,10 @@ class UsedEmbedding:
         return {"name": self.name, "path": os.path.abspath(self.path), "hash": embedding_short_hash(self.path)}
 
 
-def embedding_files(folder: str | Path) -> dict[str, list[Path]]:
-    """Embedding files under ``folder`` by lower-cased name; a name may have several files (an error when used)."""
+def embedding_files(folder: str | Path, allow_pickle: bool = True) -> dict[str, list[Path]]:
+    """Embedding files under ``folder`` by lower-cased name; a name may have several files (an error when used).
+    Without ``allow_pickle`` a name's pickle files are left out where it has a safetensors file too: that one is
+    the only file it can be read from."""
     root = Path(folder)
     if not root.is_dir():
         raise EgakuError(f"--embedding-dir {str(folder)!r} is not a folder", param="embedding_dir")
@@ -44,6 +46,10 @@ def embedding_files(folder: str | Path) -> dict[str, list[Path]]:
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES and path.is_file():
             found.setdefault(path.stem.lower(), []).append(path)
+    if not allow_pickle:
+        for name, paths in found.items():
+            safe = [p for p in paths if p.suffix.lower() in SAFE_SUFFIXES]
+            found[name] = safe or paths
     return found
 
 
@@ -122,7 +128,7 @@ def load_embeddings(pipe, texts: list[str], folder: str | Path, allow_pickle: bo
     """Add the embeddings ``texts`` name to ``pipe``; returns the texts with each name replaced by its tokens, and
     what was added (give it to ``unload_embeddings``)."""
     folder = Path(folder)
-    files = embedding_files(folder)
+    files = embedding_files(folder, allow_pickle)
     used: list[UsedEmbedding] = []
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     try:
