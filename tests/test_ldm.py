@@ -287,13 +287,14 @@ def test_an_export_keeps_a_default_guidance_edited_by_hand_and_says_so(tiny_run,
     # not edited: a later export (a resume's too) writes its own --sample-guidance
     ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=5.0))
     assert json.loads(defaults.read_text()) == {"guidance_scale": 5.0}
-    defaults.write_text('{"guidance_scale": 6.5}')  # measured after the export, written in by hand
+    defaults.write_text('{"guidance_scale": 6.5, "note": "measured"}')  # after the export, written in by hand
     capsys.readouterr()
     ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=4.0))
-    assert json.loads(defaults.read_text()) == {"guidance_scale": 6.5}
+    assert json.loads(defaults.read_text()) == {"guidance_scale": 6.5, "note": "measured"}  # untouched
     assert f"kept {defaults} as edited (guidance 6.5)" in capsys.readouterr().err
-    ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=4.0))  # and kept again
-    assert json.loads(defaults.read_text()) == {"guidance_scale": 6.5}
+    ldm.train_ldm(tiny_opts(copy, export_only=True, sample_guidance=6.5))  # and kept again: nothing to say
+    assert json.loads(defaults.read_text()) == {"guidance_scale": 6.5, "note": "measured"}
+    assert "kept" not in capsys.readouterr().err
     # a file that cannot be read is an error before any work, not a traceback after training
     defaults.write_text('{"guidance_scale": 6.5,}')
     with pytest.raises(EgakuError, match="egaku_defaults.json is not readable JSON"):

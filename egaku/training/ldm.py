@@ -857,12 +857,12 @@ def _train(opts: TrainLdmOptions) -> Path:
     pipe = ema_pipeline()
     model_dir = out / "model"
     write_pipeline(pipe, model_dir)
-    write_model_defaults(model_dir, hand_edited or {"guidance_scale": opts.sample_guidance})
-    if hand_edited:
+    if not hand_edited:  # (an edited file is left as it is, whatever else the hand wrote in it)
+        write_model_defaults(model_dir, {"guidance_scale": opts.sample_guidance})
+        summary["exported_guidance"] = opts.sample_guidance  # what a later export compares the file with
+    elif hand_edited["guidance_scale"] != opts.sample_guidance:
         say(f"kept {model_dir / MODEL_DEFAULTS_FILE} as edited (guidance {hand_edited['guidance_scale']:g}), not "
             f"--sample-guidance {opts.sample_guidance:g}; delete it and export again (--export-only) to write that")
-    else:
-        summary["exported_guidance"] = opts.sample_guidance  # what a later export compares the file with
     (out / "samples").mkdir(exist_ok=True)
     sample_grid(pipe, prompts, opts.sample_steps, opts.sample_guidance, opts.seed,
                 opts.resolution).save(out / "samples" / f"final-step-{step:06d}.png")
