@@ -325,20 +325,21 @@ def test_info_gives_the_numbers_of_a_header_as_numbers(tmp_path, capsys):
                   ss_resolution="(512, 512)", ss_sd_model_name="1234", ss_num_train_images="0.00")
     save_file(kohya, str(tmp_path / "header.safetensors"), metadata=kohya_metadata(**header))
     training = describe_lora(tmp_path / "header.safetensors")["training"]
-    assert training == {"base model": "1234", "steps": 3, "learning rate": 1e-4, "resolution": "(512, 512)",
+    assert training == {"base model": "1234", "steps": 3, "learning rate": 1e-4, "resolution": 512,
                         "min-SNR gamma": 5.0, "seed": -1}
     assert type(training["steps"]) is int and type(training["min-SNR gamma"]) is float
     # the same fields from a folder's training_config.json: the same types
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / "training_config.json").write_text(json.dumps({"max_steps": 3, "learning_rate": 1e-4, "seed": 7}))
+    (folder / "training_config.json").write_text(json.dumps({"max_steps": 3, "learning_rate": 1e-4, "seed": 7,
+                                                             "resolution": 512}))
     save_file(kohya, str(folder / "run.safetensors"))
     from_config = describe_lora(folder / "run.safetensors")["training"]
     assert {k: type(v) for k, v in from_config.items()} == {k: type(training[k]) for k in from_config}
     assert main(["info", str(tmp_path / "header.safetensors"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["training"]["learning rate"] == 1e-4
     assert main(["info", str(tmp_path / "header.safetensors")]) == 0
-    assert ("  trained: base model 1234, steps 3, learning rate 0.0001, resolution (512, 512), min-SNR gamma 5.0, "
+    assert ("  trained: base model 1234, steps 3, learning rate 0.0001, resolution 512, min-SNR gamma 5.0, "
             "seed -1\n") in capsys.readouterr().out
 
 

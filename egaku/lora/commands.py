@@ -98,12 +98,17 @@ _CONFIG_SHOWN = {"model": "base model", "max_steps": "steps", "learning_rate": "
 
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_SQUARE = re.compile(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)", re.ASCII)
 
 
 def _header_value(key: str, value: str):
     """A safetensors header holds strings only: a number there ("3", "0.05", "1e-4") as the int or float it spells,
-    as training_config.json gives the same settings, so that a field of `egaku info --json` keeps its type from one
-    file to the next. Other strings ("(512, 512)") and the base model's name stay as they are."""
+    and kohya's square resolution "(512, 512)" as 512, as training_config.json gives the same settings, so that a
+    field of `egaku info --json` keeps its type from one file to the next. Other strings (a resolution of two
+    sides) and the base model's name stay as they are."""
+    square = _SQUARE.fullmatch(value.strip()) if key == "ss_resolution" and isinstance(value, str) else None
+    if square and square[1] == square[2]:
+        return int(square[1])
     if key == "ss_sd_model_name" or not isinstance(value, str) or not _NUMBER.fullmatch(value.strip()):
         return value
     text = value.strip()
