@@ -56,10 +56,10 @@ from ..models.text import check_clip_skip, encode_captions, encode_prompts, prom
 from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
                       StopOnSignal, agree_on_step, atomic_save_file, capture_rng, check_finite, check_log_with,
-                      check_loss_type, check_replicas_agree, check_same_world, check_timestep_sampling, debiased_weights,
-                      draw_timesteps, elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint,
-                      make_accelerator, min_snr_weights, permissions_by_umask, restore_rng, stop_after_signal,
-                      train_again, trainer_config)
+                      check_loss_type, check_replicas_agree, check_same_world, check_timestep_sampling,
+                      checkpoint_step, debiased_weights, draw_timesteps, either, elementwise_loss,
+                      half_precision_attention, huber_thresholds, load_checkpoint, make_accelerator, min_snr_weights,
+                      permissions_by_umask, restore_rng, stop_after_signal, train_again, trainer_config)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -646,9 +646,6 @@ def nan_advice(opts: TrainLoraOptions, checkpoints: Checkpoints):
     clip = [] if opts.max_grad_norm else ["--max-grad-norm 1.0"]
     fp16 = opts.mixed_precision == "fp16"
 
-    def either(choices: list[str]) -> str:
-        return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
-
     def advice(last: Path | None, step: int, loss_failed: bool) -> str:
         fixes = either([f"a lower --learning-rate (now {opts.learning_rate:g})", *clip])
         leave_fp16 = f"; or use --mixed-precision bf16 or no instead of fp16 and {train_again(checkpoints)}" \
@@ -668,11 +665,6 @@ def nan_advice(opts: TrainLoraOptions, checkpoints: Checkpoints):
                 f"have already diverged, and a resume from it fails again. Try: {back}")
 
     return advice
-
-
-def checkpoint_step(folder: Path) -> int:
-    """The step of a checkpoint folder, ``step-000123``."""
-    return int(folder.name.rsplit("-", 1)[1])
 
 
 def resume_point(opts: TrainLoraOptions, checkpoints: Checkpoints):

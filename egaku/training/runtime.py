@@ -210,15 +210,22 @@ class Checkpoints:
     def _check_nothing_newer_than(self, resume_from: Path) -> None:
         """Resuming from an older step (or another folder's checkpoint) into a folder holding later steps would
         mix two runs: the new checkpoints would be pruned as the oldest, and ``latest`` would name a deleted one."""
-        if not resume_from.name.startswith("step-") or not resume_from.name[5:].isdigit():
+        step = checkpoint_step(resume_from)
+        if step is None:
             return
         newer = sorted(p.name for p in self.root.glob("step-*")
-                       if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) >= int(resume_from.name[5:])
+                       if p.is_dir() and (later := checkpoint_step(p)) is not None and later >= step
                        and p.resolve() != resume_from.resolve())
         if newer:
             raise EgakuError(f"--resume {resume_from}: {self.root} already holds {', '.join(newer)}, as late as or "
                              "later than it, and the resumed run's checkpoints would be mixed with them; resume "
                              f"into a new --out, or delete those step folders first")
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a checkpoint folder, ``step-000123``; None for a folder of another name."""
+    digits = folder.name.removeprefix("step-")
+    return int(digits) if folder.name.startswith("step-") and digits.isdigit() else None
 
 
 # options that only one trainer has: a checkpoint's config.json (the options of the run that wrote it) tells which
