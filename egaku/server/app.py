@@ -236,8 +236,9 @@ def _embedding_catalog(embedding_dir: str | None, allow_pickle: bool = False) ->
         return []
     from ..inference.embeddings import embedding_files
 
-    refused = set() if allow_pickle else set(pickle_embeddings(embedding_dir))
-    return sorted({paths[0].stem for name, paths in embedding_files(embedding_dir).items() if name not in refused})
+    files = embedding_files(embedding_dir)
+    refused = set() if allow_pickle else set(pickle_embeddings(embedding_dir, files))
+    return sorted({paths[0].stem for name, paths in files.items() if name not in refused})
 
 
 def _lora_catalog(lora_dir: str | None) -> list[str]:

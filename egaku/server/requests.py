@@ -68,12 +68,14 @@ def _bad(message: str, param: str) -> EgakuError:
     return EgakuError(message, param=param)
 
 
-def pickle_embeddings(embedding_dir: str | Path) -> dict[str, list[Path]]:
+def pickle_embeddings(embedding_dir: str | Path, files: dict[str, list[Path]] | None = None) -> dict[str, list[Path]]:
     """The embeddings of the folder (lower-cased name -> files) whose files are all pickles (.pt/.bin): what a server
-    without --allow-pickle neither offers nor loads."""
+    without --allow-pickle neither offers nor loads. ``files``: the folder's ``embedding_files``, where the caller
+    has read them already."""
     from ..inference.embeddings import PICKLE_SUFFIXES, embedding_files
 
-    return {name: paths for name, paths in embedding_files(embedding_dir).items()
+    files = embedding_files(embedding_dir) if files is None else files
+    return {name: paths for name, paths in files.items()
             if all(path.suffix.lower() in PICKLE_SUFFIXES for path in paths)}
 
 
