@@ -197,7 +197,6 @@ def _note_unrecorded(source: str, params: dict, o: GenerateOptions, given: set[s
         print(f"egaku: note: {source} does not record its model and LoRA files; " + "; ".join(parts))
 
 
-
 # generate's options that name a file or folder, besides PATH_OPTIONS (model, model_config)
 _GENERATE_FILES = ("init_image", "mask", "lora_dir", "embedding_dir", "prompt_file", "from_image")
 

@@ -608,16 +608,15 @@ def _train(opts: TrainLdmOptions) -> Path:
                          "--export-only)")
     resume = "latest" if opts.export_only and not opts.resume else opts.resume
     resume_path = ckpts.resolve(resume) if resume else None
-    if resume_path is not None:  # before the data is read: a checkpoint of another trainer is refused at once
-        trainer_config(resume_path, "train-ldm")
+    # before the data is read: a checkpoint of another trainer is refused at once
+    resumed_config = trainer_config(resume_path, "train-ldm") if resume_path is not None else {}
     # a guidance measured after an earlier export and written into its egaku_defaults.json is kept by this run's
     # export: the file differs from what that export wrote (the guidance of its run, where older runs did not record
     # it). A broken file is an error now, not after training.
     written = read_model_defaults(out / "model") if resume_path is not None else {}
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if (resume and summary_path.is_file()) else {}
-    exported = summary.get("exported_guidance", trainer_config(resume_path, "train-ldm").get("sample_guidance")
-                           if resume_path is not None else None)
+    exported = summary.get("exported_guidance", resumed_config.get("sample_guidance"))
     hand_edited = written if written and written["guidance_scale"] != exported else {}
     started = time.time()
 
