@@ -4,6 +4,7 @@ client, every bad input, auth, the queue (429, cancellation), and 500s without t
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -275,8 +276,8 @@ def test_requests_qa_found_get_a_4xx_that_names_no_server_path(http, lora_dir):
 def test_error_messages_name_whole_server_paths_only():
     from egaku.server.app import hide_paths
 
-    relative = ServeOptions(model=["tiny"], lora_dir="./loras")
-    assert hide_paths("LoRA 'x' not found in loras; available: loras_anime", relative) == \
+    relative = ServeOptions(model=["tiny"], lora_dir="./loras")  # (the server names it whole: create_app's Limits)
+    assert hide_paths(f"LoRA 'x' not found in {os.path.abspath('loras')}; available: loras_anime", relative) == \
         "LoRA 'x' not found in the LoRA folder; available: loras_anime"
     here = ServeOptions(model=["tiny"], lora_dir=".")
     assert hide_paths("styles/x.safetensors: not readable", here) == "styles/x.safetensors: not readable"

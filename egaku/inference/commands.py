@@ -31,6 +31,20 @@ def _next_index(out: Path, replaced: list[Path]) -> int:
     return max(numbers, default=-1) + 1
 
 
+def _claim(out: Path, index: int, name: str) -> tuple[Path, int]:
+    """``NNNNN-name`` at the first number from ``index`` on that no file in ``out`` has, created (empty) at once, so
+    that a run writing into the same folder at the same time takes other numbers instead of replacing these files
+    (each run counted the folder's files when it started)."""
+    index = max(index, _next_index(out, []))
+    while True:
+        path = out / f"{index:05d}-{name}"
+        try:
+            path.open("xb").close()
+            return path, index
+        except FileExistsError:
+            index += 1
+
+
 def _numbered_by_egaku(out: Path) -> list[Path]:
     """--overwrite's files: the numbered files of earlier runs (their seeds, and so their names, may differ from
     the new ones). A file egaku does not name this way is the user's and stays, and so does an image named this
@@ -230,8 +244,11 @@ def generate_command(opts: GenerateOptions) -> None:
         opts = _apply_from_image(opts)
     if opts.mask and "strength" not in opts.given_options:  # an edit repaints its mask from noise, as the server's
         opts = dataclasses.replace(opts, strength=1.0)
+    # --chaos is the img2img strength with an init image; with a mask (repainted from noise) it lowers the guidance,
+    # as the server's edits read it
+    chaos_is_strength = opts.init_image is not None and not opts.mask
     for prompt in _prompts(opts):  # each prompt and its --parameters are checked before the model loads
-        apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt))
+        apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt), has_init_image=chaos_is_strength)
     from ..data.images import ImageError, decode_image
     from .generate import _validate
 
@@ -251,11 +268,13 @@ def generate_command(opts: GenerateOptions) -> None:
     if opts.guidance_scale is None:  # the model's own default, before --chaos in the prompt scales it
         opts = dataclasses.replace(opts, guidance_scale=recommended_guidance(pipe))
     # Midjourney-style "--ar 16:9 --seed 7 --no text" in each prompt (a prompt file's lines too)
-    runs = [apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt)) for prompt in _prompts(opts)]
+    prompts = _prompts(opts)
+    runs = [apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt), has_init_image=chaos_is_strength)
+            for prompt in prompts]
 
     replaced = _numbered_by_egaku(out) if opts.overwrite else []  # numbering starts after the files that stay
     index = _next_index(out, replaced)
-    first_index = index
+    first_index = None
     written: list[Path] = []
     written_seeds: list[int] = []
     # a terminal's bar is cleared when generation ends; a log gets a plain line every 30 s and the last one
@@ -277,24 +296,46 @@ def generate_command(opts: GenerateOptions) -> None:
                 for path in replaced:
                     path.unlink(missing_ok=True)
             for r in results:
-                path = out / f"{index:05d}-{r.seed}.png"
+                path, index = _claim(out, index, f"{r.seed}.png")
+                first_index = index if first_index is None else first_index
                 save_png(r.image, path, r.params)
                 written.append(path)
                 written_seeds.append(r.seed)
                 index += 1
             if opts.grid and len(results) > 1:
-                grid_path = out / f"{index:05d}-grid.png"
+                grid_path, index = _claim(out, index, "grid.png")
                 image_grid([r.image for r in results]).save(grid_path)
                 index += 1
     finally:
         bar.close()
     # a drawn seed is recorded where one prompt ran (each of several prompts draws its own: those stay unset)
     drawn = written_seeds[0] if opts.seed is None and len(runs) == 1 and written_seeds else None
-    save_config(recorded_options(opts, seed=drawn), out / f"{first_index:05d}-options.json")
+    saved = save_config(recorded_options(opts, seed=drawn), out / f"{first_index:05d}-options.json")
+    _leave_prompt_parameters_out(saved, opts, prompts, chaos_is_strength)
     elapsed = time.perf_counter() - started
     names = written[0].name if len(written) == 1 else f"{written[0].name} .. {written[-1].name}"
     print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {out}/ ({names}) "
           f"in {elapsed:.1f} s ({elapsed / len(written):.2f} s/image incl. {pipe.egaku_load_seconds:.1f} s loading)")
+
+
+# the options a prompt's --parameters set (by take() in apply_prompt_parameters, which refuses a value given twice)
+_PROMPT_SETS = {"ar": "aspect_ratio", "seed": "seed", "steps": "steps", "chaos": "strength"}
+
+
+def _leave_prompt_parameters_out(saved: Path, opts: GenerateOptions, prompts: list[str], chaos_is_strength: bool
+                                 ) -> None:
+    """Take out of the run's options.json the options that its prompts' --parameters set and no flag or preset
+    gave ("--steps 4" in the prompt: steps), so that --config of it reads them from the prompts again, as this
+    run did, instead of finding each given twice (the file's default beside the prompt's value)."""
+    from .prompts import parse_prompt_parameters
+
+    fields = {_PROMPT_SETS[name] for prompt in prompts for name in parse_prompt_parameters(prompt)[1]
+              if name in _PROMPT_SETS and (name != "chaos" or chaos_is_strength)}
+    fields -= set(opts.given_options)
+    if fields:
+        values = json.loads(saved.read_text())
+        saved.write_text(json.dumps({k: v for k, v in values.items() if k not in fields}, indent=2, sort_keys=True)
+                         + "\n")
 
 
 @dataclass

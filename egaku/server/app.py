@@ -449,7 +449,8 @@ def hide_paths(message: str, opts: ServeOptions) -> str:
             # whole paths only: the folder's name inside a word ("loras" in "loras_anime") is left alone
             whole = rf"(?<![\w.-]){re.escape(form)}"
             message = re.sub(whole + re.escape(os.sep), "", message)
-            message = re.sub(whole + r"(?![\w.-])", label, message)
+            if os.sep in form:  # a bare relative name ("loras") is also a word of messages: 'loras' must be a list
+                message = re.sub(whole + r"(?![\w.-])", label, message)
     return message
 
 
@@ -518,8 +519,11 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None,
     if not pipelines:
         raise EgakuError("no model to serve")
     keys = _given_keys(api_key)
-    limits = Limits(max_n=opts.max_n, max_side=opts.max_side, max_steps=opts.max_steps, lora_dir=opts.lora_dir,
-                    embedding_dir=opts.embedding_dir, allow_pickle=opts.allow_pickle)
+    # the folders whole, so that a message naming one names it whole, which hide_paths takes out
+    limits = Limits(max_n=opts.max_n, max_side=opts.max_side, max_steps=opts.max_steps,
+                    lora_dir=opts.lora_dir and os.path.abspath(opts.lora_dir),
+                    embedding_dir=opts.embedding_dir and os.path.abspath(opts.embedding_dir),
+                    allow_pickle=opts.allow_pickle)
     workers = {name: ModelWorker(name, opts.queue_size) for name in pipelines}
     default_model = next(iter(pipelines))
     aliases = {alias: default_model for alias in OPENAI_MODEL_ALIASES}
@@ -759,6 +763,21 @@ class LiveServer:
         self.socket.close()
 
 
+def _check_address(host: str, port: int) -> None:
+    """That uvicorn will be able to listen on ``host:port``, checked by binding it (as uvicorn binds it) and letting
+    go: a port out of range, in use or not allowed, or an address this machine lacks, is one line that says so."""
+    if not 0 <= port <= 65535:
+        raise EgakuError(f"--port {port} is not a TCP port; give one in 1..65535", param="port")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise EgakuError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); give another --port, or a --host "
+                         "of this machine", param="port") from None
+
+
 def serve_command(opts: ServeOptions) -> None:
     import ipaddress
 
@@ -770,6 +789,7 @@ def serve_command(opts: ServeOptions) -> None:
         if folder is not None and not Path(folder).is_dir():
             raise EgakuError(f"{flag} {folder!r} is not a folder", param=flag[2:].replace("-", "_"))
     keys = api_keys_from_environment()  # a variable set to no key is an error here, before any model loads
+    _check_address(opts.host, opts.port)  # a port in use, too, is an error before the models load
     try:
         loopback = ipaddress.ip_address(opts.host).is_loopback
     except ValueError:

@@ -334,7 +334,13 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     ``stored``: the parameters the uploaded image was made with; a variation or upscale reuses them
     where the request leaves a field out (``reused_settings``).
     """
-    unknown = sorted(set(body) - ALLOWED[kind] - {"image", "image[]", "mask"})
+    stream = body.get("stream")
+    if form and isinstance(stream, str):
+        stream = {"": None, "false": False, "true": True}.get(stream.strip().lower(), stream)
+    if stream not in (None, False):  # OpenAI's clients may send "stream": false, which asks for what is done here
+        raise _bad("streamed partial images ('stream': true) are not done by this server; leave 'stream' out or set "
+                   "it to false to get the finished images", "stream")
+    unknown = sorted(set(body) - ALLOWED[kind] - {"image", "image[]", "mask", "stream"})
     if unknown:
         raise _bad(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} for "
                    f"{kind} requests; allowed: {', '.join(sorted(ALLOWED[kind] - OPENAI_IGNORED))}", unknown[0])

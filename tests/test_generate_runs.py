@@ -1,0 +1,64 @@
+"""`egaku generate` runs: an options.json of prompts with --parameters, --chaos with a mask, two runs into one folder."""
+
+import json
+
+import egaku
+from PIL import Image
+
+from egaku.cli import main
+
+
+def test_config_of_a_saved_options_json_repeats_a_run_whose_prompt_sets_steps_and_chaos(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 64), (30, 200, 30)).save("init.png")
+    common = ["--model", str(tiny_model_dir), "--no-progress"]
+    assert main(["generate", "a cat --steps 3 --seed 4 --chaos 50", "--init-image", "init.png", "--out", "first",
+                 *common]) == 0
+    saved = json.loads((tmp_path / "first" / "00000-options.json").read_text())
+    # the prompt sets them: the file leaves them to it (it would give each twice otherwise)
+    assert not {"steps", "seed", "strength"} & set(saved) and saved["prompt"].endswith("--chaos 50")
+    assert main(["generate", "--config", "first/00000-options.json", "--out", "again", "--no-progress"]) == 0
+    first, again = (egaku.read_params(tmp_path / d / "00000-4.png") for d in ("first", "again"))
+    assert (again["steps"], again["seed"], again["strength"]) == (3, 4, 0.575)
+    assert {k: v for k, v in first.items() if k != "init_image"} == \
+        {k: v for k, v in again.items() if k != "init_image"}
+    # a flag given is kept in the file
+    assert main(["generate", "a cat --seed 4", "--steps", "2", "--out", "flag", *common]) == 0
+    assert json.loads((tmp_path / "flag" / "00000-options.json").read_text())["steps"] == 2
+
+
+def test_chaos_with_a_mask_lowers_guidance_as_the_servers_edits_do(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 64), (30, 200, 30)).save("init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save("mask.png")
+    # was: "the img2img strength is given twice: 1.0 as an option" (the mask's own default), with no strength given
+    assert main(["generate", "a cat --chaos 100 --seed 2", "--init-image", "init.png", "--mask", "mask.png",
+                 "--steps", "2", "--guidance-scale", "4", "--model", str(tiny_model_dir), "--out", "o",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    params = egaku.read_params(tmp_path / "o" / "00000-2.png")
+    assert (params["strength"], params["guidance_scale"]) == (1.0, 2.0)
+
+
+def test_a_run_writing_into_the_same_folder_meanwhile_keeps_its_files(tiny_model_dir, tmp_path, monkeypatch):
+    from egaku.inference import commands
+
+    out = tmp_path / "o"
+    real = commands.generate
+
+    def and_another_run_writes(*args, **kwargs):  # as a second `egaku generate --out o` started at the same time
+        results = real(*args, **kwargs)
+        Image.new("RGB", (8, 8)).save(out / "00000-7.png")
+        (out / "00000-options.json").write_text("{}")
+        return results
+
+    monkeypatch.setattr(commands, "generate", and_another_run_writes)
+    assert main(["generate", "a cat", "--seed", "7", "--steps", "2", "--model", str(tiny_model_dir),
+                 "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000-7.png", "00000-options.json", "00001-7.png",
+                                                     "00001-options.json"]
+    assert Image.open(out / "00000-7.png").size == (8, 8) and (out / "00000-options.json").read_text() == "{}"
+    assert egaku.read_params(out / "00001-7.png")["seed"] == 7
+    assert json.loads((out / "00001-options.json").read_text())["prompt"] == "a cat"

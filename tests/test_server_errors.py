@@ -1,0 +1,89 @@
+"""The images API's errors: messages with a LoRA folder given by a relative path, `stream`, a port it cannot listen on."""
+
+import os
+
+import httpx
+import pytest
+
+from egaku.server.app import LiveServer, ServeOptions, create_app, hide_paths
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from egaku.models.loading import load_pipeline
+
+    return load_pipeline("tiny", "cpu", "float32")
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+def test_a_relative_lora_folder_named_like_a_field_leaves_messages_whole(pipe, tmp_path, monkeypatch):
+    # `egaku serve --lora-dir loras` (docs/serve.md's own example): its name is also the 'loras' field's
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loras").mkdir()
+    opts = ServeOptions(model=["tiny"], lora_dir="loras")
+    with LiveServer(create_app({"tiny": pipe}, opts, api_key="")) as live, \
+            httpx.Client(base_url=live.url, timeout=120) as http:
+        def post(body):
+            return http.post("/v1/images/generations", json={"prompt": "a cat", "steps": 2, **body})
+
+        error = error_of(post({"loras": {"name": "x"}}), 400)
+        assert error["message"].startswith("'loras' must be a list"), error  # was: "'the LoRA folder' must be ..."
+        error = error_of(post({"foo": 1}), 400)
+        assert "guidance_scale, loras, model" in error["message"], error
+        # the folder itself is still never named by the server's path
+        error = error_of(post({"loras": [{"name": "nope"}]}), 404)
+        assert "not found in the LoRA folder" in error["message"] and str(tmp_path) not in error["message"], error
+
+
+def test_hide_paths_replaces_whole_paths_and_not_a_relative_folders_bare_name():
+    relative = ServeOptions(model=["tiny"], lora_dir="./loras")
+    whole = os.path.abspath("loras")
+    assert hide_paths(f"LoRA 'x' not found in {whole}; available: loras_anime", relative) == \
+        "LoRA 'x' not found in the LoRA folder; available: loras_anime"
+    assert hide_paths(f"{whole}{os.sep}styles{os.sep}x.safetensors: not readable", relative) == \
+        f"styles{os.sep}x.safetensors: not readable"
+    said = "each entry of 'loras' must be {\"name\": str, \"weight\": number}"
+    assert hide_paths(said, relative) == said
+
+
+def test_stream_false_is_accepted_and_stream_true_is_a_400_that_says_it_is_not_done(pipe):
+    with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]), api_key="")) as live, \
+            httpx.Client(base_url=live.url, timeout=120) as http:
+        body = {"prompt": "a cat", "steps": 2, "response_format": "b64_json"}
+        assert http.post("/v1/images/generations", json={**body, "stream": False}).status_code == 200
+        error = error_of(http.post("/v1/images/generations", json={**body, "stream": True}), 400)
+        assert error["param"] == "stream" and "not done by this server" in error["message"], error
+        # multipart: the text "false" / "true"
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(buffer, format="PNG")
+        files = {"image": ("in.png", buffer.getvalue(), "image/png")}
+        form = {"prompt": "a cat", "steps": "2", "response_format": "b64_json"}
+        assert http.post("/v1/images/edits", files=files, data={**form, "stream": "false"}).status_code == 200
+        error = error_of(http.post("/v1/images/edits", files=files, data={**form, "stream": "true"}), 400)
+        assert error["param"] == "stream", error
+
+
+@pytest.mark.parametrize("port_in_use", [True, False])
+def test_serve_refuses_a_port_it_cannot_listen_on_in_one_line_before_loading_models(port_in_use, monkeypatch):
+    import socket
+
+    from egaku.errors import EgakuError
+    from egaku.server import app
+
+    monkeypatch.delenv("EGAKU_API_KEY", raising=False)
+    monkeypatch.delenv("EGAKU_API_KEYS", raising=False)
+    monkeypatch.setattr(app, "load_pipelines", lambda opts: pytest.fail("the models loaded first"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1] if port_in_use else 70000  # (was: an OverflowError traceback)
+        with pytest.raises(EgakuError, match="cannot listen on 127.0.0.1" if port_in_use else "is not a TCP port"):
+            app.serve_command(ServeOptions(model=["tiny"], port=port))
