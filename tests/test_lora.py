@@ -152,7 +152,9 @@ def test_info_describes_a_lora_of_either_layout_without_a_model(trained, tmp_pat
     assert kohya["top_tags"] == {"a photo of blue circle": 3, "a photo of red star": 3}
     assert main(["info", str(kohya_file)]) == 0
     text = capsys.readouterr().out
-    assert "rank: 2/4, alpha: 1/2" in text and f"layers: {n_layers} UNet, 0 text encoder" in text
+    assert "rank: 2/4, alpha: 1/2" in text
+    # the convolutions are counted among the UNet's layers, where they are (the text encoder has none)
+    assert f"layers: {n_layers} UNet ({kohya['convolution_layers']} of them convolutions), 0 text encoder\n" in text
     save_file({"model.weight": torch.zeros(2, 2)}, tmp_path / "not-a-lora.safetensors")
     assert main(["info", str(tmp_path / "not-a-lora.safetensors")]) == 2
     assert "holds no LoRA layers" in capsys.readouterr().err

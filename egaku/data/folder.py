@@ -14,7 +14,8 @@ repeats per epoch and the class ``sks dog``: a folder laid out for kohya's train
 Elsewhere (GAN and LDM training, where ``0_airplane`` is just a class name) folder names are taken as they are.
 Every file is decoded once by ``open_image``; what cannot be used is listed with its reason, and so is what
 was read differently from how it was written: caption files not in UTF-8, caption files with several lines,
-caption files overridden or empty, metadata rows that name no image, images that got no caption.
+caption files overridden or empty, metadata rows that name no image, images that got no caption; and what was
+not read at all: caption files of no image (``img.TXT``, ``img.png.txt``), metadata files below the root.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class FolderScan:
     multiline_captions: list[Path] = field(default_factory=list)  # caption files of which one line was used
     overridden_captions: list[tuple[Path, str]] = field(default_factory=list)  # (caption file, the source used)
     empty_captions: list[tuple[Path, str]] = field(default_factory=list)  # (empty caption file, the source used)
+    orphan_captions: list[tuple[Path, str]] = field(default_factory=list)  # (caption file no image reads, why)
+    unread_metadata: list[Path] = field(default_factory=list)  # metadata files below the root, which are not read
+    kohya_root: bool = False  # the folder itself is named kohya's way ("10_sks dog"), which only its parent reads
 
     @property
     def classes(self) -> list[str]:
@@ -134,6 +138,12 @@ class FolderScan:
             lines.append(f"  captions ({'the first image of each class' if self.classes else 'the first images'}): "
                          + "; ".join(f"{self.shown_path(i.path)}: {i.caption!r}" for i in shown[:3])
                          + (f" and {len(shown) - 3} more" if len(shown) > 3 else ""))
+        if self.kohya_root:
+            name = Path(self.root).resolve().name
+            lines.append(f"  the folder's own name {name!r} is a kohya folder name, which is read from the class "
+                         f"folders inside --data: its images train once per epoch, not {KOHYA_FOLDER.match(name)[1]} "
+                         f"times, with no class '{KOHYA_FOLDER.match(name)[2]}'; give its parent folder as --data "
+                         "(as kohya's train_data_dir)")
         if self.folder_repeats:
             lines.append("  kohya folder names: " + ", ".join(f"{name} -> {n} repeat(s) of class "
                                                            f"'{KOHYA_FOLDER.match(name)[2]}'"
@@ -157,6 +167,14 @@ class FolderScan:
         if self.empty_captions:
             lines.append(f"  {len(self.empty_captions)} caption file(s) are empty; the image's next caption source was "
                          "used: " + _some([f"{self.shown_path(p)} (used {used})" for p, used in self.empty_captions]))
+        if self.orphan_captions:
+            lines.append(f"  {len(self.orphan_captions)} caption file(s) belong to no image and were not read (an "
+                         "image's caption file has its name with .txt or .caption in place of the image's extension): "
+                         + _some([f"{self.shown_path(p)} ({why})" for p, why in self.orphan_captions]))
+        if self.unread_metadata:
+            lines.append(f"  {len(self.unread_metadata)} metadata file(s) below the data folder's root were not read "
+                         "(only the root's is); move their rows into the root's, file_name relative to the root: "
+                         + _some([self.shown_path(p) for p in self.unread_metadata]))
         if self.uncaptioned:
             got = next(i.caption for i in self.items if i.path == self.uncaptioned[0])
             trained_on = f"the caption {got!r}" if got else "an empty caption"
@@ -219,7 +237,9 @@ def _read_metadata(root: Path) -> tuple[Path | None, dict[Path, tuple[str, str]]
         if not isinstance(caption, str):
             raise EgakuError(f"{source} line {n}: the caption of {name!r} is {json.dumps(caption)}, not a string; "
                              'write it as one string, e.g. "tag1, tag2"')
-        captions[(root / name).resolve()] = (str(name), str(caption).strip())
+        # a path written on Windows ("10_sks dog\\img.png") names the same image everywhere: there the file system
+        # reads either separator, and no image's name holds a backslash
+        captions[(root / str(name).replace("\\", "/")).resolve()] = (str(name), str(caption).strip())
     return source, captions
 
 
@@ -245,6 +265,29 @@ def _unused_rows(scan: FolderScan, metadata: dict[Path, tuple[str, str]], images
             why = "no such file"
         unused.append((name, why))
     return unused
+
+
+def _orphan_captions(files: list[Path]) -> list[tuple[Path, str]]:
+    """(caption file, why) for each caption file no image reads: ``img.png.txt`` (some taggers' name) and
+    ``img.TXT`` are not ``img.txt``, and an image without its caption file would train on its folder caption
+    unnoticed. Caption files of skipped images are left out: the image's own line says why it was not used."""
+    images = {p for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    stems = {p.with_suffix("") for p in images}
+    orphans = []
+    for path in files:
+        if path.suffix.lower() not in CAPTION_SUFFIXES or path.name in METADATA_FILES:
+            continue
+        stem = path.with_suffix("")
+        if stem in stems and (path.suffix in CAPTION_SUFFIXES or stem.with_suffix(path.suffix.lower()).is_file()):
+            continue  # its image's caption (a case-insensitive file system, Windows' or macOS', reads img.TXT so)
+        if stem in stems:
+            why = f"the extension is case-sensitive: rename it to {stem.name}{path.suffix.lower()}"
+        elif stem in images:
+            why = f"the caption file of {stem.name} is {stem.with_suffix(path.suffix.lower()).name}"
+        else:
+            why = "no image of that name"
+        orphans.append((path, why))
+    return orphans
 
 
 def _kohya_repeats(root: Path, files: list[Path]) -> dict[str, int]:
@@ -317,6 +360,7 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
     files, broken_links = files_under(root)
     scan.skipped += [(link, "a link whose target does not exist") for link in broken_links]
     scan.folder_repeats = _kohya_repeats(root, files) if kohya_names else {}
+    scan.kohya_root = bool(kohya_names and not scan.folder_repeats and KOHYA_FOLDER.match(root.resolve().name))
     for path in files:
         if path.name in METADATA_FILES or path.suffix.lower() in CAPTION_SUFFIXES:
             continue
@@ -364,14 +408,18 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
         elif trigger and not has_trigger(caption, trigger):
             caption = f"{trigger}, {caption}"
         scan.items.append(FolderItem(path=path, caption=caption, label=label, size=size, repeats=repeats))
+    scan.orphan_captions = _orphan_captions(files)
+    scan.unread_metadata = [p for p in files if p.name in METADATA_FILES and p.parent != root]
     if metadata_file is not None:
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         scan.unused_rows = _unused_rows(scan, metadata, images)
         matched = any(item.path.resolve() in metadata for item in scan.items)
-        if scan.items and not matched and len(scan.uncaptioned) == len(scan.items):
+        # also where class folders captioned every image: the file was written to caption them, and training on the
+        # folder names instead would go unnoticed
+        if scan.items and not matched:
             raise EgakuError(f"{metadata_file} gives a caption to none of the {len(scan.items)} images in {root} "
                              f"(its {len(metadata)} row(s) name {_some([n for n, _ in metadata.values()]) or 'nothing'}"
-                             f"; the images are {_some([p.relative_to(root).as_posix() for p in scan.uncaptioned])}); "
+                             f"; the images are {_some([i.path.relative_to(root).as_posix() for i in scan.items])}); "
                              "the names probably do not match: make each row's file_name the image's path relative "
                              f"to {root}, exactly (case counts).\n{scan.report()}")
     if len(scan.items) < min_images:

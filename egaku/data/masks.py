@@ -49,9 +49,14 @@ def find_mask_files(scan: FolderScan, mask_dir: str | Path) -> list[Path]:
         found.append(path)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        # kohya's conditioning_data_dir holds one subset's masks side by side; here they mirror the data's class folders
+        flat = [rel for rel in missing if "/" in Path(rel).as_posix() and any(
+            (mask_dir / Path(rel).name).with_suffix(s).is_file() for s in IMAGE_SUFFIXES)]
+        hint = (f"; {len(flat)} of them have a mask of their name at the top of {mask_dir} (kohya's layout): move "
+                f"those into the sub-folders of their images, as {mask_dir / flat[0]}" if flat else "")
         raise EgakuError(f"{len(missing)} of {len(scan.items)} training images have no mask in {mask_dir} "
-                         f"(looked for the same sub-folder and name, any image extension): {shown}. Add their masks "
-                         "(white = train, black = leave out), or drop --mask-dir")
+                         f"(looked for the same sub-folder and name, any image extension): {shown}{hint}. Add their "
+                         "masks (white = train, black = leave out), or drop --mask-dir")
     return found
 
 

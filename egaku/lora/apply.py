@@ -19,7 +19,7 @@ import torch
 from ..errors import EgakuError, NotFoundError
 from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha,
                       check_coverage, is_kohya, kohya_to_peft, model_module_name, peft_pairs, read_embedding,
-                      read_lora_file, refuse_lycoris, refuse_training_checkpoint, single_token_ids)
+                      read_lora_file, refuse_embedding, refuse_lycoris, refuse_training_checkpoint, single_token_ids)
 
 # text encoder -> {token id: its base embedding}, so that remove_loras can put trained tokens back
 _TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -233,7 +233,20 @@ def resolve_lora_option(name: str, lora_dir: str | None) -> Path:
     separator) is looked up in it as a prompt tag is, even where the working directory holds a file of that
     name; anything else is a path or a hub id."""
     bare = bool(lora_dir) and not any(c in name for c in "/\\~")
-    return resolve_lora(name, lora_dir if bare else None)
+    try:
+        return resolve_lora(name, lora_dir if bare else None)
+    except NotFoundError:
+        # parse_lora_arg checks a bad scale against paths only: "mine:O.8" of a name in the folder is that typo too
+        head, sep, tail = name.rpartition(":")
+        if bare and sep and head:
+            try:
+                resolve_lora(head, lora_dir)
+            except EgakuError:
+                pass
+            else:
+                raise EgakuError(f"--lora {name!r}: the scale after ':' must be a number (as in {head}:0.8), got "
+                                 f"{tail!r}", param="lora") from None
+        raise
 
 
 def _lora_in_folder(text: str, root: Path) -> Path:
@@ -261,7 +274,10 @@ def _lora_in_folder(text: str, root: Path) -> Path:
                              f"mean by its path in the folder: {choices}", param="lora")
         if matches:
             return matches[0][1]
-    available = lora_catalog(root) if root.is_dir() else []
+    if not root.is_dir():  # not "the folder has no LoRAs": there is no folder to hold them
+        raise NotFoundError(f"LoRA {text!r}: the LoRA folder {root} {'is a file' if root.exists() else 'does not exist'}"
+                            "; give the folder that holds your LoRAs (--lora-dir)", param="lora")
+    available = lora_catalog(root)
     listing = f"; available: {', '.join(available)}" if available else " (the folder has no LoRAs)"
     folder = root.joinpath(*parts)
     if folder.is_dir():  # a folder of that name is there, but nothing in it is a LoRA file
@@ -394,6 +410,7 @@ def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
     (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``), checked by ``check_coverage``."""
     state_dict, metadata = read_lora_file(path)
     refuse_lycoris(state_dict, str(path))
+    refuse_embedding(state_dict, str(path))
     if is_kohya(state_dict):
         module_names: dict[str, list[str]] = {}
         for full in modules:

@@ -133,6 +133,9 @@ def describe_lora(path: str | Path) -> dict:
     except Exception:  # noqa: BLE001 - read_lora_file below names what is wrong with the file
         keys = None
     if keys is not None and not any("lora" in k or "dora_scale" in k for k in keys):
+        from .formats import refuse_embedding
+
+        refuse_embedding(keys, str(path))
         raise EgakuError(f"{path} holds no LoRA layers (its {len(keys)} tensors have no lora_ keys; a whole model "
                          "checkpoint?); egaku info reads PNGs and LoRA files")
     state, metadata = read_lora_file(path)
@@ -208,8 +211,9 @@ def describe_lora(path: str | Path) -> dict:
 
 def format_lora_description(d: dict) -> str:
     lines = [f"{d['file']}: {d['adapter']}, {d['layout']} layout",
-             f"  layers: {d['unet_layers']} UNet, {d['text_encoder_layers']} text encoder "
-             f"({d['convolution_layers']} of them convolutions)",
+             # (the convolutions are the UNet's: said after it, not after the text encoder, which has none)
+             f"  layers: {d['unet_layers']} UNet ({d['convolution_layers']} of them convolutions), "
+             f"{d['text_encoder_layers']} text encoder",
              f"  rank: {'/'.join(map(str, d['ranks']))}, alpha: {'/'.join(f'{a:g}' for a in d['alphas'])}"]
     if d["unrecognised_keys"]:
         lines.append(f"  {d['unrecognised_keys']} keys of other adapter types (LoHa, LoKr...) that egaku does not load")

@@ -94,6 +94,18 @@ def refuse_lycoris(keys, source: str) -> None:
                          "(only LoRA: lora_down/lora_up or diffusers/PEFT keys)", param="lora")
 
 
+# a textual-inversion embedding: A1111's (and train-lora's OUT/embeddings/) emb_params, SDXL's clip_l/clip_g
+_EMBEDDING_KEYS = ({"emb_params"}, {"clip_l", "clip_g"}, {"clip_l"}, {"string_to_param"})
+
+
+def refuse_embedding(keys, source: str) -> None:
+    """An embedding given where a LoRA goes (A1111 users keep both in models/) is named as one, with where it goes,
+    rather than reported as keys that match no layer or as a model checkpoint."""
+    if set(keys) in _EMBEDDING_KEYS or any(k.startswith("string_to_param.") for k in keys):
+        raise EgakuError(f"{source} is a textual-inversion embedding, not a LoRA: put it in a folder, give that folder "
+                         f"as --embedding-dir and write its name ({Path(source).stem}) in the prompt", param="lora")
+
+
 # ---- diffusers/PEFT layout -------------------------------------------------------------------------
 
 # Older diffusers spellings of the same modules, seen in files written by diffusers < 0.22.

@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import dataclasses
@@ -329,6 +330,37 @@ class TrainLoraOptions:
                              "(to_q, to_k, to_v, to_out.0)")
 
 
+def _options_for_layers(layers: list[str], opts: TrainLoraOptions) -> str:
+    """What to give so that this run trains ``layers`` (``unet.<module>``, ``text_encoder.<module>``), for the
+    --init-lora error: a kohya LoRA adapts proj_in/proj_out and the feed-forward layers too, and its text-encoder
+    part the MLP, which no option here trains."""
+    unet = [name.split(".", 1)[1] for name in layers if name.startswith("unet.")]
+    text = [name.split(".", 1)[1] for name in layers if name.startswith("text_encoder.")]
+    fixes, targets = [], list(opts.target_modules)
+    if any(m.rsplit(".", 1)[-1] in UNET_CONV for m in unet):
+        fixes.append("--lora-conv")
+    for module in unet:
+        if module.rsplit(".", 1)[-1] in UNET_CONV:
+            continue
+        # the name after its block ("attn1.to_q", "ff.net.0.proj", "proj_in"), without attn1/attn2 for both
+        short = re.sub(r"^attn\d\.", "", re.sub(r"^.*\b(?:transformer_blocks|attentions|resnets)\.\d+\.", "", module))
+        if short not in targets:
+            targets.append(short)
+    if targets != list(opts.target_modules):
+        fixes.append("--target-modules " + ",".join(targets))
+    if any(m.rsplit(".", 1)[-1] in TEXT_ENCODER_ATTENTION for m in text) and not opts.train_text_encoder:
+        fixes.append("--train-text-encoder")
+    other = sorted({m.rsplit(".", 1)[-1] for m in text if m.rsplit(".", 1)[-1] not in TEXT_ENCODER_ATTENTION})
+    if other:  # kohya trains the text encoder's MLP (fc1, fc2) beside its attention
+        return ((f"give {' '.join(fixes)}; and " if fixes else "") +
+                f"its text-encoder layers {', '.join(other)} are ones train-lora cannot train (--train-text-encoder "
+                "adapts the attention, q/k/v/out_proj): it cannot continue this file; start from zero, or use it "
+                "with generate --lora or merge-lora")
+    if not fixes:
+        return "give the --target-modules, --lora-conv and --train-text-encoder it was trained with"
+    return f"give {' '.join(fixes)} (the layers it was trained on)"
+
+
 def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
     """Put ``opts.init_lora``'s weights into the freshly added adapters (and its trained words' embeddings into
     their rows); returns a line for the log. The file's alpha is folded into the up weights, so its delta is
@@ -346,9 +378,8 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
     outside = sorted(set(pairs) - adapted)
     if outside:
         shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
-        raise EgakuError(f"--init-lora {path} adapts {len(outside)} layer(s) this run does not train ({shown}); give "
-                         "the --target-modules, --lora-conv and --train-text-encoder it was trained with",
-                         param="init_lora")
+        raise EgakuError(f"--init-lora {path} adapts {len(outside)} layer(s) this run does not train ({shown}); "
+                         f"{_options_for_layers(outside, opts)}", param="init_lora")
     if any("magnitude" in pair for pair in pairs.values()) != opts.dora:
         raise EgakuError(f"--init-lora {path} is a {'DoRA' if not opts.dora else 'plain LoRA'} file and this run "
                          f"{'trains DoRA' if opts.dora else 'does not'}: give {'--no-dora' if opts.dora else '--dora'}",
