@@ -13,7 +13,7 @@ import importlib
 import sys
 import typing
 
-from .config import add_arguments, build, load_preset
+from .config import add_arguments, build, kohya_name_hint, load_preset
 from .errors import EgakuError
 
 # name -> (module, function, one-line description)
@@ -63,15 +63,29 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: a mistyped flag is named with the flag it was probably meant to be
     (kohya's ``--learning_rate`` is egaku's ``--learning-rate``), not buried under the whole usage text."""
 
+    argv: list[str] = []  # what parse_args was given, to see which flag a left-over word followed
+
     def error(self, message: str) -> typing.NoReturn:
         if message.startswith("unrecognized arguments:"):
             known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
             hints = []
+            # "--target-modules to_q to_k": a list flag takes one value per flag, so the second is left over (where
+            # a command takes a positional argument, a left-over word may as well be a second prompt)
+            repeated = {s for a in self._actions if isinstance(a, argparse._AppendAction) for s in a.option_strings}
+            positional = any(not a.option_strings for a in self._actions)
             for word in message.split(":", 1)[1].split():
                 if not word.startswith("-"):
+                    before = self.argv[:self.argv.index(word)] if word in self.argv else []
+                    flags = [w.split("=", 1)[0] for w in before if w.startswith("-")]
+                    if flags and flags[-1] in repeated and not positional:
+                        hints.append(f"{word} -> {flags[-1]} {word} ({flags[-1]} takes one value per flag: repeat it)")
                     continue
                 flag = word.split("=", 1)[0]
                 dashed = "--" + flag.lstrip("-").replace("_", "-")
+                ours = kohya_name_hint(flag, (k[2:].replace("-", "_") for k in known))
+                if ours:  # kohya's --network_dim is egaku's --rank: no spelling of one is close to the other
+                    hints.append(f"{flag} -> --{ours.replace('_', '-')} (kohya's name)")
+                    continue
                 close = [dashed] if dashed in known else difflib.get_close_matches(dashed, known, n=2, cutoff=0.7)
                 if close:
                     hints.append(f"{flag} -> {' or '.join(close)}")
@@ -103,6 +117,7 @@ def parse(argv: list[str]) -> tuple[typing.Callable, object]:
             raise EgakuError(f"`egaku {name}` needs one of: {', '.join(g.split()[1] for g in groups)}")
         _top_parser().parse_args(argv[:1])  # prints the list of valid commands and exits 2
     parser, func, opts_cls = build_parser(name)
+    parser.argv = argv[words:]
     ns = vars(parser.parse_args(argv[words:]))
     preset_path = ns.pop("config", None)
     preset = load_preset(preset_path) if preset_path else {}

@@ -34,6 +34,27 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> A
     return dataclasses.field(default=default, metadata=meta)
 
 
+# kohya sd-scripts' names (train_network.py's flags and their TOML --config_file keys) of options egaku spells
+# otherwise; a kohya user's first command or config file is met with the name to use, not only "unknown"
+KOHYA_NAMES = {
+    "pretrained_model_name_or_path": "model", "train_data_dir": "data", "reg_data_dir": "prior_data",
+    "output_dir": "out", "network_dim": "rank", "network_alpha": "alpha", "network_dropout": "dropout",
+    "network_weights": "init_lora", "conv_dim": "conv_rank", "max_train_steps": "max_steps",
+    "max_train_epochs": "epochs", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation", "unet_lr": "learning_rate",
+    "optimizer_type": "optimizer", "use_8bit_adam": "adam_8bit", "save_every_n_steps": "save_every",
+    "sample_prompts": "validation_prompts", "sample_every_n_steps": "validation_every", "flip_aug": "random_flip",
+    "caption_dropout_rate": "caption_dropout", "caption_tag_dropout_rate": "caption_tag_dropout",
+    "debiased_estimation_loss": "debiased_estimation", "ip_noise_gamma": "input_perturbation",
+}
+
+
+def kohya_name_hint(key: str, names: typing.Iterable[str]) -> str | None:
+    """egaku's name for kohya's option ``key`` (with - or _), where ``names`` (the command's fields) has it."""
+    ours = KOHYA_NAMES.get(key.lstrip("-").replace("-", "_"))
+    return ours if ours in set(names) else None
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(scalar type, is_list) for annotations like ``int``, ``str | None``, ``list[str]``."""
     origin = typing.get_origin(tp)
@@ -189,6 +210,9 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
         for key, value in layer.items():
             key = key.replace("-", "_")
             if key not in names:
+                ours = kohya_name_hint(key, names)
+                if ours:
+                    raise EgakuError(f"unknown option {key!r}: kohya's name; egaku's is {ours!r}")
                 close = {n for n in names if n.split("_")[0] == key.split("_")[0]}
                 close |= set(difflib.get_close_matches(key, names, n=3, cutoff=0.75))  # typos: rnak -> rank
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""

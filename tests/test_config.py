@@ -146,6 +146,36 @@ def test_a_mistyped_flag_is_one_line_naming_the_flag_it_was_meant_to_be(capsys):
     assert "unrecognized arguments: --zzzz\n" in err and "did you mean" not in err
 
 
+
+def test_kohyas_option_names_are_met_with_egakus_on_the_command_line_and_in_config_files(capsys, tmp_path):
+    from egaku.inference.generate import GenerateOptions
+    from egaku.training.lora import TrainLoraOptions
+
+    with pytest.raises(SystemExit):
+        parse(["train-lora", "--data", "d", "--network_dim", "16", "--network-alpha", "8", "--train_batch_size", "2"])
+    err = capsys.readouterr().err
+    assert "--network_dim -> --rank (kohya's name)" in err and "--network-alpha -> --alpha (kohya's name)" in err
+    assert "--train_batch_size -> --batch-size (kohya's name)" in err
+    (tmp_path / "kohya.toml").write_text('pretrained_model_name_or_path = "sd15"\ntrain_data_dir = "d"\n')
+    with pytest.raises(EgakuError, match="unknown option 'pretrained_model_name_or_path': kohya's name; egaku's is "
+                                         "'model'"):
+        parse(["train-lora", "--config", str(tmp_path / "kohya.toml")])
+    # a kohya name is hinted only where the command has egaku's option (generate has no --rank)
+    with pytest.raises(EgakuError, match=r"unknown option 'network_dim'$"):
+        build(GenerateOptions, {"network_dim": 4})
+    assert build(TrainLoraOptions, {"data": "d", "rank": 4}).rank == 4
+
+
+def test_a_second_value_after_a_list_flag_is_named_with_the_flag_to_repeat(capsys):
+    with pytest.raises(SystemExit):
+        parse(["train-lora", "--data", "d", "--target-modules", "to_q", "to_k"])
+    err = capsys.readouterr().err
+    assert "to_k -> --target-modules to_k (--target-modules takes one value per flag: repeat it)" in err
+    # where the command takes a prompt, a left-over word may be a second prompt: no guess
+    with pytest.raises(SystemExit):
+        parse(["generate", "--lora", "a.safetensors", "b.safetensors", "a cat"])
+    assert "did you mean" not in capsys.readouterr().err
+
 def test_run_paths_are_absolute_and_out_is_checked_against_input_folders_not_builtin_names(tmp_path, monkeypatch):
     from egaku.paths import checked_run_paths
 
