@@ -61,6 +61,26 @@ def test_chaos_is_strength_with_an_image_and_lower_guidance_without():
         pytest.approx(CHAOS_MIN_STRENGTH)
     text_only = apply_prompt_parameters(GenerateOptions(prompt="x --chaos 50", guidance_scale=8.0))
     assert text_only.guidance_scale == pytest.approx(6.0)
+    # a mask is repainted from noise: there, as in text-to-image, chaos lowers the guidance
+    masked = apply_prompt_parameters(GenerateOptions(prompt="x --chaos 50", init_image="in.png", mask="mask.png",
+                                                     guidance_scale=8.0))
+    assert (masked.strength, masked.guidance_scale) == (GenerateOptions.strength, pytest.approx(6.0))
+
+
+def test_chaos_with_a_mask_lowers_guidance_in_python_as_in_the_cli_and_the_server(pipe, tmp_path):
+    """generate() with a mask (an image handed in, or a file) reads --chaos as `egaku generate --mask` and the
+    server's edits do. (Was: the img2img strength, so "--chaos 100" with strength=1.0 was "given twice".)"""
+    image = Image.new("RGB", (64, 64), (30, 200, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(tmp_path / "mask.png")
+    common = dict(init_image=image, steps=2, seed=2, guidance_scale=4.0)
+    for given in (dict(mask_image=mask, strength=1.0), dict(mask=str(tmp_path / "mask.png"), strength=1.0)):
+        [result] = egaku.generate(pipe, "a cat --chaos 100", **common, **given)
+        assert (result.params["strength"], result.params["guidance_scale"]) == (1.0, 2.0), given
+    # without a mask it is still the strength
+    [result] = egaku.generate(pipe, "a cat --chaos 100", **common)
+    assert (result.params["strength"], result.params["guidance_scale"]) == (CHAOS_MAX_STRENGTH, 4.0)
 
 
 def test_a_value_given_twice_is_refused():

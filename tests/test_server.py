@@ -789,9 +789,50 @@ def test_web_page_and_options_are_served(http):
     assert page.status_code == 200 and "<textarea id=\"prompt\"" in page.text
     assert http.get("/page/app.js").status_code == 200
     options = http.get("/v1/egaku/options").json()
-    assert options["models"][0] == {"id": "tiny", "native_size": 64, "multiple": 8}
+    assert options["models"][0] == {"id": "tiny", "native_size": 64, "multiple": 8, "samplers": options["samplers"],
+                                    "embeddings": []}
     assert "euler-a" in options["samplers"] and options["loras"] == ["style"]
     assert options["default_steps"] == 20  # under the limit: the CLI's default
+
+
+def test_options_list_for_each_model_only_the_samplers_and_embeddings_it_takes(pipe, tmp_path):
+    """The page's lists: a sampler the model refuses (the built-in model's zero-terminal-SNR schedule refuses PLMS,
+    Heun, LMS) and an embedding made for another text-encoder width (which generation skips, reading its name as a
+    word) are not offered for that model. (Was: every sampler and embedding for every model.)"""
+    import torch
+    from safetensors.torch import save_file
+
+    from egaku.inference.samplers import SAMPLERS
+    from egaku.models.loading import load_pipeline
+
+    builtin = load_pipeline("builtin", "cpu", "float32")
+    narrow, wide = (model.text_encoder.get_input_embeddings().weight.shape[1] for model in (pipe, builtin))
+    assert narrow < wide
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    save_file({"emb_params": torch.randn(1, narrow)}, embeddings / "narrow.safetensors")
+    save_file({"emb_params": torch.randn(1, wide)}, embeddings / "Wide.safetensors")
+    opts = ServeOptions(model=["tiny", "builtin"], embedding_dir=str(embeddings))
+    with LiveServer(create_app({"tiny": pipe, "builtin": builtin}, opts, api_key="")) as live, \
+            httpx.Client(base_url=live.url, timeout=120) as client:
+        options = client.get("/v1/egaku/options").json()
+        models = {m["id"]: m for m in options["models"]}
+        assert models["tiny"]["samplers"] == list(SAMPLERS)  # an ordinary noise schedule takes every one
+        assert {"pndm", "heun", "lms"}.isdisjoint(models["builtin"]["samplers"])
+        assert options["default_sampler"] in models["builtin"]["samplers"]
+        assert (models["tiny"]["embeddings"], models["builtin"]["embeddings"]) == (["narrow"], ["Wide"])
+        # the top-level lists, for clients that read one, are the default (first) model's
+        assert (options["samplers"], options["embeddings"]) == (list(SAMPLERS), ["narrow"])
+        # what is listed is what generation takes: every sampler listed works, every other is refused
+        for sampler in SAMPLERS:
+            r = client.post("/v1/images/generations", json={"prompt": "a wide cat", "model": "builtin", "steps": 1,
+                                                            "sampler": sampler, "size": "32x32",
+                                                            "response_format": "b64_json"})
+            if sampler in models["builtin"]["samplers"]:
+                assert r.status_code == 200, (sampler, r.text)
+                assert [e["name"] for e in r.json()["data"][0]["egaku"]["embeddings"]] == ["Wide"]
+            else:
+                assert_openai_error(r, 400, "sampler")
 
 
 def test_requests_without_steps_get_the_default_capped_at_the_limit(pipe):

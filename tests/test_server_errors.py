@@ -87,3 +87,53 @@ def test_serve_refuses_a_port_it_cannot_listen_on_in_one_line_before_loading_mod
         port = taken.getsockname()[1] if port_in_use else 70000  # (was: an OverflowError traceback)
         with pytest.raises(EgakuError, match="cannot listen on 127.0.0.1" if port_in_use else "is not a TCP port"):
             app.serve_command(ServeOptions(model=["tiny"], port=port))
+
+
+def test_a_bad_lora_weight_names_the_entry_it_is_in(pipe, tmp_path):
+    """(Was: param 'weight', which does not say which of several LoRAs, nor that it is in 'loras'.)"""
+    (tmp_path / "loras").mkdir()
+    opts = ServeOptions(model=["tiny"], lora_dir=str(tmp_path / "loras"))
+    with LiveServer(create_app({"tiny": pipe}, opts, api_key="")) as live, \
+            httpx.Client(base_url=live.url, timeout=120) as http:
+        for loras, param, said in (
+                ([{"name": "a", "weight": 0.5}, {"name": "b", "weight": 20}], "loras[1].weight",
+                 "'loras[1].weight' must be between -10.0 and 10.0, got 20"),
+                ([{"name": "a", "weight": "high"}], "loras[0].weight", "'loras[0].weight' must be a finite number"),
+                ([{"name": "a"}, {"name": "b"}, "c"], "loras[2]", "loras[2] is 'c'")):
+            error = error_of(http.post("/v1/images/generations", json={"prompt": "a cat", "loras": loras}), 400)
+            assert error["param"] == param and said in error["message"], error
+        # multipart (edits, variations): 'loras' is JSON text, named the same way
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+        r = http.post("/v1/images/variations", files={"image": ("in.png", buffer.getvalue(), "image/png")},
+                      data={"loras": '[{"name": "a", "weight": 1}, {"name": "b", "weight": null}, '
+                                     '{"name": "c", "weight": true}]'})
+        assert error_of(r, 400)["param"] == "loras[2].weight"
+
+
+@pytest.mark.parametrize("host", ["::1", "127.0.0.1"])
+def test_the_start_up_line_writes_an_ipv6_host_in_brackets(pipe, monkeypatch, capsys, host):
+    import socket
+
+    import uvicorn
+
+    from egaku.server import app
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    except OSError:
+        pytest.skip(f"this machine has no {host}")
+    monkeypatch.delenv("EGAKU_API_KEY", raising=False)
+    monkeypatch.delenv("EGAKU_API_KEYS", raising=False)
+    monkeypatch.setattr(app, "load_pipelines", lambda opts: {"tiny": pipe})
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    app.serve_command(ServeOptions(model=["tiny"], host=host, port=port))
+    url = f"http://[::1]:{port}/" if host == "::1" else f"http://127.0.0.1:{port}/"  # (was: http://::1:8766/)
+    assert f"serving tiny at {url} (API at /v1" in capsys.readouterr().out

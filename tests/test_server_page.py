@@ -97,8 +97,10 @@ def test_the_steps_field_starts_at_the_servers_default_within_its_limit(browser)
         assert (steps.get_attribute("value"), steps.get_attribute("max")) == ("10", "10")  # 20 would be refused
 
 
-def test_variations_and_upscale_use_the_forms_steps_and_sampler(server, browser):
-    """A card's Variations and Upscale send the form's settings, which win over those stored in the image."""
+def test_variations_and_upscale_send_the_steps_and_sampler_changed_since_generating(server, browser):
+    """A card's Variations and Upscale send the form's steps and sampler where the user changed them after the last
+    Generate, and those win over the ones stored in the image; left as they were, the image's own are reused, as
+    docs/serve.md says a variation does. (Was: always sent, so the last Generate's replaced the image's.)"""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -133,3 +135,10 @@ def test_variations_and_upscale_use_the_forms_steps_and_sampler(server, browser)
     wait.until(lambda d: loaded_images(d) == 3)
     upscaled = newest_params()
     assert "Steps: 5, Sampler: DDIM," in upscaled and "Strength: 0.3" in upscaled and "Upscaled from: 64x64" in upscaled
+
+    browser.find_element(By.ID, "generate").click()  # the form as it is: 5 steps, DDIM
+    wait.until(lambda d: loaded_images(d) == 4)
+    assert "Steps: 5, Sampler: DDIM," in newest_params()
+    source.find_element(By.CSS_SELECTOR, ".variations").click()  # nothing changed since: the first image's own
+    wait.until(lambda d: loaded_images(d) == 5)
+    assert "Steps: 4, Sampler: LMS," in newest_params()

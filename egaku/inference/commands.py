@@ -15,7 +15,7 @@ from ..errors import EgakuError
 from ..progress import progress_bar
 from .generate import GenerateOptions, generate, reproduce_options
 from .metadata import a1111_parameters, read_params, read_text_chunks, save_png
-from .prompts import apply_prompt_parameters
+from .prompts import apply_prompt_parameters, chaos_sets_strength
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 # the files egaku itself writes into an output folder: NNNNN-SEED.png, NNNNN-grid.png, NNNNN-options.json
@@ -245,8 +245,8 @@ def generate_command(opts: GenerateOptions) -> None:
     if opts.mask and "strength" not in opts.given_options:  # an edit repaints its mask from noise, as the server's
         opts = dataclasses.replace(opts, strength=1.0)
     # --chaos is the img2img strength with an init image; with a mask (repainted from noise) it lowers the guidance,
-    # as the server's edits read it
-    chaos_is_strength = opts.init_image is not None and not opts.mask
+    # as the server's edits and generate() read it
+    chaos_is_strength = chaos_sets_strength(opts.init_image is not None, bool(opts.mask))
     for prompt in _prompts(opts):  # each prompt and its --parameters are checked before the model loads
         apply_prompt_parameters(dataclasses.replace(opts, prompt=prompt), has_init_image=chaos_is_strength)
     from ..data.images import ImageError, decode_image

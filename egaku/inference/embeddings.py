@@ -114,6 +114,22 @@ def read_vectors(path: Path, allow_pickle: bool = False, shown: str | None = Non
     return vectors
 
 
+def text_encoder_width(pipe) -> int:
+    """The width of the vectors ``pipe``'s text encoder takes: an embedding's must be the same."""
+    return pipe.text_encoder.get_input_embeddings().weight.shape[1]
+
+
+def read_vectors_for(path: Path, width: int, allow_pickle: bool = False, shown: str | None = None) -> torch.Tensor:
+    """``read_vectors`` for a text encoder that takes vectors of ``width``; ForAnotherModel where the file's are
+    of another width (it was made for another base model)."""
+    shown = shown or str(path)
+    vectors = read_vectors(path, allow_pickle, shown)
+    if vectors.shape[1] != width:
+        raise ForAnotherModel(f"embedding {shown} has vectors of width {vectors.shape[1]}, but this model's text "
+                              f"encoder takes {width}: it was made for another base model")
+    return vectors
+
+
 def embedding_short_hash(path: Path) -> str:
     """A1111's "TI hashes" value: the first 12 hex digits of the file's sha256."""
     digest = hashlib.sha256()
@@ -130,7 +146,7 @@ def load_embeddings(pipe, texts: list[str], folder: str | Path, allow_pickle: bo
     folder = Path(folder)
     files = embedding_files(folder, allow_pickle)
     used: list[UsedEmbedding] = []
-    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    width = text_encoder_width(pipe)
     try:
         for k, name in enumerate(names_in(texts, files)):
             shown = [p.relative_to(folder).as_posix() for p in files[name]]
@@ -139,10 +155,7 @@ def load_embeddings(pipe, texts: list[str], folder: str | Path, allow_pickle: bo
                                  f"{', '.join(shown)}; keep one", param="embedding_dir")
             path = files[name][0]
             try:
-                vectors = read_vectors(path, allow_pickle, shown[0])
-                if vectors.shape[1] != width:
-                    raise ForAnotherModel(f"embedding {shown[0]} has vectors of width {vectors.shape[1]}, but this "
-                                          f"model's text encoder takes {width}: it was made for another base model")
+                vectors = read_vectors_for(path, width, allow_pickle, shown[0])
             except ForAnotherModel as exc:  # the word stays a word, as in A1111 (which lists such files as skipped)
                 print(f"egaku: note: {exc}; {name!r} is read as a word")
                 continue
@@ -163,5 +176,5 @@ def unload_embeddings(pipe, used: list[UsedEmbedding]) -> None:
         pipe.unload_textual_inversion(tokens)
 
 
-__all__ = ["load_embeddings", "unload_embeddings", "embedding_files", "read_vectors", "embedding_short_hash",
-           "UsedEmbedding"]
+__all__ = ["load_embeddings", "unload_embeddings", "embedding_files", "read_vectors", "read_vectors_for",
+           "text_encoder_width", "embedding_short_hash", "UsedEmbedding"]

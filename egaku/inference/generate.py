@@ -313,9 +313,11 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
 
         o.guidance_scale = recommended_guidance(pipe)
     if "--" in o.prompt:  # Midjourney-style "--ar 16:9 --seed 7" read as the CLI and the server read them
-        from .prompts import apply_prompt_parameters
+        from .prompts import apply_prompt_parameters, chaos_sets_strength
 
-        o = apply_prompt_parameters(o)
+        # (a mask handed in as an image is not in o.mask)
+        o = apply_prompt_parameters(o, has_init_image=chaos_sets_strength(
+            o.init_image is not None, mask_image is not None or bool(o.mask)))
     # files are recorded whole, so that --from finds them again; images handed in (Python, the server) are not files
     recorded_files = {"init_image": os.path.abspath(o.init_image) if init_image is None and o.init_image else None,
                       "mask": os.path.abspath(o.mask) if mask_image is None and o.mask else None}

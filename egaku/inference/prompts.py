@@ -90,10 +90,18 @@ def chaos_strength(chaos: float) -> float:
     return CHAOS_MIN_STRENGTH + (CHAOS_MAX_STRENGTH - CHAOS_MIN_STRENGTH) * chaos / 100.0
 
 
+def chaos_sets_strength(has_init_image: bool, has_mask: bool) -> bool:
+    """Whether ``--chaos`` is the img2img strength (an init image without a mask) rather than a lower guidance: a
+    masked area is repainted from noise (strength 1, as the server's edits do), so there the grid varies, as in
+    text-to-image, by guidance. ``egaku generate``, ``generate()`` and the server all read it so."""
+    return has_init_image and not has_mask
+
+
 def apply_prompt_parameters(opts: GenerateOptions, has_init_image: bool | None = None) -> GenerateOptions:
     """A copy of ``opts`` with the prompt's parameters moved into the options they stand for.
 
-    ``has_init_image`` tells how ``--chaos`` applies when the init image is not in ``opts`` (servers).
+    ``has_init_image`` tells how ``--chaos`` applies (``chaos_sets_strength``) where ``opts`` does not hold the init
+    image and mask (servers, images handed to ``generate()``).
     """
     text, params = parse_prompt_parameters(opts.prompt)
     if not params:
@@ -122,7 +130,8 @@ def apply_prompt_parameters(opts: GenerateOptions, has_init_image: bool | None =
     if "no" in params:
         changes["negative_prompt"] = ", ".join(p for p in (opts.negative_prompt.strip(), params["no"]) if p)
     if "chaos" in params:
-        image_based = opts.init_image is not None if has_init_image is None else has_init_image
+        image_based = (chaos_sets_strength(opts.init_image is not None, bool(opts.mask)) if has_init_image is None
+                       else has_init_image)
         if image_based:
             take("strength", round(chaos_strength(params["chaos"]), 4), "the img2img strength")
         else:
@@ -158,5 +167,5 @@ def upscale(pipe, image: Image.Image, prompt: str = "", factor: int = 2, strengt
     return result
 
 
-__all__ = ["parse_prompt_parameters", "apply_prompt_parameters", "chaos_strength", "variations", "upscale",
-           "VARIATION_STRENGTH", "UPSCALE_STRENGTH"]
+__all__ = ["parse_prompt_parameters", "apply_prompt_parameters", "chaos_strength", "chaos_sets_strength",
+           "variations", "upscale", "VARIATION_STRENGTH", "UPSCALE_STRENGTH"]

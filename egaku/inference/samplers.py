@@ -72,13 +72,23 @@ def supports_zero_terminal_snr(sampler: Sampler) -> bool:
     return "rescale_betas_zero_snr" in inspect.signature(sampler.cls.__init__).parameters
 
 
+def works_with(sampler: Sampler, base_config: dict[str, Any]) -> bool:
+    """Whether ``sampler`` can sample the model whose scheduler config is ``base_config``: a zero-terminal-SNR
+    model's only with a scheduler that keeps the rescaling (the others would silently drop it and sample on a
+    schedule the model never saw)."""
+    return not base_config.get("rescale_betas_zero_snr") or supports_zero_terminal_snr(sampler)
+
+
+def usable_samplers(base_config: dict[str, Any]) -> list[str]:
+    """The sampler names ``make_scheduler`` accepts for this model, in ``SAMPLERS``' order (what a server offers)."""
+    return [s.name for s in SAMPLERS.values() if works_with(s, base_config)]
+
+
 def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     sampler = SAMPLERS[canonical_sampler(name)]
-    if base_config.get("rescale_betas_zero_snr") and not supports_zero_terminal_snr(sampler):
-        # These schedulers would silently drop the rescaling and sample on a schedule the model never saw.
-        usable = [s.name for s in SAMPLERS.values() if supports_zero_terminal_snr(s)]
+    if not works_with(sampler, base_config):
         raise EgakuError(f"sampler {sampler.name!r} does not support this model's zero-terminal-SNR noise schedule; "
-                         f"choose one of: {', '.join(usable)}", param="sampler")
+                         f"choose one of: {', '.join(usable_samplers(base_config))}", param="sampler")
     return sampler.cls.from_config(dict(base_config), **sampler.options)
 
 

@@ -229,16 +229,29 @@ def png_bytes(image, params: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _embedding_catalog(embedding_dir: str | None, allow_pickle: bool = False) -> list[str]:
-    """The words that name an embedding of the server's folder (as a prompt may use them); without --allow-pickle,
-    not those whose files are all pickles (.pt/.bin), which the server would refuse."""
+def _embedding_catalog(embedding_dir: str | None, pipe, allow_pickle: bool = False) -> list[str]:
+    """The words that name an embedding of the server's folder that ``pipe`` can use (as a prompt may use them):
+    without --allow-pickle, not those whose files are all pickles (.pt/.bin), which the server would refuse; and not
+    those made for another base model (vectors of another width), which generation skips and reads as words."""
     if not embedding_dir or not Path(embedding_dir).is_dir():
         return []
-    from ..inference.embeddings import embedding_files
+    from ..inference.embeddings import ForAnotherModel, embedding_files, read_vectors_for, text_encoder_width
 
-    files = embedding_files(embedding_dir)
+    files = embedding_files(embedding_dir, allow_pickle)  # the files generation reads them from
     refused = set() if allow_pickle else set(pickle_embeddings(embedding_dir, files))
-    return sorted({paths[0].stem for name, paths in files.items() if name not in refused})
+    width = text_encoder_width(pipe)
+
+    def fits(path: Path) -> bool:
+        try:
+            read_vectors_for(path, width, allow_pickle)
+        except ForAnotherModel:
+            return False
+        except EgakuError:  # a broken file stays listed: a request that names it gets the 400 that says what is wrong
+            return True
+        return True
+
+    return sorted({paths[0].stem for name, paths in files.items()
+                   if name not in refused and any(fits(path) for path in paths)})
 
 
 def _lora_catalog(lora_dir: str | None) -> list[str]:
@@ -676,14 +689,22 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None,
         """What the web page offers: samplers, LoRAs, sizes, limits and the defaults within them."""
         from ..inference.generate import native_size
         from ..inference.generate import size_multiple
-        from ..inference.samplers import DEFAULT_SAMPLER, sampler_names
+        from ..inference.samplers import DEFAULT_SAMPLER, usable_samplers
         from .requests import default_steps
 
+        def model_options(name: str, pipe) -> dict:
+            # only what this model takes: generation refuses the other samplers, and skips the other embeddings
+            return {"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe),
+                    "samplers": usable_samplers(dict(pipe.scheduler.config)),
+                    "embeddings": _embedding_catalog(opts.embedding_dir, pipe, opts.allow_pickle)}
+
+        # (off the event loop: the embedding catalog reads each file to learn its width)
+        models = await asyncio.to_thread(lambda: [model_options(name, pipe) for name, pipe in pipelines.items()])
         return {
-            "models": [{"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe)}
-                       for name, pipe in pipelines.items()],
-            "samplers": sampler_names(), "default_sampler": DEFAULT_SAMPLER, "loras": _lora_catalog(opts.lora_dir),
-            "embeddings": _embedding_catalog(opts.embedding_dir, opts.allow_pickle),
+            "models": models,
+            # the default model's, for clients that read one list
+            "samplers": models[0]["samplers"], "embeddings": models[0]["embeddings"],
+            "default_sampler": DEFAULT_SAMPLER, "loras": _lora_catalog(opts.lora_dir),
             "max_n": opts.max_n, "max_side": opts.max_side, "max_steps": opts.max_steps,
             "default_steps": default_steps(limits),  # what a request without 'steps' gets
         }
@@ -763,6 +784,12 @@ class LiveServer:
         self.socket.close()
 
 
+def _host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets ([::1]:8000), else its colons would run into the
+    port's."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _check_address(host: str, port: int) -> None:
     """That uvicorn will be able to listen on ``host:port``, checked by binding it (as uvicorn binds it) and letting
     go: a port out of range, in use or not allowed, or an address this machine lacks, is one line that says so."""
@@ -774,8 +801,8 @@ def _check_address(host: str, port: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
     except OSError as exc:
-        raise EgakuError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); give another --port, or a --host "
-                         "of this machine", param="port") from None
+        raise EgakuError(f"cannot listen on {_host_port(host, port)} ({exc.strerror or exc}); give another --port, "
+                         "or a --host of this machine", param="port") from None
 
 
 def serve_command(opts: ServeOptions) -> None:
@@ -808,7 +835,7 @@ def serve_command(opts: ServeOptions) -> None:
     pipelines = load_pipelines(opts)
     app = create_app(pipelines, opts, keys)
     auth = f"auth on ({len(keys)} key{'s' if len(keys) != 1 else ''})" if keys else "auth off"
-    print(f"egaku: serving {', '.join(pipelines)} at http://{opts.host}:{opts.port}/ (API at /v1, {auth})")
+    print(f"egaku: serving {', '.join(pipelines)} at http://{_host_port(opts.host, opts.port)}/ (API at /v1, {auth})")
     uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level)
 
 

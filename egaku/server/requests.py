@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..errors import EgakuError, NotFoundError
 from ..inference.generate import MAX_SEED, GenerateOptions, min_steps_at, resolve_size, size_multiple
-from ..inference.prompts import UPSCALE_STRENGTH, VARIATION_STRENGTH, apply_prompt_parameters
+from ..inference.prompts import UPSCALE_STRENGTH, VARIATION_STRENGTH, apply_prompt_parameters, chaos_sets_strength
 from ..inference.samplers import canonical_sampler
 from ..models.loading import recommended_guidance
 
@@ -114,7 +114,11 @@ def _as_int(body: Mapping[str, Any], key: str, low: int, high: int, form: bool) 
     return value
 
 
-def _as_float(body: Mapping[str, Any], key: str, low: float, high: float, form: bool) -> float | None:
+def _as_float(body: Mapping[str, Any], key: str, low: float, high: float, form: bool,
+              name: str | None = None) -> float | None:
+    """``body[key]`` as a number in low..high (None where it is absent); ``name``: how errors name the field where
+    ``body`` is nested in the request ("loras[1].weight"), so that the client learns which entry is wrong."""
+    name = name or key
     value = body.get(key)
     if value is None or (form and value == ""):
         return None
@@ -122,11 +126,11 @@ def _as_float(body: Mapping[str, Any], key: str, low: float, high: float, form: 
         try:
             value = float(value.strip())
         except ValueError:
-            raise _bad(f"'{key}' must be a number, got {value!r}", key) from None
+            raise _bad(f"'{name}' must be a number, got {value!r}", name) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(f"'{key}' must be a finite number, got {value!r}", key)
+        raise _bad(f"'{name}' must be a finite number, got {value!r}", name)
     if not low <= value <= high:
-        raise _bad(f"'{key}' must be between {low} and {high}, got {value}", key)
+        raise _bad(f"'{name}' must be between {low} and {high}, got {value}", name)
     return float(value)
 
 
@@ -202,10 +206,11 @@ def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
     if not isinstance(value, list) or len(value) > MAX_LORAS:
         raise _bad(f"'loras' must be a list of at most {MAX_LORAS} {{\"name\", \"weight\"}} objects", "loras")
     out = []
-    for item in value:
+    for i, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "weight"}:
-            raise _bad(f"each entry of 'loras' must be {{\"name\": str, \"weight\": number}}, got {item!r}", "loras")
-        weight = _as_float(item, "weight", -10.0, 10.0, form=False)
+            raise _bad(f"each entry of 'loras' must be {{\"name\": str, \"weight\": number}}; loras[{i}] is "
+                       f"{item!r}", f"loras[{i}]")
+        weight = _as_float(item, "weight", -10.0, 10.0, form=False, name=f"loras[{i}].weight")
         out.append((item["name"], 1.0 if weight is None else weight))
     return out
 
@@ -399,7 +404,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     opts.strength = default_strength if strength is None else strength
     # Midjourney-style parameters in the prompt ("--ar 16:9 --seed 7 --no text")
     try:
-        opts = apply_prompt_parameters(opts, has_init_image=has_image and mask is None)
+        opts = apply_prompt_parameters(opts, has_init_image=chaos_sets_strength(has_image, mask is not None))
     except EgakuError as exc:
         raise EgakuError(str(exc), param=exc.param if exc.param in ("prompt", "size") else "prompt") from None
     if opts.steps is None:

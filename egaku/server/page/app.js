@@ -3,6 +3,10 @@
 
 const $ = (id) => document.getElementById(id);
 let options = null;
+// Settings a variation or upscale reuses from its image where the request leaves them out (docs/serve.md), and the
+// values the last Generate sent: a card's buttons send one only where the user has changed it since.
+const IMAGE_SETTINGS = ["steps", "sampler", "guidance_scale"];
+let generatedWith = {};
 
 function headers(extra = {}) {
   const key = $("api-key").value.trim();
@@ -38,12 +42,23 @@ async function loadOptions() {
   }
   showError("");
   fill($("model"), options.models.map((m) => m.id), options.models[0].id);
-  fill($("sampler"), options.samplers, options.default_sampler);
+  fillSamplers();
   $("n").max = options.max_n;
   $("steps").max = options.max_steps;
   $("steps").value = options.default_steps;  // the server's default, within its limit
   $("lora-none").hidden = options.loras.length > 0;
   $("add-lora").hidden = options.loras.length === 0;
+}
+
+function chosenModel() {
+  return options.models.find((m) => m.id === $("model").value) || options.models[0];
+}
+
+// Only the samplers the chosen model takes (the server refuses the others); the choice stays where it can.
+function fillSamplers() {
+  const samplers = chosenModel().samplers;
+  const current = $("sampler").value;
+  fill($("sampler"), samplers, samplers.includes(current) ? current : options.default_sampler);
 }
 
 function addLoraRow() {
@@ -61,7 +76,7 @@ function addLoraRow() {
 function chosenSize() {
   const aspect = $("aspect").value;
   if (aspect === "custom") return $("size").value.trim() || undefined;
-  const model = options.models.find((m) => m.id === $("model").value) || options.models[0];
+  const model = chosenModel();
   const [w, h] = aspect.split(":").map(Number);
   const round = (x) => Math.max(model.multiple, Math.round(x / model.multiple) * model.multiple);
   return `${round(model.native_size * Math.sqrt(w / h))}x${round(model.native_size * Math.sqrt(h / w))}`;
@@ -149,6 +164,7 @@ async function fromImage(kind, item) {
   form.append("image", new Blob([bytes], { type: "image/png" }), "image.png");
   const body = common();
   delete body.seed;  // variations want new seeds
+  for (const key of IMAGE_SETTINGS) if (body[key] === generatedWith[key]) delete body[key];
   if (kind === "variations") body.n = Number($("n").value);
   for (const [k, v] of Object.entries(body)) form.append(k, typeof v === "object" ? JSON.stringify(v) : String(v));
   const label = kind === "variations" ? "Variations" : "Upscaling";
@@ -163,11 +179,13 @@ $("controls").addEventListener("submit", async (event) => {
   const prompt = $("prompt").value;
   if (!prompt.trim()) { showError("type a prompt first"); return; }
   const body = { ...common(), prompt, n: Number($("n").value) };
+  generatedWith = Object.fromEntries(IMAGE_SETTINGS.map((key) => [key, body[key]]));
   // "--ar" in the prompt sets the shape itself; the size field would conflict with it
   if (!/(^|\s)--(ar|aspect)\s/.test(prompt)) body.size = chosenSize();
   show(await withProgress("Generating", (extra) => api("/v1/images/generations", {
     method: "POST", body: JSON.stringify(body), headers: { ...extra, "Content-Type": "application/json" } })));
 });
+$("model").addEventListener("change", fillSamplers);
 $("aspect").addEventListener("change", () => ($("size-box").hidden = $("aspect").value !== "custom"));
 $("add-lora").addEventListener("click", addLoraRow);
 $("api-key").value = localStorage.getItem("egaku-api-key") || "";
