@@ -1110,3 +1110,16 @@ def test_generate_writes_plain_progress_lines_when_stderr_is_a_log(tiny_model_di
     err = capsys.readouterr().err
     assert "\r" not in err  # no carriage-return redraws piling up in a log
     assert err.splitlines()[-1].startswith("generating: 4/4 steps (100%)")  # one bar over both prompts
+
+
+def test_a_model_name_of_egakus_is_refused_where_a_folder_of_that_name_is_here(tmp_path, monkeypatch):
+    from egaku.models.loading import load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # the user's own folder: --model tiny would load egaku's test model instead
+    with pytest.raises(EgakuError, match=r"--model tiny names egaku's tiny test model, and ./tiny is here too: write "
+                                         r"--model ./tiny for that folder"):
+        load_pipeline("tiny")
+    (tmp_path / "builtin").write_text("")
+    with pytest.raises(EgakuError, match=r"--model ./builtin for that file"):
+        load_pipeline("builtin")

@@ -376,6 +376,10 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
     path = Path(spec).expanduser()
     common = {"dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
 
+    if spec in ("tiny", "builtin") and path.exists():  # the name would win, and the user's folder go unused unnoticed
+        raise EgakuError(f"--model {spec} names egaku's {'built-in model' if spec == 'builtin' else 'tiny test model'}"
+                         f", and ./{spec} is here too: write --model ./{spec} for that {'folder' if path.is_dir() else 'file'}"
+                         f", or run from another folder for egaku's", param="model")
     if spec == "tiny":
         from .tiny import tiny_pipeline
 
