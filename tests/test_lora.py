@@ -127,6 +127,8 @@ def test_kohya_file_has_kohya_keys_alpha_and_ss_metadata(trained):
     # 6 images in 3 aspect buckets at batch 2: 3 batches an epoch, so 3 steps are 1 epoch
     assert (meta["ss_num_epochs"], meta["ss_batch_size_per_device"], meta["ss_gradient_accumulation_steps"],
             meta["ss_total_batch_size"]) == ("1", "2", "1", "2")
+    assert (meta["ss_num_batches_per_epoch"], meta["ss_num_reg_images"]) == ("3", "0")
+    assert meta["ss_unet_lr"] == meta["ss_learning_rate"]  # kohya's tools read the UNet's rate from ss_unet_lr
     assert float(meta["ss_training_started_at"]) <= float(meta["ss_training_finished_at"])
     assert meta["sshs_model_hash"][:12] == lora_short_hash(path) and len(meta["sshs_model_hash"]) == 64
     assert meta["modelspec.resolution"] == f"{RESOLUTION}x{RESOLUTION}" and meta["modelspec.date"][:2] == "20"

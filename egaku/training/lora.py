@@ -1157,6 +1157,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     run_metadata = {  # kohya's ss_* entries that only the run knows, for A1111's and civitai's training views
         "ss_num_epochs": math.ceil(total_steps * opts.gradient_accumulation / per_epoch),
         "ss_total_batch_size": opts.batch_size * opts.gradient_accumulation * world,
+        "ss_num_batches_per_epoch": per_epoch,
+        "ss_num_reg_images": sum(item.repeats for item in prior_items),  # kohya counts the repeats, as of train images
         "ss_dataset_dirs": dataset_dirs([(opts.data, scan.items)], opts.repeats),
         **({"ss_reg_dataset_dirs": dataset_dirs([(opts.prior_data, prior_items)])} if prior_items else {}),
         "ss_training_started_at": time.time(), "ss_session_id": int.from_bytes(os.urandom(4), "little"),
@@ -1241,7 +1243,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         save_config(opts, out / "training_config.json")
     log = MetricsLog(out / "loss.csv", start_step=step, tensorboard=opts.log_with == "tensorboard") if main else None
     images_in = collections.Counter(bucket_of)  # the buckets in use, as kohya lists them
-    bucket_use = f"{len(images_in)} bucket(s): " + ", ".join(f"{w}x{h} ({n} images)"
+    bucket_use = f"{len(images_in)} bucket(s): " + ", ".join(f"{w}x{h} ({n} image{'s' * (n != 1)})"
                                                           for (w, h), n in sorted(images_in.items()))
     # the token table takes gradients whole, but only the --train-tokens rows change
     trained_count = sum(p.numel() for p in lora_params if p is not token_table) + len(token_ids) * token_table.shape[1]
@@ -1393,7 +1395,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_network_args={**({"conv_dim": conv_rank, "conv_alpha": conv_alpha} if opts.lora_conv else {}),
                                  **({"loraplus_lr_ratio": opts.loraplus_lr_ratio} if opts.loraplus_lr_ratio else {})},
                 ss_num_train_images=num_images, ss_resolution=f"({opts.resolution}, {opts.resolution})",
-                ss_learning_rate=opts.learning_rate, **trained_for,
+                ss_learning_rate=opts.learning_rate, ss_unet_lr=opts.learning_rate, **trained_for,
                 ss_lr_scheduler=opts.lr_scheduler, ss_seed=opts.seed, ss_mixed_precision=opts.mixed_precision,
                 ss_min_snr_gamma=opts.min_snr_gamma, ss_noise_offset=opts.noise_offset, ss_loss_type=opts.loss_type,
                 ss_debiased_estimation=opts.debiased_estimation,
