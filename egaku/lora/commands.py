@@ -122,7 +122,7 @@ def describe_lora(path: str | Path) -> dict:
     import json
 
     from .apply import _alphas_of_diffusers_file, run_config, trained_embeddings
-    from .formats import is_kohya, peft_pairs, read_lora_file, refuse_lycoris
+    from .formats import is_kohya, other_architecture, peft_pairs, read_lora_file, refuse_lycoris
 
     path = resolve_lora(str(path), None, names_option="")
     try:  # a whole checkpoint is told apart by its key names alone, before gigabytes are read
@@ -206,6 +206,7 @@ def describe_lora(path: str | Path) -> dict:
         "ranks": ranks, "alphas": alphas_seen, "unrecognised_keys": len(unknown), "training": training,
         "top_tags": dict(sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:15]),
         "trained_words": sorted(trained_embeddings(path)),
+        "other_architecture": other_architecture(list(state), metadata),
     }
 
 
@@ -215,6 +216,9 @@ def format_lora_description(d: dict) -> str:
              f"  layers: {d['unet_layers']} UNet ({d['convolution_layers']} of them convolutions), "
              f"{d['text_encoder_layers']} text encoder",
              f"  rank: {'/'.join(map(str, d['ranks']))}, alpha: {'/'.join(f'{a:g}' for a in d['alphas'])}"]
+    if d["other_architecture"]:
+        lines.append(f"  for {d['other_architecture']}: egaku's pipelines are Stable Diffusion 1.x/2.x, so generate and "
+                     "merge-lora refuse it")
     if d["unrecognised_keys"]:
         lines.append(f"  {d['unrecognised_keys']} keys of other adapter types (LoHa, LoKr...) that egaku does not load")
     if d["training"]:

@@ -227,6 +227,26 @@ def bake_alpha(pairs: dict[str, dict[str, torch.Tensor]], alphas: dict[str, floa
 
 # ---- coverage ----------------------------------------------------------------------------------------
 
+# key names only other architectures' LoRAs have (kohya's SDXL keys name the original UNet's blocks; diffusers' its
+# second text encoder; Flux and SD3 adapt a transformer), for saying which base a file that fits nothing is for
+_OTHER_ARCHITECTURES = (
+    ("SDXL", ("lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block",
+              "text_encoder_2.", "te2.")),
+    ("Flux or SD3 (a transformer model)", ("lora_unet_double_blocks", "lora_unet_single_blocks", "transformer.",
+                                          "lora_transformer_")),
+)
+
+
+def other_architecture(names, metadata: dict | None = None) -> str | None:
+    """The architecture a LoRA's key ``names`` (or its kohya/modelspec header) say it was trained for, where that is
+    not Stable Diffusion 1.x/2.x; None where nothing says so."""
+    declared = " ".join(str((metadata or {}).get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture"))
+    for label, prefixes in _OTHER_ARCHITECTURES:
+        if any(str(n).startswith(prefixes) for n in names) or (label == "SDXL" and "xl" in declared.lower()):
+            return label
+    return None
+
+
 def check_coverage(pairs: dict[str, dict[str, torch.Tensor]], modules: dict[str, torch.nn.Module],
                    source: str, unmatched: list[str] = ()) -> None:
     """Refuse a LoRA that would change nothing or that was trained on another base model.
@@ -235,6 +255,11 @@ def check_coverage(pairs: dict[str, dict[str, torch.Tensor]], modules: dict[str,
     existing Linear/Conv2d, have both halves, and fit its input and output sizes.
     """
     missing = list(unmatched) + [m for m in pairs if m not in modules]
+    other = other_architecture(missing)
+    if other and missing:  # not "a different base model": one egaku cannot load at all
+        raise EgakuError(f"{source} is a LoRA for {other} (keys such as {missing[0]}); egaku's pipelines are Stable "
+                         "Diffusion 1.x/2.x, so it can be used with neither this model nor another egaku loads",
+                         param="lora")
     if not any(m in modules for m in pairs):
         example = f" (first key: {missing[0]})" if missing else ""
         raise EgakuError(f"{source}: none of its LoRA keys match a layer of this model{example}; "
