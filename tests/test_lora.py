@@ -1918,3 +1918,14 @@ def test_train_and_merge_lora_read_a_single_file_model_through_its_model_config(
     weights = "unet/diffusion_pytorch_model.safetensors"
     first, again = load_file(tmp_path / "merged" / weights), load_file(tmp_path / "elsewhere" / "again" / weights)
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_images_scaled_up_more_than_twice_to_their_bucket_are_reported(tmp_path, data_dir, tiny_model_dir):
+    folder = shutil.copytree(data_dir, tmp_path / "data")
+    Image.new("RGB", (4, 4), (200, 40, 40)).save(folder / "red_star" / "thumb.png")  # 32 px buckets: 8x
+    out = train_lora(options(folder, tiny_model_dir, tmp_path / "run", max_steps=1))
+    report = (out / "data_report.txt").read_text()
+    assert re.search(r"1 image\(s\) are scaled up more than 2x to their bucket and train blurred, most \S*thumb.png "
+                     r"\(4x4 -> 32x32, 8x\)", report)
+    plain = train_lora(options(data_dir, tiny_model_dir, tmp_path / "plain", max_steps=1))
+    assert "scaled up" not in (plain / "data_report.txt").read_text()

@@ -785,6 +785,18 @@ def report_long_captions(tokenizer, items: list, opts: TrainLoraOptions, report)
                f"{len(tokenizer(first.caption, add_special_tokens=False).input_ids)} tokens{more}")
 
 
+def report_upscaled(items: list, bucket_of: list[tuple[int, int]], report) -> None:
+    """Name the images scaled up more than twice to fill their bucket: they train blurred (a 1x1 or thumbnail-sized
+    file in a folder of photos trains as a flat smear), which the loss does not show."""
+    scales = [(max(bw / item.size[0], bh / item.size[1]), item, (bw, bh)) for item, (bw, bh) in zip(items, bucket_of)]
+    blurred = sorted((entry for entry in scales if entry[0] > 2), key=lambda entry: -entry[0])
+    if blurred:
+        scale, item, (bw, bh) = blurred[0]
+        report(f"{len(blurred)} image(s) are scaled up more than 2x to their bucket and train blurred, most "
+               f"{item.path} ({item.size[0]}x{item.size[1]} -> {bw}x{bh}, {scale:.0f}x); give larger images, "
+               "or a lower --resolution")
+
+
 def init_word_ids(tokenizer, word: str) -> list[int]:
     """The token ids of a ``--token-init`` word (one or several); an empty word is an error."""
     pieces = tokenizer(word, add_special_tokens=False).input_ids if word.strip() else []
@@ -1114,6 +1126,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         say(f"--resolution {opts.resolution} trains at {resolution} (this model needs multiples of {step_px})")
     buckets = make_buckets(resolution, step=step_px, max_ratio=opts.max_aspect)
     bucket_of = [nearest_bucket(item.size, buckets) for item in items]
+    report_upscaled(items, bucket_of, report)
     captions = [item.caption for item in items]
     inputs = TrainingInputs(opts, scan, items, bucket_of, vae, text_encoder, tokenizer, device,
                             cache_text=not text_runs)
