@@ -626,6 +626,33 @@ def test_inpainting_repaints_only_under_the_mask(pipe):
         egaku.generate(pipe, "a cat", init_image=init, strength=0.1, steps=2)
 
 
+def test_the_python_api_repaints_a_mask_from_noise_unless_given_a_strength(pipe):
+    """generate(mask_image=...) with no strength runs at 1, as `egaku generate --mask` and the server's edits do (one
+    rule: edit_strength); a strength given, even img2img's default 0.6, is kept. (Was: 0.6, the img2img default.)"""
+    from egaku.inference.generate import GenerateOptions
+    from egaku.server.requests import Limits, parse_image_request
+
+    init = Image.new("RGB", (64, 64), (250, 20, 20))
+    left = Image.new("L", (64, 64), 0)
+    left.paste(255, (0, 0, 32, 64))
+
+    def inpaint(**kwargs):
+        return egaku.generate(pipe, "a cat", seed=1, init_image=init, mask_image=left, **FAST, **kwargs)[0]
+
+    default = inpaint()
+    assert default.params["strength"] == 1.0 and np.array_equal(px(default), px(inpaint(strength=1.0)))
+    assert inpaint(strength=0.5).params["strength"] == 0.5 and inpaint(strength=0.6).params["strength"] == 0.6
+    # an options object: its strength where it differs from the default, or where it records it as given
+    assert inpaint(opts=GenerateOptions(strength=0.5)).params["strength"] == 0.5
+    assert inpaint(opts=GenerateOptions(given_options=["strength"])).params["strength"] == 0.6
+    assert inpaint(opts=GenerateOptions()).params["strength"] == 1.0
+    # without a mask, img2img keeps its default
+    assert egaku.generate(pipe, "a cat", seed=1, init_image=init, **FAST)[0].params["strength"] == 0.6
+    # the server's edit with a mask and no strength: the same
+    edit = parse_image_request("edit", {"prompt": "a cat"}, pipe, Limits(), form=True, image=init, mask=left)
+    assert edit.options["strength"] == default.params["strength"]
+
+
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
     """A LoRA folder with one random (non-zero) UNet LoRA for the tiny pipeline, in diffusers' format."""
@@ -738,6 +765,11 @@ def test_lora_is_removed_after_the_call_and_scale_matters(pipe, lora_dir):
     assert np.abs(base - half).mean() < np.abs(base - full).mean()
     with pytest.raises(egaku.EgakuError, match="not found"):
         egaku.generate(pipe, "a cat <lora:nope:1>", lora_dir=str(lora_dir), **FAST)
+    # A1111's <lyco:...> alias is the same tag (was: left in the prompt as words, and no LoRA applied)
+    by_lyco = egaku.generate(pipe, "a cat <lyco:style:1.0>", seed=1, lora_dir=str(lora_dir), **FAST)[0]
+    by_lora = egaku.generate(pipe, "a cat <lora:style:1.0>", seed=1, lora_dir=str(lora_dir), **FAST)[0]
+    assert np.array_equal(px(by_lyco), px(by_lora)) and np.array_equal(px(by_lyco), full)
+    assert by_lyco.params["loras"] == [("style", 1.0)]
     # a file that fails to load after another loaded leaves neither behind, nor do embeddings that do not load
     from safetensors.torch import save_file
 

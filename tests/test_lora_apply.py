@@ -23,6 +23,24 @@ def test_prompt_tags_are_removed_with_their_weights():
             parse_prompt_loras(f"a cat <lora:star:{weight}>")
 
 
+def test_lyco_tags_are_read_as_lora_tags_as_a1111_reads_them():
+    """A1111 1.5+ reads <lyco:name:w> (the LyCORIS extension's tag, in many shared prompts) as <lora:name:w>. (Was:
+    left in the prompt as words, silently.)"""
+    from egaku.inference.embeddings import names_in
+    from egaku.lora.apply import has_prompt_loras
+
+    assert parse_prompt_loras("a red star, <lyco:star:0.6> on the sea <lora:style>") == \
+        ("a red star, on the sea", [("star", 0.6), ("style", 1.0)])
+    assert parse_prompt_loras("<lyco:ink>, a cat") == ("a cat", [("ink", 1.0)])
+    with pytest.raises(EgakuError, match="not a number"):
+        parse_prompt_loras("<lyco:star:strong>")
+    assert has_prompt_loras("a cat <lyco:ink:1>") and has_prompt_loras("<lora:ink>")
+    assert not has_prompt_loras("a cat, lyco: lora") and parse_prompt_loras("<lycoris:ink>") == ("<lycoris:ink>", [])
+    # a tag's name is not an embedding's word (a negative prompt keeps its tags as words)
+    assert names_in(["a cat <lyco:bad:1>", "<lora:bad>"], {"bad": []}) == []
+    assert names_in(["a cat, bad"], {"bad": []}) == ["bad"]
+
+
 def test_resolve_bare_names_in_the_lora_folder(tmp_path):
     (tmp_path / "star.safetensors").write_bytes(b"x")
     (tmp_path / "style").mkdir()

@@ -64,6 +64,12 @@ def test_lycoris_loha_and_lokr_files_are_named_as_such(pipe, layer, tmp_path, ki
     with pytest.raises(EgakuError, match=f"LyCORIS {kind} file"):
         apply_loras(pipe, [(mixed, 1.0)])
     assert not pipe.get_list_adapters().get("unet")
+    # named by A1111's <lyco:...> tag (which egaku reads as <lora:...>), the file is refused the same way
+    from egaku.inference.generate import generate
+
+    with pytest.raises(EgakuError, match=expected):
+        generate(pipe, f"a cat <lyco:{kind}:1>", lora_dir=str(tmp_path), steps=1, progress=False)
+    assert not pipe.get_list_adapters().get("unet")
 
 
 def load(path):

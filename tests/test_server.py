@@ -182,6 +182,49 @@ def test_variation_settings_from_an_image_are_checked_like_request_fields(pipe, 
     stored = {"prompt": "a cat <lora:someone_else:0.8>, <lora:style:0.5> <lora:style:x> --ar 2:3 --v 6"}
     assert reused_settings(stored, pipe, limits)["prompt"] == "a cat , <lora:style:0.5>"
     assert reused_settings({"prompt": "a cat <lora:style> --ar 2:3"}, pipe, Limits())["prompt"] == "a cat --ar 2:3"
+    stored = {"prompt": "a cat <lyco:someone_else:0.8>, <lyco:style:0.5>"}  # A1111's alias, read the same
+    assert reused_settings(stored, pipe, limits)["prompt"] == "a cat , <lyco:style:0.5>"
+
+
+def test_a_stored_sampler_the_model_refuses_is_left_to_the_default_and_a_requested_one_is_a_400(pipe):
+    """A variation or upscale of an image made with LMS on another model, on the built-in zero-terminal-SNR model
+    (which refuses LMS, Heun and PLMS), runs with the default sampler, as any stored value the server cannot use
+    does; a sampler the request itself names that the model refuses is a 400 when the request is read, before it
+    is queued. (Was: both a 400 from the job, so the image could not be varied without naming a sampler.)"""
+    from egaku.inference.generate import generate
+    from egaku.inference.samplers import DEFAULT_SAMPLER, usable_samplers
+    from egaku.models.loading import load_pipeline
+    from egaku.server.app import png_bytes
+    from egaku.server.requests import Limits, parse_image_request, reused_settings
+
+    builtin = load_pipeline("builtin", "cpu", "float32")
+    made = generate(pipe, "a red circle", sampler="lms", steps=2, seed=1, width=32, height=32)[0]
+    assert made.params["sampler"] == "lms"
+    image = Image.new("RGB", (32, 32))
+    stored = {"prompt": "a red circle", "sampler": "LMS", "steps": 4}
+    assert reused_settings(stored, pipe, Limits())["sampler"] == "lms"  # a model that takes it keeps it
+    assert "sampler" not in reused_settings(stored, builtin, Limits())
+    for kind in ("variation", "upscale"):
+        req = parse_image_request(kind, {}, builtin, Limits(), form=True, image=image, stored=stored)
+        assert req.options["sampler"] == DEFAULT_SAMPLER and req.options["steps"] == 4  # the rest is reused
+        with pytest.raises(EgakuError, match="sampler 'lms' does not support this model's zero-terminal-SNR") as info:
+            parse_image_request(kind, {"sampler": "lms"}, builtin, Limits(), form=True, image=image, stored=stored)
+        assert info.value.param == "sampler"
+        assert ", ".join(usable_samplers(dict(builtin.scheduler.config))) in str(info.value)
+    with pytest.raises(EgakuError, match="'heun' does not support") as info:
+        parse_image_request("generation", {"prompt": "a", "sampler": "Heun"}, builtin, Limits())
+    assert info.value.param == "sampler"
+    # through the API: the image made elsewhere is varied; naming LMS is a 400 that never reaches the queue
+    upload = {"image": ("lms.png", png_bytes(made.image, made.params), "image/png")}
+    with LiveServer(create_app({"builtin": builtin}, ServeOptions(model=["builtin"]), api_key="")) as live, \
+            httpx.Client(base_url=live.url, timeout=120) as client:
+        r = client.post("/v1/images/variations", files=upload, data={"n": "1", "response_format": "b64_json"})
+        assert r.status_code == 200, r.text
+        used = r.json()["data"][0]["egaku"]
+        assert (used["sampler"], used["steps"], used["prompt"]) == (DEFAULT_SAMPLER, 2, "a red circle")
+        r = client.post("/v1/images/variations", files=upload, data={"sampler": "lms"})
+        assert_openai_error(r, 400, "sampler")
+        assert client.get("/health").json()["models"]["builtin"]["completed"] == 1  # only the first ran
 
 
 def test_upscale_extension_doubles_the_size(http):
@@ -238,6 +281,8 @@ def test_loras_by_field_and_by_prompt_tag(http):
     plain, _ = image({})
     by_field, item = image({"loras": [{"name": "style", "weight": 1.0}]})
     by_tag, tagged = image({"prompt": "a cat <lora:style:1>"})
+    by_lyco, lyco = image({"prompt": "a cat <lyco:style:1>"})  # A1111's alias (was: words of the prompt)
+    assert np.array_equal(by_tag, by_lyco) and lyco["revised_prompt"] == "a cat"
     assert np.abs(plain - by_field).mean() > 0.5  # the LoRA changes the picture
     assert np.array_equal(by_field, by_tag)  # the two spellings are the same request
     assert item["egaku"]["loras"] == [["style", 1.0]] and tagged["revised_prompt"] == "a cat"
@@ -259,6 +304,8 @@ def test_requests_qa_found_get_a_4xx_that_names_no_server_path(http, lora_dir):
             ({"loras": [{"name": "x" * 300}]}, 400, "lora", "not a name a LoRA file can have"),
             ({"prompt": "a" + "<lora:style:0.1>" * 9}, 400, "lora", "9 LoRAs asked for"),
             ({"prompt": "a <lora::1>"}, 400, "prompt", "tag without a name"),
+            ({"prompt": "a <lyco:nope:1>"}, 404, "lora", "not found in the LoRA folder"),  # A1111's alias
+            ({"prompt": "a <lyco: :1>"}, 400, "prompt", "a <lyco:...> tag without a name; write <lyco:NAME:WEIGHT>"),
             ({"prompt": "a\ud800b"}, 400, "prompt", "not valid Unicode"),
             ({"negative_prompt": "\udfff"}, 400, "negative_prompt", "not valid Unicode"),
         ]

@@ -1,4 +1,5 @@
-"""The images API's errors: messages with a LoRA folder given by a relative path, `stream`, a port it cannot listen on."""
+"""The images API's errors: messages with a LoRA folder given by a relative path, `stream`, a port it cannot listen on,
+an IPv6 address."""
 
 import os
 
@@ -137,3 +138,20 @@ def test_the_start_up_line_writes_an_ipv6_host_in_brackets(pipe, monkeypatch, ca
     app.serve_command(ServeOptions(model=["tiny"], host=host, port=port))
     url = f"http://[::1]:{port}/" if host == "::1" else f"http://127.0.0.1:{port}/"  # (was: http://::1:8766/)
     assert f"serving tiny at {url} (API at /v1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("host", ["::1", "127.0.0.1"])
+def test_a_live_server_on_an_ipv6_host_answers_at_its_url_in_brackets(pipe, host):
+    """LiveServer (tests, benchmarks) listens on an IPv6 host and writes its URL as the start-up line does. (Was: an
+    IPv4 socket, which cannot bind ::1, and http://::1:PORT.)"""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as sock:
+            sock.bind((host, 0))
+    except OSError:
+        pytest.skip(f"this machine has no {host}")
+    with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]), api_key=""), host=host) as live:
+        assert live.url == (f"http://[::1]:{live.port}" if host == "::1" else f"http://127.0.0.1:{live.port}")
+        assert httpx.get(live.url + "/health", timeout=30).json()["status"] == "ok"

@@ -18,10 +18,26 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
 
 
 @pytest.fixture(scope="module")
-def server():
-    from egaku.models.loading import load_pipeline
+def server(tmp_path_factory):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
 
-    app = create_app({"tiny": load_pipeline("tiny", "cpu", "float32")}, ServeOptions(model=["tiny"]), api_key="")
+    from egaku.models.loading import load_pipeline
+    from egaku.models.tiny import tiny_pipeline
+
+    # one LoRA for the tiny model ("style"), for the page's LoRA rows
+    loras = tmp_path_factory.mktemp("loras")
+    donor = tiny_pipeline()
+    torch.manual_seed(0)
+    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                      init_lora_weights=False))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet))
+    StableDiffusionPipeline.save_lora_weights(str(loras), unet_lora_layers=layers, weight_name="style.safetensors")
+    app = create_app({"tiny": load_pipeline("tiny", "cpu", "float32")},
+                     ServeOptions(model=["tiny"], lora_dir=str(loras)), api_key="")
     with LiveServer(app) as live:
         yield live
 
@@ -97,10 +113,11 @@ def test_the_steps_field_starts_at_the_servers_default_within_its_limit(browser)
         assert (steps.get_attribute("value"), steps.get_attribute("max")) == ("10", "10")  # 20 would be refused
 
 
-def test_variations_and_upscale_send_the_steps_and_sampler_changed_since_generating(server, browser):
-    """A card's Variations and Upscale send the form's steps and sampler where the user changed them after the last
-    Generate, and those win over the ones stored in the image; left as they were, the image's own are reused, as
-    docs/serve.md says a variation does. (Was: always sent, so the last Generate's replaced the image's.)"""
+def test_variations_and_upscale_send_the_settings_changed_since_generating(server, browser):
+    """A card's Variations and Upscale send the form's steps, sampler, negative prompt, clip skip and LoRAs where the
+    user changed them after the last Generate (an emptied one too), and those win over the ones stored in the image;
+    left as they were, the image's own are reused, as docs/serve.md says a variation does. (Was: always sent, so the
+    last Generate's replaced the image's; the negative prompt, clip skip and LoRAs were sent whenever filled.)"""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -108,37 +125,52 @@ def test_variations_and_upscale_send_the_steps_and_sampler_changed_since_generat
     browser.get(server.url + "/")
     wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 3)
 
-    def set_form(steps: str, sampler: str) -> None:
-        for field, value in (("steps", steps), ("n", "1")):
+    def set_form(steps: str, sampler: str, negative: str, clip_skip: str, lora: bool) -> None:
+        for field, value in (("steps", steps), ("n", "1"), ("negative", negative), ("clip-skip", clip_skip)):
             element = browser.find_element(By.ID, field)
             element.clear()
-            element.send_keys(value)
+            if value:
+                element.send_keys(value)
         Select(browser.find_element(By.ID, "sampler")).select_by_value(sampler)
+        rows = browser.find_elements(By.CSS_SELECTOR, ".lora-row")
+        if lora and not rows:
+            browser.find_element(By.ID, "add-lora").click()  # the folder's one LoRA, at weight 0.8
+        elif not lora:
+            for row in rows:
+                row.find_element(By.TAG_NAME, "button").click()  # its "x"
 
     def newest_params() -> str:
         assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
         return browser.find_elements(By.CSS_SELECTOR, "#gallery .params")[0].text
 
-    set_form("4", "lms")
+    set_form("4", "lms", "dull", "1", lora=True)
     browser.find_element(By.ID, "prompt").send_keys("a green square")
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda d: loaded_images(d) == 1)
-    assert "Steps: 4, Sampler: LMS," in newest_params()
+    made = newest_params()
+    assert "Negative prompt: dull" in made and "Steps: 4, Sampler: LMS," in made and "LoRAs: style:0.8" in made
+    assert "Clip skip" not in made
 
-    set_form("5", "ddim")  # not what the image was made with
+    set_form("5", "ddim", "", "2", lora=False)  # none of it what the image was made with; two fields emptied
     source = browser.find_element(By.CSS_SELECTOR, "#gallery .card")
     source.find_element(By.CSS_SELECTOR, ".variations").click()
     wait.until(lambda d: loaded_images(d) == 2)
     varied = newest_params()
     assert "Steps: 5, Sampler: DDIM," in varied and "Strength: 0.6" in varied and "a green square" in varied
+    assert "Clip skip: 2" in varied and "Negative prompt" not in varied and "LoRAs" not in varied
     source.find_element(By.CSS_SELECTOR, ".upscale").click()
     wait.until(lambda d: loaded_images(d) == 3)
     upscaled = newest_params()
     assert "Steps: 5, Sampler: DDIM," in upscaled and "Strength: 0.3" in upscaled and "Upscaled from: 64x64" in upscaled
+    assert "Clip skip: 2" in upscaled and "Negative prompt" not in upscaled and "LoRAs" not in upscaled
 
-    browser.find_element(By.ID, "generate").click()  # the form as it is: 5 steps, DDIM
+    set_form("5", "ddim", "murky", "2", lora=False)
+    browser.find_element(By.ID, "generate").click()  # the form as it is: 5 steps, DDIM, "murky", clip skip 2
     wait.until(lambda d: loaded_images(d) == 4)
-    assert "Steps: 5, Sampler: DDIM," in newest_params()
+    made = newest_params()
+    assert "Negative prompt: murky" in made and "Steps: 5, Sampler: DDIM," in made and "Clip skip: 2" in made
     source.find_element(By.CSS_SELECTOR, ".variations").click()  # nothing changed since: the first image's own
     wait.until(lambda d: loaded_images(d) == 5)
-    assert "Steps: 4, Sampler: LMS," in newest_params()
+    varied = newest_params()
+    assert "Negative prompt: dull" in varied and "Steps: 4, Sampler: LMS," in varied and "LoRAs: style:0.8" in varied
+    assert "Clip skip" not in varied

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import absolute_paths, build, option, save_config
 from ..errors import EgakuError
 from ..progress import progress_bar
-from .generate import GenerateOptions, generate, reproduce_options
+from .generate import GenerateOptions, edit_strength, generate, reproduce_options
 from .metadata import a1111_parameters, read_params, read_text_chunks, save_png
 from .prompts import apply_prompt_parameters, chaos_sets_strength
 
@@ -242,8 +242,8 @@ def generate_command(opts: GenerateOptions) -> None:
     started = time.perf_counter()
     if opts.from_image:
         opts = _apply_from_image(opts)
-    if opts.mask and "strength" not in opts.given_options:  # an edit repaints its mask from noise, as the server's
-        opts = dataclasses.replace(opts, strength=1.0)
+    if opts.mask:  # an edit repaints its mask from noise unless --strength is given, as the server's and generate()'s
+        opts = dataclasses.replace(opts, strength=edit_strength(opts, has_mask=True))
     # --chaos is the img2img strength with an init image; with a mask (repainted from noise) it lowers the guidance,
     # as the server's edits and generate() read it
     chaos_is_strength = chaos_sets_strength(opts.init_image is not None, bool(opts.mask))

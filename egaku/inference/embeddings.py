@@ -54,8 +54,12 @@ def embedding_files(folder: str | Path, allow_pickle: bool = True) -> dict[str, 
 
 
 def _word_pattern(name: str) -> re.Pattern:
-    # a whole word, and not a LoRA tag's name (<lora:name:w>, which a negative prompt keeps as words)
-    return re.compile(rf"(?<![\w-])(?<!<lora:){re.escape(name)}(?![\w-])", re.IGNORECASE)
+    # a whole word, and not a LoRA tag's name (<lora:name:w> or its alias <lyco:name:w>, which a negative prompt
+    # keeps as words)
+    from ..lora.apply import TAG_KINDS
+
+    not_tag = "".join(rf"(?<!<{kind}:)" for kind in TAG_KINDS)
+    return re.compile(rf"(?<![\w-]){not_tag}{re.escape(name)}(?![\w-])", re.IGNORECASE)
 
 
 def names_in(texts: list[str], files: dict[str, list[Path]]) -> list[str]:

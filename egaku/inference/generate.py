@@ -208,6 +208,19 @@ def _validate(o: GenerateOptions) -> None:
                          f"{MAX_SEED - o.num_images + 1} or lower, or fewer images", param="seed")
 
 
+# an edit repaints its mask from noise, as OpenAI's edits do: the strength of a masked edit that gives none
+MASK_STRENGTH = 1.0
+
+
+def edit_strength(o: GenerateOptions, has_mask: bool) -> float:
+    """The img2img strength ``o`` runs at: with a mask and no strength given, ``MASK_STRENGTH``. Given is set by a
+    flag, a preset or a keyword (``given_options``), or away from the default (an options object built in Python
+    records none), as ``apply_prompt_parameters`` counts it. ``egaku generate``, ``generate()`` and the server's
+    edits all take the rule from here."""
+    given = "strength" in o.given_options or o.strength != GenerateOptions.strength
+    return MASK_STRENGTH if has_mask and not given else o.strength
+
+
 def min_steps_at(strength: float) -> int:
     """The fewest steps that leave img2img at ``strength`` one denoising step (it runs int(steps x strength))."""
     steps = max(1, math.ceil(1 / strength))
@@ -260,7 +273,9 @@ def _apply_requested_loras(pipe, o: GenerateOptions, cleanup: ExitStack) -> tupl
     """Apply ``--lora`` files and the prompt's ``<lora:name:w>`` tags to ``pipe`` (``cleanup`` takes them off
     again); returns the prompt without its tags, the tags, (name, weight) of each LoRA, and each file's record
     for the image's metadata."""
-    if "<lora:" not in o.prompt and not o.lora:
+    from ..lora.apply import has_prompt_loras
+
+    if not has_prompt_loras(o.prompt) and not o.lora:
         return o.prompt, [], [], []
     from ..lora.apply import (apply_loras, parse_lora_arg, parse_prompt_loras, remove_loras, resolve_lora,
                               resolve_lora_option, trained_clip_skip)
@@ -312,6 +327,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         from ..models.loading import recommended_guidance
 
         o.guidance_scale = recommended_guidance(pipe)
+    o.strength = edit_strength(o, mask_image is not None or bool(o.mask))  # (a mask needs an init image: checked below)
     if "--" in o.prompt:  # Midjourney-style "--ar 16:9 --seed 7" read as the CLI and the server read them
         from .prompts import apply_prompt_parameters, chaos_sets_strength
 
@@ -361,9 +377,11 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     with cleanup:
         # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
         text, tag_loras, lora_record, lora_files = _apply_requested_loras(pipe, o, cleanup)
-        if "<lora:" in o.negative_prompt.lower():
-            print("egaku: <lora:...> tags are applied from the prompt only; those in the negative prompt are read as "
-                  "words (take them out)")
+        from ..lora.apply import has_prompt_loras
+
+        if has_prompt_loras(o.negative_prompt.lower()):
+            print("egaku: <lora:...> and <lyco:...> tags are applied from the prompt only; those in the negative "
+                  "prompt are read as words (take them out)")
         # textual-inversion embeddings the prompts name: their words become the embeddings' tokens
         encoder_texts, embeddings = [text, o.negative_prompt], []
         if o.embedding_dir:

@@ -84,11 +84,19 @@ def usable_samplers(base_config: dict[str, Any]) -> list[str]:
     return [s.name for s in SAMPLERS.values() if works_with(s, base_config)]
 
 
-def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
+def usable_sampler(name: str, base_config: dict[str, Any]) -> str:
+    """``name`` as ``canonical_sampler`` reads it, where the model whose scheduler config is ``base_config`` takes
+    it (``works_with``); else an error listing those it takes. The server checks a request's sampler with it before
+    queueing, and ``make_scheduler`` every sampler it builds."""
     sampler = SAMPLERS[canonical_sampler(name)]
     if not works_with(sampler, base_config):
         raise EgakuError(f"sampler {sampler.name!r} does not support this model's zero-terminal-SNR noise schedule; "
                          f"choose one of: {', '.join(usable_samplers(base_config))}", param="sampler")
+    return sampler.name
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
+    sampler = SAMPLERS[usable_sampler(name, base_config)]
     return sampler.cls.from_config(dict(base_config), **sampler.options)
 
 

@@ -24,13 +24,20 @@ from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adap
 # text encoder -> {token id: its base embedding}, so that remove_loras can put trained tokens back
 _TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-# A1111 syntax: <lora:name> or <lora:name:0.8>
-_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+# A1111 syntax: <lora:name> or <lora:name:0.8>; A1111 1.5+ reads <lyco:...>, the LyCORIS extension's tag, as the
+# same (prompts written for it still carry them), so both name a LoRA here (a LyCORIS file is refused on loading)
+TAG_KINDS = ("lora", "lyco")
+_TAG = re.compile(rf"<(?:{'|'.join(TAG_KINDS)}):([^:>]+)(?::([^>]*))?>")
+
+
+def has_prompt_loras(text: str) -> bool:
+    """Whether ``text`` may hold a LoRA tag (``<lora:`` or ``<lyco:``): a cheap check before ``parse_prompt_loras``."""
+    return any(f"<{kind}:" in text for kind in TAG_KINDS)
 
 
 def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """Remove A1111-style <lora:name:weight> tags (weight optional, default 1.0) from a prompt; return
-    (clean prompt, [(name, weight)])."""
+    """Remove A1111-style <lora:name:weight> tags (and <lyco:name:weight>, its alias; weight optional, default
+    1.0) from a prompt; return (clean prompt, [(name, weight)])."""
     loras: list[tuple[str, float]] = []
     for match in _TAG.finditer(prompt):
         name, weight = match[1].strip(), (match[2] or "").strip()

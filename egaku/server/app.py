@@ -761,11 +761,12 @@ class LiveServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # an IPv6 address ("::1") needs an IPv6 socket, as _check_address binds it
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
         self.port = self.socket.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"http://{_host_port(host, self.port)}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 

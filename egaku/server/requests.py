@@ -18,9 +18,10 @@ from typing import Any
 from PIL import Image
 
 from ..errors import EgakuError, NotFoundError
-from ..inference.generate import MAX_SEED, GenerateOptions, min_steps_at, resolve_size, size_multiple
+from ..inference.generate import (MAX_SEED, GenerateOptions, edit_strength, min_steps_at, resolve_size,
+                                  size_multiple)
 from ..inference.prompts import UPSCALE_STRENGTH, VARIATION_STRENGTH, apply_prompt_parameters, chaos_sets_strength
-from ..inference.samplers import canonical_sampler
+from ..inference.samplers import usable_sampler
 from ..models.loading import recommended_guidance
 
 # Fields of the OpenAI images API that describe DALL-E / gpt-image rendering choices with no Stable
@@ -287,7 +288,8 @@ def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> d
     """What a variation or upscale takes over from the parameters stored in its image (egaku's PNG chunk or
     A1111's), as A1111's "send to img2img" does: prompt, negative prompt, steps, guidance, sampler, clip skip
     and the LoRAs given as options. The file came from the client, so each value is checked as a request
-    field would be, and one that would be refused (out of this server's limits, an unknown sampler) is left
+    field would be, and one that would be refused (out of this server's limits, an unknown sampler, or one
+    this model does not take: an image made with LMS elsewhere, varied on a zero-terminal-SNR model) is left
     to the server's default instead. A LoRA is taken over only when this server's folder has one of that
     name, and, where the image records its hash, the same file."""
     if not stored:
@@ -297,7 +299,8 @@ def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> d
         "negative_prompt": lambda: _as_str(stored, "negative_prompt"),
         "steps": lambda: _as_int(stored, "steps", 1, limits.max_steps, False),
         "guidance_scale": lambda: _as_float(stored, "guidance_scale", 0.0, 50.0, False),
-        "sampler": lambda: None if _as_str(stored, "sampler", 100) is None else canonical_sampler(stored["sampler"]),
+        "sampler": lambda: None if _as_str(stored, "sampler", 100) is None else usable_sampler(
+            stored["sampler"], dict(pipe.scheduler.config)),
         "clip_skip": lambda: _as_int(stored, "clip_skip", 1, pipe.text_encoder.config.num_hidden_layers, False),
     }
     reused: dict[str, Any] = {}
@@ -394,13 +397,15 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     opts.given_options = ["steps"] if steps_asked else []  # an explicit 20 and "--steps 5" conflict too
     # the model's own default guidance, before --chaos in the prompt scales it
     opts.guidance_scale = recommended_guidance(pipe) if guidance is None else guidance
+    # a sampler the request names that this model refuses is a 400 here, not a failed job (one stored in an
+    # uploaded image is left to the default instead: reused_settings)
     if sampler is not None:
-        opts.sampler = canonical_sampler(sampler)
+        opts.sampler = usable_sampler(sampler, dict(pipe.scheduler.config))
     if clip_skip is not None:
         opts.clip_skip = clip_skip
-    # an edit with a mask repaints the masked area from noise, as OpenAI's edits do
+    # an edit with a mask repaints the masked area from noise, as OpenAI's edits do (and the CLI's, generate()'s)
     default_strength = {"variation": VARIATION_STRENGTH, "upscale": UPSCALE_STRENGTH}.get(
-        kind, 1.0 if mask is not None else opts.strength)
+        kind, edit_strength(opts, mask is not None))
     opts.strength = default_strength if strength is None else strength
     # Midjourney-style parameters in the prompt ("--ar 16:9 --seed 7 --no text")
     try:
@@ -443,14 +448,16 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         raise _bad(f"{opts.steps} steps at strength {opts.strength} leave no denoising step (img2img runs "
                    f"steps x strength steps); use at least {needed} steps", "steps")
 
-    # LoRAs: explicit list and <lora:name:w> prompt tags, all bare names inside the server's folder
-    tag_names: list[str] = []
-    if "<lora:" in opts.prompt:
-        from ..lora.apply import parse_prompt_loras
+    # LoRAs: explicit list and <lora:name:w> (or <lyco:name:w>) prompt tags, all bare names inside the server's folder
+    from ..lora.apply import TAG_KINDS, has_prompt_loras, parse_prompt_loras
 
+    tag_names: list[str] = []
+    if has_prompt_loras(opts.prompt):
         tag_names = [name for name, _ in parse_prompt_loras(opts.prompt)[1]]
-        if re.search(r"<lora:\s*[:>]", opts.prompt):
-            raise _bad("the prompt has a <lora:...> tag without a name; write <lora:NAME:WEIGHT>", "prompt")
+        nameless = re.search(rf"<({'|'.join(TAG_KINDS)}):\s*[:>]", opts.prompt)
+        if nameless:
+            raise _bad(f"the prompt has a <{nameless[1]}:...> tag without a name; write <{nameless[1]}:NAME:WEIGHT>",
+                       "prompt")
     lora_names(tag_names + [name for name, _ in loras], limits)
 
     options = {k: getattr(opts, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "steps",
@@ -468,9 +475,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         options["embedding_dir"] = str(Path(limits.embedding_dir))
         options["allow_pickle"] = limits.allow_pickle
     revised = opts.prompt
-    if "<lora:" in revised:
-        from ..lora.apply import parse_prompt_loras
-
+    if has_prompt_loras(revised):
         revised = parse_prompt_loras(revised)[0]
     refuse_pickle_embeddings(revised, opts.negative_prompt, limits)  # the texts generate() looks for embeddings in
     return ImageRequest(kind, model, options, response_format, revised, image, mask)

@@ -5,7 +5,10 @@ const $ = (id) => document.getElementById(id);
 let options = null;
 // Settings a variation or upscale reuses from its image where the request leaves them out (docs/serve.md), and the
 // values the last Generate sent: a card's buttons send one only where the user has changed it since.
-const IMAGE_SETTINGS = ["steps", "sampler", "guidance_scale"];
+const IMAGE_SETTINGS = ["steps", "sampler", "guidance_scale", "negative_prompt", "clip_skip", "loras"];
+// what to send for one the form has since emptied (no negative prompt, clip skip 1, no LoRA rows), which it
+// otherwise leaves out: left out, the image's own would be reused
+const CLEARED = { negative_prompt: "", clip_skip: 1, loras: [] };
 let generatedWith = {};
 
 function headers(extra = {}) {
@@ -164,7 +167,10 @@ async function fromImage(kind, item) {
   form.append("image", new Blob([bytes], { type: "image/png" }), "image.png");
   const body = common();
   delete body.seed;  // variations want new seeds
-  for (const key of IMAGE_SETTINGS) if (body[key] === generatedWith[key]) delete body[key];
+  for (const key of IMAGE_SETTINGS) {
+    if (JSON.stringify(body[key]) === JSON.stringify(generatedWith[key])) delete body[key];  // (loras: a list)
+    else if (body[key] === undefined && key in CLEARED) body[key] = CLEARED[key];
+  }
   if (kind === "variations") body.n = Number($("n").value);
   for (const [k, v] of Object.entries(body)) form.append(k, typeof v === "object" ? JSON.stringify(v) : String(v));
   const label = kind === "variations" ? "Variations" : "Upscaling";
