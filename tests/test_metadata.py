@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from PIL import Image
 
 from egaku.inference.metadata import a1111_parameters, parse_a1111, read_params, save_png
+from egaku.errors import EgakuError
 from egaku.lora.apply import parse_prompt_loras
 
 # A1111's extra-network tags in a prompt (modules/extra_networks.py, re_extra_net); its Lora extension reads
@@ -67,3 +70,34 @@ def test_the_egaku_chunk_and_from_are_unchanged(tmp_path):
     assert again["lora"] == ["/m/style.safetensors:0.8", "/m/run/pytorch_lora_weights.safetensors:1.0",
                              "/m/neg.safetensors:-0.25"]
     assert "<lora:style:0.8>" in Image.open(tmp_path / "a.png").text["parameters"]
+
+
+def _a1111_exif(text: str, encoding: str = "utf-16-be") -> Image.Exif:
+    """EXIF as A1111 writes a JPEG's or WebP's parameters (piexif's UserComment: "UNICODE\\0" and UTF-16)."""
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode(encoding)
+    return exif
+
+
+def test_a1111_parameters_in_a_jpeg_or_webp_exif_comment_are_read(tmp_path):
+    from egaku.inference.metadata import read_text_chunks
+
+    text = "a cat, 猫\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, CFG scale: 6.5, Seed: 5, Size: 8x8"
+    for name, encoding in (("a.jpg", "utf-16-be"), ("b.webp", "utf-16-be"), ("c.jpg", "utf-16-le")):
+        Image.new("RGB", (8, 8)).save(tmp_path / name, exif=_a1111_exif(text, encoding))
+        assert read_text_chunks(tmp_path / name)["parameters"] == text
+        params = read_params(tmp_path / name)
+        assert (params["prompt"], params["steps"], params["seed"], params["guidance_scale"]) == ("a cat, 猫", 4, 5, 6.5)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.jpg")
+    with pytest.raises(EgakuError, match="no A1111 EXIF comment"):
+        read_params(tmp_path / "plain.jpg")
+
+
+def test_a_variation_of_an_a1111_jpeg_reuses_its_prompt(tmp_path):
+    import io
+
+    from egaku.server.app import _stored_params
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG", exif=_a1111_exif("a red circle\nSteps: 3, Seed: 9, Size: 8x8"))
+    assert _stored_params({"image": buffer.getvalue()})["prompt"] == "a red circle"

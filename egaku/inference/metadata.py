@@ -163,9 +163,43 @@ def read_text_chunks(path: str | Path) -> dict[str, Any]:
         raise EgakuError(f"{path} does not exist")
     try:
         with Image.open(path) as img:
-            return dict(img.text) if hasattr(img, "text") else dict(img.info)
+            return image_text(img)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         raise EgakuError(f"{path} is not a readable image ({exc})") from None
+
+
+def image_text(img: Image.Image) -> dict[str, Any]:
+    """An opened image's text chunks (a PNG's), or its info; with A1111's parameters of a JPEG or WebP, which it
+    keeps in EXIF's UserComment, as ``parameters``."""
+    text = dict(img.text) if hasattr(img, "text") else dict(img.info)
+    if "parameters" not in text:
+        comment = exif_user_comment(img)
+        if comment:
+            text["parameters"] = comment
+    return text
+
+
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+
+
+def exif_user_comment(img: Image.Image) -> str | None:
+    """EXIF's UserComment as text, where A1111 writes a JPEG's or WebP's parameters (piexif's "UNICODE" form:
+    an 8-byte charset prefix, then UTF-16, big-endian as piexif writes it; little-endian read too)."""
+    raw = img.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if isinstance(raw, str):
+        return raw.strip("\x00").strip() or None
+    if not isinstance(raw, bytes) or not raw:
+        return None
+    prefix, body = raw[:8], raw[8:]
+    if prefix.startswith(b"UNICODE"):
+        # the zero byte of an ASCII character comes first in big-endian UTF-16
+        encoding = "utf-16-be" if body[:1] == b"\x00" or len(body) < 2 or body[1:2] != b"\x00" else "utf-16-le"
+        text = body.decode(encoding, errors="replace")
+    elif prefix.startswith((b"ASCII", b"\x00" * 8)):
+        text = body.decode("utf-8", errors="replace")
+    else:  # no charset prefix: the whole field, as A1111's own fallback reads it
+        text = raw.decode("utf-8", errors="ignore")
+    return text.strip("\x00").strip() or None
 
 
 def read_params(path: str | Path, text: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -179,7 +213,8 @@ def read_params(path: str | Path, text: dict[str, Any] | None = None) -> dict[st
     except EgakuError as exc:
         raise EgakuError(f"{path}: {exc}") from None
     if params is None:
-        raise EgakuError(f"{path} carries no generation parameters (no 'parameters' or 'egaku' PNG text chunk)")
+        raise EgakuError(f"{path} carries no generation parameters (no 'parameters' or 'egaku' PNG text chunk, no "
+                         "A1111 EXIF comment)")
     return params
 
 

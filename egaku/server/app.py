@@ -373,15 +373,16 @@ def _open_mask(files: dict[str, bytes], max_pixels: int):
 
 
 def _stored_params(files: dict[str, bytes]) -> dict:
-    """The parameters an uploaded PNG was made with (egaku's or A1111's text chunk), so that variations
-    and upscales of it keep its prompt and settings; {} for an image without them."""
+    """The parameters an uploaded image was made with (egaku's or A1111's PNG text chunk, A1111's EXIF comment of
+    a JPEG or WebP), so that variations and upscales of it keep its prompt and settings; {} for an image without
+    them."""
     from PIL import Image
 
-    from ..inference.metadata import params_from_text
+    from ..inference.metadata import image_text, params_from_text
 
     try:
         with Image.open(io.BytesIO(files["image"])) as raw:
-            text = getattr(raw, "text", {}) or {}
+            text = image_text(raw)
         return params_from_text(text) or {}
     except Exception:  # noqa: BLE001 - metadata is a convenience; a foreign image just has none
         return {}
