@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("egaku.inference.commands", "generate_command",
                  "generate images from a text prompt (and an init image)"),
     "info": ("egaku.inference.commands", "info_command",
-             "print the generation parameters stored in a PNG, or what a LoRA file holds"),
+             "print the generation parameters stored in an image (PNG, or A1111's JPEG/WebP), or what a LoRA "
+             "file holds"),
     "convert": ("egaku.models.commands", "convert_command",
                 "convert a model to a single-file .safetensors checkpoint or a diffusers folder"),
     "train-ldm": ("egaku.training.ldm", "train_ldm_command",

@@ -340,7 +340,8 @@ def _leave_prompt_parameters_out(saved: Path, opts: GenerateOptions, prompts: li
 
 @dataclass
 class InfoOptions:
-    image: str = option(help="a PNG written by egaku or A1111, or a LoRA (.safetensors file or train-lora folder)",
+    image: str = option(help="a PNG written by egaku or A1111 (or A1111's JPEG/WebP), or a LoRA (.safetensors file "
+                             "or train-lora folder)",
                         positional=True)
     json: bool = option(False, help="print the parameters as JSON instead of A1111 text")
 
