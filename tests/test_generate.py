@@ -787,6 +787,55 @@ def test_lora_is_removed_after_the_call_and_scale_matters(pipe, lora_dir):
     assert np.array_equal(base, px(egaku.generate(pipe, "a cat", seed=1, **FAST)[0]))
 
 
+def test_a_tag_with_two_weights_gives_the_unet_the_second_and_is_recorded_as_a1111_records_it(pipe, lora_dir,
+                                                                                                 tmp_path):
+    """<lora:style:0.3:0.5> is A1111's text-encoder weight 0.3 and UNet weight 0.5: the fixture's LoRA adapts the
+    UNet only, so it draws as <lora:style:0.5>. The A1111 text keeps the tag as written, with the usual Lora hashes;
+    egaku's JSON has both weights. (Was: "weight '0.3:0.5' is not a number".)"""
+    from egaku.inference.metadata import read_text_chunks
+
+    def draw(prompt):
+        return egaku.generate(pipe, prompt, seed=1, lora_dir=str(lora_dir), **FAST)[0]
+
+    split, half = draw("a cat <lora:style:0.3:0.5>"), draw("a cat <lora:style:0.5>")
+    assert np.array_equal(px(split), px(half))
+    assert np.array_equal(px(draw("a cat <lyco:style:te=1:unet=0>")), px(draw("a cat")))  # UNet weight 0: no LoRA
+    both = {"text_encoder": 0.3, "unet": 0.5}
+    assert split.params["loras"] == [("style", both)] and half.params["loras"] == [("style", 0.5)]
+    assert [(f["name"], f["weight"], f["from"]) for f in split.params["lora_files"]] == [("style", both, "prompt")]
+    egaku.save_png(split.image, tmp_path / "split.png", split.params)
+    text = read_text_chunks(tmp_path / "split.png")["parameters"]
+    assert text.startswith("a cat <lora:style:0.3:0.5>\n")
+    short_hash = addnet_short_hash(lora_dir / "style" / "pytorch_lora_weights.safetensors")
+    assert a1111_reads(text)["Lora hashes"] == f"style: {short_hash}"
+    assert egaku.read_params(tmp_path / "split.png")["loras"] == [["style", both]]
+
+
+def test_a_tag_without_a_name_is_refused_by_generate_as_by_the_server(pipe, tiny_model_dir, tmp_path, capsys):
+    """(Was: <lora::1> and <lora:> stayed in the prompt as words, without a message; only the server refused them.)"""
+    for prompt, kind in (("a cat <lora::1>", "lora"), ("<lyco:>, a cat", "lyco")):
+        with pytest.raises(EgakuError, match=f"the prompt has a <{kind}:...> tag without a name; "
+                                             f"write <{kind}:NAME:WEIGHT>") as err:
+            egaku.generate(pipe, prompt, **FAST)
+        assert err.value.param == "prompt"
+    capsys.readouterr()
+    rc = main(["generate", "a cat <lora::0.5>", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the prompt has a <lora:...> tag without a name; write <lora:NAME:WEIGHT>" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_negative_prompt_note_is_about_tags_as_the_prompt_matches_them(pipe, capsys):
+    """The prompt's tags are matched in lower case, as A1111 matches them; the note on tags in the negative prompt
+    is given for those only. (Was: for <LORA:x> too, which is words in either prompt.)"""
+    capsys.readouterr()
+    egaku.generate(pipe, "a cat", negative_prompt="<LORA:glow:1>, <Lyco:ink> ugly", **FAST)
+    assert "tags are applied from the prompt only" not in capsys.readouterr().out
+    egaku.generate(pipe, "a cat", negative_prompt="ugly <lyco:glow:1>", **FAST)
+    assert "tags are applied from the prompt only" in capsys.readouterr().out
+
+
 def test_transformers_torchvision_fallback_notice_is_silenced_and_other_messages_are_not():
     """Importing diffusers' pipelines makes transformers announce its PIL image processors; egaku hides that one
     notice (torchvision cannot be installed beside the pinned CPU torch) and nothing else. The child processes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -39,6 +41,47 @@ def test_lyco_tags_are_read_as_lora_tags_as_a1111_reads_them():
     # a tag's name is not an embedding's word (a negative prompt keeps its tags as words)
     assert names_in(["a cat <lyco:bad:1>", "<lora:bad>"], {"bad": []}) == []
     assert names_in(["a cat, bad"], {"bad": []}) == ["bad"]
+
+
+def test_a_tag_weighs_the_text_encoder_and_the_unet_apart_as_a1111_reads_it():
+    """A1111's Lora extension reads <lora:name:te:unet:dyn> and te=/unet=/dyn= (a named value wins; the UNet's
+    defaults to the text encoder's; dyn, a DyLoRA rank, does nothing to a LoRA). (Was: "weight '0.8:0.5' is not a
+    number".) One weight, or two equal ones, is a number as before."""
+    both = {"text_encoder": 0.8, "unet": 0.5}
+    for tag in ("<lora:star:0.8:0.5>", "<lyco:star:0.8:0.5>", "<lora:star:te=0.8:unet=0.5>",
+                "<lora:star:unet=0.5:te=0.8>", "<lora:star:0.8:unet=0.5>", "<lora:star: 0.8 : 0.5 >",
+                "<lora:star:0.8:0.5:16>", "<lora:star:0.8:0.5:dyn=16>", "<lora:star:1:0.5:te=0.8>"):
+        assert parse_prompt_loras(f"a red star, {tag} on the sea") == ("a red star, on the sea", [("star", both)]), tag
+    assert parse_prompt_loras("<lora:star:unet=0.5>")[1] == [("star", {"text_encoder": 1.0, "unet": 0.5})]
+    assert parse_prompt_loras("<lora:star::0.5>")[1] == [("star", {"text_encoder": 1.0, "unet": 0.5})]
+    assert parse_prompt_loras("<lora:star:te=0.6>")[1] == [("star", 0.6)]  # the UNet's is the text encoder's
+    assert parse_prompt_loras("<lora:star:0.7:0.7> <lora:ink:0.3:>")[1] == [("star", 0.7), ("ink", 0.3)]
+    for tag, said in (("<lora:star:0.8:strong>", "UNet weight 'strong' is not a number"),
+                      ("<lora:star:te=high:unet=0.5>", "text-encoder weight 'high' is not a number"),
+                      ("<lora:star:0.8:inf>", "finite number"),
+                      ("<lora:star:0.8:0.5:1.5>", "dyn '1.5' is not a whole number"),
+                      ("<lora:star:0.8:0.5:16:2>", "has 4 values after the name; it takes a weight"),
+                      ("<lora:star:lbw=MIDD>", "unknown value 'lbw=MIDD'; a LoRA tag takes te=, unet= and dyn="),
+                      ("<lora:star:TE=0.8>", "unknown value 'TE=0.8'")):  # A1111's keys are lower case
+        with pytest.raises(EgakuError, match=re.escape(said)) as err:
+            parse_prompt_loras(f"a cat {tag}")
+        assert err.value.param == "prompt"
+
+
+@pytest.mark.parametrize("prompt, kind", [("a cat <lora::1>", "lora"), ("<lora:>, a cat", "lora"),
+                                          ("a cat <lyco: :0.5>", "lyco")])
+def test_a_tag_without_a_name_is_refused(prompt, kind):
+    """(Was: left in the prompt as words, without a message, by generate; the server refused it with a check of its
+    own, which now is this one.)"""
+    with pytest.raises(EgakuError, match=re.escape(f"<{kind}:...> tag without a name; write <{kind}:NAME:WEIGHT>")) \
+            as err:
+        parse_prompt_loras(prompt)
+    assert err.value.param == "prompt"
+
+
+def test_tags_are_matched_in_lower_case_as_a1111_matches_them():
+    """A1111 looks extra networks up by the tag's kind as written (modules/extra_networks.py): <LORA:x> names none."""
+    assert parse_prompt_loras("a cat <LORA:star:1> <Lyco:ink>") == ("a cat <LORA:star:1> <Lyco:ink>", [])
 
 
 def test_resolve_bare_names_in_the_lora_folder(tmp_path):

@@ -102,6 +102,49 @@ def test_one_file_given_twice_is_applied_twice_and_said(pipe, layer, tmp_path, c
     assert capsys.readouterr().out == ""
 
 
+def test_a_weight_per_component_scales_the_text_encoder_and_the_unet_apart(pipe, layer, tmp_path, capsys):
+    """{"text_encoder": 0.8, "unet": 0.5} (a <lora:name:0.8:0.5> tag) gives the text encoder's output of weight 0.8
+    and the UNet's of weight 0.5, through diffusers' set_adapters per component."""
+    te_name, te_module = next((n, m) for n, m in adaptable_modules(pipe).items() if n.endswith("self_attn.q_proj"))
+    te_key = "lora_te_text_model_" + te_name.split(".", 1)[1].replace(".", "_")  # (kohya names the CLIP text model)
+    generator = torch.Generator().manual_seed(2)
+    both = tmp_path / "both.safetensors"
+    save_file({**load(kohya_lora(tmp_path / "unet.safetensors", layer)),
+               f"{te_key}.lora_down.weight": torch.randn(4, te_module.in_features, generator=generator),
+               f"{te_key}.lora_up.weight": torch.randn(te_module.out_features, 4, generator=generator),
+               f"{te_key}.alpha": torch.tensor(4.0)}, str(both))
+    ids = pipe.tokenizer(["a red star"], padding="max_length", return_tensors="pt").input_ids
+    config = pipe.unet.config
+    latents = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    context = torch.randn(1, ids.shape[1], config.cross_attention_dim, generator=generator)
+
+    def outputs(weight):
+        try:
+            apply_loras(pipe, [(both, weight)])
+            with torch.no_grad():
+                return pipe.text_encoder(ids)[0], pipe.unet(latents, 10, context).sample
+        finally:
+            remove_loras(pipe)
+
+    (te8, unet8), (te5, unet5) = outputs(0.8), outputs(0.5)
+    te, unet = outputs({"text_encoder": 0.8, "unet": 0.5})
+    assert not torch.allclose(te8, te5) and not torch.allclose(unet8, unet5)  # each part changes with its weight
+    assert torch.allclose(te, te8, atol=1e-6) and torch.allclose(unet, unet5, atol=1e-6)
+    te, unet = outputs({"unet": 0.5})  # a part left out is 1.0, as in set_adapters
+    assert torch.allclose(te, outputs(1.0)[0], atol=1e-6) and torch.allclose(unet, unet5, atol=1e-6)
+    # one file twice adds up each part's weights, and says so
+    capsys.readouterr()
+    try:
+        apply_loras(pipe, [(both, {"text_encoder": 0.8, "unet": 0.5}), (both, 0.5)])
+    finally:
+        remove_loras(pipe)
+    assert capsys.readouterr().out == \
+        "egaku: both is applied twice (weights add up: text encoder 0.8 + 0.5 = 1.3, UNet 0.5 + 0.5 = 1)\n"
+    with pytest.raises(EgakuError, match="a LoRA weight's parts are 'text_encoder' and 'unet'; got \\['te'\\]"):
+        apply_loras(pipe, [(both, {"te": 0.8})])
+    assert not pipe.get_list_adapters().get("unet")
+
+
 def test_several_adapters_load_without_peft_warning_about_several_adapters(pipe, layer, tmp_path):
     files = [kohya_lora(tmp_path / "a.safetensors", layer), kohya_lora(tmp_path / "b.safetensors", layer, seed=1)]
     # one with a text-encoder layer too (diffusers layout), which egaku injects with peft itself

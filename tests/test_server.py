@@ -184,6 +184,10 @@ def test_variation_settings_from_an_image_are_checked_like_request_fields(pipe, 
     assert reused_settings({"prompt": "a cat <lora:style> --ar 2:3"}, pipe, Limits())["prompt"] == "a cat --ar 2:3"
     stored = {"prompt": "a cat <lyco:someone_else:0.8>, <lyco:style:0.5>"}  # A1111's alias, read the same
     assert reused_settings(stored, pipe, limits)["prompt"] == "a cat , <lyco:style:0.5>"
+    # A1111's two weights are kept; a tag without a name (A1111 writes the prompt as typed) is left out, as the
+    # request would be refused for it (was: kept, and the variation refused)
+    stored = {"prompt": "a cat <lora::1>, <lora:>, <lora:style:0.8:0.5> <lora:style:0.8:x>"}
+    assert reused_settings(stored, pipe, limits)["prompt"] == "a cat , , <lora:style:0.8:0.5>"
 
 
 def test_a_stored_sampler_the_model_refuses_is_left_to_the_default_and_a_requested_one_is_a_400(pipe):
@@ -286,6 +290,10 @@ def test_loras_by_field_and_by_prompt_tag(http):
     assert np.abs(plain - by_field).mean() > 0.5  # the LoRA changes the picture
     assert np.array_equal(by_field, by_tag)  # the two spellings are the same request
     assert item["egaku"]["loras"] == [["style", 1.0]] and tagged["revised_prompt"] == "a cat"
+    # A1111's text-encoder and UNet weights: the fixture's LoRA adapts the UNet only, which gets the second
+    by_two, two = image({"prompt": "a cat <lora:style:0.3:1>"})
+    assert np.array_equal(by_two, by_tag) and two["revised_prompt"] == "a cat"
+    assert two["egaku"]["loras"] == [["style", {"text_encoder": 0.3, "unet": 1.0}]]
     # names and hashes reach the client, the server's file paths do not (in the response or the PNG)
     for record in (item["egaku"], json.loads(decode(item["b64_json"]).text["egaku"]), tagged["egaku"]):
         assert [f["name"] for f in record["lora_files"]] == ["style"] and len(record["lora_files"][0]["hash"]) == 12
@@ -837,7 +845,7 @@ def test_web_page_and_options_are_served(http):
     assert http.get("/page/app.js").status_code == 200
     options = http.get("/v1/egaku/options").json()
     assert options["models"][0] == {"id": "tiny", "native_size": 64, "multiple": 8, "samplers": options["samplers"],
-                                    "embeddings": []}
+                                    "embeddings": [], "default_guidance": 7.5}
     assert "euler-a" in options["samplers"] and options["loras"] == ["style"]
     assert options["default_steps"] == 20  # under the limit: the CLI's default
 
@@ -868,6 +876,8 @@ def test_options_list_for_each_model_only_the_samplers_and_embeddings_it_takes(p
         assert {"pndm", "heun", "lms"}.isdisjoint(models["builtin"]["samplers"])
         assert options["default_sampler"] in models["builtin"]["samplers"]
         assert (models["tiny"]["embeddings"], models["builtin"]["embeddings"]) == (["narrow"], ["Wide"])
+        # what the page sends for a guidance field emptied since a Generate: each model's own default
+        assert (models["tiny"]["default_guidance"], models["builtin"]["default_guidance"]) == (7.5, 3.0)
         # the top-level lists, for clients that read one, are the default (first) model's
         assert (options["samplers"], options["embeddings"]) == (list(SAMPLERS), ["narrow"])
         # what is listed is what generation takes: every sampler listed works, every other is refused

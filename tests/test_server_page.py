@@ -114,10 +114,12 @@ def test_the_steps_field_starts_at_the_servers_default_within_its_limit(browser)
 
 
 def test_variations_and_upscale_send_the_settings_changed_since_generating(server, browser):
-    """A card's Variations and Upscale send the form's steps, sampler, negative prompt, clip skip and LoRAs where the
-    user changed them after the last Generate (an emptied one too), and those win over the ones stored in the image;
-    left as they were, the image's own are reused, as docs/serve.md says a variation does. (Was: always sent, so the
-    last Generate's replaced the image's; the negative prompt, clip skip and LoRAs were sent whenever filled.)"""
+    """A card's Variations and Upscale send the form's steps, sampler, guidance, negative prompt, clip skip and LoRAs
+    where the user changed them after the last Generate (an emptied one too: an emptied guidance is the model's
+    default), and those win over the ones stored in the image; left as they were, the image's own are reused, as
+    docs/serve.md says a variation does. (Was: always sent, so the last Generate's replaced the image's; the negative
+    prompt, clip skip and LoRAs were sent whenever filled; an emptied guidance was left out, so the image's was
+    reused.)"""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -125,8 +127,9 @@ def test_variations_and_upscale_send_the_settings_changed_since_generating(serve
     browser.get(server.url + "/")
     wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 3)
 
-    def set_form(steps: str, sampler: str, negative: str, clip_skip: str, lora: bool) -> None:
-        for field, value in (("steps", steps), ("n", "1"), ("negative", negative), ("clip-skip", clip_skip)):
+    def set_form(steps: str, sampler: str, negative: str, clip_skip: str, lora: bool, guidance: str = "") -> None:
+        for field, value in (("steps", steps), ("n", "1"), ("negative", negative), ("clip-skip", clip_skip),
+                             ("guidance", guidance)):
             element = browser.find_element(By.ID, field)
             element.clear()
             if value:
@@ -143,25 +146,26 @@ def test_variations_and_upscale_send_the_settings_changed_since_generating(serve
         assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
         return browser.find_elements(By.CSS_SELECTOR, "#gallery .params")[0].text
 
-    set_form("4", "lms", "dull", "1", lora=True)
+    set_form("4", "lms", "dull", "1", lora=True, guidance="9")
     browser.find_element(By.ID, "prompt").send_keys("a green square")
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda d: loaded_images(d) == 1)
     made = newest_params()
-    assert "Negative prompt: dull" in made and "Steps: 4, Sampler: LMS," in made and "LoRAs: style:0.8" in made
+    assert "Negative prompt: dull" in made and "Steps: 4, Sampler: LMS, CFG: 9," in made and "LoRAs: style:0.8" in made
     assert "Clip skip" not in made
 
-    set_form("5", "ddim", "", "2", lora=False)  # none of it what the image was made with; two fields emptied
+    set_form("5", "ddim", "", "2", lora=False)  # none of it what the image was made with; three fields emptied
     source = browser.find_element(By.CSS_SELECTOR, "#gallery .card")
     source.find_element(By.CSS_SELECTOR, ".variations").click()
     wait.until(lambda d: loaded_images(d) == 2)
     varied = newest_params()
-    assert "Steps: 5, Sampler: DDIM," in varied and "Strength: 0.6" in varied and "a green square" in varied
+    assert "Steps: 5, Sampler: DDIM, CFG: 7.5," in varied and "Strength: 0.6" in varied and "a green square" in varied
     assert "Clip skip: 2" in varied and "Negative prompt" not in varied and "LoRAs" not in varied
     source.find_element(By.CSS_SELECTOR, ".upscale").click()
     wait.until(lambda d: loaded_images(d) == 3)
     upscaled = newest_params()
-    assert "Steps: 5, Sampler: DDIM," in upscaled and "Strength: 0.3" in upscaled and "Upscaled from: 64x64" in upscaled
+    assert "Steps: 5, Sampler: DDIM, CFG: 7.5," in upscaled and "Strength: 0.3" in upscaled
+    assert "Upscaled from: 64x64" in upscaled
     assert "Clip skip: 2" in upscaled and "Negative prompt" not in upscaled and "LoRAs" not in upscaled
 
     set_form("5", "ddim", "murky", "2", lora=False)
@@ -172,5 +176,6 @@ def test_variations_and_upscale_send_the_settings_changed_since_generating(serve
     source.find_element(By.CSS_SELECTOR, ".variations").click()  # nothing changed since: the first image's own
     wait.until(lambda d: loaded_images(d) == 5)
     varied = newest_params()
-    assert "Negative prompt: dull" in varied and "Steps: 4, Sampler: LMS," in varied and "LoRAs: style:0.8" in varied
+    assert "Negative prompt: dull" in varied and "Steps: 4, Sampler: LMS, CFG: 9," in varied
+    assert "LoRAs: style:0.8" in varied
     assert "Clip skip" not in varied

@@ -293,8 +293,10 @@ def _apply_requested_loras(pipe, o: GenerateOptions, cleanup: ExitStack) -> tupl
         if trained_at is not None and trained_at != o.clip_skip:
             print(f"egaku: {lora_display_name(Path(path))} was trained at clip skip {trained_at}; this image "
                   f"uses {o.clip_skip} (give --clip-skip {trained_at})")
-    lora_files = [{"name": lora_display_name(Path(p)), "path": os.path.abspath(p), "weight": float(w),
-                   "hash": lora_short_hash(p), "from": origin} for (p, w), origin in zip(specs, origins)]
+    # a tag's two weights (<lora:name:0.8:0.5>) are recorded as apply_loras takes them: {"text_encoder", "unet"}
+    lora_files = [{"name": lora_display_name(Path(p)), "path": os.path.abspath(p),
+                   "weight": w if isinstance(w, dict) else float(w), "hash": lora_short_hash(p), "from": origin}
+                  for (p, w), origin in zip(specs, origins)]
     cleanup.callback(remove_loras, pipe)  # (before: a file that fails to load leaves none of the others)
     apply_loras(pipe, specs)
     return text, tag_loras, [(f["name"], w) for f, (_, w) in zip(lora_files, specs)], lora_files
@@ -379,7 +381,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         text, tag_loras, lora_record, lora_files = _apply_requested_loras(pipe, o, cleanup)
         from ..lora.apply import has_prompt_loras
 
-        if has_prompt_loras(o.negative_prompt.lower()):
+        if has_prompt_loras(o.negative_prompt):  # as the prompt's are matched: <LORA:x> is words there too
             print("egaku: <lora:...> and <lyco:...> tags are applied from the prompt only; those in the negative "
                   "prompt are read as words (take them out)")
         # textual-inversion embeddings the prompts name: their words become the embeddings' tokens

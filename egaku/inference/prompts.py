@@ -35,7 +35,8 @@ UPSCALE_STRENGTH = 0.3  # a "hires fix" pass: enough to add detail, too little t
 CHAOS_MIN_STRENGTH = 0.25
 CHAOS_MAX_STRENGTH = 0.9
 
-_PARAM = re.compile(r"(?:^|\s)--([A-Za-z][\w-]*)")
+# a Midjourney-style "--name" parameter (the first one ends the prompt's text)
+PROMPT_PARAMETER = re.compile(r"(?:^|\s)--([A-Za-z][\w-]*)")
 _ALIASES = {"ar": "ar", "aspect": "ar", "seed": "seed", "no": "no", "steps": "steps", "chaos": "chaos", "c": "chaos"}
 
 
@@ -53,7 +54,7 @@ def _number(name: str, text: str, kind: type, low: float, high: float):
 def parse_prompt_parameters(prompt: str) -> tuple[str, dict[str, Any]]:
     """Split ``prompt`` into (text, parameters); parameters use the names ``ar``, ``seed``, ``no``,
     ``steps`` and ``chaos`` with typed values. Unknown ``--name`` parameters are an error."""
-    matches = list(_PARAM.finditer(prompt))
+    matches = list(PROMPT_PARAMETER.finditer(prompt))
     if not matches:
         return prompt.strip(), {}
     text = prompt[: matches[0].start()].strip()

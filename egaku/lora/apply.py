@@ -25,9 +25,14 @@ from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adap
 _TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # A1111 syntax: <lora:name> or <lora:name:0.8>; A1111 1.5+ reads <lyco:...>, the LyCORIS extension's tag, as the
-# same (prompts written for it still carry them), so both name a LoRA here (a LyCORIS file is refused on loading)
+# same (prompts written for it still carry them), so both name a LoRA here (a LyCORIS file is refused on loading).
+# The kind is matched in lower case only, as A1111 looks it up (<LORA:x> is not a tag there either); a tag without a
+# name (<lora:>, <lora::1>) matches too, so that it is refused rather than left in the prompt as words
 TAG_KINDS = ("lora", "lyco")
-_TAG = re.compile(rf"<(?:{'|'.join(TAG_KINDS)}):([^:>]+)(?::([^>]*))?>")
+LORA_TAG = re.compile(rf"<({'|'.join(TAG_KINDS)}):([^>]*)>")
+# the text encoder's and the UNet's weight of a tag with two (A1111's te_multiplier and unet_multiplier), in the
+# form diffusers' set_adapters takes per component
+TEXT_ENCODER, UNET = "text_encoder", "unet"
 
 
 def has_prompt_loras(text: str) -> bool:
@@ -35,25 +40,81 @@ def has_prompt_loras(text: str) -> bool:
     return any(f"<{kind}:" in text for kind in TAG_KINDS)
 
 
-def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float | dict[str, float]]]]:
     """Remove A1111-style <lora:name:weight> tags (and <lyco:name:weight>, its alias; weight optional, default
-    1.0) from a prompt; return (clean prompt, [(name, weight)])."""
-    loras: list[tuple[str, float]] = []
-    for match in _TAG.finditer(prompt):
-        name, weight = match[1].strip(), (match[2] or "").strip()
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise EgakuError(f"prompt tag {match[0]!r}: weight {weight!r} is not a number; write <lora:{name}:0.8>",
-                             param="prompt") from None
-        if not math.isfinite(value):  # inf/nan would turn every pixel to NaN: a black image
-            raise EgakuError(f"prompt tag {match[0]!r}: the weight must be a finite number, such as 0.8",
+    1.0) from a prompt; return (clean prompt, [(name, weight)]).
+
+    As in A1111, a tag may give the text encoder and the UNet weights of their own: ``<lora:name:0.8:0.5>`` or
+    ``<lora:name:te=0.8:unet=0.5>`` (the UNet's defaults to the text encoder's); such a weight is
+    ``{"text_encoder": 0.8, "unet": 0.5}``, which ``apply_loras`` takes, and one of two equal weights a number.
+    A third value (A1111's ``dyn``, a DyLoRA rank) is ignored, as A1111 ignores it for a LoRA. A tag without a
+    name is an error (it would otherwise stay in the prompt as words)."""
+    loras: list[tuple[str, float | dict[str, float]]] = []
+    for match in LORA_TAG.finditer(prompt):
+        kind, (name, *values) = match[1], match[2].split(":")
+        name = name.strip()
+        if not name:
+            raise EgakuError(f"the prompt has a <{kind}:...> tag without a name; write <{kind}:NAME:WEIGHT>",
                              param="prompt")
-        loras.append((name, value))
-    clean = _TAG.sub(" ", prompt)
+        te, unet = _tag_weights(match[0], kind, name, values)
+        loras.append((name, te if te == unet else {TEXT_ENCODER: te, UNET: unet}))
+    clean = LORA_TAG.sub(" ", prompt)
     clean = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", clean))
     clean = re.sub(r",(\s*,)+", ",", clean).strip().strip(",").strip()
     return clean, loras
+
+
+def _tag_weights(tag: str, kind: str, name: str, values: list[str]) -> tuple[float, float]:
+    """(text encoder, UNet) weight of a tag's values after its name, read as A1111's Lora extension reads them:
+    positional te, unet, dyn, or named ``te=``, ``unet=``, ``dyn=`` (a named one wins); an empty value is not given."""
+    positional, named = [], {}
+    for value in values:
+        key, sep, number = value.partition("=")
+        if sep:
+            key = key.strip()  # as A1111 reads them: TE= is not te=
+            if key not in ("te", "unet", "dyn"):
+                raise EgakuError(f"prompt tag {tag!r}: unknown value {value.strip()!r}; a LoRA tag takes te=, unet= "
+                                 f"and dyn= (as in <{kind}:{name}:te=0.8:unet=0.5>)", param="prompt")
+            named[key] = number.strip()
+        else:
+            positional.append(value.strip())
+    if len(positional) > 3:
+        raise EgakuError(f"prompt tag {tag!r} has {len(positional)} values after the name; it takes a weight "
+                         f"(<{kind}:{name}:0.8>), or the text encoder's and the UNet's (<{kind}:{name}:0.8:0.5>)",
+                         param="prompt")
+    given = dict(zip(("te", "unet", "dyn"), positional))
+    given.update(named)
+
+    def number(key: str, default: float) -> float:
+        text = given.get(key) or ""
+        try:
+            value = float(text) if text else default
+        except ValueError:
+            what = "weight" if key == "te" and not values[1:] else f"{'text-encoder' if key == 'te' else 'UNet'} weight"
+            raise EgakuError(f"prompt tag {tag!r}: {what} {text!r} is not a number; write <{kind}:{name}:0.8> (or "
+                             f"<{kind}:{name}:0.8:0.5>: text encoder 0.8, UNet 0.5)", param="prompt") from None
+        if not math.isfinite(value):  # inf/nan would turn every pixel to NaN: a black image
+            raise EgakuError(f"prompt tag {tag!r}: the weight must be a finite number, such as 0.8", param="prompt")
+        return value
+
+    dyn = given.get("dyn") or ""  # a DyLoRA's rank: A1111 reads it as a whole number, then leaves a LoRA as it is
+    if dyn and not re.fullmatch(r"[+-]?\d+", dyn):
+        raise EgakuError(f"prompt tag {tag!r}: dyn {dyn!r} is not a whole number (it is ignored for a LoRA, as "
+                         "A1111 ignores it; take it out)", param="prompt")
+    te = number("te", 1.0)
+    return te, number("unet", te)
+
+
+def component_weights(weight: float | dict[str, float]) -> tuple[float, float]:
+    """(text encoder, UNet) weight of a LoRA weight: one number for both, or ``{"text_encoder", "unet"}`` (either
+    left out: 1.0, as diffusers' set_adapters reads a missing component)."""
+    if isinstance(weight, dict):
+        unknown = set(weight) - {TEXT_ENCODER, UNET}
+        if unknown:
+            raise EgakuError(f"a LoRA weight's parts are {TEXT_ENCODER!r} and {UNET!r}; got {sorted(unknown)}",
+                             param="lora")
+        return float(weight.get(TEXT_ENCODER, 1.0)), float(weight.get(UNET, 1.0))
+    return float(weight), float(weight)
 
 
 def lora_file_in(folder: Path) -> Path | None:
@@ -344,11 +405,12 @@ def _load_text_encoder_lora(text_encoder, pairs: dict, alphas: dict, name: str) 
         raise EgakuError(f"text-encoder LoRA keys not placed: {unexpected[:3]}", param="lora")
 
 
-def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
+def apply_loras(pipe, loras: list[tuple[Path, float | dict[str, float]]]) -> list[str]:
     """Load each LoRA (diffusers/PEFT or kohya layout, detected from keys) into pipe's UNet (and text encoder if
-    present) as a named adapter and activate them all with their weights (pipe.set_adapters). A file whose keys
-    match nothing in the model, or whose shapes do not fit (trained on another base: name the mismatching layer),
-    raises EgakuError. Returns adapter names.
+    present) as a named adapter and activate them all with their weights (pipe.set_adapters). A weight is one
+    number, or ``{"text_encoder": 0.8, "unet": 0.5}`` (a tag's two weights, ``parse_prompt_loras``). A file whose
+    keys match nothing in the model, or whose shapes do not fit (trained on another base: name the mismatching
+    layer), raises EgakuError. Returns adapter names.
 
     Both layouts are resolved here against the model's own module names, with alpha folded into the up
     weights, so the same numbers reach the model whichever layout a file uses.
@@ -362,7 +424,8 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
     word_source: dict[str, Path] = {}
     for index, (path, weight) in enumerate(loras):
         path = Path(path)
-        if not math.isfinite(float(weight)):
+        te_weight, unet_weight = component_weights(weight)
+        if not (math.isfinite(te_weight) and math.isfinite(unet_weight)):
             raise EgakuError(f"{path}: LoRA weight {weight} is not a finite number; give one such as 0.8",
                              param="lora")
         embeddings = trained_embeddings(path)
@@ -389,26 +452,34 @@ def apply_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
             raise EgakuError(f"{path}: could not be loaded into this model ({str(exc).splitlines()[0]})",
                              param="lora") from None
         names.append(name)
-        weights.append(float(weight))
+        # a part the file lacks gets no weight: diffusers warns of a weight for a component the adapter is not in
+        parts = {TEXT_ENCODER: te_weight} if te_pairs else {}
+        parts.update({UNET: unet_weight} if unet_pairs else {})
+        weights.append(next(iter(parts.values())) if len(set(parts.values())) == 1 else parts)
         apply_token_embeddings(pipe, embeddings, source=str(path))
     pipe.set_adapters(names, adapter_weights=weights)
     _note_repeated_files(loras)
     return names
 
 
-def _note_repeated_files(loras: list[tuple[Path, float]]) -> None:
+def _note_repeated_files(loras: list[tuple[Path, float | dict[str, float]]]) -> None:
     """Say when one file is in the list more than once (a tag and --lora of the same LoRA, say): it is applied
-    each time, as A1111 does, so its weights add up."""
-    weights: dict[str, list[float]] = {}
+    each time, as A1111 does, so its weights add up (the text encoder's and the UNet's each, where they differ)."""
+    weights: dict[str, list[tuple[float, float]]] = {}
     for path, weight in loras:
-        weights.setdefault(os.path.realpath(path), []).append(float(weight))
+        weights.setdefault(os.path.realpath(path), []).append(component_weights(weight))
     for real, repeated in weights.items():
         if len(repeated) > 1:
             path = next(Path(p) for p, _ in loras if os.path.realpath(p) == real)
             name = path.parent.name if path.name == LORA_WEIGHTS_NAME else path.stem
             times = "twice" if len(repeated) == 2 else f"{len(repeated)} times"
-            total = " + ".join(f"{w:g}" for w in repeated) + f" = {sum(repeated):g}"
-            print(f"egaku: {name} is applied {times} (weights add up: {total})")
+
+            def total(ws: list[float]) -> str:
+                return " + ".join(f"{w:g}" for w in ws) + f" = {sum(ws):g}"
+
+            te, unet = ([w[i] for w in repeated] for i in (0, 1))
+            added = total(te) if te == unet else f"text encoder {total(te)}, UNet {total(unet)}"
+            print(f"egaku: {name} is applied {times} (weights add up: {added})")
 
 
 def lora_layers(path: Path, modules: dict[str, torch.nn.Module]

@@ -691,11 +691,15 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None,
         from ..inference.generate import native_size
         from ..inference.generate import size_multiple
         from ..inference.samplers import DEFAULT_SAMPLER, usable_samplers
+        from ..models.loading import recommended_guidance
         from .requests import default_steps
 
         def model_options(name: str, pipe) -> dict:
             # only what this model takes: generation refuses the other samplers, and skips the other embeddings
+            # default_guidance: what an empty guidance field means, which the page sends for one emptied since a
+            # Generate (left out, a variation would reuse its image's)
             return {"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe),
+                    "default_guidance": recommended_guidance(pipe),
                     "samplers": usable_samplers(dict(pipe.scheduler.config)),
                     "embeddings": _embedding_catalog(opts.embedding_dir, pipe, opts.allow_pickle)}
 

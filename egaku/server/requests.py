@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class ImageRequest:
     revised_prompt: str = ""
     init_image: Image.Image | None = None
     mask: Image.Image | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def _bad(message: str, param: str) -> EgakuError:
@@ -263,25 +262,25 @@ def min_strength_at(steps: int) -> float:
 def _usable_prompt(prompt: str, limits: Limits) -> str:
     """A prompt from an uploaded image without what this server would refuse in it: --parameters it does not
     know (Midjourney's --v 6) and <lora:name> tags of LoRAs its folder does not have."""
-    from ..inference.prompts import _PARAM, parse_prompt_parameters
-    from ..lora.apply import _TAG, parse_prompt_loras, resolve_lora
+    from ..inference.prompts import PROMPT_PARAMETER, parse_prompt_parameters
+    from ..lora.apply import LORA_TAG, parse_prompt_loras, resolve_lora
 
     try:
         parse_prompt_parameters(prompt)
     except EgakuError:
-        prompt = prompt[: _PARAM.search(prompt).start()].strip()
+        prompt = prompt[: PROMPT_PARAMETER.search(prompt).start()].strip()
 
     def keep(tag: re.Match) -> str:
         if not limits.lora_dir:
             return " "
         try:
-            parse_prompt_loras(tag[0])  # its weight is a finite number
-            resolve_lora(tag[1].strip(), limits.lora_dir)
+            [(name, _)] = parse_prompt_loras(tag[0])[1]  # it has a name, and weights that are finite numbers
+            resolve_lora(name, limits.lora_dir)
         except EgakuError:
             return " "
         return tag[0]
 
-    return re.sub(r"\s{2,}", " ", _TAG.sub(keep, prompt)).strip()
+    return re.sub(r"\s{2,}", " ", LORA_TAG.sub(keep, prompt)).strip()
 
 
 def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> dict[str, Any]:
@@ -449,15 +448,11 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
                    f"steps x strength steps); use at least {needed} steps", "steps")
 
     # LoRAs: explicit list and <lora:name:w> (or <lyco:name:w>) prompt tags, all bare names inside the server's folder
-    from ..lora.apply import TAG_KINDS, has_prompt_loras, parse_prompt_loras
+    from ..lora.apply import has_prompt_loras, parse_prompt_loras
 
     tag_names: list[str] = []
-    if has_prompt_loras(opts.prompt):
+    if has_prompt_loras(opts.prompt):  # (a tag without a name is refused here, as generate refuses it)
         tag_names = [name for name, _ in parse_prompt_loras(opts.prompt)[1]]
-        nameless = re.search(rf"<({'|'.join(TAG_KINDS)}):\s*[:>]", opts.prompt)
-        if nameless:
-            raise _bad(f"the prompt has a <{nameless[1]}:...> tag without a name; write <{nameless[1]}:NAME:WEIGHT>",
-                       "prompt")
     lora_names(tag_names + [name for name, _ in loras], limits)
 
     options = {k: getattr(opts, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "steps",

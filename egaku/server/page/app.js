@@ -6,9 +6,10 @@ let options = null;
 // Settings a variation or upscale reuses from its image where the request leaves them out (docs/serve.md), and the
 // values the last Generate sent: a card's buttons send one only where the user has changed it since.
 const IMAGE_SETTINGS = ["steps", "sampler", "guidance_scale", "negative_prompt", "clip_skip", "loras"];
-// what to send for one the form has since emptied (no negative prompt, clip skip 1, no LoRA rows), which it
-// otherwise leaves out: left out, the image's own would be reused
-const CLEARED = { negative_prompt: "", clip_skip: 1, loras: [] };
+// what to send for one the form has since emptied (no negative prompt, clip skip 1, no LoRA rows, no guidance: the
+// chosen model's default), which it otherwise leaves out: left out, the image's own would be reused
+const CLEARED = { negative_prompt: "", clip_skip: 1, loras: [],
+                  get guidance_scale() { return chosenModel().default_guidance; } };
 let generatedWith = {};
 
 function headers(extra = {}) {
@@ -136,9 +137,10 @@ async function withProgress(label, call) {
 function describe(p) {
   const lines = [p.prompt];
   if (p.negative_prompt) lines.push(`Negative prompt: ${p.negative_prompt}`);
+  const weight = (w) => (typeof w === "object" ? `${w.text_encoder}:${w.unet}` : w);  // a tag's two, as A1111 writes them
   const pairs = [["Steps", p.steps], ["Sampler", p.sampler_label || p.sampler], ["CFG", p.guidance_scale],
                  ["Seed", p.seed], ["Size", `${p.width}x${p.height}`], ["Strength", p.strength],
-                 ["Clip skip", p.clip_skip > 1 ? p.clip_skip : undefined], ["Model", p.model_name], ["LoRAs", (p.loras || []).map(([n, w]) => `${n}:${w}`).join(" ")],
+                 ["Clip skip", p.clip_skip > 1 ? p.clip_skip : undefined], ["Model", p.model_name], ["LoRAs", (p.loras || []).map(([n, w]) => `${n}:${weight(w)}`).join(" ")],
                  ["Upscaled from", p.upscaled_from]];
   lines.push(pairs.filter(([, v]) => v !== undefined && v !== null && v !== "").map(([k, v]) => `${k}: ${v}`).join(", "));
   return lines.join("\n");
