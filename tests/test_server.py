@@ -28,24 +28,8 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    """A folder with one LoRA for the tiny model ("style"), made with peft with random (non-zero) weights."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from egaku.models.tiny import tiny_pipeline
-
-    folder = tmp_path_factory.mktemp("loras")
-    donor = tiny_pipeline()
-    torch.manual_seed(0)
-    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                      init_lora_weights=False))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet))
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, weight_name="style.safetensors")
-    return folder
+def lora_dir(style_lora_dir):
+    return style_lora_dir
 
 
 @pytest.fixture(scope="module")

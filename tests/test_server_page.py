@@ -18,26 +18,12 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
+def server(style_lora_dir):
     from egaku.models.loading import load_pipeline
-    from egaku.models.tiny import tiny_pipeline
 
     # one LoRA for the tiny model ("style"), for the page's LoRA rows
-    loras = tmp_path_factory.mktemp("loras")
-    donor = tiny_pipeline()
-    torch.manual_seed(0)
-    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                      init_lora_weights=False))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet))
-    StableDiffusionPipeline.save_lora_weights(str(loras), unet_lora_layers=layers, weight_name="style.safetensors")
     app = create_app({"tiny": load_pipeline("tiny", "cpu", "float32")},
-                     ServeOptions(model=["tiny"], lora_dir=str(loras)), api_key="")
+                     ServeOptions(model=["tiny"], lora_dir=str(style_lora_dir)), api_key="")
     with LiveServer(app) as live:
         yield live
 
