@@ -3,10 +3,12 @@ prints an A1111 image's own text."""
 
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image, PngImagePlugin
+from safetensors.torch import load_file
 
 import egaku.models.commands as convert_module
 from egaku.cli import build_parser, main
@@ -124,3 +126,19 @@ def test_info_takes_a_lora_hub_id_and_a_missing_image_stays_an_image(tmp_path, c
     assert "LoRA 'someone/star-lora' is not a local file or folder, nor in the hub cache" in err
     err = one_line_error(capsys, ["info", "outputs/missing.png"])
     assert "outputs/missing.png does not exist" in err and "hub" not in err
+
+
+def test_convert_onto_its_own_folder_keeps_the_source_s_other_files(tmp_path, capsys, tiny_model_dir):
+    source = tmp_path / "sd"
+    shutil.copytree(tiny_model_dir, source)
+    (source / "MODEL_CARD.md").write_text("the model's card")
+    for out in (source, tmp_path / "sd" / ".." / "sd"):
+        err = one_line_error(capsys, ["convert", str(source), "--out", str(out), "--overwrite", "--dtype", "float16"])
+        assert "is the source model's folder" in err and "write the converted copy to another --out" in err
+    assert (source / "MODEL_CARD.md").read_text() == "the model's card"
+
+
+def test_convert_writes_an_upper_case_safetensors_out_as_one_file(tmp_path, capsys):
+    out = tmp_path / "Tiny.SAFETENSORS"
+    assert main(["convert", "tiny", "--out", str(out)]) == 0
+    assert out.is_file() and "model.diffusion_model.out.2.weight" in load_file(out)

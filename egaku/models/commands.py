@@ -9,7 +9,8 @@ from pathlib import Path
 from ..config import option
 from ..errors import EgakuError
 from ..paths import check_output
-from .loading import DTYPES, folder_in_place_of, load_pipeline, model_defaults, save_pipeline, write_model_defaults
+from .loading import (BUILTIN_DIR, DTYPES, folder_in_place_of, load_pipeline, model_defaults, save_pipeline,
+                      write_model_defaults)
 
 _OUT_FORMS = "NAME.safetensors for one original-layout file (A1111/ComfyUI), or a folder for a diffusers pipeline"
 
@@ -28,7 +29,7 @@ class ConvertOptions:
 
 def _check_out(out: Path, overwrite: bool) -> None:
     """An --out that cannot be written is named before the model loads, which can take minutes."""
-    single = out.suffix == ".safetensors"
+    single = out.suffix.lower() == ".safetensors"  # any case, as --model reads it
     if single and out.is_dir():
         raise EgakuError(f"--out {out} is a folder, and a NAME.safetensors --out is written as one file; choose "
                          "another --out, or one without .safetensors to write a diffusers folder", param="out")
@@ -55,11 +56,17 @@ def convert_command(opts: ConvertOptions) -> None:
         raise EgakuError(f"--out is required: {_OUT_FORMS}", param="out")
     out = Path(opts.out)
     _check_out(out, opts.overwrite)
+    source = BUILTIN_DIR if opts.model in ("builtin", "") else Path(opts.model).expanduser()
+    if out.suffix.lower() != ".safetensors" and source.is_dir() and out.resolve() == source.resolve():
+        # the copy replaces the folder whole: the source's other files (model card, train config) would go
+        raise EgakuError(f"--out {out} is the source model's folder, which --overwrite would replace whole, removing "
+                         "its files that are not part of the pipeline; write the converted copy to another --out",
+                         param="out")
     pipe = load_pipeline(opts.model, device="cpu", dtype="float32", model_config=opts.model_config,
                          allow_pickle=opts.allow_pickle)
     defaults = model_defaults(pipe)  # kept in the copy: a folder's egaku_defaults.json, a single file's metadata
     try:  # what the check above cannot foresee: a full disk, a folder made read-only meanwhile
-        if out.suffix == ".safetensors":
+        if out.suffix.lower() == ".safetensors":
             save_single_file(pipe, out, dtype=DTYPES[opts.dtype], defaults=defaults)
         else:  # nothing of the folder it replaces stays behind
             with folder_in_place_of(out) as tmp:

@@ -317,25 +317,56 @@ def _pickle_to_safetensors(path: Path) -> Path:
     return out
 
 
-def _from_single_file(path: Path, model_config: str | None, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-
-    kwargs = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+def _single_file_configs(path: Path, model_config: str | None) -> dict:
+    """The from_single_file arguments that give a single file its architecture: --model-config, checked, else the
+    hub's (an error that says what to pass when it cannot be reached). Checked before a pickle is read."""
     if model_config:
         cfg = Path(model_config)
+        if not cfg.is_dir():  # _check_pipeline_folder's message is about --model, and calls it a folder
+            raise EgakuError(f"--model-config {cfg}: no such folder; give a local diffusers pipeline folder "
+                             f"(model_index.json inside) of the architecture of {path.name}", param="model_config")
         _check_pipeline_folder(cfg)
-        kwargs.update(config=str(cfg), local_files_only=True)
-    elif not hub_reachable():
+        return {"config": str(cfg), "local_files_only": True}
+    if not hub_reachable():
         raise EgakuError(f"{path.name}: a single-file checkpoint needs the configs of its architecture; "
                          "pass --model-config DIR (a local diffusers folder of the same architecture, e.g. "
                          "one made by `egaku convert` or any SD 1.x/2.x pipeline folder), since the hub "
                          "cannot be reached to fetch them", param="model")
+    return {}
+
+
+def _check_safetensors_file(file: Path, what: str) -> None:
+    """A truncated or corrupt .safetensors file is named with what to do, before diffusers reports it as
+    "Unable to load weights from checkpoint file" (safe_open checks the header covers the whole file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise EgakuError(f"{file} is not a complete safetensors file ({str(exc).splitlines()[0]}): it is "
+                         f"truncated or corrupt; download or convert {what} again", param="model") from None
+
+
+def _from_single_file(path: Path, model_config: str | None, dtype: torch.dtype, name: Path | None = None):
+    """``name``: the file the user gave, where ``path`` is the temporary copy of a pickle."""
+    from diffusers import StableDiffusionPipeline
+
+    name = name or path
+    kwargs = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False,
+              **_single_file_configs(name, model_config)}
     try:
         return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     except EgakuError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise EgakuError(f"{path} could not be loaded as a Stable Diffusion checkpoint: {str(exc).splitlines()[0]}",
+        first = str(exc).splitlines()[0]
+        if model_config and "expected shape" in first:  # diffusers' advice (ignore_mismatched_sizes) is not ours
+            raise EgakuError(f"{name} does not fit the architecture of --model-config {model_config} "
+                             f"({first.split('because ', 1)[-1].split('. ', 1)[0]}); pass the diffusers folder of "
+                             "the model it was made from (or one of the same architecture)",
+                             param="model_config") from None
+        raise EgakuError(f"{name} could not be loaded as a Stable Diffusion checkpoint: {first}",
                          param="model") from None
 
 
@@ -394,9 +425,20 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
     elif path.is_dir():
         _check_pipeline_folder(path)
         variant = _weights_variant(path)
+        files = {c: component_weights_file(path, c) for c in ("unet", "vae", "text_encoder")}
+        pickled = [f"{c}/{f.name}" for c, f in files.items() if f is not None and f.suffix.lower() == ".bin"]
+        if pickled and not allow_pickle:  # diffusers and transformers would torch.load them unasked
+            raise EgakuError(f"{path} holds pickled weights ({', '.join(pickled)}), which can run arbitrary code "
+                             "when loaded; pass --allow-pickle to load their tensors only (weights_only=True), or "
+                             f"write a safetensors copy once: egaku convert {path} --allow-pickle --out NEW_DIR",
+                             param="model")
+        for f in files.values():
+            if f is not None and f.suffix.lower() == ".safetensors":
+                _check_safetensors_file(f, "the model")
         try:
             pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common,
-                                                           **({"variant": variant} if variant else {}))
+                                                           **({"variant": variant} if variant else {}),
+                                                           **({} if allow_pickle else {"use_safetensors": True}))
         except Exception as exc:  # noqa: BLE001
             raise EgakuError(f"{path} could not be loaded as a Stable Diffusion pipeline: {str(exc).splitlines()[0]}",
                              param="model") from None
@@ -408,10 +450,15 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
                 raise EgakuError(f"{path.name} is a pickle ({suffix}), which can run arbitrary code when loaded; "
                                  "convert it to .safetensors, or pass --allow-pickle to load its tensors only "
                                  "(weights_only=True)", param="model")
+            _single_file_configs(path, model_config)  # a missing --model-config is said before a pickle is read
             converted = _pickle_to_safetensors(path)
-            pipe = _from_single_file(converted, model_config, torch_dtype)
+            try:
+                pipe = _from_single_file(converted, model_config, torch_dtype, name=path)
+            finally:  # a full copy of the checkpoint: not left in the temp folder at every load
+                shutil.rmtree(converted.parent, ignore_errors=True)
             info = ModelInfo(path.stem, "pickle", path.resolve())
         elif suffix == ".safetensors":
+            _check_safetensors_file(path, "the checkpoint")
             pipe = _from_single_file(path, model_config, torch_dtype)
             info = ModelInfo(path.stem, "single-file", path.resolve())
         else:
@@ -420,7 +467,7 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         if model_config:
             info.config = Path(model_config).resolve()
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix:
-        pipe, info = _load_hub(spec, common)
+        pipe, info = _load_hub(spec, {**common, **({} if allow_pickle else {"use_safetensors": True})})
     else:
         raise EgakuError(f"model {spec!r} not found: no such file or folder (and not a hub id like org/name)",
                          param="model")
