@@ -64,9 +64,11 @@ def test_convert_without_out_says_what_it_takes(capsys, no_loading):
 
 
 def test_convert_write_failure_is_one_line(tmp_path, capsys, monkeypatch):
-    class Pipe:
+    class Pipe:  # each model cast to the dtype it is written in
         def to(self, dtype):
             return self
+
+        unet = text_encoder = vae = property(lambda self: self)
 
     def full_disk(pipe, folder):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder))
@@ -142,3 +144,74 @@ def test_convert_writes_an_upper_case_safetensors_out_as_one_file(tmp_path, caps
     out = tmp_path / "Tiny.SAFETENSORS"
     assert main(["convert", "tiny", "--out", str(out)]) == 0
     assert out.is_file() and "model.diffusion_model.out.2.weight" in load_file(out)
+
+
+def _stored_dtypes(path: Path) -> dict[str, set[str]]:
+    """Each model's dtypes as stored (safetensors header): a pipeline folder's files, or a single file's keys."""
+    from safetensors import safe_open
+
+    prefixes = {"unet": "model.diffusion_model.", "text_encoder": "cond_stage_model.", "vae": "first_stage_model."}
+    found = {}
+    for component, prefix in prefixes.items():
+        files = [path] if path.is_file() else list((path / component).glob("*.safetensors"))
+        found[component] = set()
+        for file in files:
+            with safe_open(str(file), framework="pt") as fh:
+                found[component] |= {fh.get_slice(k).get_dtype() for k in fh.keys()
+                                     if path.is_dir() or k.startswith(prefix)} - {"I64"}
+    return found
+
+
+def test_convert_keeps_each_model_s_stored_dtype_unless_dtype_is_given(tmp_path, capsys, tiny_model_dir):
+    """An fp16 UNet beside an fp32 text encoder and VAE stays so, through a single file and back, as merge-lora's
+    --save-precision auto keeps it; an fp16 copy is not written at twice its size. --dtype puts all in one."""
+    import torch
+
+    from egaku.models.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir, device="cpu", dtype="float32")
+    pipe.unet.to(dtype=torch.float16)
+    mixed = tmp_path / "mixed"
+    pipe.save_pretrained(mixed, safe_serialization=True)
+    kept = {"unet": {"F16"}, "text_encoder": {"F32"}, "vae": {"F32"}}
+    assert _stored_dtypes(mixed) == kept
+    capsys.readouterr()
+    assert main(["convert", str(mixed), "--out", str(tmp_path / "mixed.safetensors")]) == 0
+    assert _stored_dtypes(tmp_path / "mixed.safetensors") == kept
+    assert f"wrote {tmp_path / 'mixed.safetensors'} (UNet fp16, text encoder fp32, VAE fp32)" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "mixed.safetensors"), "--model-config", str(tiny_model_dir),
+                 "--out", str(tmp_path / "back")]) == 0
+    assert _stored_dtypes(tmp_path / "back") == kept
+    capsys.readouterr()
+    assert main(["convert", str(mixed), "--out", str(tmp_path / "half"), "--dtype", "float16"]) == 0
+    assert _stored_dtypes(tmp_path / "half") == dict.fromkeys(kept, {"F16"})
+    assert f"wrote {tmp_path / 'half'} (fp16) in" in capsys.readouterr().out
+    assert main(["convert", str(tiny_model_dir), "--out", str(tmp_path / "full")]) == 0  # an fp32 source stays fp32
+    assert _stored_dtypes(tmp_path / "full") == dict.fromkeys(kept, {"F32"})
+    assert f"wrote {tmp_path / 'full'} in" in capsys.readouterr().out
+    help_text = " ".join(build_parser("convert")[0].format_help().split())
+    assert "{auto,float32,float16,bfloat16}" in help_text and "auto keeps each model's" in help_text
+
+
+def test_info_says_a_model_is_a_model_and_what_info_reads(tmp_path, capsys, tiny_model_dir):
+    """A pipeline folder was "a LoRA folder without pytorch_lora_weights.safetensors", a .ckpt "not a readable
+    image"."""
+    from egaku.models.single_file import save_single_file
+    from egaku.models.tiny import tiny_pipeline
+
+    reads = "egaku info reads PNGs written by egaku or A1111 (and A1111's JPEG/WebP), LoRA .safetensors files and " \
+            "train-lora folders"
+    err = one_line_error(capsys, ["info", str(tiny_model_dir)])
+    assert f"{tiny_model_dir} is a diffusers pipeline folder, a model (egaku generate --model takes it)" in err
+    assert reads in err and "LoRA folder" not in err
+    shutil.copytree(tiny_model_dir, tmp_path / "run" / "model")  # a train-ldm run
+    err = one_line_error(capsys, ["info", str(tmp_path / "run")])
+    assert f"is a train-ldm run; its model is {tmp_path / 'run' / 'model'}" in err and reads in err
+    (tmp_path / "sd15.ckpt").write_bytes(b"a pickle")
+    err = one_line_error(capsys, ["info", str(tmp_path / "sd15.ckpt")])
+    assert "sd15.ckpt is a pickled checkpoint (.ckpt), which egaku info does not read" in err
+    assert "egaku generate --model FILE --allow-pickle" in err and reads in err and "not a readable image" not in err
+    single = save_single_file(tiny_pipeline(), tmp_path / "sd.safetensors")
+    err = one_line_error(capsys, ["info", str(single)])
+    assert "is a single-file Stable Diffusion checkpoint, a model (egaku generate --model takes it)" in err
+    assert reads in err

@@ -62,3 +62,26 @@ def test_a_run_writing_into_the_same_folder_meanwhile_keeps_its_files(tiny_model
     assert Image.open(out / "00000-7.png").size == (8, 8) and (out / "00000-options.json").read_text() == "{}"
     assert egaku.read_params(out / "00001-7.png")["seed"] == 7
     assert json.loads((out / "00001-options.json").read_text())["prompt"] == "a cat"
+
+
+def test_a_model_that_fails_to_load_leaves_no_out_folder_and_a_bad_out_is_named_before_loading(tiny_model_dir,
+                                                                                              tmp_path, monkeypatch,
+                                                                                              capsys):
+    import shutil
+
+    import egaku.models.loading as loading
+
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    shutil.rmtree(broken / "vae")
+    out = tmp_path / "new" / "o"
+    assert main(["generate", "a cat", "--model", str(broken), "--out", str(out), "--no-progress"]) == 2
+    assert "names the folder vae/, which is not there" in capsys.readouterr().err
+    assert not out.exists() and not out.parent.exists()  # made only once the model has loaded
+    (tmp_path / "a-file").write_text("")
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(loading, "load_pipeline", load)
+    assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a-file" / "o")]) == 2
+    assert f"{tmp_path / 'a-file'} is a file, not a folder" in capsys.readouterr().err

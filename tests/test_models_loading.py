@@ -79,3 +79,33 @@ def test_a_model_config_of_another_architecture_is_named(tmp_path, tiny_model_di
     said = str(err.value)
     assert f"does not fit the architecture of --model-config {tiny_model_dir}" in said and "expected shape" in said
     assert "ignore_mismatched_sizes" not in said and "pass the diffusers folder of the model it was made from" in said
+
+
+def test_a_pipeline_folder_without_a_model_folder_names_it(tmp_path, tiny_model_dir):
+    """diffusers says "no file named config.json found in directory <folder>", as if the folder were no pipeline."""
+    import json
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "sd")
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(EgakuError) as err:
+        load_pipeline(folder, device="cpu")
+    said = str(err.value)
+    assert f"{folder} is an incomplete pipeline: its model_index.json names the folder vae/, which is not there" in said
+    assert "config.json" not in said
+    shutil.copytree(tiny_model_dir / "vae", folder / "vae")  # and one that model_index.json names besides egaku's five
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "feature_extractor": ["transformers",
+                                                                                         "CLIPImageProcessor"]}))
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(EgakuError, match=r"names the folders feature_extractor/, tokenizer/, which are not there"):
+        load_pipeline(folder, device="cpu")
+
+
+def test_a_model_config_beside_a_folder_is_said_to_be_unused(tiny_model_dir, tmp_path, capsys):
+    """A note, not an error: serve shares one --model-config among its --model sources, folders among them."""
+    pipe = load_pipeline(tiny_model_dir, device="cpu", model_config=str(tmp_path))
+    assert pipe.egaku_info.kind == "folder"
+    out = capsys.readouterr().out
+    assert f"--model-config {tmp_path} is not used for {tiny_model_dir}: a pipeline folder holds its own configs" in out
+    load_pipeline(tiny_model_dir, device="cpu")
+    assert capsys.readouterr().out == ""

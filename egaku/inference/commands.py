@@ -259,12 +259,14 @@ def generate_command(opts: GenerateOptions) -> None:
                 decode_image(path).close()
         except ImageError as exc:
             raise EgakuError(f"{flag} {exc}", param="image" if flag == "--init-image" else "mask") from None
-    out = Path(opts.out)
-    try:
+    from ..paths import check_output
+
+    out = check_output(opts.out)  # a folder that cannot be written is named before the model loads
+    pipe = load_pipeline(opts.model, opts.device, opts.dtype, opts.model_config, opts.allow_pickle)
+    try:  # made once the model has loaded: a model that fails to load leaves no empty --out folder behind
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EgakuError(f"cannot create output folder {out}: {exc.strerror}", param="out") from None
-    pipe = load_pipeline(opts.model, opts.device, opts.dtype, opts.model_config, opts.allow_pickle)
     if opts.guidance_scale is None:  # the model's own default, before --chaos in the prompt scales it
         opts = dataclasses.replace(opts, guidance_scale=recommended_guidance(pipe))
     # Midjourney-style "--ar 16:9 --seed 7 --no text" in each prompt (a prompt file's lines too)
@@ -351,8 +353,26 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 def info_command(opts: InfoOptions) -> None:
     from ..lora.apply import HUB_LORA
+    from ..lora.commands import INFO_READS
+    from ..models.loading import PICKLE_SUFFIXES
 
     path = Path(opts.image)
+    # models are not what info reads: said as what they are, before the LoRA lookup calls a pipeline folder a LoRA
+    # folder without its LoRA file and the image reader calls a checkpoint an unreadable image
+    if path.is_dir() and (path / "model_index.json").is_file():
+        raise EgakuError(f"{path} is a diffusers pipeline folder, a model (egaku generate --model takes it); "
+                         f"egaku info reads {INFO_READS}")
+    if path.is_dir() and (path / "model" / "model_index.json").is_file():
+        raise EgakuError(f"{path} is a train-ldm run; its model is {path / 'model'} (egaku generate --model takes "
+                         f"it); egaku info reads {INFO_READS}")
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        from ..lora.formats import refuse_training_checkpoint
+
+        refuse_training_checkpoint(path)  # a train-lora checkpoint's state.pt: where the run's LoRA files are
+        raise EgakuError(f"{path} is a pickled checkpoint ({path.suffix}), which egaku info does not read (unpickling "
+                         "can run code); a model checkpoint loads with egaku generate --model FILE --allow-pickle, "
+                         "and egaku convert FILE --allow-pickle --out NAME.safetensors writes a safetensors copy; "
+                         f"egaku info reads {INFO_READS}")
     # a LoRA: a .safetensors file, a train-lora folder, or a hub id (org/name) that is no local path nor image name
     hub_id = not path.exists() and HUB_LORA.fullmatch(opts.image) and path.suffix.lower() not in IMAGE_SUFFIXES
     if path.suffix.lower() == ".safetensors" or path.is_dir() or hub_id:

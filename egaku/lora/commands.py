@@ -14,7 +14,6 @@ from .apply import apply_loras, parse_lora_arg, remove_loras, resolve_lora, reso
 
 # the spellings of egaku.models.loading.DTYPES (convert --dtype float16, train-lora --save-precision fp16)
 SAVE_PRECISIONS = ["auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16"]
-_MERGED_COMPONENTS = {"unet": "UNet", "text_encoder": "text encoder", "vae": "VAE"}
 
 
 @dataclass
@@ -37,16 +36,9 @@ def _load(model: str, model_config: str = ""):
     return load_pipeline(model, device="cpu", dtype="float32", model_config=model_config or None)
 
 
-def _dtype_name(dtype) -> str:
-    """A dtype as --save-precision spells it (fp16), not as torch does (float16)."""
-    return str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
-
-
 def merge_lora_command(opts: MergeLoraOptions) -> None:
-    import torch
-
-    from ..models.loading import (DTYPES, folder_in_place_of, model_defaults, save_pipeline, stored_weights_dtype,
-                                  write_model_defaults)
+    from ..models.loading import (cast_for_saving, folder_in_place_of, model_defaults, save_pipeline,
+                                  saved_dtypes_said, write_model_defaults)
 
     if not opts.lora:
         raise EgakuError("give at least one --lora PATH[:SCALE] to merge")
@@ -60,14 +52,9 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     names = apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the per-adapter scales were set by apply_loras
     remove_loras(pipe, keep_embeddings=True)  # drops the adapter modules; fused deltas and embeddings stay
-    # each model as its base stores it (an fp16 base stays half the size of an fp32 copy; a base with an fp16 UNet
-    # and an fp32 VAE keeps both), fp32 where that cannot be read; or all in the --save-precision asked for
-    auto = opts.save_precision in ("auto", "")
-    save_dtypes = {name: (stored_weights_dtype(pipe.egaku_info, name) if auto else DTYPES[opts.save_precision])
-                   or torch.float32 for name in _MERGED_COMPONENTS}
-    for name, dtype in save_dtypes.items():
-        if dtype != torch.float32:
-            getattr(pipe, name).to(dtype=dtype)
+    # each model as its base stores it (an fp16 base stays half the size of an fp32 copy), or all in the
+    # --save-precision asked for
+    save_dtypes = cast_for_saving(pipe, opts.save_precision)
     with folder_in_place_of(out) as tmp:  # (an empty --out folder is replaced)
         save_pipeline(pipe, tmp)
         write_model_defaults(tmp, model_defaults(pipe))  # the base's recommended guidance holds for the merge
@@ -75,15 +62,14 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
         save_config(absolute_paths(dataclasses.replace(
             opts, lora=[f"{p.resolve()}:{s!r}" for p, s in loras], lora_dir="")), tmp / "merge_config.json")
 
-    if len(set(save_dtypes.values())) > 1:
-        saved = " (" + ", ".join(f"{_MERGED_COMPONENTS[n]} {_dtype_name(d)}" for n, d in save_dtypes.items()) + ")"
-    else:
-        dtype = next(iter(save_dtypes.values()))
-        saved = f" ({_dtype_name(dtype)})" if dtype != torch.float32 else ""
-    print(f"merged {', '.join(f'{p}:{s:g}' for p, s in loras)} into {out}{saved}")
+    print(f"merged {', '.join(f'{p}:{s:g}' for p, s in loras)} into {out}{saved_dtypes_said(save_dtypes)}")
 
 
 # ---- `egaku info` on a LoRA file ----------------------------------------------------------------------
+
+# what `egaku info` reads, for its messages about what it does not
+INFO_READS = ("PNGs written by egaku or A1111 (and A1111's JPEG/WebP), LoRA .safetensors files and train-lora "
+              "folders")
 
 # training settings worth showing, from a kohya file's ss_* header or a train-lora folder's training_config.json
 # ss_steps is the steps the file was trained for, ss_max_train_steps the run's plan (more, for a --save-every file)
@@ -136,8 +122,13 @@ def describe_lora(path: str | Path) -> dict:
         from .formats import refuse_embedding
 
         refuse_embedding(keys, str(path))
+        from ..models.loading import SINGLE_FILE_PREFIXES
+
+        if any(k.startswith(prefix) for k in keys for prefix in SINGLE_FILE_PREFIXES.values()):
+            raise EgakuError(f"{path} is a single-file Stable Diffusion checkpoint, a model (egaku generate --model "
+                             f"takes it), not a LoRA; egaku info reads {INFO_READS}")
         raise EgakuError(f"{path} holds no LoRA layers (its {len(keys)} tensors have no lora_ keys; a whole model "
-                         "checkpoint?); egaku info reads PNGs and LoRA files")
+                         f"checkpoint?); egaku info reads {INFO_READS}")
     state, metadata = read_lora_file(path)
     layers: dict[str, dict] = {}  # name -> component, down weight, alpha
     if is_kohya(state):
@@ -168,7 +159,7 @@ def describe_lora(path: str | Path) -> dict:
     if not layers:
         refuse_lycoris(state, str(path))
         raise EgakuError(f"{path} holds no LoRA layers (kohya lora_down/lora_up or diffusers lora_A/lora_B keys); "
-                         "egaku info reads PNGs and LoRA files")
+                         f"egaku info reads {INFO_READS}")
     ranks = sorted({int(layer["down"].shape[0]) for layer in layers.values()})
     alphas_seen = sorted({layer.get("alpha", float(layer["down"].shape[0])) for layer in layers.values()})
     count = {c: sum(1 for layer in layers.values() if layer["component"] == c) for c in _COMPONENTS}

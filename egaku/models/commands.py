@@ -9,8 +9,8 @@ from pathlib import Path
 from ..config import option
 from ..errors import EgakuError
 from ..paths import check_output
-from .loading import (BUILTIN_DIR, DTYPES, folder_in_place_of, load_pipeline, model_defaults, save_pipeline,
-                      write_model_defaults)
+from .loading import (BUILTIN_DIR, cast_for_saving, folder_in_place_of, load_pipeline, model_defaults,
+                      save_pipeline, saved_dtypes_said, write_model_defaults)
 
 _OUT_FORMS = "NAME.safetensors for one original-layout file (A1111/ComfyUI), or a folder for a diffusers pipeline"
 
@@ -23,7 +23,9 @@ class ConvertOptions:
     out: str = option("", help=f"required; the target: {_OUT_FORMS}")
     model_config: str | None = option(None, help="local diffusers folder with the configs of a single-file source")
     allow_pickle: bool = option(False, help="allow a .ckpt/.pt/.bin source (read with weights_only=True)")
-    dtype: str = option("float32", help="precision of the written weights", choices=["float32", "float16", "bfloat16"])
+    dtype: str = option("auto", help="precision of the written weights: auto keeps each model's (UNet, text encoder, "
+                        "VAE) as the source stores it (fp32 where it cannot be read); float32, float16 or bfloat16 "
+                        "writes all in that", choices=["auto", "float32", "float16", "bfloat16"])
     overwrite: bool = option(False, help="replace the target if it exists")
 
 
@@ -65,13 +67,16 @@ def convert_command(opts: ConvertOptions) -> None:
     pipe = load_pipeline(opts.model, device="cpu", dtype="float32", model_config=opts.model_config,
                          allow_pickle=opts.allow_pickle)
     defaults = model_defaults(pipe)  # kept in the copy: a folder's egaku_defaults.json, a single file's metadata
+    # loaded in fp32 whatever the source stores: written back as it stores each model (an fp16 source's copy is not
+    # twice its size), as merge-lora writes its merges, or all in the --dtype asked for
+    dtypes = cast_for_saving(pipe, opts.dtype)
     try:  # what the check above cannot foresee: a full disk, a folder made read-only meanwhile
         if out.suffix.lower() == ".safetensors":
-            save_single_file(pipe, out, dtype=DTYPES[opts.dtype], defaults=defaults)
+            save_single_file(pipe, out, defaults=defaults)
         else:  # nothing of the folder it replaces stays behind
             with folder_in_place_of(out) as tmp:
-                save_pipeline(pipe.to(dtype=DTYPES[opts.dtype]), tmp)
+                save_pipeline(pipe, tmp)
                 write_model_defaults(tmp, defaults)
     except OSError as exc:
         raise EgakuError(f"could not write --out {out}: {exc}", param="out") from None
-    print(f"wrote {out} in {time.perf_counter() - started:.1f} s")
+    print(f"wrote {out}{saved_dtypes_said(dtypes)} in {time.perf_counter() - started:.1f} s")

@@ -234,6 +234,39 @@ def stored_weights_dtype(info: ModelInfo, component: str = "unet") -> torch.dtyp
     return None
 
 
+# the models of a pipeline that hold weights, as messages name them
+WEIGHT_COMPONENTS = {"unet": "UNet", "text_encoder": "text encoder", "vae": "VAE"}
+
+
+def cast_for_saving(pipe, precision: str = "auto") -> dict[str, torch.dtype]:
+    """Cast each model of ``pipe`` (UNet, text encoder, VAE) to the dtype it is written in, and return those dtypes:
+    with ``precision`` "auto" (or ""), each as its source stores it (``stored_weights_dtype``: an fp16 source's copy
+    stays half the size of an fp32 one; a source with an fp16 UNet and an fp32 VAE keeps both), fp32 where that
+    cannot be read (tiny, pickled weights); else all in ``precision`` (a DTYPES name). merge-lora and convert write
+    with it, so that both keep a source's precision alike."""
+    info = getattr(pipe, "egaku_info", None)
+    auto = precision in ("auto", "")
+    dtypes = {name: ((stored_weights_dtype(info, name) if info is not None else None) if auto else DTYPES[precision])
+              or torch.float32 for name in WEIGHT_COMPONENTS}
+    for name, dtype in dtypes.items():
+        getattr(pipe, name).to(dtype=dtype)
+    return dtypes
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as --save-precision spells it (fp16), not as torch does (float16)."""
+    return str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
+
+
+def saved_dtypes_said(dtypes: dict[str, torch.dtype]) -> str:
+    """``cast_for_saving``'s dtypes for the line that names the written copy: " (UNet fp16, text encoder fp32, VAE
+    fp32)" where they differ, " (fp16)" where all are one, and nothing for fp32, the usual."""
+    if len(set(dtypes.values())) > 1:
+        return " (" + ", ".join(f"{WEIGHT_COMPONENTS[n]} {dtype_name(d)}" for n, d in dtypes.items()) + ")"
+    dtype = next(iter(dtypes.values()))
+    return f" ({dtype_name(dtype)})" if dtype != torch.float32 else ""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
@@ -296,6 +329,17 @@ def _check_pipeline_folder(folder: Path) -> None:
         raise EgakuError(f"{folder} holds a {spec.get('_class_name', 'unknown')} pipeline, not a Stable Diffusion "
                          f"1.x/2.x one (missing: {', '.join(missing) or 'none'}); egaku needs vae, text_encoder, "
                          "tokenizer, unet and scheduler", param="model")
+    # diffusers reports a missing component folder as "no file named config.json found in directory <folder>", as if
+    # the pipeline folder itself were wrong: name the one that is missing. (The safety checker is never loaded:
+    # load_pipeline passes None for it. [null, null] entries name no folder.)
+    absent = [name for name, entry in spec.items() if not name.startswith("_") and name != "safety_checker"
+              and isinstance(entry, list) and entry and entry[0] is not None and not (folder / name).is_dir()]
+    if absent:
+        names = ", ".join(f"{name}/" for name in absent)
+        raise EgakuError(f"{folder} is an incomplete pipeline: its model_index.json names the folder"
+                         f"{'s' * (len(absent) > 1)} {names}, which {'is' if len(absent) == 1 else 'are'} not there; "
+                         f"copy or download {'it' if len(absent) == 1 else 'them'} into {folder} from the same model",
+                         param="model")
 
 
 def _pickle_to_safetensors(path: Path) -> Path:
@@ -424,6 +468,12 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         info = ModelInfo("egaku-builtin", "builtin", BUILTIN_DIR)
     elif path.is_dir():
         _check_pipeline_folder(path)
+        if model_config:
+            # a folder holds its own configs (model_index.json, one config per model), which diffusers reads whatever
+            # --model-config says. A note, not an error: serve shares one --model-config among all its --model
+            # sources, where it is for the single files among them and a folder beside one is right
+            print(f"egaku: note: --model-config {model_config} is not used for {path}: a pipeline folder holds its "
+                  "own configs, and --model-config is read for single-file checkpoints only (drop it for a folder)")
         variant = _weights_variant(path)
         files = {c: component_weights_file(path, c) for c in ("unet", "vae", "text_encoder")}
         pickled = [f"{c}/{f.name}" for c, f in files.items() if f is not None and f.suffix.lower() == ".bin"]
