@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--renders-per-image", type=int, default=1,
                         help="render each training image's attributes this many times, with new jitter and rotation "
                              "(what geometric augmentation of a photo gives: more images, no new combinations)")
+    parser.add_argument("--small-repeats", type=int, default=1, metavar="N",
+                        help="each small star written N times (copies under new names): the harder half of the folder "
+                             "seen N times as often, as kohya's per-folder repeats would give it")
     parser.add_argument("--mirrored", action="store_true",
                         help="add each training image mirrored left to right, its caption's left and right swapped")
     parser.add_argument("--masks", action="store_true",
@@ -176,6 +179,8 @@ def main() -> None:
         swap = {"left": "right", "right": "left"}
         specs = specs + [dataclasses.replace(s, position=" ".join(swap.get(w, w) for w in s.position.split()),
                                              dx=-s.dx, angle=-s.angle) for s in specs]
+    if args.small_repeats > 1:
+        specs = specs + [s for s in specs if s.size == "small"] * (args.small_repeats - 1)
     shapes.write_caption_folder(specs, data, size, "star" if args.data_split == "novel" else "old",
                                 mask_folder=work / "masks" if args.masks else None)
     if args.star_caption_weight != 1:
