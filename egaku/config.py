@@ -213,6 +213,10 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
                 ours = kohya_name_hint(key, names)
                 if ours:
                     raise EgakuError(f"unknown option {key!r}: kohya's name; egaku's is {ours!r}")
+                if isinstance(value, dict):  # kohya's config files group their options in sections; ours do not
+                    raise EgakuError(f"unknown option {key!r}: a section ([{key}]) of options, as kohya's config "
+                                     "files group them; egaku's presets are flat: write its options at the top of "
+                                     "the file, with egaku's names")
                 close = {n for n in names if n.split("_")[0] == key.split("_")[0]}
                 close |= set(difflib.get_close_matches(key, names, n=3, cutoff=0.75))  # typos: rnak -> rank
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""

@@ -160,6 +160,10 @@ def test_kohyas_option_names_are_met_with_egakus_on_the_command_line_and_in_conf
     with pytest.raises(EgakuError, match="unknown option 'pretrained_model_name_or_path': kohya's name; egaku's is "
                                          "'model'"):
         parse(["train-lora", "--config", str(tmp_path / "kohya.toml")])
+    (tmp_path / "sections.toml").write_text('[model_arguments]\npretrained_model_name_or_path = "sd15"\n')
+    with pytest.raises(EgakuError, match=r"unknown option 'model_arguments': a section \(\[model_arguments\]\) of "
+                                         "options, as kohya's config files group them; egaku's presets are flat"):
+        parse(["train-lora", "--config", str(tmp_path / "sections.toml")])
     # a kohya name is hinted only where the command has egaku's option (generate has no --rank)
     with pytest.raises(EgakuError, match=r"unknown option 'network_dim'$"):
         build(GenerateOptions, {"network_dim": 4})
