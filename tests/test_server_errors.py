@@ -72,8 +72,9 @@ def test_stream_false_is_accepted_and_stream_true_is_a_400_that_says_it_is_not_d
         assert error["param"] == "stream", error
 
 
-@pytest.mark.parametrize("port_in_use", [True, False])
-def test_serve_refuses_a_port_it_cannot_listen_on_in_one_line_before_loading_models(port_in_use, monkeypatch):
+@pytest.mark.parametrize("port_in_use, bad_port", [(True, None), (False, 70000), (False, 0)])
+def test_serve_refuses_a_port_it_cannot_listen_on_in_one_line_before_loading_models(port_in_use, bad_port,
+                                                                                   monkeypatch):
     import socket
 
     from egaku.errors import EgakuError
@@ -85,7 +86,8 @@ def test_serve_refuses_a_port_it_cannot_listen_on_in_one_line_before_loading_mod
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1] if port_in_use else 70000  # (was: an OverflowError traceback)
+        # 70000 was an OverflowError traceback; 0, a port chosen at random that the start-up line named as 0
+        port = taken.getsockname()[1] if port_in_use else bad_port
         with pytest.raises(EgakuError, match="cannot listen on 127.0.0.1" if port_in_use else "is not a TCP port"):
             app.serve_command(ServeOptions(model=["tiny"], port=port))
 

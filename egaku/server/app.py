@@ -799,7 +799,7 @@ def _host_port(host: str, port: int) -> str:
 def _check_address(host: str, port: int) -> None:
     """That uvicorn will be able to listen on ``host:port``, checked by binding it (as uvicorn binds it) and letting
     go: a port out of range, in use or not allowed, or an address this machine lacks, is one line that says so."""
-    if not 0 <= port <= 65535:
+    if not 1 <= port <= 65535:  # 0 would listen on a port chosen at random, which the start-up line cannot name
         raise EgakuError(f"--port {port} is not a TCP port; give one in 1..65535", param="port")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
