@@ -85,3 +85,19 @@ def test_a_model_that_fails_to_load_leaves_no_out_folder_and_a_bad_out_is_named_
     monkeypatch.setattr(loading, "load_pipeline", load)
     assert main(["generate", "a cat", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a-file" / "o")]) == 2
     assert f"{tmp_path / 'a-file'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_an_image_that_cannot_be_written_is_one_line_and_leaves_no_empty_numbered_file(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch, capsys):
+    from egaku.inference import commands
+
+    def disk_full(image, path, params):
+        path.write_bytes(b"\x89PNG")  # part of it, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(commands, "save_png", disk_full)
+    assert main(["generate", "a cat", "--seed", "7", "--steps", "2", "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write" in err and "00000-7.png: No space left on device; free some space" in err
+    assert list((tmp_path / "o").iterdir()) == []

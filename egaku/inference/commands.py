@@ -45,6 +45,19 @@ def _claim(out: Path, index: int, name: str) -> tuple[Path, int]:
             index += 1
 
 
+def _fill_claimed(path: Path, write) -> None:
+    """``write(path)`` into a file ``_claim`` made; a write that fails (a full disk, Ctrl-C) takes the empty file
+    away again rather than leave a numbered file that is no image."""
+    try:
+        write(path)
+    except BaseException as exc:
+        path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # the images written before it stay
+            raise EgakuError(f"could not write {path}: {exc.strerror or exc}; free some space or give another "
+                             "--out", param="out") from None
+        raise
+
+
 def _numbered_by_egaku(out: Path) -> list[Path]:
     """--overwrite's files: the numbered files of earlier runs (their seeds, and so their names, may differ from
     the new ones). A file egaku does not name this way is the user's and stays, and so does an image named this
@@ -300,13 +313,13 @@ def generate_command(opts: GenerateOptions) -> None:
             for r in results:
                 path, index = _claim(out, index, f"{r.seed}.png")
                 first_index = index if first_index is None else first_index
-                save_png(r.image, path, r.params)
+                _fill_claimed(path, lambda p: save_png(r.image, p, r.params))
                 written.append(path)
                 written_seeds.append(r.seed)
                 index += 1
             if opts.grid and len(results) > 1:
                 grid_path, index = _claim(out, index, "grid.png")
-                image_grid([r.image for r in results]).save(grid_path)
+                _fill_claimed(grid_path, image_grid([r.image for r in results]).save)
                 index += 1
     finally:
         bar.close()
