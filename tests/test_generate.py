@@ -1204,3 +1204,16 @@ def test_a_model_name_of_egakus_is_refused_where_a_folder_of_that_name_is_here(t
     (tmp_path / "builtin").write_text("")
     with pytest.raises(EgakuError, match=r"--model ./builtin for that file"):
         load_pipeline("builtin")
+
+
+def test_extra_network_tags_egaku_does_not_apply_are_taken_out_of_the_prompt_as_a1111_does(pipe, capsys):
+    from egaku.lora.apply import take_out_other_network_tags
+
+    assert take_out_other_network_tags("a cat <hypernet:anime:0.8>, <lora:x:1> sitting") == (
+        "a cat, <lora:x:1> sitting", ["<hypernet:anime:0.8>"])
+    assert take_out_other_network_tags("a cat (sitting:1.2)") == ("a cat (sitting:1.2)", [])
+    tagged = egaku.generate(pipe, "a cat <hypernet:anime:0.8>", seed=3, **FAST)[0]
+    assert "<hypernet:anime:0.8>: egaku applies <lora:...> and <lyco:...> tags only" in capsys.readouterr().out
+    plain = egaku.generate(pipe, "a cat", seed=3, **FAST)[0]
+    assert np.array_equal(np.asarray(tagged.image), np.asarray(plain.image))
+    assert tagged.params["prompt"] == "a cat <hypernet:anime:0.8>"  # recorded as written, as A1111 records it

@@ -379,7 +379,12 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     with cleanup:
         # 2. LoRAs: explicit --lora and <lora:name:w> tags in the prompt
         text, tag_loras, lora_record, lora_files = _apply_requested_loras(pipe, o, cleanup)
-        from ..lora.apply import has_prompt_loras
+        from ..lora.apply import has_prompt_loras, take_out_other_network_tags
+
+        text, other_tags = take_out_other_network_tags(text)
+        if other_tags:  # a prompt written for A1111 that names its hypernetworks, say: not words for the encoder
+            print(f"egaku: {', '.join(other_tags)}: egaku applies <lora:...> and <lyco:...> tags only; taken out of "
+                  "the prompt, as A1111 takes out the extra-network tags it does not apply")
 
         if has_prompt_loras(o.negative_prompt):  # as the prompt's are matched: <LORA:x> is words there too
             print("egaku: <lora:...> and <lyco:...> tags are applied from the prompt only; those in the negative "

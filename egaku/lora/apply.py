@@ -35,6 +35,20 @@ LORA_TAG = re.compile(rf"<({'|'.join(TAG_KINDS)}):([^>]*)>")
 TEXT_ENCODER, UNET = "text_encoder", "unet"
 
 
+# any other extra-network tag A1111 reads (<hypernet:name:1>, an extension's): A1111 takes each out of the prompt,
+# applied or not, so a prompt written for it reaches the text encoder without them
+OTHER_NETWORK_TAG = re.compile(rf"<(?!(?:{'|'.join(TAG_KINDS)}):)(\w+):([^>]+)>")
+
+
+def take_out_other_network_tags(text: str) -> tuple[str, list[str]]:
+    """``text`` without the extra-network tags egaku does not apply (``<hypernet:name:1>``), and those tags."""
+    found = [match[0] for match in OTHER_NETWORK_TAG.finditer(text)]
+    if not found:
+        return text, []
+    clean = re.sub(r"\s{2,}", " ", OTHER_NETWORK_TAG.sub(" ", text))
+    return re.sub(r"\s+,", ",", clean).strip().strip(",").strip(), found
+
+
 def has_prompt_loras(text: str) -> bool:
     """Whether ``text`` may hold a LoRA tag (``<lora:`` or ``<lyco:``): a cheap check before ``parse_prompt_loras``."""
     return any(f"<{kind}:" in text for kind in TAG_KINDS)
