@@ -247,13 +247,15 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
 
 
-def save_config(obj: Any, path: str | Path) -> Path:
+def save_config(obj: Any, path: str | Path, omit: typing.Iterable[str] = ()) -> Path:
     """Write the resolved options as JSON (readable by humans and by ``build``). Fields the CLI fills for itself
-    (``cli=False``: which options a command gave) are left out: ``build`` of the file fills them again."""
+    (``cli=False``: which options a command gave) are left out: ``build`` of the file fills them again; so are
+    ``omit``, fields a run set from elsewhere (generate's prompt parameters) that ``build`` must not find given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     own = {f.name for f in dataclasses.fields(obj) if f.metadata.get("cli") is False} \
         if dataclasses.is_dataclass(obj) else set()
+    own |= set(omit)
     values = {k: v for k, v in to_dict(obj).items() if k not in own}
     path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     return path

@@ -325,8 +325,8 @@ def generate_command(opts: GenerateOptions) -> None:
         bar.close()
     # a drawn seed is recorded where one prompt ran (each of several prompts draws its own: those stay unset)
     drawn = written_seeds[0] if opts.seed is None and len(runs) == 1 and written_seeds else None
-    saved = save_config(recorded_options(opts, seed=drawn), out / f"{first_index:05d}-options.json")
-    _leave_prompt_parameters_out(saved, opts, prompts, chaos_is_strength)
+    save_config(recorded_options(opts, seed=drawn), out / f"{first_index:05d}-options.json",
+                omit=_set_by_prompts(opts, prompts, chaos_is_strength))
     elapsed = time.perf_counter() - started
     names = written[0].name if len(written) == 1 else f"{written[0].name} .. {written[-1].name}"
     print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {out}/ ({names}) "
@@ -337,20 +337,15 @@ def generate_command(opts: GenerateOptions) -> None:
 _PROMPT_SETS = {"ar": "aspect_ratio", "seed": "seed", "steps": "steps", "chaos": "strength"}
 
 
-def _leave_prompt_parameters_out(saved: Path, opts: GenerateOptions, prompts: list[str], chaos_is_strength: bool
-                                 ) -> None:
-    """Take out of the run's options.json the options that its prompts' --parameters set and no flag or preset
-    gave ("--steps 4" in the prompt: steps), so that --config of it reads them from the prompts again, as this
-    run did, instead of finding each given twice (the file's default beside the prompt's value)."""
+def _set_by_prompts(opts: GenerateOptions, prompts: list[str], chaos_is_strength: bool) -> set[str]:
+    """The options that the prompts' --parameters set and no flag or preset gave ("--steps 4" in the prompt: steps),
+    which the run's options.json leaves out, so that --config of it reads them from the prompts again, as this run
+    did, instead of finding each given twice (the file's default beside the prompt's value)."""
     from .prompts import parse_prompt_parameters
 
     fields = {_PROMPT_SETS[name] for prompt in prompts for name in parse_prompt_parameters(prompt)[1]
               if name in _PROMPT_SETS and (name != "chaos" or chaos_is_strength)}
-    fields -= set(opts.given_options)
-    if fields:
-        values = json.loads(saved.read_text())
-        saved.write_text(json.dumps({k: v for k, v in values.items() if k not in fields}, indent=2, sort_keys=True)
-                         + "\n")
+    return fields - set(opts.given_options)
 
 
 @dataclass
