@@ -392,13 +392,16 @@ def _check_safetensors_file(file: Path, what: str) -> None:
                          f"truncated or corrupt; download or convert {what} again", param="model") from None
 
 
-def _from_single_file(path: Path, model_config: str | None, dtype: torch.dtype, name: Path | None = None):
-    """``name``: the file the user gave, where ``path`` is the temporary copy of a pickle."""
+def _from_single_file(path: Path, model_config: str | None, dtype: torch.dtype, name: Path | None = None,
+                      configs: dict | None = None):
+    """``name``: the file the user gave, where ``path`` is the temporary copy of a pickle; ``configs``:
+    ``_single_file_configs`` of it where the caller has them already."""
     from diffusers import StableDiffusionPipeline
 
     name = name or path
-    kwargs = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False,
-              **_single_file_configs(name, model_config)}
+    if configs is None:
+        configs = _single_file_configs(name, model_config)
+    kwargs = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False, **configs}
     try:
         return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     except EgakuError:
@@ -500,10 +503,10 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
                 raise EgakuError(f"{path.name} is a pickle ({suffix}), which can run arbitrary code when loaded; "
                                  "convert it to .safetensors, or pass --allow-pickle to load its tensors only "
                                  "(weights_only=True)", param="model")
-            _single_file_configs(path, model_config)  # a missing --model-config is said before a pickle is read
+            configs = _single_file_configs(path, model_config)  # a missing --model-config is said before it is read
             converted = _pickle_to_safetensors(path)
             try:
-                pipe = _from_single_file(converted, model_config, torch_dtype, name=path)
+                pipe = _from_single_file(converted, model_config, torch_dtype, name=path, configs=configs)
             finally:  # a full copy of the checkpoint: not left in the temp folder at every load
                 shutil.rmtree(converted.parent, ignore_errors=True)
             info = ModelInfo(path.stem, "pickle", path.resolve())
