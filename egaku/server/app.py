@@ -229,29 +229,33 @@ def png_bytes(image, params: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _embedding_catalog(embedding_dir: str | None, pipe, allow_pickle: bool = False) -> list[str]:
-    """The words that name an embedding of the server's folder that ``pipe`` can use (as a prompt may use them):
-    without --allow-pickle, not those whose files are all pickles (.pt/.bin), which the server would refuse; and not
-    those made for another base model (vectors of another width), which generation skips and reads as words."""
+def _embedding_widths(embedding_dir: str | None, allow_pickle: bool = False) -> dict[str, set[int | None]]:
+    """The words that name an embedding of the server's folder (as a prompt may use them), each with the widths of
+    its files' vectors (None for a file that cannot be read): without --allow-pickle, not those whose files are all
+    pickles (.pt/.bin), which the server would refuse. Read once for all the served models (``_embedding_catalog``)."""
     if not embedding_dir or not Path(embedding_dir).is_dir():
-        return []
-    from ..inference.embeddings import ForAnotherModel, embedding_files, read_vectors_for, text_encoder_width
+        return {}
+    from ..inference.embeddings import embedding_files, read_vectors
 
     files = embedding_files(embedding_dir, allow_pickle)  # the files generation reads them from
     refused = set() if allow_pickle else set(pickle_embeddings(embedding_dir, files))
-    width = text_encoder_width(pipe)
 
-    def fits(path: Path) -> bool:
+    def width(path: Path) -> int | None:
         try:
-            read_vectors_for(path, width, allow_pickle)
-        except ForAnotherModel:
-            return False
+            return read_vectors(path, allow_pickle).shape[1]
         except EgakuError:  # a broken file stays listed: a request that names it gets the 400 that says what is wrong
-            return True
-        return True
+            return None
 
-    return sorted({paths[0].stem for name, paths in files.items()
-                   if name not in refused and any(fits(path) for path in paths)})
+    return {paths[0].stem: {width(path) for path in paths} for name, paths in files.items() if name not in refused}
+
+
+def _embedding_catalog(widths: dict[str, set[int | None]], pipe) -> list[str]:
+    """The words of ``_embedding_widths`` that ``pipe`` can use: not those made for another base model (vectors of
+    another width), which generation skips and reads as words."""
+    from ..inference.embeddings import text_encoder_width
+
+    width = text_encoder_width(pipe)
+    return sorted(word for word, found in widths.items() if width in found or None in found)
 
 
 def _lora_catalog(lora_dir: str | None) -> list[str]:
@@ -694,17 +698,18 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None,
         from ..models.loading import recommended_guidance
         from .requests import default_steps
 
-        def model_options(name: str, pipe) -> dict:
+        def model_options(name: str, pipe, embeddings: dict[str, set[int | None]]) -> dict:
             # only what this model takes: generation refuses the other samplers, and skips the other embeddings
             # default_guidance: what an empty guidance field means, which the page sends for one emptied since a
             # Generate (left out, a variation would reuse its image's)
             return {"id": name, "native_size": native_size(pipe), "multiple": size_multiple(pipe),
                     "default_guidance": recommended_guidance(pipe),
                     "samplers": usable_samplers(dict(pipe.scheduler.config)),
-                    "embeddings": _embedding_catalog(opts.embedding_dir, pipe, opts.allow_pickle)}
+                    "embeddings": _embedding_catalog(embeddings, pipe)}
 
-        # (off the event loop: the embedding catalog reads each file to learn its width)
-        models = await asyncio.to_thread(lambda: [model_options(name, pipe) for name, pipe in pipelines.items()])
+        # (off the event loop: each embedding file is read, once for all the models, to learn its width)
+        embeddings = await asyncio.to_thread(_embedding_widths, opts.embedding_dir, opts.allow_pickle)
+        models = [model_options(name, pipe, embeddings) for name, pipe in pipelines.items()]
         return {
             "models": models,
             # the default model's, for clients that read one list
