@@ -106,6 +106,10 @@ def main() -> None:
                              "A1111's emphasis (the old prompts, which hold no star, are unchanged by it)")
     parser.add_argument("--star-caption-weight", type=float, default=1.0, metavar="W",
                         help="write the star images' captions with (star:W) and train with --weighted-captions")
+    parser.add_argument("--star-text", default="star", metavar="TEXT",
+                        help="what the star images' captions and the star prompts write for the star, e.g. 'star q': "
+                             "with --train-tokens star q, the word's two trained vectors, as a two-vector embedding "
+                             "(kohya's num_vectors_per_token) stands for one word")
     parser.add_argument("--token-scales", nargs="+", type=float, default=[], metavar="S",
                         help="also judge the finished LoRA on the star prompts with its trained words' input "
                              "embeddings multiplied by S (a file-side stand-in for the prompt weight)")
@@ -183,9 +187,13 @@ def main() -> None:
         specs = specs + [s for s in specs if s.size == "small"] * (args.small_repeats - 1)
     shapes.write_caption_folder(specs, data, size, "star" if args.data_split == "novel" else "old",
                                 mask_folder=work / "masks" if args.masks else None)
+    if args.star_text != "star":
+        metadata = data / "metadata.jsonl"
+        metadata.write_text(metadata.read_text().replace(" star ", f" {args.star_text} "))
     if args.star_caption_weight != 1:
         metadata = data / "metadata.jsonl"
-        metadata.write_text(metadata.read_text().replace(" star ", f" (star:{args.star_caption_weight:g}) "))
+        metadata.write_text(metadata.read_text().replace(f" {args.star_text} ",
+                                                         f" ({args.star_text}:{args.star_caption_weight:g}) "))
         options["weighted_captions"] = True
     old_prompts = prompt_set("seen", args.eval_prompts)
     sampling = {"steps": args.sample_steps, "guidance_scale": args.guidance}
@@ -193,7 +201,7 @@ def main() -> None:
     def measure(**changed: float) -> dict:
         """Star accuracy and old-prompt adherence, sampled with the bench's settings and ``changed``."""
         at = {**sampling, **changed}
-        star = measure_concept(pipe, shape="star", n=args.eval_prompts, judge=judge, **at)
+        star = measure_concept(pipe, shape="star", n=args.eval_prompts, judge=judge, shape_text=args.star_text, **at)
         old = measure_prompts(pipe, old_prompts, judge=judge, **at)
         return {"star": star, "old": {k: v for k, v in old.items() if k not in ("images", "features")}}
 
@@ -205,7 +213,8 @@ def main() -> None:
     print("before", json.dumps(before), flush=True)
 
     def emphasised_star(weight: float) -> dict:
-        star = measure_concept(pipe, shape="star", n=args.eval_prompts, judge=judge, shape_weight=weight, **sampling)
+        star = measure_concept(pipe, shape="star", n=args.eval_prompts, judge=judge, shape_weight=weight,
+                               shape_text=args.star_text, **sampling)
         return {"star_accuracy": star["per_attribute"]["shape"], "star_all_attributes": star["all_attributes"],
                 "star_per_attribute": star["per_attribute"], "star_shape_by_size": star["shape_by_size"],
                 "star_read_as": star["shape_read_as"]}

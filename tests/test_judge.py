@@ -115,6 +115,10 @@ def test_concept_prompts_can_emphasise_the_shape_word():
     assert specs == same_specs  # the same attribute sets, only the word written otherwise
     assert weighted == [p.replace("star", "(star:1.3)") for p in plain]
     assert all(p.count("(star:1.3)") == 1 for p in weighted)
+    _, two_words = adherence.concept_prompts("star", 6, shape_text="star q")  # a two-vector word's tokens
+    assert two_words == [p.replace("star", "star q") for p in plain]
+    _, two_weighted = adherence.concept_prompts("star", 6, shape_weight=1.5, shape_text="star q")
+    assert two_weighted == [p.replace("star", "(star q:1.5)") for p in plain]
 
 
 def test_evaluation_prompts_are_read_with_a1111_emphasis_and_past_77_tokens(tiny_model_dir):

@@ -171,29 +171,32 @@ def measure_prompts(pipe, specs: list[shapes.ShapeSpec], judge: ShapesJudge | No
     return {**score(preds, specs), "images": images, "features": feats}
 
 
-def concept_prompts(shape: str, n: int, prompt_template: str = "{caption}", shape_weight: float = 1.0
-                    ) -> tuple[list[shapes.ShapeSpec], list[str]]:
-    """The ``n`` fixed prompts of one shape and their attribute sets. ``shape_weight`` other than 1 writes the shape's
-    word with A1111's emphasis, ``(star:1.3)``: the weight a user gives a concept a LoRA taught weakly."""
+def concept_prompts(shape: str, n: int, prompt_template: str = "{caption}", shape_weight: float = 1.0,
+                    shape_text: str | None = None) -> tuple[list[shapes.ShapeSpec], list[str]]:
+    """The ``n`` fixed prompts of one shape and their attribute sets. ``shape_text`` is written where the shape's
+    word stands (default: the word). ``shape_weight`` other than 1 writes it with A1111's emphasis, ``(star:1.3)``:
+    the weight a user gives a concept a LoRA taught weakly."""
     if shape not in shapes.SHAPES:
         raise EgakuError(f"unknown shape {shape!r}; choose from {', '.join(shapes.SHAPES)}")
     rng = np.random.default_rng(PROMPT_SEED + 97)
     pool = shapes.all_specs((shape,))
     specs = [pool[int(i)] for i in rng.integers(0, len(pool), size=n)]
-    captions = [s.caption if shape_weight == 1 else re.sub(rf"\b{shape}\b", f"({shape}:{shape_weight:g})", s.caption)
-                for s in specs]
+    text = shape_text or shape
+    text = text if shape_weight == 1 else f"({text}:{shape_weight:g})"
+    captions = [re.sub(rf"\b{shape}\b", text, s.caption) for s in specs]
     return specs, [prompt_template.format(caption=c) for c in captions]
 
 
 def measure_concept(pipe, shape: str = "star", n: int = 40, judge: ShapesJudge | None = None,
-                    prompt_template: str = "{caption}", shape_weight: float = 1.0, **kwargs) -> dict:
+                    prompt_template: str = "{caption}", shape_weight: float = 1.0, shape_text: str | None = None,
+                    **kwargs) -> dict:
     """Adherence on ``n`` fixed prompts of one shape (e.g. the star a LoRA was trained on).
 
     ``prompt_template`` may wrap the caption, e.g. ``"sks, {caption}"``; ``shape_weight`` emphasises the shape's
-    word (see ``concept_prompts``). Returns per-attribute and all-attributes accuracy (no images), so before/after
+    word and ``shape_text`` stands for it (see ``concept_prompts``). Returns per-attribute and all-attributes accuracy (no images), so before/after
     a LoRA can be compared on the same prompts.
     """
-    specs, prompts = concept_prompts(shape, n, prompt_template, shape_weight)
+    specs, prompts = concept_prompts(shape, n, prompt_template, shape_weight, shape_text)
     result = measure_prompts(pipe, specs, judge=judge, prompts=prompts, **kwargs)
     return {k: v for k, v in result.items() if k not in ("images", "features")}
 
