@@ -327,11 +327,26 @@ def header_entries(**values) -> dict[str, str]:
             json.dumps(value) if isinstance(value, (dict, list)) else str(value) for key, value in values.items()}
 
 
-def kohya_metadata(**values) -> dict[str, str]:
-    """``ss_*`` header entries (kohya writes every value as a string; A1111 reads ss_network_* from it)."""
-    return {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "ss_v2": "False",
-            "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.implementation": "diffusers",
-            "modelspec.sai_model_spec": "1.0.0", **header_entries(**values)}
+def kohya_metadata(unet_config=None, **values) -> dict[str, str]:
+    """``ss_*`` header entries of a LoRA trained on a UNet of ``unet_config`` (None: SD 1.x); kohya writes every
+    value as a string, and A1111 reads ss_network_* from it."""
+    return {"ss_network_module": "networks.lora", **base_model_metadata(unet_config),
+            "modelspec.implementation": "diffusers", "modelspec.sai_model_spec": "1.0.0", **header_entries(**values)}
+
+
+def base_model_metadata(unet_config) -> dict[str, str]:
+    """The header entries naming the base a kohya-layout LoRA was trained on, as kohya spells them
+    (``library/sai_model_spec.py`` ``determine_architecture``): ``ss_base_model_version``, ``ss_v2`` and
+    ``modelspec.architecture``. A1111 sorts LoRAs by them (``network.py`` ``NetworkOnDisk.detect_version``: ``ss_v2``
+    "True" is SD2, any other header SD1) and, by default, lists only those of the loaded checkpoint's version, so a
+    2.x LoRA labelled 1.x would be hidden with the model it fits. A 2.x UNet attends to OpenCLIP ViT-H's 1024-wide
+    states (1.x: CLIP ViT-L's 768); the 768-v models are the 2.x ones of 96-latent (768 px) native size."""
+    config = dict(unet_config or {})
+    if config.get("cross_attention_dim") != 1024:
+        return {"ss_base_model_version": "sd_v1", "ss_v2": "False",
+                "modelspec.architecture": "stable-diffusion-v1/lora"}
+    arch = "stable-diffusion-v2-768-v" if (config.get("sample_size") or 0) >= 96 else "stable-diffusion-v2-512"
+    return {"ss_base_model_version": "sd_v2", "ss_v2": "True", "modelspec.architecture": f"{arch}/lora"}
 
 
 def steps_metadata(step: int, planned: int) -> dict[str, int]:
