@@ -522,6 +522,54 @@ def test_disk_cache_is_reused_by_the_next_run(tmp_path, data_dir, tiny_model_dir
     assert len(calls) == 6  # six images encoded by the first run only
 
 
+def test_the_disk_cache_is_keyed_the_same_in_every_process():
+    """diffusers lists the config entries it filled with defaults (``_use_default_values``) from a set, in an order
+    that each process's string hashing decides: a key built from it made every new run miss the whole cache."""
+    from types import SimpleNamespace
+
+    pipe = lora_training._load_base("tiny")
+    vae, text_encoder = pipe.vae, pipe.text_encoder
+    defaults = list(vae.config["_use_default_values"])
+    assert len(defaults) > 1  # what the order of another process's hashing changes
+    other_process = SimpleNamespace(config={**vae.config, "_use_default_values": defaults[::-1]},
+                                    parameters=vae.parameters)
+    key = lora_training.encoders_key(vae, text_encoder)
+    assert lora_training.encoders_key(other_process, text_encoder) == key
+    assert "_use_default_values" not in key and "_name_or_path" not in key
+
+
+def test_a_damaged_disk_cache_file_is_encoded_again_and_rewritten(tmp_path, data_dir, tiny_model_dir, monkeypatch,
+                                                                  capsys):
+    calls = count_vae_encodes(monkeypatch)
+    cache = tmp_path / "cache"
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "a", max_steps=1, format="diffusers",
+                       cache_dir=str(cache)))
+    files = sorted(cache.glob("*.safetensors"))
+    for path in files[:3]:
+        path.write_bytes(path.read_bytes()[:50])  # cut short (a full disk, a copy interrupted)
+    files[3].write_bytes(b"not a safetensors file")
+    capsys.readouterr()
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "b", max_steps=1, format="diffusers",
+                       cache_dir=str(cache)))
+    assert capsys.readouterr().err.count("cannot be read") == 4
+    assert 6 < len(calls) <= 10  # the damaged latents only (the others may be captions' text states)
+    for path in files:  # rewritten whole
+        assert load_file(path)["t"].numel() > 0
+
+
+def test_a_cache_dir_that_cannot_be_written_is_said_once_and_the_run_trains(tmp_path, data_dir, tiny_model_dir,
+                                                                            monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lora_training, "atomic_save_file", full_disk)
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", max_steps=1, format="diffusers",
+                             cache_dir=str(tmp_path / "cache")))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert err.count("cannot be written") == 1 and "No space left on device" in err and "in memory only" in err
+
+
 def test_clip_skip_trains_on_the_earlier_text_layer_and_keeps_its_own_cache_entries(tmp_path, data_dir,
                                                                                   tiny_model_dir, monkeypatch,
                                                                                   capsys):
@@ -808,6 +856,25 @@ def test_resume_may_change_what_is_watched_and_a_finished_run_says_nothing_was_l
     # a new run (no --resume) in that folder would prune its own checkpoints and mix its log with this one's
     with pytest.raises(EgakuError, match="already holds a run's checkpoints .*--resume latest"):
         train_lora(options(data_dir, tiny_model_dir, out, **common))
+
+
+def test_a_lora_that_cannot_be_written_names_the_checkpoint_that_writes_it_again(tmp_path, data_dir,
+                                                                                 tiny_model_dir, monkeypatch, capsys):
+    common = dict(max_steps=2, format="diffusers")
+    real_save = lora_training.save_lora
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lora_training, "save_lora", full_disk)
+    with pytest.raises(EgakuError, match=r"writing the LoRA into .*run failed at step 2 \(OSError: .*No space left "
+                                         r"on device\); the last checkpoint is .*step-000002: free some space .* "
+                                         r"--resume latest \(nothing is trained again\)"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", **common))
+    monkeypatch.setattr(lora_training, "save_lora", real_save)
+    out = train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", **common, resume="latest"))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert "nothing was left to train" in capsys.readouterr().out
 
 
 def apply_loras_to_nothing(path):
@@ -1770,6 +1837,21 @@ def test_max_token_length_reads_captions_past_75_tokens(tmp_path, data_dir, tiny
     assert any(not torch.allclose(read_once[k], read_twice[k]) for k in read_once)
     with safe_open(str(tmp_path / "read-once" / "read-once.safetensors"), framework="pt") as fh:
         assert fh.metadata()["ss_max_token_length"] == "150"  # as kohya records it
+
+
+def test_a_validation_prompt_past_max_token_length_is_reported(data_dir, tiny_model_dir):
+    """Validation prompts are read as captions are: a long one is cut where `egaku generate` would read on."""
+    tokenizer = tiny_pipe(tiny_model_dir).tokenizer
+    long = " ".join(["a red star on a blue circle"] * 20)
+    lines = []
+    lora_training.report_long_captions(tokenizer, [], options(data_dir, tiny_model_dir, "out",
+                                                              validation_prompts=["a red star", long]), lines.append)
+    assert len(lines) == 1 and "the validation prompt 'a red star on a blue circle" in lines[0]
+    assert "runs past 75 tokens" in lines[0] and "--max-token-length 150 or 225" in lines[0]
+    lines.clear()
+    lora_training.report_long_captions(tokenizer, [], options(data_dir, tiny_model_dir, "out", max_token_length=225,
+                                                              validation_prompts=["a red star"]), lines.append)
+    assert lines == []
 
 
 def test_a_token_init_word_of_several_tokens_starts_from_their_mean(tmp_path, data_dir, tiny_model_dir, capsys):

@@ -231,3 +231,95 @@ def test_a_resume_from_an_earlier_step_than_the_folder_holds_is_refused_before_i
         checkpoints.resolve(str(elsewhere))
     assert Checkpoints(tmp_path / "new").resolve(str(elsewhere)) == elsewhere  # into an empty --out: fine
     assert Checkpoints(tmp_path / "other").resolve(str(elsewhere)) == elsewhere  # the folder's own latest
+
+
+def test_a_checkpoint_renamed_aside_beside_the_others_is_neither_resumed_nor_pruned(tmp_path):
+    from egaku.training.runtime import Checkpoints
+
+    for step in (1, 2):
+        _checkpoint(tmp_path, step)
+    root = tmp_path / "checkpoints"
+    # what a damaged checkpoint's error says to do, done in place
+    (root / "step-000002").rename(root / "step-000002.bad")
+    checkpoints = Checkpoints(tmp_path, keep=2)
+    assert checkpoints.latest().name == "step-000001"  # the pointer names the moved folder: not followed
+    assert checkpoints.resolve("latest").name == "step-000001"
+    for step in (2, 3):
+        checkpoints.save(step, {"model": {"w": torch.zeros(2)}}, {"step": step}, {"lr": 1.0})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000002.bad", "step-000003"]
+    (root / "latest").write_text("../../elsewhere/step-000009\n")  # a pointer out of the folder is not followed
+    assert checkpoints.latest().name == "step-000003"
+
+
+def test_resume_latest_says_which_incomplete_checkpoint_it_passes_over(tmp_path, capsys):
+    from egaku.training.runtime import Checkpoints
+
+    for step in (1, 2):
+        _checkpoint(tmp_path, step)
+    (tmp_path / "checkpoints" / "step-000002" / "state.pt").unlink()
+    assert Checkpoints(tmp_path).resolve("latest").name == "step-000001"
+    assert "no state.pt in step-000002" in capsys.readouterr().err
+
+
+def test_a_damaged_config_of_a_checkpoint_names_the_older_one_not_another_trainer(tmp_path):
+    from egaku.training.runtime import trainer_config
+
+    older, newer = _checkpoint(tmp_path, 1), _checkpoint(tmp_path, 2)
+    (newer / "config.json").write_text('{\n  "lr": ')  # cut short
+    with pytest.raises(EgakuError, match=f"config.json cannot be read .*--resume {re.escape(str(older))}"):
+        trainer_config(newer, "train-lora")
+    (newer / "config.json").unlink()
+    with pytest.raises(EgakuError, match="config.json cannot be read \\(it is missing\\)"):
+        trainer_config(newer, "train-lora")
+    with pytest.raises(EgakuError, match="is not a train-lora checkpoint"):  # a folder that is none at all
+        trainer_config(tmp_path, "train-lora")
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 92800"),
+                                     OSError(28, "No space left on device")])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(tmp_path, monkeypatch, failure):
+    from egaku.training import runtime
+
+    last = _checkpoint(tmp_path, 1)
+
+    def full_disk(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(runtime.torch, "save", full_disk)  # how a full disk fails torch.save
+    with pytest.raises(EgakuError, match=f"writing checkpoint .*step-000002 failed \\({type(failure).__name__}.* MiB "
+                                         f"free there\\); training stopped, the last checkpoint, {re.escape(str(last))}"
+                                         ", is intact: .*--resume latest"):
+        runtime.Checkpoints(tmp_path).save(2, {"model": {"w": torch.zeros(2)}}, {"step": 2}, {"lr": 1.0})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000001"]
+
+
+def test_the_unfinished_writes_of_a_killed_run_are_removed_before_the_next_checkpoint(tmp_path):
+    from egaku.training.runtime import Checkpoints
+
+    _checkpoint(tmp_path, 1)
+    killed = tmp_path / "checkpoints" / ".tmp-step-000002-abcd1234"  # a SIGKILL during the write of step 2
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"\0" * 100)
+    Checkpoints(tmp_path).save(2, {"model": {"w": torch.zeros(2)}}, {"step": 2}, {"lr": 1.0})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000001", "step-000002"]
+
+
+def test_a_lost_process_of_a_distributed_run_is_one_line_naming_the_checkpoint_to_resume(tmp_path):
+    from egaku.training.runtime import Checkpoints, another_process_lost
+
+    last = _checkpoint(tmp_path, 4)
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:48860. This is typically caused by a remote worker crashing.")
+    with pytest.raises(EgakuError, match=f"another process of this 2-process run ended .*Connection closed by peer.*"
+                                         f"the last checkpoint is {re.escape(str(last))}: .*continue on 2 processes "
+                                         "with --resume latest"):
+        with another_process_lost(2, Checkpoints(tmp_path)):
+            raise gloo
+    with pytest.raises(EgakuError, match="no checkpoint was written yet: train again"):
+        with another_process_lost(2, Checkpoints(tmp_path / "new")):
+            raise gloo
+    for world, error in ((1, gloo), (2, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))):
+        with pytest.raises(RuntimeError) as raised:  # one process, or another failure: as it was
+            with another_process_lost(world, Checkpoints(tmp_path)):
+                raise error
+        assert raised.value is error

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 import dataclasses
@@ -56,11 +57,12 @@ from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module,
 from ..models.text import check_clip_skip, encode_captions, encode_prompts, prompt_chunks
 from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
-                      StopOnSignal, agree_on_step, atomic_save_file, capture_rng, check_finite, check_log_with,
-                      check_loss_type, check_replicas_agree, check_same_world, check_timestep_sampling,
-                      checkpoint_step, debiased_weights, draw_timesteps, either, elementwise_loss,
-                      half_precision_attention, huber_thresholds, load_checkpoint, make_accelerator, min_snr_weights,
-                      permissions_by_umask, restore_rng, stop_after_signal, train_again, trainer_config)
+                      StopOnSignal, agree_on_step, another_process_lost, atomic_save_file, capture_rng, check_finite,
+                      check_log_with, check_loss_type, check_replicas_agree, check_same_world,
+                      check_timestep_sampling, checkpoint_step, debiased_weights, draw_timesteps, either,
+                      elementwise_loss, half_precision_attention, huber_thresholds, load_checkpoint, make_accelerator,
+                      min_snr_weights, permissions_by_umask, restore_rng, step_folders, stop_after_signal, train_again,
+                      trainer_config)
 
 LR_SCHEDULES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -604,6 +606,7 @@ class _Cache:
         self.folder = Path(folder) if folder else None
         self.model_key = model_key
         self.store: dict[str, torch.Tensor] = {}
+        self.unwritable = False  # set when a write to the folder failed: said once, not tried again
 
     def get(self, key: str, compute) -> torch.Tensor:
         if key in self.store:
@@ -614,11 +617,24 @@ class _Cache:
             path = self.folder / f"{digest}.safetensors"
             if path.is_file():
                 from safetensors.torch import load_file
-                self.store[key] = load_file(path)["t"]
-                return self.store[key]
+                try:
+                    self.store[key] = load_file(path)["t"]
+                    return self.store[key]
+                except Exception as exc:  # noqa: BLE001 - a cache entry is only a copy: computed again, rewritten
+                    reason = (str(exc).splitlines() or [""])[0][:120]
+                    print(f"egaku: warning: the cache file {path} cannot be read ({type(exc).__name__}: {reason}); "
+                          "encoding it again", file=sys.stderr)
         value = compute().detach().float().cpu().contiguous()
-        if path is not None:
-            atomic_save_file({"t": value}, path)  # several processes may fill the same cache
+        if path is not None and not self.unwritable:
+            try:
+                atomic_save_file({"t": value}, path)  # several processes may fill the same cache
+            except Exception as exc:  # noqa: BLE001 - a full disk (safetensors' own error) or a read-only folder
+                # the disk copy only saves later runs the encoding: this run goes on with the cache in memory
+                self.unwritable = True
+                reason = (str(exc).splitlines() or [""])[0][:160]
+                print(f"egaku: warning: --cache-dir {self.folder} cannot be written ({type(exc).__name__}: {reason}); "
+                      "this run keeps its cache in memory only (free some space there or give another --cache-dir "
+                      "for later runs to reuse it)", file=sys.stderr)
         self.store[key] = value
         return value
 
@@ -688,7 +704,8 @@ def nan_advice(opts: TrainLoraOptions, checkpoints: Checkpoints):
             return f"Try: --resume latest with {fixes}{leave_fp16}"
         # the rate that ruined them is the one they were trained at, which may not be this session's
         fixes = either(["a lower --learning-rate than the one that trained it", *clip])
-        earlier = sorted(p for p in last.parent.glob("step-*") if p.name < last.name and (p / "state.pt").is_file())
+        earlier = [p for p in step_folders(last.parent)
+                   if checkpoint_step(p) < checkpoint_step(last) and (p / "state.pt").is_file()]
         back = (f"resume from the checkpoint before it (--resume {earlier[-1]}, with {last.name} moved aside) with "
                 f"{fixes}{leave_fp16}" if earlier else
                 f"{train_again(checkpoints)} with {fixes}" + (" or --mixed-precision bf16 or no" if fp16 else ""))
@@ -783,6 +800,13 @@ def report_long_captions(tokenizer, items: list, opts: TrainLoraOptions, report)
         more = "" if opts.max_token_length == 225 else " (--max-token-length 150 or 225 reads more, as kohya's does)"
         report(f"{len(cut)} caption(s) run past {opts.max_token_length} tokens and are cut there, e.g. {first.path}: "
                f"{len(tokenizer(first.caption, add_special_tokens=False).input_ids)} tokens{more}")
+    # validation prompts are read as captions are: a cut one renders otherwise than `egaku generate` draws it
+    for prompt in opts.validation_prompts:
+        if len(prompt_chunks(tokenizer, prompt, opts.weighted_captions)) > chunks:
+            more = "" if opts.max_token_length == 225 else " (--max-token-length 150 or 225 reads more)"
+            report(f"the validation prompt {prompt[:60]!r}{'...' * (len(prompt) > 60)} runs past "
+                   f"{opts.max_token_length} tokens ({len(tokenizer(prompt, add_special_tokens=False).input_ids)}): "
+                   f"its validation images are drawn from its first {opts.max_token_length}{more}")
 
 
 def report_upscaled(items: list, bucket_of: list[tuple[int, int]], report) -> None:
@@ -840,6 +864,20 @@ class TrainedTokens:
             self.table[token] = embeddings[word].to(self.table)
 
 
+def encoders_key(vae, text_encoder) -> str:
+    """What the disk cache's entries are keyed by besides their input: the VAE's and text encoder's configs and a
+    checksum of their weights, so that another or retrained model never reuses stale latents. The same in every
+    process: a config's private entries are left out (diffusers' ``_use_default_values`` lists a set, in an order
+    that changes with each process's string hashing; ``_name_or_path`` is where the model was loaded from)."""
+    def public(config) -> dict:
+        return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+    with torch.no_grad():
+        fingerprint = [float(sum(p.double().sum() for p in m.parameters())) for m in (vae, text_encoder)]
+    return json.dumps([public(vae.config), public(text_encoder.config.to_dict()), fingerprint], default=str,
+                      sort_keys=True)
+
+
 class TrainingInputs:
     """What each step feeds the UNet: the latent distribution of every item (per orientation) and the text states
     of every caption, encoded once and cached when the augmentations allow it, else encoded each step; and the
@@ -852,11 +890,7 @@ class TrainingInputs:
         self.cache_text = cache_text
         self.flips = (False, True) if opts.random_flip else (False,)
         # the disk cache is keyed by the encoders' weights too, so a retrained model never reuses stale latents
-        model_key = ""
-        if opts.cache_dir:
-            fingerprint = [float(sum(p.double().sum() for p in m.parameters())) for m in (vae, text_encoder)]
-            model_key = json.dumps([vae.config, text_encoder.config.to_dict(), fingerprint], default=str)
-        self.cache = _Cache(opts.cache_dir, model_key)
+        self.cache = _Cache(opts.cache_dir, encoders_key(vae, text_encoder) if opts.cache_dir else "")
         # a latent's key names the file's bytes (path, size, mtime), its bucket and its orientation
         self.latent_key = {}
         for i, item in enumerate(items):
@@ -1230,11 +1264,23 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         accelerator.wait_for_everyone()
 
     def write_lora(folder: Path) -> None:
-        save_lora(folder, unwrapped(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
-                  opts, token_embeddings=tokens.embeddings() if tokens else None,
-                  num_images=sum(item.repeats for item in scan.items) * opts.repeats,  # kohya counts repeats
-                  tags=folder_tags([(opts.data, scan.items), (opts.prior_data, prior_items)]),
-                  total_steps=total_steps, step=step, run=run_metadata)
+        from safetensors import SafetensorError
+
+        try:
+            save_lora(folder, unwrapped(unet), unwrapped(text_encoder) if opts.train_text_encoder else None,
+                      opts, token_embeddings=tokens.embeddings() if tokens else None,
+                      num_images=sum(item.repeats for item in scan.items) * opts.repeats,  # kohya counts repeats
+                      tags=folder_tags([(opts.data, scan.items), (opts.prior_data, prior_items)]),
+                      total_steps=total_steps, step=step, run=run_metadata)
+        except (OSError, SafetensorError) as exc:  # a full disk (safetensors' own error), a folder made read-only
+            last = checkpoints.latest()
+            # the run's last checkpoint is written before its LoRA: resuming from it only writes the files again
+            redo = ("nothing is trained again" if last is not None and checkpoint_step(last) == total_steps else
+                    "it continues from there")
+            reason = (str(exc).splitlines() or [""])[0][:200]
+            raise EgakuError(f"writing the LoRA into {folder} failed at step {step} ({type(exc).__name__}: {reason}); "
+                             f"the last checkpoint is {last}: free some space (or fix the folder) and run again with "
+                             f"--resume latest ({redo})") from None
 
     def validate() -> None:
         if not (main and opts.validation_prompts):
@@ -1276,7 +1322,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     nan_hint = nan_advice(opts, checkpoints)  # what a NaN stop suggests: built once, its text only when needed
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, another_process_lost(world, checkpoints):
         while step < total_steps and not (opts.stop_at and step >= opts.stop_at):
             step_loss = 0.0
             for k in range(opts.gradient_accumulation):
@@ -1404,6 +1450,7 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
             tensors = {k: v.to(dtype) for k, v in peft_to_kohya(pairs, alphas).items()}
             name = kohya_file(out).stem
             metadata = kohya_metadata(
+                unet.config,
                 ss_output_name=name, ss_network_dim=opts.rank, ss_network_alpha=alpha,
                 ss_network_args={**({"conv_dim": conv_rank, "conv_alpha": conv_alpha} if opts.lora_conv else {}),
                                  **({"loraplus_lr_ratio": opts.loraplus_lr_ratio} if opts.loraplus_lr_ratio else {})},

@@ -15,6 +15,7 @@ atomically after that, so a crash or a full disk mid-write leaves the previous c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -139,6 +140,7 @@ class Checkpoints:
                              f"got {keep}")
         self.root = Path(out_dir) / "checkpoints"  # (each trainer checks its --out with check_output first)
         self.keep = keep
+        self._swept = False  # whether the unfinished writes of killed runs were removed (before the first save)
 
     def check_fresh_start(self) -> None:
         """A run that does not resume may not start where another run left checkpoints: it would prune its own
@@ -151,9 +153,14 @@ class Checkpoints:
 
     def save(self, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
              config: dict[str, Any]) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:06d}"
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-step-{step:06d}-"))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not self._swept:
+                self._sweep_unfinished()
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-step-{step:06d}-"))
+        except OSError as exc:
+            raise self._write_failed(final, exc) from None
         try:
             for name, sd in weights.items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp / f"{name}.safetensors")
@@ -168,24 +175,53 @@ class Checkpoints:
             os.replace(tmp, final)
             _fsync_dir(self.root)
             atomic_write_text(self.root / "latest", final.name + "\n")
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            # a full disk makes torch.save fail with "unexpected pos" (a RuntimeError), safetensors with an OSError
+            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, EgakuError):
+                raise self._write_failed(final, exc) from None
             raise
         self._prune()
         return final
 
+    def _write_failed(self, final: Path, exc: BaseException) -> EgakuError:
+        """A checkpoint that could not be written (a full disk, a read-only or vanished folder): one line saying
+        which, with the free space, the checkpoint a resume continues from, and what to do."""
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        try:
+            free = f"; {shutil.disk_usage(self.root if self.root.is_dir() else self.root.parent).free / 2**20:.0f} " \
+                   f"MiB free there"
+        except OSError:
+            free = ""
+        last = self.latest()
+        resume = (f"the last checkpoint, {last}, is intact: free some space (or fix the folder) and continue with "
+                  "--resume latest" if last else "no checkpoint was written yet: free some space (or fix the folder) "
+                  f"and {train_again(self)}")
+        return EgakuError(f"writing checkpoint {final} failed ({type(exc).__name__}: {first_line}{free}); training "
+                          f"stopped, {resume}")
+
+    def _sweep_unfinished(self) -> None:
+        """Remove the temporary folders of checkpoint writes that a killed run (SIGKILL, a power cut) left: each holds
+        up to a whole checkpoint, which no resume reads. Once per run, before its first checkpoint: a write under way
+        is this run's own."""
+        for unfinished in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(unfinished, ignore_errors=True)
+        self._swept = True
+
     def _prune(self) -> None:
-        steps = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        steps = step_folders(self.root)
         for old in steps[: max(0, len(steps) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
         pointer = self.root / "latest"
         if pointer.is_file():
-            path = self.root / pointer.read_text().strip()
-            if (path / "state.pt").is_file():
+            # only a step folder of this run: a pointer edited (or damaged) to name anything else is not followed
+            name = pointer.read_text(errors="replace").strip()
+            path = self.root / name
+            if "/" not in name and checkpoint_step(path) is not None and (path / "state.pt").is_file():
                 return path
-        complete = sorted(p for p in self.root.glob("step-*") if (p / "state.pt").is_file())
+        complete = [p for p in step_folders(self.root) if (p / "state.pt").is_file()]
         return complete[-1] if complete else None
 
     def resolve(self, resume: str) -> Path:
@@ -194,6 +230,11 @@ class Checkpoints:
             path = self.latest()
             if path is None:
                 raise EgakuError(f"--resume latest: no checkpoint found under {self.root}; start without --resume")
+            skipped = [p.name for p in step_folders(self.root)
+                       if checkpoint_step(p) > checkpoint_step(path) and not (p / "state.pt").is_file()]
+            if skipped and int(os.environ.get("RANK", "0")) == 0:  # said once, by the first of several processes
+                print(f"--resume latest: no state.pt in {', '.join(skipped)} under {self.root} (a write cut short, or "
+                      f"files removed): resuming from {path.name}, the latest complete checkpoint", file=sys.stderr)
             return path
         path = Path(resume)
         if (path / "checkpoints").is_dir():
@@ -213,9 +254,8 @@ class Checkpoints:
         step = checkpoint_step(resume_from)
         if step is None:
             return
-        newer = sorted(p.name for p in self.root.glob("step-*")
-                       if p.is_dir() and (later := checkpoint_step(p)) is not None and later >= step
-                       and p.resolve() != resume_from.resolve())
+        newer = [p.name for p in step_folders(self.root)
+                 if checkpoint_step(p) >= step and p.resolve() != resume_from.resolve()]
         if newer:
             raise EgakuError(f"--resume {resume_from}: {self.root} already holds {', '.join(newer)}, as late as or "
                              "later than it, and the resumed run's checkpoints would be mixed with them; resume "
@@ -226,6 +266,14 @@ def checkpoint_step(folder: Path) -> int | None:
     """The step of a checkpoint folder, ``step-000123``; None for a folder of another name."""
     digits = folder.name.removeprefix("step-")
     return int(digits) if folder.name.startswith("step-") and digits.isdigit() else None
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The checkpoint folders under ``root`` (``step-000123``), oldest first. A folder moved aside under another name
+    beside them (``step-000123.bad``, as an error about a damaged checkpoint suggests) is none of them: it is
+    neither resumed from nor pruned."""
+    found = [p for p in root.glob("step-*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 # options that only one trainer has: a checkpoint's config.json (the options of the run that wrote it) tells which
@@ -247,6 +295,11 @@ def trainer_config(path: Path, trainer: str) -> dict[str, Any]:
     try:
         saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
+        if checkpoint_step(path) is not None and (path / "state.pt").is_file():  # a damaged checkpoint: say which
+            # one to resume from instead (any other folder may be anything: said to be no checkpoint below)
+            reason = "it is missing" if not (path / "config.json").exists() else f"{type(exc).__name__}: {exc}"
+            raise EgakuError(f"cannot resume from {path}: config.json cannot be read ({reason}); "
+                             f"{older_checkpoint_advice(path)}") from None
         saved, why = None, f" (its config.json cannot be read: {exc})"
     else:
         writer = config_writer(saved)
@@ -275,10 +328,7 @@ def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str]
     if diffs:
         raise EgakuError(f"cannot resume from {path}: the configuration changed ({'; '.join(diffs)}). "
                          "Resume with the same options, or start a new run in another --out folder")
-    older = sorted(p for p in path.parent.glob("step-*") if p != path and (p / "state.pt").is_file())
-    # (this one moved aside first: a resume refuses to write beside checkpoints later than its own)
-    fallback = (f"move {path} aside and resume from an older checkpoint (--resume {older[-1]})" if older else
-                "start the run again in another --out folder")
+    fallback = older_checkpoint_advice(path)
     weights = CheckpointWeights(path, fallback)
     current = path / "state.pt"
     try:
@@ -293,6 +343,17 @@ def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str]
         reason = "it is missing" if not current.exists() else f"{type(exc).__name__}: {first_line}".rstrip(": ")
         raise EgakuError(f"cannot resume from {path}: {current.name} cannot be read ({reason}); {fallback}") from None
     return weights, state
+
+
+def older_checkpoint_advice(path: Path) -> str:
+    """What to do when checkpoint ``path`` is damaged: resume from the one before it, this one moved aside first (a
+    resume refuses to write beside checkpoints later than its own), or start again."""
+    step = checkpoint_step(path)
+    older = [p for p in step_folders(path.parent) if p.name != path.name and (p / "state.pt").is_file()
+             and (step is None or checkpoint_step(p) < step)]
+    if older:  # (renamed beside it, step-000123.bad, it is no checkpoint either: step_folders)
+        return f"move {path} aside and resume from an older checkpoint (--resume {older[-1]})"
+    return "start the run again in another --out folder"
 
 
 class CheckpointWeights(dict):
@@ -366,6 +427,26 @@ def check_same_world(state: dict[str, Any], world: int, checkpoint: Path, why: s
     if saved != world:
         raise EgakuError(f"cannot resume from {checkpoint}: it was written by a run on {saved} process(es), this one "
                          f"has {world}; {why}. Resume with {saved} process(es)")
+
+
+@contextlib.contextmanager
+def another_process_lost(world: int, checkpoints: Checkpoints):
+    """Around a distributed training loop: when another process of the run dies (killed, out of memory, its machine
+    gone), the next collective of each survivor fails with a gloo or NCCL RuntimeError and a traceback that does not
+    say what happened or what to do. It becomes one line naming the last checkpoint and the resume."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        if world == 1 or not any(mark in text.lower() for mark in ("gloo", "nccl", "closed by peer", "reset by peer")):
+            raise
+        last = checkpoints.latest()
+        where = (f"the last checkpoint is {last}: once the cause is fixed, continue on {world} processes with --resume "
+                 "latest" if last else f"no checkpoint was written yet: {train_again(checkpoints)}")
+        first_line = (text.splitlines() or [""])[0][:300]
+        raise EgakuError(f"another process of this {world}-process run ended or lost its connection ({first_line}); "
+                         f"the launcher's output names the process that failed first and why. Training stopped, "
+                         f"{where}") from None
 
 
 def check_replicas_agree(accelerator, params, what: str) -> None:
