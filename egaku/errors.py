@@ -19,3 +19,9 @@ class NotFoundError(EgakuError):
 
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message, param=param, status=404)
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), for quoting a library's error inside
+    a one-line EgakuError; "" for an exception without a message."""
+    return (str(exc).splitlines() or [""])[0][:limit]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EgakuError, NotFoundError
+from ..errors import EgakuError, NotFoundError, first_line
 from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha,
                       check_coverage, is_kohya, kohya_to_peft, model_module_name, peft_pairs, read_embedding,
                       read_lora_file, refuse_embedding, refuse_lycoris, refuse_training_checkpoint, single_token_ids)
@@ -293,7 +293,7 @@ def hub_lora(spec: str) -> Path:
     except EgakuError:
         raise
     except Exception as exc:  # noqa: BLE001 - no such repository or file, no access: the hub's first line says which
-        raise NotFoundError(f"LoRA {spec!r}: not a local path, and the hub says: {str(exc).splitlines()[0]}",
+        raise NotFoundError(f"LoRA {spec!r}: not a local path, and the hub says: {first_line(exc)}",
                             param="lora") from None
 
 
@@ -463,7 +463,7 @@ def apply_loras(pipe, loras: list[tuple[Path, float | dict[str, float]]]) -> lis
                 if te_pairs:
                     _load_text_encoder_lora(pipe.text_encoder, te_pairs, alphas, name)
         except (ValueError, RuntimeError) as exc:
-            raise EgakuError(f"{path}: could not be loaded into this model ({str(exc).splitlines()[0]})",
+            raise EgakuError(f"{path}: could not be loaded into this model ({first_line(exc)})",
                              param="lora") from None
         names.append(name)
         # a part the file lacks gets no weight: diffusers warns of a weight for a component the adapter is not in

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..errors import EgakuError
+from ..errors import EgakuError, first_line
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -349,7 +349,7 @@ def _pickle_to_safetensors(path: Path) -> Path:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the message is what matters to the user
-        raise EgakuError(f"{path} could not be read as a tensors-only checkpoint ({str(exc).splitlines()[0]}); "
+        raise EgakuError(f"{path} could not be read as a tensors-only checkpoint ({first_line(exc)}); "
                          "convert it to .safetensors with the tool that made it") from None
     while isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -388,7 +388,7 @@ def _check_safetensors_file(file: Path, what: str) -> None:
         with safe_open(str(file), framework="pt"):
             pass
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise EgakuError(f"{file} is not a complete safetensors file ({str(exc).splitlines()[0]}): it is "
+        raise EgakuError(f"{file} is not a complete safetensors file ({first_line(exc)}): it is "
                          f"truncated or corrupt; download or convert {what} again", param="model") from None
 
 
@@ -407,7 +407,7 @@ def _from_single_file(path: Path, model_config: str | None, dtype: torch.dtype, 
     except EgakuError:
         raise
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).splitlines()[0]
+        first = first_line(exc)
         if model_config and "expected shape" in first:  # diffusers' advice (ignore_mismatched_sizes) is not ours
             raise EgakuError(f"{name} does not fit the architecture of --model-config {model_config} "
                              f"({first.split('because ', 1)[-1].split('. ', 1)[0]}); pass the diffusers folder of "
@@ -493,7 +493,7 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
                                                            **({"variant": variant} if variant else {}),
                                                            **({} if allow_pickle else {"use_safetensors": True}))
         except Exception as exc:  # noqa: BLE001
-            raise EgakuError(f"{path} could not be loaded as a Stable Diffusion pipeline: {str(exc).splitlines()[0]}",
+            raise EgakuError(f"{path} could not be loaded as a Stable Diffusion pipeline: {first_line(exc)}",
                              param="model") from None
         info = ModelInfo(path.resolve().name, "folder", path.resolve())
     elif path.is_file():
@@ -545,7 +545,7 @@ def _load_hub(repo_id: str, common: dict):
         try:
             pipe = StableDiffusionPipeline.from_pretrained(repo_id, **common)
         except Exception as exc:  # noqa: BLE001
-            raise EgakuError(f"could not load {repo_id!r} from the hub: {str(exc).splitlines()[0]}",
+            raise EgakuError(f"could not load {repo_id!r} from the hub: {first_line(exc)}",
                              param="model") from None
     snapshot = getattr(pipe, "name_or_path", None)
     return pipe, ModelInfo(repo_id, "hub", Path(snapshot) if snapshot and Path(snapshot).is_dir() else None)

@@ -50,7 +50,7 @@ from ..data.captions import tag_frequency, vary_caption
 from ..data.folder import files_under, scan_image_folder
 from ..data.images import image_grid
 from ..data.masks import find_mask_files, latent_masks, masked_mean
-from ..errors import EgakuError
+from ..errors import EgakuError, first_line
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, finish_diffusers_file,
                             kohya_metadata, peft_pairs, peft_to_kohya, save_embedding, single_token_ids,
                             steps_metadata)
@@ -621,7 +621,7 @@ class _Cache:
                     self.store[key] = load_file(path)["t"]
                     return self.store[key]
                 except Exception as exc:  # noqa: BLE001 - a cache entry is only a copy: computed again, rewritten
-                    reason = (str(exc).splitlines() or [""])[0][:120]
+                    reason = first_line(exc, 120)
                     print(f"egaku: warning: the cache file {path} cannot be read ({type(exc).__name__}: {reason}); "
                           "encoding it again", file=sys.stderr)
         value = compute().detach().float().cpu().contiguous()
@@ -631,7 +631,7 @@ class _Cache:
             except Exception as exc:  # noqa: BLE001 - a full disk (safetensors' own error) or a read-only folder
                 # the disk copy only saves later runs the encoding: this run goes on with the cache in memory
                 self.unwritable = True
-                reason = (str(exc).splitlines() or [""])[0][:160]
+                reason = first_line(exc, 160)
                 print(f"egaku: warning: --cache-dir {self.folder} cannot be written ({type(exc).__name__}: {reason}); "
                       "this run keeps its cache in memory only (free some space there or give another --cache-dir "
                       "for later runs to reuse it)", file=sys.stderr)
@@ -1277,7 +1277,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
             # the run's last checkpoint is written before its LoRA: resuming from it only writes the files again
             redo = ("nothing is trained again" if last is not None and checkpoint_step(last) == total_steps else
                     "it continues from there")
-            reason = (str(exc).splitlines() or [""])[0][:200]
+            reason = first_line(exc, 200)
             raise EgakuError(f"writing the LoRA into {folder} failed at step {step} ({type(exc).__name__}: {reason}); "
                              f"the last checkpoint is {last}: free some space (or fix the folder) and run again with "
                              f"--resume latest ({redo})") from None

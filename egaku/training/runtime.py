@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import config_difference
-from ..errors import EgakuError
+from ..errors import EgakuError, first_line
 
 
 def capture_rng() -> dict[str, Any]:
@@ -178,7 +178,7 @@ class Checkpoints:
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             # a full disk makes torch.save fail with "unexpected pos" (a RuntimeError), safetensors with an OSError
-            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, EgakuError):
+            if isinstance(exc, (OSError, RuntimeError)):
                 raise self._write_failed(final, exc) from None
             raise
         self._prune()
@@ -187,7 +187,7 @@ class Checkpoints:
     def _write_failed(self, final: Path, exc: BaseException) -> EgakuError:
         """A checkpoint that could not be written (a full disk, a read-only or vanished folder): one line saying
         which, with the free space, the checkpoint a resume continues from, and what to do."""
-        first_line = (str(exc).splitlines() or [""])[0][:200]
+        reason = first_line(exc, 200)
         try:
             free = f"; {shutil.disk_usage(self.root if self.root.is_dir() else self.root.parent).free / 2**20:.0f} " \
                    f"MiB free there"
@@ -197,7 +197,7 @@ class Checkpoints:
         resume = (f"the last checkpoint, {last}, is intact: free some space (or fix the folder) and continue with "
                   "--resume latest" if last else "no checkpoint was written yet: free some space (or fix the folder) "
                   f"and {train_again(self)}")
-        return EgakuError(f"writing checkpoint {final} failed ({type(exc).__name__}: {first_line}{free}); training "
+        return EgakuError(f"writing checkpoint {final} failed ({type(exc).__name__}: {reason}{free}); training "
                           f"stopped, {resume}")
 
     def _sweep_unfinished(self) -> None:
@@ -339,8 +339,8 @@ def load_checkpoint(path: Path, current_config: dict[str, Any], ignore: set[str]
         # Our own file, but a user may point --resume anywhere: never allow arbitrary unpickling.
         state = torch.load(current, weights_only=True, map_location="cpu")  # a GPU run resumes anywhere
     except Exception as exc:  # noqa: BLE001 - any reader failure means a damaged file
-        first_line = (str(exc).splitlines() or [""])[0][:200]
-        reason = "it is missing" if not current.exists() else f"{type(exc).__name__}: {first_line}".rstrip(": ")
+        reason = ("it is missing" if not current.exists() else
+                  f"{type(exc).__name__}: {first_line(exc, 200)}".rstrip(": "))
         raise EgakuError(f"cannot resume from {path}: {current.name} cannot be read ({reason}); {fallback}") from None
     return weights, state
 
@@ -443,8 +443,8 @@ def another_process_lost(world: int, checkpoints: Checkpoints):
         last = checkpoints.latest()
         where = (f"the last checkpoint is {last}: once the cause is fixed, continue on {world} processes with --resume "
                  "latest" if last else f"no checkpoint was written yet: {train_again(checkpoints)}")
-        first_line = (text.splitlines() or [""])[0][:300]
-        raise EgakuError(f"another process of this {world}-process run ended or lost its connection ({first_line}); "
+        reason = first_line(exc, 300)
+        raise EgakuError(f"another process of this {world}-process run ended or lost its connection ({reason}); "
                          f"the launcher's output names the process that failed first and why. Training stopped, "
                          f"{where}") from None
 
