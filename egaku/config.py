@@ -303,5 +303,6 @@ def config_difference(saved: dict[str, Any], current: dict[str, Any], ignore: se
         if key in PATH_OPTIONS and _moved(saved.get(key), current.get(key)):
             continue
         if saved.get(key) != current.get(key):
-            diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}")
+            # named by its flag, which is what the user changes
+            diffs.append(f"--{key.replace('_', '-')}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}")
     return diffs

@@ -159,7 +159,7 @@ def test_bf16_mixed_precision_trains_close_to_fp32_resumes_exactly_and_exports_f
         patch.setattr(ldm, "check_finite", interrupt)
         with pytest.raises(KeyboardInterrupt):
             ldm.train_ldm(tiny_opts(interrupted, mixed_precision="bf16"))
-    with pytest.raises(EgakuError, match="mixed_precision: checkpoint has 'bf16', now 'no'"):
+    with pytest.raises(EgakuError, match="--mixed-precision: checkpoint has 'bf16', now 'no'"):
         ldm.train_ldm(tiny_opts(interrupted, resume="latest"))
     ldm.train_ldm(tiny_opts(interrupted, mixed_precision="bf16", resume="latest"))
     resumed = _unet_weights(interrupted / "model")
@@ -200,14 +200,14 @@ def test_resume_inside_the_vae_stage(tiny_run, tmp_path, monkeypatch):
 
 
 def test_resume_with_a_different_config_is_refused_naming_the_difference(tiny_run):
-    with pytest.raises(EgakuError, match=r"lr: checkpoint has 0.0006, now 0.001"):
+    with pytest.raises(EgakuError, match=r"--lr: checkpoint has 0.0006, now 0.001"):
         ldm.train_ldm(tiny_opts(tiny_run, resume="latest", lr=1e-3))
 
 
 def test_a_constant_schedule_run_can_be_extended_but_a_cosine_one_cannot(tiny_run, tmp_path):
     import shutil
 
-    with pytest.raises(EgakuError, match="steps: checkpoint has 6, now 8"):
+    with pytest.raises(EgakuError, match="--steps: checkpoint has 6, now 8"):
         ldm.train_ldm(tiny_opts(tiny_run, resume="latest", steps=8))
     out = tmp_path / "constant"
     ldm.train_ldm(tiny_opts(out, lr_schedule="constant"))

@@ -792,7 +792,7 @@ def test_the_default_resolution_is_the_models_native_size_and_a_resume_keeps_the
 
 def test_resume_with_changed_config_is_refused_naming_the_difference(trained, data_dir, tiny_model_dir):
     opts = options(data_dir, tiny_model_dir, trained, **{**TRAINED, "weight_decay": 0.1}, resume="latest")
-    with pytest.raises(EgakuError, match=r"weight_decay: checkpoint has 0\.01, now 0\.1"):
+    with pytest.raises(EgakuError, match=r"--weight-decay: checkpoint has 0\.01, now 0\.1"):
         train_lora(opts)
 
 

@@ -101,7 +101,7 @@ def test_a_pipeline_folder_without_a_model_folder_names_it(tmp_path, tiny_model_
         load_pipeline(folder, device="cpu")
 
 
-def test_a_model_config_beside_a_folder_is_said_to_be_unused(tiny_model_dir, tmp_path, capsys):
+def test_a_model_config_beside_a_folder_or_named_model_is_said_to_be_unused(tiny_model_dir, tmp_path, capsys):
     """A note, not an error: serve shares one --model-config among its --model sources, folders among them."""
     pipe = load_pipeline(tiny_model_dir, device="cpu", model_config=str(tmp_path))
     assert pipe.egaku_info.kind == "folder"
@@ -109,3 +109,6 @@ def test_a_model_config_beside_a_folder_is_said_to_be_unused(tiny_model_dir, tmp
     assert f"--model-config {tmp_path} is not used for {tiny_model_dir}: a pipeline folder holds its own configs" in out
     load_pipeline(tiny_model_dir, device="cpu")
     assert capsys.readouterr().out == ""
+    # the named models hold their configs too: said, not silently passed over
+    load_pipeline("tiny", device="cpu", model_config=str(tmp_path))
+    assert f"--model-config {tmp_path} is not used for the tiny test model" in capsys.readouterr().out

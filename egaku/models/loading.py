@@ -458,6 +458,14 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         raise EgakuError(f"--model {spec} names egaku's {'built-in model' if spec == 'builtin' else 'tiny test model'}"
                          f", and ./{spec} is here too: write --model ./{spec} for that {'folder' if path.is_dir() else 'file'}"
                          f", or run from another folder for egaku's", param="model")
+    if model_config and not path.is_file():
+        # a folder, the built-in and tiny models and a hub id hold their own configs (model_index.json, one config
+        # per model), which diffusers reads whatever --model-config says. A note, not an error: serve shares one
+        # --model-config among all its --model sources, where it is for the single files among them
+        source = {"tiny": "the tiny test model", "builtin": "the built-in model"}.get(
+            spec, str(path) if path.is_dir() else f"the hub model {spec}")
+        print(f"egaku: note: --model-config {model_config} is not used for {source}: a pipeline folder holds its "
+              "own configs, and --model-config is read for single-file checkpoints only (drop it here)")
     if spec == "tiny":
         from .tiny import tiny_pipeline
 
@@ -471,12 +479,6 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         info = ModelInfo("egaku-builtin", "builtin", BUILTIN_DIR)
     elif path.is_dir():
         _check_pipeline_folder(path)
-        if model_config:
-            # a folder holds its own configs (model_index.json, one config per model), which diffusers reads whatever
-            # --model-config says. A note, not an error: serve shares one --model-config among all its --model
-            # sources, where it is for the single files among them and a folder beside one is right
-            print(f"egaku: note: --model-config {model_config} is not used for {path}: a pipeline folder holds its "
-                  "own configs, and --model-config is read for single-file checkpoints only (drop it for a folder)")
         variant = _weights_variant(path)
         files = {c: component_weights_file(path, c) for c in ("unet", "vae", "text_encoder")}
         pickled = [f"{c}/{f.name}" for c, f in files.items() if f is not None and f.suffix.lower() == ".bin"]
