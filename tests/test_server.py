@@ -1012,3 +1012,29 @@ def test_url_images_expire_and_memory_is_bounded():
     assert all(store.get(token) for token in batch) and store.get(second) is None and store.get(third) is None
     expired = UrlStore(ttl=-1, max_bytes=1000)
     assert expired.get(expired.put(b"x")[0]) is None
+
+
+def test_the_options_listing_reads_each_embedding_file_once_until_it_changes(tmp_path, monkeypatch):
+    """Every options request lists the embedding folder with each file's width; a file is read again only when its
+    time or size changes, so a width that changed (a file for another base model written over it) is seen."""
+    import torch
+    from safetensors.torch import save_file
+
+    from egaku.inference import embeddings as embeddings_module
+    from egaku.server import app as app_module
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": torch.randn(1, 32)}, folder / "glow.safetensors")
+    save_file({"emb_params": torch.randn(2, 32)}, folder / "dusk.safetensors")
+    reads = []
+    real_read = embeddings_module.read_vectors
+    monkeypatch.setattr(embeddings_module, "read_vectors", lambda path, *a: reads.append(path.name) or real_read(path, *a))
+    app_module._vector_width.cache_clear()
+    assert app_module._embedding_widths(str(folder)) == {"glow": {32}, "dusk": {32}}
+    assert app_module._embedding_widths(str(folder)) == {"glow": {32}, "dusk": {32}}
+    assert sorted(reads) == ["dusk.safetensors", "glow.safetensors"]
+    save_file({"emb_params": torch.randn(1, 48)}, folder / "glow.safetensors")
+    os.utime(folder / "glow.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert app_module._embedding_widths(str(folder)) == {"glow": {48}, "dusk": {32}}
+    assert sorted(reads) == ["dusk.safetensors", "glow.safetensors", "glow.safetensors"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import io
 import json
@@ -235,18 +236,31 @@ def _embedding_widths(embedding_dir: str | None, allow_pickle: bool = False) -> 
     pickles (.pt/.bin), which the server would refuse. Read once for all the served models (``_embedding_catalog``)."""
     if not embedding_dir or not Path(embedding_dir).is_dir():
         return {}
-    from ..inference.embeddings import embedding_files, read_vectors
+    from ..inference.embeddings import embedding_files
 
     files = embedding_files(embedding_dir, allow_pickle)  # the files generation reads them from
     refused = set() if allow_pickle else set(pickle_embeddings(embedding_dir, files))
 
     def width(path: Path) -> int | None:
         try:
-            return read_vectors(path, allow_pickle).shape[1]
-        except EgakuError:  # a broken file stays listed: a request that names it gets the 400 that says what is wrong
+            stat = path.stat()
+        except OSError:  # removed since it was listed
             return None
+        return _vector_width(str(path), stat.st_mtime_ns, stat.st_size, allow_pickle)
 
     return {paths[0].stem: {width(path) for path in paths} for name, paths in files.items() if name not in refused}
+
+
+@functools.lru_cache(maxsize=4096)
+def _vector_width(path: str, mtime_ns: int, size: int, allow_pickle: bool) -> int | None:
+    """The width of an embedding file's vectors, read once per version of the file (its time and size are part of
+    the key): every options request lists the folder, and a folder of hundreds of embeddings is not re-read each time."""
+    from ..inference.embeddings import read_vectors
+
+    try:
+        return read_vectors(Path(path), allow_pickle).shape[1]
+    except EgakuError:  # a broken file stays listed: a request that names it gets the 400 that says what is wrong
+        return None
 
 
 def _embedding_catalog(widths: dict[str, set[int | None]], pipe) -> list[str]:
