@@ -794,16 +794,15 @@ def check_target_modules(unet, targets: list[str]) -> None:
 def report_long_captions(tokenizer, items: list, opts: TrainLoraOptions, report) -> None:
     """Name the captions that run past --max-token-length: the text encoder does not read their ends."""
     chunks = opts.max_token_length // 75
+    more = "" if opts.max_token_length == 225 else " (--max-token-length 150 or 225 reads more, as kohya's does)"
     cut = [item for item in items if len(prompt_chunks(tokenizer, item.caption, opts.weighted_captions)) > chunks]
     if cut:
         first = cut[0]
-        more = "" if opts.max_token_length == 225 else " (--max-token-length 150 or 225 reads more, as kohya's does)"
         report(f"{len(cut)} caption(s) run past {opts.max_token_length} tokens and are cut there, e.g. {first.path}: "
                f"{len(tokenizer(first.caption, add_special_tokens=False).input_ids)} tokens{more}")
     # validation prompts are read as captions are: a cut one renders otherwise than `egaku generate` draws it
     for prompt in opts.validation_prompts:
         if len(prompt_chunks(tokenizer, prompt, opts.weighted_captions)) > chunks:
-            more = "" if opts.max_token_length == 225 else " (--max-token-length 150 or 225 reads more)"
             report(f"the validation prompt {prompt[:60]!r}{'...' * (len(prompt) > 60)} runs past "
                    f"{opts.max_token_length} tokens ({len(tokenizer(prompt, add_special_tokens=False).input_ids)}): "
                    f"its validation images are drawn from its first {opts.max_token_length}{more}")
