@@ -285,6 +285,13 @@ def test_ctrl_c_checkpoints_the_step_it_finishes_and_resume_continues_exactly(tm
     b = load_generator(tmp_path / "stopped").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+    # Ctrl-C during the last step: training is done, so the generator is exported rather than left to a resume
+    ctrl_c_at_step(gan_training, 11)
+    train_gan_command(_opts(tmp_path, out=str(tmp_path / "last"), max_steps=12, checkpoint_every=10))
+    assert Checkpoints(tmp_path / "last").latest().name == "step-000012"
+    b = load_generator(tmp_path / "last").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
 
 
 def test_sample_grids_every_n_epochs_and_after_the_last(tmp_path):

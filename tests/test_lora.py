@@ -672,6 +672,12 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resume_equals_uninterr
     assert not (split / "pytorch_lora_weights.safetensors").exists()
     train_lora(options(data_dir, tiny_model_dir, split, resume="latest", **common))
     assert_same_lora(whole, split)
+    # Ctrl-C during the last step: training is done, so the LoRA is written (not only the checkpoint)
+    last = tmp_path / "last"
+    ctrl_c_at_step(lora_training, 3)
+    train_lora(options(data_dir, tiny_model_dir, last, **common))
+    assert (last / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    assert_same_lora(whole, last)
 
 
 def test_two_process_run_under_torchrun_on_cpu(tmp_path, data_dir, tiny_model_dir, torchrun):

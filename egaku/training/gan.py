@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,9 +345,11 @@ def train_gan_command(opts: TrainGanOptions) -> None:
                 if step % opts.checkpoint_every == 0 or stop.requested:
                     save(step)
                     last_saved = step
-                if stop.requested:
+                if stop.requested and step < total:
                     bar.close()
                     stop_after_signal(step, checkpoints.latest())
+                elif stop.requested:  # trained to the end: what is left is the export
+                    print("interrupted at the last step: exporting the generator", file=sys.stderr)
                 if (opts.max_minutes and time.monotonic() - started > opts.max_minutes * 60) or (
                         opts.max_cpu_minutes and time.process_time() - cpu_started > opts.max_cpu_minutes * 60):
                     stopped_by_time = True

@@ -835,6 +835,9 @@ def _train(opts: TrainLdmOptions) -> Path:
                 log.log(step, stage=2, loss=mean_loss, lr=sched.get_last_lr()[0])
             if step % opts.checkpoint_every == 0 or step == opts.total_steps or interrupted:
                 checkpoint()
+            if interrupted and step == opts.total_steps:  # trained to the end: what is left is the export
+                say("interrupted at the last step: exporting the model")
+                break
             if interrupted:
                 bar.close()
                 stop_after_signal(step, ckpts.latest(), quiet=not main)

@@ -1321,6 +1321,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     nan_hint = nan_advice(opts, checkpoints)  # what a NaN stop suggests: built once, its text only when needed
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
+    interrupted = False
     with StopOnSignal() as stop, another_process_lost(world, checkpoints):
         while step < total_steps and not (opts.stop_at and step >= opts.stop_at):
             step_loss = 0.0
@@ -1377,6 +1378,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                 bar.update(1)
             if opts.checkpoint_every and step % opts.checkpoint_every == 0 or step == opts.stop_at or interrupted:
                 save_checkpoint()
+            if interrupted and step == total_steps:  # trained to the end: what is left, writing the LoRA, is quick
+                say("interrupted at the last step: writing the LoRA without the final validation images")
+                break
             if interrupted:
                 bar.close()
                 stop_after_signal(step, checkpoints.latest(), quiet=not main)
@@ -1392,9 +1396,9 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         say(f"stopped at step {step} of {total_steps} (--stop-at); continue with --resume latest")
         return out
     check_replicas_agree(accelerator, lora_params, "LoRA weights")
-    if not (opts.checkpoint_every and step % opts.checkpoint_every == 0):
+    if not (opts.checkpoint_every and step % opts.checkpoint_every == 0 or interrupted):
         save_checkpoint()
-    if not (opts.validation_every and step % opts.validation_every == 0):
+    if not (opts.validation_every and step % opts.validation_every == 0 or interrupted):
         validate()
     if main:
         log.close()
