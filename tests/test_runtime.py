@@ -23,6 +23,16 @@ def test_first_signal_asks_to_stop_the_second_interrupts_and_handlers_come_back(
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_only_the_main_process_says_it_will_stop(quiet, capsys):
+    """Under torchrun the signal reaches every process; the others (quiet) stop as asked without a line each."""
+    with StopOnSignal(quiet=quiet) as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested
+    said = capsys.readouterr().err
+    assert ("SIGTERM: stopping after this step with a checkpoint" in said) is not quiet
+
+
 # ---- loss types (kohya's --loss_type, --huber_c, --huber_schedule) ---------------------------------------
 
 def test_pseudo_huber_is_l2_for_small_errors_linear_for_large_and_smooth_l1_is_it_over_c():

@@ -684,7 +684,7 @@ def _train(opts: TrainLdmOptions) -> Path:
         x_all = arrays_to_tensor(data.images)
         crop = opts.vae_crop or opts.resolution
         round_trip = ddp(VaeRoundTrip(vae))
-        with StopOnSignal() as stop:
+        with StopOnSignal(quiet=not main) as stop:
             while step < opts.vae_steps:
                 gen = step_generator(opts.seed, step, rank)
                 idx = torch.randint(0, len(x_all), (opts.vae_batch_size,), generator=gen)
@@ -793,7 +793,7 @@ def _train(opts: TrainLdmOptions) -> Path:
     # EMA, checkpoints and samples through the models themselves
     unet_forward, text_forward = (ddp(unet), ddp(text_encoder)) if not opts.export_only else (unet, text_encoder)
     (out / "samples").mkdir(exist_ok=True)  # not only made with the VAE reconstructions: a resume may skip those
-    with StopOnSignal() as stop:
+    with StopOnSignal(quiet=not main) as stop:
         while step < opts.total_steps and not opts.export_only:
             gen = step_generator(opts.seed, step, rank)
             idx = draw_batch(len(means), opts.batch_size, draw_weights, gen)

@@ -1322,7 +1322,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     # 6. the loop: one optimizer step = gradient_accumulation micro-batches per process
     interrupted = False
-    with StopOnSignal() as stop, another_process_lost(world, checkpoints):
+    with StopOnSignal(quiet=not main) as stop, another_process_lost(world, checkpoints):
         while step < total_steps and not (opts.stop_at and step >= opts.stop_at):
             step_loss = 0.0
             for k in range(opts.gradient_accumulation):

@@ -491,8 +491,9 @@ class StopOnSignal:
     thread (where Python delivers signals), and the previous ones come back when the loop ends.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.requested = False
+        self.quiet = quiet  # the other processes of a run: the signal reaches them all, and one line is enough
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopOnSignal":
@@ -510,8 +511,9 @@ class StopOnSignal:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-              "(send it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                  "(send it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
 
 
 def stop_after_signal(step: int, checkpoint: Path | None, quiet: bool = False) -> None:
