@@ -21,6 +21,7 @@ class MergeLoraOptions:
     model: str = option("builtin", help="base pipeline: built-in name, diffusers folder, single file or hub id")
     model_config: str = option("", help="with a single-file --model: a local diffusers folder of the same "
                                "architecture whose configs describe it (needed offline)")
+    allow_pickle: bool = option(False, help="allow a .ckpt/.pt/.bin --model (read with weights_only=True)")
     lora: list[str] = option([], help="LoRA file, folder or hub id (org/name), optionally PATH:SCALE (repeatable)",
                              repeat=True)
     out: str = option("", help="new diffusers folder for the merged model (must not exist)")
@@ -30,10 +31,11 @@ class MergeLoraOptions:
                                  "it in (the merge itself is computed in fp32)", choices=SAVE_PRECISIONS)
 
 
-def _load(model: str, model_config: str = ""):
+def _load(model: str, model_config: str = "", allow_pickle: bool = False):
     from ..models.loading import load_pipeline
 
-    return load_pipeline(model, device="cpu", dtype="float32", model_config=model_config or None)
+    return load_pipeline(model, device="cpu", dtype="float32", model_config=model_config or None,
+                         allow_pickle=allow_pickle)
 
 
 def merge_lora_command(opts: MergeLoraOptions) -> None:
@@ -48,7 +50,7 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
         raise EgakuError(f"--out {out} already exists; merge into a new folder (the base model is never overwritten)")
     loras = [(resolve_lora_option(path, opts.lora_dir), scale) for path, scale in map(parse_lora_arg, opts.lora)]
-    pipe = _load(opts.model, opts.model_config)
+    pipe = _load(opts.model, opts.model_config, opts.allow_pickle)
     names = apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the per-adapter scales were set by apply_loras
     remove_loras(pipe, keep_embeddings=True)  # drops the adapter modules; fused deltas and embeddings stay

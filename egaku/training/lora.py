@@ -78,6 +78,7 @@ class TrainLoraOptions:
                         "or hub id")
     model_config: str = option("", help="with a single-file --model: a local diffusers folder of the same "
                                "architecture whose configs describe it (needed offline)")
+    allow_pickle: bool = option(False, help="allow a .ckpt/.pt/.bin --model (read with weights_only=True)")
     # data
     caption_template: str = option("{class}", help="caption for images in class folders, e.g. 'a photo of {class}'")
     trigger: str = option("", help="trigger word added to every caption (and the caption of uncaptioned images)")
@@ -517,8 +518,9 @@ STEP_SIZES = ("learning_rate", "text_encoder_lr", "token_lr", "max_grad_norm")
 # Resuming is refused when any other option differs: these only change how this session runs.
 # options that only change how a run is watched or what its final files are written as
 RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "log_with", "device", "cache_dir", "out", "format",
-                     "save_precision", "save_every", "keep_checkpoints", "checkpoint_every", "validation_prompts",
-                     "validation_every", "validation_seeds", "validation_steps", "validation_guidance",
+                     "allow_pickle", "save_precision", "save_every", "keep_checkpoints", "checkpoint_every",
+                     "validation_prompts", "validation_every", "validation_seeds", "validation_steps",
+                     "validation_guidance",
                      # only makes missing regularization images; changed images are refused as changed data
                      "prior_guidance",
                      # recomputes activations in the backward pass (the same gradients, less memory): the usual fix
@@ -532,13 +534,14 @@ RUN_LENGTH = {"max_steps", "epochs"}
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 
-def _load_base(model: str, model_config: str = ""):
+def _load_base(model: str, model_config: str = "", allow_pickle: bool = False):
     """The base pipeline through the project's loader; anything that is not SD 1.x-shaped is refused."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..models.loading import load_pipeline
 
-    pipe = load_pipeline(model, device="cpu", dtype="float32", model_config=model_config or None)
+    pipe = load_pipeline(model, device="cpu", dtype="float32", model_config=model_config or None,
+                         allow_pickle=allow_pickle)
     parts = {name: getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
     missing = [k for k, v in parts.items() if v is None]
     if missing or not isinstance(parts["unet"], UNet2DConditionModel) or not isinstance(parts["vae"], AutoencoderKL):
@@ -1090,7 +1093,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         (out / "data_report.txt").write_text("")
     report(scan.report())
     mask_files = find_mask_files(scan, opts.mask_dir) if opts.mask_dir else None  # missing masks: an error now
-    pipe = _load_base(opts.model, opts.model_config)
+    pipe = _load_base(opts.model, opts.model_config, opts.allow_pickle)
     check_clip_skip(opts.clip_skip, pipe.text_encoder)
     if opts.resolution is None:  # the size the model was trained at (training 64-px models at 512 is 64x the work)
         opts = dataclasses.replace(opts, resolution=int(pipe.unet.config.sample_size * pipe.vae_scale_factor))
