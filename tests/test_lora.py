@@ -2017,3 +2017,28 @@ def test_images_scaled_up_more_than_twice_to_their_bucket_are_reported(tmp_path,
                      r"\(4x4 -> 32x32, 8x\)", report)
     plain = train_lora(options(data_dir, tiny_model_dir, tmp_path / "plain", max_steps=1))
     assert "scaled up" not in (plain / "data_report.txt").read_text()
+
+
+def test_inversion_steps_train_the_word_alone_first_then_the_lora(tmp_path, data_dir, tiny_model_dir):
+    """--inversion-steps (pivotal tuning's order): for the first N steps only the word's embedding moves; the LoRA,
+    text-encoder LoRA included, stays at its start (its up matrices zero) and trains from step N on."""
+    common = dict(train_tokens=["star"], token_lr=5e-2, learning_rate=1e-2, max_steps=2, train_text_encoder=True,
+                  lora_conv=True)
+    pipe = tiny_pipe(tiny_model_dir)
+    star = pipe.tokenizer("star", add_special_tokens=False).input_ids[0]
+    base_word = pipe.text_encoder.get_input_embeddings().weight[star].detach()
+
+    def up_matrices(out):
+        weights = load_file(out / "pytorch_lora_weights.safetensors")
+        ups = {k: v for k, v in weights.items() if "lora_B" in k}
+        assert ups and any(k.startswith("text_encoder.") for k in ups) and any("conv" in k for k in ups)
+        return ups
+
+    alone = train_lora(options(data_dir, tiny_model_dir, tmp_path / "alone", inversion_steps=2, **common))
+    assert all(not v.any() for v in up_matrices(alone).values())
+    assert not torch.allclose(load_file(alone / "embeddings" / "star.safetensors")["emb_params"][0], base_word)
+    then = train_lora(options(data_dir, tiny_model_dir, tmp_path / "then", inversion_steps=1, **common))
+    assert all(v.any() for v in up_matrices(then).values())
+    assert json.loads((then / "training_config.json").read_text())["inversion_steps"] == 1
+    with pytest.raises(EgakuError, match="name the words with --train-tokens"):
+        options(data_dir, tiny_model_dir, tmp_path / "bad", inversion_steps=5)

@@ -151,6 +151,9 @@ class TrainLoraOptions:
                                               "a concept the base has no text for gets its own embedding, saved in "
                                               "OUT/embeddings/WORD.safetensors; each word must be one token")
     token_lr: float = option(0.0, help="learning rate of the --train-tokens embeddings (0 = --learning-rate)")
+    inversion_steps: int = option(0, help="the first N steps train only the --train-tokens embeddings (textual "
+                                  "inversion), the LoRA from step N on: pivotal tuning in Roich et al. 2022's order, "
+                                  "the word found first and the weights tuned around it")
     init_lora: str = option("", help="start from this LoRA (a .safetensors file of either layout, or a train-lora "
                             "folder) instead of from zero, to train it further (kohya's network_weights); it must "
                             "have this run's --rank and adapt only layers this run trains; its trained words' "
@@ -299,6 +302,9 @@ class TrainLoraOptions:
             (self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be 0 or more, got {self.lr_warmup_steps}"),
             (self.stop_at >= 0, f"--stop-at must be 0 (run to the end) or a step, got {self.stop_at}"),
             (self.prior_images >= 0, f"--prior-images must be 0 or more, got {self.prior_images}"),
+            (self.inversion_steps >= 0, f"--inversion-steps must be 0 or more, got {self.inversion_steps}"),
+            (not self.inversion_steps or self.train_tokens, "--inversion-steps trains the --train-tokens words alone "
+             "first: name the words with --train-tokens"),
             *((value >= 0, f"{flag} must be 0 or more, got {value:g}") for flag, value in (
                 ("--weight-decay", self.weight_decay), ("--max-grad-norm", self.max_grad_norm),
                 ("--token-lr", self.token_lr), ("--text-encoder-lr", self.text_encoder_lr))),
@@ -1362,8 +1368,12 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                         accelerator.backward(loss / opts.gradient_accumulation)
                 step_loss += float(loss.detach()) / opts.gradient_accumulation
                 micro += 1
+            if step < opts.inversion_steps:  # the words alone: AdamW leaves a weight without a gradient as it is
+                for p in lora_params:
+                    if p is not token_table:
+                        p.grad = None
             if opts.max_grad_norm:
-                accelerator.clip_grad_norm_(lora_params, opts.max_grad_norm)
+                accelerator.clip_grad_norm_([p for p in lora_params if p.grad is not None], opts.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
