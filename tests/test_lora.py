@@ -653,6 +653,12 @@ def test_resume_twice_equals_uninterrupted(tmp_path, data_dir, tiny_model_dir):
     # and the logged losses of steps 1-4 agree
     assert [r.split(",")[2] for r in (whole / "loss.csv").read_text().splitlines()[1:]] == \
            [r.split(",")[2] for r in (split / "loss.csv").read_text().splitlines()[1:]]
+    # resumed from that run's step-3 checkpoint into a new folder: its loss log starts with the first run's steps
+    elsewhere = tmp_path / "elsewhere"
+    train_lora(options(data_dir, tiny_model_dir, elsewhere, resume=str(split / "checkpoints" / "step-000003"), **common))
+    assert_same_lora(whole, elsewhere)
+    assert [r.split(",")[::2] for r in (whole / "loss.csv").read_text().splitlines()] == \
+           [r.split(",")[::2] for r in (elsewhere / "loss.csv").read_text().splitlines()]
 
 
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, data_dir,

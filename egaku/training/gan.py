@@ -263,7 +263,8 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         print(f"resumed from {path} at step {step} (epoch {epoch + 1}, batch {position})")
     out.mkdir(parents=True, exist_ok=True)
     save_config(opts, out / "config.json")
-    log = MetricsLog(out / "metrics.csv", start_step=step, tensorboard=opts.log_with == "tensorboard")
+    log = MetricsLog(out / "metrics.csv", start_step=step, tensorboard=opts.log_with == "tensorboard",
+                     resumed_from=resume_path)
     k = gen.num_classes
     grid_n = -(-opts.sample_grid // k) * k if k else opts.sample_grid  # whole rows of classes
     grid_z, grid_labels = fixed_latents(grid_n, opts.latent_dim, k, opts.seed)

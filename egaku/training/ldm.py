@@ -668,7 +668,8 @@ def _train(opts: TrainLdmOptions) -> Path:
         # An export trains nothing: the run's config is the checkpoint's, not this command's (--steps may differ).
         (out / "config.json").write_text((resume_path / "config.json").read_text())
     log = MetricsLog(out / "losses.csv", start_step=None if opts.export_only else step,
-                     tensorboard=opts.log_with == "tensorboard" and not opts.export_only) if main else None
+                     tensorboard=opts.log_with == "tensorboard" and not opts.export_only,
+                     resumed_from=resume_path) if main else None
     base_seconds = float(summary.get("train_seconds", 0.0))  # wall time of the runs before this resume
     bar = _progress(opts, 0 if opts.export_only else step, opts.total_steps, main)
 

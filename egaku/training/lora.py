@@ -1308,7 +1308,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     if main:
         save_config(opts, out / "training_config.json")
-    log = MetricsLog(out / "loss.csv", start_step=step, tensorboard=opts.log_with == "tensorboard") if main else None
+    log = MetricsLog(out / "loss.csv", start_step=step, tensorboard=opts.log_with == "tensorboard",
+                     resumed_from=resume_from) if main else None
     images_in = collections.Counter(bucket_of)  # the buckets in use, as kohya lists them
     bucket_use = f"{len(images_in)} bucket(s): " + ", ".join(f"{w}x{h} ({n} image{'s' * (n != 1)})"
                                                           for (w, h), n in sorted(images_in.items()))

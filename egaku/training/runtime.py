@@ -552,12 +552,21 @@ class MetricsLog:
     which a run stopped after its last checkpoint had logged, are dropped: those steps are trained and logged
     again. TensorBoard hides its events of those steps the same way (``purge_step``). None (a run that only
     exports) keeps every row.
+
+    ``resumed_from``: the checkpoint a run resumes from. When it belongs to a run in another folder (``--resume PATH``
+    with a new ``--out``), that run's rows up to ``start_step`` start this log, so that it covers the whole training
+    as an uninterrupted run's does.
     """
 
-    def __init__(self, path: str | Path, start_step: int | None = None, tensorboard: bool = False):
+    def __init__(self, path: str | Path, start_step: int | None = None, tensorboard: bool = False,
+                 resumed_from: Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fields: list[str] | None = None
+        earlier = None if resumed_from is None else Path(resumed_from).parent.parent / self.path.name
+        if start_step is not None and earlier is not None and not self.path.exists() and earlier.is_file() \
+                and earlier.resolve() != self.path.resolve():
+            self.path.write_text(earlier.read_text())  # cut to start_step below, with the rest
         if start_step is not None and self.path.is_file():
             lines = self.path.read_text().splitlines(keepends=True)
             kept = lines[:1] + [line for line in lines[1:] if _row_step(line) <= start_step]
