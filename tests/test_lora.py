@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -328,8 +329,8 @@ def test_only_lora_trains_in_fp32_under_bf16_and_caches_skip_the_encoders(tmp_pa
     held, calls = {}, {"vae": 0, "text": 0}
     original_load = lora_training._load_base
 
-    def load_and_count(model, model_config=""):
-        pipe = original_load(model, model_config)
+    def load_and_count(*args):
+        pipe = original_load(*args)
         held["pipe"] = pipe
         held["before"] = {f"{c}.{k}": v.detach().clone() for c in ("unet", "vae", "text_encoder")
                           for k, v in getattr(pipe, c).state_dict().items()}
@@ -373,8 +374,8 @@ def count_vae_encodes(monkeypatch) -> list:
     calls = []
     original_load = lora_training._load_base
 
-    def load_and_count(model, model_config=""):
-        pipe = original_load(model, model_config)
+    def load_and_count(*args):
+        pipe = original_load(*args)
         encode = pipe.vae.encode
         monkeypatch.setattr(pipe.vae, "encode", lambda *a, **kw: calls.append(1) or encode(*a, **kw))
         return pipe
@@ -514,12 +515,32 @@ def test_logit_normal_timesteps_are_drawn_by_the_shared_sampler(tmp_path, data_d
         options(data_dir, tiny_model_dir, tmp_path / "bad", timestep_sampling="logit_normal", logit_std=0.0)
 
 
-def test_disk_cache_is_reused_by_the_next_run(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+def test_disk_cache_is_reused_by_the_next_run_and_names_the_bytes(tmp_path, data_dir, tiny_model_dir, monkeypatch):
     calls = count_vae_encodes(monkeypatch)
-    for run in ("a", "b"):
-        train_lora(options(data_dir, tiny_model_dir, tmp_path / run, max_steps=1, format="diffusers",
+    data = tmp_path / "data"  # as BMP (uncompressed): an edited pixel keeps the file's size
+    for image in data_dir.glob("*/*.png"):
+        (data / image.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(image).save(data / image.parent.name / f"{image.stem}.bmp")
+
+    def run(name: str) -> None:
+        train_lora(options(data, tiny_model_dir, tmp_path / name, max_steps=1, format="diffusers",
                            cache_dir=str(tmp_path / "cache")))
+
+    for name in ("a", "b"):
+        run(name)
     assert len(calls) == 6  # six images encoded by the first run only
+    # an image changed in place with its size and time kept (an edit copied back with cp -p or rsync -t) is encoded
+    # again: the disk cache names the bytes, not the file's size and time
+    image = sorted(data.glob("red_star/*.bmp"))[0]
+    stat = image.stat()
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    calls.clear()
+    run("c")
+    assert len(calls) == 1  # that image alone
 
 
 def test_the_disk_cache_is_keyed_the_same_in_every_process():

@@ -604,6 +604,15 @@ def lora_param_groups(model: torch.nn.Module, lr: float, loraplus_lr_ratio: floa
     return [{"params": down, "lr": lr}, {"params": up, "lr": lr * loraplus_lr_ratio}]
 
 
+def file_digest(path: Path) -> str:
+    """A digest of a file's bytes (BLAKE2b, 128 bits), read in 1 MiB pieces."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def _step_seed(seed: int, micro: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{micro}/{rank}".encode()).digest()[:7], "little")
 
@@ -899,13 +908,16 @@ class TrainingInputs:
         self.flips = (False, True) if opts.random_flip else (False,)
         # the disk cache is keyed by the encoders' weights too, so a retrained model never reuses stale latents
         self.cache = _Cache(opts.cache_dir, encoders_key(vae, text_encoder) if opts.cache_dir else "")
-        # a latent's key names the file's bytes (path, size, mtime), its bucket and its orientation
+        # a latent's key names the file's bytes, its bucket and its orientation. On disk the bytes are named by their
+        # digest: an image edited in place keeps its size and, copied with its time (cp -p, rsync -t), its mtime
         self.latent_key = {}
         for i, item in enumerate(items):
-            stat = item.path.stat()
+            if opts.cache_dir:
+                source = file_digest(item.path)
+            else:  # one run's memory: the files do not change under it
+                source = str(item.path.resolve())
             for flip in self.flips:
-                self.latent_key[i, flip] = (f"latent|{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|"
-                                            f"{buckets[i]}|{flip}")
+                self.latent_key[i, flip] = f"latent|{source}|{buckets[i]}|{flip}"
         self.masks: dict[tuple[int, bool], torch.Tensor] = {}  # on the latent grid; images without one train everywhere
 
     def pixels(self, index: int, flip: bool) -> torch.Tensor:
