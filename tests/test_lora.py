@@ -1625,6 +1625,35 @@ def test_repeats_count_training_images_per_epoch_and_regularization_images_once(
         assert fh.metadata()["ss_num_train_images"] == str(2 * (3 * 3 + 3))  # kohya counts the repeats
 
 
+def test_prior_images_count_only_usable_files_and_a_folder_the_reader_refuses_is_refused_before_generating(
+        tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    """--prior-images counts the images training will read: damaged files do not make up the number; and a folder
+    that reading refuses is refused before minutes of generating, not after."""
+    from diffusers import StableDiffusionPipeline
+
+    generated = []
+    call = StableDiffusionPipeline.__call__
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__",
+                        lambda self, *a, **kw: generated.append(1) or call(self, *a, **kw))
+    good = Image.new("RGB", (32, 32), (10, 200, 10))
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    good.save(reg / "ok.png")
+    (reg / "empty.png").write_bytes(b"")
+    (reg / "cut.png").write_bytes((reg / "ok.png").read_bytes()[:40])
+    common = dict(prior_images=3, prior_prompts=["a photo of blue circle"], max_steps=1, format="diffusers")
+    train_lora(options(data_dir, tiny_model_dir, tmp_path / "run", prior_data=str(reg), **common))
+    assert len(list(reg.glob("prior-*.png"))) == 2  # 3 wanted, 1 usable there
+    mixed = tmp_path / "mixed"
+    for folder in ("1_dog", "circle"):
+        (mixed / folder).mkdir(parents=True)
+        good.save(mixed / folder / "0.png")
+    generated.clear()
+    with pytest.raises(EgakuError, match="named kohya's way"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "mixed-run", prior_data=str(mixed), **common))
+    assert not generated and not list(mixed.rglob("prior-*"))
+
+
 def test_prior_images_without_a_folder_or_prompts_or_inside_the_data_are_refused(tmp_path, data_dir, tiny_model_dir):
     # each folder is read whole: regularization images inside --data would also train as the concept
     for prior in (data_dir, data_dir / "red_star"):

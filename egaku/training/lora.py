@@ -29,6 +29,7 @@ import datetime
 import gc
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -47,7 +48,7 @@ from ..config import option, save_config, to_dict
 from ..paths import check_outside, checked_run_paths
 from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
 from ..data.captions import tag_frequency, vary_caption
-from ..data.folder import files_under, scan_image_folder
+from ..data.folder import scan_image_folder
 from ..data.images import image_grid
 from ..data.masks import find_mask_files, latent_masks, masked_mean
 from ..errors import EgakuError, first_line
@@ -664,19 +665,24 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     images), each with a caption file; returns how many were made. Images already there are kept."""
     from diffusers import StableDiffusionPipeline
 
-    from ..data.images import IMAGE_SUFFIXES
     from ..models.loading import recommended_guidance
 
     folder = Path(opts.prior_data)
     folder.mkdir(parents=True, exist_ok=True)
-    # counted as the data reader finds them: class sub-folders too (kohya's reg/1_dog/), links followed
-    have = sum(1 for p in files_under(folder)[0] if p.suffix.lower() in IMAGE_SUFFIXES)
+    # counted as training reads them (class sub-folders such as kohya's reg/1_dog/, links followed, damaged files not
+    # counted), and read before minutes of generating: a folder the reader refuses is refused now, not after
+    have = len(scan_image_folder(folder, caption_template=opts.caption_template, min_images=0,
+                                 kohya_names=True).items)
     missing = opts.prior_images - have
     if missing <= 0:
         return 0
     if not opts.prior_prompts:
-        raise EgakuError(f"--prior-data {folder} holds {have} images and --prior-images asks for "
+        raise EgakuError(f"--prior-data {folder} holds {have} usable image(s) and --prior-images asks for "
                          f"{opts.prior_images}: give --prior-prompts to generate the rest, or add images")
+    # numbered on from the usable count (a killed run's next image is where it stopped), past names already taken
+    taken = {path.name for path in folder.iterdir()}
+    numbers_left = list(itertools.islice((n for n in itertools.count(have) if f"prior-{n:05d}.png" not in taken),
+                                         missing))
     runner = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items()
                                         if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -684,9 +690,9 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     runner.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     guidance = recommended_guidance(pipe) if opts.prior_guidance is None else opts.prior_guidance
-    say(f"generating {missing} regularization images into {folder}")
-    for start in range(have, opts.prior_images, 8):
-        numbers = list(range(start, min(start + 8, opts.prior_images)))
+    say(f"generating {missing} regularization image{'s' if missing != 1 else ''} into {folder}")
+    for start in range(0, missing, 8):
+        numbers = numbers_left[start:start + 8]
         prompts = [opts.prior_prompts[n % len(opts.prior_prompts)] for n in numbers]
         with torch.no_grad():
             embeds = encode_prompts(runner.tokenizer, runner.text_encoder, prompts, opts.clip_skip)
