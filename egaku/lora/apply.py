@@ -189,7 +189,14 @@ def loras_under(root: Path) -> dict[str, list[tuple[str, Path]]]:
             add(here.name, here.relative_to(root), lora_file_in(here))
             subfolders[:] = []
             continue
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        if (here / "state.pt").is_file():  # a checkpoint: training state, whose unet_lora file is no LoRA to apply
+            subfolders[:] = []
+            continue
+        # a run that has not ended yet: its checkpoints are training state and its words go with its LoRA, which is
+        # not written yet; its steps/ (--save-every) are LoRAs
+        unfinished = (here / "training_config.json").is_file()
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")
+                               and not (unfinished and d in ("checkpoints", "embeddings")))
         for name in sorted(names):
             file = here / name
             if name.endswith(".safetensors") and not name.startswith(".") and file.is_file():
@@ -238,6 +245,10 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
         if found:
             return found
         refuse_training_checkpoint(path)
+        if (path / "training_config.json").is_file():
+            raise NotFoundError(f"{path} is a train-lora run that has not written its LoRA yet (it is written when the "
+                                "run ends; with --save-every N every N steps into its steps/): `egaku train-lora ... "
+                                f"--out {path} --resume latest` continues it", param="lora")
         raise NotFoundError(f"LoRA folder {path} has no {LORA_WEIGHTS_NAME} (nor {path.resolve().name}.safetensors, "
                             "train-lora's kohya file); give the LoRA file itself", param="lora")
     if HUB_LORA.fullmatch(text) and not (text.count("/") == 1 and Path(text).suffix.lower() in MODEL_FILE_SUFFIXES):
