@@ -1823,6 +1823,9 @@ def test_train_tokens_learns_only_those_embeddings_resumes_and_loads_with_the_lo
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "wordless", init_lora=str(whole), format="both"))
     with pytest.raises(EgakuError, match=r"'zqxjv' is \d+ tokens for this model's tokenizer"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "bad", train_tokens=["zqxjv"]))
+    # a word no caption holds would not train: refused, with the way to put it in
+    with pytest.raises(EgakuError, match=r"--train-tokens square: no training caption holds it, .*--trigger square"):
+        train_lora(options(data_dir, tiny_model_dir, tmp_path / "absent", train_tokens=["square"]))
 
 
 def test_bf16_trains_a_token_and_text_encoder_lora_beside_a_bf16_text_encoder(tmp_path, data_dir, tiny_model_dir):

@@ -832,6 +832,20 @@ def report_long_captions(tokenizer, items: list, opts: TrainLoraOptions, report)
                    f"its validation images are drawn from its first {opts.max_token_length}{more}")
 
 
+def check_words_in_captions(tokenizer, words: list[str], ids: list[int], captions: list[str]) -> None:
+    """Each --train-tokens word must be in some training caption: a word in none gets no gradient, and its
+    embedding file would hold the vector it started from."""
+    held = set()
+    for caption in captions:
+        held.update(tokenizer(caption, add_special_tokens=False).input_ids)
+    absent = [word for word, token in zip(words, ids) if token not in held]
+    if absent:
+        them = "it" if len(absent) == 1 else "them"
+        raise EgakuError(f"--train-tokens {' '.join(absent)}: no training caption holds {them}, so nothing would "
+                         f"train {them}; write {them} into the captions (or give --trigger {absent[0]}), or train a "
+                         "word the captions hold")
+
+
 def report_upscaled(items: list, bucket_of: list[tuple[int, int]], report) -> None:
     """Name the images scaled up more than twice to fill their bucket: they train blurred (a 1x1 or thumbnail-sized
     file in a folder of photos trains as a flat smear), which the loss does not show."""
@@ -1140,6 +1154,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     report_long_captions(tokenizer, items, opts, report)
     token_ids = single_token_ids(tokenizer, opts.train_tokens)
+    check_words_in_captions(tokenizer, opts.train_tokens, token_ids, [item.caption for item in scan.items])
     text_trains = opts.train_text_encoder or bool(token_ids)
     text_runs = text_trains or opts.varies_captions  # the text encoder runs every step (else its outputs are cached)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
