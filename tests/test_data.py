@@ -140,7 +140,7 @@ def test_metadata_jsonl_takes_precedence_and_csv_is_read(tmp_path):
     assert scan_image_folder(other).items[0].caption == "a csv caption"
 
 
-def test_skip_report_lists_each_unusable_file_and_too_few_is_an_error(tmp_path):
+def test_skip_report_lists_each_unusable_file_and_too_few_is_an_error(tmp_path, capsys):
     _img(tmp_path / "good.png")
     (tmp_path / "zero.jpg").write_bytes(b"")
     (tmp_path / "readme.md").write_text("hi")
@@ -150,8 +150,9 @@ def test_skip_report_lists_each_unusable_file_and_too_few_is_an_error(tmp_path):
     assert len(scan.items) == 1
     assert "empty file" in reasons["zero.jpg"] and "extension" in reasons["readme.md"]
     assert "not an image" in reasons["fake.png"]
-    with pytest.raises(EgakuError, match=r"found 1 usable images, need at least 3(.|\n)*zero.jpg"):
+    with pytest.raises(EgakuError, match=r"found 1 usable image, need at least 3"):
         scan_image_folder(tmp_path, min_images=3)
+    assert "skipped zero.jpg: empty file" in capsys.readouterr().err  # the report, printed before the error
 
 
 def test_bad_metadata_and_missing_folder_are_errors(tmp_path):
@@ -335,13 +336,13 @@ def test_a_caption_template_may_use_only_the_class_field(tmp_path):
     assert scan_image_folder(tmp_path, caption_template="{class}, a {class}").items[0].caption == "dog, a dog"
 
 
-def test_too_few_images_says_what_to_change(tmp_path):
+def test_too_few_images_says_what_to_change(tmp_path, capsys):
     _img(tmp_path / "good.png")
     (tmp_path / "zero.jpg").write_bytes(b"")
-    with pytest.raises(EgakuError, match=r"need at least 4; add images to .*, or lower --min-images \(now 4\)"
-                                         r"(.|\n)*zero.jpg: empty file"):
+    with pytest.raises(EgakuError, match=r"need at least 4; add images to .*, or lower --min-images \(now 4\)$"):
         scan_image_folder(tmp_path, min_images=4)
-    with pytest.raises(EgakuError, match=r"found 0 usable images, need at least 1; add images to \S+\.\n"):
+    assert "skipped zero.jpg: empty file" in capsys.readouterr().err
+    with pytest.raises(EgakuError, match=r"found 0 usable images, need at least 1; add images to \S+$"):
         scan_image_folder(_empty(tmp_path))
 
 

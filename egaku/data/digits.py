@@ -11,6 +11,7 @@ evaluation compares against ``test``, which no model has seen.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +83,9 @@ def load_image_folder(root: str | Path, image_size: int, channels: int, conditio
     """An ImageFolder tree (``root/<class>/*.png``); class folders become labels."""
     scan = scan_image_folder(root, min_images=0)
     if not scan.items:
+        print(scan.report(), file=sys.stderr)  # before the error, so that the error is the last line read
         raise EgakuError(f"--data {root}: no usable images found; put images in class folders "
-                         f"({root}/<class>/*.png) or use --data digits. {scan.report()}")
+                         f"({root}/<class>/*.png) or use --data digits")
     for path, reason in scan.skipped:  # a run that goes ahead still says what it left out, as train-lora does
         print(f"skipped {scan.shown_path(path)}: {reason}")
     names = scan.classes

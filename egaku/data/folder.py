@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,11 @@ KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # "<repeats>_<class>"
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 TEMPLATE_FIELD = "{class}"  # the one field a caption template may use
 SHOWN = 5  # names a report line lists before "and N more"
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 image", "4 images"."""
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _some(names: list[str]) -> str:
@@ -124,8 +130,10 @@ class FolderScan:
     def classes(self) -> list[str]:
         return sorted({i.label for i in self.items if i.label is not None})
 
-    def report(self) -> str:
-        lines = [f"{self.root}: {len(self.items)} images used, {len(self.skipped)} skipped"]
+    def report(self, repeats: int = 1) -> str:
+        """What was read, how, and what was not. ``repeats`` is train-lora's --repeats, which multiplies each kohya
+        folder's count: the report states the repeats training uses, as ss_dataset_dirs does."""
+        lines = [f"{self.root}: {counted(len(self.items), 'image')} used, {len(self.skipped)} skipped"]
         if self.classes:
             counts = {c: sum(1 for i in self.items if i.label == c) for c in self.classes}
             lines.append("  classes: " + ", ".join(f"{c} ({n})" for c, n in counts.items()))
@@ -145,7 +153,9 @@ class FolderScan:
                          f"times, with no class '{KOHYA_FOLDER.match(name)[2]}'; give its parent folder as --data "
                          "(as kohya's train_data_dir)")
         if self.folder_repeats:
-            lines.append("  kohya folder names: " + ", ".join(f"{name} -> {n} repeat(s) of class "
+            def used(n: int) -> str:  # the folder's count, and what --repeats makes of it
+                return f"{n} repeat(s)" if repeats == 1 else f"{n} x --repeats {repeats} = {n * repeats} repeat(s)"
+            lines.append("  kohya folder names: " + ", ".join(f"{name} -> {used(n)} of class "
                                                            f"'{KOHYA_FOLDER.match(name)[2]}'"
                                                            for name, n in self.folder_repeats.items()))
         if self.unused_rows:
@@ -417,13 +427,16 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
         # also where class folders captioned every image: the file was written to caption them, and training on the
         # folder names instead would go unnoticed
         if scan.items and not matched:
-            raise EgakuError(f"{metadata_file} gives a caption to none of the {len(scan.items)} images in {root} "
-                             f"(its {len(metadata)} row(s) name {_some([n for n, _ in metadata.values()]) or 'nothing'}"
-                             f"; the images are {_some([i.path.relative_to(root).as_posix() for i in scan.items])}); "
+            print(scan.report(), file=sys.stderr)  # before the error, so that the error is the last line read
+            raise EgakuError(f"{metadata_file} gives a caption to none of the {counted(len(scan.items), 'image')} in "
+                             f"{root} (its {len(metadata)} row(s) name "
+                             f"{_some([n for n, _ in metadata.values()]) or 'nothing'}; the images are "
+                             f"{_some([i.path.relative_to(root).as_posix() for i in scan.items])}); "
                              "the names probably do not match: make each row's file_name the image's path relative "
-                             f"to {root}, exactly (case counts).\n{scan.report()}")
+                             f"to {root}, exactly (case counts)")
     if len(scan.items) < min_images:
         fix = f"add images to {root}" + (f", or lower --min-images (now {min_images})" if min_images > 1 else "")
-        raise EgakuError(f"{root}: found {len(scan.items)} usable images, need at least {min_images}; {fix}."
-                         f"\n{scan.report()}")
+        print(scan.report(), file=sys.stderr)  # before the error, so that the error is the last line read
+        raise EgakuError(f"{root}: found {counted(len(scan.items), 'usable image')}, need at least {min_images}; "
+                         f"{fix}")
     return scan
