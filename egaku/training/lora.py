@@ -574,9 +574,10 @@ def adapters_off(*models: torch.nn.Module):
             layer.enable_adapters(True)
 
 
-def group_labels(model: str, groups: list[dict]) -> list[str]:
-    """Names of ``lora_param_groups``' groups of ``model``, for messages."""
-    return [model] if len(groups) == 1 else [f"{model} LoRA down", f"{model} LoRA up (LoRA+)"]
+def group_labels(model: str, groups: list[dict], flag: str) -> list[str]:
+    """Names of ``lora_param_groups``' groups of ``model`` with the flag that sets their rate, for messages."""
+    return [f"{model} ({flag})"] if len(groups) == 1 else [f"{model} LoRA down ({flag})",
+                                                           f"{model} LoRA up ({flag} x --loraplus-lr-ratio)"]
 
 
 def rescale_learning_rates(lr_scheduler, rates: list[float]) -> None:
@@ -818,7 +819,8 @@ def check_target_modules(unet, targets: list[str]) -> None:
 def report_long_captions(tokenizer, items: list, opts: TrainLoraOptions, report) -> None:
     """Name the captions that run past --max-token-length: the text encoder does not read their ends."""
     chunks = opts.max_token_length // 75
-    more = "" if opts.max_token_length == 225 else " (--max-token-length 150 or 225 reads more, as kohya's does)"
+    longer = " or ".join(str(n) for n in (150, 225) if n > opts.max_token_length)
+    more = f" (--max-token-length {longer} reads more, as kohya's does)" if longer else ""
     cut = [item for item in items if len(prompt_chunks(tokenizer, item.caption, opts.weighted_captions)) > chunks]
     if cut:
         first = cut[0]
@@ -1110,6 +1112,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     accelerator = make_accelerator(opts.device, opts.mixed_precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = accelerator.print
+    if opts.validation_every and not opts.validation_prompts:
+        say(f"note: --validation-every {opts.validation_every} draws nothing without --validation-prompts")
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
     opts, resume_from, resumed = resume_point(opts, checkpoints)  # a changed configuration is refused now
     if opts.init_lora:  # a wrong path is refused before the model loads
@@ -1129,7 +1133,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "data_report.txt").write_text("")
-    report(scan.report())
+    report(scan.report(repeats=opts.repeats))
     mask_files = find_mask_files(scan, opts.mask_dir) if opts.mask_dir else None  # missing masks: an error now
     pipe = _load_base(opts.model, opts.model_config, opts.allow_pickle)
     check_clip_skip(opts.clip_skip, pipe.text_encoder)
@@ -1220,15 +1224,16 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     # 4. optimizer, schedule, data order
     params = lora_param_groups(unet, opts.learning_rate, opts.loraplus_lr_ratio)
-    group_names = group_labels("UNet", params)  # for the messages of a resume that changes their rates
+    group_names = group_labels("UNet", params, "--learning-rate")  # for a resume that changes their rates
     if opts.train_text_encoder:
         text_groups = lora_param_groups(text_encoder, opts.text_encoder_lr or opts.learning_rate,
                                         opts.loraplus_lr_ratio, leave_out=token_table)
         params += text_groups
-        group_names += group_labels("text encoder", text_groups)
+        group_names += group_labels("text encoder", text_groups,
+                                    "--text-encoder-lr" if opts.text_encoder_lr else "--learning-rate")
     if tokens:
         params.append({"params": [token_table], "lr": opts.token_lr or opts.learning_rate, "weight_decay": 0.0})
-        group_names.append("token embeddings")
+        group_names.append(f"token embeddings ({'--token-lr' if opts.token_lr else '--learning-rate'})")
     optimizer = make_optimizer(opts, params, device)
     # an epoch holds every training image `repeats` times (times its kohya folder's count) and every
     # regularization image once (or its folder's count); batches hold positions in `slots`, which name items
@@ -1349,8 +1354,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     # the token table takes gradients whole, but only the --train-tokens rows change
     trained_count = sum(p.numel() for p in lora_params if p is not token_table) + len(token_ids) * token_table.shape[1]
     tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""
-    say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} steps on {world} "
-        f"process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation, "
+    say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} step{'s' * (total_steps != 1)} "
+        f"on {world} process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation, "
         f"optimizer {optimizer_name}")
     fullest = max(len(batch) for batch in order.batches(0))
     if fullest < opts.batch_size:  # a batch never mixes buckets, so a small folder caps it
