@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import sys
 import typing
 
-from .config import add_arguments, build, kohya_name_hint, load_preset
+from .config import add_arguments, build, load_preset, other_name_hint
 from .errors import EgakuError
 
 # name -> (module, function, one-line description)
@@ -55,6 +56,7 @@ def _top_parser() -> argparse.ArgumentParser:
         description="egaku: image generation, fine-tuning and training.",
         epilog=f"commands:\n{lines}\n\nRun `egaku COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("command", choices=sorted({c.split()[0] for c in COMMANDS}), metavar="COMMAND")
     return parser
@@ -62,9 +64,15 @@ def _top_parser() -> argparse.ArgumentParser:
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: a mistyped flag is named with the flag it was probably meant to be
-    (kohya's ``--learning_rate`` is egaku's ``--learning-rate``), not buried under the whole usage text."""
+    (kohya's ``--learning_rate`` is egaku's ``--learning-rate``), not buried under the whole usage text. Flags are
+    matched whole (``allow_abbrev=False``): a prefix would take ``--learning-rat`` for ``--learning-rate`` without a
+    word, and call ``--lr`` ambiguous between --lr-scheduler and --lr-warmup-steps instead of naming
+    --learning-rate."""
 
     argv: list[str] = []  # what parse_args was given, to see which flag a left-over word followed
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         if message.startswith("unrecognized arguments:"):
@@ -83,9 +91,10 @@ class _Parser(argparse.ArgumentParser):
                     continue
                 flag = word.split("=", 1)[0]
                 dashed = "--" + flag.lstrip("-").replace("_", "-")
-                ours = kohya_name_hint(flag, (k[2:].replace("-", "_") for k in known))
-                if ours:  # kohya's --network_dim is egaku's --rank: no spelling of one is close to the other
-                    hints.append(f"{flag} -> --{ours.replace('_', '-')} (kohya's name)")
+                other = other_name_hint(flag, (k[2:].replace("-", "_") for k in known))
+                if other:  # kohya's --network_dim is egaku's --rank: no spelling of one is close to the other
+                    ours, whose = other
+                    hints.append(f"{flag} -> --{ours.replace('_', '-')}" + (f" ({whose})" if whose else ""))
                     continue
                 close = [dashed] if dashed in known else difflib.get_close_matches(dashed, known, n=2, cutoff=0.7)
                 if close:
@@ -130,12 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         func, opts = parse(argv)
         func(opts)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not in the interpreter's flush at exit
     except EgakuError as exc:
         print(f"egaku: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("egaku: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`egaku info x.png | head -1`): nothing more can be said to it, and a
+        # traceback would say it is egaku's error. 141 (128 + SIGPIPE) is the status the shell gives cat or grep
+        # stopped the same way, so a `set -o pipefail` script meets egaku as it meets them, and can tell it from a
+        # failure (1, 2). stdout is pointed at /dev/null so that the interpreter's flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -49,10 +49,19 @@ KOHYA_NAMES = {
 }
 
 
-def kohya_name_hint(key: str, names: typing.Iterable[str]) -> str | None:
-    """egaku's name for kohya's option ``key`` (with - or _), where ``names`` (the command's fields) has it."""
-    ours = KOHYA_NAMES.get(key.lstrip("-").replace("-", "_"))
-    return ours if ours in set(names) else None
+# other common names of options, no spelling of which is close to egaku's: torch's and most scripts' lr for the
+# learning rate (train-ldm's is --lr: there --learning-rate is met with it)
+SYNONYMS = {"lr": "learning_rate", "learning_rate": "lr"}
+
+
+def other_name_hint(key: str, names: typing.Iterable[str]) -> tuple[str, str] | None:
+    """(egaku's name, whose name ``key`` is: "kohya's name" or "") for another tool's name of an option (with - or
+    _), where ``names`` (the command's fields) has egaku's."""
+    key, names = key.lstrip("-").replace("-", "_"), set(names)
+    for table, whose in ((KOHYA_NAMES, "kohya's name"), (SYNONYMS, "")):
+        if table.get(key) in names:
+            return table[key], whose
+    return None
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -75,6 +84,49 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _one_number(items: list[Any], help_text: str, write: str) -> str:
+    """The error for a list given to a single-number option: kohya writes ``--resolution 512,512`` (its largest
+    bucket's width,height) where egaku's --resolution is one side. ``write`` is how the option is set, to format
+    with the number."""
+    items = [str(item).strip() for item in items]
+    what = help_text.split(" (")[0].split("; ")[0]  # what the number is, from the start of its help
+    what = f" ({what})" if what else ""
+    instead = f": write {write.format(items[0])}" if len(set(items)) == 1 else ""
+    return f"takes one number, not the list {','.join(items)!r}{what}{instead}"
+
+
+def _number_type(tp: type, name: str, help_text: str, is_list: bool) -> typing.Callable[[str], Any]:
+    """argparse's ``type`` for a number option. A list option reads "0,1", as kohya and the GUIs write lists, as
+    well as the flag repeated (with action="extend"); a single-number option given a list names what to write."""
+    flag = "--" + name.replace("_", "-")
+
+    def convert(text: str) -> Any:
+        if is_list:
+            try:
+                return [tp(item) for item in text.split(",")]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected {_KINDS[tp].removeprefix('a ')}s, one per flag or "
+                                                 f"separated by commas, got {text!r}") from None
+        if "," in text:
+            raise argparse.ArgumentTypeError(_one_number(text.split(","), help_text, flag + " {}"))
+        return tp(text)
+
+    convert.__name__ = tp.__name__  # argparse names it in its "invalid int value: 'x'"
+    return convert
+
+
+def _numbers_from_text(value: Any, annotation: Any) -> Any:
+    """A preset's "0,1" for a list-of-numbers option is the list, as the flag reads it; what does not read as one is
+    left to ``_check_type`` to name."""
+    tp, is_list = _base_type(annotation)
+    if not (is_list and tp in (int, float) and isinstance(value, str)):
+        return value
+    try:
+        return [tp(item) for item in value.split(",")]
+    except ValueError:
+        return value
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of dataclass ``cls``; defaults stay unset so presets can fill them."""
     hints = typing.get_type_hints(cls)
@@ -86,7 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", "")
         if is_list and not f.metadata.get("positional"):
-            help_text += "; repeat the flag for several"
+            help_text += "; repeat the flag for several" + (", or separate them with commas" if tp in (int, float)
+                                                            else "")
         if default not in (None, "", [], dataclasses.MISSING) and tp is not bool:
             help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %: "~30% slower" would break it
@@ -103,6 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         names += f.metadata.get("aliases", [])
         if tp is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+        elif tp in (int, float):
+            number = _number_type(tp, f.name, f.metadata.get("help", ""), is_list)
+            parser.add_argument(*names, type=number, action="extend" if is_list else None, **kwargs)
         elif is_list:
             parser.add_argument(*names, type=tp, action="append", **kwargs)
         else:
@@ -169,12 +225,16 @@ def _fits(value: Any, tp: Any) -> bool:
     return True  # other types are the dataclass's own to check
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> None:
+def _check_type(key: str, value: Any, annotation: Any, help_text: str = "") -> None:
     """A preset's value of the wrong type (``rank = "eight"``) is named here, before the dataclass's own checks
     compare it with numbers and fail with a TypeError that names neither the option nor the fix."""
     tp, is_list = _base_type(annotation)
     if tp not in _KINDS or (value is None and type(None) in typing.get_args(annotation)):
         return
+    if tp in (int, float) and not is_list and (isinstance(value, (list, tuple)) or
+                                               isinstance(value, str) and "," in value):  # kohya's "512,512"
+        items = value if isinstance(value, (list, tuple)) else value.split(",")
+        raise EgakuError(f"option {key!r} {_one_number(items, help_text, key + ' = {}')}")
     if is_list:
         if isinstance(value, (list, tuple)) and all(_fits(v, tp) for v in value):
             return
@@ -210,23 +270,25 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
         for key, value in layer.items():
             key = key.replace("-", "_")
             if key not in names:
-                ours = kohya_name_hint(key, names)
-                if ours:
-                    raise EgakuError(f"unknown option {key!r}: kohya's name; egaku's is {ours!r}")
+                ours, whose = other_name_hint(key, names) or (None, "")
+                if whose:
+                    raise EgakuError(f"unknown option {key!r}: {whose}; egaku's is {ours!r}")
                 if isinstance(value, dict):  # kohya's config files group their options in sections; ours do not
                     raise EgakuError(f"unknown option {key!r}: a section ([{key}]) of options, as kohya's config "
                                      "files group them; egaku's presets are flat: write its options at the top of "
                                      "the file, with egaku's names")
                 close = {n for n in names if n.split("_")[0] == key.split("_")[0]}
                 close |= set(difflib.get_close_matches(key, names, n=3, cutoff=0.75))  # typos: rnak -> rank
+                close = {ours} if ours else close  # lr is learning_rate, not lr_scheduler
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
                 raise EgakuError(f"unknown option {key!r}{hint}")
             values[key] = value
     if "given_options" in names:  # which options were set, for commands that fill the others (generate --from)
         values["given_options"] = sorted(set(values) - {"given_options"})
     hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        _check_type(key, value, hints[key])
+    for key in values:
+        value = values[key] = _numbers_from_text(values[key], hints[key])
+        _check_type(key, value, hints[key], fields[key].metadata.get("help", ""))
         _check_choice(key, value, fields[key].metadata.get("choices"))
     try:
         return cls(**values)

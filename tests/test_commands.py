@@ -3,7 +3,10 @@ prints an A1111 image's own text."""
 
 import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,6 +122,24 @@ def test_info_prints_an_a1111_image_s_own_text(tmp_path, capsys):
     assert main(["info", str(tmp_path / "a1111.png"), "--json"]) == 0
     params = json.loads(capsys.readouterr().out)
     assert (params["seed"], params["sampler"], params["width"]) == (12, "DPM++ 2M Karras", 512)
+
+
+def test_info_into_a_pipe_closed_by_its_reader_ends_quietly_with_sigpipe_status(tmp_path):
+    """`egaku info x.png | head -1` ended in a BrokenPipeError traceback and status 1. A text longer than the pipe
+    holds meets the closed pipe in print, a short one in the flush at exit: both end with no word, status 141."""
+    texts = {"long": "\n".join(f"{A1111_TEXT} {i}" for i in range(1000)), "short": A1111_TEXT}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as in a user's shell
+    runs = {}
+    for name, text in texts.items():
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text)
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png", pnginfo=info)
+        runs[name] = subprocess.Popen([sys.executable, "-m", "egaku", "info", str(tmp_path / f"{name}.png")],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        runs[name].stdout.close()  # the reader is gone before egaku writes: `| head -0`
+    for name, run in runs.items():
+        err = run.stderr.read()
+        assert (name, run.wait(), err) == (name, 141, "")
 
 
 def test_info_takes_a_lora_hub_id_and_a_missing_image_stays_an_image(tmp_path, capsys, monkeypatch):

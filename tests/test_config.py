@@ -89,7 +89,7 @@ def test_save_config_and_difference(tmp_path):
 
     saved = json.loads(save_config(a, tmp_path / "c.json").read_text())
     assert saved == {"lr": 1e-4, "names": ["a"]}
-    assert config_difference(saved, dataclasses.asdict(b)) == ["lr: checkpoint has 0.0001, now 0.0002"]
+    assert config_difference(saved, dataclasses.asdict(b)) == ["--lr: checkpoint has 0.0001, now 0.0002"]
 
 
 def test_two_word_command_needs_its_second_word():
@@ -103,7 +103,7 @@ def test_a_moved_folder_is_the_same_folder_to_a_resume(tmp_path, monkeypatch):
     saved = {"data": str(tmp_path / "old" / "data"), "seed": 1}  # the project was moved from old/ to new/
     assert config_difference(saved, {"data": "data", "seed": 1}) == []
     (tmp_path / "old" / "data").mkdir(parents=True)  # while the old folder is there, the other one is another
-    assert config_difference(saved, {"data": "data", "seed": 1})[0].startswith("data: checkpoint has")
+    assert config_difference(saved, {"data": "data", "seed": 1})[0].startswith("--data: checkpoint has")
 
 
 def test_a_runs_saved_config_json_is_a_preset_that_repeats_it(tmp_path):
@@ -179,6 +179,56 @@ def test_a_second_value_after_a_list_flag_is_named_with_the_flag_to_repeat(capsy
     with pytest.raises(SystemExit):
         parse(["generate", "--lora", "a.safetensors", "b.safetensors", "a cat"])
     assert "did you mean" not in capsys.readouterr().err
+
+def test_a_list_of_numbers_is_taken_with_commas_as_well_as_the_flag_repeated(capsys, tmp_path):
+    """kohya and the GUIs write lists "0,1"; argparse said "invalid int value: '0,1'"."""
+    _, opts = parse(["train-lora", "--data", "d", "--validation-seeds", "0,1", "--validation-seeds", "5"])
+    assert opts.validation_seeds == [0, 1, 5]
+    assert parse(["train-ldm", "--vae-channels", "8,16,16"])[1].vae_channels == [8, 16, 16]
+    help_text = " ".join(build_parser("train-lora")[0].format_help().split())
+    assert "one column each); repeat the flag for several, or separate them with commas (default: [0, 1])" in help_text
+    with pytest.raises(SystemExit):
+        parse(["train-lora", "--data", "d", "--validation-seeds", "0,x"])
+    assert "argument --validation-seeds: expected whole numbers, one per flag or separated by commas, got '0,x'\n" \
+        in capsys.readouterr().err
+    (tmp_path / "p.toml").write_text('validation_seeds = "0,1"\n')  # a preset's string reads as the flag's does
+    assert parse(["train-lora", "--data", "d", "--config", str(tmp_path / "p.toml")])[1].validation_seeds == [0, 1]
+
+
+def test_a_list_given_to_a_one_number_option_says_what_number_to_write(capsys, tmp_path):
+    """kohya's --resolution 512,512 (width,height) was "invalid int value: '512,512'"; egaku's is one side."""
+    for given, said in (("512,512", "takes one number, not the list '512,512' (bucket area is at most "
+                                    "resolution^2): write --resolution 512\n"),
+                        ("512,768", "takes one number, not the list '512,768' (bucket area is at most "
+                                    "resolution^2)\n")):
+        with pytest.raises(SystemExit):
+            parse(["train-lora", "--data", "d", "--resolution", given])
+        err = capsys.readouterr().err
+        assert f"egaku train-lora: error: argument --resolution: {said}" in err and len(err.splitlines()) == 2
+    for line in ('resolution = "512,512"', "resolution = [512, 512]"):  # a preset is told the same, in its spelling
+        (tmp_path / "p.toml").write_text(line + "\n")
+        with pytest.raises(EgakuError, match=r"^option 'resolution' takes one number, not the list '512,512' \(bucket "
+                                             r"area is at most resolution\^2\): write resolution = 512$"):
+            parse(["train-lora", "--data", "d", "--config", str(tmp_path / "p.toml")])
+    assert parse(["train-lora", "--data", "d", "--resolution", "512"])[1].resolution == 512
+
+
+def test_flags_are_matched_whole_and_lr_is_met_with_learning_rate(capsys, tmp_path):
+    """--lr was "ambiguous option: --lr could match --lr-scheduler, --lr-warmup-steps", and --learning-rat was taken
+    for --learning-rate without a word."""
+    for flag, said in (("--lr", "--lr -> --learning-rate"), ("--learning-rat", "--learning-rat -> --learning-rate")):
+        with pytest.raises(SystemExit):
+            parse(["train-lora", "--data", "d", flag, "1e-4"])
+        err = capsys.readouterr().err
+        assert f"unrecognized arguments: {flag} 1e-4 (did you mean: {said}?)\n" in err and "ambiguous" not in err
+    assert parse(["train-ldm", "--lr", "3e-4"])[1].lr == 3e-4  # train-ldm's own --lr
+    with pytest.raises(SystemExit):
+        parse(["train-ldm", "--learning-rate", "3e-4"])
+    assert "(did you mean: --learning-rate -> --lr?)" in capsys.readouterr().err
+    (tmp_path / "p.toml").write_text("lr = 1e-4\n")
+    with pytest.raises(EgakuError, match=r"^unknown option 'lr' \(did you mean learning_rate\?\)$"):
+        parse(["train-lora", "--data", "d", "--config", str(tmp_path / "p.toml")])
+
 
 def test_run_paths_are_absolute_and_out_is_checked_against_input_folders_not_builtin_names(tmp_path, monkeypatch):
     from egaku.paths import checked_run_paths
