@@ -2103,3 +2103,22 @@ def test_inversion_steps_train_the_word_alone_first_then_the_lora(tmp_path, data
     assert json.loads((then / "training_config.json").read_text())["inversion_steps"] == 1
     with pytest.raises(EgakuError, match="name the words with --train-tokens"):
         options(data_dir, tiny_model_dir, tmp_path / "bad", inversion_steps=5)
+
+
+def test_a_wrong_model_or_mask_folder_is_said_before_the_images_are_read(tmp_path, data_dir, tiny_model_dir,
+                                                                          monkeypatch):
+    """What needs no loading is checked first: a big folder is not decoded to learn that --model is misspelt."""
+    scanned = []
+    real_scan = lora_training.scan_image_folder
+    monkeypatch.setattr(lora_training, "scan_image_folder", lambda *a, **kw: scanned.append(1) or real_scan(*a, **kw))
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"not read")
+    (tmp_path / "notes.txt").write_text("x")
+    for model, overrides, message in (
+            (tmp_path / "sd15.safetensors", {}, "not found: no such file or folder"),
+            (pickled, {}, r"model\.ckpt is a pickle .*--allow-pickle"),
+            (tmp_path / "notes.txt", {}, "unknown model file type '.txt'"),
+            (tiny_model_dir, {"mask_dir": str(tmp_path / "masks")}, "--mask-dir .* does not exist")):
+        with pytest.raises(EgakuError, match=message):
+            train_lora(options(data_dir, model, tmp_path / "out", **overrides))
+    assert not scanned

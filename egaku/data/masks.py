@@ -25,12 +25,18 @@ from .folder import FolderScan
 from .images import IMAGE_SUFFIXES, ImageError, alpha_channel, decode_image, to_rgb
 
 
-def find_mask_files(scan: FolderScan, mask_dir: str | Path) -> list[Path]:
-    """The mask of each image of ``scan``: ``mask_dir``/same relative path, the same name or any image extension.
-    Every image needs one; the error lists those that have none."""
+def check_mask_dir(mask_dir: str | Path) -> Path:
+    """``--mask-dir`` must be a folder: said before the data is read."""
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise EgakuError(f"--mask-dir {str(mask_dir)!r} does not exist or is not a folder")
+    return mask_dir
+
+
+def find_mask_files(scan: FolderScan, mask_dir: str | Path) -> list[Path]:
+    """The mask of each image of ``scan``: ``mask_dir``/same relative path, the same name or any image extension.
+    Every image needs one; the error lists those that have none."""
+    mask_dir = check_mask_dir(mask_dir)
     if mask_dir.resolve().is_relative_to(scan.root.resolve()):
         raise EgakuError(f"--mask-dir {str(mask_dir)!r} lies inside --data {str(scan.root)!r}, so its masks would be "
                          "read as training images too; move the masks to a folder beside the data")

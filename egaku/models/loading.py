@@ -431,6 +431,32 @@ def _weights_variant(folder: Path) -> str | None:
     return None
 
 
+def _is_hub_id(spec: str, path: Path) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix
+
+
+def check_model_source(model: str | os.PathLike | None, allow_pickle: bool = False) -> None:
+    """The checks of ``load_pipeline`` that read nothing: a --model that names no file, folder or hub id, a file of
+    an unknown type, a pickle without --allow-pickle. Trainers call it first, so that such a mistake is said before
+    minutes of reading their data rather than after."""
+    spec = "builtin" if model in (None, "") else str(model)
+    path = Path(spec).expanduser()
+    if spec in ("tiny", "builtin") or path.is_dir():
+        return
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise EgakuError(f"{path.name} is a pickle ({suffix}), which can run arbitrary code when loaded; "
+                             "convert it to .safetensors, or pass --allow-pickle to load its tensors only "
+                             "(weights_only=True)", param="model")
+        if suffix not in PICKLE_SUFFIXES and suffix != ".safetensors":
+            raise EgakuError(f"{path}: unknown model file type {suffix!r}; use a .safetensors checkpoint or a "
+                             "diffusers folder", param="model")
+    elif not _is_hub_id(spec, path):
+        raise EgakuError(f"model {spec!r} not found: no such file or folder (and not a hub id like org/name)",
+                         param="model")
+
+
 def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "auto", dtype: str = "auto",
                   model_config: str | None = None, allow_pickle: bool = False, quiet: bool = True):
     """Load a ``StableDiffusionPipeline`` from any source egaku accepts, on ``device`` in ``dtype``.
@@ -458,6 +484,7 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         raise EgakuError(f"--model {spec} names egaku's {'built-in model' if spec == 'builtin' else 'tiny test model'}"
                          f", and ./{spec} is here too: write --model ./{spec} for that {'folder' if path.is_dir() else 'file'}"
                          f", or run from another folder for egaku's", param="model")
+    check_model_source(spec, allow_pickle)
     if model_config and not path.is_file():
         # a folder, the built-in and tiny models and a hub id hold their own configs (model_index.json, one config
         # per model), which diffusers reads whatever --model-config says. A note, not an error: serve shares one
@@ -501,10 +528,6 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
     elif path.is_file():
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES:
-            if not allow_pickle:
-                raise EgakuError(f"{path.name} is a pickle ({suffix}), which can run arbitrary code when loaded; "
-                                 "convert it to .safetensors, or pass --allow-pickle to load its tensors only "
-                                 "(weights_only=True)", param="model")
             configs = _single_file_configs(path, model_config)  # a missing --model-config is said before it is read
             converted = _pickle_to_safetensors(path)
             try:
@@ -512,20 +535,14 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
             finally:  # a full copy of the checkpoint: not left in the temp folder at every load
                 shutil.rmtree(converted.parent, ignore_errors=True)
             info = ModelInfo(path.stem, "pickle", path.resolve())
-        elif suffix == ".safetensors":
+        else:  # .safetensors (check_model_source refused other types)
             _check_safetensors_file(path, "the checkpoint")
             pipe = _from_single_file(path, model_config, torch_dtype)
             info = ModelInfo(path.stem, "single-file", path.resolve())
-        else:
-            raise EgakuError(f"{path}: unknown model file type {suffix!r}; use a .safetensors checkpoint or a "
-                             "diffusers folder", param="model")
         if model_config:
             info.config = Path(model_config).resolve()
-    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix:
+    else:  # a hub id (check_model_source refused every other name)
         pipe, info = _load_hub(spec, {**common, **({} if allow_pickle else {"use_safetensors": True})})
-    else:
-        raise EgakuError(f"model {spec!r} not found: no such file or folder (and not a hub id like org/name)",
-                         param="model")
 
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
