@@ -165,11 +165,28 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(*names, type=tp, **kwargs)
 
 
+# egaku's presets (configs/ beside the package in a source checkout)
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _preset_path(path: Path) -> Path:
+    """``path``, or where it names one of egaku's presets from another folder (``configs/lora-tiny.toml``,
+    ``lora-tiny.toml`` or ``lora-tiny``), that preset."""
+    if path.is_file() or path.parent.name not in ("", "configs"):
+        return path
+    for name in (path.name, path.name + ".toml"):
+        if (PRESETS_DIR / name).is_file():
+            return PRESETS_DIR / name
+    return path
+
+
 def load_preset(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = _preset_path(Path(path))
     if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+        presets = f" or one of egaku's presets by name ({', '.join(known)})" if known else ""
         raise EgakuError(f"config file {str(path)!r} does not exist; pass a TOML, YAML or JSON file such as "
-                         "configs/<name>.toml")
+                         f"configs/<name>.toml{presets}")
     suffix = path.suffix.lower()
     if suffix == ".json":  # a run's resolved config.json: repeat that run
         kind, parse, errors = "JSON", json.loads, (json.JSONDecodeError,)

@@ -251,3 +251,16 @@ def test_run_paths_are_absolute_and_out_is_checked_against_input_folders_not_bui
     (tmp_path / "file").write_text("x")
     with pytest.raises(EgakuError, match="--out file is a file, not a folder"):
         checked_run_paths(RunOptions(out="file"), {"--data": "data"})
+
+
+def test_egakus_presets_are_found_by_name_from_any_folder_and_a_local_file_comes_first(tmp_path, monkeypatch):
+    from egaku.config import PRESETS_DIR, load_preset
+
+    shipped = load_preset(PRESETS_DIR / "lora-tiny.toml")
+    monkeypatch.chdir(tmp_path)
+    assert load_preset("configs/lora-tiny.toml") == shipped == load_preset("lora-tiny")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "lora-tiny.toml").write_text("rank = 3\n")  # the user's own file of that name
+    assert load_preset("configs/lora-tiny.toml") == {"rank": 3}
+    with pytest.raises(EgakuError, match=r"'configs/lora-tny.toml' does not exist; .*presets by name \(.*lora-tiny"):
+        load_preset("configs/lora-tny.toml")
