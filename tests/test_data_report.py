@@ -57,7 +57,7 @@ def test_a_train_gan_folder_of_no_images_errors_last_with_the_report_above_it(tm
     assert "  skipped readme.md: not an image file extension (.md)" in lines[:-1]
 
 
-def test_kohya_folder_repeats_are_reported_as_multiplied_by_the_repeats_option(tmp_path, capsys):
+def test_kohya_folder_repeats_are_reported_as_multiplied_by_the_repeats_option(tmp_path):
     """ss_dataset_dirs says n_repeats 20 for 10_sks dog with --repeats 2, and so must the report."""
     for i in range(2):
         _img(tmp_path / "data" / "10_sks dog" / f"{i}.png")
