@@ -417,7 +417,7 @@ def test_mask_files_are_found_by_relative_path_and_any_extension_and_missing_one
     Image.new("L", (16, 8), 255).save(masks / "cat" / "a.png")  # a JPEG's mask stored losslessly
     Image.new("L", (16, 8), 255).save(masks / "cat" / "b.jpg")
     scan = scan_image_folder(data)
-    with pytest.raises(EgakuError, match=r"1 of 3 training images have no mask in .*: dog/c\.png"):
+    with pytest.raises(EgakuError, match=r"1 of 3 training images has no mask in .*: dog/c\.png"):
         find_mask_files(scan, masks)
     (masks / "dog").mkdir()
     Image.new("L", (16, 8), 255).save(masks / "dog" / "c.png")

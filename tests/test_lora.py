@@ -2015,7 +2015,7 @@ def test_bad_loss_masks_are_clear_errors(tmp_path, data_dir, tiny_model_dir):
         options(data_dir, tiny_model_dir, tmp_path / "x", mask_dir="m", unmasked_weight=2.0)
     masks = write_masks(data_dir, tmp_path / "masks", left_half)
     (masks / "red_star" / "1.png").unlink()
-    with pytest.raises(EgakuError, match=r"1 of 6 training images have no mask .*red_star/1\.png"):
+    with pytest.raises(EgakuError, match=r"1 of 6 training images has no mask .*red_star/1\.png"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "missing", mask_dir=str(masks)))
     Image.new("L", (64, 40), 0).save(masks / "red_star" / "1.png")  # black everywhere
     with pytest.raises(EgakuError, match=r"loss mask of .*1\.png is black everywhere .*--unmasked-weight"):
@@ -2122,3 +2122,16 @@ def test_a_wrong_model_or_mask_folder_is_said_before_the_images_are_read(tmp_pat
         with pytest.raises(EgakuError, match=message):
             train_lora(options(data_dir, model, tmp_path / "out", **overrides))
     assert not scanned
+
+
+def test_epochs_beside_max_steps_and_a_stop_past_the_end_are_said(tmp_path, data_dir, capsys):
+    from egaku.cli import main
+
+    code = main(["train-lora", "--data", str(data_dir), "--model", "tiny", "--out", str(tmp_path / "out"),
+                 "--resolution", str(RESOLUTION), "--max-steps", "1", "--epochs", "3", "--stop-at", "5",
+                 "--min-images", "2", "--no-progress", "--format", "diffusers"])
+    said = capsys.readouterr().out
+    assert code == 0
+    assert "note: --max-steps 1 sets the run's length; --epochs 3 is not used" in said
+    assert "note: --stop-at 5 is past the run's 1 step: it runs to the end" in said
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

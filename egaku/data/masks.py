@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..errors import EgakuError
 from .buckets import fit_to_bucket
-from .folder import FolderScan
+from .folder import FolderScan, counted
 from .images import IMAGE_SUFFIXES, ImageError, alpha_channel, decode_image, to_rgb
 
 
@@ -60,7 +60,8 @@ def find_mask_files(scan: FolderScan, mask_dir: str | Path) -> list[Path]:
             (mask_dir / Path(rel).name).with_suffix(s).is_file() for s in IMAGE_SUFFIXES)]
         hint = (f"; {len(flat)} of them have a mask of their name at the top of {mask_dir} (kohya's layout): move "
                 f"those into the sub-folders of their images, as {mask_dir / flat[0]}" if flat else "")
-        raise EgakuError(f"{len(missing)} of {len(scan.items)} training images have no mask in {mask_dir} "
+        raise EgakuError(f"{len(missing)} of {counted(len(scan.items), 'training image')} "
+                         f"{'has' if len(missing) == 1 else 'have'} no mask in {mask_dir} "
                          f"(looked for the same sub-folder and name, any image extension): {shown}{hint}. Add their "
                          "masks (white = train, black = leave out), or drop --mask-dir")
     return found

@@ -1249,6 +1249,11 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         raise EgakuError(f"{len(items)} images in {len(set(bucket_of))} aspect buckets give fewer batches of "
                          f"{opts.batch_size} than there are processes ({world}); lower --batch-size or add images")
     total_steps = opts.max_steps or math.ceil(opts.epochs * per_epoch / opts.gradient_accumulation)
+    if opts.max_steps and "epochs" in opts.given_options:  # (a preset's max_steps beside a flag's --epochs, say)
+        say(f"note: --max-steps {opts.max_steps} sets the run's length; --epochs {opts.epochs} is not used")
+    if opts.stop_at > total_steps:
+        say(f"note: --stop-at {opts.stop_at} is past the run's {total_steps} step{'s' * (total_steps != 1)}: it runs to the "
+            "end")
     lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
                                  num_training_steps=total_steps)
     run_metadata = {  # kohya's ss_* entries that only the run knows, for A1111's and civitai's training views
