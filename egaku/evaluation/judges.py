@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..config import add_arguments, build
 
-    parser = argparse.ArgumentParser(prog="python -m egaku.evaluation.judges", description="train the shapes judge")
+    parser = argparse.ArgumentParser(prog="python -m egaku.evaluation.judges", description="train the shapes judge",
+                                     allow_abbrev=False)  # flags matched whole, as egaku's own commands match them
     add_arguments(parser, JudgeOptions)
     try:
         opts = build(JudgeOptions, vars(parser.parse_args(argv)))
