@@ -115,16 +115,19 @@ def _number_type(tp: type, name: str, help_text: str, is_list: bool) -> typing.C
     return convert
 
 
-def _numbers_from_text(value: Any, annotation: Any) -> Any:
-    """A preset's "0,1" for a list-of-numbers option is the list, as the flag reads it; what does not read as one is
+def _list_from_preset(value: Any, annotation: Any) -> Any:
+    """A preset's value for a list option written as the flag reads it: "0,1" for a list of numbers, and one item
+    (``validation_seeds = 0``, ``validation_prompts = "a cat"``) for a list of one; what does not read as either is
     left to ``_check_type`` to name."""
     tp, is_list = _base_type(annotation)
-    if not (is_list and tp in (int, float) and isinstance(value, str)):
+    if not is_list or isinstance(value, (list, tuple)):
         return value
-    try:
-        return [tp(item) for item in value.split(",")]
-    except ValueError:
-        return value
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            return [tp(item) for item in value.split(",")]
+        except ValueError:
+            return value
+    return [value] if tp in (int, float, str) and _fits(value, tp) else value
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -304,7 +307,7 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
         values["given_options"] = sorted(set(values) - {"given_options"})
     hints = typing.get_type_hints(cls)
     for key in values:
-        value = values[key] = _numbers_from_text(values[key], hints[key])
+        value = values[key] = _list_from_preset(values[key], hints[key])
         _check_type(key, value, hints[key], fields[key].metadata.get("help", ""))
         _check_choice(key, value, fields[key].metadata.get("choices"))
     try:

@@ -37,13 +37,18 @@ def test_a_preset_value_of_the_wrong_type_names_the_option_and_the_type(tmp_path
                           ("guidance_scale = true", "option 'guidance_scale' must be a number"),
                           ("overwrite = 1", "option 'overwrite' must be true or false"),
                           ("sampler = 3", "option 'sampler' must be a string"),
-                          ("lora = 'a.safetensors'", "option 'lora' must be a list")):
+                          ("lora = 3", "option 'lora' must be a list, each item a string")):
         (tmp_path / "p.toml").write_text(line + "\n")
         with pytest.raises(EgakuError, match=message.replace("(", r"\(")):
             parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])
     (tmp_path / "p.toml").write_text("guidance_scale = 5\nlora = ['a.safetensors:0.5']\n")  # an int is a number
     _, opts = parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])
     assert opts.guidance_scale == 5 and opts.lora == ["a.safetensors:0.5"]
+    # one item where a list goes is a list of one, as one flag gives it
+    (tmp_path / "p.toml").write_text("lora = 'a.safetensors'\n")
+    assert parse(["generate", "a cat", "--config", str(tmp_path / "p.toml")])[1].lora == ["a.safetensors"]
+    (tmp_path / "p.toml").write_text("validation_seeds = 7\n")
+    assert parse(["train-lora", "--config", str(tmp_path / "p.toml")])[1].validation_seeds == [7]
 
 
 def test_flags_override_preset_which_overrides_defaults(tmp_path):
