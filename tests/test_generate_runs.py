@@ -101,3 +101,31 @@ def test_an_image_that_cannot_be_written_is_one_line_and_leaves_no_empty_numbere
     err = capsys.readouterr().err
     assert "could not write" in err and "00000-7.png: No space left on device; free some space" in err
     assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_from_notes_a_lora_file_that_has_changed_since_the_image_was_made(style_lora_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """(Was: --from reused the changed file without a word, and the image differed; embeddings had this note.)"""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loras").mkdir()
+    for name in ("tagged", "optioned"):
+        shutil.copy(style_lora_dir / "style.safetensors", tmp_path / "loras" / f"{name}.safetensors")
+    assert main(["generate", "a cat <lora:tagged:0.5> --seed 1", "--lora", "loras/optioned.safetensors:0.5",
+                 "--lora-dir", "loras", "--model", "tiny", "--steps", "1", "--out", "first", "--no-progress"]) == 0
+    image = str(tmp_path / "first" / "00000-1.png")
+    assert main(["generate", "--from", image, "--out", "same", "--no-progress"]) == 0
+    assert "has changed since" not in capsys.readouterr().out
+    for name in ("tagged", "optioned"):
+        path = tmp_path / "loras" / f"{name}.safetensors"
+        save_file({k: v * 2 for k, v in load_file(path).items()}, path)
+        os.utime(path, (1, 1))  # a new mtime for certain: the short hash is cached per (path, mtime, size)
+    assert main(["generate", "--from", image, "--out", "again", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for name in ("tagged", "optioned"):
+        assert f"egaku: note: the LoRA {name} ({tmp_path / 'loras' / name}.safetensors) has changed since {image} " \
+               "was made (hash " in out, out

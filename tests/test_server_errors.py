@@ -157,3 +157,26 @@ def test_a_live_server_on_an_ipv6_host_answers_at_its_url_in_brackets(pipe, host
     with LiveServer(create_app({"tiny": pipe}, ServeOptions(model=["tiny"]), api_key=""), host=host) as live:
         assert live.url == (f"http://[::1]:{live.port}" if host == "::1" else f"http://127.0.0.1:{live.port}")
         assert httpx.get(live.url + "/health", timeout=30).json()["status"] == "ok"
+
+
+def test_a_prompt_tags_lora_weight_has_the_limit_of_the_loras_field(pipe, style_lora_dir):
+    """(Was: <lora:style:1000> in the prompt gave a 200 and a black image, where 'loras' refuses weight 1000.)"""
+    opts = ServeOptions(model=["tiny"], lora_dir=str(style_lora_dir))
+    with LiveServer(create_app({"tiny": pipe}, opts, api_key="")) as live, \
+            httpx.Client(base_url=live.url, timeout=120) as http:
+        def post(prompt):
+            return http.post("/v1/images/generations", json={"prompt": prompt, "steps": 1, "size": "64x64"})
+
+        for tag, said in (("<lora:style:1000>", "got 1000"), ("<lora:style:-11>", "got -11"),
+                          ("<lora:style:1:1000>", "got 1000")):
+            error = error_of(post(f"a cat {tag}"), 400)
+            assert error["param"] == "prompt", error
+            assert error["message"] == f"the weight of the prompt's tag {tag} must be between -10.0 and 10.0, " \
+                                       f"{said}", error
+        assert post("a cat <lora:style:0.8>").status_code == 200
+    # an uploaded image's prompt with such a tag is reused without it, as a variation takes over what it can
+    from egaku.server.requests import Limits, reused_settings
+
+    limits = Limits(max_steps=50, lora_dir=str(style_lora_dir))
+    assert reused_settings({"prompt": "a cat <lora:style:1000> <lora:style:0.8>"}, pipe, limits)["prompt"] == \
+        "a cat <lora:style:0.8>"

@@ -168,6 +168,18 @@ def _from_notes(source: str, params: dict, merged: dict, given: set[str]) -> lis
         if now != entry.get("hash"):
             notes.append(f"the embedding {entry.get('name')} ({path}) has changed since {source} was made (hash "
                          f"{entry['hash']}, now {now})")
+    from .metadata import lora_short_hash
+
+    for entry in params.get("lora_files") or []:
+        # reused: an option's LoRA through the recorded --lora, a tag's through the recorded prompt and folder
+        reused = "lora" in merged if entry.get("from") == "option" else {"prompt", "lora_dir"} <= set(merged)
+        path = Path(str(entry.get("path") or ""))
+        if not (reused and entry.get("hash") and path.is_file()):
+            continue
+        now = lora_short_hash(path)
+        if now != entry["hash"]:
+            notes.append(f"the LoRA {entry.get('name')} ({path}) has changed since {source} was made (hash "
+                         f"{entry['hash']}, now {now})")
     return notes
 
 

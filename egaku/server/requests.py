@@ -210,12 +210,38 @@ def _loras(value: Any, form: bool) -> list[tuple[str, float]]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "weight"}:
             raise _bad(f"each entry of 'loras' must be {{\"name\": str, \"weight\": number}}; loras[{i}] is "
                        f"{item!r}", f"loras[{i}]")
-        weight = _as_float(item, "weight", -10.0, 10.0, form=False, name=f"loras[{i}].weight")
+        weight = _as_float(item, "weight", -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT, form=False, name=f"loras[{i}].weight")
         out.append((item["name"], 1.0 if weight is None else weight))
     return out
 
 
 MAX_LORAS = 8  # per request: the 'loras' field and the prompt's <lora:name:w> tags together
+# a LoRA's weight, in 'loras' and in the prompt's tags: far past it the image is noise or black
+MAX_LORA_WEIGHT = 10.0
+
+
+def _tag_weight_out_of_range(tag: str) -> float | None:
+    """The first weight of one <lora:name:w> (or <lora:name:te:unet>) tag outside -MAX_LORA_WEIGHT..MAX_LORA_WEIGHT,
+    else None."""
+    from ..lora.apply import parse_prompt_loras
+
+    for _, weight in parse_prompt_loras(tag)[1]:
+        for value in weight.values() if isinstance(weight, dict) else [weight]:
+            if not -MAX_LORA_WEIGHT <= value <= MAX_LORA_WEIGHT:
+                return value
+    return None
+
+
+def _check_tag_weights(prompt: str) -> None:
+    """The prompt's LoRA tags must keep the limit the 'loras' field has."""
+    from ..lora.apply import LORA_TAG
+
+    for match in LORA_TAG.finditer(prompt):
+        weight = _tag_weight_out_of_range(match[0])
+        if weight is not None:
+            tag = match[0] if len(match[0]) <= 80 else match[0][:77] + "..."
+            raise _bad(f"the weight of the prompt's tag {tag} must be between {-MAX_LORA_WEIGHT} and "
+                       f"{MAX_LORA_WEIGHT}, got {weight:g}", "prompt")
 
 
 def _check_lora_name(name: str) -> None:
@@ -278,6 +304,8 @@ def _usable_prompt(prompt: str, limits: Limits) -> str:
             resolve_lora(name, limits.lora_dir)
         except EgakuError:
             return " "
+        if _tag_weight_out_of_range(tag[0]) is not None:  # a request's own tag of that weight is refused
+            return " "
         return tag[0]
 
     return re.sub(r"\s{2,}", " ", LORA_TAG.sub(keep, prompt)).strip()
@@ -322,7 +350,7 @@ def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> d
             if not isinstance(entry, dict) or entry.get("from") != "option" or not isinstance(entry.get("name"), str):
                 continue
             try:
-                weight = _as_float(entry, "weight", -10.0, 10.0, False)
+                weight = _as_float(entry, "weight", -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT, False)
                 path = resolve_lora(entry["name"], limits.lora_dir)
             except EgakuError:
                 continue
@@ -453,6 +481,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     tag_names: list[str] = []
     if has_prompt_loras(opts.prompt):  # (a tag without a name is refused here, as generate refuses it)
         tag_names = [name for name, _ in parse_prompt_loras(opts.prompt)[1]]
+        _check_tag_weights(opts.prompt)
     lora_names(tag_names + [name for name, _ in loras], limits)
 
     options = {k: getattr(opts, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "steps",
