@@ -157,10 +157,15 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
         scaled = scaled + vae.config.shift_factor
     with torch.no_grad():
         images = vae.decode(scaled.to(vae.dtype)).sample
-        if vae.dtype != torch.float32 and torch.isnan(images).any():
+        if vae.dtype != torch.float32 and torch.isnan(images).any() and torch.isfinite(latents).all():
             print("egaku: the VAE produced NaNs in reduced precision; decoding again in float32")
             vae.to(torch.float32)
             images = vae.decode(scaled.to(torch.float32)).sample
+    if not torch.isfinite(images).all():  # saved, it would be an all-black image that looks like a result
+        where = "the denoiser's output" if not torch.isfinite(latents).all() else "the VAE's output"
+        raise EgakuError(f"the image came out as NaN/inf ({where} overflowed), which would be saved as a black image; "
+                         "with LoRAs, lower their weights (past about 10 a LoRA's update swamps the model) or check "
+                         "the files with `egaku info`; in half precision, try --dtype float32", param="lora")
     return images
 
 

@@ -19,7 +19,8 @@ import torch
 from ..errors import EgakuError, NotFoundError, first_line
 from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha,
                       check_coverage, is_kohya, kohya_to_peft, model_module_name, peft_pairs, read_embedding,
-                      read_lora_file, refuse_embedding, refuse_lycoris, refuse_training_checkpoint, single_token_ids)
+                      read_lora_file, refuse_embedding, refuse_lycoris, refuse_non_finite, refuse_training_checkpoint,
+                      single_token_ids)
 
 # text encoder -> {token id: its base embedding}, so that remove_loras can put trained tokens back
 _TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -514,6 +515,7 @@ def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
     state_dict, metadata = read_lora_file(path)
     refuse_lycoris(state_dict, str(path))
     refuse_embedding(state_dict, str(path))
+    refuse_non_finite(state_dict, path)
     if is_kohya(state_dict):
         module_names: dict[str, list[str]] = {}
         for full in modules:

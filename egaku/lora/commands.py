@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..config import absolute_paths, option, save_config
 from ..errors import EgakuError
 from .apply import apply_loras, parse_lora_arg, remove_loras, resolve_lora, resolve_lora_option
@@ -54,6 +56,12 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
     names = apply_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the per-adapter scales were set by apply_loras
     remove_loras(pipe, keep_embeddings=True)  # drops the adapter modules; fused deltas and embeddings stay
+    for component in ("unet", "text_encoder"):  # a weight so large that the sum overflowed: every image black
+        broken = next((name for name, p in getattr(pipe, component).named_parameters()
+                       if not torch.isfinite(p).all()), None)
+        if broken is not None:
+            raise EgakuError(f"the merge overflowed: {component}.{broken} came out NaN/inf, which would draw only black "
+                             "images; lower the --lora scales (past about 10 a LoRA swamps the model)", param="lora")
     # each model as its base stores it (an fp16 base stays half the size of an fp32 copy), or all in the
     # --save-precision asked for
     save_dtypes = cast_for_saving(pipe, opts.save_precision)

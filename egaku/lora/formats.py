@@ -58,6 +58,15 @@ def refuse_training_checkpoint(path: Path) -> None:
                          f"into OUT/steps/; `egaku train-lora ... --resume {folder}` continues this one", param="lora")
 
 
+def refuse_non_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A NaN or inf weight turns every pixel it reaches to NaN: saved, a black image that looks like a result."""
+    broken = next((key for key, tensor in tensors.items()
+                   if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise EgakuError(f"{path}: {broken} holds NaN or inf values, so the file is damaged (saved from a run that "
+                         "diverged, or changed since); use an earlier save of it", param="lora")
+
+
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and the safetensors header metadata of one LoRA file."""
     path = Path(path)
@@ -285,7 +294,11 @@ def check_coverage(pairs: dict[str, dict[str, torch.Tensor]], modules: dict[str,
         if "magnitude" in pair and pair["magnitude"].numel() != got_out:
             raise EgakuError(f"{source}: layer {name}'s DoRA magnitude has {pair['magnitude'].numel()} values for "
                              f"{got_out} outputs; the file is damaged", param="lora")
-        if (got_in, got_out) != (expect_in, expect_out) or up.shape[1] != down.shape[0]:
+        if up.shape[1] != down.shape[0]:  # not a base's mismatch: the pair does not fit together
+            raise EgakuError(f"{source}: layer {name}'s down matrix has rank {down.shape[0]} and its up matrix "
+                             f"{up.shape[1]}; the two halves of a LoRA layer share one rank, so the file is damaged",
+                             param="lora")
+        if (got_in, got_out) != (expect_in, expect_out):
             raise EgakuError(f"{source}: layer {name} does not fit this model: the LoRA maps {got_in} -> {got_out} "
                              f"{kind}, the model's layer {expect_in} -> {expect_out}; the LoRA was trained on a "
                              "different base model", param="lora")
@@ -423,6 +436,7 @@ def save_embedding(path: Path, vectors: torch.Tensor) -> Path:
 def read_embedding(path: Path) -> torch.Tensor:
     """(n, dim) vectors of an embedding file: A1111's ``emb_params`` or a single-tensor file."""
     tensors, _ = read_lora_file(path)
+    refuse_non_finite(tensors, path)
     if "emb_params" in tensors:
         vectors = tensors["emb_params"]
     elif len(tensors) == 1:
