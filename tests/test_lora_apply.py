@@ -300,6 +300,11 @@ def test_info_refuses_lora_keys_of_no_known_layout(tmp_path):
         describe_lora(tmp_path / "noprefix.safetensors")
     save_file(_diffusers_lora(), str(tmp_path / "prefixed.safetensors"))
     assert describe_lora(tmp_path / "prefixed.safetensors")["unet_layers"] == 1
+    # a diffusers-layout LoRA of a Flux/SD3 transformer is named as one, as generate names it
+    module = "transformer.single_transformer_blocks.0.attn.to_q"
+    save_file({f"{module}.lora_A.weight": torch.randn(4, 32), f"{module}.lora_B.weight": torch.randn(32, 4)},
+              str(tmp_path / "flux.safetensors"))
+    assert "Flux" in describe_lora(tmp_path / "flux.safetensors")["other_architecture"]
 
 
 def test_info_reports_the_steps_a_save_every_lora_was_trained_for(tmp_path):

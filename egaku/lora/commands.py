@@ -162,7 +162,9 @@ def describe_lora(path: str | Path) -> dict:
                   for n, p in pairs.items() if "down" in p}
         # diffusers keys name their model first (unet., text_encoder.); without that prefix (a file saved from
         # one model's state dict) generate and merge-lora match none of its layers, so it is no usable LoRA
-        if layers and not any(layer["component"] in _COMPONENTS for layer in layers.values()):
+        # (a LoRA of another architecture, such as a Flux or SD3 transformer's, is described as one below)
+        if layers and not any(layer["component"] in _COMPONENTS for layer in layers.values()) \
+                and not other_architecture(list(state), metadata):
             raise EgakuError(f"{path} matches no known LoRA layout: its lora keys (first: {next(iter(layers))}) "
                              "start with neither unet./text_encoder. (diffusers) nor lora_unet_/lora_te_ (kohya), "
                              "so generate and merge-lora refuse it; re-save it with its keys prefixed unet.")
