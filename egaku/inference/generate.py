@@ -299,9 +299,12 @@ def _apply_requested_loras(pipe, o: GenerateOptions, cleanup: ExitStack) -> tupl
             print(f"egaku: {lora_display_name(Path(path))} was trained at clip skip {trained_at}; this image "
                   f"uses {o.clip_skip} (give --clip-skip {trained_at})")
     # a tag's two weights (<lora:name:0.8:0.5>) are recorded as apply_loras takes them: {"text_encoder", "unet"}
-    lora_files = [{"name": lora_display_name(Path(p)), "path": os.path.abspath(p),
+    # a tag's LoRA is recorded by the name it was looked up by (styles/ink, not ink, which another file may share),
+    # so that the recorded tags find the same files again
+    names = [name.strip() for name, _ in tag_loras] + [lora_display_name(Path(p)) for p, _ in specs[len(tag_loras):]]
+    lora_files = [{"name": name, "path": os.path.abspath(p),
                    "weight": w if isinstance(w, dict) else float(w), "hash": lora_short_hash(p), "from": origin}
-                  for (p, w), origin in zip(specs, origins)]
+                  for name, (p, w), origin in zip(names, specs, origins)]
     cleanup.callback(remove_loras, pipe)  # (before: a file that fails to load leaves none of the others)
     apply_loras(pipe, specs)
     return text, tag_loras, [(f["name"], w) for f, (_, w) in zip(lora_files, specs)], lora_files
