@@ -246,6 +246,9 @@ def resolve_lora(name_or_path: str, lora_dir: str | None, names_option: str = "-
         if found:
             return found
         refuse_training_checkpoint(path)
+        if (path / "model_index.json").is_file():
+            raise EgakuError(f"{path} is a diffusers pipeline folder, a model, not a LoRA: give it as --model",
+                             param="lora")
         if (path / "training_config.json").is_file():
             raise NotFoundError(f"{path} is a train-lora run that has not written its LoRA yet (it is written when the "
                                 "run ends; with --save-every N every N steps into its steps/): `egaku train-lora ... "
@@ -513,6 +516,12 @@ def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
     """A LoRA file of either layout resolved against the model's modules (``adaptable_modules``):
     (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``), checked by ``check_coverage``."""
     state_dict, metadata = read_lora_file(path)
+    if state_dict and not any("lora" in key or "dora_scale" in key for key in state_dict):
+        from ..models.loading import SINGLE_FILE_PREFIXES
+
+        if any(key.startswith(prefix) for key in state_dict for prefix in SINGLE_FILE_PREFIXES.values()):
+            raise EgakuError(f"{path} is a single-file Stable Diffusion checkpoint, a model, not a LoRA: give it as "
+                             "--model", param="lora")
     refuse_lycoris(state_dict, str(path))
     refuse_embedding(state_dict, str(path))
     refuse_non_finite(state_dict, path)

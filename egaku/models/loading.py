@@ -385,11 +385,15 @@ def _check_safetensors_file(file: Path, what: str) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(file), framework="pt"):
-            pass
+        with safe_open(str(file), framework="pt") as fh:
+            keys = list(fh.keys())
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise EgakuError(f"{file} is not a complete safetensors file ({first_line(exc)}): it is "
                          f"truncated or corrupt; download or convert {what} again", param="model") from None
+    if keys and all("lora" in key or key.endswith(".alpha") or "dora_scale" in key for key in keys):
+        # read as a model, a LoRA's missing layers would be reported as a broken checkpoint
+        raise EgakuError(f"{file} is a LoRA, not a model: give it as --lora (with --model the checkpoint it was "
+                         "trained for)", param="model")
 
 
 def _from_single_file(path: Path, model_config: str | None, dtype: torch.dtype, name: Path | None = None,
