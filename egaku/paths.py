@@ -3,6 +3,7 @@ sampling and ends in one line that says what to change, not a traceback after th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -68,3 +69,13 @@ def checked_run_paths(opts: T, inputs: dict[str, str]) -> T:
     check_output(opts.out)
     check_outside(opts.out, {flag: getattr(opts, name) for flag, name in inputs.items()})
     return opts
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB pieces: A1111's model and embedding hashes start with it,
+    and the LoRA trainer's disk cache names images by it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()

@@ -11,7 +11,6 @@ older .pt files) or diffusers' (one tensor under its word); .pt/.bin files are p
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EgakuError
+from ..paths import file_sha256
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".bin")
@@ -136,11 +136,7 @@ def read_vectors_for(path: Path, width: int, allow_pickle: bool = False, shown: 
 
 def embedding_short_hash(path: Path) -> str:
     """A1111's "TI hashes" value: the first 12 hex digits of the file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def load_embeddings(pipe, texts: list[str], folder: str | Path, allow_pickle: bool = False

@@ -15,7 +15,6 @@ A model is one of:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..errors import EgakuError, first_line
+from ..paths import file_sha256
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -157,11 +157,7 @@ class ModelInfo:
         if self._hash is None and self.path is not None:
             target = component_weights_file(self.path, "unet") if self.path.is_dir() else self.path
             if target is not None and target.is_file():
-                digest = hashlib.sha256()
-                with open(target, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(chunk)
-                self._hash = digest.hexdigest()[:10]
+                self._hash = file_sha256(target)[:10]
         return self._hash
 
 
@@ -390,7 +386,9 @@ def _check_safetensors_file(file: Path, what: str) -> None:
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise EgakuError(f"{file} is not a complete safetensors file ({first_line(exc)}): it is "
                          f"truncated or corrupt; download or convert {what} again", param="model") from None
-    if keys and all("lora" in key or key.endswith(".alpha") or "dora_scale" in key for key in keys):
+    from ..lora.formats import is_lora_key
+
+    if keys and all(is_lora_key(key) or key.endswith(".alpha") for key in keys):
         # read as a model, a LoRA's missing layers would be reported as a broken checkpoint
         raise EgakuError(f"{file} is a LoRA, not a model: give it as --lora (with --model the checkpoint it was "
                          "trained for)", param="model")

@@ -45,10 +45,10 @@ from typing import Any
 import torch
 
 from ..config import option, save_config, to_dict
-from ..paths import check_outside, checked_run_paths
+from ..paths import check_outside, checked_run_paths, file_sha256
 from ..data.buckets import BucketBatches, fit_to_bucket, make_buckets, nearest_bucket, to_tensor
 from ..data.captions import tag_frequency, vary_caption
-from ..data.folder import scan_image_folder
+from ..data.folder import counted, scan_image_folder
 from ..data.images import image_grid
 from ..data.masks import check_mask_dir, find_mask_files, latent_masks, masked_mean
 from ..errors import EgakuError, first_line
@@ -607,15 +607,6 @@ def lora_param_groups(model: torch.nn.Module, lr: float, loraplus_lr_ratio: floa
     return [{"params": down, "lr": lr}, {"params": up, "lr": lr * loraplus_lr_ratio}]
 
 
-def file_digest(path: Path) -> str:
-    """A digest of a file's bytes (BLAKE2b, 128 bits), read in 1 MiB pieces."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for piece in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def _step_seed(seed: int, micro: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{micro}/{rank}".encode()).digest()[:7], "little")
 
@@ -692,7 +683,7 @@ def fill_prior_folder(pipe, opts: TrainLoraOptions, device: torch.device, say=pr
     runner.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     guidance = recommended_guidance(pipe) if opts.prior_guidance is None else opts.prior_guidance
-    say(f"generating {missing} regularization image{'s' if missing != 1 else ''} into {folder}")
+    say(f"generating {counted(missing, 'regularization image')} into {folder}")
     for start in range(0, missing, 8):
         numbers = numbers_left[start:start + 8]
         prompts = [opts.prior_prompts[n % len(opts.prior_prompts)] for n in numbers]
@@ -936,7 +927,7 @@ class TrainingInputs:
         self.latent_key = {}
         for i, item in enumerate(items):
             if opts.cache_dir:
-                source = file_digest(item.path)
+                source = file_sha256(item.path)
             else:  # one run's memory: the files do not change under it
                 source = str(item.path.resolve())
             for flip in self.flips:
@@ -1252,8 +1243,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     if opts.max_steps and "epochs" in opts.given_options:  # (a preset's max_steps beside a flag's --epochs, say)
         say(f"note: --max-steps {opts.max_steps} sets the run's length; --epochs {opts.epochs} is not used")
     if opts.stop_at > total_steps:
-        say(f"note: --stop-at {opts.stop_at} is past the run's {total_steps} step{'s' * (total_steps != 1)}: it runs to the "
-            "end")
+        say(f"note: --stop-at {opts.stop_at} is past the run's {counted(total_steps, 'step')}: it runs to the end")
     lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
                                  num_training_steps=total_steps)
     run_metadata = {  # kohya's ss_* entries that only the run knows, for A1111's and civitai's training views
@@ -1358,12 +1348,12 @@ def train_lora(opts: TrainLoraOptions) -> Path:
     log = MetricsLog(out / "loss.csv", start_step=step, tensorboard=opts.log_with == "tensorboard",
                      resumed_from=resume_from) if main else None
     images_in = collections.Counter(bucket_of)  # the buckets in use, as kohya lists them
-    bucket_use = f"{len(images_in)} bucket(s): " + ", ".join(f"{w}x{h} ({n} image{'s' * (n != 1)})"
+    bucket_use = f"{len(images_in)} bucket(s): " + ", ".join(f"{w}x{h} ({counted(n, 'image')})"
                                                           for (w, h), n in sorted(images_in.items()))
     # the token table takes gradients whole, but only the --train-tokens rows change
     trained_count = sum(p.numel() for p in lora_params if p is not token_table) + len(token_ids) * token_table.shape[1]
     tokens_note = f" and {len(token_ids)} token embedding(s)" if token_ids else ""
-    say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {total_steps} step{'s' * (total_steps != 1)} "
+    say(f"training {trained_count:,} parameters (LoRA{tokens_note}) for {counted(total_steps, 'step')} "
         f"on {world} process(es), {bucket_use}, batch {opts.batch_size} x {opts.gradient_accumulation} accumulation, "
         f"optimizer {optimizer_name}")
     fullest = max(len(batch) for batch in order.batches(0))
