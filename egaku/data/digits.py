@@ -92,7 +92,8 @@ def load_image_folder(root: str | Path, image_size: int, channels: int, conditio
     if conditional:
         loose = [i.path for i in scan.items if i.label is None]
         if loose:
-            raise EgakuError(f"--conditional needs every image in a class folder, but {len(loose)} {'lies' if len(loose) == 1 else 'lie'} directly in "
+            lie = "lies" if len(loose) == 1 else "lie"
+            raise EgakuError(f"--conditional needs every image in a class folder, but {len(loose)} {lie} directly in "
                              f"{root} (e.g. {loose[0].name}); move them into {root}/<class>/ or drop --conditional")
         if len(names) < 2:
             found = f"only the class {names[0]!r}" if names else "no class folders"

@@ -18,9 +18,9 @@ import torch
 
 from ..errors import EgakuError, NotFoundError, first_line
 from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha,
-                      check_coverage, is_kohya, kohya_to_peft, model_module_name, peft_pairs, read_embedding,
-                      read_lora_file, refuse_embedding, refuse_lycoris, refuse_non_finite, refuse_training_checkpoint,
-                      single_token_ids)
+                      check_coverage, is_kohya, is_model_checkpoint, kohya_to_peft, model_module_name, peft_pairs,
+                      read_embedding, read_lora_file, refuse_embedding, refuse_lycoris, refuse_non_finite,
+                      refuse_training_checkpoint, single_token_ids)
 
 # text encoder -> {token id: its base embedding}, so that remove_loras can put trained tokens back
 _TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -516,12 +516,9 @@ def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
     """A LoRA file of either layout resolved against the model's modules (``adaptable_modules``):
     (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``), checked by ``check_coverage``."""
     state_dict, metadata = read_lora_file(path)
-    if state_dict and not any("lora" in key or "dora_scale" in key for key in state_dict):
-        from ..models.loading import SINGLE_FILE_PREFIXES
-
-        if any(key.startswith(prefix) for key in state_dict for prefix in SINGLE_FILE_PREFIXES.values()):
-            raise EgakuError(f"{path} is a single-file Stable Diffusion checkpoint, a model, not a LoRA: give it as "
-                             "--model", param="lora")
+    if is_model_checkpoint(state_dict):
+        raise EgakuError(f"{path} is a single-file Stable Diffusion checkpoint, a model, not a LoRA: give it as "
+                         "--model", param="lora")
     refuse_lycoris(state_dict, str(path))
     refuse_embedding(state_dict, str(path))
     refuse_non_finite(state_dict, path)

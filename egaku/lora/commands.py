@@ -60,8 +60,9 @@ def merge_lora_command(opts: MergeLoraOptions) -> None:
         broken = next((name for name, p in getattr(pipe, component).named_parameters()
                        if not torch.isfinite(p).all()), None)
         if broken is not None:
-            raise EgakuError(f"the merge overflowed: {component}.{broken} came out NaN/inf, which would draw only black "
-                             "images; lower the --lora scales (past about 10 a LoRA swamps the model)", param="lora")
+            raise EgakuError(f"the merge overflowed: {component}.{broken} came out NaN/inf, which would draw only "
+                             "black images; lower the --lora scales (past about 10 a LoRA swamps the model)",
+                             param="lora")
     # each model as its base stores it (an fp16 base stays half the size of an fp32 copy), or all in the
     # --save-precision asked for
     save_dtypes = cast_for_saving(pipe, opts.save_precision)
@@ -118,7 +119,8 @@ def describe_lora(path: str | Path) -> dict:
     import json
 
     from .apply import _alphas_of_diffusers_file, run_config, trained_embeddings
-    from .formats import is_kohya, other_architecture, peft_pairs, read_lora_file, refuse_lycoris
+    from .formats import (is_kohya, is_lora_key, is_model_checkpoint, other_architecture, peft_pairs,
+                          read_lora_file, refuse_lycoris)
 
     path = resolve_lora(str(path), None, names_option="")
     try:  # a whole checkpoint is told apart by its key names alone, before gigabytes are read
@@ -128,13 +130,11 @@ def describe_lora(path: str | Path) -> dict:
             keys = list(fh.keys())
     except Exception:  # noqa: BLE001 - read_lora_file below names what is wrong with the file
         keys = None
-    if keys is not None and not any("lora" in k or "dora_scale" in k for k in keys):
+    if keys is not None and not any(is_lora_key(k) for k in keys):
         from .formats import refuse_embedding
 
         refuse_embedding(keys, str(path))
-        from ..models.loading import SINGLE_FILE_PREFIXES
-
-        if any(k.startswith(prefix) for k in keys for prefix in SINGLE_FILE_PREFIXES.values()):
+        if is_model_checkpoint(keys):
             raise EgakuError(f"{path} is a single-file Stable Diffusion checkpoint, a model (egaku generate --model "
                              f"takes it), not a LoRA; egaku info reads {INFO_READS}")
         raise EgakuError(f"{path} holds no LoRA layers (its {len(keys)} tensors have no lora_ keys; a whole model "

@@ -58,6 +58,21 @@ def refuse_training_checkpoint(path: Path) -> None:
                          f"into OUT/steps/; `egaku train-lora ... --resume {folder}` continues this one", param="lora")
 
 
+def is_lora_key(key: str) -> bool:
+    """Whether a tensor name is a LoRA layer's: kohya's ``lora_*`` modules, diffusers' ``lora_A``/``lora_B``, DoRA's
+    ``dora_scale``."""
+    return "lora" in key or "dora_scale" in key
+
+
+def is_model_checkpoint(keys) -> bool:
+    """Whether tensor names are a single-file Stable Diffusion checkpoint's (a model) and none a LoRA layer's."""
+    from ..models.loading import SINGLE_FILE_PREFIXES
+
+    keys = list(keys)
+    return not any(is_lora_key(key) for key in keys) and any(
+        key.startswith(prefix) for key in keys for prefix in SINGLE_FILE_PREFIXES.values())
+
+
 def refuse_non_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """A NaN or inf weight turns every pixel it reaches to NaN: saved, a black image that looks like a result."""
     broken = next((key for key, tensor in tensors.items()

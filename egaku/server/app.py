@@ -254,7 +254,8 @@ def _embedding_widths(embedding_dir: str | None, allow_pickle: bool = False) -> 
 @functools.lru_cache(maxsize=4096)
 def _vector_width(path: str, mtime_ns: int, size: int, allow_pickle: bool) -> int | None:
     """The width of an embedding file's vectors, read once per version of the file (its time and size are part of
-    the key): every options request lists the folder, and a folder of hundreds of embeddings is not re-read each time."""
+    the key): every options request lists the folder, and a folder of hundreds of embeddings is not re-read each
+    time."""
     from ..inference.embeddings import read_vectors
 
     try:

@@ -223,10 +223,10 @@ MAX_LORA_WEIGHT = 10.0
 def _tag_weight_out_of_range(tag: str) -> float | None:
     """The first weight of one <lora:name:w> (or <lora:name:te:unet>) tag outside -MAX_LORA_WEIGHT..MAX_LORA_WEIGHT,
     else None."""
-    from ..lora.apply import parse_prompt_loras
+    from ..lora.apply import component_weights, parse_prompt_loras
 
     for _, weight in parse_prompt_loras(tag)[1]:
-        for value in weight.values() if isinstance(weight, dict) else [weight]:
+        for value in component_weights(weight):
             if not -MAX_LORA_WEIGHT <= value <= MAX_LORA_WEIGHT:
                 return value
     return None
