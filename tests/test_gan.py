@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -533,3 +534,44 @@ def test_mode_seeking_and_discriminator_learning_rate_train_and_are_checked(tmp_
     for bad in ({"mode_seeking": -1.0}, {"lr_d": -1e-4}):
         with pytest.raises(EgakuError, match="--mode-seeking and --lr-d"):
             train_gan_command(_opts(tmp_path / "bad", **bad))
+
+
+# ---- several processes --------------------------------------------------------------------------
+
+def test_every_step_splits_into_one_slice_per_process():
+    assert gan_training._distributed_batch(64, 16, 2) == (16, 2)
+    assert gan_training._distributed_batch(10, 64, 2) == (5, 1)  # fewer images than a batch: one step per epoch
+    assert gan_training._distributed_batch(100, 32, 1) == (32, 3)
+    with pytest.raises(EgakuError, match="at least 2 images per process per step: the data has 3 images"):
+        gan_training._distributed_batch(3, 64, 2)
+
+
+def test_two_process_run_under_torchrun_on_cpu(tmp_path, torchrun, capsys):
+    """Under a real 2-process launch (gloo on CPU) the DCGAN's two players train as DistributedDataParallel
+    modules, each process on its own slice of every batch; the run checks at the end that the replicas agree,
+    only the main process writes, a run resumed on 2 processes ends where an uninterrupted one does, and a
+    resume must use as many processes."""
+    data = _write_folder(tmp_path / "halves", _halves(16))  # 32 images: 4 steps per epoch at 4 per process
+    common = ("train-gan", "--data", str(data), "--arch", "dcgan", "--conditional", "--image-size", "8",
+              "--batch-size", "4", "--base-channels", "4", "--augment", "1", "--mode-seeking", "1",
+              "--sample-grid", "4", "--checkpoint-every", "3", "--epochs", "2", "--no-progress")
+    out = tmp_path / "ddp"
+    stdout, _ = torchrun(*common, "--out", str(out))
+    assert stdout.count("done: step 8 (2.0 epochs)") == 1
+    assert stdout.count("32 images, 2 classes, 8x8; 2 processes, 4 images each per step") == 1
+    assert torch.load(out / "checkpoints" / "step-000008" / "state.pt", weights_only=True)["world"] == 2
+    assert _losses(out)[0] == list(range(1, 9))
+    assert json.loads((out / "train-summary.json").read_text())["processes"] == 2
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch-0001.png", "epoch-0002.png"]
+
+    split = tmp_path / "split"
+    torchrun(*common, "--out", str(split), "--max-steps", "5")
+    torchrun(*common, "--out", str(split), "--resume", "latest")
+    assert _losses(split)[0] == list(range(1, 9))
+    np.testing.assert_allclose(_losses(split)[1], _losses(out)[1], rtol=1e-5)
+    whole, resumed = (load_generator(run, arch="dcgan").state_dict() for run in (out, split))
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+
+    assert cli_main([*common, "--out", str(out), "--epochs", "3", "--resume", "latest"]) == 2
+    assert re.search(r"written by a run on 2 process\(es\), this one has 1.*Resume with 2", capsys.readouterr().err)

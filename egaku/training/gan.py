@@ -20,6 +20,7 @@ to OUT/generator for `sample-gan`/`eval gan`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -38,9 +39,10 @@ from ..errors import EgakuError
 from ..gan.models import ARCH_TITLES, ARCHITECTURES, build_gan
 from ..models.loading import resolve_device
 from ..progress import progress_bar
-from .runtime import (LOG_WITH, Checkpoints, MetricsLog, StopOnSignal, capture_rng, check_finite, check_log_with,
-                      check_same_fingerprint, data_fingerprint, load_checkpoint, permissions_by_umask,
-                      restore_rng, stop_after_signal, trainer_config)
+from .runtime import (LOG_WITH, Checkpoints, MetricsLog, StopOnSignal, agree_on_step, another_process_lost,
+                      capture_rng, check_finite, check_log_with, check_replicas_agree, check_same_fingerprint,
+                      check_same_world, data_fingerprint, load_checkpoint, make_accelerator, permissions_by_umask,
+                      restore_rng, step_seed, stop_after_signal, trainer_config)
 
 
 @dataclass
@@ -207,6 +209,16 @@ def _batch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def _distributed_batch(n: int, batch_size: int, world: int) -> tuple[int, int]:
+    """(images per process per step, steps per epoch): each step takes ``world`` disjoint slices of the epoch's
+    order, one per process, and the last partial step is dropped (batch norm needs pairs)."""
+    per_process = min(batch_size, n // world)
+    if per_process < 2:
+        raise EgakuError(f"a GAN on {world} processes needs at least 2 images per process per step: the data has {n} "
+                         f"images, {n // world} per process; use more images or fewer processes")
+    return per_process, n // (per_process * world)
+
+
 def train_gan_command(opts: TrainGanOptions) -> None:
     # 1. The checkpoint to resume from, then the data (TrainGanOptions checked the options)
     opts = checked_run_paths(opts, {"--data": "data"})
@@ -221,19 +233,26 @@ def train_gan_command(opts: TrainGanOptions) -> None:
                              f"with --arch {saved_arch}, or start a new run in another --out folder")
     if resume_path is None:
         checkpoints.check_fresh_start()
+    resolve_device(opts.device)  # --device cuda without a GPU is an error before anything else
+    # one process, or each of those torchrun / accelerate launch started: DDP averages their gradients
+    accelerator = make_accelerator(opts.device)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    say = print if main else (lambda *args, **kwargs: None)
     if opts.arch == "mlp" and opts.base_channels != 32:
-        print("note: --base-channels only affects the DCGAN")
+        say("note: --base-channels only affects the DCGAN")
     data = load_gan_data(opts.data, opts.image_size, opts.channels, opts.conditional)
     if len(data) < 2:
         raise EgakuError(f"--data {opts.data}: found {len(data)} image; a GAN needs at least 2 (batch norm and the "
                          "discriminator compare several per step)")
+    per_process, batches_per_epoch = _distributed_batch(len(data), opts.batch_size, world)
     class_names = data.label_names if opts.conditional else None
     fingerprint = data_fingerprint(data.images, data.labels)  # a resume must find this data again
-    print(f"{data.source}: {len(data)} images, {len(data.label_names)} classes, {opts.image_size}x{opts.image_size}")
+    say(f"{data.source}: {len(data)} images, {len(data.label_names)} classes, {opts.image_size}x{opts.image_size}"
+        + (f"; {world} processes, {per_process} images each per step" if world > 1 else ""))
 
     # 2. Models, optimizers, the run's resolved config
-    torch.manual_seed(opts.seed)
-    device = resolve_device(opts.device)
+    torch.manual_seed(opts.seed)  # the same initial weights in every process
+    device = resolve_device(opts.device) if world == 1 else accelerator.device
     gen, disc = build_gan(opts.arch, opts.image_size, opts.channels, opts.latent_dim, class_names, opts.base_channels,
                           opts.minibatch_std)
     gen.to(device)
@@ -252,6 +271,7 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         path = resume_path
         weights, state = load_checkpoint(path, run_config, ignore=may_change)
         check_same_fingerprint(state, fingerprint, len(data), path)
+        check_same_world(state, world, path, "each process trains on its own slice of every batch")
         gen.load_state_dict(weights["generator"])
         disc.load_state_dict(weights["discriminator"])
         if gen_ema is not None:
@@ -260,40 +280,50 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         opt_d.load_state_dict(state["opt_d"])
         restore_rng(state["rng"])
         step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
-        print(f"resumed from {path} at step {step} (epoch {epoch + 1}, batch {position})")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(opts, out / "config.json")
+        say(f"resumed from {path} at step {step} (epoch {epoch + 1}, batch {position})")
+    # several processes: the forward calls go through DistributedDataParallel wrappers of the same modules
+    gen_ddp, disc_ddp = (accelerator.prepare(gen), accelerator.prepare(disc)) if world > 1 else (gen, disc)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(opts, out / "config.json")
+        (out / "samples").mkdir(exist_ok=True)
     log = MetricsLog(out / "metrics.csv", start_step=step, tensorboard=opts.log_with == "tensorboard",
-                     resumed_from=resume_path)
+                     resumed_from=resume_path) if main else None
     k = gen.num_classes
     grid_n = -(-opts.sample_grid // k) * k if k else opts.sample_grid  # whole rows of classes
     grid_z, grid_labels = fixed_latents(grid_n, opts.latent_dim, k, opts.seed)
-    (out / "samples").mkdir(exist_ok=True)
 
-    def save(step: int) -> Path:
-        state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": capture_rng(),
-                 "step": step, "epoch": epoch, "position": position, "data_fingerprint": fingerprint,
-                 "data_images": len(data)}
-        weights = {"generator": gen.state_dict(), "discriminator": disc.state_dict()}
-        if gen_ema is not None:
-            weights["generator_ema"] = gen_ema.state_dict()
-        path = checkpoints.save(step, weights, state, run_config)
-        _export(gen_ema if gen_ema is not None else gen, disc, out)
-        return path
+    def save(step: int) -> Path | None:
+        if main:
+            state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": capture_rng(),
+                     "step": step, "epoch": epoch, "position": position, "data_fingerprint": fingerprint,
+                     "data_images": len(data), "world": world}
+            weights = {"generator": gen.state_dict(), "discriminator": disc.state_dict()}
+            if gen_ema is not None:
+                weights["generator_ema"] = gen_ema.state_dict()
+            checkpoints.save(step, weights, state, run_config)
+            _export(gen_ema if gen_ema is not None else gen, disc, out)
+        accelerator.wait_for_everyone()
+        return checkpoints.latest()
+
+    def check_loss(loss: torch.Tensor) -> None:
+        # several processes check their mean, so that all of them stop at the same step
+        check_finite(accelerator.reduce(loss.detach(), "mean") if world > 1 else loss.detach(), step, checkpoints)
 
     # 4. Training loop
-    batches_per_epoch = len(data) // opts.batch_size or 1  # drop the last partial batch: batch norm needs pairs
     total = opts.epochs * batches_per_epoch
     if opts.max_steps:
         total = min(total, opts.max_steps)
     started, cpu_started = time.monotonic(), time.process_time()
-    bar = progress_bar(total, min(step, total), desc="train-gan", disable=not opts.progress)
+    bar = progress_bar(total, min(step, total), desc="train-gan", disable=not (opts.progress and main))
     stopped_by_time = False
     last_saved = step if opts.resume else -1
     last_grid = step  # a resumed run's grid at this step, if any, was drawn before it stopped
 
     def save_grid(name: str) -> None:
         """A grid from the fixed latent vectors (the EMA generator when there is one)."""
+        if not main:
+            return
         shown = gen_ema if gen_ema is not None else gen.eval()
         with torch.no_grad():
             images = shown(grid_z.to(device), None if grid_labels is None else grid_labels.to(device))
@@ -301,58 +331,68 @@ def train_gan_command(opts: TrainGanOptions) -> None:
         grid = image_grid(to_pil_images(images), cols=cols)
         grid.save(out / "samples" / name)
         log.image(step, "samples", grid)
-    with StopOnSignal() as stop:
+    with StopOnSignal(quiet=not main) as stop, another_process_lost(world, checkpoints):
         while step < total and not stopped_by_time:
             order = _batch_order(len(data), opts.seed, epoch)
             while position < batches_per_epoch and step < total:
-                idx = order[position * opts.batch_size:(position + 1) * opts.batch_size]
+                first = (position * world + rank) * per_process
+                idx = order[first:first + per_process]
                 real = data.images[idx].to(device)
                 labels = data.labels[idx].to(device) if gen.num_classes else None
+                if world > 1:  # each process its own noise and shifts, drawn again the same on a resume
+                    torch.manual_seed(step_seed(opts.seed, step, rank))
                 gen.train()
                 disc.train()
                 z = torch.randn(len(idx), opts.latent_dim, device=device)
                 # the mode-seeking term compares fakes of one class: pair them up (real images keep their labels)
                 fake_labels = paired_labels(labels) if opts.mode_seeking else labels
-                fake = gen(z, fake_labels)
+                fake = gen_ddp(z, fake_labels)
                 seen_real, seen_fake = (translate(real, opts.augment), translate(fake, opts.augment)) if opts.augment \
                     else (real, fake)
 
                 # discriminator: fakes detached, so this step does not move the generator
-                d_loss = discriminator_loss(disc(seen_real, labels), disc(seen_fake.detach(), fake_labels),
+                d_loss = discriminator_loss(disc_ddp(seen_real, labels), disc_ddp(seen_fake.detach(), fake_labels),
                                             opts.label_smoothing)
-                check_finite(d_loss.detach(), step, checkpoints)
+                check_loss(d_loss)
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 opt_d.step()
 
-                # generator: the same fakes, judged by the updated discriminator
-                d_fake = disc(seen_fake, fake_labels)
-                g_loss = generator_loss(d_fake)
-                if opts.mode_seeking:
-                    g_loss = g_loss + opts.mode_seeking * mode_seeking_loss(fake, z)
-                check_finite(g_loss.detach(), step, checkpoints)
-                opt_g.zero_grad(set_to_none=True)
-                g_loss.backward()
+                # generator: the same fakes, judged by the updated discriminator, whose gradients from this
+                # backward are local (no_sync: not averaged) and cleared before its next step
+                with disc_ddp.no_sync() if world > 1 else contextlib.nullcontext():
+                    d_fake = disc_ddp(seen_fake, fake_labels)
+                    g_loss = generator_loss(d_fake)
+                    if opts.mode_seeking:
+                        g_loss = g_loss + opts.mode_seeking * mode_seeking_loss(fake, z)
+                    check_loss(g_loss)
+                    opt_g.zero_grad(set_to_none=True)
+                    g_loss.backward()
                 opt_g.step()
                 if gen_ema is not None:
                     update_ema(gen_ema, gen, opts.ema_decay, step)
 
                 step += 1
                 position += 1
-                d_fake_p = float(torch.sigmoid(d_fake.detach()).mean())
-                log.log(step, epoch=epoch + 1, d_loss=d_loss.item(), g_loss=g_loss.item(), d_of_fake=d_fake_p)
+                time_up = bool((opts.max_minutes and time.monotonic() - started > opts.max_minutes * 60) or (
+                    opts.max_cpu_minutes and time.process_time() - cpu_started > opts.max_cpu_minutes * 60))
+                # the losses averaged over the processes, and whether any of them was stopped or ran out of time
+                (d_mean, g_mean, d_fake_p, time_share), interrupted = agree_on_step(
+                    accelerator, stop.requested, d_loss.item(), g_loss.item(),
+                    float(torch.sigmoid(d_fake.detach()).mean()), float(time_up))
+                if main:
+                    log.log(step, epoch=epoch + 1, d_loss=d_mean, g_loss=g_mean, d_of_fake=d_fake_p)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, d_loss=f"{d_loss.item():.3f}", g_loss=f"{g_loss.item():.3f}")
-                if step % opts.checkpoint_every == 0 or stop.requested:
+                bar.set_postfix(epoch=epoch + 1, d_loss=f"{d_mean:.3f}", g_loss=f"{g_mean:.3f}")
+                if step % opts.checkpoint_every == 0 or interrupted:
                     save(step)
                     last_saved = step
-                if stop.requested and step < total:
+                if interrupted and step < total:
                     bar.close()
-                    stop_after_signal(step, checkpoints.latest())
-                elif stop.requested:  # trained to the end: what is left is the export
-                    print("interrupted at the last step: exporting the generator", file=sys.stderr)
-                if (opts.max_minutes and time.monotonic() - started > opts.max_minutes * 60) or (
-                        opts.max_cpu_minutes and time.process_time() - cpu_started > opts.max_cpu_minutes * 60):
+                    stop_after_signal(step, checkpoints.latest(), quiet=not main)
+                elif interrupted:  # trained to the end: what is left is the export
+                    say("interrupted at the last step: exporting the generator", file=sys.stderr)
+                if time_share > 0:
                     stopped_by_time = True
                     break
             if position >= batches_per_epoch:
@@ -364,17 +404,24 @@ def train_gan_command(opts: TrainGanOptions) -> None:
     bar.close()
     if last_grid != step:  # stopped mid-epoch (time limit or --max-steps): the final generator gets a grid too
         save_grid(f"final-step-{step:06d}.png")
-    log.close()
+    if main:
+        log.close()
 
     # 5. Final checkpoint and export
+    if world > 1:
+        check_replicas_agree(accelerator, list(gen.parameters()) + list(disc.parameters()),
+                             "the generator and discriminator weights")
     if step != last_saved:
         path = save(step)
     else:
         path = checkpoints.latest()
-        _export(gen_ema if gen_ema is not None else gen, disc, out)
+        if main:
+            _export(gen_ema if gen_ema is not None else gen, disc, out)
+    if not main:
+        return
     reason = "time limit" if stopped_by_time else "done"
     summary = {"step": step, "epochs": round(step / batches_per_epoch, 3), "stopped_by": reason,
-               "wall_seconds_this_process": round(time.monotonic() - started, 1),
+               "processes": world, "wall_seconds_this_process": round(time.monotonic() - started, 1),
                "cpu_seconds_this_process": round(time.process_time() - cpu_started, 1),
                "torch_threads": torch.get_num_threads()}
     (out / "train-summary.json").write_text(json.dumps(summary, indent=2) + "\n")

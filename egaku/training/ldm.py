@@ -51,8 +51,8 @@ from ..training.runtime import (LOG_WITH, TIMESTEP_SAMPLING, Checkpoints, Metric
                                 capture_rng, check_finite, check_log_with, check_replicas_agree,
                                 check_same_fingerprint, check_same_world, check_timestep_sampling,
                                 data_fingerprint, draw_timesteps, half_precision_attention, load_checkpoint,
-                                make_accelerator, min_snr_weights, restore_rng, saved_config, stop_after_signal,
-                                trainer_config)
+                                make_accelerator, min_snr_weights, restore_rng, saved_config, step_seed,
+                                stop_after_signal, trainer_config)
 
 DEFAULT_SAMPLE_PROMPTS = [
     "a large red circle in the center on a white background",
@@ -341,8 +341,7 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """Everything random in a step comes from here, so a resumed run draws the same numbers; each process of a
     distributed run (``rank``) draws its own."""
-    # torch seeds its CPU generator with the low 32 bits only: the rank's offset must change those
-    return torch.Generator().manual_seed(seed * 1_000_003 + step + rank * 0x9E3779B9)
+    return torch.Generator().manual_seed(step_seed(seed, step, rank))
 
 
 def sample_timesteps(opts: TrainLdmOptions, n: int, gen: torch.Generator) -> torch.Tensor:

@@ -420,6 +420,13 @@ def agree_on_step(accelerator, stop_requested: bool, *values: float) -> tuple[li
     return stats[:, :-1].mean(0).tolist(), bool(stats[:, -1].any())
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of one training step of one process: a resumed run draws the same numbers as an uninterrupted one,
+    and each process of a distributed run (``rank``) draws its own."""
+    # torch seeds its CPU generator with the low 32 bits only: the rank's offset must change those
+    return seed * 1_000_003 + step + rank * 0x9E3779B9
+
+
 def check_same_world(state: dict[str, Any], world: int, checkpoint: Path, why: str) -> None:
     """A checkpoint resumes only on as many processes as wrote it (``why``: what depends on the count); checkpoints
     that predate the count were written by one process."""
