@@ -121,7 +121,7 @@ def check_gan(work: Path, minutes: float, device: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cuda.json"))
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--lora-steps", type=int, default=1000)

@@ -41,7 +41,7 @@ def last_row(csv_path: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--cpu-minutes", type=float, default=10.0, help="CPU budget per architecture")
     parser.add_argument("--archs", nargs="+", default=["mlp", "dcgan"])
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:ARCH:FLAGS",

@@ -49,7 +49,7 @@ def main() -> None:
 
     from egaku.models.tiny import save_tiny_pipeline
 
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--model", default=None, help="pipeline folder (default: the tiny pipeline)")
     args = parser.parse_args()

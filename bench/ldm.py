@@ -138,7 +138,7 @@ def sampling_speed(pipe, repeats: int = 2) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default=str(ROOT / "egaku" / "models" / "builtin"))
     parser.add_argument("--run", default=str(ROOT / "runs" / "ldm-builtin"), help="the training run's output folder")
     parser.add_argument("--preset", default=str(ROOT / "configs" / "ldm-builtin.toml"))

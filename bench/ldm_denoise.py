@@ -41,7 +41,7 @@ def round_trips(runner, images, captions: list[str], strength: float, guidance: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", action="append", help="model to measure (repeatable; default: builtin)")
     parser.add_argument("--images", type=int, default=96, help="renders per size")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85, 1.0])

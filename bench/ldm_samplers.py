@@ -24,7 +24,7 @@ from egaku.models.loading import load_pipeline  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--runs", nargs="+", default=["dpmpp-2m:100:0", "euler:100:0", "euler-a:100:0", "unipc:100:0",

@@ -145,7 +145,7 @@ def cpu_step_cost(names: list[str], threads: int, repeats: int = 6) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--checkpoints", nargs="+", type=int, default=[2000, 4000, 8000])
     parser.add_argument("--guidance", nargs="+", type=float, default=[2.0, 3.0])

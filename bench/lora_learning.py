@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--judge", default=None, help="shapes judge folder (default: the shipped one)")
     parser.add_argument("--images", type=int, default=20)

@@ -148,7 +148,7 @@ def load_test(url: str, body: dict, requests: int, clients: int, server: psutil.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image")
