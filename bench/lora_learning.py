@@ -301,7 +301,8 @@ def main() -> None:
         chosen = [checkpoint_lora(sorted((run / "checkpoints").glob("step-*"))[-1]) for run in runs]
         vectors = [embeddings for _, embeddings in chosen if embeddings]
         mean_words = {w: torch.stack([v[w] for v in vectors]).mean(0) for w in vectors[0]} if vectors else {}
-        soup = {"seeds": list(range(args.soup)), **judged([(path, 1.0 / len(chosen)) for path, _ in chosen], mean_words)}
+        weighted = [(path, 1.0 / len(chosen)) for path, _ in chosen]
+        soup = {"seeds": list(range(args.soup)), **judged(weighted, mean_words)}
         print("soup", json.dumps(soup), flush=True)
     for weight in args.lora_scales:
         point(out / "pytorch_lora_weights.safetensors", args.train_steps, weight)
