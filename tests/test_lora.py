@@ -2114,11 +2114,27 @@ def test_a_wrong_model_or_mask_folder_is_said_before_the_images_are_read(tmp_pat
     pickled = tmp_path / "model.ckpt"
     pickled.write_bytes(b"not read")
     (tmp_path / "notes.txt").write_text("x")
+    # files whose headers say what is wrong: read before the images, as the weights are not
+    from egaku.models.single_file import save_single_file
+    from egaku.models.tiny import tiny_pipeline
+
+    single = save_single_file(tiny_pipeline(), tmp_path / "single.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(single.read_bytes()[:1000])
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, lora)
+    (tmp_path / "not-a-pipeline").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for model, overrides, message in (
             (tmp_path / "sd15.safetensors", {}, "not found: no such file or folder"),
             (pickled, {}, r"model\.ckpt is a pickle .*--allow-pickle"),
             (tmp_path / "notes.txt", {}, "unknown model file type '.txt'"),
-            (tiny_model_dir, {"mask_dir": str(tmp_path / "masks")}, "--mask-dir .* does not exist")):
+            (tiny_model_dir, {"mask_dir": str(tmp_path / "masks")}, "--mask-dir .* does not exist"),
+            (single, {}, "single.safetensors: a single-file checkpoint needs the configs .* pass --model-config"),
+            (single, {"model_config": str(tmp_path / "nowhere")}, "--model-config .*nowhere: no such folder"),
+            (cut, {"model_config": str(tiny_model_dir)}, "cut.safetensors is not a complete safetensors file"),
+            (lora, {}, r"style\.safetensors is a LoRA, not a model: give it as --lora"),
+            (tmp_path / "not-a-pipeline", {}, "not-a-pipeline is a folder but not a diffusers pipeline")):
         with pytest.raises(EgakuError, match=message):
             train_lora(options(data_dir, model, tmp_path / "out", **overrides))
     assert not scanned

@@ -459,6 +459,39 @@ def check_model_source(model: str | os.PathLike | None, allow_pickle: bool = Fal
                          param="model")
 
 
+def _check_folder_files(path: Path, allow_pickle: bool) -> None:
+    """A pipeline folder's index, and its weight files: pickles refused unless allowed, safetensors whole."""
+    _check_pipeline_folder(path)
+    files = {c: component_weights_file(path, c) for c in ("unet", "vae", "text_encoder")}
+    pickled = [f"{c}/{f.name}" for c, f in files.items() if f is not None and f.suffix.lower() == ".bin"]
+    if pickled and not allow_pickle:  # diffusers and transformers would torch.load them unasked
+        raise EgakuError(f"{path} holds pickled weights ({', '.join(pickled)}), which can run arbitrary code "
+                         "when loaded; pass --allow-pickle to load their tensors only (weights_only=True), or "
+                         f"write a safetensors copy once: egaku convert {path} --allow-pickle --out NEW_DIR",
+                         param="model")
+    for f in files.values():
+        if f is not None and f.suffix.lower() == ".safetensors":
+            _check_safetensors_file(f, "the model")
+
+
+def check_model_files(model: str | os.PathLike | None, model_config: str | None = None,
+                      allow_pickle: bool = False) -> None:
+    """``check_model_source``, then the checks of ``load_pipeline`` that read files' headers but no weights: a
+    folder that is not a pipeline, a truncated safetensors file, a LoRA given as the model, a single file without
+    the configs of its architecture (no --model-config and no hub). Trainers call it before reading their data."""
+    check_model_source(model, allow_pickle)
+    spec = "builtin" if model in (None, "") else str(model)
+    path = Path(spec).expanduser()
+    if spec in ("tiny", "builtin"):
+        return
+    if path.is_dir():
+        _check_folder_files(path, allow_pickle)
+    elif path.is_file():
+        if path.suffix.lower() == ".safetensors":
+            _check_safetensors_file(path, "the checkpoint")
+        _single_file_configs(path, model_config)
+
+
 def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "auto", dtype: str = "auto",
                   model_config: str | None = None, allow_pickle: bool = False, quiet: bool = True):
     """Load a ``StableDiffusionPipeline`` from any source egaku accepts, on ``device`` in ``dtype``.
@@ -507,18 +540,8 @@ def load_pipeline(model: str | os.PathLike | None = "builtin", device: str = "au
         pipe = StableDiffusionPipeline.from_pretrained(BUILTIN_DIR, local_files_only=True, **common)
         info = ModelInfo("egaku-builtin", "builtin", BUILTIN_DIR)
     elif path.is_dir():
-        _check_pipeline_folder(path)
+        _check_folder_files(path, allow_pickle)
         variant = _weights_variant(path)
-        files = {c: component_weights_file(path, c) for c in ("unet", "vae", "text_encoder")}
-        pickled = [f"{c}/{f.name}" for c, f in files.items() if f is not None and f.suffix.lower() == ".bin"]
-        if pickled and not allow_pickle:  # diffusers and transformers would torch.load them unasked
-            raise EgakuError(f"{path} holds pickled weights ({', '.join(pickled)}), which can run arbitrary code "
-                             "when loaded; pass --allow-pickle to load their tensors only (weights_only=True), or "
-                             f"write a safetensors copy once: egaku convert {path} --allow-pickle --out NEW_DIR",
-                             param="model")
-        for f in files.values():
-            if f is not None and f.suffix.lower() == ".safetensors":
-                _check_safetensors_file(f, "the model")
         try:
             pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common,
                                                            **({"variant": variant} if variant else {}),

@@ -55,7 +55,7 @@ from ..errors import EgakuError, first_line
 from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, finish_diffusers_file,
                             kohya_metadata, peft_pairs, peft_to_kohya, save_embedding, single_token_ids,
                             steps_metadata)
-from ..models.loading import check_model_source
+from ..models.loading import check_model_files
 from ..models.text import check_clip_skip, encode_captions, encode_prompts, prompt_chunks
 from ..progress import progress_bar
 from .runtime import (HUBER_SCHEDULES, LOG_WITH, LOSS_TYPES, TIMESTEP_SAMPLING, Checkpoints, MetricsLog,
@@ -1108,7 +1108,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         say(f"note: --validation-every {opts.validation_every} draws nothing without --validation-prompts")
     checkpoints = Checkpoints(out, keep=opts.keep_checkpoints)
     opts, resume_from, resumed = resume_point(opts, checkpoints)  # a changed configuration is refused now
-    check_model_source(opts.model, opts.allow_pickle)  # a wrong --model, and --mask-dir, before the images are read
+    # a wrong --model or --model-config, and --mask-dir, before the images are read
+    check_model_files(opts.model, opts.model_config, opts.allow_pickle)
     if opts.mask_dir:
         check_mask_dir(opts.mask_dir)
     if opts.init_lora:  # a wrong path is refused before the model loads
