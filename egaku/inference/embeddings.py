@@ -142,8 +142,12 @@ def embedding_short_hash(path: Path) -> str:
 def load_embeddings(pipe, texts: list[str], folder: str | Path, allow_pickle: bool = False
                     ) -> tuple[list[str], list[UsedEmbedding]]:
     """Add the embeddings ``texts`` name to ``pipe``; returns the texts with each name replaced by its tokens, and
-    what was added (give it to ``unload_embeddings``)."""
+    what was added (give it to ``unload_embeddings``). A name that is also a word a LoRA applied to ``pipe`` was
+    trained with (its train_tokens) is an EgakuError: the file's embedding would silently replace the LoRA's."""
+    from ..lora.apply import lora_trained_words
+
     folder = Path(folder)
+    lora_words = {word.lower(): (word, source) for word, source in lora_trained_words(pipe).items()}
     files = embedding_files(folder, allow_pickle)
     used: list[UsedEmbedding] = []
     width = text_encoder_width(pipe)
@@ -159,6 +163,12 @@ def load_embeddings(pipe, texts: list[str], folder: str | Path, allow_pickle: bo
             except ForAnotherModel as exc:  # the word stays a word, as in A1111 (which lists such files as skipped)
                 print(f"egaku: note: {exc}; {name!r} is read as a word")
                 continue
+            if name in lora_words:  # (the tokenizer reads words in lower case, as names here are matched)
+                word, source = lora_words[name]
+                raise EgakuError(f"the word {word!r} has two embeddings: the LoRA {source} was trained with it, and "
+                                 f"the embedding folder holds {shown[0]}; only one can be used: rename or remove "
+                                 f"{shown[0]}, or do not use that LoRA and the embedding folder together",
+                                 param="embedding_dir")
             token = f"<egaku-embedding-{k}>"
             pipe.load_textual_inversion({token: vectors.to(pipe.text_encoder.dtype)}, token=token)
             tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]  # diffusers' names for the rest

@@ -24,6 +24,8 @@ from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adap
 
 # text encoder -> {token id: its base embedding}, so that remove_loras can put trained tokens back
 _TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# text encoder -> {word: the LoRA file that trained it}, of the LoRAs applied now (``lora_trained_words``)
+_TOKEN_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # A1111 syntax: <lora:name> or <lora:name:0.8>; A1111 1.5+ reads <lyco:...>, the LyCORIS extension's tag, as the
 # same (prompts written for it still carry them), so both name a LoRA here (a LyCORIS file is refused on loading).
@@ -81,7 +83,8 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float | dict[s
 
 def _tag_weights(tag: str, kind: str, name: str, values: list[str]) -> tuple[float, float]:
     """(text encoder, UNet) weight of a tag's values after its name, read as A1111's Lora extension reads them:
-    positional te, unet, dyn, or named ``te=``, ``unet=``, ``dyn=`` (a named one wins); an empty value is not given."""
+    positional te, unet, dyn, or named ``te=``, ``unet=``, ``dyn=`` (a named one wins); an empty value is not given.
+    A key named twice (``te=1:te=2``, which A1111 reads as the last) is an error: one of them would be dropped."""
     positional, named = [], {}
     for value in values:
         key, sep, number = value.partition("=")
@@ -90,6 +93,9 @@ def _tag_weights(tag: str, kind: str, name: str, values: list[str]) -> tuple[flo
             if key not in ("te", "unet", "dyn"):
                 raise EgakuError(f"prompt tag {tag!r}: unknown value {value.strip()!r}; a LoRA tag takes te=, unet= "
                                  f"and dyn= (as in <{kind}:{name}:te=0.8:unet=0.5>)", param="prompt")
+            if key in named:
+                raise EgakuError(f"prompt tag {tag!r} gives {key}= twice ({key}={named[key]}, then "
+                                 f"{key}={number.strip()}); keep the one you mean", param="prompt")
             named[key] = number.strip()
         else:
             positional.append(value.strip())
@@ -374,6 +380,7 @@ def _lora_in_folder(text: str, root: Path) -> Path:
     if not root.is_dir():  # not "the folder has no LoRAs": there is no folder to hold them
         raise NotFoundError(f"LoRA {text!r}: the LoRA folder {root} {'is a file' if root.exists() else 'does not exist'}"
                             "; give the folder that holds your LoRAs (--lora-dir)", param="lora")
+    _refuse_other_case(text, root, parts, is_path="/" in relative)
     available = lora_catalog(root)
     listing = f"; available: {', '.join(available)}" if available else " (the folder has no LoRAs)"
     folder = root.joinpath(*parts)
@@ -381,6 +388,26 @@ def _lora_in_folder(text: str, root: Path) -> Path:
         raise NotFoundError(f"LoRA {text!r}: the folder {'/'.join(parts)!r} in {root} holds no {LORA_WEIGHTS_NAME} "
                             f"(nor {parts[-1]}.safetensors, train-lora's kohya file){listing}", param="lora")
     raise NotFoundError(f"LoRA {text!r} not found in {root}{listing}", param="lora")
+
+
+def _refuse_other_case(text: str, root: Path, parts: list[str], is_path: bool) -> None:
+    """A LoRA the name ``text`` (split into ``parts``) misses only by letter case is named, with how to write it.
+    It is not taken in its place: a case-sensitive file system would not find it, so a prompt would find a LoRA on
+    one machine and not on another."""
+    wanted = "/".join(parts).lower()
+    found = []  # (what to write, the file)
+    for name, places in loras_under(root).items():
+        for relative, file in places:
+            if (relative if is_path else name).lower() == wanted:
+                write = _sub_path(root, relative, file) if is_path or len(places) > 1 else name
+                found.append((write, file.relative_to(root).as_posix()))
+    if not found:
+        return
+    files = ", ".join(file for _, file in found)
+    write = " or ".join(repr(w) for w, _ in found)
+    raise NotFoundError(f"LoRA {text!r} not found in {root}; {files} there {'differs' if len(found) == 1 else 'differ'}"
+                        f" from it only in letter case: write {write} (LoRA names are matched in their exact case)",
+                        param="lora")
 
 
 def _adapter_name(path: Path, index: int, taken: set[str]) -> str:
@@ -603,6 +630,7 @@ def apply_token_embeddings(pipe, embeddings: dict[str, torch.Tensor], source: st
         return
     table = pipe.text_encoder.get_input_embeddings().weight
     backup = _TOKEN_BACKUPS.setdefault(pipe.text_encoder, {})
+    sources = _TOKEN_SOURCES.setdefault(pipe.text_encoder, {})
     for word, vectors in embeddings.items():
         vectors = vectors if vectors.ndim == 2 else vectors[None]
         if vectors.shape != (1, table.shape[1]):
@@ -613,6 +641,14 @@ def apply_token_embeddings(pipe, embeddings: dict[str, torch.Tensor], source: st
         with torch.no_grad():
             backup.setdefault(token, table[token].detach().clone())
             table[token] = vectors[0].to(table)
+        sources[word] = source
+
+
+def lora_trained_words(pipe) -> dict[str, str]:
+    """The words whose embeddings the LoRAs applied to ``pipe`` put in its token table, each with where it came from
+    (``apply_token_embeddings``'s source); ``remove_loras`` forgets them."""
+    text_encoder = getattr(pipe, "text_encoder", None)
+    return dict(_TOKEN_SOURCES.get(text_encoder, {})) if text_encoder is not None else {}
 
 
 def remove_loras(pipe, keep_embeddings: bool = False) -> None:
@@ -624,6 +660,8 @@ def remove_loras(pipe, keep_embeddings: bool = False) -> None:
     pipe.unload_lora_weights()
     text_encoder = getattr(pipe, "text_encoder", None)
     backup = _TOKEN_BACKUPS.pop(text_encoder, {}) if text_encoder is not None else {}
+    if text_encoder is not None:
+        _TOKEN_SOURCES.pop(text_encoder, None)
     if keep_embeddings:
         return
     with torch.no_grad():
