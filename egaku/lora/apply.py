@@ -378,8 +378,9 @@ def _lora_in_folder(text: str, root: Path) -> Path:
         if matches:
             return matches[0][1]
     if not root.is_dir():  # not "the folder has no LoRAs": there is no folder to hold them
-        raise NotFoundError(f"LoRA {text!r}: the LoRA folder {root} {'is a file' if root.exists() else 'does not exist'}"
-                            "; give the folder that holds your LoRAs (--lora-dir)", param="lora")
+        state = "is a file" if root.exists() else "does not exist"
+        raise NotFoundError(f"LoRA {text!r}: the LoRA folder {root} {state}; give the folder that holds your LoRAs "
+                            "(--lora-dir)", param="lora")
     _refuse_other_case(text, root, parts, is_path="/" in relative)
     available = lora_catalog(root)
     listing = f"; available: {', '.join(available)}" if available else " (the folder has no LoRAs)"
@@ -541,14 +542,25 @@ def _note_repeated_files(loras: list[tuple[Path, float | dict[str, float]]]) -> 
 def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
                 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
     """A LoRA file of either layout resolved against the model's modules (``adaptable_modules``):
-    (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``), checked by ``check_coverage``."""
+    (``{"unet.<module>": {"down", "up"}}``, ``{"unet.<module>": alpha}``), checked by ``checked_lora_layers``."""
     state_dict, metadata = read_lora_file(path)
+    return checked_lora_layers(state_dict, metadata, modules, str(path))
+
+
+def checked_lora_layers(state_dict: dict[str, torch.Tensor], metadata: dict[str, str],
+                        modules: dict[str, torch.nn.Module], shown: str, values: bool = True
+                        ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+    """``lora_layers`` of a file already read (``shown``: how messages name it): a model checkpoint, a LyCORIS or
+    embedding file, NaN/inf weights, keys of another architecture or base (``check_coverage``) and a mix of DoRA and
+    plain layers are refused. ``values=False`` for a file's header read as meta tensors (the server's LoRA list):
+    everything but the weights' values is checked."""
     if is_model_checkpoint(state_dict):
-        raise EgakuError(f"{path} is a single-file Stable Diffusion checkpoint, a model, not a LoRA: give it as "
+        raise EgakuError(f"{shown} is a single-file Stable Diffusion checkpoint, a model, not a LoRA: give it as "
                          "--model", param="lora")
-    refuse_lycoris(state_dict, str(path))
-    refuse_embedding(state_dict, str(path))
-    refuse_non_finite(state_dict, path)
+    refuse_lycoris(state_dict, shown)
+    refuse_embedding(state_dict, shown)
+    if values:
+        refuse_non_finite(state_dict, shown)
     if is_kohya(state_dict):
         module_names: dict[str, list[str]] = {}
         for full in modules:
@@ -560,10 +572,10 @@ def lora_layers(path: Path, modules: dict[str, torch.nn.Module]
         raw_alphas = _alphas_of_diffusers_file(raw_pairs, state_dict, metadata)
         pairs = {model_module_name(k, modules): v for k, v in raw_pairs.items()}
         alphas = {model_module_name(k, modules): v for k, v in raw_alphas.items()}
-    check_coverage(pairs, modules, str(path), unknown)
+    check_coverage(pairs, modules, shown, unknown)
     dora = [name for name, pair in pairs.items() if "magnitude" in pair]
     if dora and len(dora) != len(pairs):  # peft's DoRA switch is per adapter
-        raise EgakuError(f"{path}: {len(dora)} of its {len(pairs)} layers are DoRA layers (with a magnitude) and the "
+        raise EgakuError(f"{shown}: {len(dora)} of its {len(pairs)} layers are DoRA layers (with a magnitude) and the "
                          "others plain LoRA; egaku loads a file that is all one or the other", param="lora")
     return pairs, alphas
 

@@ -18,6 +18,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -36,7 +37,7 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' stri
 from starlette.formparsers import MultiPartParser
 
 from ..config import option
-from ..errors import EgakuError
+from ..errors import EgakuError, first_line
 from .queue import Job, ModelWorker, QueueFull
 from .requests import ImageRequest, Limits, parse_image_request, pickle_embeddings
 
@@ -273,13 +274,92 @@ def _embedding_catalog(widths: dict[str, set[int | None]], pipe) -> list[str]:
     return sorted(word for word, found in widths.items() if width in found or None in found)
 
 
-def _lora_catalog(lora_dir: str | None) -> list[str]:
-    """The LoRA names requests may give: those in the folder and its sub-folders, as resolve_lora finds them."""
+def _lora_catalog(lora_dir: str | None) -> dict[str, Path]:
+    """The LoRA names requests may give, each with its file: those in the folder and its sub-folders, as
+    resolve_lora finds them (``lora_catalog``'s names, in its order)."""
     if not lora_dir or not Path(lora_dir).is_dir():
-        return []
-    from ..lora.apply import lora_catalog
+        return {}
+    from ..errors import NotFoundError
+    from ..lora.apply import lora_catalog, loras_under, resolve_lora
 
-    return lora_catalog(Path(lora_dir))
+    root = Path(lora_dir)
+    under = loras_under(root)
+    files: dict[str, Path] = {}
+    for name in lora_catalog(root):
+        # a bare name is one file's (lora_catalog names each of the files that share a name by its path in the
+        # folder, which resolve_lora finds without listing the folder again)
+        try:
+            files[name] = under[name][0][1] if "/" not in name else resolve_lora(name, str(root))
+        except (KeyError, NotFoundError):  # removed since the folder was listed
+            continue
+    return files
+
+
+def _lora_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A LoRA file's tensors as their names and shapes only (meta tensors, which hold no data; an ``.alpha``, one
+    number, as a real one, which kohya_to_peft reads) and its header metadata: what ``lora_layers`` checks a file
+    by, read from its safetensors header without reading its weights."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+        state = {}
+        for key in fh.keys():
+            shape = fh.get_slice(key).get_shape()
+            alpha = key.endswith(".alpha") and math.prod(shape) == 1
+            state[key] = torch.ones(shape) if alpha else torch.empty(shape, device="meta")
+    return state, metadata
+
+
+def _lora_problem(path: Path, shown: str, modules: dict[str, Any]) -> str | None:
+    """Why the LoRA file ``path`` (``shown``: its place in the LoRA folder) cannot be loaded into a model of
+    ``modules`` (``adaptable_modules``), as generate's ``lora_layers`` would refuse it (``checked_lora_layers``: a
+    model checkpoint, a LyCORIS or embedding file, one for another architecture or base, keys that match nothing),
+    from the file's header, not its weights; None where the header shows nothing wrong."""
+    from ..lora.apply import checked_lora_layers
+
+    try:
+        state, metadata = _lora_header(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several private error types for a corrupt header
+        return f"{shown}: not a readable safetensors file ({first_line(exc, 200)})"
+    try:
+        checked_lora_layers(state, metadata, modules, shown, values=False)
+    except EgakuError as exc:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a header this check cannot read: offered, and a request gets loading's error
+        log.debug("could not check the LoRA %s against the served models", shown, exc_info=True)
+    return None
+
+
+def _lora_listing(lora_dir: str | None, modules: dict[str, dict[str, Any]], checked: dict[tuple, str | None]
+                  ) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The LoRA folder's names (``_lora_catalog``), and for each served model (``modules``: its
+    ``adaptable_modules``) those it cannot load, each with why (``_lora_problem``). A file is checked once per
+    model and version of the file (its time and size are part of ``checked``'s key): every options request lists
+    the folder, and a folder of hundreds of LoRAs is not read again each time."""
+    files = _lora_catalog(lora_dir)
+    unusable: dict[str, dict[str, str]] = {model: {} for model in modules}
+    for name, path in files.items():
+        try:
+            stat = path.stat()
+        except OSError:  # removed since it was listed
+            continue
+        try:
+            shown = path.relative_to(lora_dir).as_posix()
+        except ValueError:
+            shown = path.name
+        for model, layers in modules.items():
+            if not layers:  # a pipeline without the layers a LoRA adapts: nothing to check it against
+                continue
+            key = (model, str(path), stat.st_mtime_ns, stat.st_size)
+            if key not in checked:
+                if len(checked) > 4096:
+                    checked.clear()
+                checked[key] = _lora_problem(path, shown, layers)
+            if checked[key] is not None:
+                unusable[model][name] = checked[key]
+    return list(files), unusable
 
 
 def _run_request(pipe, req: ImageRequest):
@@ -567,6 +647,15 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None,
         if info is not None and info.kind == "builtin":
             aliases["builtin"] = name
     urls = UrlStore(opts.url_ttl, int(opts.url_cache_mb * 2**20))
+    # the layers of each model that a LoRA must fit (GET /v1/egaku/options lists only the LoRAs that do), read here,
+    # before any job wraps them in a LoRA's layers
+    if opts.lora_dir:
+        from ..lora.formats import adaptable_modules
+
+        lora_modules = {name: adaptable_modules(pipe) for name, pipe in pipelines.items()}
+    else:
+        lora_modules = {}
+    lora_checked: dict[tuple, str | None] = {}  # (model, file, its time and size) -> why it cannot be loaded
     jobs: OrderedDict[str, tuple[str, Job]] = OrderedDict()  # recent jobs, for progress polling
     created = int(time.time())
 
@@ -722,14 +811,22 @@ def create_app(pipelines: dict[str, Any], opts: ServeOptions | None = None,
                     "samplers": usable_samplers(dict(pipe.scheduler.config)),
                     "embeddings": _embedding_catalog(embeddings, pipe)}
 
-        # (off the event loop: each embedding file is read, once for all the models, to learn its width)
+        # (off the event loop: each embedding file is read, once for all the models, to learn its width; each LoRA's
+        # header, once per model, to learn whether it fits)
         embeddings = await asyncio.to_thread(_embedding_widths, opts.embedding_dir, opts.allow_pickle)
         models = [model_options(name, pipe, embeddings) for name, pipe in pipelines.items()]
+        loras, unusable = await asyncio.to_thread(_lora_listing, opts.lora_dir, lora_modules, lora_checked)
+        unusable = {name: {lora: hide_paths(why, opts) for lora, why in unusable.get(name, {}).items()}
+                    for name in pipelines}
+        # each model's LoRAs: those it can load (generation refuses the others: another architecture or base)
+        model_loras = {name: [lora for lora in loras if lora not in unusable[name]] for name in pipelines}
         return {
             "models": models,
             # the default model's, for clients that read one list
             "samplers": models[0]["samplers"], "embeddings": models[0]["embeddings"],
-            "default_sampler": DEFAULT_SAMPLER, "loras": _lora_catalog(opts.lora_dir),
+            "default_sampler": DEFAULT_SAMPLER, "loras": model_loras[default_model],
+            "model_loras": model_loras,  # model -> the LoRAs it can load
+            "unusable_loras": unusable,  # model -> {LoRA: why it cannot be loaded}, those left out of its list
             "max_n": opts.max_n, "max_side": opts.max_side, "max_steps": opts.max_steps,
             "default_steps": default_steps(limits),  # what a request without 'steps' gets
         }

@@ -285,30 +285,60 @@ def min_strength_at(steps: int) -> float:
     return hundredths / 100
 
 
-def _usable_prompt(prompt: str, limits: Limits) -> str:
+def _usable_prompt(prompt: str, limits: Limits) -> tuple[str, EgakuError | None]:
     """A prompt from an uploaded image without what this server would refuse in it: --parameters it does not
-    know (Midjourney's --v 6) and <lora:name> tags of LoRAs its folder does not have."""
+    know (Midjourney's --v 6) and <lora:name> tags of LoRAs its folder does not have; with, for the first tag
+    taken out that names a LoRA this server cannot find (or has no folder for), the error that says so
+    (``_stored_lora``): a tag without a name, or of weights a request's own tag may not have, names
+    no LoRA to look for, and goes quietly."""
     from ..inference.prompts import PROMPT_PARAMETER, parse_prompt_parameters
-    from ..lora.apply import LORA_TAG, parse_prompt_loras, resolve_lora
+    from ..lora.apply import LORA_TAG, parse_prompt_loras
 
     try:
         parse_prompt_parameters(prompt)
     except EgakuError:
         prompt = prompt[: PROMPT_PARAMETER.search(prompt).start()].strip()
+    unusable: list[EgakuError] = []
 
     def keep(tag: re.Match) -> str:
-        if not limits.lora_dir:
-            return " "
         try:
             [(name, _)] = parse_prompt_loras(tag[0])[1]  # it has a name, and weights that are finite numbers
-            resolve_lora(name, limits.lora_dir)
         except EgakuError:
             return " "
         if _tag_weight_out_of_range(tag[0]) is not None:  # a request's own tag of that weight is refused
             return " "
+        found = _stored_lora(f"the image's prompt uses the LoRA {name[:40]!r} ({tag[0][:80]})", name, limits,
+                             "send a 'prompt' (the image's without the tag, say)")
+        if isinstance(found, EgakuError):
+            unusable.append(found)
+            return " "
         return tag[0]
 
-    return re.sub(r"\s{2,}", " ", LORA_TAG.sub(keep, prompt)).strip()
+    kept = re.sub(r"\s{2,}", " ", LORA_TAG.sub(keep, prompt)).strip()
+    return kept, unusable[0] if unusable else None
+
+
+def _stored_lora(what: str, name: str, limits: Limits, instead: str) -> Path | EgakuError:
+    """The file of the LoRA ``name`` that an uploaded image records, where this server finds it; else the 4xx that
+    says so (a variation or upscale that went on without it would give an image made without the LoRA, and say
+    nothing). ``what`` names the LoRA ("the image was made with the LoRA 'x'"); the message says why the server
+    cannot use it and the two ways on: the LoRA added to the server's folder, or ``instead`` (the request's own
+    field, which replaces what the image records)."""
+    from ..lora.apply import resolve_lora
+
+    if not limits.lora_dir:
+        return NotFoundError(f"{what}, and this server has no LoRA folder to find it in (its operator can give "
+                             f"one: egaku serve --lora-dir DIR); {instead} to go on without it", param="image")
+    try:
+        return resolve_lora(name, limits.lora_dir)
+    except OSError:  # a name the file system cannot even look up
+        return NotFoundError(f"{what}, which is not in this server's LoRA folder: add it to that folder, or "
+                             f"{instead} to go on without it", param="image")
+    except NotFoundError as exc:  # (its message: the names the folder has, one that differs only in case)
+        return NotFoundError(f"{what}, which is not in this server's LoRA folder ({exc}): add it to that folder, "
+                             f"or {instead} to go on without it", param="image")
+    except EgakuError as exc:  # a name several files share, a path out of the folder
+        return EgakuError(f"{what}, which this server cannot use: {exc}; or {instead}", param="image")
 
 
 def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> dict[str, Any]:
@@ -318,9 +348,24 @@ def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> d
     field would be, and one that would be refused (out of this server's limits, an unknown sampler, or one
     this model does not take: an image made with LMS elsewhere, varied on a zero-terminal-SNR model) is left
     to the server's default instead. A LoRA is taken over only when this server's folder has one of that
-    name, and, where the image records its hash, the same file."""
+    name, and, where the image records its hash, the same file; ``unusable_stored_loras`` says which are not,
+    and ``parse_image_request`` refuses a request that would go on without them."""
+    return _reuse(stored, pipe, limits)[0]
+
+
+def unusable_stored_loras(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> dict[str, EgakuError]:
+    """The LoRAs an uploaded image records that this server cannot apply as the image was made with them (not in
+    its folder, no folder, a name that fits several files, another file of that name), by the request field that
+    replaces what the image records: "prompt" (a <lora:> tag of the image's prompt) and "loras" (a LoRA given as
+    an option), each with the 4xx that names the first such LoRA and what to do."""
+    return _reuse(stored, pipe, limits)[1]
+
+
+def _reuse(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> tuple[dict[str, Any], dict[str, EgakuError]]:
+    """(``reused_settings``, ``unusable_stored_loras``), read in one pass."""
+    unusable: dict[str, EgakuError | None] = {}
     if not stored:
-        return {}
+        return {}, {}
     fields = {
         "prompt": lambda: _as_str(stored, "prompt"),
         "negative_prompt": lambda: _as_str(stored, "negative_prompt"),
@@ -339,26 +384,38 @@ def reused_settings(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> d
         if value is not None:
             reused[key] = value
     if "prompt" in reused:
-        reused["prompt"] = _usable_prompt(reused["prompt"], limits)
+        reused["prompt"], unusable["prompt"] = _usable_prompt(reused["prompt"], limits)
     loras = []
     files = stored.get("lora_files")
-    if limits.lora_dir and isinstance(files, list):
+    if isinstance(files, list):
         from ..inference.metadata import lora_short_hash
-        from ..lora.apply import resolve_lora
 
         for entry in files:
             if not isinstance(entry, dict) or entry.get("from") != "option" or not isinstance(entry.get("name"), str):
                 continue
             try:
                 weight = _as_float(entry, "weight", -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT, False)
-                path = resolve_lora(entry["name"], limits.lora_dir)
             except EgakuError:
                 continue
-            if entry.get("hash") in (None, lora_short_hash(path)):
-                loras.append((entry["name"], 1.0 if weight is None else weight))
+            weight = 1.0 if weight is None else weight
+            name = entry["name"]
+            what = f"the image was made with the LoRA {name[:40]!r} (weight {weight:g})"
+            found = _stored_lora(what, name, limits, "send 'loras' (the LoRAs to use instead, or [] for none)")
+            if isinstance(found, EgakuError):
+                unusable["loras"] = unusable.get("loras") or found
+                continue
+            now = lora_short_hash(found)
+            if entry.get("hash") in (None, now):
+                loras.append((name, weight))
+            elif not unusable.get("loras"):
+                unusable["loras"] = EgakuError(
+                    f"{what}, whose file had the hash {entry['hash']}; the file of that name in this server's LoRA "
+                    f"folder is another one (hash {now}), so the image would not be made again as it was: send "
+                    f"'loras' to choose ([{{\"name\": {json.dumps(name)}, \"weight\": {weight:g}}}] uses the "
+                    "folder's file, [] none)", param="image")
     if loras:
         reused["loras"] = loras
-    return reused
+    return reused, {key: error for key, error in unusable.items() if error is not None}
 
 
 def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits, *, form: bool = False,
@@ -367,7 +424,9 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     """Validate ``body`` for endpoint ``kind`` (generation, edit, variation, upscale).
 
     ``stored``: the parameters the uploaded image was made with; a variation or upscale reuses them
-    where the request leaves a field out (``reused_settings``).
+    where the request leaves a field out (``reused_settings``), and is refused where they name a LoRA this
+    server cannot apply that the request does not replace ('prompt' for the prompt's tags, 'loras' for the
+    others): the image it would make would lack the LoRA (``unusable_stored_loras``).
     """
     stream = body.get("stream")
     if form and isinstance(stream, str):
@@ -392,7 +451,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     prompt = _as_str(body, "prompt")
     if kind in ("generation", "edit") and (prompt is None or not prompt.strip()):
         raise _bad("'prompt' is required and must not be empty", "prompt")
-    reused = reused_settings(stored, pipe, limits) if kind in ("variation", "upscale") else {}
+    reused, unusable = _reuse(stored, pipe, limits) if kind in ("variation", "upscale") else ({}, {})
     prompt = reused.get("prompt", "") if prompt is None else prompt
     n = _as_int(body, "n", 1, limits.max_n, form)
     if kind == "upscale" and n not in (None, 1):
@@ -411,6 +470,11 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     negative = _as_str(body, "negative_prompt")
     negative = reused.get("negative_prompt", "") if negative is None else negative
     loras = reused.get("loras", []) if body.get("loras") is None else _loras(body.get("loras"), form)
+    # a LoRA the image records that the request leaves to it, and that this server cannot apply: a 4xx, not an image
+    # made without it that nothing marks as such (the field the request gives replaces what the image records)
+    for field in ("prompt", "loras"):
+        if field in unusable and body.get(field) is None:
+            raise unusable[field]
     width, height = parse_size(_as_str(body, "size", 40), pipe, limits)
     if kind == "upscale" and width is not None:
         raise _bad("upscale always doubles the image's size; leave 'size' out", "size")

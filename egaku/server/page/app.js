@@ -50,8 +50,7 @@ async function loadOptions() {
   $("n").max = options.max_n;
   $("steps").max = options.max_steps;
   $("steps").value = options.default_steps;  // the server's default, within its limit
-  $("lora-none").hidden = options.loras.length > 0;
-  $("add-lora").hidden = options.loras.length === 0;
+  fillLoras();
 }
 
 function chosenModel() {
@@ -65,11 +64,29 @@ function fillSamplers() {
   fill($("sampler"), samplers, samplers.includes(current) ? current : options.default_sampler);
 }
 
+// Only the LoRAs the chosen model can load (the server refuses the others: another architecture or base model).
+function modelLoras() {
+  return (options.model_loras || {})[chosenModel().id] || options.loras;
+}
+
+function fillLoras() {
+  const loras = modelLoras();
+  const unusable = Object.keys((options.unusable_loras || {})[chosenModel().id] || {}).length;
+  $("lora-none").textContent = unusable ? `none of the server's LoRAs fit this model (${unusable} for others)`
+    : "the server has no LoRA folder (egaku serve --lora-dir DIR)";
+  $("lora-none").hidden = loras.length > 0;
+  $("add-lora").hidden = loras.length === 0;
+  document.querySelectorAll(".lora-row select").forEach((select) => {
+    if (loras.includes(select.value)) fill(select, loras, select.value);
+    else select.closest(".lora-row").remove();
+  });
+}
+
 function addLoraRow() {
   const row = document.createElement("div");
   row.className = "lora-row";
   const select = document.createElement("select");
-  fill(select, options.loras, options.loras[0]);
+  fill(select, modelLoras(), modelLoras()[0]);
   const weight = Object.assign(document.createElement("input"), { type: "number", step: "0.05", value: "0.8" });
   const remove = Object.assign(document.createElement("button"), { type: "button", textContent: "×" });
   remove.onclick = () => row.remove();
@@ -193,7 +210,7 @@ $("controls").addEventListener("submit", async (event) => {
   show(await withProgress("Generating", (extra) => api("/v1/images/generations", {
     method: "POST", body: JSON.stringify(body), headers: { ...extra, "Content-Type": "application/json" } })));
 });
-$("model").addEventListener("change", fillSamplers);
+$("model").addEventListener("change", () => { fillSamplers(); fillLoras(); });
 $("aspect").addEventListener("change", () => ($("size-box").hidden = $("aspect").value !== "custom"));
 $("add-lora").addEventListener("click", addLoraRow);
 $("api-key").value = localStorage.getItem("egaku-api-key") || "";
