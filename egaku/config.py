@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -84,6 +85,31 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+# a number written with a decimal comma, as much of Europe writes 7.5
+_DECIMAL_COMMA = re.compile(r"\s*([+-]?\d+),(\d+)\s*")
+
+
+def decimal_comma(text: str) -> str | None:
+    """``text`` with its decimal comma made a point ("7,5" -> "7.5"), where it is a number written so; else None."""
+    match = _DECIMAL_COMMA.fullmatch(text)
+    return f"{match[1]}.{match[2]}" if match else None
+
+
+def _not_a_decimal(text: str, write: str) -> str | None:
+    """The error for a single fractional number written with a decimal comma (``--cfg 7,5``); ``write`` is how the
+    option is set, to format with the number. None where ``text`` is not such a number."""
+    number = decimal_comma(text)
+    if number is None:
+        return None
+    return f"{text.strip()!r} is not a number: write {write.format(number)} (with a decimal point, not a comma)"
+
+
+def number_list(text: str, tp: type) -> list[Any]:
+    """"0,1" as a list of numbers of type ``tp``, as kohya and the GUIs write lists (ValueError where an item is no
+    such number): a flag's value and a preset's string read the same."""
+    return [tp(item) for item in text.split(",")]
+
+
 def _one_number(items: list[Any], help_text: str, write: str) -> str:
     """The error for a list given to a single-number option: kohya writes ``--resolution 512,512`` (its largest
     bucket's width,height) where egaku's --resolution is one side. ``write`` is how the option is set, to format
@@ -103,12 +129,13 @@ def _number_type(tp: type, name: str, help_text: str, is_list: bool) -> typing.C
     def convert(text: str) -> Any:
         if is_list:
             try:
-                return [tp(item) for item in text.split(",")]
+                return number_list(text, tp)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected {_KINDS[tp].removeprefix('a ')}s, one per flag or "
                                                  f"separated by commas, got {text!r}") from None
         if "," in text:
-            raise argparse.ArgumentTypeError(_one_number(text.split(","), help_text, flag + " {}"))
+            decimal = _not_a_decimal(text, "{}") if tp is float else None  # --cfg 7,5: a decimal comma
+            raise argparse.ArgumentTypeError(decimal or _one_number(text.split(","), help_text, flag + " {}"))
         return tp(text)
 
     convert.__name__ = tp.__name__  # argparse names it in its "invalid int value: 'x'"
@@ -124,7 +151,7 @@ def _list_from_preset(value: Any, annotation: Any) -> Any:
         return value
     if tp in (int, float) and isinstance(value, str):
         try:
-            return [tp(item) for item in value.split(",")]
+            return number_list(value, tp)
         except ValueError:
             return value
     return [value] if tp in (int, float, str) and _fits(value, tp) else value
@@ -218,8 +245,6 @@ SESSION_OPTIONS = ("resume", "export_only", "stop_at")
 def _yaml_loader():
     """PyYAML's safe loader, reading ``1e-4`` as a number: YAML 1.1 wants a dot (``1.0e-4``) and PyYAML gives the
     string "1e-4", the way learning rates are written in every training config."""
-    import re
-
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -253,6 +278,9 @@ def _check_type(key: str, value: Any, annotation: Any, help_text: str = "") -> N
         return
     if tp in (int, float) and not is_list and (isinstance(value, (list, tuple)) or
                                                isinstance(value, str) and "," in value):  # kohya's "512,512"
+        decimal = _not_a_decimal(value, key + " = {}") if tp is float and isinstance(value, str) else None
+        if decimal:  # guidance_scale = "7,5"
+            raise EgakuError(f"option {key!r}: {decimal}")
         items = value if isinstance(value, (list, tuple)) else value.split(",")
         raise EgakuError(f"option {key!r} {_one_number(items, help_text, key + ' = {}')}")
     if is_list:

@@ -46,6 +46,7 @@ _SPLIT_SOURCE = {"seen": "train", "held_out": "held_out", "star": "novel"}
 @dataclasses.dataclass
 class AdherenceOptions:
     model: str = option("builtin", help="builtin, a diffusers folder, a .safetensors checkpoint or a hub id")
+    allow_pickle: bool = option(False, help="allow .ckpt/.pt/.bin checkpoints (read with weights_only=True)")
     judge: str | None = option(None, help="shapes judge folder (default: the one shipped with egaku)")
     out: str = option("outputs/adherence.json", help="JSON report path (a contact sheet is written beside it)")
     seen_prompts: int = option(100, help="prompts from training combinations")
@@ -250,7 +251,7 @@ def _jitter(k: int, offset: int) -> dict:
 
 
 def eval_adherence_command(opts: AdherenceOptions) -> None:
-    from ..models.loading import load_pipeline
+    from ..models.loading import check_model_source, load_pipeline
 
     # 1. Check inputs (the options checked themselves) and where the report goes, before any loading or generating
     out = check_output(opts.out, folder=False)
@@ -259,9 +260,10 @@ def eval_adherence_command(opts: AdherenceOptions) -> None:
                          f"would replace it; give the report a .json name, such as {out.with_suffix('.json')}",
                          param="out")
     check_output(out.with_suffix(".png"), folder=False)  # the contact sheet
+    check_model_source(opts.model, opts.allow_pickle)  # a missing model, or a pickle without --allow-pickle
     torch.set_num_threads(max(1, opts.threads))
     judge = load_judge(opts.judge)
-    pipe = load_pipeline(opts.model, device=opts.device, dtype="float32")
+    pipe = load_pipeline(opts.model, device=opts.device, dtype="float32", allow_pickle=opts.allow_pickle)
     report, images = evaluate_adherence(pipe, opts, judge)
     report["model"] = opts.model
     report_path = Path(opts.judge or "") / "report.json" if opts.judge else None

@@ -125,7 +125,7 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
     if "init_image" in given and merged.pop("mask", None):  # the recorded mask belongs to the recorded init image,
         merged.pop("strength", None)  # and so does the inpainting's strength (1): the new image is kept in part
     _check_recorded_files(source, params, merged)
-    for note in _from_notes(source, params, merged, given):
+    for note in _from_notes(source, params, merged, given, merged.get("lora_dir", o.lora_dir)):
         print(f"egaku: note: {note}")
     if not params.get("model_source"):
         _note_unrecorded(source, params, o, given)
@@ -135,8 +135,9 @@ def _apply_from_image(o: GenerateOptions) -> GenerateOptions:
     return dataclasses.replace(o, **merged, from_image=None, given_options=sorted(given_after))
 
 
-def _from_notes(source: str, params: dict, merged: dict, given: set[str]) -> list[str]:
-    """What --from cannot make as the image was made, so that a different result is not a surprise."""
+def _from_notes(source: str, params: dict, merged: dict, given: set[str], lora_dir: str | None = None) -> list[str]:
+    """What --from cannot make as the image was made, so that a different result is not a surprise. ``lora_dir``:
+    the folder the run looks the prompt's <lora:name:w> tags up in."""
     notes = []
     upscaler = str(params.get("hires_upscaler") or "Lanczos")
     if "hires_scale" in merged and upscaler.lower() != "lanczos":
@@ -180,6 +181,47 @@ def _from_notes(source: str, params: dict, merged: dict, given: set[str]) -> lis
         if now != entry["hash"]:
             notes.append(f"the LoRA {entry.get('name')} ({path}) has changed since {source} was made (hash "
                          f"{entry['hash']}, now {now})")
+    if "prompt" in merged and "lora_dir" not in merged and lora_dir:
+        notes += _other_tag_loras(source, params, merged["prompt"], lora_dir)
+    return notes
+
+
+def _other_tag_loras(source: str, params: dict, prompt: str, lora_dir: str) -> list[str]:
+    """The recorded prompt's <lora:name:w> tags looked up in a folder the image does not record (an A1111 image's
+    tags in --lora-dir, or an egaku image's in another --lora-dir): a file of the tag's name there that is not the
+    one the image records the hash of (A1111's ``Lora hashes``, egaku's ``lora_files``) is said, as a file that
+    has changed is."""
+    from ..lora.apply import has_prompt_loras, parse_prompt_loras, resolve_lora
+    from .metadata import lora_short_hash
+
+    # A1111 writes a name without its ':' and ',' (lora_hashes_text)
+    def key(name: str) -> str:
+        return str(name).replace(":", "").replace(",", "").strip()
+
+    recorded = {key(name): str(h).strip() for name, h in params.get("lora_hashes") or [] if str(h).strip()}
+    recorded.update({key(e.get("name") or ""): str(e["hash"]) for e in params.get("lora_files") or []
+                     if e.get("from") == "prompt" and e.get("hash")})
+    if not recorded or not has_prompt_loras(prompt):
+        return []
+    try:
+        tags = parse_prompt_loras(prompt)[1]
+    except EgakuError:  # generation says what is wrong with the tag
+        return []
+    notes, seen = [], set()
+    for name, _ in tags:
+        expected = recorded.get(key(name))
+        if not expected or key(name) in seen:
+            continue
+        seen.add(key(name))
+        try:
+            path = resolve_lora(name, lora_dir)
+        except EgakuError:  # not there (or two files of the name): generation says so
+            continue
+        now = lora_short_hash(path)
+        # a short hash is the sha256's first digits: one of fewer digits compares as far as it goes
+        if now and not now.lower().startswith(expected.lower()[:len(now)]):
+            notes.append(f"the LoRA {name} ({path}) is not the file {source} was made with (hash {expected}, "
+                         f"now {now})")
     return notes
 
 
@@ -287,6 +329,7 @@ def generate_command(opts: GenerateOptions) -> None:
     from ..paths import check_output
 
     out = check_output(opts.out)  # a folder that cannot be written is named before the model loads
+    on_cpu = _half_on_cpu_note(opts)
     pipe = load_pipeline(opts.model, opts.device, opts.dtype, opts.model_config, opts.allow_pickle)
     try:  # made once the model has loaded: a model that fails to load leaves no empty --out folder behind
         out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +361,11 @@ def generate_command(opts: GenerateOptions) -> None:
     try:  # a failed run clears the bar, so that its error starts a line of its own
         for number, run in enumerate(runs):
             finished = bar.n
-            results = generate(pipe, opts=run, on_step=on_step)
+            try:
+                results = generate(pipe, opts=run, on_step=on_step)
+            except RuntimeError as exc:
+                _refuse_half_on_cpu(exc, on_cpu, opts.dtype)
+                raise
             if opts.overwrite and not written:  # once generation has worked, so a failed run leaves the old files
                 for path in replaced:
                     path.unlink(missing_ok=True)
@@ -343,6 +390,34 @@ def generate_command(opts: GenerateOptions) -> None:
     names = written[0].name if len(written) == 1 else f"{written[0].name} .. {written[-1].name}"
     print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {out}/ ({names}) "
           f"in {elapsed:.1f} s ({elapsed / len(written):.2f} s/image incl. {pipe.egaku_load_seconds:.1f} s loading)")
+
+
+# torch's CPU kernels that lack a reduced precision say: "addmm_impl_cpu_" not implemented for 'Half'
+_NOT_FOR = re.compile(r"not implemented for '(Half|BFloat16)'")
+
+
+def _half_on_cpu_note(opts: GenerateOptions) -> bool:
+    """Whether the run is on the CPU; there, --dtype float16 gets a note: the pipeline is made as asked, but torch's
+    CPU has few half-precision kernels (no speed-up, often slower) and some operations have none."""
+    from ..models.loading import resolve_device
+
+    on_cpu = resolve_device(opts.device).type == "cpu"
+    if on_cpu and opts.dtype == "float16":
+        print("egaku: note: --dtype float16 on the CPU is no faster than float32 (often slower) and some of torch's "
+              "CPU operations lack it; use --dtype float32 there (or bfloat16 for half the memory)")
+    return on_cpu
+
+
+def _refuse_half_on_cpu(exc: RuntimeError, on_cpu: bool, dtype: str) -> None:
+    """torch's "not implemented for 'Half'" of a CPU run as what to change; other errors are left as they are."""
+    match = _NOT_FOR.search(str(exc))
+    if not (on_cpu and match):
+        return
+    precision = "float16" if match[1] == "Half" else "bfloat16"
+    instead = "--dtype float32 or bfloat16" if precision == "float16" else "--dtype float32"
+    given = f"--dtype {dtype}" if dtype != "auto" else f"{precision} weights"
+    raise EgakuError(f"torch cannot run this model in {precision} on the CPU ({given}): {str(exc).strip()}; use "
+                     f"{instead} on the CPU", param="dtype") from None
 
 
 # the options a prompt's --parameters set (by take() in apply_prompt_parameters, which refuses a value given twice)

@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..config import decimal_comma
 from ..errors import EgakuError
 from .generate import MAX_SEED, GeneratedImage, GenerateOptions, generate
 
@@ -44,8 +45,10 @@ def _number(name: str, text: str, kind: type, low: float, high: float):
     try:
         value = kind(text)
     except ValueError:
-        raise EgakuError(f"prompt parameter --{name} needs a {'whole ' if kind is int else ''}number, got {text!r}",
-                         param="prompt") from None
+        decimal = decimal_comma(text) if kind is float else None  # "--chaos 12,5": a decimal comma
+        hint = f": write --{name} {decimal} (with a decimal point, not a comma)" if decimal else ""
+        raise EgakuError(f"prompt parameter --{name} needs a {'whole ' if kind is int else ''}number, got "
+                         f"{text!r}{hint}", param="prompt") from None
     if not low <= value <= high:
         raise EgakuError(f"prompt parameter --{name} must be in {low}..{high}, got {value}", param="prompt")
     return value
