@@ -26,6 +26,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd")
 
 
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_model_dir):
+    """The tiny model loaded as generate loads it, one per test module (tests add embeddings and LoRAs to it)."""
+    import egaku
+
+    return egaku.load_pipeline(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def text_width(tiny_pipe) -> int:
+    """The tiny model's token embedding width."""
+    return tiny_pipe.text_encoder.get_input_embeddings().weight.shape[1]
+
+
 @pytest.fixture
 def ctrl_c_at_step(monkeypatch):
     """``ctrl_c_at_step(trainer_module, step)``: the trainer's per-step ``check_finite`` sends this process one

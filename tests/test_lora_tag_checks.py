@@ -105,13 +105,13 @@ def test_each_key_once_is_read_as_before():
 # 3. a LoRA's trained word that the embedding folder also has an embedding of
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    return egaku.load_pipeline(str(tiny_model_dir), device="cpu", dtype="float32")
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")
-def width(pipe):
-    return pipe.text_encoder.get_input_embeddings().weight.shape[1]
+def width(text_width):
+    return text_width
 
 
 @pytest.fixture(scope="module")
