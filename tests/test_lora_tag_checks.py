@@ -68,12 +68,11 @@ def test_several_files_that_differ_only_in_letter_case_are_all_named(tmp_path):
     assert resolve_lora("ink", str(tmp_path)) == tmp_path / "ink.safetensors"
 
 
-def test_a_prompt_tag_in_another_letter_case_is_refused_by_generate(tiny_model_dir, style_lora_dir):
-    pipe = egaku.load_pipeline(str(tiny_model_dir), device="cpu", dtype="float32")
+def test_a_prompt_tag_in_another_letter_case_is_refused_by_generate(tiny_pipe, style_lora_dir):
     with pytest.raises(NotFoundError, match=r"LoRA 'Style' not found in .*; style.safetensors there differs from it "
                                             r"only in letter case: write 'style'"):
-        egaku.generate(pipe, "a red star <lora:Style:0.5>", steps=1, lora_dir=str(style_lora_dir))
-    image = egaku.generate(pipe, "a red star <lora:style:0.5>", steps=1, lora_dir=str(style_lora_dir))[0]
+        egaku.generate(tiny_pipe, "a red star <lora:Style:0.5>", steps=1, lora_dir=str(style_lora_dir))
+    image = egaku.generate(tiny_pipe, "a red star <lora:style:0.5>", steps=1, lora_dir=str(style_lora_dir))[0]
     assert image.params["loras"] == [("style", 0.5)]
 
 
@@ -105,17 +104,7 @@ def test_each_key_once_is_read_as_before():
 # 3. a LoRA's trained word that the embedding folder also has an embedding of
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipe):
-    return tiny_pipe
-
-
-@pytest.fixture(scope="module")
-def width(text_width):
-    return text_width
-
-
-@pytest.fixture(scope="module")
-def word_lora_dir(tmp_path_factory, style_lora_dir, width):
+def word_lora_dir(tmp_path_factory, style_lora_dir, text_width):
     """A LoRA folder holding a train-lora run ("starrun") that trained the word "star" beside its LoRA."""
     root = tmp_path_factory.mktemp("word-loras")
     run = root / "starrun"
@@ -123,24 +112,24 @@ def word_lora_dir(tmp_path_factory, style_lora_dir, width):
     shutil.copy(style_lora_dir / "style.safetensors", run / "pytorch_lora_weights.safetensors")
     (run / "training_config.json").write_text(json.dumps({"train_tokens": ["star"]}))
     torch.manual_seed(1)
-    save_file({"emb_params": torch.randn(1, width)}, run / "embeddings" / "star.safetensors")
+    save_file({"emb_params": torch.randn(1, text_width)}, run / "embeddings" / "star.safetensors")
     return root
 
 
-def _embedding_folder(root, width, *names):
+def _embedding_folder(root, text_width, *names):
     root.mkdir()
     torch.manual_seed(2)
     for name in names:
-        save_file({"emb_params": torch.randn(1, width)}, root / f"{name}.safetensors")
+        save_file({"emb_params": torch.randn(1, text_width)}, root / f"{name}.safetensors")
     return root
 
 
-def test_a_loras_word_with_an_embedding_of_it_in_the_embedding_folder_is_refused(pipe, word_lora_dir, width,
+def test_a_loras_word_with_an_embedding_of_it_in_the_embedding_folder_is_refused(tiny_pipe, word_lora_dir, text_width,
                                                                                   tmp_path):
     """(Was: the embedding folder's file replaced the LoRA's trained word in the prompt without a word.)"""
-    embeddings = _embedding_folder(tmp_path / "embeddings", width, "Star", "glow")
-    table = pipe.text_encoder.get_input_embeddings().weight.clone()
-    vocabulary = len(pipe.tokenizer)
+    embeddings = _embedding_folder(tmp_path / "embeddings", text_width, "Star", "glow")
+    table = tiny_pipe.text_encoder.get_input_embeddings().weight.clone()
+    vocabulary = len(tiny_pipe.tokenizer)
     lora = word_lora_dir / "starrun" / "pytorch_lora_weights.safetensors"
     for prompt, negative in (("a red star <lora:starrun>", ""), ("a STAR <lora:starrun:0.5>", ""),
                              ("a cat <lora:starrun>", "star, glow")):
@@ -148,42 +137,42 @@ def test_a_loras_word_with_an_embedding_of_it_in_the_embedding_folder_is_refused
                                              r"was trained with it, and the embedding folder holds Star.safetensors; "
                                              r"only one can be used: rename or remove Star.safetensors, or do not use "
                                              r"that LoRA and the embedding folder together$") as err:
-            egaku.generate(pipe, prompt, negative_prompt=negative, steps=1, lora_dir=str(word_lora_dir),
+            egaku.generate(tiny_pipe, prompt, negative_prompt=negative, steps=1, lora_dir=str(word_lora_dir),
                            embedding_dir=str(embeddings))
         assert err.value.param == "embedding_dir"
         # nothing is left behind: no adapter, no added token, the base token table, no trained word on record
-        assert lora_trained_words(pipe) == {} and len(pipe.tokenizer) == vocabulary
-        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)
-        assert not any(getattr(pipe, "get_list_adapters", lambda: {})().values())
+        assert lora_trained_words(tiny_pipe) == {} and len(tiny_pipe.tokenizer) == vocabulary
+        assert torch.equal(tiny_pipe.text_encoder.get_input_embeddings().weight, table)
+        assert not any(getattr(tiny_pipe, "get_list_adapters", lambda: {})().values())
 
 
-def test_a_loras_word_and_the_embedding_folder_work_together_where_they_do_not_share_a_word(pipe, word_lora_dir,
-                                                                                              width, tmp_path):
-    embeddings = _embedding_folder(tmp_path / "embeddings", width, "Star", "glow")
+def test_a_loras_word_and_the_embedding_folder_work_together_where_they_do_not_share_a_word(tiny_pipe, word_lora_dir,
+                                                                                              text_width, tmp_path):
+    embeddings = _embedding_folder(tmp_path / "embeddings", text_width, "Star", "glow")
     # the LoRA's word with an embedding folder that has no file of it
-    image = egaku.generate(pipe, "a red star, glow <lora:starrun>", steps=1, lora_dir=str(word_lora_dir),
-                           embedding_dir=str(_embedding_folder(tmp_path / "others", width, "glow")), seed=3)[0]
+    image = egaku.generate(tiny_pipe, "a red star, glow <lora:starrun>", steps=1, lora_dir=str(word_lora_dir),
+                           embedding_dir=str(_embedding_folder(tmp_path / "others", text_width, "glow")), seed=3)[0]
     assert [e["name"] for e in image.params["embeddings"]] == ["glow"]
     # a folder that has a file of the word, with the LoRA, where the prompts do not use the word
-    image = egaku.generate(pipe, "a red cat, glow <lora:starrun>", steps=1, lora_dir=str(word_lora_dir),
+    image = egaku.generate(tiny_pipe, "a red cat, glow <lora:starrun>", steps=1, lora_dir=str(word_lora_dir),
                            embedding_dir=str(embeddings), seed=3)[0]
     assert [e["name"] for e in image.params["embeddings"]] == ["glow"]
     # the same folder's "Star" without the LoRA: the folder's embedding, as before
-    image = egaku.generate(pipe, "a red star", steps=1, embedding_dir=str(embeddings), seed=3)[0]
+    image = egaku.generate(tiny_pipe, "a red star", steps=1, embedding_dir=str(embeddings), seed=3)[0]
     assert [e["name"] for e in image.params["embeddings"]] == ["Star"]
     # the LoRA's word with the LoRA alone
-    assert egaku.generate(pipe, "a red star <lora:starrun>", steps=1, lora_dir=str(word_lora_dir))[0]
-    assert lora_trained_words(pipe) == {}
+    assert egaku.generate(tiny_pipe, "a red star <lora:starrun>", steps=1, lora_dir=str(word_lora_dir))[0]
+    assert lora_trained_words(tiny_pipe) == {}
 
 
-def test_the_loras_trained_words_are_on_record_while_it_is_applied(pipe, word_lora_dir):
+def test_the_loras_trained_words_are_on_record_while_it_is_applied(tiny_pipe, word_lora_dir):
     from egaku.lora.apply import apply_loras, remove_loras
 
     lora = word_lora_dir / "starrun" / "pytorch_lora_weights.safetensors"
-    assert lora_trained_words(pipe) == {}
+    assert lora_trained_words(tiny_pipe) == {}
     try:
-        apply_loras(pipe, [(lora, 1.0)])
-        assert lora_trained_words(pipe) == {"star": str(lora)}
+        apply_loras(tiny_pipe, [(lora, 1.0)])
+        assert lora_trained_words(tiny_pipe) == {"star": str(lora)}
     finally:
-        remove_loras(pipe)
-    assert lora_trained_words(pipe) == {}
+        remove_loras(tiny_pipe)
+    assert lora_trained_words(tiny_pipe) == {}
