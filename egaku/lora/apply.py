@@ -18,9 +18,10 @@ import torch
 
 from ..errors import EgakuError, NotFoundError, first_line
 from .formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, adaptable_modules, adapter_alphas, bake_alpha,
-                      check_coverage, is_kohya, is_model_checkpoint, kohya_to_peft, model_module_name, peft_pairs,
-                      read_embedding, read_lora_file, refuse_embedding, refuse_lycoris, refuse_non_finite,
-                      refuse_training_checkpoint, single_token_ids)
+                      bundled_words, check_coverage, is_bundle_key, is_kohya, is_model_checkpoint, kohya_to_peft,
+                      model_module_name, peft_pairs, read_bundled_embeddings, read_embedding, read_lora_file,
+                      refuse_embedding, refuse_lycoris, refuse_non_finite, refuse_training_checkpoint,
+                      single_token_ids)
 
 # text encoder -> {token id: its base embedding}, so that remove_loras can put trained tokens back
 _TOKEN_BACKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -553,7 +554,15 @@ def checked_lora_layers(state_dict: dict[str, torch.Tensor], metadata: dict[str,
     """``lora_layers`` of a file already read (``shown``: how messages name it): a model checkpoint, a LyCORIS or
     embedding file, NaN/inf weights, keys of another architecture or base (``check_coverage``) and a mix of DoRA and
     plain layers are refused. ``values=False`` for a file's header read as meta tensors (the server's LoRA list):
-    everything but the weights' values is checked."""
+    everything but the weights' values is checked. Embeddings bundled in the file (``bundle_emb.*``, A1111's
+    layout) are no layers: ``trained_embeddings`` reads them; a file that holds nothing else is refused."""
+    words = bundled_words(state_dict)
+    if words:
+        state_dict = {key: tensor for key, tensor in state_dict.items() if not is_bundle_key(key)}
+        if not state_dict:
+            raise EgakuError(f"{shown} holds only token embeddings bundled in A1111's layout (bundle_emb.*, of "
+                             f"{', '.join(words)}) and no LoRA layers; egaku applies bundled words with the LoRA "
+                             "they come in", param="lora")
     if is_model_checkpoint(state_dict):
         raise EgakuError(f"{shown} is a single-file Stable Diffusion checkpoint, a model, not a LoRA: give it as "
                          "--model", param="lora")
@@ -612,7 +621,17 @@ def run_config(lora_file: Path) -> dict:
 
 
 def trained_embeddings(lora_file: Path) -> dict[str, torch.Tensor]:
-    """The token embeddings a train-lora run wrote beside this LoRA file (its --train-tokens), by word.
+    """The token embeddings that come with a LoRA file, by word: those bundled in the file itself (``bundle_emb.*``,
+    A1111's layout, which train-lora's kohya file and other trainers' files carry) and those a train-lora run wrote
+    beside it (``run_embeddings``). A word in both is the file's own (train-lora writes one vector into both), so a
+    run folder's kohya file and its embeddings/ folder apply each word once."""
+    bundled = read_bundled_embeddings(lora_file)
+    return {**run_embeddings(lora_file, have=bundled), **bundled}
+
+
+def run_embeddings(lora_file: Path, have=()) -> dict[str, torch.Tensor]:
+    """The token embeddings a train-lora run wrote beside this LoRA file (its --train-tokens), by word, but for the
+    words in ``have`` (the file's bundled ones).
 
     Only a run folder's own words are taken (from its training_config.json), so an ``embeddings/``
     folder next to a collection of LoRA files is never applied to all of them.
@@ -625,7 +644,7 @@ def trained_embeddings(lora_file: Path) -> dict[str, torch.Tensor]:
         words = json.loads(config.read_text()).get("train_tokens") or []
     except (OSError, json.JSONDecodeError):
         return {}
-    found = {w: folder / EMBEDDINGS_DIR / f"{w}.safetensors" for w in words}
+    found = {w: folder / EMBEDDINGS_DIR / f"{w}.safetensors" for w in words if w not in have}
     missing = [str(p) for p in found.values() if not p.is_file()]
     if missing:
         raise EgakuError(f"{lora_file} was trained with token embeddings that are not there: {', '.join(missing)}",
@@ -645,10 +664,17 @@ def apply_token_embeddings(pipe, embeddings: dict[str, torch.Tensor], source: st
     sources = _TOKEN_SOURCES.setdefault(pipe.text_encoder, {})
     for word, vectors in embeddings.items():
         vectors = vectors if vectors.ndim == 2 else vectors[None]
-        if vectors.shape != (1, table.shape[1]):
+        if vectors.shape[1] != table.shape[1]:
             raise EgakuError(f"{source}: embedding of {word!r} has shape {tuple(vectors.shape)}, but this model's "
                              f"text encoder takes one vector of {table.shape[1]} per token; it was trained on "
                              "another base", param="lora")
+        pieces = pipe.tokenizer(word, add_special_tokens=False).input_ids if word.strip() else []
+        if vectors.shape[0] != 1 or len(pieces) != 1:  # (a train-lora word is always one of each)
+            what = (f"{vectors.shape[0]} vectors" if vectors.shape[0] != 1 else
+                    f"a word of {len(pieces)} tokens for this model's tokenizer")
+            raise EgakuError(f"{source}: its embedding of {word!r} is {what}; egaku applies a LoRA's words as one "
+                             "token's row of the token table each (one vector for a one-token word), so this LoRA "
+                             "cannot be applied with its word", param="lora")
         token = single_token_ids(pipe.tokenizer, [word], what=source)[0]
         with torch.no_grad():
             backup.setdefault(token, table[token].detach().clone())

@@ -118,9 +118,9 @@ def describe_lora(path: str | Path) -> dict:
     its header or its train-lora folder records, its most frequent caption tags and its trained words."""
     import json
 
-    from .apply import _alphas_of_diffusers_file, run_config, trained_embeddings
-    from .formats import (is_kohya, is_lora_key, is_model_checkpoint, other_architecture, peft_pairs,
-                          read_lora_file, refuse_lycoris)
+    from .apply import _alphas_of_diffusers_file, run_config, run_embeddings
+    from .formats import (bundled_words, is_bundle_key, is_kohya, is_lora_key, is_model_checkpoint,
+                          other_architecture, peft_pairs, read_lora_file, refuse_lycoris)
 
     path = resolve_lora(str(path), None, names_option="")
     try:  # a whole checkpoint is told apart by its key names alone, before gigabytes are read
@@ -140,6 +140,9 @@ def describe_lora(path: str | Path) -> dict:
         raise EgakuError(f"{path} holds no LoRA layers (its {len(keys)} tensors have no lora_ keys; a whole model "
                          f"checkpoint?); egaku info reads {INFO_READS}")
     state, metadata = read_lora_file(path)
+    # token embeddings bundled in the file (A1111's bundle_emb.WORD...), which come with it: words, not layers
+    bundled = bundled_words(state)
+    state = {key: tensor for key, tensor in state.items() if not is_bundle_key(key)}
     layers: dict[str, dict] = {}  # name -> component, down weight, alpha
     if is_kohya(state):
         layout = "kohya (A1111, ComfyUI)"
@@ -208,7 +211,8 @@ def describe_lora(path: str | Path) -> dict:
         "convolution_layers": sum(1 for layer in layers.values() if layer["down"].ndim == 4),
         "ranks": ranks, "alphas": alphas_seen, "unrecognised_keys": len(unknown), "training": training,
         "top_tags": dict(sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:15]),
-        "trained_words": sorted(trained_embeddings(path)),
+        "trained_words": sorted(set(run_embeddings(path, have=bundled)) | set(bundled)),
+        "bundled_words": bundled,
         "other_architecture": other_architecture(list(state), metadata),
     }
 
@@ -229,5 +233,7 @@ def format_lora_description(d: dict) -> str:
     if d["top_tags"]:
         lines.append("  caption tags: " + ", ".join(f"{t} ({n})" for t, n in d["top_tags"].items()))
     if d["trained_words"]:
-        lines.append("  trained words (applied with the LoRA): " + ", ".join(d["trained_words"]))
+        bundled = set(d.get("bundled_words", ()))
+        lines.append("  trained words (applied with the LoRA): " + ", ".join(
+            word + (" (bundled in the file)" if word in bundled else "") for word in d["trained_words"]))
     return "\n".join(lines)

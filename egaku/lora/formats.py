@@ -355,26 +355,35 @@ def header_entries(**values) -> dict[str, str]:
             json.dumps(value) if isinstance(value, (dict, list)) else str(value) for key, value in values.items()}
 
 
-def kohya_metadata(unet_config=None, **values) -> dict[str, str]:
-    """``ss_*`` header entries of a LoRA trained on a UNet of ``unet_config`` (None: SD 1.x); kohya writes every
-    value as a string, and A1111 reads ss_network_* from it."""
-    return {"ss_network_module": "networks.lora", **base_model_metadata(unet_config),
+def kohya_metadata(unet_config=None, prediction_type: str | None = None, **values) -> dict[str, str]:
+    """``ss_*`` header entries of a LoRA trained on a UNet of ``unet_config`` (None: SD 1.x) whose scheduler predicts
+    ``prediction_type`` (diffusers' name: epsilon or v_prediction; None: not known); kohya writes every value as a
+    string, and A1111 reads ss_network_* from it. The SAI model spec entries (``modelspec.*``) are kohya's
+    (``library/sai_model_spec.py``): an SD 1.x/2.x LoRA's implementation is "diffusers"."""
+    return {"ss_network_module": "networks.lora", **base_model_metadata(unet_config, prediction_type),
             "modelspec.implementation": "diffusers", "modelspec.sai_model_spec": "1.0.0", **header_entries(**values)}
 
 
-def base_model_metadata(unet_config) -> dict[str, str]:
+def base_model_metadata(unet_config, prediction_type: str | None = None) -> dict[str, str]:
     """The header entries naming the base a kohya-layout LoRA was trained on, as kohya spells them
     (``library/sai_model_spec.py`` ``determine_architecture``): ``ss_base_model_version``, ``ss_v2`` and
-    ``modelspec.architecture``. A1111 sorts LoRAs by them (``network.py`` ``NetworkOnDisk.detect_version``: ``ss_v2``
-    "True" is SD2, any other header SD1) and, by default, lists only those of the loaded checkpoint's version, so a
-    2.x LoRA labelled 1.x would be hidden with the model it fits. A 2.x UNet attends to OpenCLIP ViT-H's 1024-wide
-    states (1.x: CLIP ViT-L's 768); the 768-v models are the 2.x ones of 96-latent (768 px) native size."""
+    ``modelspec.architecture``, and with ``prediction_type`` (the base scheduler's: epsilon or v_prediction)
+    ``modelspec.prediction_type`` ("epsilon" or "v"). A1111 sorts LoRAs by them (``network.py``
+    ``NetworkOnDisk.detect_version``: ``ss_v2`` "True" is SD2, any other header SD1) and, by default, lists only those
+    of the loaded checkpoint's version, so a 2.x LoRA labelled 1.x would be hidden with the model it fits. A 2.x UNet
+    attends to OpenCLIP ViT-H's 1024-wide states (1.x: CLIP ViT-L's 768). kohya names a 2.x base by its
+    prediction type (``--v_parameterization``: stable-diffusion-v2-768-v, else -v2-512); where that is not known,
+    the 768-v models are taken to be the 2.x ones of 96-latent (768 px) native size."""
     config = dict(unet_config or {})
+    known = {} if prediction_type is None else {
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon"}
     if config.get("cross_attention_dim") != 1024:
         return {"ss_base_model_version": "sd_v1", "ss_v2": "False",
-                "modelspec.architecture": "stable-diffusion-v1/lora"}
-    arch = "stable-diffusion-v2-768-v" if (config.get("sample_size") or 0) >= 96 else "stable-diffusion-v2-512"
-    return {"ss_base_model_version": "sd_v2", "ss_v2": "True", "modelspec.architecture": f"{arch}/lora"}
+                "modelspec.architecture": "stable-diffusion-v1/lora", **known}
+    v_model = ((config.get("sample_size") or 0) >= 96 if prediction_type is None else
+               prediction_type == "v_prediction")
+    arch = "stable-diffusion-v2-768-v" if v_model else "stable-diffusion-v2-512"
+    return {"ss_base_model_version": "sd_v2", "ss_v2": "True", "modelspec.architecture": f"{arch}/lora", **known}
 
 
 def steps_metadata(step: int, planned: int) -> dict[str, int]:
@@ -446,6 +455,85 @@ def save_embedding(path: Path, vectors: torch.Tensor) -> Path:
 
     return atomic_save_file({"emb_params": vectors.detach().float().cpu().contiguous()}, path,
                             metadata={"format": "pt", "name": path.stem})
+
+
+# ---- token embeddings bundled in a LoRA file (A1111 1.7+) ------------------------------------------------
+
+# A1111's Lora extension (``extensions-builtin/Lora/networks.py`` ``load_network``) reads the tensors of a LoRA file
+# whose key's first part is ``bundle_emb`` as textual-inversion embeddings that come with the LoRA:
+# ``bundle_emb.NAME.string_to_param.*`` (its own embedding layout), or ``bundle_emb.NAME.PART`` for any other
+# single tensor (OneTrainer's ``emb_params``; SDXL's ``clip_l`` and ``clip_g`` pair), NAME being the prompt word.
+# train-lora's kohya file carries its --train-tokens words that way, so that the one file brings them into A1111.
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def is_bundle_key(key: str) -> bool:
+    return key.startswith(BUNDLE_PREFIX)
+
+
+def bundled_words(keys) -> list[str]:
+    """The words a LoRA file's keys bundle embeddings of (names only: nothing read)."""
+    return sorted({key[len(BUNDLE_PREFIX):].partition(".")[0] for key in keys if is_bundle_key(key)})
+
+
+def bundle_tensors(embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trained words' embeddings (word -> (vectors, width)) under A1111's bundle keys, in fp32 as the separate
+    embedding files hold them (a word is a key's second part, so it must hold no ".")."""
+    out = {}
+    for word, vectors in embeddings.items():
+        if "." in word or not word:
+            raise EgakuError(f"cannot bundle the embedding of {word!r} in a LoRA file: A1111 reads the word from the "
+                             "key bundle_emb.WORD.string_to_param.*, which a word with '.' would break")
+        out[f"{BUNDLE_PREFIX}{word}.string_to_param.*"] = (vectors if vectors.ndim == 2 else vectors[None]
+                                                            ).detach().float().cpu().contiguous()
+    return out
+
+
+def bundled_embeddings(state_dict: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
+    """(vectors, width) of each embedding bundled in a LoRA file's tensors, by word, read as A1111 reads them: a
+    ``string_to_param`` tensor, else the word's only tensor. An SDXL pair (``clip_l``/``clip_g``), several other
+    tensors, a tensor that is no (vectors, width) table and NaN/inf values are an EgakuError."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        if is_bundle_key(key):
+            word, _, part = key[len(BUNDLE_PREFIX):].partition(".")
+            parts.setdefault(word, {})[part] = tensor
+    found = {}
+    for word, tensors in parts.items():
+        params = [t for part, t in tensors.items() if part.split(".")[0] == "string_to_param"]
+        if params:
+            vectors = params[-1]  # (A1111 keeps one: the last)
+        elif {"clip_l", "clip_g"} <= set(tensors):
+            raise EgakuError(f"{source}: the embedding of {word!r} bundled in it is an SDXL embedding (clip_l/clip_g): "
+                             "egaku's pipelines are Stable Diffusion 1.x/2.x", param="lora")
+        elif len(tensors) == 1:
+            vectors = next(iter(tensors.values()))
+        else:
+            raise EgakuError(f"{source}: the embedding of {word!r} bundled in it holds {len(tensors)} tensors "
+                             f"({', '.join(sorted(tensors))}); A1111 and egaku read one (string_to_param.*)",
+                             param="lora")
+        if vectors.ndim not in (1, 2) or vectors.shape[0] == 0:
+            raise EgakuError(f"{source}: the embedding of {word!r} bundled in it is not a (vectors, width) table "
+                             f"(shape {tuple(vectors.shape)})", param="lora")
+        vectors = (vectors if vectors.ndim == 2 else vectors[None]).float()
+        if not torch.isfinite(vectors).all():
+            raise EgakuError(f"{source}: the embedding of {word!r} bundled in it holds NaN or inf values, so the file "
+                             "is damaged", param="lora")
+        found[word] = vectors
+    return found
+
+
+def read_bundled_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
+    """``bundled_embeddings`` of a LoRA file, reading only its bundle tensors; {} for a file safetensors cannot
+    open (reading the LoRA says what is wrong with it)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {key: fh.get_tensor(key) for key in fh.keys() if is_bundle_key(key)}
+    except Exception:  # noqa: BLE001 - safetensors raises several private error types for a corrupt header
+        return {}
+    return bundled_embeddings(tensors, path)
 
 
 def read_embedding(path: Path) -> torch.Tensor:

@@ -52,9 +52,9 @@ from ..data.folder import counted, scan_image_folder
 from ..data.images import image_grid
 from ..data.masks import check_mask_dir, find_mask_files, latent_masks, masked_mean
 from ..errors import EgakuError, first_line
-from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, canonical_module, finish_diffusers_file,
-                            kohya_metadata, peft_pairs, peft_to_kohya, save_embedding, single_token_ids,
-                            steps_metadata)
+from ..lora.formats import (EMBEDDINGS_DIR, LORA_WEIGHTS_NAME, bundle_tensors, canonical_module,
+                            finish_diffusers_file, kohya_metadata, peft_pairs, peft_to_kohya, save_embedding,
+                            single_token_ids, steps_metadata)
 from ..models.loading import check_model_files
 from ..models.text import check_clip_skip, encode_captions, encode_prompts, prompt_chunks
 from ..progress import progress_bar
@@ -229,6 +229,9 @@ class TrainLoraOptions:
                                                "(default: the model's own, as generate uses)")
     format: str | None = option(None, help="LoRA file layout to write: diffusers, kohya or both (default: both; "
                                 "diffusers alone with --dora)", choices=["diffusers", "kohya", "both"])
+    bundle_words: bool = option(False, help="with --train-tokens: also bundle the trained words in the kohya file "
+                                "(bundle_emb.WORD.string_to_param.*), where A1111 reads them with the LoRA; diffusers' "
+                                "load_lora_weights refuses such a file (the diffusers-layout file is unaffected)")
     save_precision: str = option("fp32", help="dtype of the written LoRA files (kohya's --save_precision): fp16 or "
                                  "bf16 halve them, as most shared LoRAs are; training and checkpoints stay fp32",
                                  choices=["fp32", "fp16", "bf16"])
@@ -462,6 +465,19 @@ def dataset_dirs(folders: list[tuple[str, list]], repeats: int = 1) -> dict[str,
             for name, items in folder_subsets(folders).items()}
 
 
+def bucket_info(buckets: list[tuple[int, int]], bucket_of: list[tuple[int, int]], slots: list[int],
+                items: list) -> dict:
+    """kohya's ``ss_bucket_info``: each aspect bucket an epoch draws from, keyed by its place in the run's list of
+    ``buckets``, with its (width, height) in pixels and how many images an epoch takes from it (``slots``: the
+    items an epoch holds, repeats counted, as kohya counts them), and the mean difference between each image's
+    aspect ratio and its bucket's (each image once, as kohya's ``mean_img_ar_error``)."""
+    counts = collections.Counter(bucket_of[i] for i in slots)
+    errors = [abs(bw / bh - item.size[0] / item.size[1]) for item, (bw, bh) in zip(items, bucket_of)]
+    return {"buckets": {str(buckets.index(b)): {"resolution": list(b), "count": counts[b]}
+                        for b in sorted(counts, key=buckets.index)},
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+
+
 def data_manifest(scan, prior_scan=None) -> list[list]:
     """[folder kind, relative path, size in bytes, caption] of every image a run trains on, in order."""
     return [[kind, item.path.relative_to(folder.root).as_posix(), item.path.stat().st_size, item.caption]
@@ -526,7 +542,7 @@ STEP_SIZES = ("learning_rate", "text_encoder_lr", "token_lr", "max_grad_norm")
 # Resuming is refused when any other option differs: these only change how this session runs.
 # options that only change how a run is watched or what its final files are written as
 RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "log_with", "device", "cache_dir", "out", "format",
-                     "allow_pickle", "save_precision", "save_every", "keep_checkpoints", "checkpoint_every",
+                     "bundle_words", "allow_pickle", "save_precision", "save_every", "keep_checkpoints", "checkpoint_every",
                      "validation_prompts", "validation_every", "validation_seeds", "validation_steps",
                      "validation_guidance",
                      # only makes missing regularization images; changed images are refused as changed data
@@ -1257,6 +1273,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         "ss_training_started_at": time.time(), "ss_session_id": int.from_bytes(os.urandom(4), "little"),
         # as kohya writes it: the class that trained (AdamW8bit when bitsandbytes served --adam-8bit) and its args
         "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}(weight_decay={opts.weight_decay:g})",
+        "ss_bucket_info": bucket_info(buckets, bucket_of, slots, items),  # the sizes A1111 lists for the LoRA
     }
     optimizer_name = type(optimizer).__name__  # accelerate.prepare wraps it in its AcceleratedOptimizer
     if text_trains:
@@ -1317,7 +1334,8 @@ def train_lora(opts: TrainLoraOptions) -> Path:
                       opts, token_embeddings=tokens.embeddings() if tokens else None,
                       num_images=sum(item.repeats for item in scan.items) * opts.repeats,  # kohya counts repeats
                       tags=folder_tags([(opts.data, scan.items), (opts.prior_data, prior_items)]),
-                      total_steps=total_steps, step=step, run=run_metadata)
+                      total_steps=total_steps, step=step, run=run_metadata,
+                      prediction_type=noise_scheduler.config.prediction_type)
         except (OSError, SafetensorError) as exc:  # a full disk (safetensors' own error), a folder made read-only
             last = checkpoints.latest()
             # the run's last checkpoint is written before its LoRA: resuming from it only writes the files again
@@ -1471,10 +1489,14 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images: int = 0,
               tags: dict[str, dict[str, int]] | None = None, total_steps: int = 0,
               token_embeddings: dict[str, torch.Tensor] | None = None, step: int = 0,
-              run: dict[str, Any] | None = None) -> list[Path]:
+              run: dict[str, Any] | None = None, prediction_type: str | None = None) -> list[Path]:
     """Write the adapter (not the pipeline) in the requested layouts, each file atomically. ``tags``: each image
     folder's tag frequency, by folder name (kohya's ``ss_tag_frequency``); ``run``: more ``ss_*`` entries that the
-    training run knows (epochs, batch sizes, data folders, start time)."""
+    training run knows (epochs, batch sizes, data folders, buckets, start time); ``prediction_type``: what the base
+    model's scheduler predicts (epsilon, v_prediction), which the kohya file's SAI model spec entries name.
+    ``token_embeddings`` (the --train-tokens words) go into ``embeddings/WORD.safetensors`` and, with
+    --bundle-words, in A1111's bundle layout (``bundle_emb.WORD.string_to_param.*``) into the kohya file, which then
+    carries them into A1111."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -1503,9 +1525,19 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
             conv_rank, conv_alpha = opts.rank_and_alpha(UNET_CONV[0])
             alphas = {name: opts.rank_and_alpha(name)[1] for name in pairs}
             tensors = {k: v.to(dtype) for k, v in peft_to_kohya(pairs, alphas).items()}
+            # the trained words, in fp32 as their embedding files hold them (a "." would break A1111's key); only
+            # when asked, since diffusers refuses a kohya file with any key that is not a lora_unet_/lora_te_ one
+            bundled = (token_embeddings or {}) if opts.bundle_words else {}
+            words = {w: v for w, v in bundled.items() if "." not in w}
+            for word in sorted(set(bundled) - set(words)):
+                print(f"egaku: note: {word!r} is not bundled in the kohya file (A1111 reads a bundled word from a key "
+                      f"that a '.' would break); A1111 takes it from {EMBEDDINGS_DIR}/{word}.safetensors")
+            tensors.update(bundle_tensors(words))
             name = kohya_file(out).stem
+            per_epoch = (run or {}).get("ss_num_batches_per_epoch")
+            trigger = list(dict.fromkeys(([opts.trigger] if opts.trigger else []) + list(opts.train_tokens)))
             metadata = kohya_metadata(
-                unet.config,
+                unet.config, prediction_type,
                 ss_output_name=name, ss_network_dim=opts.rank, ss_network_alpha=alpha,
                 ss_network_args={**({"conv_dim": conv_rank, "conv_alpha": conv_alpha} if opts.lora_conv else {}),
                                  **({"loraplus_lr_ratio": opts.loraplus_lr_ratio} if opts.loraplus_lr_ratio else {})},
@@ -1528,9 +1560,18 @@ def save_lora(out: Path, unet, text_encoder, opts: TrainLoraOptions, num_images:
                 ss_max_token_length=opts.max_token_length if opts.max_token_length > 75 else None,
                 ss_caption_tag_dropout_rate=opts.caption_tag_dropout, ss_batch_size_per_device=opts.batch_size,
                 ss_gradient_accumulation_steps=opts.gradient_accumulation, ss_training_finished_at=time.time(),
+                ss_enable_bucket=True, ss_flip_aug=opts.random_flip,
+                # the epoch the file's steps end in, as kohya records each save (ss_num_epochs: the run's)
+                **({"ss_epoch": math.ceil(trained_for["ss_steps"] * opts.gradient_accumulation / per_epoch)}
+                   if per_epoch else {}),
                 **{"ss_optimizer": opts.optimizer, **(run or {})},
+                # kohya's SAI model spec entries (library/sai_model_spec.py build_metadata); encoder_layer is the
+                # text-encoder layer captions were read from (kohya's clip_skip), the trigger phrase the --trigger
+                # word and the trained words
                 **{"modelspec.title": name, "modelspec.resolution": f"{opts.resolution}x{opts.resolution}",
-                   "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")})
+                   "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+                   "modelspec.encoder_layer": opts.clip_skip,
+                   **({"modelspec.trigger_phrase": ", ".join(trigger)} if trigger else {})})
             # A1111's and civitai's hash of the file, which kohya writes in: the sha256 of its tensor bytes
             metadata["sshs_model_hash"] = tensors_hash(tensors)
             atomic_save_file(tensors, out / f"{name}.safetensors", metadata=metadata)
