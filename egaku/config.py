@@ -36,7 +36,9 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> A
 
 
 # kohya sd-scripts' names (train_network.py's flags and their TOML --config_file keys) of options egaku spells
-# otherwise; a kohya user's first command or config file is met with the name to use, not only "unknown"
+# otherwise; a kohya user's first command or config file is met with the name to use, not only "unknown". Names egaku
+# shares (--learning_rate, --clip_skip, --noise_offset, --min_snr_gamma, --seed, --resolution...) need no entry: the
+# CLI names their dashed form, and a preset reads them as they are
 KOHYA_NAMES = {
     "pretrained_model_name_or_path": "model", "train_data_dir": "data", "reg_data_dir": "prior_data",
     "output_dir": "out", "network_dim": "rank", "network_alpha": "alpha", "network_dropout": "dropout",
@@ -47,6 +49,55 @@ KOHYA_NAMES = {
     "sample_prompts": "validation_prompts", "sample_every_n_steps": "validation_every", "flip_aug": "random_flip",
     "caption_dropout_rate": "caption_dropout", "caption_tag_dropout_rate": "caption_tag_dropout",
     "debiased_estimation_loss": "debiased_estimation", "ip_noise_gamma": "input_perturbation",
+    "conditioning_data_dir": "mask_dir", "init_word": "token_init", "config_file": "config",
+    # kohya's options egaku has no equivalent of: the option that does their work, with what KOHYA_NOTES says
+    "output_name": "out", "save_model_as": "format", "network_module": "dora", "network_args": "lora_conv",
+    "caption_extension": "caption_template", "optimizer_args": "weight_decay", "enable_bucket": "max_aspect",
+    "min_bucket_reso": "max_aspect", "max_bucket_reso": "max_aspect", "bucket_reso_steps": "max_aspect",
+    "bucket_no_upscale": "max_aspect", "save_every_n_epochs": "save_every",
+    "sample_every_n_epochs": "validation_every", "cache_latents_to_disk": "cache_dir", "masked_loss": "mask_dir",
+    "save_state": "checkpoint_every", "network_train_unet_only": "train_text_encoder",
+    "no_half_vae": "mixed_precision", "full_fp16": "mixed_precision", "full_bf16": "mixed_precision",
+    "lr_scheduler_num_cycles": "lr_scheduler", "lr_scheduler_power": "lr_scheduler", "logging_dir": "log_with",
+    "dataset_config": "data",
+}
+_BUCKETS = ("bucket setting: egaku always buckets the images by aspect ratio, the most elongated bucket --max-aspect, "
+            "each bucket's area at most --resolution squared")
+_HALF = ("switch for half-precision LoRA weights: egaku trains them in fp32, and --mixed-precision runs the frozen "
+         "base in fp16 or bf16")
+# what a KOHYA_NAMES entry is in kohya's trainer, where it is not the same option under another name: "kohya's" and
+# this phrase take the place of "kohya's name" in the hint (no ';': the CLI joins several hints with it)
+KOHYA_NOTES = {
+    "output_name": "name of the LoRA file: egaku names its kohya file after the --out folder, so --out loras/sks "
+                   "writes loras/sks/sks.safetensors",
+    "save_model_as": "file type: egaku writes .safetensors, in the layouts --format names: kohya, diffusers or both",
+    "network_module": "network type: egaku trains LoRA through peft, or DoRA with --dora, and --lora-conv adapts "
+                      "the convolutions too, as LoCon does",
+    "network_args": "network options: conv_dim and conv_alpha are --lora-conv with --conv-rank and --conv-alpha, "
+                    "loraplus_lr_ratio is --loraplus-lr-ratio",
+    "caption_extension": "caption file extension: egaku reads IMAGE.txt, else IMAGE.caption, and an image with neither "
+                         "takes its class folder's name through --caption-template",
+    "optimizer_args": "optimizer arguments: weight_decay is --weight-decay, the others are egaku's own",
+    "enable_bucket": _BUCKETS, "min_bucket_reso": _BUCKETS, "max_bucket_reso": _BUCKETS,
+    "bucket_reso_steps": _BUCKETS, "bucket_no_upscale": _BUCKETS,
+    "save_every_n_epochs": "saves by epochs: egaku's --save-every counts steps",
+    "sample_every_n_epochs": "samples by epochs: egaku's --validation-every counts steps",
+    "cache_latents_to_disk": "disk cache switch: egaku's --cache-dir takes the folder to keep the cache in",
+    "masked_loss": "masked loss switch: egaku's is --mask-dir FOLDER, kohya's conditioning_data_dir, or --alpha-mask",
+    "save_state": "training state switch: egaku writes checkpoints every --checkpoint-every steps and at the end, "
+                  "which --resume latest continues",
+    "network_train_unet_only": "switch for the UNet alone: egaku's default, --train-text-encoder trains the text "
+                               "encoder too",
+    "no_half_vae": "switch for an fp32 VAE: egaku encodes with the VAE in fp32 whatever --mixed-precision is",
+    "full_fp16": _HALF, "full_bf16": _HALF,
+    "lr_scheduler_num_cycles": "cycles of cosine_with_restarts: egaku's --lr-scheduler schedules take diffusers' "
+                               "default, one cycle",
+    "lr_scheduler_power": "power of the polynomial schedule: egaku's --lr-scheduler schedules take diffusers' "
+                          "default, power 1",
+    "logging_dir": "log folder: egaku writes loss.csv into the --out folder, and with --log-with tensorboard "
+                   "TensorBoard's files into OUT/logs",
+    "dataset_config": "dataset file: egaku trains one --data folder, whose class folders named N_class give "
+                      "their repeats, with --prior-data for regularization images",
 }
 
 
@@ -56,12 +107,12 @@ SYNONYMS = {"lr": "learning_rate", "learning_rate": "lr"}
 
 
 def other_name_hint(key: str, names: typing.Iterable[str]) -> tuple[str, str] | None:
-    """(egaku's name, whose name ``key`` is: "kohya's name" or "") for another tool's name of an option (with - or
-    _), where ``names`` (the command's fields) has egaku's."""
+    """(egaku's name, whose name ``key`` is: "kohya's name", what kohya's option is (``KOHYA_NOTES``), or "") for
+    another tool's name of an option (with - or _), where ``names`` (the command's fields) has egaku's."""
     key, names = key.lstrip("-").replace("-", "_"), set(names)
     for table, whose in ((KOHYA_NAMES, "kohya's name"), (SYNONYMS, "")):
         if table.get(key) in names:
-            return table[key], whose
+            return table[key], (f"kohya's {KOHYA_NOTES[key]}" if whose and key in KOHYA_NOTES else whose)
     return None
 
 

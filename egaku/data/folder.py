@@ -358,9 +358,11 @@ def check_caption_template(template: str, trigger: str | None) -> None:
 
 
 def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigger: str | None = None,
-                      min_images: int = 1, max_pixels: int | None = None, kohya_names: bool = False) -> FolderScan:
+                      min_images: int = 1, max_pixels: int | None = None, kohya_names: bool = False,
+                      repeats: int = 1) -> FolderScan:
     """Find, decode-check and caption every image under ``root`` (one level of class folders or flat). Each
-    image's caption comes from the first source it has, in the precedence the module docstring gives."""
+    image's caption comes from the first source it has, in the precedence the module docstring gives. ``repeats``
+    (train-lora's --repeats) is what the report printed above a data error counts with, as ``FolderScan.report``."""
     root = Path(root)
     if not root.is_dir():
         raise EgakuError(f"data folder {str(root)!r} does not exist or is not a folder")
@@ -386,7 +388,7 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
             continue
         rel = path.relative_to(root)
         label = rel.parts[0] if len(rel.parts) > 1 else None
-        repeats = scan.folder_repeats.get(label, 1)
+        folder_count = scan.folder_repeats.get(label, 1)
         if label in scan.folder_repeats:
             label = KOHYA_FOLDER.match(label)[2]
         caption_files = [path.with_suffix(s) for s in CAPTION_SUFFIXES if path.with_suffix(s).is_file()]
@@ -417,7 +419,7 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
             caption = trigger or ""
         elif trigger and not has_trigger(caption, trigger):
             caption = f"{trigger}, {caption}"
-        scan.items.append(FolderItem(path=path, caption=caption, label=label, size=size, repeats=repeats))
+        scan.items.append(FolderItem(path=path, caption=caption, label=label, size=size, repeats=folder_count))
     scan.orphan_captions = _orphan_captions(files)
     scan.unread_metadata = [p for p in files if p.name in METADATA_FILES and p.parent != root]
     if metadata_file is not None:
@@ -427,7 +429,7 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
         # also where class folders captioned every image: the file was written to caption them, and training on the
         # folder names instead would go unnoticed
         if scan.items and not matched:
-            print(scan.report(), file=sys.stderr)  # before the error, so that the error is the last line read
+            print(scan.report(repeats), file=sys.stderr)  # before the error, so that the error is the last line read
             raise EgakuError(f"{metadata_file} gives a caption to none of the {counted(len(scan.items), 'image')} in "
                              f"{root} (its {len(metadata)} row(s) name "
                              f"{_some([n for n, _ in metadata.values()]) or 'nothing'}; the images are "
@@ -436,7 +438,7 @@ def scan_image_folder(root: str | Path, caption_template: str = "{class}", trigg
                              f"to {root}, exactly (case counts)")
     if len(scan.items) < min_images:
         fix = f"add images to {root}" + (f", or lower --min-images (now {min_images})" if min_images > 1 else "")
-        print(scan.report(), file=sys.stderr)  # before the error, so that the error is the last line read
+        print(scan.report(repeats), file=sys.stderr)  # before the error, so that the error is the last line read
         raise EgakuError(f"{root}: found {counted(len(scan.items), 'usable image')}, need at least {min_images}; "
                          f"{fix}")
     return scan

@@ -18,6 +18,7 @@ and change nothing (diffusers #9291): every LoRA module must exist in the model 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -534,6 +535,21 @@ def read_bundled_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception:  # noqa: BLE001 - safetensors raises several private error types for a corrupt header
         return {}
     return bundled_embeddings(tensors, path)
+
+
+def read_lora_header(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA file's tensors as their names and shapes only (meta tensors, which hold no data; an ``.alpha``, one
+    number, as a real one, which kohya_to_peft reads) and its header metadata: what ``checked_lora_layers`` checks
+    a file by, read from its safetensors header without reading its weights (the server's LoRA list, train-lora's
+    --init-lora before the images are read)."""
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+        state = {}
+        for key in fh.keys():
+            shape = fh.get_slice(key).get_shape()
+            alpha = key.endswith(".alpha") and math.prod(shape) == 1
+            state[key] = torch.ones(shape) if alpha else torch.empty(shape, device="meta")
+    return state, metadata
 
 
 def read_embedding(path: Path) -> torch.Tensor:

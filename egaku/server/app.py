@@ -18,7 +18,6 @@ import hmac
 import io
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -295,32 +294,16 @@ def _lora_catalog(lora_dir: str | None) -> dict[str, Path]:
     return files
 
 
-def _lora_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """A LoRA file's tensors as their names and shapes only (meta tensors, which hold no data; an ``.alpha``, one
-    number, as a real one, which kohya_to_peft reads) and its header metadata: what ``lora_layers`` checks a file
-    by, read from its safetensors header without reading its weights."""
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        metadata = dict(fh.metadata() or {})
-        state = {}
-        for key in fh.keys():
-            shape = fh.get_slice(key).get_shape()
-            alpha = key.endswith(".alpha") and math.prod(shape) == 1
-            state[key] = torch.ones(shape) if alpha else torch.empty(shape, device="meta")
-    return state, metadata
-
-
 def _lora_problem(path: Path, shown: str, modules: dict[str, Any]) -> str | None:
     """Why the LoRA file ``path`` (``shown``: its place in the LoRA folder) cannot be loaded into a model of
     ``modules`` (``adaptable_modules``), as generate's ``lora_layers`` would refuse it (``checked_lora_layers``: a
     model checkpoint, a LyCORIS or embedding file, one for another architecture or base, keys that match nothing),
     from the file's header, not its weights; None where the header shows nothing wrong."""
     from ..lora.apply import checked_lora_layers
+    from ..lora.formats import read_lora_header
 
     try:
-        state, metadata = _lora_header(path)
+        state, metadata = read_lora_header(path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several private error types for a corrupt header
         return f"{shown}: not a readable safetensors file ({first_line(exc, 200)})"
     try:

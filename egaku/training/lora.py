@@ -375,20 +375,16 @@ def _options_for_layers(layers: list[str], opts: TrainLoraOptions) -> str:
     return f"give {' '.join(fixes)} (the layers it was trained on)"
 
 
-def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
-    """Put ``opts.init_lora``'s weights into the freshly added adapters (and its trained words' embeddings into
-    their rows); returns a line for the log. The file's alpha is folded into the up weights, so its delta is
-    the same at this run's alpha."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import set_peft_model_state_dict
+def check_init_lora(path: Path, pairs: dict[str, dict[str, torch.Tensor]], adapted: set[str],
+                    opts: TrainLoraOptions) -> dict[str, torch.Tensor]:
+    """Whether ``opts.init_lora`` (``path``: its file; ``pairs``: its layers as ``lora_layers`` reads them, whose
+    tensors may be the header's meta tensors) fits this run, whose adapters wrap the ``adapted`` layers
+    (``trained_layers``): only layers this run trains, DoRA or not as this run, at this run's ranks, its trained
+    words among --train-tokens. Names and shapes only, so that it runs on the file's header and the model's configs
+    before the images are read (``check_layers_early``), and on the loaded model after. Returns its trained words'
+    embeddings (``trained_embeddings``)."""
+    from ..lora.apply import trained_embeddings
 
-    from ..lora.apply import lora_layers, resolve_lora, trained_embeddings
-    from ..lora.formats import adaptable_modules
-
-    path = resolve_lora(opts.init_lora, None, names_option="")
-    pairs, alphas = lora_layers(path, adaptable_modules(pipe))
-    adapted = {f"{component}.{name}" for component in ("unet", "text_encoder")
-               for name, module in getattr(pipe, component).named_modules() if isinstance(module, BaseTunerLayer)}
     outside = sorted(set(pairs) - adapted)
     if outside:
         shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
@@ -404,6 +400,35 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
             flag = "--conv-rank" if full.rsplit(".", 1)[-1] in UNET_CONV else "--rank"
             raise EgakuError(f"--init-lora {path} has rank {pair['down'].shape[0]} at {full}, this run {flag} gives "
                              f"{rank}; train it further at its own rank", param="init_lora")
+    words = trained_embeddings(path)
+    left_out = sorted(set(words) - set(opts.train_tokens))
+    if left_out:  # its layers were trained with those vectors in place of the base's
+        raise EgakuError(f"--init-lora {path} was trained with the word(s) {', '.join(left_out)} as token embeddings: "
+                         f"give --train-tokens {' '.join(left_out)} so that they carry on with it", param="init_lora")
+    return words
+
+
+def trained_layers(unet, text_encoder) -> set[str]:
+    """``unet.<module>`` and ``text_encoder.<module>`` of every layer the adapters of ``add_adapters`` wrap."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {f"{component}.{name}" for component, model in (("unet", unet), ("text_encoder", text_encoder))
+            if model is not None for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
+    """Put ``opts.init_lora``'s weights into the freshly added adapters (and its trained words' embeddings into
+    their rows); returns a line for the log. The file's alpha is folded into the up weights, so its delta is
+    the same at this run's alpha."""
+    from peft.utils import set_peft_model_state_dict
+
+    from ..lora.apply import lora_layers, resolve_lora
+    from ..lora.formats import adaptable_modules
+
+    path = resolve_lora(opts.init_lora, None, names_option="")
+    pairs, alphas = lora_layers(path, adaptable_modules(pipe))
+    adapted = trained_layers(pipe.unet, pipe.text_encoder)
+    words = check_init_lora(path, pairs, adapted, opts)
     for component in ("unet", "text_encoder"):
         state = {}
         for full, pair in pairs.items():
@@ -419,11 +444,6 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
             if getattr(result, "unexpected_keys", None):
                 raise EgakuError(f"--init-lora {path}: layers not placed: {result.unexpected_keys[:3]}",
                                  param="init_lora")
-    words = trained_embeddings(path)
-    left_out = sorted(set(words) - set(opts.train_tokens))
-    if left_out:  # its layers were trained with those vectors in place of the base's
-        raise EgakuError(f"--init-lora {path} was trained with the word(s) {', '.join(left_out)} as token embeddings: "
-                         f"give --train-tokens {' '.join(left_out)} so that they carry on with it", param="init_lora")
     table = pipe.text_encoder.get_input_embeddings().weight
     started_words = [w for w in opts.train_tokens if w in words]
     with torch.no_grad():
@@ -434,6 +454,74 @@ def start_from_lora(pipe, opts: TrainLoraOptions, token_ids: list[int]) -> str:
     return (f"started from {path}: {len(pairs)} LoRA layer(s)"
             + (f", {fresh} more start from zero" if fresh else "")
             + (f"; embeddings of {', '.join(started_words)}" if started_words else ""))
+
+
+def model_layers(model: str, model_config: str = ""):
+    """(UNet, text encoder) of ``--model`` built from their configs, without weights: call it under
+    ``torch.device("meta")``, where it takes a moment whatever the model's size. None where the configs are not
+    at hand without loading the model (a hub id, a single file without --model-config) or do not describe an SD
+    1.x/2.x UNet and CLIP text encoder: the checks that need them then run on the loaded model."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.loading import BUILTIN_DIR
+
+    spec = str(model or "builtin")
+    path = Path(spec).expanduser()
+    if spec in ("tiny", "builtin") and path.exists():  # the loader refuses the clash: it is said there
+        return None
+    if spec == "tiny":
+        from ..models.tiny import tiny_components
+
+        parts = tiny_components()
+        return parts["unet"], parts["text_encoder"]
+    folder = (BUILTIN_DIR if spec == "builtin" else path if path.is_dir() else
+              Path(model_config).expanduser() if path.is_file() and model_config else None)
+    if folder is None:
+        return None
+    try:
+        unet_config = UNet2DConditionModel.load_config(folder / "unet")
+        text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+        if (unet_config.get("_class_name") != "UNet2DConditionModel"
+                or text_config.get("model_type") != "clip_text_model"):
+            return None
+        return (UNet2DConditionModel.from_config(unet_config),
+                CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")))
+    except Exception:  # noqa: BLE001 - configs that do not build: loading the model says what is wrong with them
+        return None
+
+
+def check_layers_early(opts: TrainLoraOptions) -> None:
+    """--target-modules and --init-lora checked against the base model's layers built from its configs
+    (``model_layers``) and the --init-lora file's header, no weights read: a name that matches no layer, or a LoRA
+    of another rank, of layers this run does not train, DoRA where this run is not, is said before the images are
+    read and the model loads. The same checks (``add_adapters``, ``start_from_lora``) run on the loaded model too,
+    which is where they are made when the configs are not at hand."""
+    from types import SimpleNamespace
+
+    from ..lora.apply import checked_lora_layers, resolve_lora
+    from ..lora.formats import adaptable_modules, read_lora_header, refuse_training_checkpoint
+
+    # the global random state is the run's: the adapters added here draw from it (and the tiny model seeds it)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        layers = model_layers(opts.model, opts.model_config)
+        if layers is None:
+            return
+        unet, text_encoder = layers
+        add_adapters(unet, text_encoder, opts)  # check_target_modules
+    if not opts.init_lora:
+        return
+    path = resolve_lora(opts.init_lora, None, names_option="")
+    refuse_training_checkpoint(path)
+    if path.suffix != ".safetensors":  # read_lora_file's error, when it is read
+        return
+    try:
+        state, metadata = read_lora_header(path)
+    except Exception:  # noqa: BLE001 - an unreadable file: reading it says so
+        return
+    modules = adaptable_modules(SimpleNamespace(unet=unet, text_encoder=text_encoder))
+    pairs, _ = checked_lora_layers(state, metadata, modules, str(path), values=False)
+    check_init_lora(path, pairs, trained_layers(unet, text_encoder), opts)
 
 
 def folder_subsets(folders: list[tuple[str, list]]) -> dict[str, list]:
@@ -542,8 +630,8 @@ STEP_SIZES = ("learning_rate", "text_encoder_lr", "token_lr", "max_grad_norm")
 # Resuming is refused when any other option differs: these only change how this session runs.
 # options that only change how a run is watched or what its final files are written as
 RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "log_with", "device", "cache_dir", "out", "format",
-                     "bundle_words", "allow_pickle", "save_precision", "save_every", "keep_checkpoints", "checkpoint_every",
-                     "validation_prompts", "validation_every", "validation_seeds", "validation_steps",
+                     "bundle_words", "allow_pickle", "save_precision", "save_every", "keep_checkpoints",
+                     "checkpoint_every", "validation_prompts", "validation_every", "validation_seeds", "validation_steps",
                      "validation_guidance",
                      # only makes missing regularization images; changed images are refused as changed data
                      "prior_guidance",
@@ -1132,6 +1220,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
         from ..lora.apply import resolve_lora
 
         resolve_lora(opts.init_lora, None, names_option="")
+    check_layers_early(opts)  # --target-modules and --init-lora against the model's configs and the file's header
 
     def report(line: str) -> None:  # shown, and kept in the data report
         if main:
@@ -1141,7 +1230,7 @@ def train_lora(opts: TrainLoraOptions) -> Path:
 
     # 1. data and base model; everything in the base is frozen
     scan = scan_image_folder(opts.data, caption_template=opts.caption_template, trigger=opts.trigger or None,
-                             min_images=opts.min_images, kohya_names=True)
+                             min_images=opts.min_images, kohya_names=True, repeats=opts.repeats)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "data_report.txt").write_text("")
