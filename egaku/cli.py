@@ -136,6 +136,11 @@ def parse(argv: list[str]) -> tuple[typing.Callable, object]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            # a stream the caller closed (`egaku generate ... >&-`) is None in Python, and the first flush or progress
+            # bar would fail with a traceback: what would go there is dropped instead, and the work still done
+            setattr(sys, name, open(os.devnull, "w"))
     try:
         func, opts = parse(argv)
         func(opts)

@@ -142,6 +142,20 @@ def test_info_into_a_pipe_closed_by_its_reader_ends_quietly_with_sigpipe_status(
         assert (name, run.wait(), err) == (name, 141, "")
 
 
+def test_a_command_with_stdout_or_both_streams_closed_does_its_work_without_a_traceback(tmp_path):
+    """`egaku ... >&-`: Python's sys.stdout is then None, and the first flush failed with an AttributeError traceback
+    (status 1). The output is dropped and the command does its work: `generate` still writes its image."""
+    closed = {"stdout": ["1>&-"], "both": ["1>&-", "2>&-"]}
+    for name, redirects in closed.items():
+        out = tmp_path / name
+        command = " ".join([sys.executable, "-m", "egaku", "generate", "'a red circle'", "--model", "tiny",
+                            "--steps", "1", "--out", str(out), *redirects])
+        run = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+        assert (name, run.returncode) == (name, 0), run.stderr
+        assert "Traceback" not in run.stderr
+        assert len(list(out.glob("*.png"))) == 1
+
+
 def test_info_takes_a_lora_hub_id_and_a_missing_image_stays_an_image(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
