@@ -235,15 +235,22 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("short"):
             names.insert(0, f.metadata["short"])
         names += f.metadata.get("aliases", [])
+        # flags that each set the option to one value (``--no-emphasis`` is ``--emphasis none``): given with the
+        # option's own flag, argparse refuses the pair ("not allowed with")
+        const_flags = f.metadata.get("const_flags", {})
+        target = parser.add_mutually_exclusive_group() if const_flags else parser
+        for flag, value in const_flags.items():
+            target.add_argument(flag, action="store_const", const=value, default=argparse.SUPPRESS, dest=f.name,
+                                help=f"the same as {names[0]} {value}")
         if tp is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+            target.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
         elif tp in (int, float):
             number = _number_type(tp, f.name, f.metadata.get("help", ""), is_list)
-            parser.add_argument(*names, type=number, action="extend" if is_list else None, **kwargs)
+            target.add_argument(*names, type=number, action="extend" if is_list else None, **kwargs)
         elif is_list:
-            parser.add_argument(*names, type=tp, action="append", **kwargs)
+            target.add_argument(*names, type=tp, action="append", **kwargs)
         else:
-            parser.add_argument(*names, type=tp, **kwargs)
+            target.add_argument(*names, type=tp, **kwargs)
 
 
 # egaku's presets (configs/ beside the package in a source checkout)

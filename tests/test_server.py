@@ -151,8 +151,9 @@ def test_variation_settings_from_an_image_are_checked_like_request_fields(pipe, 
               "lora_files": [{"name": "style", "weight": 0.5, "hash": "000000000000", "from": "option"},
                              {"name": "elsewhere", "weight": 1.0, "from": "option"},
                              {"name": "style", "weight": 0.25, "from": "prompt"}]}
-    # out of limits, wrong types, an unknown sampler, a LoRA that is another file or not here: left out
-    assert reused_settings(stored, pipe, limits) == {"prompt": "a cat", "clip_skip": 2}
+    # out of limits, wrong types, an unknown sampler, a LoRA that is another file or not here: left out (a dict
+    # without egaku's version is read as A1111's text: its emphasis is A1111's default)
+    assert reused_settings(stored, pipe, limits) == {"prompt": "a cat", "clip_skip": 2, "emphasis": "original"}
     stored["lora_files"][0]["hash"] = None
     assert reused_settings(stored, pipe, limits)["loras"] == [("style", 0.5)]
     # A1111's text chunk, read as generate --from reads it
@@ -161,7 +162,8 @@ def test_variation_settings_from_an_image_are_checked_like_request_fields(pipe, 
     a1111 = parse_a1111("a dog\nNegative prompt: ugly\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 6, "
                         "Seed: 1, Size: 64x64")
     assert reused_settings(a1111, pipe, limits) == {"prompt": "a dog", "negative_prompt": "ugly", "steps": 20,
-                                                    "guidance_scale": 6.0, "sampler": "dpmpp-2m-karras"}
+                                                    "guidance_scale": 6.0, "sampler": "dpmpp-2m-karras",
+                                                    "emphasis": "original"}
     # what this server would refuse in the prompt is left out: LoRAs it lacks, parameters it does not know
     stored = {"prompt": "a cat <lora:someone_else:0.8>, <lora:style:0.5> <lora:style:x> --ar 2:3 --v 6"}
     assert reused_settings(stored, pipe, limits)["prompt"] == "a cat , <lora:style:0.5>"

@@ -13,7 +13,9 @@ from pathlib import Path
 from ..config import absolute_paths, build, option, save_config
 from ..errors import EgakuError
 from ..progress import progress_bar
-from .generate import GenerateOptions, edit_strength, generate, reproduce_options
+from ..models.text import EMPHASIS_MODES
+from .generate import (GenerateOptions, edit_strength, generate, recorded_emphasis, reproduce_options,
+                       resolved_emphasis)
 from .metadata import a1111_parameters, read_params, read_text_chunks, save_png
 from .prompts import apply_prompt_parameters, chaos_sets_strength
 
@@ -157,10 +159,15 @@ def _from_notes(source: str, params: dict, merged: dict, given: set[str], lora_d
                          f"made again from it; give {flag} FILE")
     texts = [str(params.get(k) or "") for k in ("prompt", "negative_prompt")]
     syntax = any(c in t for t in texts for c in "()[]\\") or any(re.search(r"\bBREAK\b", t) for t in texts)
-    if "egaku_version" in params and "emphasis" not in params and "emphasis" not in given and syntax:
+    emphasis_given = "emphasis" in given  # (--no-emphasis is --emphasis none)
+    if "egaku_version" in params and "emphasis" not in params and not emphasis_given and syntax:
         # made before egaku read A1111's syntax (its egaku chunk has no "emphasis"): brackets were words then
         notes.append(f"{source} was made by an egaku that read brackets and BREAK as words; pass --no-emphasis to "
                      "read them so again (prompts over 77 tokens were also cut there)")
+    mode = recorded_emphasis(params)
+    if mode is not None and mode not in EMPHASIS_MODES and not emphasis_given:
+        notes.append(f"{source} records the emphasis mode {mode!r}, which egaku does not have; it is made with "
+                     "original, A1111's default, as A1111 reads a name it does not know (--emphasis chooses another)")
     from .embeddings import embedding_short_hash
 
     for entry in params.get("embeddings") or [] if "embedding_dir" in merged else []:
@@ -309,6 +316,8 @@ def generate_command(opts: GenerateOptions) -> None:
     started = time.perf_counter()
     if opts.from_image:
         opts = _apply_from_image(opts)
+    # the mode an older options file's on/off asks for, as options.json records it
+    opts = dataclasses.replace(opts, emphasis=resolved_emphasis(opts))
     if opts.mask:  # an edit repaints its mask from noise unless --strength is given, as the server's and generate()'s
         opts = dataclasses.replace(opts, strength=edit_strength(opts, has_mask=True))
     # --chaos is the img2img strength with an init image; with a mask (repainted from noise) it lowers the guidance,

@@ -22,9 +22,25 @@ from PIL import Image
 
 from ..config import build, option
 from ..errors import EgakuError
-from ..models.text import check_clip_skip, encode_prompt_pair, needs_chunked_encoding, prompt_editing_note
+from ..models.text import (DEFAULT_EMPHASIS, EMPHASIS_MODES, check_clip_skip, emphasis_mode, encode_prompt_pair,
+                           needs_chunked_encoding, prompt_editing_note)
 from .metadata import lora_short_hash
 from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, sampler_names, sampler_note, sampling_runner
+
+
+class EmphasisMode(str):
+    """The emphasis option's type: a mode's name as ``emphasis_mode`` reads it (A1111's spellings too), the CLI's
+    error naming the modes. Presets and saved options may also hold True or False, the option's older on/off
+    (the default mode and none), which ``resolved_emphasis`` reads."""
+
+    def __new__(cls, value: str) -> str:  # a plain str: what the options hold, whatever their source
+        import argparse
+
+        try:
+            return emphasis_mode(value)
+        except EgakuError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 MAX_SIDE = 4096  # beyond this even an 80 GB GPU runs out of memory on SD-class UNets
 MAX_SEED = 2**32 - 1
@@ -52,8 +68,12 @@ class GenerateOptions:
     aspect_ratio: str | None = option(None, help="W:H such as 16:9, at the model's native pixel count",
                                       aliases=["--ar"])
     sampler: str = option(DEFAULT_SAMPLER, help=f"one of {', '.join(SAMPLERS)}")
-    emphasis: bool = option(True, help="read (word), (word:1.3) and [word] as weights and BREAK as a chunk break, as "
-                            "A1111 does; off: brackets are words (prompts over 75 tokens are chunked either way)")
+    emphasis: EmphasisMode | bool = option(
+        DEFAULT_EMPHASIS, help="how (word:1.3) and [word] weigh words: comfy (ComfyUI's rule: a weighted word's "
+        "embedding moves away from the empty prompt's), original (A1111's default: embeddings multiplied by their "
+        "weights, then each 75-token chunk rescaled to its old mean), no-norm (A1111's No norm: multiplied only), "
+        "ignore (A1111's Ignore: brackets read, weights dropped) or none (A1111's None: brackets and BREAK are words; "
+        "prompts over 75 tokens are chunked either way)", const_flags={"--no-emphasis": "none"})
     clip_skip: int = option(1, help="text-encoder layer the prompt is read from, counted from the end as A1111 and "
                                     "kohya count: 1 = the last, 2 = the one before it (NovelAI-derived anime models)")
     hires_scale: float = option(1.0, help="A1111's hires fix: sample at the size asked, upscale by this factor "
@@ -174,7 +194,14 @@ def lora_display_name(path: Path) -> str:
     return path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
 
 
+def resolved_emphasis(o: GenerateOptions) -> str:
+    """The emphasis mode ``o`` asks for: its ``emphasis``, where True and False (the option's older on/off, which
+    older options files hold) are the default mode and none."""
+    return emphasis_mode(o.emphasis)
+
+
 def _validate(o: GenerateOptions) -> None:
+    resolved_emphasis(o)  # a mode egaku does not have
     if o.steps < 1:
         raise EgakuError(f"--steps must be at least 1, got {o.steps}", param="steps")
     if o.num_images < 1:
@@ -357,6 +384,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     if mask_image is not None and o.init_image is None:
         raise EgakuError("a mask needs an image to repaint (init_image)", param="mask")
     # 1. Check inputs
+    o.emphasis = resolved_emphasis(o)
     _validate(o)
     check_clip_skip(o.clip_skip, pipe.text_encoder)
     sampler = canonical_sampler(o.sampler)
@@ -420,7 +448,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
         embedding_tokens = {pipe.tokenizer.convert_tokens_to_ids(e.tokens[0]): len(e.tokens) for e in embeddings}
         own_encoding = o.clip_skip > 1 or bool(embeddings) or any(
             needs_chunked_encoding(pipe.tokenizer, words, o.emphasis) for words in encoder_texts)
-        if o.emphasis:
+        if o.emphasis != "none":
             for words in (text, o.negative_prompt):
                 note = prompt_editing_note(words)
                 if note:
@@ -435,7 +463,9 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
             # what --from needs to make it again: the model and each LoRA file (see metadata.py)
             "model_source": model_source(info), "lora_files": lora_files,
         }
-        base_params["emphasis"] = o.emphasis  # (images of egaku before it read A1111's syntax lack it: see --from)
+        # the mode, and whether brackets were read (the record of egaku before it had modes; images of egaku before
+        # it read A1111's syntax have neither: see --from)
+        base_params.update(emphasis=o.emphasis != "none", emphasis_mode=o.emphasis)
         if embeddings:
             base_params.update(embeddings=[e.record() for e in embeddings],
                                embedding_dir=os.path.abspath(o.embedding_dir))
@@ -580,8 +610,11 @@ def _version() -> str:
 def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
     """Options that regenerate an image from its stored parameters."""
     keys = ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "strength", "clip_skip",
-            "emphasis", "hires_scale", "hires_steps", "hires_strength", "embedding_dir")
+            "hires_scale", "hires_steps", "hires_strength", "embedding_dir")
     out = {k: params[k] for k in keys if params.get(k) is not None}
+    mode = recorded_emphasis(params)
+    if mode is not None:
+        out["emphasis"] = mode if mode in EMPHASIS_MODES else "original"  # a name A1111 does not know: its default
     if params.get("sampler"):  # one egaku does not have stays as written: --sampler may replace it, else
         # generate names it with the list of those there are
         try:
@@ -601,6 +634,22 @@ def reproduce_options(params: dict[str, Any]) -> dict[str, Any]:
         if params.get(key) and params[key] != IMAGE_PLACEHOLDERS[key]:
             out[key] = str(params[key])
     return out
+
+
+def recorded_emphasis(params: dict[str, Any]) -> str | None:
+    """The emphasis mode an image was made with, from its stored parameters: egaku's ``emphasis_mode``, or
+    A1111's "Emphasis" as ``parse_a1111`` reads it (a name no mode has is returned as written); from egaku before
+    it had modes, its on/off ``emphasis`` (on: comfy, its rule then); A1111's Original where A1111's text has no
+    "Emphasis", as A1111 leaves its default out. None for egaku's images from before it read A1111's syntax."""
+    mode = params.get("emphasis_mode")
+    if isinstance(mode, str):
+        try:
+            return emphasis_mode(mode)
+        except EgakuError:
+            return mode
+    if isinstance(params.get("emphasis"), bool):
+        return emphasis_mode(params["emphasis"])
+    return None if "egaku_version" in params else "original"
 
 
 # what an image records in place of the init image's or mask's path when it was handed in, not read from a file

@@ -108,6 +108,30 @@ def _option_lora_tags(lora_files: list[dict[str, Any]]) -> list[str]:
     return tags
 
 
+# a BREAK in a prompt, which the emphasis mode none reads as a word
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+
+
+def emphasis_text(p: dict[str, Any]) -> str | None:
+    """A1111's "Emphasis" value for the parameters ``p``: the mode's name as A1111 writes it ("Original", "No norm",
+    "Ignore", "None"; "Comfy" for egaku's default, which A1111 does not have and reads as its Original), written, as
+    A1111 writes it, where the prompt or negative prompt holds a bracket (and for none a BREAK too, which it reads
+    as a word): elsewhere the modes make the same image. Unlike A1111, which leaves its default out, egaku writes
+    Original too, so that a text says which rule made it (egaku reads one without "Emphasis" as A1111's Original,
+    or as comfy where egaku wrote it before it had modes). None where ``p`` records no mode (an egaku image from
+    before it read A1111's syntax)."""
+    from ..models.text import EMPHASIS_MODES, emphasis_mode
+
+    mode = p.get("emphasis_mode")
+    if mode is None and isinstance(p.get("emphasis"), bool):  # egaku before it had modes: on was comfy's rule
+        mode = emphasis_mode(p["emphasis"])
+    if mode is None:
+        return None
+    texts = [str(p.get("prompt") or ""), str(p.get("negative_prompt") or "")]
+    syntax = any("(" in t or "[" in t or (mode == "none" and _BREAK_WORD.search(t)) for t in texts)
+    return EMPHASIS_MODES.get(mode, str(mode)) if syntax else None
+
+
 def a1111_parameters(p: dict[str, Any]) -> str:
     """A1111's text for ``p`` (the parameters ``generate`` records); a key it lacks is left out. LoRAs given as
     options are added to the prompt as ``<lora:name:weight>`` tags, as A1111 always has them there."""
@@ -127,7 +151,7 @@ def a1111_parameters(p: dict[str, Any]) -> str:
         ("Denoising strength", p.get("strength") if p.get("init_image") else p.get("hires_strength")
          if hires else None),  # the hires pass's, in A1111's text-to-image
         ("Clip skip", p["clip_skip"] if (p.get("clip_skip") or 1) > 1 else None),  # A1111 writes it from 2 on
-        ("Emphasis", "None" if p.get("emphasis") is False else None),  # A1111's name for brackets read as words
+        ("Emphasis", emphasis_text(p)),
         ("Hires upscale", _a1111_number(p["hires_scale"]) if hires else None),
         ("Hires steps", (p.get("hires_steps") or None) if hires else None),
         ("Hires upscaler", p.get("hires_upscaler") if hires else None),
@@ -245,6 +269,28 @@ _A1111_KEYS: dict[str, tuple[str, Any]] = {
 }
 
 
+def _read_emphasis(params: dict[str, Any], settings: list[tuple[str, str]]) -> None:
+    """A1111's "Emphasis" (in ``params["emphasis_mode"]`` as written) as egaku's mode name, a name no mode has left as
+    written; A1111's None also as ``emphasis`` False, the on/off egaku recorded before it had modes. A text without
+    "Emphasis" is left without, as A1111's default (Original) is (``recorded_emphasis`` reads it so), except egaku's
+    from before it wrote its mode there: one whose prompts hold a bracket was made with comfy."""
+    from ..models.text import emphasis_mode
+
+    name = params.get("emphasis_mode")
+    if name is None:
+        version = [unquote(v.strip()) for k, v in settings if k.strip() == "Version"]
+        texts = (params.get("prompt", ""), params.get("negative_prompt", ""))
+        if version and version[-1].startswith("egaku") and any("(" in t or "[" in t for t in texts):
+            params["emphasis_mode"] = "comfy"
+        return
+    try:
+        params["emphasis_mode"] = emphasis_mode(name)
+    except EgakuError:
+        return
+    if params["emphasis_mode"] == "none":
+        params["emphasis"] = False
+
+
 def parse_a1111(text: str) -> dict[str, Any]:
     """Parse A1111's ``parameters`` text (prompt lines, optional negative prompt, then key: value pairs).
 
@@ -284,8 +330,7 @@ def parse_a1111(text: str) -> dict[str, Any]:
         params["hires_scale"] = max(params["hires_width"] / params["width"], params["hires_height"] / params["height"])
     if (params.get("hires_scale") or 1) > 1 and "strength" in params:  # text-to-image: the hires pass's strength
         params["hires_strength"] = params.pop("strength")
-    if params.pop("emphasis_mode", None) == "None":  # A1111's other modes weigh brackets, as egaku does
-        params["emphasis"] = False
+    _read_emphasis(params, settings)
     schedule = params.get("schedule_type", "")
     if params.get("sampler") and schedule and schedule.lower() not in ("automatic", "uniform"):
         params["sampler"] = f"{params['sampler']} {schedule}"  # A1111's older label: "DPM++ 2M Karras"

@@ -52,13 +52,20 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int =
 # --- A1111's prompt syntax: emphasis and prompts longer than the text encoder reads ----------------------------
 #
 # A1111 and ComfyUI read ``(word)`` as the word at weight 1.1, ``(word:1.3)`` at 1.3 and ``[word]`` at 1/1.1; brackets
-# nest and multiply, ``\(`` is a literal bracket, and an unclosed bracket runs to the end of the prompt. A weight
-# scales the token's embedding away from the empty prompt's embedding at the same position (ComfyUI's rule;
-# A1111's default instead scales the embeddings and rescales the chunk to its old mean, which divides by a mean
-# near zero on text encoders whose outputs are centred, as the built-in model's are). A prompt longer than 75
-# tokens is encoded in chunks of 75 (each with its own start and end token, 77 in all) whose embeddings are laid
-# side by side, so the UNet's cross-attention reads all of them; a chunk ends at its last comma when one lies
-# within its last 20 tokens, and ``BREAK`` ends a chunk where it stands.
+# nest and multiply, ``\(`` is a literal bracket, and an unclosed bracket runs to the end of the prompt. How a weight
+# acts on the text encoder's output is the emphasis mode (``EMPHASIS_MODES``):
+# - comfy (egaku's default, ComfyUI's rule): each weighted token's state moves away from the empty prompt's state at
+#   the same position by its weight; tokens at weight 1 are kept exactly;
+# - original (A1111's default, its "Original"): every token's state is multiplied by its weight, then the whole
+#   chunk is scaled so that its mean (over tokens and width) is the mean it had before. On text encoders whose
+#   outputs are centred (the tiny test model's, whose final layer norm has no bias), that mean is near zero and the
+#   scale can be large or negative;
+# - no-norm (A1111's "No norm"): multiplied, not rescaled;
+# - ignore (A1111's "Ignore"): brackets are read and their weights dropped;
+# - none (A1111's "None", ``--no-emphasis``): brackets and BREAK are words.
+# A prompt longer than 75 tokens is encoded in chunks of 75 (each with its own start and end token, 77 in all) whose
+# embeddings are laid side by side, so the UNet's cross-attention reads all of them; a chunk ends at its last comma
+# when one lies within its last 20 tokens, and ``BREAK`` ends a chunk where it stands.
 
 EMPHASIS = 1.1
 COMMA_BACKTRACK = 20
@@ -68,6 +75,28 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 # [from:to:when] and [a|b]; a colon inside parentheses is a weight ("[(red:1.2)]" is emphasis only)
 _PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]()]*(?<!\\)[:|][^\[\]()]*(?<!\\)\]")
 BREAK = None  # the marker parse_emphasis puts where the prompt says BREAK
+
+# egaku's emphasis modes -> the name A1111 writes in its text's "Emphasis" entry. A1111 has no "Comfy": it reads a
+# name it does not know as its default, Original (modules/sd_emphasis.py, get_current_option)
+EMPHASIS_MODES = {"comfy": "Comfy", "original": "Original", "no-norm": "No norm", "ignore": "Ignore", "none": "None"}
+DEFAULT_EMPHASIS = "comfy"
+
+
+def emphasis_mode(value: str | bool, param: str = "emphasis") -> str:
+    """egaku's name of an emphasis mode, from egaku's name or A1111's ("No norm", any case, spaces, dashes or
+    underscores between its words); True and False, the older on/off of emphasis, are the default and none."""
+    if value is True or value is False:
+        return DEFAULT_EMPHASIS if value else "none"
+    if isinstance(value, str):
+        name = re.sub(r"[\s_-]+", "-", value.strip().lower())
+        if name in EMPHASIS_MODES:
+            return name
+    raise EgakuError(f"unknown emphasis mode {value!r}; choose from {', '.join(EMPHASIS_MODES)}", param=param)
+
+
+def _reads_syntax(emphasis: str | bool) -> bool:
+    """Whether ``emphasis`` (a mode, or the older on/off) reads brackets and BREAK (every mode but none does)."""
+    return emphasis_mode(emphasis) != "none"
 
 
 def parse_emphasis(text: str) -> list[tuple[str | None, float]]:
@@ -126,13 +155,15 @@ def prompt_editing_note(text: str) -> str | None:
             "words at weight 1/1.1 (escape the brackets as \\[ \\] to keep them as text)")
 
 
-def prompt_chunks(tokenizer, text: str, emphasis: bool = True, keep_together: dict[int, int] | None = None
+def prompt_chunks(tokenizer, text: str, emphasis: str | bool = True, keep_together: dict[int, int] | None = None
                   ) -> list[tuple[list[int], list[float]]]:
     """Token ids and per-token weights of ``text`` in chunks of the tokenizer's length (77 for CLIP), each with
-    its start and end tokens and padded as the Stable Diffusion pipelines pad. ``emphasis=False`` reads brackets
-    and BREAK as plain text (the chunks are made all the same). ``keep_together``: {first token: how many tokens
-    from it} that must not be split between chunks (a multi-vector embedding's), which start a new chunk instead."""
+    its start and end tokens and padded as the Stable Diffusion pipelines pad. ``emphasis``: a mode, or True (the
+    default mode) and False (none); none reads brackets and BREAK as plain text (the chunks are made all the same),
+    ignore reads them and gives every token weight 1. ``keep_together``: {first token: how many tokens from it}
+    that must not be split between chunks (a multi-vector embedding's), which start a new chunk instead."""
     keep_together = keep_together or {}
+    ignore = emphasis_mode(emphasis) == "ignore"
     size = tokenizer.model_max_length - 2
     comma = tokenizer(",", add_special_tokens=False).input_ids
     comma_id = comma[0] if len(comma) == 1 else None
@@ -146,7 +177,8 @@ def prompt_chunks(tokenizer, text: str, emphasis: bool = True, keep_together: di
         chunks.append(([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad,
                        [1.0, *weights, 1.0] + [1.0] * pad))
 
-    for piece, weight in (parse_emphasis(text) if emphasis else [(text, 1.0)]):
+    for piece, weight in (parse_emphasis(text) if _reads_syntax(emphasis) else [(text, 1.0)]):
+        weight = 1.0 if ignore else weight
         if piece is BREAK:
             end_chunk()
             ids, weights, last_comma = [], [], -1
@@ -171,10 +203,11 @@ def prompt_chunks(tokenizer, text: str, emphasis: bool = True, keep_together: di
     return chunks
 
 
-def needs_chunked_encoding(tokenizer, text: str, emphasis: bool = True) -> bool:
+def needs_chunked_encoding(tokenizer, text: str, emphasis: str | bool = True) -> bool:
     """Whether the pipelines' own encoding would read ``text`` otherwise than ``encode_prompt_pair``: it holds
-    A1111's syntax (even at weight 1, its brackets are not words) or is over one chunk."""
-    if emphasis and parse_emphasis(text) != [(text, 1.0)]:
+    A1111's syntax (even at weight 1, its brackets are not words) or is over one chunk. ``emphasis``: as for
+    ``prompt_chunks``."""
+    if _reads_syntax(emphasis) and parse_emphasis(text) != [(text, 1.0)]:
         return True
     return len(prompt_chunks(tokenizer, text, emphasis=False)) > 1
 
@@ -184,6 +217,31 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor, empty_z: torch.Tensor)
     states at the same position, by its weight (see above); tokens at weight 1 are kept exactly."""
     weights = weights.to(z)[..., None]
     return torch.where(weights != 1, empty_z + (z - empty_z) * weights, z)
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, mode: str = DEFAULT_EMPHASIS,
+                   empty_z: torch.Tensor | None = None) -> torch.Tensor:
+    """``z`` (chunks, tokens, width) with each token's weight applied by emphasis ``mode`` (see above); ``empty_z``,
+    the empty prompt's states, is what comfy moves away from. original rescales each chunk on its own (A1111 scales
+    a batch of chunks by the batch's mean, which is each chunk's where the batch is one prompt, as it is when A1111
+    encodes a prompt once for all images). A chunk whose tokens are all at weight 1 is kept exactly in every mode."""
+    if mode == "comfy":
+        if empty_z is None:
+            raise ValueError("the comfy emphasis needs the empty prompt's states (empty_z)")
+        return apply_weights(z, weights, empty_z)
+    if mode in ("ignore", "none"):  # (their chunks carry weight 1 only: prompt_chunks)
+        return z
+    if mode not in ("original", "no-norm"):
+        raise ValueError(f"unknown emphasis mode {mode!r}")
+    # in float32, whatever the encoder's dtype: a half-precision mean over 77 x 768 values loses digits
+    weights = weights.to(z.device, torch.float32)[..., None]
+    weighted = z.float() * weights
+    if mode == "original":
+        before = z.float().mean(dim=(1, 2), keepdim=True)
+        after = weighted.mean(dim=(1, 2), keepdim=True)
+        # (a mean of exactly 0 after weighting would divide by zero: that chunk is left unscaled)
+        weighted = weighted * torch.where(after != 0, before / after, torch.ones_like(after))
+    return weighted.to(z.dtype)
 
 
 def encode_captions(tokenizer, text_encoder, captions: list[str], chunks: int = 1, emphasis: bool = True,
@@ -203,24 +261,26 @@ def encode_captions(tokenizer, text_encoder, captions: list[str], chunks: int = 
 
 
 def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: str, clip_skip: int = 1,
-                       emphasis: bool = True, device: torch.device | None = None,
+                       emphasis: str | bool = True, device: torch.device | None = None,
                        keep_together: dict[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 77 * chunks, width) embeddings of a prompt and its negative prompt, read with A1111's syntax. The one
-    with fewer chunks gets empty ones, as A1111 adds them, since guidance needs both the same length. A prompt of
-    one chunk without weights gives exactly what ``encode_prompts`` gives."""
-    chunked = [prompt_chunks(tokenizer, t, emphasis, keep_together) for t in (prompt, negative_prompt)]
+    """(1, 77 * chunks, width) embeddings of a prompt and its negative prompt, read with A1111's syntax and their
+    weights applied by the emphasis mode ``emphasis`` (True: the default, comfy; False: none). The one with fewer
+    chunks gets empty ones, as A1111 adds them, since guidance needs both the same length. A prompt of one chunk
+    without weights gives exactly what ``encode_prompts`` gives."""
+    mode = emphasis_mode(emphasis)
+    chunked = [prompt_chunks(tokenizer, t, mode, keep_together) for t in (prompt, negative_prompt)]
     count = max(len(c) for c in chunked)
     empty = prompt_chunks(tokenizer, "", emphasis=False)[0]
     chunked = [c + [empty] * (count - len(c)) for c in chunked]
     device = device or text_encoder.device
     weights = [torch.tensor([c[1] for c in chunks]) for chunks in chunked]
     empty_z = None
-    if any((w != 1).any() for w in weights):  # one encoding of the empty prompt serves both texts
+    if mode == "comfy" and any((w != 1).any() for w in weights):  # one encoding of the empty prompt serves both
         empty_z = encode_tokens(text_encoder, torch.tensor([empty[0]], device=device), clip_skip)
     out = []
     for chunks, w in zip(chunked, weights):
         z = encode_tokens(text_encoder, torch.tensor([c[0] for c in chunks], device=device), clip_skip)
-        if empty_z is not None:
-            z = apply_weights(z, w, empty_z)
+        if (w != 1).any():
+            z = apply_emphasis(z, w, mode, empty_z)
         out.append(z.reshape(1, -1, z.shape[-1]))
     return out[0], out[1]

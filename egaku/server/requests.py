@@ -29,7 +29,7 @@ from ..models.loading import recommended_guidance
 OPENAI_IGNORED = {"quality", "style", "background", "moderation", "output_compression", "input_fidelity",
                   "safety_identifier", "user"}
 COMMON = {"model", "n", "size", "response_format", "output_format", "negative_prompt", "seed", "steps",
-          "guidance_scale", "sampler", "loras", "clip_skip"} | OPENAI_IGNORED
+          "guidance_scale", "sampler", "loras", "clip_skip", "emphasis"} | OPENAI_IGNORED
 ALLOWED = {
     "generation": COMMON | {"prompt"},
     "edit": COMMON | {"prompt", "strength"},
@@ -374,6 +374,7 @@ def _reuse(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> tuple[dict
         "sampler": lambda: None if _as_str(stored, "sampler", 100) is None else usable_sampler(
             stored["sampler"], dict(pipe.scheduler.config)),
         "clip_skip": lambda: _as_int(stored, "clip_skip", 1, pipe.text_encoder.config.num_hidden_layers, False),
+        "emphasis": lambda: _recorded_emphasis(stored),
     }
     reused: dict[str, Any] = {}
     for key, read in fields.items():
@@ -416,6 +417,31 @@ def _reuse(stored: Mapping[str, Any] | None, pipe, limits: Limits) -> tuple[dict
     if loras:
         reused["loras"] = loras
     return reused, {key: error for key, error in unusable.items() if error is not None}
+
+
+def _recorded_emphasis(stored: Mapping[str, Any]) -> str | None:
+    """The emphasis mode an uploaded image was made with (``recorded_emphasis``: an A1111 image without the entry,
+    A1111's Original), where it is one of egaku's; None for a name egaku does not have, left to the default."""
+    from ..inference.generate import recorded_emphasis
+    from ..models.text import EMPHASIS_MODES
+
+    mode = recorded_emphasis(dict(stored))
+    return mode if mode in EMPHASIS_MODES else None
+
+
+def _emphasis(value: Any, form: bool) -> str | None:
+    """The 'emphasis' field: one of egaku's emphasis modes (A1111's spellings, "No norm", read too); None where the
+    request leaves it out."""
+    from ..models.text import EMPHASIS_MODES, emphasis_mode
+
+    if value is None or (form and value == ""):
+        return None
+    if isinstance(value, str) and len(value) <= 40:
+        try:
+            return emphasis_mode(value)
+        except EgakuError:
+            pass
+    raise _bad(f"'emphasis' must be one of {', '.join(map(repr, EMPHASIS_MODES))}, got {value!r:.60}", "emphasis")
 
 
 def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits, *, form: bool = False,
@@ -467,6 +493,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
     sampler = reused.get("sampler") if sampler is None else sampler
     clip_skip = _as_int(body, "clip_skip", 1, pipe.text_encoder.config.num_hidden_layers, form)
     clip_skip = reused.get("clip_skip") if clip_skip is None else clip_skip
+    emphasis = _emphasis(body.get("emphasis"), form)
+    emphasis = reused.get("emphasis") if emphasis is None else emphasis
     negative = _as_str(body, "negative_prompt")
     negative = reused.get("negative_prompt", "") if negative is None else negative
     loras = reused.get("loras", []) if body.get("loras") is None else _loras(body.get("loras"), form)
@@ -494,6 +522,8 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
         opts.sampler = usable_sampler(sampler, dict(pipe.scheduler.config))
     if clip_skip is not None:
         opts.clip_skip = clip_skip
+    if emphasis is not None:
+        opts.emphasis = emphasis
     # an edit with a mask repaints the masked area from noise, as OpenAI's edits do (and the CLI's, generate()'s)
     default_strength = {"variation": VARIATION_STRENGTH, "upscale": UPSCALE_STRENGTH}.get(
         kind, edit_strength(opts, mask is not None))
@@ -550,7 +580,7 @@ def parse_image_request(kind: str, body: Mapping[str, Any], pipe, limits: Limits
 
     options = {k: getattr(opts, k) for k in ("prompt", "negative_prompt", "num_images", "seed", "steps",
                                               "guidance_scale", "sampler", "width", "height", "aspect_ratio",
-                                              "clip_skip")}
+                                              "clip_skip", "emphasis")}
     if has_image:
         options["strength"] = opts.strength
     if loras or tag_names:
