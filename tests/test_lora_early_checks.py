@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from egaku.config import KOHYA_NAMES, KOHYA_NOTES, build
+from egaku.config import KOHYA_NAMES, KOHYA_NOTES
 from egaku.errors import EgakuError
 from egaku.training import lora as lora_training
 from egaku.training.lora import TrainLoraOptions, train_lora
+from test_lora import options as lora_options
 
 
 def make_folder(root: Path, per_class: int = 2) -> Path:
@@ -28,11 +29,8 @@ def make_folder(root: Path, per_class: int = 2) -> Path:
 
 
 def options(data: Path, model, out: Path, **overrides) -> TrainLoraOptions:
-    base = dict(data=str(data), model=str(model), out=str(out), resolution=32, rank=4, alpha=2.0, max_steps=1,
-                batch_size=2, checkpoint_every=0, min_images=2, progress=False, format="diffusers",
-                caption_template="a photo of {class}")
-    base.update(overrides)
-    return build(TrainLoraOptions, base)
+    """test_lora's options at one step, in the diffusers layout only."""
+    return lora_options(data, model, out, **{"max_steps": 1, "format": "diffusers", **overrides})
 
 
 @pytest.fixture(scope="module")
