@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"egaku: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("egaku: interrupted", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # once for a distributed run: its other processes stop alike
+            print("egaku: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader of stdout went away (`egaku info x.png | head -1`): nothing more can be said to it, and a

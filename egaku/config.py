@@ -78,6 +78,8 @@ KOHYA_NOTES = {
     "caption_extension": "caption file extension: egaku reads IMAGE.txt, else IMAGE.caption, and an image with neither "
                          "takes its class folder's name through --caption-template",
     "optimizer_args": "optimizer arguments: weight_decay is --weight-decay, the others are egaku's own",
+    "optimizer_type": "optimizer class: AdamW is --optimizer adamw, AdamW8bit --optimizer adamw --adam-8bit, Prodigy "
+                      "and Adafactor --optimizer prodigy and adafactor",
     "enable_bucket": _BUCKETS, "min_bucket_reso": _BUCKETS, "max_bucket_reso": _BUCKETS,
     "bucket_reso_steps": _BUCKETS, "bucket_no_upscale": _BUCKETS,
     "save_every_n_epochs": "saves by epochs: egaku's --save-every counts steps",

@@ -250,3 +250,17 @@ def test_info_says_a_model_is_a_model_and_what_info_reads(tmp_path, capsys, tiny
     err = one_line_error(capsys, ["info", str(single)])
     assert "is a single-file Stable Diffusion checkpoint, a model (egaku generate --model takes it)" in err
     assert reads in err
+
+
+def test_ctrl_c_says_interrupted_once_for_a_distributed_run(monkeypatch, capsys):
+    """Every process of a torchrun run gets the SIGINT: only the first (RANK 0) says so."""
+    import egaku.cli as cli
+
+    def stopped(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "parse", stopped)
+    for rank, said in (("1", ""), ("0", "egaku: interrupted\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["generate", "x"]) == 130
+        assert capsys.readouterr().err == said

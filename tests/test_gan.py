@@ -575,3 +575,10 @@ def test_two_process_run_under_torchrun_on_cpu(tmp_path, torchrun, capsys):
 
     assert cli_main([*common, "--out", str(out), "--epochs", "3", "--resume", "latest"]) == 2
     assert re.search(r"written by a run on 2 process\(es\), this one has 1.*Resume with 2", capsys.readouterr().err)
+
+
+def test_epochs_that_end_the_run_before_max_steps_are_said(tmp_path, capsys):
+    train_gan_command(_opts(tmp_path, epochs=1, max_steps=100, checkpoint_every=100))
+    said = capsys.readouterr().out
+    assert "note: --epochs 1 ends the run at step 44 (44 steps per epoch), before --max-steps 100" in said
+    assert "done: step 44" in said

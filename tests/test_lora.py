@@ -1763,9 +1763,11 @@ def test_init_lora_starts_from_a_finished_lora_of_either_layout(tmp_path, traine
         assert started.keys() == source.keys()
         assert all(torch.allclose(started[k], source[k], atol=1e-6) for k in source)
     assert any(v.abs().max() > 0 for v in source.values())
-    with pytest.raises(EgakuError, match=r"has rank 4 at unet\..*to_.*, this run --rank gives 8"):
+    with pytest.raises(EgakuError, match=r"has rank 4 at unet\..*to_.*, this run trains rank 8 there "
+                                         r"\(--rank\); give --rank 4"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "r8", init_lora=str(trained), **{**still, "rank": 8}))
-    with pytest.raises(EgakuError, match=r"has rank 2 at unet\..*conv.*, this run --conv-rank gives 4"):
+    with pytest.raises(EgakuError, match=r"has rank 2 at unet\..*conv.*, this run trains rank 4 there "
+                                         r"\(--conv-rank\); give --conv-rank 2"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "c4", init_lora=str(trained),
                            **{**still, "conv_rank": 4}))
     with pytest.raises(EgakuError, match=r"does not train .*--lora-conv"):

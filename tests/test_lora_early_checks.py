@@ -92,9 +92,11 @@ def test_an_init_lora_that_does_not_fit_the_run_is_said_before_the_images_are_re
     still = dict(FIRST, learning_rate=1e-12, weight_decay=0.0)
     for layout in ("pytorch_lora_weights.safetensors", "first.safetensors"):
         for overrides, message in (
-                ({"rank": 8}, r"has rank 4 at unet\..*to_.*, this run --rank gives 8; train it further at its own "
+                ({"rank": 8}, r"has rank 4 at unet\..*to_.*, this run trains rank 8 there \(--rank\); give --rank 4 to "
+                              r"train it further at its own "
                               "rank"),
-                ({"conv_rank": 4}, r"has rank 2 at unet\..*conv.*, this run --conv-rank gives 4"),
+                ({"conv_rank": 4}, r"has rank 2 at unet\..*conv.*, this run trains rank 4 there \(--conv-rank\); "
+                                   r"give --conv-rank 2"),
                 ({"lora_conv": False, "conv_rank": 0, "conv_alpha": 0.0}, r"adapts \d+ layer\(s\) this run does not "
                                                                          r"train .*; give --lora-conv"),
                 ({"dora": True}, "is a plain LoRA file and this run trains DoRA: give --no-dora"),
@@ -138,7 +140,8 @@ def test_an_init_lora_that_fits_trains_and_the_late_checks_still_refuse_one_that
     # where the configs are not at hand, the loaded model's check says the same
     monkeypatch.setattr(lora_training, "model_layers", lambda *a, **kw: None)
     reads.clear()
-    with pytest.raises(EgakuError, match=r"has rank 4 at unet\..*to_.*, this run --rank gives 8"):
+    with pytest.raises(EgakuError, match=r"has rank 4 at unet\..*to_.*, this run trains rank 8 there "
+                                         r"\(--rank\); give --rank 4"):
         train_lora(options(data_dir, tiny_model_dir, tmp_path / "late", init_lora=str(first_run),
                            **{**still, "rank": 8}))
     assert reads == ["scan", "load"]

@@ -312,6 +312,9 @@ def train_gan_command(opts: TrainGanOptions) -> None:
 
     # 4. Training loop
     total = opts.epochs * batches_per_epoch
+    if opts.max_steps > total:  # kohya's max_train_steps overrides its epochs; here the first limit reached stops
+        say(f"note: --epochs {opts.epochs} ends the run at step {total} ({batches_per_epoch} steps per epoch), before "
+            f"--max-steps {opts.max_steps}; raise --epochs to train longer")
     if opts.max_steps:
         total = min(total, opts.max_steps)
     started, cpu_started = time.monotonic(), time.process_time()

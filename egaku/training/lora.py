@@ -398,8 +398,9 @@ def check_init_lora(path: Path, pairs: dict[str, dict[str, torch.Tensor]], adapt
         rank = opts.rank_and_alpha(full)[0]
         if pair["down"].shape[0] != rank:
             flag = "--conv-rank" if full.rsplit(".", 1)[-1] in UNET_CONV else "--rank"
-            raise EgakuError(f"--init-lora {path} has rank {pair['down'].shape[0]} at {full}, this run {flag} gives "
-                             f"{rank}; train it further at its own rank", param="init_lora")
+            raise EgakuError(f"--init-lora {path} has rank {pair['down'].shape[0]} at {full}, this run trains rank "
+                             f"{rank} there ({flag}); give {flag} {pair['down'].shape[0]} to train it further at its "
+                             "own rank", param="init_lora")
     words = trained_embeddings(path)
     left_out = sorted(set(words) - set(opts.train_tokens))
     if left_out:  # its layers were trained with those vectors in place of the base's
@@ -631,8 +632,8 @@ STEP_SIZES = ("learning_rate", "text_encoder_lr", "token_lr", "max_grad_norm")
 # options that only change how a run is watched or what its final files are written as
 RESUME_MAY_CHANGE = {"resume", "stop_at", "progress", "log_with", "device", "cache_dir", "out", "format",
                      "bundle_words", "allow_pickle", "save_precision", "save_every", "keep_checkpoints",
-                     "checkpoint_every", "validation_prompts", "validation_every", "validation_seeds", "validation_steps",
-                     "validation_guidance",
+                     "checkpoint_every", "validation_prompts", "validation_every", "validation_seeds",
+                     "validation_steps", "validation_guidance",
                      # only makes missing regularization images; changed images are refused as changed data
                      "prior_guidance",
                      # recomputes activations in the backward pass (the same gradients, less memory): the usual fix
