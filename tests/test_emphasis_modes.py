@@ -15,7 +15,7 @@ import egaku
 from egaku.cli import main, parse
 from egaku.config import build
 from egaku.errors import EgakuError
-from egaku.inference.generate import GenerateOptions, reproduce_options, resolved_emphasis
+from egaku.inference.generate import GenerateOptions, reproduce_options
 from egaku.inference.metadata import a1111_parameters, parse_a1111, read_params, save_png
 from egaku.models.text import (EMPHASIS_MODES, emphasis_mode, encode_prompt_pair, encode_prompts, encode_tokens,
                                final_layer_norm, prompt_chunks)
@@ -131,8 +131,8 @@ def test_mode_names_and_their_errors():
         with pytest.raises(SystemExit):
             parse(["generate", "x", *both])
     # the older on/off, as options files and presets of earlier runs hold it
-    assert resolved_emphasis(build(GenerateOptions, {"emphasis": False})) == "none"
-    assert resolved_emphasis(build(GenerateOptions, {"emphasis": True})) == "comfy"
+    assert emphasis_mode(build(GenerateOptions, {"emphasis": False}).emphasis) == "none"
+    assert emphasis_mode(build(GenerateOptions, {"emphasis": True}).emphasis) == "comfy"
 
 
 def test_modes_make_different_images_and_are_recorded(tiny_pipe):

@@ -13,9 +13,8 @@ from pathlib import Path
 from ..config import absolute_paths, build, option, save_config
 from ..errors import EgakuError
 from ..progress import progress_bar
-from ..models.text import EMPHASIS_MODES
-from .generate import (GenerateOptions, edit_strength, generate, recorded_emphasis, reproduce_options,
-                       resolved_emphasis)
+from ..models.text import EMPHASIS_MODES, emphasis_mode
+from .generate import GenerateOptions, edit_strength, generate, recorded_emphasis, reproduce_options
 from .metadata import a1111_parameters, read_params, read_text_chunks, save_png
 from .prompts import apply_prompt_parameters, chaos_sets_strength
 
@@ -317,7 +316,7 @@ def generate_command(opts: GenerateOptions) -> None:
     if opts.from_image:
         opts = _apply_from_image(opts)
     # the mode an older options file's on/off asks for, as options.json records it
-    opts = dataclasses.replace(opts, emphasis=resolved_emphasis(opts))
+    opts = dataclasses.replace(opts, emphasis=emphasis_mode(opts.emphasis))
     if opts.mask:  # an edit repaints its mask from noise unless --strength is given, as the server's and generate()'s
         opts = dataclasses.replace(opts, strength=edit_strength(opts, has_mask=True))
     # --chaos is the img2img strength with an init image; with a mask (repainted from noise) it lowers the guidance,

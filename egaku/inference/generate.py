@@ -31,7 +31,7 @@ from .samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler, sampler_name
 class EmphasisMode(str):
     """The emphasis option's type: a mode's name as ``emphasis_mode`` reads it (A1111's spellings too), the CLI's
     error naming the modes. Presets and saved options may also hold True or False, the option's older on/off
-    (the default mode and none), which ``resolved_emphasis`` reads."""
+    (the default mode and none), which ``emphasis_mode`` reads."""
 
     def __new__(cls, value: str) -> str:  # a plain str: what the options hold, whatever their source
         import argparse
@@ -194,14 +194,7 @@ def lora_display_name(path: Path) -> str:
     return path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
 
 
-def resolved_emphasis(o: GenerateOptions) -> str:
-    """The emphasis mode ``o`` asks for: its ``emphasis``, where True and False (the option's older on/off, which
-    older options files hold) are the default mode and none."""
-    return emphasis_mode(o.emphasis)
-
-
 def _validate(o: GenerateOptions) -> None:
-    resolved_emphasis(o)  # a mode egaku does not have
     if o.steps < 1:
         raise EgakuError(f"--steps must be at least 1, got {o.steps}", param="steps")
     if o.num_images < 1:
@@ -384,7 +377,7 @@ def generate(pipe, prompt: str | None = None, opts: GenerateOptions | None = Non
     if mask_image is not None and o.init_image is None:
         raise EgakuError("a mask needs an image to repaint (init_image)", param="mask")
     # 1. Check inputs
-    o.emphasis = resolved_emphasis(o)
+    o.emphasis = emphasis_mode(o.emphasis)  # a mode's name (True and False, the older on/off, read as modes)
     _validate(o)
     check_clip_skip(o.clip_skip, pipe.text_encoder)
     sampler = canonical_sampler(o.sampler)
