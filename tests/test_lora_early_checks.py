@@ -152,9 +152,11 @@ def test_the_early_checks_leave_the_runs_random_draws_as_they_were(tmp_path, dat
     from --seed, are the same as without the early checks."""
     from safetensors.torch import load_file
 
-    with_checks = train_lora(options(data_dir, tiny_model_dir, tmp_path / "a", max_steps=2))
+    # targets of the user's own, so that the early checks run (the default ones need no check)
+    targets = ["to_q", "to_v"]
+    with_checks = train_lora(options(data_dir, tiny_model_dir, tmp_path / "a", max_steps=2, target_modules=targets))
     monkeypatch.setattr(lora_training, "check_layers_early", lambda opts: None)
-    without = train_lora(options(data_dir, tiny_model_dir, tmp_path / "b", max_steps=2))
+    without = train_lora(options(data_dir, tiny_model_dir, tmp_path / "b", max_steps=2, target_modules=targets))
     a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (with_checks, without))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -503,6 +503,8 @@ def check_layers_early(opts: TrainLoraOptions) -> None:
     from ..lora.apply import checked_lora_layers, resolve_lora
     from ..lora.formats import adaptable_modules, read_lora_header, refuse_training_checkpoint
 
+    if list(opts.target_modules) == UNET_ATTENTION and not opts.init_lora:
+        return  # nothing a user gave to check: the default targets are in every SD UNet's attention
     # the global random state is the run's: the adapters added here draw from it (and the tiny model seeds it)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         layers = model_layers(opts.model, opts.model_config)
